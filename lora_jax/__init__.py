@@ -1,0 +1,1 @@
+"""lora_jax: functional LoRA fine-tuning of Flax encoders."""

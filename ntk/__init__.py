@@ -1,0 +1,1 @@
+"""ntk: NTK-regime tools built on neural-tangents."""
