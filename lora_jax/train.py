@@ -1,0 +1,352 @@
+"""The optax training loop: one jitted chunk of steps, evaluation, best-dev selection, resume.
+
+The model is any ``model_fn(trainable, frozen, batch, dropout_rng) -> outputs [B, K]``: LoRA
+adapters over a frozen base, all weights, only a head, or a linearized model from ``ntk`` all
+train through the same loop. Data stays on the device as a dict of ``[N, ...]`` arrays; each
+step gathers its batch by index from a per-epoch permutation derived from the step counter, so
+the loop keeps no host-side state and a resumed run sees exactly the batches an uninterrupted
+run would. ``eval_every`` steps run as one ``lax.scan`` inside one ``jax.jit`` call.
+
+Example:
+  >>> state = init_state(adapters, make_optimizer(cfg), seed=cfg.seed)
+  >>> result = fit(model_fn, state, base_params, train_data, dev_data, cfg)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from tqdm.auto import tqdm
+
+from lora_jax import checkpoint
+from lora_jax.losses import Loss, get_loss
+
+PyTree = Any
+Batch = Mapping[str, jax.Array]
+ModelFn = Callable[[PyTree, PyTree, Batch, jax.Array | None], jax.Array]
+
+
+class Optimizer(enum.StrEnum):
+    """Optimizer: ``adamw`` (decoupled weight decay) or ``sgd`` (with optional momentum)."""
+
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+class Schedule(enum.StrEnum):
+    """Learning-rate schedule after linear warmup: constant, linear decay to 0, or cosine."""
+
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+def _enum_field(cls: type[enum.Enum], name: str, value: Any) -> enum.Enum:
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in cls)
+        raise ValueError(f"TrainConfig.{name}={value!r} is not one of {allowed}.") from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Hyperparameters of one training run (defaults: LM-BFF-style LoRA fine-tuning).
+
+    Attributes:
+      steps: optimizer micro-steps (each on one batch); with ``grad_accum = a`` the optimizer
+        updates every ``a`` steps.
+      batch_size: examples per step.
+      learning_rate: peak learning rate.
+      optimizer: ``adamw`` or ``sgd``.
+      momentum: SGD momentum (0 = plain gradient descent).
+      weight_decay: AdamW decoupled weight decay.
+      schedule: ``constant``, ``linear`` or ``cosine`` after ``warmup_steps`` of linear warmup.
+      warmup_steps: linear warmup length.
+      max_grad_norm: global-norm clipping threshold; None disables clipping.
+      grad_accum: number of steps whose gradients are averaged per update.
+      loss: ``ce`` or ``mse`` on the K outputs (see :mod:`lora_jax.losses`).
+      eval_every: evaluate on dev (and checkpoint) every this many steps; must divide ``steps``.
+      eval_batch_size: batch size for evaluation.
+      dropout: whether to run the model's dropout during training.
+      seed: seeds batch order and dropout.
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    learning_rate: float = 1e-4
+    optimizer: Optimizer = Optimizer.ADAMW
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    schedule: Schedule = Schedule.CONSTANT
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    grad_accum: int = 1
+    loss: Loss = Loss.CE
+    eval_every: int = 100
+    eval_batch_size: int = 64
+    dropout: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "optimizer", _enum_field(Optimizer, "optimizer", self.optimizer))
+        object.__setattr__(self, "schedule", _enum_field(Schedule, "schedule", self.schedule))
+        object.__setattr__(self, "loss", _enum_field(Loss, "loss", self.loss))
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.")
+        if self.steps % self.eval_every:
+            raise ValueError(
+                f"TrainConfig.eval_every={self.eval_every} must divide steps={self.steps} "
+                "(each evaluation interval is one compiled chunk); e.g. use "
+                f"eval_every={_largest_divisor_at_most(self.steps, self.eval_every)}."
+            )
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(
+                f"TrainConfig.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})."
+            )
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+class TrainState(NamedTuple):
+    """Everything a step reads and writes; a pytree, so it is checkpointed as one."""
+
+    step: jax.Array  # shape=(), int32: micro-steps taken so far.
+    trainable: PyTree  # the parameters being optimized (adapters, head, or all weights).
+    opt_state: optax.OptState
+    rng: jax.Array  # shape=(2,), uint32: base key of batch order and dropout.
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns."""
+
+    state: TrainState  # the final state.
+    best_trainable: PyTree  # trainable parameters at the best dev evaluation.
+    best_step: int
+    best_dev_accuracy: float
+    history: list[dict]  # one dict per evaluation (the JSONL records).
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Builds the optax chain: clip -> optimizer with warmup + schedule -> accumulation."""
+    updates = max(cfg.steps // cfg.grad_accum, 1)
+    warmup = cfg.warmup_steps // cfg.grad_accum
+    decay = max(updates - warmup, 1)
+    peak = cfg.learning_rate
+    after = {
+        Schedule.CONSTANT: optax.constant_schedule(peak),
+        Schedule.LINEAR: optax.linear_schedule(peak, 0.0, decay),
+        Schedule.COSINE: optax.cosine_decay_schedule(peak, decay),
+    }[cfg.schedule]
+    lr = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+    if cfg.optimizer == Optimizer.ADAMW:
+        opt = optax.adamw(lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = optax.sgd(lr, momentum=cfg.momentum or None)
+    if cfg.max_grad_norm is not None:
+        opt = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), opt)
+    if cfg.grad_accum > 1:
+        opt = optax.MultiSteps(opt, every_k_schedule=cfg.grad_accum)
+    return opt
+
+
+def init_state(trainable: PyTree, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    """Fresh state at step 0."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        opt_state=optimizer.init(trainable),
+        rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def batch_indices(rng: jax.Array, step: jax.Array, num_examples: int, batch_size: int):
+    """Indices [batch_size] of the batch for ``step``: epoch-wise shuffling without replacement.
+
+    Each epoch is a fresh permutation of the ``num_examples`` indices keyed by the epoch number,
+    cut into ``num_examples // batch_size`` batches (a remainder is left out that epoch).
+    """
+    per_epoch = num_examples // batch_size
+    epoch, offset = step // per_epoch, step % per_epoch
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng), epoch)
+    perm = jax.random.permutation(key, num_examples)
+    return jax.lax.dynamic_slice(perm, (offset * batch_size,), (batch_size,))
+
+
+def make_train_chunk(
+    model_fn: ModelFn,
+    optimizer: optax.GradientTransformation,
+    cfg: TrainConfig,
+) -> Callable[[TrainState, PyTree, Batch], tuple[TrainState, jax.Array]]:
+    """Returns ``chunk(state, frozen, data) -> (state, losses [eval_every])``, jitted.
+
+    ``data`` is the whole training set as a dict of ``[N, ...]`` arrays (with ``labels`` [N]);
+    ``frozen`` is passed in (not closed over) so its arrays are not baked into the program.
+    """
+    loss_fn = get_loss(cfg.loss)
+
+    def objective(trainable, frozen, batch, dropout_rng):
+        outputs = model_fn(trainable, frozen, batch, dropout_rng)
+        return loss_fn(outputs, batch["labels"])
+
+    def step(carry, _, frozen, data):
+        state: TrainState = carry
+        num_examples = data["labels"].shape[0]
+        idx = batch_indices(state.rng, state.step, num_examples, cfg.batch_size)
+        batch = jax.tree.map(lambda x: x[idx], data)
+        dropout_rng = None
+        if cfg.dropout:
+            base = jax.random.fold_in(jax.random.wrap_key_data(state.rng), -1)
+            dropout_rng = jax.random.fold_in(base, state.step)
+        loss, grads = jax.value_and_grad(objective)(state.trainable, frozen, batch, dropout_rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        return TrainState(state.step + 1, trainable, opt_state, state.rng), loss
+
+    def chunk(state, frozen, data):
+        if data["labels"].shape[0] < cfg.batch_size:
+            raise ValueError(
+                f"Training set has {data['labels'].shape[0]} examples, fewer than "
+                f"batch_size={cfg.batch_size}; lower TrainConfig.batch_size."
+            )
+        body = lambda carry, x: step(carry, x, frozen, data)  # noqa: E731
+        return jax.lax.scan(body, state, None, length=cfg.eval_every)
+
+    return jax.jit(chunk, donate_argnums=0)
+
+
+def make_predict(
+    model_fn: ModelFn, batch_size: int
+) -> Callable[[PyTree, PyTree, Batch], jax.Array]:
+    """Returns jitted ``predict(trainable, frozen, data) -> outputs [N, K]`` in fixed batches.
+
+    ``data`` is padded to a multiple of ``batch_size`` (so every batch has one static shape)
+    and mapped over with ``lax.map``; the padding rows are dropped from the result.
+    """
+
+    def predict(trainable, frozen, data):
+        n = data["input_ids"].shape[0]
+        num_batches = -(-n // batch_size)
+        pad = num_batches * batch_size - n
+
+        def blocks(x):
+            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+            return x.reshape(num_batches, batch_size, *x.shape[1:])  # (nb, bs, ...)
+
+        batched = jax.tree.map(blocks, dict(data))
+        out = jax.lax.map(lambda b: model_fn(trainable, frozen, b, None), batched)
+        return out.reshape(num_batches * batch_size, *out.shape[2:])[:n]
+
+    return jax.jit(predict)
+
+
+def evaluate(
+    predict: Callable, trainable: PyTree, frozen: PyTree, data: Batch, loss: Loss | str = Loss.CE
+) -> dict[str, float]:
+    """Accuracy and loss of ``predict`` 's outputs on ``data`` (a dict with ``labels``)."""
+    outputs = predict(trainable, frozen, data)
+    labels = data["labels"]
+    return {
+        "accuracy": float(jnp.mean(jnp.argmax(outputs, -1) == labels)),
+        "loss": float(get_loss(loss)(outputs, labels)),
+    }
+
+
+def fit(
+    model_fn: ModelFn,
+    state: TrainState,
+    frozen: PyTree,
+    train_data: Batch,
+    dev_data: Batch,
+    cfg: TrainConfig,
+    *,
+    optimizer: optax.GradientTransformation | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    metrics_path: str | os.PathLike | None = None,
+    progress: bool | str = True,
+) -> FitResult:
+    """Trains for ``cfg.steps``, evaluating on ``dev_data`` every ``cfg.eval_every`` steps.
+
+    Keeps the trainable parameters of the best dev accuracy (ties: the earlier step, as in
+    LM-BFF). With ``checkpoint_dir`` the state and the best parameters are saved with orbax at
+    every evaluation, and a later call with the same directory resumes from the last one; the
+    result is then identical to an uninterrupted run. With ``metrics_path`` each evaluation is
+    appended to that JSONL file.
+
+    Args:
+      model_fn: ``(trainable, frozen, batch, dropout_rng) -> outputs [B, K]``.
+      state: initial state (see :func:`init_state`); ignored when resuming from a checkpoint.
+      frozen: parameters that are not trained (passed to ``model_fn``).
+      train_data: dict of ``[N_train, ...]`` arrays with ``labels``.
+      dev_data: dict of ``[N_dev, ...]`` arrays with ``labels``.
+      cfg: hyperparameters.
+      optimizer: defaults to :func:`make_optimizer` (cfg); must be the one ``state`` was built with.
+      checkpoint_dir: where to save / resume; None disables checkpoints.
+      metrics_path: JSONL file to append evaluation records to.
+      progress: show a tqdm bar (a string is used as its description).
+
+    Returns:
+      A :class:`FitResult`.
+    """
+    optimizer = optimizer or make_optimizer(cfg)
+    chunk = make_train_chunk(model_fn, optimizer, cfg)
+    predict = make_predict(model_fn, cfg.eval_batch_size)
+    train_data = jax.tree.map(jnp.asarray, dict(train_data))
+    dev_data = jax.tree.map(jnp.asarray, dict(dev_data))
+
+    # fit() donates its state to the compiled chunks; copy so the caller's arrays stay valid.
+    state = jax.tree.map(jnp.copy, state)
+    best_trainable = state.trainable
+    log = {"best_accuracy": -1.0, "best_step": 0, "history": []}  # saved as checkpoint metadata
+    if checkpoint_dir is not None:
+        restored = checkpoint.restore(checkpoint_dir, {"state": state, "best": best_trainable})
+        if restored is not None:
+            state, best_trainable = restored.tree["state"], restored.tree["best"]
+            log = restored.meta
+
+    start = int(state.step)
+    bar = tqdm(
+        total=cfg.steps,
+        initial=start,
+        desc=progress if isinstance(progress, str) else "train",
+        disable=not progress,
+        unit="step",
+        leave=False,
+    )
+    for _ in range(start, cfg.steps, cfg.eval_every):
+        state, losses = chunk(state, frozen, train_data)
+        step = int(state.step)
+        dev = evaluate(predict, state.trainable, frozen, dev_data, cfg.loss)
+        record = {
+            "step": step,
+            "train_loss": float(jnp.mean(losses)),
+            "dev_accuracy": dev["accuracy"],
+            "dev_loss": dev["loss"],
+        }
+        if dev["accuracy"] > log["best_accuracy"]:
+            # Copy: the next chunk donates (and so invalidates) the state's buffers.
+            best_trainable = jax.tree.map(jnp.copy, state.trainable)
+            log.update(best_accuracy=dev["accuracy"], best_step=step)
+        log["history"].append(record)
+        if metrics_path is not None:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if checkpoint_dir is not None:
+            checkpoint.save(checkpoint_dir, step, {"state": state, "best": best_trainable}, log)
+        bar.update(cfg.eval_every)
+        bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev=f"{dev['accuracy']:.3f}")
+    bar.close()
+    return FitResult(state, best_trainable, log["best_step"], log["best_accuracy"], log["history"])
