@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -265,6 +266,33 @@ def evaluate(
     }
 
 
+class Programs(NamedTuple):
+    """The optimizer and compiled programs of one (model_fn, config)."""
+
+    optimizer: optax.GradientTransformation
+    chunk: Callable  # see make_train_chunk
+    predict: Callable  # see make_predict
+
+
+def programs(model_fn: ModelFn, cfg: TrainConfig) -> Programs:
+    """Optimizer, train chunk and predict for ``model_fn`` and ``cfg``, built once and reused.
+
+    Runs that differ only in ``cfg.seed`` (the seeds of a sweep) share the compiled programs,
+    since the seed lives in the state, not in the program.
+    """
+    return _programs(model_fn, dataclasses.replace(cfg, seed=0))
+
+
+@functools.lru_cache(maxsize=32)
+def _programs(model_fn: ModelFn, cfg: TrainConfig) -> Programs:
+    optimizer = make_optimizer(cfg)
+    return Programs(
+        optimizer,
+        make_train_chunk(model_fn, optimizer, cfg),
+        make_predict(model_fn, cfg.eval_batch_size),
+    )
+
+
 def fit(
     model_fn: ModelFn,
     state: TrainState,
@@ -293,7 +321,8 @@ def fit(
       train_data: dict of ``[N_train, ...]`` arrays with ``labels``.
       dev_data: dict of ``[N_dev, ...]`` arrays with ``labels``.
       cfg: hyperparameters.
-      optimizer: defaults to :func:`make_optimizer` (cfg); must be the one ``state`` was built with.
+      optimizer: defaults to :func:`make_optimizer` (cfg), compiled once per (model_fn, cfg)
+        (see :func:`programs`); must match the one ``state`` was built with.
       checkpoint_dir: where to save / resume; None disables checkpoints.
       metrics_path: JSONL file to append evaluation records to.
       progress: show a tqdm bar (a string is used as its description).
@@ -301,9 +330,11 @@ def fit(
     Returns:
       A :class:`FitResult`.
     """
-    optimizer = optimizer or make_optimizer(cfg)
-    chunk = make_train_chunk(model_fn, optimizer, cfg)
-    predict = make_predict(model_fn, cfg.eval_batch_size)
+    if optimizer is None:
+        _, chunk, predict = programs(model_fn, cfg)
+    else:
+        chunk = make_train_chunk(model_fn, optimizer, cfg)
+        predict = make_predict(model_fn, cfg.eval_batch_size)
     train_data = jax.tree.map(jnp.asarray, dict(train_data))
     dev_data = jax.tree.map(jnp.asarray, dict(dev_data))
 

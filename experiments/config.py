@@ -1,0 +1,131 @@
+"""Experiment configuration: one frozen dataclass, and named configs as small overrides of it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lora_jax.losses import Loss
+
+METHODS = ("zero_shot", "head", "lora", "full")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """One experiment: a grid of task x method (x LoRA rank) x seed cells.
+
+    Attributes:
+      name: run directory name under ``out`` (``runs/<name>/``).
+      model: encoder: a local Hugging Face directory, a hub id, or ``minilm`` (the embedded
+        MiniLM-L6 that ships with the project's dependencies; works offline).
+      tasks: task names (see ``lora_jax.tasks``).
+      methods: any of ``zero_shot`` (prompt, no training), ``head`` (classification head on
+        the frozen encoder), ``lora`` (prompt-based LoRA, one cell per rank), ``full``
+        (prompt-based full fine-tuning).
+      ranks: LoRA ranks.
+      seeds: few-shot sampling seeds (LM-BFF's: 13, 21, 42, 87, 100); each also seeds training.
+      k: examples per class for train, and again for dev.
+      steps: training steps per cell.
+      loss: ``ce`` or ``mse`` on the K outputs.
+      lr: learning rate of LoRA and full fine-tuning.
+      head_lr: learning rate of the head-only baseline.
+      alpha: LoRA alpha; None keeps the scale alpha / r = 2 at every rank, so ranks differ only
+        in capacity, not in effective step size.
+      targets: LoRA target modules (regex, PEFT semantics).
+      batch_size: training batch size.
+      eval_every: evaluate on dev every this many steps (best-dev checkpoint selection).
+      max_length: token length of every encoded example (static shapes: one compile per cell kind).
+      test_cap: at most this many test examples (deterministic subsample); 0 = all.
+      readout: ``auto`` (MLM head when the checkpoint has one, else ``tied``), ``mlm`` or ``tied``.
+      out: parent directory of run directories.
+    """
+
+    name: str = "default"
+    model: str = "minilm"
+    tasks: tuple[str, ...] = ("mr", "trec")
+    methods: tuple[str, ...] = ("zero_shot", "head", "lora")
+    ranks: tuple[int, ...] = (1, 12)
+    seeds: tuple[int, ...] = (13, 21, 42)
+    k: int = 16
+    steps: int = 300
+    loss: Loss = Loss.CE
+    lr: float = 1e-3
+    head_lr: float = 1e-2
+    alpha: float | None = None
+    targets: str = "query|value"
+    batch_size: int = 8
+    eval_every: int = 50
+    max_length: int = 64
+    test_cap: int = 500
+    readout: str = "auto"
+    out: str = "runs"
+
+    def __post_init__(self):
+        object.__setattr__(self, "loss", Loss(self.loss))
+        for name in ("tasks", "methods", "ranks", "seeds"):
+            value = getattr(self, name)
+            if isinstance(value, str | int):
+                value = (value,)
+            object.__setattr__(self, name, tuple(value))
+            if not getattr(self, name):
+                raise ValueError(f"ExperimentConfig.{name} must not be empty.")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"Unknown methods {unknown}; expected some of {list(METHODS)}.")
+        if self.readout not in ("auto", "mlm", "tied"):
+            raise ValueError(f"readout={self.readout!r}; expected 'auto', 'mlm' or 'tied'.")
+        if any(r < 1 for r in self.ranks):
+            raise ValueError(f"ranks must be >= 1, got {self.ranks}.")
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that define the results (``out`` excluded: a run may be moved)."""
+        fields = dataclasses.asdict(self)
+        fields.pop("out")
+        fields["loss"] = self.loss.value
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    # Offline, CPU, ~10 minutes: rank 1 vs rank 12 against zero-shot and head-only baselines.
+    "default": {},
+    # The paper's rank sweep on the offline tasks (longer: about an hour on 2 CPU cores).
+    "rank_sweep": {
+        "name": "rank_sweep",
+        "tasks": ("mr", "trec", "boolq"),
+        "ranks": (1, 2, 4, 8, 12, 16),
+        "seeds": (13, 21, 42, 87, 100),
+        "methods": ("zero_shot", "lora"),
+        "max_length": 128,
+    },
+    # Squared-error loss, the setting of the r(r+1)/2 > KN threshold.
+    "rank_sweep_mse": {
+        "name": "rank_sweep_mse",
+        "tasks": ("mr", "trec"),
+        "ranks": (1, 2, 4, 8, 12, 16),
+        "seeds": (13, 21, 42, 87, 100),
+        "methods": ("lora",),
+        "loss": "mse",
+    },
+    # Paper scale (needs the hub and a GPU/TPU): RoBERTa-large, GLUE-style tasks, 1000 steps.
+    "paper_roberta_large": {
+        "name": "paper_roberta_large",
+        "model": "FacebookAI/roberta-large",
+        "tasks": ("sst2", "mr", "cr", "qnli", "mnli"),
+        "ranks": (1, 2, 4, 8, 12, 16),
+        "seeds": (13, 21, 42, 87, 100),
+        "methods": ("zero_shot", "lora", "full"),
+        "steps": 1000,
+        "lr": 1e-4,
+        "eval_every": 100,
+        "max_length": 128,
+        "test_cap": 1000,
+    },
+}
+
+
+def get_config(config: str, /, **overrides: Any) -> ExperimentConfig:
+    """The named config with ``overrides`` (None values are ignored) applied."""
+    if config not in NAMED_CONFIGS:
+        raise ValueError(f"Unknown config {config!r}; known configs: {sorted(NAMED_CONFIGS)}.")
+    fields = {**NAMED_CONFIGS[config], **{k: v for k, v in overrides.items() if v is not None}}
+    return ExperimentConfig(**fields)

@@ -1,0 +1,137 @@
+"""Results of a run: read the JSONL, aggregate over seeds, write the markdown report and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+
+import numpy as np
+
+
+def read_results(path: str | os.PathLike) -> list[dict]:
+    """The result records of ``results.jsonl`` (a missing file is an empty run)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def column(record: dict) -> str:
+    """The report column of a record: ``zero_shot``, ``head``, ``lora r=4``, ``full``, ..."""
+    return f"{record['method']} r={record['rank']}" if record.get("rank") else record["method"]
+
+
+def _column_order(records: Iterable[dict]) -> list[str]:
+    keys = {(r["method"], r.get("rank") or 0) for r in records}
+    order = {"zero_shot": 0, "head": 1, "lora": 2, "full": 3}
+    ordered = sorted(keys, key=lambda mr: (order.get(mr[0], 9), mr[1]))
+    return [f"{m} r={r}" if r else m for m, r in ordered]
+
+
+def aggregate(records: list[dict], metric: str = "test_accuracy") -> dict[tuple[str, str], list]:
+    """``{(task, column): [metric per seed]}``."""
+    cells: dict[tuple[str, str], list] = defaultdict(list)
+    for r in records:
+        cells[r["task"], column(r)].append(r[metric])
+    return cells
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def markdown_table(records: list[dict], metric: str = "test_accuracy") -> str:
+    """Task x method table of ``mean +- std (n seeds)`` in percent."""
+    columns = _column_order(records)
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    cells = aggregate(records, metric)
+    lines = ["| task | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for task in tasks:
+        row = []
+        for col in columns:
+            values = cells.get((task, col))
+            if not values:
+                row.append("")
+                continue
+            mean, std = mean_std(values)
+            row.append(f"{100 * mean:.1f} ± {100 * std:.1f} ({len(values)})")
+        lines.append(f"| {task} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str, config: dict, records: list[dict], plot_files: list[str]) -> str:
+    """Writes ``report.md`` atomically (temp file + rename) and returns its path."""
+    seconds = sum(r.get("seconds", 0.0) for r in records)
+    parts = [
+        f"# {config['name']}",
+        "",
+        f"Model `{config['model']}`, k = {config['k']} per class, {config['steps']} steps, "
+        f"loss `{config['loss']}`, seeds {config['seeds']}. Test accuracy in %, "
+        "mean ± std over seeds (number of seeds); dev-selected checkpoints.",
+        "",
+        markdown_table(records),
+        "",
+        f"{len(records)} cells, {seconds / 60:.1f} min of compute.",
+        "",
+    ]
+    parts += [f"![{os.path.basename(p)}]({os.path.relpath(p, run_dir)})" for p in plot_files]
+    path = os.path.join(run_dir, "report.md")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(parts) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def plot_accuracy_vs_rank(run_dir: str, records: list[dict]) -> list[str]:
+    """One panel per task: LoRA test accuracy vs rank (mean +- std), baselines as lines."""
+    lora = [r for r in records if r["method"] == "lora"]
+    if not lora:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        by_rank: dict[int, list] = defaultdict(list)
+        for r in lora:
+            if r["task"] == task:
+                by_rank[r["rank"]].append(100 * r["test_accuracy"])
+        ranks = sorted(by_rank)
+        stats = [mean_std(by_rank[k]) for k in ranks]
+        ax.errorbar(
+            ranks,
+            [m for m, _ in stats],
+            yerr=[s for _, s in stats],
+            marker="o",
+            capsize=3,
+            label="LoRA",
+        )
+        for i, method in enumerate(("zero_shot", "head", "full")):
+            values = [
+                100 * r["test_accuracy"]
+                for r in records
+                if r["task"] == task and r["method"] == method
+            ]
+            if values:
+                ax.axhline(np.mean(values), linestyle="--", color=f"C{i + 1}", label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel("LoRA rank r")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.join(run_dir, "plots"), exist_ok=True)
+    path = os.path.join(run_dir, "plots", "accuracy_vs_rank.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,140 @@
+"""What the cells of one experiment share: the tokenizer, loaded models, encoded data, programs.
+
+Loading and encoding happen once per run and per (task, seed); model functions are built once
+per (task, method, rank), so the compiled training programs are reused across seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from experiments.config import ExperimentConfig
+from lora_jax import models, tasks, train
+from lora_jax.models.pretrained import resolve
+from lora_jax.task_model import Readout, make_output_fn
+
+PyTree = Any
+
+
+class TaskData(NamedTuple):
+    """Encoded splits of one task and seed: dicts of ``[N, ...]`` device arrays."""
+
+    train: dict
+    dev: dict
+    test: dict
+
+
+def resolve_model(name: str) -> str:
+    """``minilm`` names the embedded MiniLM-L6; anything else is a path or a hub id."""
+    return models.minilm_path() if name == "minilm" else name
+
+
+class Workbench:
+    """Caches for one experiment (see the module docstring)."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg = cfg
+        self.path = resolve_model(cfg.model)
+        self.tokenizer = models.load_tokenizer(self.path)
+        self._cache: dict[tuple, Any] = {}
+
+    def _memo(self, key: tuple, build: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    # -- models -------------------------------------------------------------------------------
+
+    def _prompt_encoder(self) -> tuple[Callable, PyTree, Readout]:
+        def build():
+            readout = self.cfg.readout
+            try:
+                model = models.from_pretrained(self.path, head=None if readout == "tied" else "mlm")
+            except models.CheckpointError:
+                if readout == "mlm":
+                    raise
+                # No MLM head in the checkpoint (e.g. MiniLM): read label words out through the
+                # tied word embeddings instead. Any other problem is raised again here.
+                model, readout = models.from_pretrained(self.path, head=None), "tied"
+            apply_fn, params = models.split(model)
+            return apply_fn, params, Readout("mlm" if readout == "auto" else readout)
+
+        return self._memo(("prompt_encoder",), build)
+
+    @property
+    def model_type(self) -> str:
+        def build():
+            with open(os.path.join(resolve(self.path), "config.json")) as f:
+                return models.EncoderConfig.from_hf(json.load(f)).model_type
+
+        return self._memo(("model_type",), build)
+
+    def prompt_model(self, task: str) -> tuple[Callable, PyTree]:
+        """``(output_fn, params)`` of prompt-based classification for ``task``."""
+        apply_fn, params, readout = self._prompt_encoder()
+
+        def build():
+            ids = tasks.label_word_ids(self.tokenizer, self.task(task), self.word_style)
+            return make_output_fn(apply_fn, readout, ids)
+
+        return self._memo(("prompt", task), build), params
+
+    def cls_model(self, task: str, seed: int) -> tuple[Callable, PyTree]:
+        """``(output_fn, params)`` with a new classification head (initialized from ``seed``)."""
+        num_labels = self.task(task).num_labels
+        model = models.from_pretrained(self.path, head="cls", num_labels=num_labels, seed=seed)
+        apply_fn, params = models.split(model)
+        # Same apply_fn structure for every seed: keep the first so programs are reused.
+        output_fn = self._memo(("cls", task), lambda: make_output_fn(apply_fn, Readout.CLS))
+        return output_fn, params
+
+    def model_fn(self, cell: Any, build: Callable[[], Callable]) -> Callable:
+        """The cell's ``model_fn``, one object per (task, method, rank) so programs are reused."""
+        return self._memo(("model_fn", cell.task, cell.method, cell.rank), build)
+
+    def predict(self, output_fn: Callable) -> Callable:
+        """A compiled ``predict(params, {}, data)`` for evaluating ``output_fn`` untrained."""
+
+        def build():
+            model_fn = lambda trainable, frozen, batch, rng: output_fn(trainable, batch)  # noqa: E731
+            return train.make_predict(model_fn, 64)
+
+        return self._memo(("predict", id(output_fn)), build)
+
+    # -- data ---------------------------------------------------------------------------------
+
+    @property
+    def word_style(self) -> str:
+        return tasks.word_style_for(self.model_type)
+
+    def task(self, name: str) -> tasks.Task:
+        return self._memo(("task", name), lambda: tasks.get_task(name))
+
+    def data(self, task: str, seed: int, mode: str) -> TaskData:
+        """Encoded k-shot train/dev (sampled with ``seed``) and the capped test set."""
+
+        def encode(examples):
+            arrays = tasks.encode(
+                examples,
+                self.tokenizer,
+                self.task(task),
+                max_length=self.cfg.max_length,
+                mode=mode,
+                word_style=self.word_style,
+                pad_to="max_length",
+            )
+            return {name: jnp.asarray(array) for name, array in arrays.items()}
+
+        def build():
+            splits = tasks.few_shot_splits(
+                self.task(task), k=self.cfg.k, seed=seed, test_cap=self.cfg.test_cap or None
+            )
+            test = self._memo(("test", task, mode), lambda: encode(splits.test))
+            return TaskData(encode(splits.train), encode(splits.dev), test)
+
+        return self._memo(("data", task, seed, mode), build)

@@ -1,0 +1,105 @@
+"""experiments.run end to end on a tiny model: results, report, plot, resume, config errors."""
+
+import json
+
+import pytest
+
+from experiments import report
+from experiments.config import ExperimentConfig, get_config
+from experiments.run import cells, main, parse_args
+from lora_jax.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta(tmp_path_factory):
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "roberta"))
+
+
+def smoke_args(model, out, *extra):
+    return [
+        "--model",
+        model,
+        "--out",
+        str(out),
+        "--name",
+        "smoke",
+        "--tasks",
+        "mr",
+        "--methods",
+        "zero_shot",
+        "head",
+        "lora",
+        "--ranks",
+        "1",
+        "2",
+        "--seeds",
+        "13",
+        "21",
+        "--k",
+        "4",
+        "--steps",
+        "4",
+        "--eval-every",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "32",
+        "--test-cap",
+        "16",
+        *extra,
+    ]
+
+
+def test_cli_smoke_run_writes_results_report_plot_and_resumes(tiny_roberta, tmp_path, capsys):
+    main(smoke_args(tiny_roberta, tmp_path))
+    run_dir = tmp_path / "smoke"
+    records = report.read_results(run_dir / "results.jsonl")
+    assert len(records) == 2 * (1 + 1 + 2)  # seeds x (zero_shot + head + 2 ranks)
+    for r in records:
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+        assert r["trainable_params"] > 0 or r["method"] == "zero_shot"
+    lora_r1 = next(r for r in records if r["method"] == "lora" and r["rank"] == 1)
+    lora_r2 = next(r for r in records if r["method"] == "lora" and r["rank"] == 2)
+    assert lora_r2["trainable_params"] == 2 * lora_r1["trainable_params"]
+    text = (run_dir / "report.md").read_text()
+    assert "| mr |" in text and "lora r=2" in text
+    assert (run_dir / "plots" / "accuracy_vs_rank.png").stat().st_size > 1000
+    assert not (run_dir / "ckpt").exists() or not any((run_dir / "ckpt").iterdir())
+
+    # Re-running the finished run does no new work and keeps the same lines.
+    capsys.readouterr()
+    main(smoke_args(tiny_roberta, tmp_path))
+    assert "0 to run" in capsys.readouterr().err
+    assert report.read_results(run_dir / "results.jsonl") == records
+
+
+def test_different_config_in_same_directory_is_refused(tiny_roberta, tmp_path):
+    out = tmp_path / "runs"
+    (out / "smoke").mkdir(parents=True)
+    cfg = parse_args(smoke_args(tiny_roberta, out))
+    saved = {**cfg.to_json(), "k": 64}
+    (out / "smoke" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match="different configuration .*k"):
+        main(smoke_args(tiny_roberta, out))
+
+
+def test_unknown_config_task_and_method_errors(tiny_roberta, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--config", "nope"])
+    assert "Unknown config 'nope'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="Unknown methods"):
+        ExperimentConfig(methods=("lora", "magic"))
+    with pytest.raises(SystemExit, match="unknown task 'nosuchtask'"):
+        main(smoke_args(tiny_roberta, tmp_path, "--tasks", "nosuchtask"))
+    assert not (tmp_path / "smoke").exists()
+    with pytest.raises(SystemExit, match="No such model directory"):
+        main(smoke_args(str(tmp_path / "missing"), tmp_path, "--name", "other"))
+
+
+def test_named_configs_are_valid_and_cells_cover_the_grid():
+    cfg = get_config("rank_sweep")
+    grid = cells(cfg)
+    assert len(grid) == len(cfg.tasks) * len(cfg.seeds) * (1 + len(cfg.ranks))
+    assert len({c.key for c in grid}) == len(grid)
+    assert get_config("default", steps=10).steps == 10
