@@ -1,0 +1,288 @@
+"""Benchmark: empirical NTK of MiniLM-L6's K = 2 label-word logits, per implementation.
+
+For each parameter subset (LoRA adapters on query/value at r = 1 and r = 8; a smaller
+full-parameter subset, the last encoder layer; optionally all 22.7M weights) and each
+implementation (``ntk.empirical_ntk_fn`` with neural-tangents' JACOBIAN_CONTRACTION,
+NTK_VECTOR_PRODUCTS, STRUCTURED_DERIVATIVES, and a direct ``jax.jacrev`` + einsum baseline),
+one subprocess computes an (n x n) kernel block and reports compile time, run time (second
+call) and peak resident memory (``getrusage`` maxrss, model load included; the RSS after
+loading is printed too). Then the 1,000 test x 64 train kernel (LoRA r = 8) is computed once
+on the CPU with the fastest implementation.
+
+Readout: tied (outputs = hidden state at [MASK] @ word_embeddings[label_ids].T; MiniLM has no
+MLM head); MR sentences with the template ``{sentence} It was [MASK] .``, T = 64.
+
+Usage:
+  uv run python benchmarks/bench_ntk.py               # the table (n = 16) + the 1000 x 64 run
+  uv run python benchmarks/bench_ntk.py --n 8 --skip-big --subsets lora_r1 all
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+SUBSETS = ("lora_r1", "lora_r8", "layer5", "all")
+IMPLS = ("JACOBIAN_CONTRACTION", "NTK_VECTOR_PRODUCTS", "STRUCTURED_DERIVATIVES", "jacrev")
+
+
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def load(n_train: int, n_test: int, max_length: int):
+    """MiniLM (tied readout), MR batches, and the label-word ids."""
+    import numpy as np
+
+    from lora_jax import models, tasks
+    from lora_jax.task_model import make_output_fn
+
+    path = models.minilm_path()
+    model = models.from_pretrained(path, head=None)
+    apply_fn, params = models.split(model)
+    tokenizer = models.load_tokenizer(path)
+    task = tasks.get_task("mr")
+    k = max(n_train // task.num_labels, 1)
+    splits = tasks.few_shot_splits(task, k=k, seed=13, test_cap=max(n_test, 1))
+    train = tasks.encode(splits.train, tokenizer, task, max_length=max_length)
+    test = tasks.encode(splits.test, tokenizer, task, max_length=max_length)
+    ids = tasks.label_word_ids(tokenizer, task)
+    output_fn = make_output_fn(apply_fn, "tied", label_word_ids=ids)
+
+    def strip(b, n):
+        return {k: np.asarray(v)[:n] for k, v in b.items()}
+
+    return output_fn, params, strip(train, n_train), strip(test, n_test)
+
+
+def subset_fn(name: str, output_fn, params):
+    """``(f, sub_params)`` for a subset name."""
+    import jax
+
+    import ntk
+    from lora_jax import lora
+
+    if name.startswith("lora_r"):
+        r = int(name.removeprefix("lora_r"))
+        cfg = lora.LoraConfig(r=r, alpha=2.0 * r, targets=("query", "value"))
+        adapters = lora.init(jax.random.PRNGKey(0), params, cfg)
+        # B = 0 at init makes the A-block of the kernel vanish; take a point after some
+        # training instead, so every adapter leaf contributes.
+        adapters = jax.tree.map(
+            lambda a: a + 0.01 * jax.random.normal(jax.random.PRNGKey(1), a.shape, a.dtype),
+            adapters,
+        )
+        return ntk.lora_model_fn(output_fn, params, adapters, cfg)
+    if name == "layer5":
+        return ntk.model_fn(output_fn, params, r"encoder\.layer\.5\.")
+    if name == "all":
+        return ntk.model_fn(output_fn, params, "all")
+    raise ValueError(f"unknown subset {name!r}; expected one of {SUBSETS}")
+
+
+def jacrev_kernel_fn(f):
+    """The baseline: full Jacobians by ``jax.jacrev``, flattened, contracted with einsum."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.jit
+    def kernel(x1, x2, params):
+        def jac(x):
+            leaves = jax.tree.leaves(jax.jacrev(f)(params, x))
+            n, k = leaves[0].shape[:2]
+            return jnp.concatenate([j.reshape(n, k, -1) for j in leaves], axis=-1)  # (N, K, P)
+
+        return jnp.einsum("akp,blp->abkl", jac(x1), jac(x2))
+
+    return kernel
+
+
+def worker(args) -> dict:
+    """One (subset, implementation) measurement in this process."""
+    import jax
+    import numpy as np
+
+    import ntk
+
+    output_fn, params, train, _ = load(2 * args.n, 1, args.max_length)
+    f, sub = subset_fn(args.subset, output_fn, params)
+    n_params = int(sum(np.size(x) for x in jax.tree.leaves(sub)))
+    x1 = {k: v[: args.n] for k, v in train.items()}
+    x2 = {k: v[args.n : 2 * args.n] for k, v in train.items()}
+    rss_loaded = _rss_mib()
+    if args.impl == "jacrev":
+        fn = jacrev_kernel_fn(f)
+        run = lambda: np.asarray(fn(x1, x2, sub))  # noqa: E731
+    else:
+        impl = ntk.NtkImplementation[args.impl]
+        ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=(), implementation=impl, batch_size=args.n)
+        run = lambda: ntk_fn(x1, x2, sub)  # noqa: E731
+    t = time.perf_counter()
+    k = run()
+    first = time.perf_counter() - t
+    second = float("inf")
+    for _ in range(args.repeat):  # the machine may be shared: keep the fastest run
+        t = time.perf_counter()
+        k = run()
+        second = min(second, time.perf_counter() - t)
+    return {
+        "subset": args.subset,
+        "impl": args.impl,
+        "n": args.n,
+        "params": n_params,
+        "first_s": first,
+        "run_s": second,
+        "compile_s": first - second,
+        "rss_loaded_mib": rss_loaded,
+        "peak_rss_mib": _rss_mib(),
+        "kernel_fro": float(np.linalg.norm(k)),
+        "kernel_00": np.asarray(k)[0, 0].ravel().tolist(),
+    }
+
+
+def big(args) -> dict:
+    """The 1,000 x 64 LoRA r = 8 kernel (trace_axes=(), [1000, 64, 2, 2]) on this CPU."""
+    import jax
+    import numpy as np
+
+    import ntk
+
+    output_fn, params, train, test = load(64, 1000, args.max_length)
+    f, sub = subset_fn("lora_r8", output_fn, params)
+    impl = ntk.NtkImplementation[args.big_impl]
+    batch = tuple(int(b) for b in args.big_batch.split(","))
+    ntk_fn = ntk.empirical_ntk_fn(
+        f, trace_axes=(), implementation=impl, batch_size=batch, progress=True
+    )
+    rss_loaded = _rss_mib()
+    t = time.perf_counter()
+    k = ntk_fn(test, train, sub)
+    seconds = time.perf_counter() - t
+    return {
+        "subset": "lora_r8",
+        "impl": args.big_impl,
+        "shape": list(k.shape),
+        "batch_size": args.big_batch,
+        "kernel_fro": float(np.linalg.norm(k)),
+        "params": int(sum(np.size(x) for x in jax.tree.leaves(sub))),
+        "seconds": seconds,
+        "rss_loaded_mib": rss_loaded,
+        "peak_rss_mib": _rss_mib(),
+        "devices": str(jax.devices()),
+    }
+
+
+def _spawn(extra: list[str]) -> dict | None:
+    cmd = [sys.executable, __file__, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        print(f"  failed ({' '.join(extra)}): {' | '.join(tail)}", flush=True)
+        return None
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=16, help="kernel block: n x n examples")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--subsets", nargs="+", default=list(SUBSETS[:3]), choices=SUBSETS)
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    parser.add_argument("--skip-big", action="store_true", help="skip the 1000 x 64 kernel")
+    parser.add_argument("--big-impl", default=None, help="default: fastest LoRA r=8 impl")
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs; the fastest counts")
+    parser.add_argument(
+        "--big-batch", default="250,64", help="rows of test, rows of train per kernel block"
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--big-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--subset", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--impl", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)), flush=True)
+        return
+    if args.big_worker:
+        print(json.dumps(big(args)), flush=True)
+        return
+
+    results = []
+    print(f"eNTK of MiniLM-L6 (tied readout, K=2, T={args.max_length}), {args.n}x{args.n} block")
+    header = (
+        f"{'subset':8} {'params':>10} {'implementation':24} {'compile s':>9} {'run s':>8} "
+        f"{'peak MiB':>9} {'loaded MiB':>10} {'x run vs jacrev':>15}"
+    )
+    print(header)
+    for subset in args.subsets:
+        rows = []
+        for impl in args.impls:
+            r = _spawn(
+                [
+                    "--worker",
+                    "--subset",
+                    subset,
+                    "--impl",
+                    impl,
+                    "--n",
+                    str(args.n),
+                    "--max-length",
+                    str(args.max_length),
+                    "--repeat",
+                    str(args.repeat),
+                ]
+            )
+            if r is not None:
+                rows.append(r)
+                results.append(r)
+        base = next((r for r in rows if r["impl"] == "jacrev"), None)
+        for r in rows:
+            speed = f"{base['run_s'] / r['run_s']:.2f}" if base else "-"
+            print(
+                f"{r['subset']:8} {r['params']:>10,} {r['impl']:24} {r['compile_s']:>9.1f} "
+                f"{r['run_s']:>8.2f} {r['peak_rss_mib']:>9.0f} {r['rss_loaded_mib']:>10.0f} "
+                f"{speed:>15}",
+                flush=True,
+            )
+        if base:
+            for r in rows:
+                a, b = np.asarray(r["kernel_00"]), np.asarray(base["kernel_00"])
+                if np.abs(a - b).max() > 1e-3 * np.abs(b).max():
+                    print(f"  WARNING: {r['impl']} disagrees with jacrev: {a} vs {b}")
+    if not args.skip_big:
+        lora8 = [r for r in results if r["subset"] == "lora_r8" and r["impl"] != "jacrev"]
+        impl = args.big_impl or (
+            min(lora8, key=lambda r: r["run_s"])["impl"] if lora8 else "JACOBIAN_CONTRACTION"
+        )
+        print(
+            f"\n1000 test x 64 train kernel, LoRA r=8 (q, v), {impl}, batch_size={args.big_batch}:",
+            flush=True,
+        )
+        r = _spawn(
+            [
+                "--big-worker",
+                "--big-impl",
+                impl,
+                "--big-batch",
+                str(args.big_batch),
+                "--max-length",
+                str(args.max_length),
+            ]
+        )
+        if r is not None:
+            print(
+                f"  shape {r['shape']}, {r['seconds']:.1f} s, peak RSS {r['peak_rss_mib']:.0f} "
+                f"MiB (after load {r['rss_loaded_mib']:.0f} MiB), {r['devices']}"
+            )
+            results.append(r)
+    print("\nJSON:", json.dumps(results))
+
+
+if __name__ == "__main__":
+    import numpy as np
+
+    main()

@@ -1,0 +1,66 @@
+"""Functional LoRA for parameter pytrees: init, apply, merge, save, PEFT interop.
+
+Example:
+  >>> import jax
+  >>> from lora_jax import lora
+  >>> cfg = lora.LoraConfig(r=8, alpha=16, targets="query|value")
+  >>> adapters = lora.init(jax.random.key(0), params, cfg)            # doctest: +SKIP
+  >>> logits = apply_fn(lora.apply(params, adapters, cfg), input_ids)  # doctest: +SKIP
+"""
+
+from lora_jax.lora.config import LoraBias, LoraConfig, LoraInit
+from lora_jax.lora.core import (
+    Adapters,
+    LoraCount,
+    apply,
+    check_fits,
+    count,
+    init,
+    init_pissa,
+    logical_axes,
+    merge,
+    trainable_mask,
+    unmerge,
+)
+from lora_jax.lora.io import config_from_dict, config_to_dict, load, save
+from lora_jax.lora.multi import apply_named, combine, merge_named
+from lora_jax.lora.peft import (
+    from_peft_config,
+    load_peft,
+    load_peft_model,
+    save_peft,
+    to_peft_config,
+)
+from lora_jax.lora.targets import LoraTarget, Plan, resolve
+
+__all__ = [
+    "Adapters",
+    "LoraBias",
+    "LoraConfig",
+    "LoraCount",
+    "LoraInit",
+    "LoraTarget",
+    "Plan",
+    "apply",
+    "apply_named",
+    "check_fits",
+    "combine",
+    "config_from_dict",
+    "config_to_dict",
+    "count",
+    "from_peft_config",
+    "init",
+    "init_pissa",
+    "load",
+    "load_peft",
+    "load_peft_model",
+    "logical_axes",
+    "merge",
+    "merge_named",
+    "resolve",
+    "save",
+    "save_peft",
+    "to_peft_config",
+    "trainable_mask",
+    "unmerge",
+]

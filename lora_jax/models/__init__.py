@@ -1,0 +1,39 @@
+"""Own Flax NNX RoBERTa / BERT encoders and Hugging Face checkpoint conversion.
+
+Example:
+  >>> from lora_jax import models
+  >>> model = models.from_pretrained(models.minilm_path(), head=None)  # offline, no torch
+  >>> tok = models.load_tokenizer(models.minilm_path())
+  >>> batch = tok(["a fine film", "no"], padding=True, return_tensors="np")
+  >>> model(batch["input_ids"], batch["attention_mask"]).shape
+  (2, 5, 384)
+  >>> apply_fn, params = models.split(model)  # pure function + nested dict of arrays
+"""
+
+from lora_jax.models.config import EncoderConfig
+from lora_jax.models.convert import CheckpointError
+from lora_jax.models.encoder import EncoderModel, create, forward, logical_axes, split
+from lora_jax.models.layers import dense
+from lora_jax.models.pretrained import (
+    from_pretrained,
+    load_tokenizer,
+    minilm_path,
+    read_torch_bin,
+    save_pretrained,
+)
+
+__all__ = [
+    "CheckpointError",
+    "EncoderConfig",
+    "EncoderModel",
+    "create",
+    "dense",
+    "forward",
+    "from_pretrained",
+    "load_tokenizer",
+    "logical_axes",
+    "minilm_path",
+    "read_torch_bin",
+    "save_pretrained",
+    "split",
+]

@@ -1,0 +1,522 @@
+"""RoBERTa / BERT encoders as pure functions over HF-named parameter dicts, and their NNX module.
+
+The forward pass (:func:`forward`) is a pure function of a nested dict whose keys mirror the
+Hugging Face PyTorch module names (``roberta.encoder.layer.0.attention.self.query.kernel``), so a
+checkpoint converts by renames and transposes only, and LoRA leaves written into any Linear are
+picked up by :func:`lora_jax.models.layers.dense`. :class:`EncoderModel` is an ``nnx.Module``
+holding the same tree as ``nnx.Param`` s (each with logical sharding names);
+:func:`split` returns the pure ``(apply_fn, params)`` pair that training and NTK code use.
+
+References:
+  Liu et al., "RoBERTa: A Robustly Optimized BERT Pretraining Approach", arXiv:1907.11692, 2019.
+  Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers", arXiv:1810.04805, 2018.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lora_jax.models.config import HEADS, EncoderConfig
+from lora_jax.models.layers import activation, attention, dense, dropout, layer_norm
+
+PyTree = Any
+DTYPES = ("float32", "bfloat16", "float64")
+
+
+# --------------------------------------------------------------------------------------------
+# Forward pass
+# --------------------------------------------------------------------------------------------
+
+
+class _DropoutKeys:
+    """Hands out one fresh key per dropout site (``fold_in`` of a counter); None when off."""
+
+    def __init__(self, rng: jax.Array | None):
+        self.rng, self.count = rng, 0
+
+    def __call__(self) -> jax.Array | None:
+        if self.rng is None:
+            return None
+        self.count += 1
+        return jax.random.fold_in(self.rng, self.count)
+
+
+def _embeddings(p, input_ids, token_type_ids, cfg: EncoderConfig, dtype, keys) -> jax.Array:
+    B, T = input_ids.shape
+    if cfg.model_type == "roberta":
+        # HF create_position_ids_from_input_ids: padding_idx + running count of real tokens.
+        not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
+        positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id  # (B, T)
+    else:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    x = jnp.take(p["word_embeddings"]["embedding"], input_ids, axis=0).astype(dtype)
+    x = x + jnp.take(p["position_embeddings"]["embedding"], positions, axis=0).astype(dtype)
+    x = x + jnp.take(p["token_type_embeddings"]["embedding"], token_type_ids, axis=0).astype(dtype)
+    x = layer_norm(p["LayerNorm"], x, cfg.layer_norm_eps)  # (B, T, H)
+    return dropout(x, cfg.hidden_dropout_prob, keys())
+
+
+def _block(p, x, key_mask, cfg: EncoderConfig, keys) -> jax.Array:
+    B, T, H = x.shape
+    nh, hd = cfg.num_attention_heads, cfg.head_dim
+    a = p["attention"]
+    q = dense(a["self"]["query"], x).reshape(B, T, nh, hd)  # (B, T, nh, hd)
+    k = dense(a["self"]["key"], x).reshape(B, T, nh, hd)  # (B, T, nh, hd)
+    v = dense(a["self"]["value"], x).reshape(B, T, nh, hd)  # (B, T, nh, hd)
+    ctx = attention(
+        q, k, v, key_mask, dropout_rate=cfg.attention_probs_dropout_prob, dropout_rng=keys()
+    ).reshape(B, T, H)  # (B, T, H)
+    y = dropout(dense(a["output"]["dense"], ctx), cfg.hidden_dropout_prob, keys())
+    x = layer_norm(a["output"]["LayerNorm"], y + x, cfg.layer_norm_eps)
+    h = activation(cfg.hidden_act, dense(p["intermediate"]["dense"], x))  # (B, T, I)
+    y = dropout(dense(p["output"]["dense"], h), cfg.hidden_dropout_prob, keys())
+    return layer_norm(p["output"]["LayerNorm"], y + x, cfg.layer_norm_eps)  # (B, T, H)
+
+
+def _mlm_logits(params, base, h, cfg: EncoderConfig, label_word_ids) -> jax.Array:
+    """MLM head on ``h`` (..., H): transform, then the (tied) decoder, optionally on K words."""
+    if cfg.model_type == "roberta":
+        head = params["lm_head"]
+        h = jax.nn.gelu(dense(head["dense"], h), approximate=False)  # HF RobertaLMHead: erf gelu
+        h = layer_norm(head["layer_norm"], h, cfg.layer_norm_eps)
+        bias = head["bias"]
+        decoder = head.get("decoder")
+    else:
+        head = params["cls"]["predictions"]
+        h = activation(cfg.hidden_act, dense(head["transform"]["dense"], h))
+        h = layer_norm(head["transform"]["LayerNorm"], h, cfg.layer_norm_eps)
+        bias = head["bias"]
+        decoder = head.get("decoder")
+    if decoder is None:  # tied: decoder weight is the word-embedding matrix (V, H)
+        words = base["embeddings"]["word_embeddings"]["embedding"]
+        if label_word_ids is not None:
+            words, bias = jnp.take(words, label_word_ids, axis=0), jnp.take(bias, label_word_ids)
+        return h @ words.astype(h.dtype).T + bias.astype(h.dtype)  # (..., V) or (..., K)
+    kernel = decoder["kernel"]  # (H, V), untied
+    if label_word_ids is not None:
+        kernel, bias = jnp.take(kernel, label_word_ids, axis=1), jnp.take(bias, label_word_ids)
+    return h @ kernel.astype(h.dtype) + bias.astype(h.dtype)
+
+
+def _cls_logits(params, base, x, cfg: EncoderConfig, keys) -> jax.Array:
+    rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+    first = x[:, 0]  # (B, H): <s> / [CLS]
+    if cfg.model_type == "roberta":
+        c = params["classifier"]
+        h = jnp.tanh(dense(c["dense"], dropout(first, rate, keys())))
+        return dense(c["out_proj"], dropout(h, rate, keys()))  # (B, num_labels)
+    pooled = jnp.tanh(dense(base["pooler"]["dense"], first))  # (B, H)
+    return dense(params["classifier"], dropout(pooled, rate, keys()))  # (B, num_labels)
+
+
+def forward(
+    params: PyTree,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    token_type_ids: jax.Array | None = None,
+    *,
+    config: EncoderConfig,
+    head: str | None,
+    dtype: Any = jnp.float32,
+    mask_positions: jax.Array | None = None,
+    label_word_ids: jax.Array | None = None,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """Pure forward pass of a RoBERTa / BERT encoder with an optional head.
+
+    Args:
+      params: HF-named nested dict (see :func:`split`), possibly with fused LoRA leaves.
+      input_ids: ``(B, T)`` int token ids.
+      attention_mask: ``(B, T)``, 1 for real tokens and 0 for padding; None means all ones.
+      token_type_ids: ``(B, T)`` int segment ids; None means zeros.
+      config: the encoder's :class:`EncoderConfig`.
+      head: ``'mlm'``, ``'cls'`` or None (hidden states).
+      dtype: compute dtype (float32, bfloat16 or float64); parameters are cast to it.
+      mask_positions: ``(B,)`` int position of the token whose outputs are wanted (``<mask>``).
+      label_word_ids: ``(K,)`` int vocabulary ids; with ``head='mlm'`` and ``mask_positions``
+        only these K decoder rows are computed.
+      dropout_rng: PRNG key turning on HF's dropout rates; None is deterministic.
+
+    Returns:
+      head 'mlm': ``(B, T, V)`` logits, ``(B, V)`` at ``mask_positions``, ``(B, K)`` with
+      ``label_word_ids``. head 'cls': ``(B, num_labels)``. head None: ``(B, T, H)`` hidden
+      states, or ``(B, H)`` at ``mask_positions``. All in the compute dtype.
+    """
+    if label_word_ids is not None and (head != "mlm" or mask_positions is None):
+        raise ValueError(
+            f"label_word_ids needs head='mlm' and mask_positions (got head={head!r}, "
+            f"mask_positions={'None' if mask_positions is None else 'given'}). Pass the "
+            "<mask> positions, or use a model loaded with head='mlm'."
+        )
+    if head == "cls" and mask_positions is not None:
+        raise ValueError(
+            "mask_positions is for head='mlm' or head=None; head='cls' reads <s> / [CLS]."
+        )
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    B, T = input_ids.shape
+    offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
+    if T + offset > config.max_position_embeddings:
+        raise ValueError(
+            f"Sequence length {T} exceeds what the position table allows "
+            f"({config.max_position_embeddings - offset} tokens for this {config.model_type}); "
+            "tokenize with truncation=True and a smaller max_length."
+        )
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, T), jnp.int32)
+    if token_type_ids is None:
+        token_type_ids = jnp.zeros((B, T), jnp.int32)
+    key_mask = jnp.asarray(attention_mask) > 0  # (B, T) bool
+    keys = _DropoutKeys(dropout_rng)
+
+    base = params[config.base_prefix]
+    x = _embeddings(base["embeddings"], input_ids, jnp.asarray(token_type_ids), config, dtype, keys)
+    layers = base["encoder"]["layer"]
+    for i in range(config.num_hidden_layers):
+        x = _block(layers[i], x, key_mask, config, keys)  # (B, T, H)
+
+    if head == "cls":
+        return _cls_logits(params, base, x, config, keys)
+    if mask_positions is not None:
+        x = x[jnp.arange(B), jnp.asarray(mask_positions, jnp.int32)]  # (B, H)
+    if head == "mlm":
+        ids = None if label_word_ids is None else jnp.asarray(label_word_ids, jnp.int32)
+        return _mlm_logits(params, base, x, config, ids)
+    return x
+
+
+_jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype"))
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters: init and logical axes
+# --------------------------------------------------------------------------------------------
+
+
+def _linear_axes(module: str) -> tuple[Any, Any]:
+    """(in, out) logical axes of the Linear at dotted path ``module``."""
+    last = module.rsplit(".", 1)[-1]
+    if last in ("query", "key", "value"):
+        return ("embed", "heads")
+    if module.endswith("attention.output.dense"):
+        return ("heads", "embed")
+    if module.endswith("intermediate.dense"):
+        return ("embed", "mlp")
+    if ".layer." in module and module.endswith("output.dense"):
+        return ("mlp", "embed")
+    if last == "decoder":
+        return ("embed", "vocab")
+    return ("embed", None)  # pooler, head transforms, classifiers
+
+
+def leaf_axes(path: str, ndim: int) -> tuple:
+    """Logical axis names of the leaf at dotted ``path`` (vocabulary of the sharding rules).
+
+    Covers base weights and fused LoRA leaves: ``lora_a`` is ``(in, 'lora_rank')``, ``lora_b``
+    ``('lora_rank', out)``, ``lora_scale`` ``()``. Unknown leaves are replicated.
+    """
+    module, _, leaf = path.rpartition(".")
+    last = module.rsplit(".", 1)[-1]
+    if leaf == "embedding":
+        return ("vocab", "embed") if last == "word_embeddings" else (None, "embed")
+    if last in ("LayerNorm", "layer_norm"):
+        return ("embed",)
+    if leaf == "bias" and last in ("lm_head", "predictions"):
+        return ("vocab",)
+    if leaf in ("kernel", "bias", "lora_a", "lora_b"):
+        ax_in, ax_out = _linear_axes(module)
+        axes = {
+            "kernel": (ax_in, ax_out),
+            "bias": (ax_out,),
+            "lora_a": (ax_in, "lora_rank"),
+            "lora_b": ("lora_rank", ax_out),
+        }[leaf]
+        if len(axes) == ndim:
+            return axes
+    return (None,) * ndim
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, child in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(child, Mapping):
+            out.update(_flatten(child, path))
+        else:
+            out[path] = child
+    return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict:
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return tree
+
+
+def param_shapes(
+    config: EncoderConfig, *, head: str | None, num_labels: int | None, pooler: bool
+) -> dict[str, tuple[int, ...]]:
+    """Dotted path -> shape of every parameter of the model (HF names, our layouts)."""
+    H, I, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, num_labels
+    b = config.base_prefix
+    s: dict[str, tuple[int, ...]] = {
+        f"{b}.embeddings.word_embeddings.embedding": (V, H),
+        f"{b}.embeddings.position_embeddings.embedding": (config.max_position_embeddings, H),
+        f"{b}.embeddings.token_type_embeddings.embedding": (config.type_vocab_size, H),
+        f"{b}.embeddings.LayerNorm.scale": (H,),
+        f"{b}.embeddings.LayerNorm.bias": (H,),
+    }
+
+    def linear(name: str, n_in: int, n_out: int) -> None:
+        s[f"{name}.kernel"], s[f"{name}.bias"] = (n_in, n_out), (n_out,)
+
+    def norm(name: str) -> None:
+        s[f"{name}.scale"], s[f"{name}.bias"] = (H,), (H,)
+
+    for i in range(config.num_hidden_layers):
+        layer = f"{b}.encoder.layer.{i}"
+        for name in ("query", "key", "value"):
+            linear(f"{layer}.attention.self.{name}", H, H)
+        linear(f"{layer}.attention.output.dense", H, H)
+        norm(f"{layer}.attention.output.LayerNorm")
+        linear(f"{layer}.intermediate.dense", H, I)
+        linear(f"{layer}.output.dense", I, H)
+        norm(f"{layer}.output.LayerNorm")
+    if pooler:
+        linear(f"{b}.pooler.dense", H, H)
+    if head == "mlm":
+        if config.model_type == "roberta":
+            linear("lm_head.dense", H, H)
+            norm("lm_head.layer_norm")
+            s["lm_head.bias"] = (V,)
+            if not config.tie_word_embeddings:
+                s["lm_head.decoder.kernel"] = (H, V)
+        else:
+            linear("cls.predictions.transform.dense", H, H)
+            norm("cls.predictions.transform.LayerNorm")
+            s["cls.predictions.bias"] = (V,)
+            if not config.tie_word_embeddings:
+                s["cls.predictions.decoder.kernel"] = (H, V)
+    elif head == "cls":
+        if config.model_type == "roberta":
+            linear("classifier.dense", H, H)
+            linear("classifier.out_proj", H, L)
+        else:
+            linear("classifier", H, L)
+    return s
+
+
+def init_params(
+    config: EncoderConfig,
+    *,
+    head: str | None,
+    num_labels: int | None,
+    seed: int,
+    pooler: bool,
+    param_dtype: Any = np.float32,
+) -> dict[str, np.ndarray]:
+    """Random HF-style init, as a flat ``{dotted_path: array}`` dict of numpy arrays.
+
+    Linear kernels and embeddings ~ N(0, initializer_range^2) (padding row of the word
+    embeddings zeroed, as HF does), biases 0, LayerNorm scale 1. numpy's generator is used so
+    that building a model compiles nothing.
+    """
+    shapes = param_shapes(config, head=head, num_labels=num_labels, pooler=pooler)
+    rng = np.random.default_rng(seed)
+    flat: dict[str, np.ndarray] = {}
+    for path, shape in sorted(shapes.items()):
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in ("kernel", "embedding"):
+            w = config.initializer_range * rng.standard_normal(shape)
+            if path.endswith("word_embeddings.embedding"):
+                w[config.pad_token_id] = 0.0
+        elif leaf == "scale":
+            w = np.ones(shape)
+        else:
+            w = np.zeros(shape)
+        flat[path] = w.astype(param_dtype)
+    return flat
+
+
+# --------------------------------------------------------------------------------------------
+# NNX module
+# --------------------------------------------------------------------------------------------
+
+
+class _Node(nnx.Module):
+    """A sub-module whose attributes mirror one level of the HF module tree."""
+
+    def __init__(self, tree: Mapping[str, Any], prefix: str):
+        for key, child in tree.items():
+            setattr(self, str(key), _to_module(child, f"{prefix}.{key}" if prefix else str(key)))
+
+
+def _to_module(node: Any, path: str) -> Any:
+    if isinstance(node, Mapping):
+        if node and all(isinstance(k, int) for k in node):
+            return nnx.List([_to_module(node[i], f"{path}.{i}") for i in range(len(node))])
+        return _Node(node, path)
+    value = jnp.asarray(node)
+    # Logical names only: the lead's rule table maps them to a mesh (no mesh is forced here).
+    return nnx.Param(value, out_sharding=leaf_axes(path, value.ndim), eager_sharding=False)
+
+
+def _check_dtype(dtype: Any) -> Any:
+    dt = jnp.dtype(dtype)
+    if dt.name not in DTYPES:
+        raise ValueError(f"dtype={dt.name!r} is not supported; expected one of {DTYPES}.")
+    if dt == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "dtype=float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) "
+            "(or use `with jax.experimental.enable_x64():`) before creating the model."
+        )
+    return dt
+
+
+def _check_head(head: str | None, num_labels: int | None) -> None:
+    if head not in HEADS:
+        raise ValueError(f"head={head!r} is not supported; expected one of {HEADS}.")
+    if head == "cls":
+        if num_labels is None:
+            raise ValueError(
+                "head='cls' needs num_labels (the number of classes), got None; pass e.g. "
+                "num_labels=2."
+            )
+        if not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels={num_labels!r} must be a positive integer.")
+    elif num_labels is not None:
+        raise ValueError(
+            f"num_labels={num_labels} only applies to head='cls' (got head={head!r}); drop it."
+        )
+
+
+class EncoderModel(nnx.Module):
+    """A RoBERTa / BERT encoder with an MLM head, a classification head, or none.
+
+    Parameters are ``nnx.Param`` s arranged like the HF PyTorch modules (``model.roberta.
+    encoder.layer[0].attention.self.query.kernel``), each with logical sharding names in its
+    ``out_sharding`` metadata. Build with :func:`create` or
+    :func:`lora_jax.models.from_pretrained`; call like HF (see :func:`forward`).
+
+    Attributes:
+      config: the :class:`EncoderConfig`.
+      head: ``'mlm'``, ``'cls'`` or None.
+      num_labels: classes of the ``'cls'`` head, else None.
+      dtype: compute dtype.
+    """
+
+    def __init__(
+        self,
+        config: EncoderConfig,
+        params: Mapping[str, Any],
+        *,
+        head: str | None,
+        num_labels: int | None = None,
+        dtype: Any = jnp.float32,
+    ):
+        _check_head(head, num_labels)
+        self.config = config
+        self.head = head
+        self.num_labels = num_labels
+        self.dtype = _check_dtype(dtype)
+        for key, child in params.items():
+            setattr(self, key, _to_module(child, key))
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        *,
+        mask_positions: jax.Array | None = None,
+        label_word_ids: jax.Array | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> jax.Array:
+        """Runs :func:`forward` (jitted) on this module's parameters (see there for shapes)."""
+        return _jit_forward(
+            nnx.to_pure_dict(nnx.state(self, nnx.Param)),
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            config=self.config,
+            head=self.head,
+            dtype=self.dtype,
+            mask_positions=mask_positions,
+            label_word_ids=label_word_ids,
+            dropout_rng=dropout_rng,
+        )
+
+
+def create(
+    config: EncoderConfig,
+    *,
+    head: str | None = "mlm",
+    num_labels: int | None = None,
+    seed: int = 0,
+    dtype: Any = jnp.float32,
+) -> EncoderModel:
+    """A randomly initialized encoder (HF init: normal(``initializer_range``)).
+
+    Args:
+      config: the encoder shape.
+      head: ``'mlm'``, ``'cls'`` or None.
+      num_labels: classes for ``head='cls'`` (required there).
+      seed: init seed.
+      dtype: compute dtype; parameters are float64 for float64, else float32.
+
+    Returns:
+      An :class:`EncoderModel`. BERT gets a pooler for ``head`` None or ``'cls'`` (as HF's
+      ``BertModel`` / ``BertForSequenceClassification``); RoBERTa heads do not use one.
+    """
+    _check_head(head, num_labels)
+    dt = _check_dtype(dtype)
+    pooler = config.model_type == "bert" and head != "mlm"
+    param_dtype = jnp.float64 if dt == jnp.float64 else jnp.float32
+    flat = init_params(
+        config,
+        head=head,
+        num_labels=num_labels,
+        seed=seed,
+        pooler=pooler,
+        param_dtype=param_dtype,
+    )
+    return EncoderModel(config, _unflatten(flat), head=head, num_labels=num_labels, dtype=dt)
+
+
+def split(model: EncoderModel) -> tuple[Callable[..., jax.Array], dict]:
+    """The model as a pure function and a plain nested parameter dict.
+
+    Returns:
+      ``(apply_fn, params)``: ``params`` is a nested dict of arrays keyed like the HF modules
+      (int keys for layers); ``apply_fn(params, input_ids, attention_mask=None,
+      token_type_ids=None, *, mask_positions=None, label_word_ids=None, dropout_rng=None)`` is
+      pure and jittable and equals ``model(...)``.
+    """
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    apply_fn = functools.partial(forward, config=model.config, head=model.head, dtype=model.dtype)
+    return apply_fn, params
+
+
+def logical_axes(model_or_params: EncoderModel | Mapping) -> dict:
+    """Logical axis names of every parameter, in the structure of ``split(model)[1]``.
+
+    Accepts a model or a params dict (which may hold fused LoRA leaves). Each leaf is a tuple
+    of names from ``('vocab', 'embed', 'mlp', 'heads', 'lora_rank', None)``.
+    """
+    if isinstance(model_or_params, EncoderModel):
+        params = split(model_or_params)[1]
+    else:
+        params = model_or_params
+    flat = _flatten(params)
+    return _unflatten({p: leaf_axes(p, np.ndim(v)) for p, v in flat.items()})

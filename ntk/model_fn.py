@@ -1,0 +1,203 @@
+"""Model functions over a parameter subset: ``f(sub_params, batch) -> [N, K]``.
+
+The NTK tools differentiate with respect to one pytree. A fine-tuned encoder has many: all
+weights, a regex-chosen subset (``.*attention.*kernel``), or LoRA adapters on a frozen base.
+These builders close over everything that is not differentiated and return a
+:class:`ModelFn` ``(f, params)``: ``f(params, batch) -> [N, K]`` and the subset's current
+values, ready for :func:`ntk.linearize`, :func:`ntk.empirical_ntk_fn` and the solvers.
+
+Each ``f`` carries a ``__ntk_fingerprint__`` attribute (a content hash of what it closes over)
+that the kernel cache uses to tell apart two functions with the same code and different base
+weights.
+
+Example:
+  >>> f, adapters = ntk.lora_model_fn(output_fn, base_params, adapters, lora_cfg)
+  >>> ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=())
+  >>> k = ntk_fn(train_batch, None, adapters)  # (N, N, K, K)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax import params as params_lib
+
+PyTree = Any
+Batch = Mapping[str, Any]
+OutputFn = Callable[..., jax.Array]
+
+__all__ = [
+    "ModelFn",
+    "check_outputs",
+    "fingerprint",
+    "lora_model_fn",
+    "model_fn",
+    "cast_floating",
+]
+
+
+class ModelFn(NamedTuple):
+    """A model as a function of one parameter subset."""
+
+    f: Callable[[PyTree, Batch], jax.Array]  # f(params, batch) -> outputs [N, K].
+    params: PyTree  # the subset's values (the point to linearize / take the kernel at).
+
+
+def fingerprint(tree: PyTree, *extra: object) -> str:
+    """A sha256 hex digest of a pytree's structure, leaf dtypes, shapes and bytes (+ ``extra``).
+
+    Used as the content hash of the on-disk kernel cache. Leaves are fetched to host memory.
+    """
+    h = hashlib.sha256()
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    h.update(str(jax.tree_util.tree_structure(tree)).encode())
+    del treedef
+    for path, leaf in leaves:
+        arr = np.asarray(leaf)
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    for item in extra:
+        h.update(repr(item).encode())
+    return h.hexdigest()
+
+
+def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
+    """Casts the floating-point leaves of ``tree`` to ``dtype`` (None: unchanged).
+
+    Raises:
+      ValueError: if ``dtype`` is float64 while ``jax_enable_x64`` is off (jax would silently
+        keep float32).
+    """
+    if dtype is None:
+        return tree
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float64 and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "dtype=float64 needs 64-bit jax: run under `with jax.enable_x64():` or call "
+            "`jax.config.update('jax_enable_x64', True)` at startup."
+        )
+
+    def cast(x):
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+            return jnp.asarray(x, dtype)
+        return x
+
+    return jax.tree.map(cast, tree)
+
+
+def check_outputs(outputs: Any, batch: Batch | None = None, *, where: str = "f") -> jax.Array:
+    """Checks that ``outputs`` is one ``[N, K]`` array (N = the batch's leading size).
+
+    Raises:
+      ValueError: naming what was got and what is expected.
+    """
+    if not hasattr(outputs, "shape") or not hasattr(outputs, "ndim"):
+        raise ValueError(
+            f"{where} must return one array of shape [N, K]; got {type(outputs).__name__}. "
+            "Return the K logits per example (e.g. from make_output_fn)."
+        )
+    if outputs.ndim != 2:
+        raise ValueError(
+            f"{where} must return outputs of shape [N, K]; got shape {tuple(outputs.shape)}. "
+            "Reduce to the K label-word / class logits per example."
+        )
+    if batch is not None:
+        sizes = {x.shape[0] for x in jax.tree.leaves(batch) if getattr(x, "ndim", 0) >= 1}
+        if sizes and outputs.shape[0] not in sizes:
+            raise ValueError(
+                f"{where} returned {outputs.shape[0]} rows for a batch with leading size(s) "
+                f"{sorted(sizes)}; expected one row per example."
+            )
+    return outputs
+
+
+def _checked(f: Callable, where: str) -> Callable:
+    def checked(params, batch, *args, **kwargs):
+        return check_outputs(f(params, batch, *args, **kwargs), batch, where=where)
+
+    return checked
+
+
+def model_fn(
+    output_fn: OutputFn,
+    params: PyTree,
+    subset: str | Callable[[str], bool] = "all",
+    *,
+    dtype: Any = None,
+) -> ModelFn:
+    """Restricts ``output_fn(params, batch) -> [N, K]`` to a subset of its parameters.
+
+    Args:
+      output_fn: the model, ``output_fn(params, batch) -> [N, K]`` (extra arguments such as
+        ``dropout_rng`` keep their defaults: deterministic).
+      params: the full nested-dict parameters (``lora_jax`` layout).
+      subset: ``'all'``, a regex searched in each leaf's dotted path (module path + leaf name,
+        e.g. ``r'.*attention.*kernel'`` or ``r'encoder\\.layer\\.5\\.'``), or a predicate on
+        the dotted path.
+      dtype: if given (e.g. ``jnp.float64``), floating leaves of every parameter are cast.
+
+    Returns:
+      ``ModelFn(f, sub_params)``: ``f(sub_params, batch) -> [N, K]`` with the other leaves
+      closed over.
+
+    Raises:
+      ValueError: if the pattern selects nothing (the message lists real paths), or if
+        ``output_fn`` does not return ``[N, K]``.
+    """
+    params = cast_floating(params, dtype)
+    if isinstance(subset, str) and subset == "all":
+        f = _checked(output_fn, "output_fn")
+        f.__ntk_fingerprint__ = fingerprint({}, _fn_name(output_fn), "all")
+        return ModelFn(f, params)
+    selected, rest = params_lib.partition(params, subset)
+
+    def f(sub_params, batch):
+        return output_fn(params_lib.combine(sub_params, rest), batch)
+
+    f = _checked(f, "output_fn")
+    f.__ntk_fingerprint__ = fingerprint(rest, _fn_name(output_fn), "subset")
+    return ModelFn(f, selected)
+
+
+def lora_model_fn(
+    output_fn: OutputFn,
+    params: PyTree,
+    adapters: PyTree,
+    lora_config: Any,
+    *,
+    dtype: Any = None,
+) -> ModelFn:
+    """The model as a function of its LoRA adapters: ``f(a, x) = output_fn(apply(W, a), x)``.
+
+    Args:
+      output_fn: the model, ``output_fn(params, batch) -> [N, K]``.
+      params: the frozen base parameters W0 (closed over).
+      adapters: the adapters pytree (``lora_jax.lora.init``), the point of the returned subset.
+      lora_config: the ``lora_jax.lora.LoraConfig`` the adapters were made with.
+      dtype: if given, floating leaves of base params and adapters are cast.
+
+    Returns:
+      ``ModelFn(f, adapters)``.
+    """
+    from lora_jax import lora  # lazy: ntk's generic parts work without the LoRA module
+
+    params = cast_floating(params, dtype)
+    adapters = cast_floating(adapters, dtype)
+
+    def f(adapters, batch):
+        return output_fn(lora.apply(params, adapters, lora_config), batch)
+
+    f = _checked(f, "output_fn")
+    f.__ntk_fingerprint__ = fingerprint(params, _fn_name(output_fn), "lora", repr(lora_config))
+    return ModelFn(f, adapters)
+
+
+def _fn_name(fn: Callable) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
