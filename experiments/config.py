@@ -37,6 +37,8 @@ class ExperimentConfig:
       max_length: token length of every encoded example (static shapes: one compile per cell kind).
       test_cap: at most this many test examples (deterministic subsample); 0 = all.
       readout: ``auto`` (MLM head when the checkpoint has one, else ``tied``), ``mlm`` or ``tied``.
+      ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
+        kernel regression, and report accuracies, agreement, kernel and weight change.
       out: parent directory of run directories.
     """
 
@@ -58,6 +60,7 @@ class ExperimentConfig:
     max_length: int = 64
     test_cap: int = 500
     readout: str = "auto"
+    ntk: bool = False
     out: str = "runs"
 
     def __post_init__(self):
@@ -105,6 +108,15 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "seeds": (13, 21, 42, 87, 100),
         "methods": ("lora",),
         "loss": "mse",
+    },
+    # Real LoRA fine-tuning vs its linearization vs eNTK kernel regression (issue: NTK regime).
+    "ntk_vs_finetune": {
+        "name": "ntk_vs_finetune",
+        "tasks": ("mr", "trec"),
+        "ranks": (1, 4, 12),
+        "seeds": (13, 21, 42),
+        "methods": ("lora",),
+        "ntk": True,
     },
     # Paper scale (needs the hub and a GPU/TPU): RoBERTa-large, GLUE-style tasks, 1000 steps.
     "paper_roberta_large": {

@@ -63,6 +63,29 @@ def markdown_table(records: list[dict], metric: str = "test_accuracy") -> str:
     return "\n".join(lines)
 
 
+def ntk_table(records: list[dict]) -> str:
+    """Task x rank table of the NTK-regime fields (``ntk_*``), means over seeds; '' if none."""
+    from experiments.ntk_analysis import COLUMNS
+
+    rows = [r for r in records if "ntk_acc_trained" in r]
+    if not rows:
+        return ""
+    groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[r["task"], r["rank"]].append(r)
+    lines = [
+        "| task | rank | " + " | ".join(COLUMNS.values()) + " |",
+        "|---" * (len(COLUMNS) + 2) + "|",
+    ]
+    for (task, rank), group in groups.items():
+        cells = []
+        for key in COLUMNS:
+            values = [r[key] for r in group if r.get(key) is not None]
+            cells.append(f"{np.mean(values):.3f}" if values else "")
+        lines.append(f"| {task} | {rank} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(run_dir: str, config: dict, records: list[dict], plot_files: list[str]) -> str:
     """Writes ``report.md`` atomically (temp file + rename) and returns its path."""
     seconds = sum(r.get("seconds", 0.0) for r in records)
@@ -78,6 +101,18 @@ def write_report(run_dir: str, config: dict, records: list[dict], plot_files: li
         f"{len(records)} cells, {seconds / 60:.1f} min of compute.",
         "",
     ]
+    if ntk := ntk_table(records):
+        parts += [
+            "## NTK regime (means over seeds)",
+            "",
+            "Test accuracy of real LoRA fine-tuning, of the linearized LoRA model trained the "
+            "same way, and of eNTK kernel regression; argmax agreement with the fine-tuned "
+            "model; relative change of the train x train eNTK and of the adapted weights; "
+            "relative linearization error at the end of training.",
+            "",
+            ntk,
+            "",
+        ]
     parts += [f"![{os.path.basename(p)}]({os.path.relpath(p, run_dir)})" for p in plot_files]
     path = os.path.join(run_dir, "report.md")
     tmp = path + ".tmp"

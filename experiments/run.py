@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments import report
+from experiments import ntk_analysis, report
 from experiments.config import NAMED_CONFIGS, ExperimentConfig, get_config
 from experiments.workbench import Workbench
 from lora_jax import lora, tasks, train
@@ -112,7 +112,10 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
     method = {"head": Method.HEAD, "lora": Method.LORA, "full": Method.FULL}[cell.method]
     lcfg = lora_config(cfg, cell.rank) if cell.rank else None
     tcfg = train_config(cfg, cell)
-    model_fn = bench.model_fn(cell, lambda: make_model_fn(output_fn, method, lora_config=lcfg))
+    model_fn = bench.memo(
+        ("model_fn", cell.task, cell.method, cell.rank),
+        lambda: make_model_fn(output_fn, method, lora_config=lcfg),
+    )
     trainable, frozen = split_params(
         params, method, key=jax.random.key(cell.seed), lora_config=lcfg
     )
@@ -131,8 +134,24 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
         metrics_path=metrics,
         progress=cell.key,
     )
-    predict = train.make_predict(model_fn, tcfg.eval_batch_size)
-    test = train.evaluate(predict, result.best_trainable, frozen, data.test)
+    test = train.evaluate(
+        train.programs(model_fn, tcfg).predict, result.best_trainable, frozen, data.test
+    )
+    if cfg.ntk and method == Method.LORA:
+        record.update(
+            ntk_analysis.analyze(
+                cell=cell,
+                output_fn=output_fn,
+                params=params,
+                lora_config=lcfg,
+                adapters0=trainable,
+                adapters=result.best_trainable,
+                data=data,
+                tcfg=tcfg,
+                model_fn_cache=bench.memo,
+                run_dir=run_dir,
+            )
+        )
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     record.update(
         dev_accuracy=result.best_dev_accuracy,
@@ -190,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
             parser.add_argument(flag, type=int)
         elif field.name in ("lr", "head_lr", "alpha"):
             parser.add_argument(flag, type=float)
+        elif field.name == "ntk":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction)
         else:
             parser.add_argument(flag)
     args = vars(parser.parse_args(argv))

@@ -43,7 +43,7 @@ class Workbench:
         self.tokenizer = models.load_tokenizer(self.path)
         self._cache: dict[tuple, Any] = {}
 
-    def _memo(self, key: tuple, build: Callable[[], Any]) -> Any:
+    def memo(self, key: tuple, build: Callable[[], Any]) -> Any:
         if key not in self._cache:
             self._cache[key] = build()
         return self._cache[key]
@@ -64,7 +64,7 @@ class Workbench:
             apply_fn, params = models.split(model)
             return apply_fn, params, Readout("mlm" if readout == "auto" else readout)
 
-        return self._memo(("prompt_encoder",), build)
+        return self.memo(("prompt_encoder",), build)
 
     @property
     def model_type(self) -> str:
@@ -72,7 +72,7 @@ class Workbench:
             with open(os.path.join(resolve(self.path), "config.json")) as f:
                 return models.EncoderConfig.from_hf(json.load(f)).model_type
 
-        return self._memo(("model_type",), build)
+        return self.memo(("model_type",), build)
 
     def prompt_model(self, task: str) -> tuple[Callable, PyTree]:
         """``(output_fn, params)`` of prompt-based classification for ``task``."""
@@ -82,7 +82,7 @@ class Workbench:
             ids = tasks.label_word_ids(self.tokenizer, self.task(task), self.word_style)
             return make_output_fn(apply_fn, readout, ids)
 
-        return self._memo(("prompt", task), build), params
+        return self.memo(("prompt", task), build), params
 
     def cls_model(self, task: str, seed: int) -> tuple[Callable, PyTree]:
         """``(output_fn, params)`` with a new classification head (initialized from ``seed``)."""
@@ -90,12 +90,8 @@ class Workbench:
         model = models.from_pretrained(self.path, head="cls", num_labels=num_labels, seed=seed)
         apply_fn, params = models.split(model)
         # Same apply_fn structure for every seed: keep the first so programs are reused.
-        output_fn = self._memo(("cls", task), lambda: make_output_fn(apply_fn, Readout.CLS))
+        output_fn = self.memo(("cls", task), lambda: make_output_fn(apply_fn, Readout.CLS))
         return output_fn, params
-
-    def model_fn(self, cell: Any, build: Callable[[], Callable]) -> Callable:
-        """The cell's ``model_fn``, one object per (task, method, rank) so programs are reused."""
-        return self._memo(("model_fn", cell.task, cell.method, cell.rank), build)
 
     def predict(self, output_fn: Callable) -> Callable:
         """A compiled ``predict(params, {}, data)`` for evaluating ``output_fn`` untrained."""
@@ -104,7 +100,7 @@ class Workbench:
             model_fn = lambda trainable, frozen, batch, rng: output_fn(trainable, batch)  # noqa: E731
             return train.make_predict(model_fn, 64)
 
-        return self._memo(("predict", id(output_fn)), build)
+        return self.memo(("predict", id(output_fn)), build)
 
     # -- data ---------------------------------------------------------------------------------
 
@@ -113,7 +109,7 @@ class Workbench:
         return tasks.word_style_for(self.model_type)
 
     def task(self, name: str) -> tasks.Task:
-        return self._memo(("task", name), lambda: tasks.get_task(name))
+        return self.memo(("task", name), lambda: tasks.get_task(name))
 
     def data(self, task: str, seed: int, mode: str) -> TaskData:
         """Encoded k-shot train/dev (sampled with ``seed``) and the capped test set."""
@@ -134,7 +130,7 @@ class Workbench:
             splits = tasks.few_shot_splits(
                 self.task(task), k=self.cfg.k, seed=seed, test_cap=self.cfg.test_cap or None
             )
-            test = self._memo(("test", task, mode), lambda: encode(splits.test))
+            test = self.memo(("test", task, mode), lambda: encode(splits.test))
             return TaskData(encode(splits.train), encode(splits.dev), test)
 
-        return self._memo(("data", task, seed, mode), build)
+        return self.memo(("data", task, seed, mode), build)

@@ -103,3 +103,32 @@ def test_named_configs_are_valid_and_cells_cover_the_grid():
     assert len(grid) == len(cfg.tasks) * len(cfg.seeds) * (1 + len(cfg.ranks))
     assert len({c.key for c in grid}) == len(grid)
     assert get_config("default", steps=10).steps == 10
+
+
+def test_ntk_analysis_cells_report_linearized_and_kernel_fields(tiny_roberta, tmp_path):
+    args = smoke_args(
+        tiny_roberta,
+        tmp_path,
+        "--name",
+        "ntk",
+        "--methods",
+        "lora",
+        "--ranks",
+        "1",
+        "--seeds",
+        "13",
+        "--ntk",
+    )
+    main(args)
+    (record,) = report.read_results(tmp_path / "ntk" / "results.jsonl")
+    for key in (
+        "ntk_acc_trained",
+        "ntk_acc_linearized_trained",
+        "ntk_acc_kernel",
+        "ntk_agree_trained_vs_kernel",
+        "ntk_kernel_relative_change",
+    ):
+        assert record[key] is not None and 0.0 <= record[key] <= 1.0 + 1e3 * (key[-6:] == "change")
+    # The fine-tuned accuracy of the analysis is the cell's own test accuracy.
+    assert record["ntk_acc_trained"] == record["test_accuracy"]
+    assert "## NTK regime" in (tmp_path / "ntk" / "report.md").read_text()
