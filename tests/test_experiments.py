@@ -126,9 +126,10 @@ def test_ntk_analysis_cells_report_linearized_and_kernel_fields(tiny_roberta, tm
         "ntk_acc_linearized_trained",
         "ntk_acc_kernel",
         "ntk_agree_trained_vs_kernel",
-        "ntk_kernel_relative_change",
+        "ntk_agree_trained_vs_lin_trained",
     ):
-        assert record[key] is not None and 0.0 <= record[key] <= 1.0 + 1e3 * (key[-6:] == "change")
+        assert 0.0 <= record[key] <= 1.0, key
+    assert record["ntk_kernel_relative_change"] >= 0.0
     # The fine-tuned accuracy of the analysis is the cell's own test accuracy.
     assert record["ntk_acc_trained"] == record["test_accuracy"]
     assert "## NTK regime" in (tmp_path / "ntk" / "report.md").read_text()
