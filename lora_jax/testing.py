@@ -91,8 +91,9 @@ def _roberta_tokenizer(directory: Path) -> int:
 
 
 def _bert_tokenizer(directory: Path) -> int:
-    """Lower-cased WordPiece whose vocabulary is built, not trained: deterministic, and every
-    corpus word is one token (WordPiece training orders tied tokens differently run to run)."""
+    """Lower-cased WordPiece whose vocabulary is built, not trained, so it is identical on every
+    call: the specials, single characters and every corpus word. There are no ``##``
+    continuation pieces, so a word outside the corpus (e.g. "expression") is ``[UNK]``."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from tokenizers.processors import BertProcessing
 
@@ -101,13 +102,8 @@ def _bert_tokenizer(directory: Path) -> int:
     words = sorted(
         {w for line in _CORPUS for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(line))}
     )
-    chars = sorted({c for w in words for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
-    tokens = [
-        *_BERT_SPECIALS,
-        *chars,
-        *(f"##{c}" for c in chars),
-        *(w for w in words if len(w) > 1),
-    ]
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    tokens = [*_BERT_SPECIALS, *chars, *(w for w in words if w not in chars)]
     tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(tokens)}, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
     tok.add_special_tokens(_BERT_SPECIALS)
