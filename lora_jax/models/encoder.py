@@ -25,6 +25,7 @@ from flax import nnx
 
 from lora_jax.models.config import HEADS, EncoderConfig
 from lora_jax.models.layers import activation, attention, dense, dropout, layer_norm
+from lora_jax.params import flatten, unflatten
 
 PyTree = Any
 DTYPES = ("float32", "bfloat16", "float64")
@@ -240,28 +241,6 @@ def leaf_axes(path: str, ndim: int) -> tuple:
         if len(axes) == ndim:
             return axes
     return (None,) * ndim
-
-
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, child in tree.items():
-        path = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(child, Mapping):
-            out.update(_flatten(child, path))
-        else:
-            out[path] = child
-    return out
-
-
-def _unflatten(flat: Mapping[str, Any]) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, last = [int(p) if p.isdigit() else p for p in path.split(".")]
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = leaf
-    return tree
 
 
 def param_shapes(
@@ -491,7 +470,7 @@ def create(
         pooler=pooler,
         param_dtype=param_dtype,
     )
-    return EncoderModel(config, _unflatten(flat), head=head, num_labels=num_labels, dtype=dt)
+    return EncoderModel(config, unflatten(flat), head=head, num_labels=num_labels, dtype=dt)
 
 
 def split(model: EncoderModel) -> tuple[Callable[..., jax.Array], dict]:
@@ -518,5 +497,5 @@ def logical_axes(model_or_params: EncoderModel | Mapping) -> dict:
         params = split(model_or_params)[1]
     else:
         params = model_or_params
-    flat = _flatten(params)
-    return _unflatten({p: leaf_axes(p, np.ndim(v)) for p, v in flat.items()})
+    flat = flatten(params)
+    return unflatten({p: leaf_axes(p, np.ndim(v)) for p, v in flat.items()})

@@ -20,12 +20,11 @@ from lora_jax.models.encoder import (
     EncoderModel,
     _check_dtype,
     _check_head,
-    _flatten,
-    _unflatten,
     init_params,
     param_shapes,
     split,
 )
+from lora_jax.params import flatten, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +325,7 @@ def from_pretrained(
         )
         flat.update({p: new[p] for p in missing})
     params = {p: jnp.asarray(np.asarray(v, dtype=param_dtype)) for p, v in flat.items()}
-    return EncoderModel(config, _unflatten(params), head=head, num_labels=num_labels, dtype=dt)
+    return EncoderModel(config, unflatten(params), head=head, num_labels=num_labels, dtype=dt)
 
 
 def save_pretrained(
@@ -348,7 +347,7 @@ def save_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    flat = _flatten(split(model)[1] if params is None else params)
+    flat = flatten(split(model)[1] if params is None else params)
     state = flat_to_hf({p: np.asarray(v) for p, v in flat.items()}, cfg, head=model.head)
     hf = cfg.to_hf()
     hf["architectures"] = [_ARCH_PREFIX[cfg.model_type] + _ARCH_SUFFIX[model.head]]
