@@ -15,8 +15,6 @@ import pytest
 
 from lora_jax import lora
 
-jax.config.update("jax_enable_x64", False)
-
 
 def _linear(rng, n_in, n_out):
     return {

@@ -14,6 +14,9 @@ Regenerate, in this order, from the repository root (each stage is deterministic
 
 Stages 1 and 3 need torch + transformers + peft (the scratch venv, never the project's); stage 2
 needs only lora_jax. Everything is float32 and CPU; all files together stay well under 1 MB.
+Reruns give identical files (seeded; the script re-executes itself with PYTHONHASHSEED=0 because
+PEFT writes target_modules from a set). Versions used: torch 2.13.0+cpu, transformers 5.23.0,
+peft 0.21.2.
 
 Cases:
   peft_mlm: RobertaForMaskedLM, target_modules=["query", "value"], r=4, lora_alpha=8,
@@ -143,6 +146,7 @@ def stage_peft() -> None:
         trained = [n for n, p in model.named_parameters() if p.requires_grad]
         _perturb(model, lambda n, tr=tuple(trained): n in tr, SEED + 10 + i)
         model.save_pretrained(os.path.join(out_dir, "adapter"))
+        os.remove(os.path.join(out_dir, "adapter", "README.md"))  # PEFT's generated model card
         peft_out = _out(model, inputs)
         merged = model.merge_and_unload()
         merged_out = _out(merged, inputs)
@@ -213,6 +217,10 @@ def stage_peft_load_ours() -> None:
 
 
 if __name__ == "__main__":
+    if os.environ.get("PYTHONHASHSEED") != "0":  # PEFT writes target_modules from a set
+        os.execve(
+            sys.executable, [sys.executable, *sys.argv], {**os.environ, "PYTHONHASHSEED": "0"}
+        )
     stage = sys.argv[1] if len(sys.argv) > 1 else ""
     stages = {"peft": stage_peft, "ours": stage_ours, "peft-load-ours": stage_peft_load_ours}
     if stage not in stages:
