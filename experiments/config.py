@@ -36,7 +36,9 @@ class ExperimentConfig:
       eval_every: evaluate on dev every this many steps (best-dev checkpoint selection).
       max_length: token length of every encoded example (static shapes: one compile per cell kind).
       test_cap: at most this many test examples (deterministic subsample); 0 = all.
-      readout: ``auto`` (MLM head when the checkpoint has one, else ``tied``), ``mlm`` or ``tied``.
+      readout: how prompt-mode outputs are read (``lora_jax.task_model.Readout``): ``auto`` (the
+        MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
+        ``tied_mean``.
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
       out: parent directory of run directories.
@@ -49,9 +51,9 @@ class ExperimentConfig:
     ranks: tuple[int, ...] = (1, 12)
     seeds: tuple[int, ...] = (13, 21, 42)
     k: int = 16
-    steps: int = 300
+    steps: int = 200
     loss: Loss = Loss.CE
-    lr: float = 1e-3
+    lr: float = 5e-4
     head_lr: float = 1e-2
     alpha: float | None = None
     targets: str = "query|value"
@@ -75,8 +77,10 @@ class ExperimentConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"Unknown methods {unknown}; expected some of {list(METHODS)}.")
-        if self.readout not in ("auto", "mlm", "tied"):
-            raise ValueError(f"readout={self.readout!r}; expected 'auto', 'mlm' or 'tied'.")
+        if self.readout not in ("auto", "mlm", "tied", "tied_mean"):
+            raise ValueError(
+                f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied' or 'tied_mean'."
+            )
         if any(r < 1 for r in self.ranks):
             raise ValueError(f"ranks must be >= 1, got {self.ranks}.")
 

@@ -53,14 +53,15 @@ class Workbench:
     def _prompt_encoder(self) -> tuple[Callable, PyTree, Readout]:
         def build():
             readout = self.cfg.readout
+            head = "mlm" if readout in ("auto", "mlm") else None
             try:
-                model = models.from_pretrained(self.path, head=None if readout == "tied" else "mlm")
+                model = models.from_pretrained(self.path, head=head)
             except models.CheckpointError:
                 if readout == "mlm":
                     raise
                 # No MLM head in the checkpoint (e.g. MiniLM): read label words out through the
                 # tied word embeddings instead. Any other problem is raised again here.
-                model, readout = models.from_pretrained(self.path, head=None), "tied"
+                model, readout = models.from_pretrained(self.path, head=None), "tied_mean"
             apply_fn, params = models.split(model)
             return apply_fn, params, Readout("mlm" if readout == "auto" else readout)
 

@@ -32,12 +32,16 @@ class Readout(enum.StrEnum):
     MLM: masked-LM head logits of the K label words at ``<mask>`` (needs an MLM head).
     TIED: dot product of the final hidden state at ``<mask>`` with the K label words' input
       embeddings: an MLM decoder without the transform, for encoders shipped without an MLM
-      head (e.g. the sentence-embedding MiniLM).
+      head.
+    TIED_MEAN: as TIED, but reading the mean of the final hidden states over the real tokens
+      of the prompt: the sentence embedding that sentence-embedding encoders (e.g. the embedded
+      MiniLM, trained with mean pooling) carry their information in.
     CLS: a sequence-classification head on the sentence (no template).
     """
 
     MLM = "mlm"
     TIED = "tied"
+    TIED_MEAN = "tied_mean"
     CLS = "cls"
 
 
@@ -63,7 +67,8 @@ def make_output_fn(
 
     Args:
       apply_fn: a model's pure function (``lora_jax.models.split``), with the head that
-        ``readout`` needs: ``mlm`` for MLM, None (hidden states) for TIED, ``cls`` for CLS.
+        ``readout`` needs: ``mlm`` for MLM, None (hidden states) for TIED and TIED_MEAN,
+        ``cls`` for CLS.
       readout: see :class:`Readout`.
       label_word_ids: ``[K]`` vocabulary ids of the label words (MLM and TIED).
 
@@ -87,9 +92,14 @@ def make_output_fn(
                 label_word_ids=ids,
                 dropout_rng=dropout_rng,
             )
-        hidden = apply_fn(
-            params, *inputs, mask_positions=batch["mask_pos"], dropout_rng=dropout_rng
-        )
+        if readout == Readout.TIED:
+            hidden = apply_fn(
+                params, *inputs, mask_positions=batch["mask_pos"], dropout_rng=dropout_rng
+            )  # (B, H)
+        else:
+            states = apply_fn(params, *inputs, dropout_rng=dropout_rng)  # (B, T, H)
+            mask = batch["attention_mask"][..., None].astype(states.dtype)  # (B, T, 1)
+            hidden = states.sum(1, where=mask > 0) / mask.sum(1)  # (B, H)
         return hidden @ word_embeddings(params)[ids].T.astype(hidden.dtype)  # (B, K)
 
     return output_fn

@@ -163,6 +163,7 @@ def ntk_regime_report(
     kernel_solver: str = "mse",
     diag_reg: float = 1e-6,
     trace_axes: tuple[int, ...] = (),
+    vmap_axes: Any = 0,
     implementation: NtkImplementation | int = NtkImplementation.JACOBIAN_CONTRACTION,
     kernel_batch_size: int | tuple[int, int] = (128, 64),
     eval_batch_size: int = 64,
@@ -192,6 +193,9 @@ def ntk_regime_report(
         mean trace) or ``'logistic'`` (kernel logistic regression, ``reg=diag_reg``).
       trace_axes, implementation, kernel_batch_size, cache_dir: passed to
         :func:`ntk.empirical_ntk_fn`.
+      vmap_axes: passed to :func:`ntk.empirical_ntk_fn`; the default 0 declares the model
+        independent per example (true for the encoders without dropout), which makes the
+        kernel cost linear instead of quadratic in the block size. Use None otherwise.
       eval_batch_size: rows per forward-pass chunk.
 
     Returns:
@@ -241,6 +245,7 @@ def ntk_regime_report(
     ntk_fn = empirical_ntk_fn(
         f,
         trace_axes=trace_axes,
+        vmap_axes=vmap_axes,
         implementation=implementation,
         batch_size=kernel_batch_size,
         cache_dir=cache_dir,

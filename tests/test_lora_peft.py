@@ -186,6 +186,16 @@ def test_load_peft_model_convenience():
     assert np.abs(_run(jax.jit(apply_fn), params, io) - io["peft_logits"]).max() <= TOL
 
 
+def test_from_pretrained_with_peft_adapter_matches_peft():
+    d = os.path.join(GOLDEN, "peft_mlm")
+    io = np.load(os.path.join(d, "io.npz"))
+    model = from_pretrained(os.path.join(d, "base"), head="mlm", adapter=os.path.join(d, "adapter"))
+    out = model(
+        jnp.asarray(io["input_ids"], jnp.int32), jnp.asarray(io["attention_mask"], jnp.int32)
+    )
+    assert np.abs(np.asarray(out) - io["peft_logits"]).max() <= TOL
+
+
 @pytest.mark.parametrize(
     "field, value, needle",
     [

@@ -227,6 +227,7 @@ def from_pretrained(
     num_labels: int | None = None,
     dtype: Any = jnp.float32,
     seed: int = 0,
+    adapter: str | os.PathLike | None = None,
 ) -> EncoderModel:
     """Loads a RoBERTa / BERT checkpoint (local HF directory or hub id) into an EncoderModel.
 
@@ -239,6 +240,9 @@ def from_pretrained(
         classifier (its size is used).
       dtype: compute dtype: float32, bfloat16 or float64 (parameters kept in float32, or float64).
       seed: seed of any newly initialized head weights.
+      adapter: a PEFT LoRA adapter directory (``adapter_config.json`` +
+        ``adapter_model.safetensors``) to merge into the loaded weights, as PEFT's
+        ``PeftModel.from_pretrained(...).merge_and_unload()`` does.
 
     Returns:
       The :class:`EncoderModel`.
@@ -325,7 +329,13 @@ def from_pretrained(
         )
         flat.update({p: new[p] for p in missing})
     params = {p: jnp.asarray(np.asarray(v, dtype=param_dtype)) for p, v in flat.items()}
-    return EncoderModel(config, unflatten(params), head=head, num_labels=num_labels, dtype=dt)
+    tree = unflatten(params)
+    if adapter is not None:
+        from lora_jax import lora  # lazy: lora imports models
+
+        adapters, lora_cfg = lora.load_peft(adapter, dtype=param_dtype)
+        tree = lora.merge(tree, adapters, lora_cfg)
+    return EncoderModel(config, tree, head=head, num_labels=num_labels, dtype=dt)
 
 
 def save_pretrained(
