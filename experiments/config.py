@@ -51,7 +51,7 @@ class ExperimentConfig:
     ranks: tuple[int, ...] = (1, 12)
     seeds: tuple[int, ...] = (13, 21, 42)
     k: int = 16
-    steps: int = 200
+    steps: int = 150
     loss: Loss = Loss.CE
     lr: float = 5e-4
     head_lr: float = 1e-2
@@ -59,7 +59,7 @@ class ExperimentConfig:
     targets: str = "query|value"
     batch_size: int = 8
     eval_every: int = 50
-    max_length: int = 64
+    max_length: int = 48
     test_cap: int = 500
     readout: str = "auto"
     ntk: bool = False

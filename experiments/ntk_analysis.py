@@ -83,6 +83,7 @@ def analyze(
         data.test,
         linearized_adapters=linearized.best_trainable,
         kernel_solver="mse" if tcfg.loss == Loss.MSE else "logistic",
+        implementation=ntk.NtkImplementation.STRUCTURED_DERIVATIVES,
         cache_dir=os.path.join(run_dir, "kernel_cache"),
     )
     shutil.rmtree(ckpt_dir, ignore_errors=True)
