@@ -7,7 +7,8 @@ Subpackages and modules, each one idea:
 - :mod:`lora_jax.lora`: LoRA as a pure transform of parameter pytrees (PEFT semantics and files).
 - :mod:`lora_jax.tasks`: few-shot prompt-based tasks (templates, label words, k-shot sampling).
 - :mod:`lora_jax.task_model`: from an encoder to the K outputs, and what is trained.
-- :mod:`lora_jax.train`: the optax training loop; :mod:`lora_jax.losses`; :mod:`lora_jax.checkpoint`.
+- :mod:`lora_jax.train`: the optax training loop (with :mod:`lora_jax.losses` and
+  :mod:`lora_jax.checkpoint`).
 - :mod:`lora_jax.params`: dotted paths over parameter pytrees.
 """
 

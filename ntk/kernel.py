@@ -241,7 +241,10 @@ def empirical_ntk_fn(
     limit_fn = (lambda: memory_limit_bytes) if memory_limit_bytes else available_memory
 
     def compile_block(impl, xa, xb, params):
-        shapes = jax.tree.map(lambda a: (np.shape(a), str(np.result_type(a))), (xa, xb, params))
+        def spec(a):
+            return np.shape(a), str(getattr(a, "dtype", None) or np.result_type(a))
+
+        shapes = jax.tree.map(spec, (xa, xb, params))
         key = (int(impl), str(jax.tree.structure((xa, xb, params))), str(shapes))
         if key not in compiled:
             check_outputs(jax.eval_shape(f, params, xa), xa, where="f")
