@@ -85,6 +85,7 @@ def analyze(
         kernel_solver="mse" if tcfg.loss == Loss.MSE else "logistic",
         implementation=ntk.NtkImplementation.STRUCTURED_DERIVATIVES,
         cache_dir=os.path.join(run_dir, "kernel_cache"),
+        progress=True,
     )
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return {

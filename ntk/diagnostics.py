@@ -168,6 +168,7 @@ def ntk_regime_report(
     kernel_batch_size: int | tuple[int, int] = (128, 64),
     eval_batch_size: int = 64,
     cache_dir: str | None = None,
+    progress: bool = False,
 ) -> dict[str, float | None]:
     """All NTK-regime diagnostics of one LoRA run, as a flat dict.
 
@@ -191,7 +192,7 @@ def ntk_regime_report(
       linearization: ``'weights'`` (Jang et al.) or ``'adapters'``.
       kernel_solver: ``'mse'`` (kernel regression, t = infinity, ``diag_reg`` relative to the
         mean trace) or ``'logistic'`` (kernel logistic regression, ``reg=diag_reg``).
-      trace_axes, implementation, kernel_batch_size, cache_dir: passed to
+      trace_axes, implementation, kernel_batch_size, cache_dir, progress: passed to
         :func:`ntk.empirical_ntk_fn`.
       vmap_axes: passed to :func:`ntk.empirical_ntk_fn`; the default 0 declares the model
         independent per example (true for the encoders without dropout), which makes the
@@ -249,6 +250,7 @@ def ntk_regime_report(
         implementation=implementation,
         batch_size=kernel_batch_size,
         cache_dir=cache_dir,
+        progress=progress,
     )
     n_train = int(np.shape(train["labels"])[0])
     same_shapes = jax.tree.structure(train) == jax.tree.structure(test) and all(
