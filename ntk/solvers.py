@@ -120,6 +120,16 @@ def _matrix(k: np.ndarray, num_outputs: int) -> np.ndarray:
     return k.transpose(0, 2, 1, 3).reshape(n1 * k1, n2 * k2)  # (N1 K, N2 K)
 
 
+def _start(k_train_train, y_train, k_test_train, fx_train_0, fx_test_0):
+    """One-hot targets and initial outputs broadcast to ``[N, K]`` / ``[M, K]``, kernel dtype."""
+    num_k = _num_outputs(k_train_train, y_train, fx_train_0)
+    dtype = jnp.asarray(k_train_train).dtype
+    y = jnp.asarray(targets(y_train, num_k), dtype)
+    f_train = jnp.broadcast_to(jnp.asarray(fx_train_0, dtype), y.shape)
+    f_test = jnp.broadcast_to(jnp.asarray(fx_test_0, dtype), (k_test_train.shape[0], num_k))
+    return y, f_train, f_test
+
+
 def mse_predict(
     k_train_train: Array,
     y_train: Array,
@@ -163,16 +173,12 @@ def mse_predict(
             f"trace_axes={trace_axes} does not match a kernel of shape {k_train_train.shape}: "
             "use trace_axes=() with [N, N, K, K] kernels and (-1,) with [N, N] ones."
         )
-    num_k = _num_outputs(k_train_train, y_train, fx_train_0)
-    dtype = jnp.asarray(k_train_train).dtype
-    y = jnp.asarray(targets(y_train, num_k), dtype)
-    fx_train_0 = jnp.broadcast_to(jnp.asarray(fx_train_0, dtype), y.shape)
-    fx_test_0 = jnp.broadcast_to(jnp.asarray(fx_test_0, dtype), (k_test_train.shape[0], num_k))
+    y, fx_train_0, fx_test_0 = _start(k_train_train, y_train, k_test_train, fx_train_0, fx_test_0)
     # nt's loss is 0.5 * mean over all N*K entries; ours is mean over N, sum over K.
     predict_fn = nt.predict.gradient_descent_mse(
         jnp.asarray(k_train_train),
         y,
-        learning_rate=learning_rate * num_k,
+        learning_rate=learning_rate * y.shape[-1],
         diag_reg=diag_reg,
         diag_reg_absolute_scale=diag_reg_absolute_scale,
         trace_axes=trace_axes,
@@ -221,11 +227,7 @@ def ce_gradient_flow(
       ``Predictions(train [N, K], test [M, K])`` at time ``t``.
     """
     _check_kernels(k_train_train, k_test_train)
-    num_k = _num_outputs(k_train_train, y_train, fx_train_0)
-    dtype = jnp.asarray(k_train_train).dtype
-    y = jnp.asarray(targets(y_train, num_k), dtype)
-    fx_train_0 = jnp.broadcast_to(jnp.asarray(fx_train_0, dtype), y.shape)
-    fx_test_0 = jnp.broadcast_to(jnp.asarray(fx_test_0, dtype), (k_test_train.shape[0], num_k))
+    y, fx_train_0, fx_test_0 = _start(k_train_train, y_train, k_test_train, fx_train_0, fx_test_0)
 
     def loss(fx, y_hat):
         return -jnp.mean(jnp.sum(jax.nn.log_softmax(fx, axis=-1) * y_hat, axis=-1))
@@ -259,15 +261,12 @@ def function_space_gd(
       Others: as :func:`mse_predict` (the kernel layout decides full vs traced).
     """
     _check_kernels(k_train_train, k_test_train)
-    num_k = _num_outputs(k_train_train, y_train, fx_train_0)
     grads = {"ce": _ce_grad, "mse": _mse_grad}
     if loss not in grads:
         raise ValueError(f"loss={loss!r} is not one of 'ce', 'mse'.")
     grad = grads[loss]
     ktt, kst = jnp.asarray(k_train_train), jnp.asarray(k_test_train)
-    y = jnp.asarray(targets(y_train, num_k), ktt.dtype)
-    f_tr = jnp.broadcast_to(jnp.asarray(fx_train_0, ktt.dtype), y.shape)
-    f_te = jnp.broadcast_to(jnp.asarray(fx_test_0, ktt.dtype), (kst.shape[0], num_k))
+    y, f_tr, f_te = _start(ktt, y_train, kst, fx_train_0, fx_test_0)
 
     def step(carry, _):
         f_tr, f_te = carry
