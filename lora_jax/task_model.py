@@ -105,6 +105,9 @@ def make_output_fn(
     return output_fn
 
 
+_LORA_RNG = 0x10AA  # fold_in tag of the LoRA-dropout key
+
+
 def make_model_fn(
     output_fn: OutputFn,
     method: Method | str,
@@ -115,7 +118,9 @@ def make_model_fn(
     """Returns ``model_fn(trainable, frozen, batch, dropout_rng) -> [B, K]`` for ``method``.
 
     LORA: ``trainable`` is the adapters pytree, ``frozen`` the base params (merged, or fused
-    with ``fused=True``). FULL: ``trainable`` is all params. HEAD: ``trainable`` is the
+    with ``fused=True``); with a ``dropout_rng``, ``lora_config.dropout`` runs on the LoRA
+    branches (its key is ``fold_in(dropout_rng, 0x10AA)``, so the model's own dropout masks are
+    the same with or without it). FULL: ``trainable`` is all params. HEAD: ``trainable`` is the
     ``classifier`` sub-tree and ``frozen`` the rest.
     """
     method = Method(method)
@@ -124,7 +129,8 @@ def make_model_fn(
             raise ValueError("method='lora' needs a lora_config.")
 
         def model_fn(trainable, frozen, batch, dropout_rng):
-            merged = lora.apply(frozen, trainable, lora_config, fused=fused)
+            lora_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, _LORA_RNG)
+            merged = lora.apply(frozen, trainable, lora_config, fused=fused, dropout_rng=lora_rng)
             return output_fn(merged, batch, dropout_rng)
 
     elif method == Method.FULL:

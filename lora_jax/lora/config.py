@@ -2,7 +2,8 @@
 
 Field meanings follow PEFT's `LoraConfig` (`r`, `lora_alpha` -> `alpha`, `target_modules` ->
 `targets`, `exclude_modules` -> `exclude`, `layers_to_transform` -> `layers`, `rank_pattern`,
-`alpha_pattern`, `use_rslora`, `bias`, `modules_to_save`, `init_lora_weights` -> `init`), so a
+`alpha_pattern`, `lora_dropout` -> `dropout`, `use_rslora`, `bias`, `modules_to_save`,
+`init_lora_weights` -> `init`), so a
 PEFT config ports field by field (`lora_jax.lora.from_peft_config` does it for you).
 """
 
@@ -143,8 +144,11 @@ class LoraConfig:
       modules_to_save: module names (exact path or `.name` suffix) whose leaves are copied into
         the adapters pytree and train in full, e.g. `("classifier",)` for a fresh head.
 
-    Dropout on the LoRA input (PEFT `lora_dropout`) is not offered: it needs a random key inside
-    each Linear, which the pure `dense(p, x)` layer does not receive.
+      dropout: PEFT's `lora_dropout`: inverted dropout on the input of the LoRA branch only,
+        `x W + scale * dropout(x) A B`, with an independent mask per module. It runs only when
+        `apply` gets a `dropout_rng` (in `lora_jax.train`, when `TrainConfig.dropout` is on, as
+        PEFT's runs only in `model.train()`); modules with dropout then use the fused path, since
+        the merged weight cannot express it. Must be in [0, 1).
 
     Example:
       >>> cfg = LoraConfig(r=4, alpha=8, targets="query|value")
@@ -163,6 +167,7 @@ class LoraConfig:
     init: LoraInit = LoraInit.KAIMING_UNIFORM
     bias: LoraBias = LoraBias.NONE
     modules_to_save: tuple[str, ...] = ()
+    dropout: float = 0.0
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -213,6 +218,15 @@ class LoraConfig:
                 raise ValueError(
                     f"LoraConfig.{name} = {value!r}; expected one of {allowed}."
                 ) from err
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, int | float)
+            or not 0.0 <= self.dropout < 1.0
+        ):
+            raise ValueError(
+                f"LoraConfig.dropout = {self.dropout!r}; expected a rate in [0, 1), e.g. 0.05."
+            )
+        set_(self, "dropout", float(self.dropout))
         mts = _names("modules_to_save", self.modules_to_save, allow_str=False) or ()
         set_(self, "modules_to_save", mts)
 

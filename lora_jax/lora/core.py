@@ -183,8 +183,24 @@ def _fmt(keys: list[tuple[str, str]], n: int = 4) -> str:
     return str([f"{p}.{leaf}" for p, leaf in keys[:n]])
 
 
-def _fold(params: Mapping, adapters: Mapping, plan: Plan, mode: str) -> dict:
-    """Shared body of apply/merge/unmerge. mode: 'merge', 'unmerge', 'fused' or 'auto'."""
+def _fold(
+    params: Mapping,
+    adapters: Mapping,
+    plan: Plan,
+    mode: str,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> dict:
+    """Shared body of apply/merge/unmerge. mode: 'merge', 'unmerge', 'fused' or 'auto'.
+
+    With ``dropout_rng`` and a positive ``dropout_rate``, every LoRA module is fused and also gets
+    ``lora_dropout_rate`` (a Python float) and ``lora_dropout_rng`` (its own key, ``fold_in`` of
+    the module's index in sorted path order), which the model's ``dense`` reads.
+    """
+    use_dropout = dropout_rng is not None and dropout_rate > 0.0
+    if use_dropout:
+        mode = "fused"
+    index = {path: i for i, path in enumerate(sorted(plan.lora))}
     out = _copy_tree(params)
     for path, leaves in adapters.items():
         module = get_module(out, plan.keys[path])
@@ -200,6 +216,9 @@ def _fold(params: Mapping, adapters: Mapping, plan: Plan, mode: str) -> dict:
             module["lora_a"] = a
             module["lora_b"] = b
             module["lora_scale"] = jnp.asarray(t.scale, dtype=w.dtype)
+            if use_dropout:
+                module["lora_dropout_rate"] = dropout_rate
+                module["lora_dropout_rng"] = jax.random.fold_in(dropout_rng, index[path])
         else:
             delta = (t.scale * (a @ b)).astype(w.dtype)  # (in, out)
             module["kernel"] = w - delta if mode == "unmerge" else w + delta
@@ -213,7 +232,12 @@ def _fused_is_cheaper(t) -> bool:
 
 
 def apply(
-    params: Mapping, adapters: Mapping, cfg: LoraConfig, *, fused: bool | None = False
+    params: Mapping,
+    adapters: Mapping,
+    cfg: LoraConfig,
+    *,
+    fused: bool | None = False,
+    dropout_rng: jax.Array | None = None,
 ) -> dict:
     """Returns the adapted params; pure, jittable, differentiable with respect to `adapters`.
 
@@ -233,6 +257,9 @@ def apply(
         encoders, batch 8 x seq 128, r=8, query/value targets; merged / fused step time):
         hidden 64: 0.94-0.97, hidden 384: 1.03, hidden 768: 1.07-1.17. Use `fused=None` (or
         True) for training; for inference `merge` once and run the plain params.
+      dropout_rng: a PRNG key to run `cfg.dropout` (PEFT's `lora_dropout`) on the input of each
+        LoRA branch, `x W + scale * dropout(x) A B`; every LoRA module is then fused whatever
+        `fused` says. None (default), or `cfg.dropout == 0`: no dropout (evaluation).
 
     Returns:
       A params pytree for the model's `apply_fn`; leaves of trainable biases and
@@ -242,7 +269,8 @@ def apply(
       ValueError: the adapters do not fit (missing / unexpected leaves, wrong shapes).
     """
     plan = check_fits(params, adapters, cfg)
-    return _fold(params, adapters, plan, "auto" if fused is None else "fused" if fused else "merge")
+    mode = "auto" if fused is None else "fused" if fused else "merge"
+    return _fold(params, adapters, plan, mode, cfg.dropout, dropout_rng)
 
 
 def merge(params: Mapping, adapters: Mapping, cfg: LoraConfig) -> dict:

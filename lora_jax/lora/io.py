@@ -41,6 +41,7 @@ def config_to_dict(cfg: LoraConfig) -> dict[str, Any]:
         "init": cfg.init.value,
         "bias": cfg.bias.value,
         "modules_to_save": list(cfg.modules_to_save),
+        "dropout": cfg.dropout,
     }
 
 

@@ -103,7 +103,7 @@ def to_peft_config(
         "layers_to_transform": None,
         "lora_alpha": num(cfg.alpha),
         "lora_bias": False,
-        "lora_dropout": 0.0,
+        "lora_dropout": cfg.dropout,
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "modules_to_save": list(cfg.modules_to_save) or None,
@@ -123,7 +123,7 @@ def to_peft_config(
 def from_peft_config(d: Mapping[str, Any]) -> LoraConfig:
     """Our `LoraConfig` for a PEFT LoRA `adapter_config.json` dict.
 
-    `lora_dropout` is ignored (it has no effect outside training); `init_lora_weights` only
+    `lora_dropout` maps to `dropout` (used only in training); `init_lora_weights` only
     records how the file's weights started, and maps to `init` when it is True/False/"gaussian".
 
     Raises:
@@ -171,6 +171,7 @@ def from_peft_config(d: Mapping[str, Any]) -> LoraConfig:
         init=our_init,
         bias=LoraBias(d.get("bias", "none")),
         modules_to_save=tuple(dict.fromkeys(mts)),
+        dropout=float(d.get("lora_dropout") or 0.0),
     )
 
 

@@ -24,7 +24,15 @@ import numpy as np
 from flax import nnx
 
 from lora_jax.models.config import HEADS, EncoderConfig
-from lora_jax.models.layers import activation, attention, dense, dropout, layer_norm
+from lora_jax.models.layers import (
+    activation,
+    attention,
+    dense,
+    dense_stack,
+    dropout,
+    gelu_exact,
+    layer_norm,
+)
 from lora_jax.params import flatten, unflatten
 
 PyTree = Any
@@ -64,28 +72,45 @@ def _embeddings(p, input_ids, token_type_ids, cfg: EncoderConfig, dtype, keys) -
     return dropout(x, cfg.hidden_dropout_prob, keys())
 
 
-def _block(p, x, key_mask, cfg: EncoderConfig, keys) -> jax.Array:
+def _block(p, x, key_mask, cfg: EncoderConfig, keys, rows=None) -> jax.Array:
+    """One transformer layer: ``x`` (B, T, H) -> (B, T, H), or (B, 1, H) with ``rows``.
+
+    With ``rows`` ((B,) int positions) only the output at those positions is computed: keys and
+    values still come from every token, but the query, the attention output and the
+    feed-forward run on one token per example. ``forward`` uses this in the last layer when the
+    head reads one position (``<s>`` / ``[CLS]`` or ``<mask>``), which skips most of that layer's
+    work, forward and backward. Same values as slicing the full layer's output.
+    """
     B, T, H = x.shape
     nh, hd = cfg.num_attention_heads, cfg.head_dim
     a = p["attention"]
-    q = dense(a["self"]["query"], x).reshape(B, T, nh, hd)  # (B, T, nh, hd)
-    k = dense(a["self"]["key"], x).reshape(B, T, nh, hd)  # (B, T, nh, hd)
-    v = dense(a["self"]["value"], x).reshape(B, T, nh, hd)  # (B, T, nh, hd)
+    heads = (B, -1, nh, hd)
+    if rows is None:
+        q, k, v = dense_stack([a["self"][n] for n in ("query", "key", "value")], x)
+    else:
+        k, v = dense_stack([a["self"]["key"], a["self"]["value"]], x)
+        x = jnp.take_along_axis(x, rows[:, None, None], axis=1)  # (B, 1, H)
+        q = dense(a["self"]["query"], x)
     ctx = attention(
-        q, k, v, key_mask, dropout_rate=cfg.attention_probs_dropout_prob, dropout_rng=keys()
-    ).reshape(B, T, H)  # (B, T, H)
+        q.reshape(heads),
+        k.reshape(heads),
+        v.reshape(heads),
+        key_mask,
+        dropout_rate=cfg.attention_probs_dropout_prob,
+        dropout_rng=keys(),
+    ).reshape(x.shape)  # (B, T or 1, H)
     y = dropout(dense(a["output"]["dense"], ctx), cfg.hidden_dropout_prob, keys())
     x = layer_norm(a["output"]["LayerNorm"], y + x, cfg.layer_norm_eps)
-    h = activation(cfg.hidden_act, dense(p["intermediate"]["dense"], x))  # (B, T, I)
+    h = activation(cfg.hidden_act, dense(p["intermediate"]["dense"], x))  # (B, T or 1, I)
     y = dropout(dense(p["output"]["dense"], h), cfg.hidden_dropout_prob, keys())
-    return layer_norm(p["output"]["LayerNorm"], y + x, cfg.layer_norm_eps)  # (B, T, H)
+    return layer_norm(p["output"]["LayerNorm"], y + x, cfg.layer_norm_eps)
 
 
 def _mlm_logits(params, base, h, cfg: EncoderConfig, label_word_ids) -> jax.Array:
     """MLM head on ``h`` (..., H): transform, then the (tied) decoder, optionally on K words."""
     if cfg.model_type == "roberta":
         head = params["lm_head"]
-        h = jax.nn.gelu(dense(head["dense"], h), approximate=False)  # HF RobertaLMHead: erf gelu
+        h = gelu_exact(dense(head["dense"], h))  # HF RobertaLMHead: erf gelu
         h = layer_norm(head["layer_norm"], h, cfg.layer_norm_eps)
         bias = head["bias"]
         decoder = head.get("decoder")
@@ -179,13 +204,22 @@ def forward(
     base = params[config.base_prefix]
     x = _embeddings(base["embeddings"], input_ids, jnp.asarray(token_type_ids), config, dtype, keys)
     layers = base["encoder"]["layer"]
+    # The head reads one position per example: the last layer computes only that one.
+    rows = (
+        jnp.zeros((B,), jnp.int32)
+        if head == "cls"
+        else None
+        if mask_positions is None
+        else jnp.asarray(mask_positions, jnp.int32)
+    )
+    last = config.num_hidden_layers - 1
     for i in range(config.num_hidden_layers):
-        x = _block(layers[i], x, key_mask, config, keys)  # (B, T, H)
+        x = _block(layers[i], x, key_mask, config, keys, rows if i == last else None)
 
     if head == "cls":
         return _cls_logits(params, base, x, config, keys)
-    if mask_positions is not None:
-        x = x[jnp.arange(B), jnp.asarray(mask_positions, jnp.int32)]  # (B, H)
+    if rows is not None:
+        x = x[:, 0]  # (B, H): the last layer kept only the wanted position
     if head == "mlm":
         ids = None if label_word_ids is None else jnp.asarray(label_word_ids, jnp.int32)
         return _mlm_logits(params, base, x, config, ids)

@@ -7,7 +7,8 @@ the model knowing about LoRA.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,14 +22,48 @@ def dense(p: Params, x: jax.Array) -> jax.Array:
     Args:
       p: ``{'kernel': (in, out), 'bias': (out,)}``; optionally ``'lora_a': (in, r)``,
         ``'lora_b': (r, out)`` and ``'lora_scale': ()``, which add
-        ``lora_scale * ((x @ lora_a) @ lora_b)`` without forming the merged kernel.
+        ``lora_scale * ((x @ lora_a) @ lora_b)`` without forming the merged kernel (with
+        ``'lora_dropout_rate'`` and ``'lora_dropout_rng'``, ``x`` of that term is dropped out).
       x: ``(..., in)``.
 
     Returns:
       ``(..., out)`` in the dtype of ``x``.
     """
     y = x @ p["kernel"].astype(x.dtype)
+    return _lora_and_bias(p, x, y)
+
+
+def dense_stack(ps: Sequence[Params], x: jax.Array) -> list[jax.Array]:
+    """Several Linear layers of one shape applied to the same ``x`` as a single matmul.
+
+    Equal to ``[dense(p, x) for p in ps]`` (same products, same sums per output element), but
+    the kernels are stacked to ``(in, n, out)`` so that the forward pass and the backward input
+    gradient are one GEMM each instead of n. For attention's query/key/value this is about 1.2x
+    faster per training step on XLA:CPU (small GEMMs such as 1024x384x384 reach only about half
+    the FLOP rate of a 1024x384x1152 one). Stacking on a new axis keeps each kernel's ``out``
+    axis, and so its sharding, unchanged.
+
+    Args:
+      ps: Linear parameter dicts as for :func:`dense`, all with kernels of one shape (in, out).
+      x: ``(..., in)``.
+
+    Returns:
+      One ``(..., out)`` array per entry of ``ps``.
+    """
+    kernel = jnp.stack([p["kernel"].astype(x.dtype) for p in ps], axis=1)  # (in, n, out)
+    ys = jnp.einsum("...i,ino->...no", x, kernel)  # (..., n, out)
+    return [_lora_and_bias(p, x, ys[..., j, :]) for j, p in enumerate(ps)]
+
+
+def _lora_and_bias(p: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Adds the fused LoRA term ``lora_scale * (dropout(x) @ lora_a) @ lora_b`` and the bias.
+
+    The dropout (PEFT's ``lora_dropout``, on the LoRA branch's input only) runs when ``p`` has a
+    ``lora_dropout_rng``, which ``lora.apply(..., dropout_rng=...)`` puts there.
+    """
     if "lora_a" in p:
+        if "lora_dropout_rng" in p:
+            x = dropout(x, p["lora_dropout_rate"], p["lora_dropout_rng"])
         low = (x @ p["lora_a"].astype(x.dtype)) @ p["lora_b"].astype(x.dtype)
         y = y + p["lora_scale"].astype(x.dtype) * low
     if "bias" in p:
@@ -39,24 +74,59 @@ def dense(p: Params, x: jax.Array) -> jax.Array:
 def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
     """LayerNorm over the last axis; statistics in at least float32 for bfloat16 inputs.
 
+    The backward pass is written by hand (:func:`_layer_norm_core`): on XLA:CPU the autodiff
+    graph of a LayerNorm fused poorly with the gradient sums around it.
+
     Args:
       p: ``{'scale': (H,), 'bias': (H,)}``.
       x: ``(..., H)``.
       eps: variance epsilon (HF ``layer_norm_eps``).
     """
     stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
-    xs = x.astype(stat_dtype)
-    mean = xs.mean(-1, keepdims=True)
-    var = jnp.square(xs - mean).mean(-1, keepdims=True)
-    y = (xs - mean) * jax.lax.rsqrt(var + eps)
+    y = _layer_norm_core(x.astype(stat_dtype), eps)
     y = y * p["scale"].astype(stat_dtype) + p["bias"].astype(stat_dtype)
     return y.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _layer_norm_core(x: jax.Array, eps: float) -> jax.Array:
+    """``(x - mean) / sqrt(var + eps)`` over the last axis (no affine part)."""
+    return _layer_norm_fwd(x, eps)[0]
+
+
+def _layer_norm_fwd(x, eps):
+    mean = x.mean(-1, keepdims=True)
+    xc = x - mean
+    rstd = jax.lax.rsqrt(jnp.square(xc).mean(-1, keepdims=True) + eps)
+    xhat = xc * rstd
+    return xhat, (xhat, rstd)
+
+
+def _layer_norm_bwd(eps, res, g):
+    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), the closed-form LayerNorm gradient."""
+    del eps
+    xhat, rstd = res
+    mean_g = g.mean(-1, keepdims=True)
+    mean_gx = (g * xhat).mean(-1, keepdims=True)
+    return (rstd * (g - mean_g - xhat * mean_gx),)
+
+
+_layer_norm_core.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    """The exact (erf) GELU, ``x/2 * (1 + erf(x/sqrt 2))``, as HF's ``gelu`` and torch's default.
+
+    Written out rather than ``jax.nn.gelu(approximate=False)``: same values, but XLA:CPU compiles
+    this form's forward + backward about 1.8x faster (1.1 vs 2.0 ms on a 1024x1536 block, 2 cores).
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:
     """HF ``hidden_act``: ``'gelu'`` is the exact erf GELU; ``'gelu_new'`` the tanh one."""
     if name == "gelu":
-        return jax.nn.gelu(x, approximate=False)
+        return gelu_exact(x)
     if name in ("gelu_new", "gelu_pytorch_tanh"):
         return jax.nn.gelu(x, approximate=True)
     if name == "relu":
@@ -64,9 +134,12 @@ def activation(name: str, x: jax.Array) -> jax.Array:
     raise ValueError(f"Unknown hidden_act {name!r}; expected gelu, gelu_new or relu.")
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Inverted dropout; the identity when ``rng`` is None or ``rate`` is 0."""
-    if rng is None or rate == 0.0:
+def dropout(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity when ``rng`` is None or ``rate`` is 0.
+
+    ``rate`` may be a traced scalar (a ``lora_dropout_rate`` leaf of params passed through jit).
+    """
+    if rng is None or (isinstance(rate, int | float) and rate == 0.0):
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
@@ -83,10 +156,12 @@ def attention(
 ) -> jax.Array:
     """Scaled dot-product attention with an exact key-padding mask.
 
-    float32 / bfloat16 without attention dropout use ``jax.nn.dot_product_attention``. float64
-    (whose softmax ``dot_product_attention`` would compute in float32) and attention dropout use
-    an explicit softmax in the input dtype. Masked keys get the dtype's most negative value, so
-    they receive exactly zero weight whenever a row has at least one real key.
+    Written with two einsums and a softmax computed in at least float32 (so bfloat16 inputs get
+    float32 statistics and float64 stays float64). This is deliberately not
+    ``jax.nn.dot_product_attention``: on XLA:CPU its backward pass is about 2.3x slower (27 vs
+    12 ms forward + backward at B=8, T=128, 12 heads of 32, 2 cores), which made a MiniLM LoRA
+    step about 20% slower. Masked keys get the dtype's most negative value, so they receive
+    exactly zero weight whenever a row has at least one real key.
 
     Args:
       q, k, v: ``(B, T, nh, hd)``.
@@ -97,16 +172,10 @@ def attention(
     Returns:
       ``(B, T, nh, hd)``.
     """
-    use_dropout = dropout_rng is not None and dropout_rate > 0.0
-    if q.dtype != jnp.float64 and not use_dropout:
-        mask = key_mask[:, None, None, :]  # (B, 1, 1, T) broadcast over heads and queries
-        return jax.nn.dot_product_attention(q, k, v, mask=mask)
     scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, nh, T, T)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)  # (B, nh, T, T)
     neg = jnp.finfo(scores.dtype).min
     scores = jnp.where(key_mask[:, None, None, :], scores, neg)
     probs = jax.nn.softmax(scores.astype(jnp.promote_types(q.dtype, jnp.float32)), axis=-1)
-    probs = probs.astype(q.dtype)
-    if use_dropout:
-        probs = dropout(probs, dropout_rate, dropout_rng)
+    probs = dropout(probs.astype(q.dtype), dropout_rate, dropout_rng)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, T, nh, hd)
