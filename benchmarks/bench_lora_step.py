@@ -72,12 +72,13 @@ def _batch(batch: int, seq: int, vocab: int, num_labels: int, seed: int = 0):
     return ids, mask, labels
 
 
-def _serve(step, warmup: int, info: dict) -> None:
+def _serve(step, warmup: int, info: dict, steps_per_call: int = 1) -> None:
     """Worker loop: warm up, print one JSON line, then time windows on request.
 
     Reads lines from stdin: an integer n runs n steps and prints `{"rate": steps/s}`; "quit"
     ends. The driver alternates windows across workers so every implementation sees the same
-    background load (the machine this was written on is shared).
+    background load (the machine this was written on is shared). ``step`` may run
+    ``steps_per_call`` steps at once (the scanned training loop).
     """
     t0 = time.perf_counter()
     for _ in range(warmup):
@@ -86,11 +87,12 @@ def _serve(step, warmup: int, info: dict) -> None:
     for line in sys.stdin:
         if line.strip() == "quit":
             break
-        n = int(line)
+        calls = max(int(line) // steps_per_call, 1)
         t0 = time.perf_counter()
-        for _ in range(n):
+        for _ in range(calls):
             step()
-        print(json.dumps({"rate": n / (time.perf_counter() - t0)}), flush=True)
+        rate = calls * steps_per_call / (time.perf_counter() - t0)
+        print(json.dumps({"rate": rate}), flush=True)
 
 
 def run_jax(args) -> None:
@@ -154,19 +156,53 @@ def run_jax(args) -> None:
         state["t"], state["o"], loss = step(state["t"], state["o"], frozen)
         loss.block_until_ready()
 
+    steps_per_call = 1
+    if args.loop:
+        # The real training loop: `lora_jax.train.make_train_chunk`, a jitted lax.scan of
+        # `--steps` steps that gathers each batch on the device (here from the one batch).
+        from lora_jax import train
+
+        steps_per_call = args.steps
+        tcfg = train.TrainConfig(
+            steps=steps_per_call,
+            eval_every=steps_per_call,
+            batch_size=args.batch,
+            learning_rate=1e-4,
+            weight_decay=0.01,
+            max_grad_norm=None,
+        )
+        data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+        def model_fn(trainable, frozen, batch, dropout_rng):
+            del dropout_rng
+            p = (
+                lora.apply(frozen, trainable, cfg, fused=fused)
+                if args.mode == "lora"
+                else trainable
+            )
+            return apply_fn(p, batch["input_ids"], batch["attention_mask"])
+
+        chunk = train.make_train_chunk(model_fn, train.make_optimizer(tcfg), tcfg)
+        tstate = {"s": train.init_state(trainable, train.make_optimizer(tcfg), 0)}
+
+        def one():
+            tstate["s"], losses = chunk(tstate["s"], frozen, data)
+            losses.block_until_ready()
+
     n_train = sum(x.size for x in jax.tree.leaves(trainable))
     info = dict(
         impl="jax",
         model=args.model,
         mode=args.mode,
         fused=fused,
+        loop=bool(args.loop),
         batch=args.batch,
         seq=args.seq,
         r=args.r,
         trainable=int(n_train),
         device=str(jax.devices()[0].platform),
     )
-    _serve(one, args.warmup, info)
+    _serve(one, args.warmup, info, steps_per_call)
 
 
 def run_torch(args) -> None:
@@ -306,6 +342,22 @@ def compare(args) -> None:
     jax_py, torch_py = sys.executable, TORCH_PY
     runs = [
         ("jax lora fused", jax_py, ["--impl", "jax", "--mode", "lora", "--fused", "1"]),
+        (
+            "jax lora fused, train loop",
+            jax_py,
+            [
+                "--impl",
+                "jax",
+                "--mode",
+                "lora",
+                "--fused",
+                "1",
+                "--loop",
+                "1",
+                "--steps",
+                str(args.steps),
+            ],
+        ),
         ("jax lora merged", jax_py, ["--impl", "jax", "--mode", "lora", "--fused", "0"]),
         ("jax full", jax_py, ["--impl", "jax", "--mode", "full"]),
         ("torch+peft lora", torch_py, ["--impl", "torch", "--mode", "lora"]),
@@ -369,6 +421,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per timed window")
     ap.add_argument("--reps", type=int, default=4, help="interleaved timed windows per worker")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--loop",
+        type=int,
+        default=0,
+        help="1: time lora_jax.train's scanned chunk of --steps steps instead of a jitted step",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--minilm-path", default=None)
     args = ap.parse_args()

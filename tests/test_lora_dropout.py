@@ -183,3 +183,43 @@ def test_dense_stack_equals_separate_dense_layers():
             want = want + 0.5 * x @ np.asarray(p["lora_a"]) @ np.asarray(p["lora_b"])
         assert y.shape == (2, 3, 5)
         np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+
+
+def _check_gelu():
+    from lora_jax.models.layers import gelu_exact
+
+    x = jnp.linspace(-6.0, 6.0, 241, dtype=jnp.float64)
+    np.testing.assert_allclose(gelu_exact(x), jax.nn.gelu(x, approximate=False), atol=1e-15)
+    ours = jax.vmap(jax.grad(gelu_exact))(x)
+    ref = jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=False)))(x)
+    np.testing.assert_allclose(ours, ref, atol=1e-14)
+
+
+def _check_layer_norm():
+    from lora_jax.models.layers import layer_norm
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(3, 5, 7)), jnp.float64)
+    p = {"scale": jnp.asarray(rng.normal(size=7)), "bias": jnp.asarray(rng.normal(size=7))}
+    w = jnp.asarray(rng.normal(size=(3, 5, 7)))
+
+    def reference(p, x):  # the textbook formula, differentiated by JAX
+        mean = x.mean(-1, keepdims=True)
+        var = ((x - mean) ** 2).mean(-1, keepdims=True)
+        return (x - mean) / jnp.sqrt(var + 1e-5) * p["scale"] + p["bias"]
+
+    got = jax.grad(lambda p, x: (layer_norm(p, x, 1e-5) * w).sum(), argnums=(0, 1))(p, x)
+    want = jax.grad(lambda p, x: (reference(p, x) * w).sum(), argnums=(0, 1))(p, x)
+    np.testing.assert_allclose(layer_norm(p, x, 1e-5), reference(p, x), atol=1e-12)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+def test_gelu_exact_and_its_hand_written_gradient_match_jax_nn_gelu():
+    with jax.enable_x64(True):
+        _check_gelu()
+
+
+def test_layer_norm_hand_written_gradient_matches_autodiff_of_the_formula():
+    with jax.enable_x64(True):
+        _check_layer_norm()

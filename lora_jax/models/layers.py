@@ -114,13 +114,33 @@ def _layer_norm_bwd(eps, res, g):
 _layer_norm_core.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
+@jax.custom_vjp
 def gelu_exact(x: jax.Array) -> jax.Array:
-    """The exact (erf) GELU, ``x/2 * (1 + erf(x/sqrt 2))``, as HF's ``gelu`` and torch's default.
+    """The exact (erf) GELU, ``x Phi(x) = x/2 * (1 + erf(x/sqrt 2))``, as HF's ``gelu``.
 
-    Written out rather than ``jax.nn.gelu(approximate=False)``: same values, but XLA:CPU compiles
-    this form's forward + backward about 1.8x faster (1.1 vs 2.0 ms on a 1024x1536 block, 2 cores).
+    Written out, with its derivative ``Phi(x) + x phi(x)`` by hand, rather than
+    ``jax.nn.gelu(approximate=False)``: same values, but XLA:CPU then computes the forward in one
+    fusion and keeps only ``x`` for the backward (about 1.8x faster forward + backward on a
+    1024x1536 block, 2 cores).
     """
-    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+
+
+_SQRT_HALF = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def _gelu_fwd(x):
+    return gelu_exact(x), x
+
+
+def _gelu_bwd(x, g):
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+    pdf = jnp.asarray(_INV_SQRT_2PI, x.dtype) * jnp.exp(-0.5 * x * x)
+    return (g * (cdf + x * pdf),)
+
+
+gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:
