@@ -191,6 +191,8 @@ def run(cfg: ExperimentConfig, *, progress: bool = True) -> str:
     plots = report.plot_accuracy_vs_rank(run_dir, records)
     path = report.write_report(run_dir, cfg.to_json(), records, plots)
     print(report.markdown_table(records))
+    if gains := report.gains_table(records):
+        print(gains)
     print(f"report: {path}", file=sys.stderr)
     return run_dir
 

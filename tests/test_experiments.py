@@ -133,3 +133,17 @@ def test_ntk_analysis_cells_report_linearized_and_kernel_fields(tiny_roberta, tm
     # The fine-tuned accuracy of the analysis is the cell's own test accuracy.
     assert record["ntk_acc_trained"] == record["test_accuracy"]
     assert "## NTK regime" in (tmp_path / "ntk" / "report.md").read_text()
+
+
+def test_gains_table_is_paired_against_zero_shot():
+    from experiments import report
+
+    recs = [{"task": "mr", "method": "zero_shot", "rank": None, "test_accuracy": 0.60}]
+    for seed, acc in zip((13, 21, 42), (0.62, 0.66, 0.70), strict=True):
+        recs.append({"task": "mr", "method": "lora", "rank": 1, "seed": seed, "test_accuracy": acc})
+    recs.append({"task": "mr", "method": "head", "rank": None, "seed": 13, "test_accuracy": 0.5})
+    table = report.gains_table(recs)
+    # gains 2, 6, 10 points: mean 6, sample std 4, t = 6 / (4 / sqrt 3) = 2.598
+    assert "| mr | lora r=1 | +6.0 ± 4.0 | +2.0 | 3/3 | 2.6 |" in table
+    assert "| mr | head | -10.0 ± 0.0 | -10.0 | 0/1 | nan |" in table
+    assert report.gains_table([r for r in recs if r["method"] != "zero_shot"]) == ""
