@@ -53,14 +53,14 @@ class ExperimentConfig:
     k: int = 16
     steps: int = 150
     loss: Loss = Loss.CE
-    lr: float = 5e-4
+    lr: float = 2e-4
     head_lr: float = 1e-2
     alpha: float | None = None
     targets: str = "query|value"
     batch_size: int = 8
-    eval_every: int = 50
+    eval_every: int = 25
     max_length: int = 48
-    test_cap: int = 500
+    test_cap: int = 1000
     readout: str = "auto"
     ntk: bool = False
     out: str = "runs"
