@@ -51,9 +51,9 @@ class ExperimentConfig:
     ranks: tuple[int, ...] = (1, 12)
     seeds: tuple[int, ...] = (13, 21, 42)
     k: int = 16
-    steps: int = 150
+    steps: int = 200
     loss: Loss = Loss.CE
-    lr: float = 2e-4
+    lr: float = 3e-4
     head_lr: float = 1e-2
     alpha: float | None = None
     targets: str = "query|value"

@@ -74,8 +74,8 @@ def _lora_and_bias(p: Params, x: jax.Array, y: jax.Array) -> jax.Array:
 def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
     """LayerNorm over the last axis; statistics in at least float32 for bfloat16 inputs.
 
-    The backward pass is written by hand (:func:`_layer_norm_core`): on XLA:CPU the autodiff
-    graph of a LayerNorm fused poorly with the gradient sums around it.
+    The derivative is written by hand (:func:`_layer_norm_jvp`): on XLA:CPU the autodiff graph
+    of a LayerNorm fused poorly with the gradient sums around it.
 
     Args:
       p: ``{'scale': (H,), 'bias': (H,)}``.
@@ -88,40 +88,41 @@ def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
     return y.astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _layer_norm_core(x: jax.Array, eps: float) -> jax.Array:
     """``(x - mean) / sqrt(var + eps)`` over the last axis (no affine part)."""
-    return _layer_norm_fwd(x, eps)[0]
+    return _normalize(x, eps)[0]
 
 
-def _layer_norm_fwd(x, eps):
+def _normalize(x, eps):
     mean = x.mean(-1, keepdims=True)
     xc = x - mean
     rstd = jax.lax.rsqrt(jnp.square(xc).mean(-1, keepdims=True) + eps)
-    xhat = xc * rstd
-    return xhat, (xhat, rstd)
+    return xc * rstd, rstd
 
 
-def _layer_norm_bwd(eps, res, g):
-    """dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), the closed-form LayerNorm gradient."""
-    del eps
-    xhat, rstd = res
-    mean_g = g.mean(-1, keepdims=True)
-    mean_gx = (g * xhat).mean(-1, keepdims=True)
-    return (rstd * (g - mean_g - xhat * mean_gx),)
+@_layer_norm_core.defjvp
+def _layer_norm_jvp(eps, primals, tangents):
+    """d xhat = rstd * (dx - mean(dx) - xhat * mean(dx * xhat)), linear in dx.
+
+    A custom JVP (not a VJP) so that forward mode (the NTK tools' ``jvp``) works too; JAX
+    transposes this linear rule for the backward pass.
+    """
+    (x,), (dx,) = primals, tangents
+    xhat, rstd = _normalize(x, eps)
+    mean_dx = dx.mean(-1, keepdims=True)
+    mean_dxx = (dx * xhat).mean(-1, keepdims=True)
+    return xhat, rstd * (dx - mean_dx - xhat * mean_dxx)
 
 
-_layer_norm_core.defvjp(_layer_norm_fwd, _layer_norm_bwd)
-
-
-@jax.custom_vjp
+@jax.custom_jvp
 def gelu_exact(x: jax.Array) -> jax.Array:
     """The exact (erf) GELU, ``x Phi(x) = x/2 * (1 + erf(x/sqrt 2))``, as HF's ``gelu``.
 
-    Written out, with its derivative ``Phi(x) + x phi(x)`` by hand, rather than
-    ``jax.nn.gelu(approximate=False)``: same values, but XLA:CPU then computes the forward in one
-    fusion and keeps only ``x`` for the backward (about 1.8x faster forward + backward on a
-    1024x1536 block, 2 cores).
+    Written out, with its derivative ``Phi(x) + x phi(x)`` by hand (a custom JVP, so forward
+    mode works too), rather than ``jax.nn.gelu(approximate=False)``: same values, and XLA:CPU
+    compiles this form's forward + backward about 1.8x faster (1.1 vs 2.0 ms on a 1024x1536
+    block, 2 cores).
     """
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
 
@@ -130,17 +131,12 @@ _SQRT_HALF = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 
 
-def _gelu_fwd(x):
-    return gelu_exact(x), x
-
-
-def _gelu_bwd(x, g):
+@gelu_exact.defjvp
+def _gelu_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
     cdf = 0.5 * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
     pdf = jnp.asarray(_INV_SQRT_2PI, x.dtype) * jnp.exp(-0.5 * x * x)
-    return (g * (cdf + x * pdf),)
-
-
-gelu_exact.defvjp(_gelu_fwd, _gelu_bwd)
+    return x * cdf, (cdf + x * pdf) * dx
 
 
 def activation(name: str, x: jax.Array) -> jax.Array:
