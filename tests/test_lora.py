@@ -561,21 +561,10 @@ def test_pissa_init_residual_plus_adapter_is_base_and_converts_exactly():
 
 
 @pytest.fixture(scope="module")
-def tiny_roberta():
-    from lora_jax.models import EncoderConfig, create, split
+def tiny_roberta(tiny_encoder_config):
+    from lora_jax.models import create, split
 
-    config = EncoderConfig(
-        model_type="roberta",
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=40,
-        type_vocab_size=1,
-        pad_token_id=1,
-    )
-    return split(create(config, head="cls", num_labels=3, seed=0))
+    return split(create(tiny_encoder_config, head="cls", num_labels=3, seed=0))
 
 
 def test_fused_and_merged_agree_through_the_real_model(tiny_roberta):

@@ -7,13 +7,15 @@ its entries must be either 0 or x / (1 - p), with about a fraction p of zeros.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lora_jax import lora, task_model
-from lora_jax.models import EncoderConfig, create, split
+from lora_jax.models import create, split
 from lora_jax.models.layers import dense, dense_stack
 
 N = 16  # in = out = r, so that A @ B is invertible
@@ -123,19 +125,9 @@ def test_dropout_rate_is_validated_and_round_trips_through_files(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_encoder():
-    config = EncoderConfig(
-        model_type="roberta",
-        vocab_size=40,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=40,
-        type_vocab_size=1,
-        pad_token_id=1,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
+def tiny_encoder(tiny_encoder_config):
+    config = dataclasses.replace(
+        tiny_encoder_config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
     )
     return split(create(config, head=None, seed=0))
 
@@ -144,7 +136,7 @@ def test_lora_dropout_in_a_model_fn_runs_only_with_a_key(tiny_encoder):
     apply_fn, params = tiny_encoder
     out_fn = task_model.make_output_fn(apply_fn, "tied_mean", jnp.asarray([5, 7]))
     batch = {
-        "input_ids": jnp.asarray(np.random.default_rng(0).integers(3, 40, size=(4, 9)), jnp.int32),
+        "input_ids": jnp.asarray(np.random.default_rng(0).integers(3, 50, size=(4, 9)), jnp.int32),
         "attention_mask": jnp.ones((4, 9), jnp.int32),
     }
     rng = jax.random.key(0)

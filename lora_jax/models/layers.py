@@ -38,10 +38,10 @@ def dense_stack(ps: Sequence[Params], x: jax.Array) -> list[jax.Array]:
 
     Equal to ``[dense(p, x) for p in ps]`` (same products, same sums per output element), but
     the kernels are stacked to ``(in, n, out)`` so that the forward pass and the backward input
-    gradient are one GEMM each instead of n. For attention's query/key/value this is about 1.2x
-    faster per training step on XLA:CPU (small GEMMs such as 1024x384x384 reach only about half
-    the FLOP rate of a 1024x384x1152 one). Stacking on a new axis keeps each kernel's ``out``
-    axis, and so its sharding, unchanged.
+    gradient are one GEMM each instead of n. On XLA:CPU (2 cores) a 1024x384x384 GEMM runs at
+    about 120 GFLOP/s against 150 for 1024x384x1152, and a RoBERTa-base-shaped LoRA step with
+    query/key/value stacked ran at 0.337 against 0.300 steps/s unstacked (interleaved A/B).
+    Stacking on a new axis keeps each kernel's ``out`` axis, and so its sharding, unchanged.
 
     Args:
       ps: Linear parameter dicts as for :func:`dense`, all with kernels of one shape (in, out).
@@ -174,10 +174,10 @@ def attention(
 
     Written with two einsums and a softmax computed in at least float32 (so bfloat16 inputs get
     float32 statistics and float64 stays float64). This is deliberately not
-    ``jax.nn.dot_product_attention``: on XLA:CPU its backward pass is about 2.3x slower (27 vs
-    12 ms forward + backward at B=8, T=128, 12 heads of 32, 2 cores), which made a MiniLM LoRA
-    step about 20% slower. Masked keys get the dtype's most negative value, so they receive
-    exactly zero weight whenever a row has at least one real key.
+    ``jax.nn.dot_product_attention``, whose forward + backward on XLA:CPU measured 27 ms against
+    12 ms for this form (in isolation, B=8, T=128, 12 heads of 32, 2 cores). Masked keys get
+    the dtype's most negative value, so they receive exactly zero weight whenever a row has at
+    least one real key.
 
     Args:
       q, k, v: ``(B, T, nh, hd)``.
