@@ -200,7 +200,7 @@ def _fold(
     use_dropout = dropout_rng is not None and dropout_rate > 0.0
     if use_dropout:
         mode = "fused"
-    index = {path: i for i, path in enumerate(sorted(plan.lora))}
+        index = {path: i for i, path in enumerate(sorted(plan.lora))}
     out = _copy_tree(params)
     for path, leaves in adapters.items():
         module = get_module(out, plan.keys[path])

@@ -81,10 +81,8 @@ def _block(p, x, key_mask, cfg: EncoderConfig, keys, rows=None) -> jax.Array:
     head reads one position (``<s>`` / ``[CLS]`` or ``<mask>``), which skips most of that layer's
     work, forward and backward. Same values as slicing the full layer's output.
     """
-    B, T, H = x.shape
-    nh, hd = cfg.num_attention_heads, cfg.head_dim
     a = p["attention"]
-    heads = (B, -1, nh, hd)
+    heads = (x.shape[0], -1, cfg.num_attention_heads, cfg.head_dim)  # (B, T or 1, nh, hd)
     if rows is None:
         q, k, v = dense_stack([a["self"][n] for n in ("query", "key", "value")], x)
     else:
