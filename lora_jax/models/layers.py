@@ -97,22 +97,31 @@ def _layer_norm_core(x: jax.Array, eps: float) -> jax.Array:
 def _normalize(x, eps):
     mean = x.mean(-1, keepdims=True)
     xc = x - mean
-    rstd = jax.lax.rsqrt(jnp.square(xc).mean(-1, keepdims=True) + eps)
-    return xc * rstd, rstd
+    std = jnp.sqrt(jnp.square(xc).mean(-1, keepdims=True) + eps)
+    return xc / std, std
 
 
 @_layer_norm_core.defjvp
 def _layer_norm_jvp(eps, primals, tangents):
-    """d xhat = rstd * (dx - mean(dx) - xhat * mean(dx * xhat)), linear in dx.
+    """d xhat = (dx - mean(dx) - xhat * mean(dx * xhat)) / std, linear in dx.
 
     A custom JVP (not a VJP) so that forward mode (the NTK tools' ``jvp``) works too; JAX
     transposes this linear rule for the backward pass.
+
+    The division by ``std`` (not a multiplication by ``1 / std``) is deliberate. XLA's fusion
+    pass duplicates chains of cheap elementwise ops into every consumer. With a multiplication,
+    the backward residual-stream cotangent of layer ``l`` stayed an unmaterialized expression of
+    all the GEMM outputs above it, and was recomputed inside each of its consumer fusions. That
+    made the backward pass quadratic in depth: in a RoBERTa-base LoRA step, three such fusions
+    per layer took 0.3 ms at the top layer and 45 ms at the bottom. XLA does not duplicate a
+    divide (an "expensive" op), so each LayerNorm now ends the chain. On 2 cores, interleaved
+    A/B, that step went from 0.307 to 0.361 steps/s.
     """
     (x,), (dx,) = primals, tangents
-    xhat, rstd = _normalize(x, eps)
+    xhat, std = _normalize(x, eps)
     mean_dx = dx.mean(-1, keepdims=True)
     mean_dxx = (dx * xhat).mean(-1, keepdims=True)
-    return xhat, rstd * (dx - mean_dx - xhat * mean_dxx)
+    return xhat, (dx - mean_dx - xhat * mean_dxx) / std
 
 
 @jax.custom_jvp
