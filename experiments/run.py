@@ -95,11 +95,11 @@ def lora_config(cfg: ExperimentConfig, rank: int) -> lora.LoraConfig:
 def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) -> dict:
     """Trains (unless zero-shot) and tests one cell; returns its results record."""
     start = time.time()
-    data = bench.data(cell.task, cell.seed, mode="cls" if cell.method == "head" else "prompt")
     if cell.method == "head":
-        output_fn, params = bench.cls_model(cell.task, cell.seed)
+        output_fn, params, data = bench.cls_head_model(cell.task, cell.seed)
     else:
         output_fn, params = bench.prompt_model(cell.task)
+        data = bench.data(cell.task, cell.seed, mode="prompt")
     record = {"task": cell.task, "method": cell.method, "rank": cell.rank, "seed": cell.seed}
 
     if cell.method == "zero_shot":

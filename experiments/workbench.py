@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from experiments.config import ExperimentConfig
 from lora_jax import models, tasks, train
 from lora_jax.models.pretrained import resolve
-from lora_jax.task_model import Readout, make_output_fn
+from lora_jax.task_model import Readout, make_cls_feature_fns, make_output_fn
 
 PyTree = Any
 
@@ -85,14 +85,32 @@ class Workbench:
 
         return self.memo(("prompt", task), build), params
 
-    def cls_model(self, task: str, seed: int) -> tuple[Callable, PyTree]:
-        """``(output_fn, params)`` with a new classification head (initialized from ``seed``)."""
+    def cls_head_model(self, task: str, seed: int) -> tuple[Callable, PyTree, TaskData]:
+        """``(output_fn, params, data)`` for training only a new classification head.
+
+        The head (initialized from ``seed``) is trained on the frozen encoder's ``<s>`` /
+        ``[CLS]`` features, computed once (``make_cls_feature_fns``): the same outputs as
+        running the encoder every step, as no dropout runs. ``data`` holds ``features`` [N, H]
+        and ``labels``; the test split's features are the same for every seed and computed once.
+        """
         num_labels = self.task(task).num_labels
         model = models.from_pretrained(self.path, head="cls", num_labels=num_labels, seed=seed)
-        apply_fn, params = models.split(model)
-        # Same apply_fn structure for every seed: keep the first so programs are reused.
-        output_fn = self.memo(("cls", task), lambda: make_output_fn(apply_fn, Readout.CLS))
-        return output_fn, params
+        _, params = models.split(model)
+        # One program per task, reused across seeds (the seed only changes the head's weights).
+        feature_fn, output_fn = self.memo(
+            ("cls_fns", task), lambda: make_cls_feature_fns(model.config)
+        )
+        features = self.memo(
+            ("cls_features", task),
+            lambda: train.make_predict(lambda trainable, frozen, b, rng: feature_fn(frozen, b), 64),
+        )
+
+        def featurize(split: dict) -> dict:
+            return {"features": features({}, params, split), "labels": split["labels"]}
+
+        raw = self.data(task, seed, mode="cls")
+        test = self.memo(("cls_test_features", task), lambda: featurize(raw.test))
+        return output_fn, params, TaskData(featurize(raw.train), featurize(raw.dev), test)
 
     def predict(self, output_fn: Callable) -> Callable:
         """A compiled ``predict(params, {}, data)`` for evaluating ``output_fn`` untrained."""

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from lora_jax import lora
 from lora_jax import params as params_lib
+from lora_jax.models import EncoderConfig, cls_head, forward
 
 PyTree = Any
 OutputFn = Callable[..., jax.Array]
@@ -103,6 +104,35 @@ def make_output_fn(
         return hidden @ word_embeddings(params)[ids].T.astype(hidden.dtype)  # (B, K)
 
     return output_fn
+
+
+def make_cls_feature_fns(config: EncoderConfig) -> tuple[Callable, OutputFn]:
+    """The CLS readout split into a frozen part and the head, to train a head on cached features.
+
+    Returns ``(feature_fn, head_output_fn)``: ``feature_fn(params, batch) -> [B, H]`` is the
+    encoder's final hidden state at ``<s>`` / ``[CLS]`` (only that position is computed in the
+    last layer), and ``head_output_fn(params, batch, dropout_rng=None) -> [B, K]`` applies the
+    classification head to ``batch['features']``. For head-only training without dropout (the
+    encoder frozen), ``head_output_fn`` on ``feature_fn`` 's outputs equals
+    ``make_output_fn(apply_fn, 'cls')``: the features are computed once instead of every step.
+    """
+
+    def feature_fn(params, batch):
+        ids = batch["input_ids"]
+        return forward(
+            params,
+            ids,
+            batch["attention_mask"],
+            batch.get("token_type_ids"),
+            config=config,
+            head=None,
+            mask_positions=jnp.zeros(ids.shape[:1], jnp.int32),
+        )
+
+    def head_output_fn(params, batch, dropout_rng=None):
+        return cls_head(params, batch["features"], config=config, dropout_rng=dropout_rng)
+
+    return feature_fn, head_output_fn
 
 
 _LORA_RNG = 0x10AA  # fold_in tag of the LoRA-dropout key

@@ -234,22 +234,25 @@ def make_predict(
 ) -> Callable[[PyTree, PyTree, Batch], jax.Array]:
     """Returns jitted ``predict(trainable, frozen, data) -> outputs [N, K]`` in fixed batches.
 
-    ``data`` is padded to a multiple of ``batch_size`` (so every batch has one static shape)
-    and mapped over with ``lax.map``; the padding rows are dropped from the result.
+    ``data`` (a dict of ``[N, ...]`` arrays) is split into ``ceil(N / batch_size)`` batches of
+    one static size, as even as possible (so 32 rows run as one batch of 32, not one of 64, and
+    1000 as 16 of 63), and mapped over with ``lax.map``; padding rows are dropped from the
+    result.
     """
 
     def predict(trainable, frozen, data):
-        n = data["input_ids"].shape[0]
+        n = jax.tree.leaves(data)[0].shape[0]
         num_batches = -(-n // batch_size)
-        pad = num_batches * batch_size - n
+        rows = -(-n // num_batches)  # <= batch_size
+        pad = num_batches * rows - n
 
         def blocks(x):
             x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-            return x.reshape(num_batches, batch_size, *x.shape[1:])  # (nb, bs, ...)
+            return x.reshape(num_batches, rows, *x.shape[1:])  # (nb, rows, ...)
 
         batched = jax.tree.map(blocks, dict(data))
         out = jax.lax.map(lambda b: model_fn(trainable, frozen, b, None), batched)
-        return out.reshape(num_batches * batch_size, *out.shape[2:])[:n]
+        return out.reshape(num_batches * rows, *out.shape[2:])[:n]
 
     return jax.jit(predict)
 

@@ -76,3 +76,36 @@ def test_trainable_splits_and_model_fns_agree_with_the_plain_model(tiny):
     np.testing.assert_allclose(lora_fn(adapters, base, batch, None), expected, atol=1e-6)
     grads = jax.grad(lambda a: jnp.sum(lora_fn(a, base, batch, None)))(adapters)
     assert all(float(jnp.abs(g["lora_b"]).sum()) > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "bert"])
+def test_cls_head_on_cached_features_equals_the_full_model(tmp_path, tiny, model_type):
+    """RoBERTa's head is dense-tanh-out_proj on <s>; BERT's reads the pooler (frozen) first."""
+    from lora_jax.task_model import make_cls_feature_fns
+
+    _, batch, _ = tiny
+    path = make_tiny_checkpoint(tmp_path / model_type, model_type=model_type)
+    model = models.from_pretrained(path, head="cls", num_labels=3, seed=1)
+    apply_fn, params = models.split(model)
+    expected = np.asarray(make_output_fn(apply_fn, "cls")(params, batch))
+
+    feature_fn, head_fn = make_cls_feature_fns(model.config)
+    features = feature_fn(params, batch)
+    assert features.shape == (3, model.config.hidden_size)
+    states = models.forward(
+        params, batch["input_ids"], batch["attention_mask"], config=model.config, head=None
+    )
+    np.testing.assert_allclose(features, np.asarray(states)[:, 0], atol=1e-5)
+    out = head_fn(params, {"features": features, "labels": None})
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+    # Trained as the head-only method: same outputs and the same gradients as the full model.
+    head, rest = split_params(params, Method.HEAD)
+    full_fn = make_model_fn(make_output_fn(apply_fn, "cls"), Method.HEAD)
+    cached_fn = make_model_fn(head_fn, Method.HEAD)
+    g_full = jax.grad(lambda h: jnp.sum(full_fn(h, rest, batch, None) ** 2))(head)
+    g_cached = jax.grad(lambda h: jnp.sum(cached_fn(h, rest, {"features": features}, None) ** 2))(
+        head
+    )
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_cached), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -20,10 +20,7 @@ def toy_data(n=32, d=5, k=3, seed=0):
     centers = rng.normal(size=(k, d)) * 3
     labels = np.arange(n) % k
     x = centers[labels] + rng.normal(size=(n, d))
-    data = {"x": x.astype(np.float32), "labels": labels.astype(np.int32)}
-    # make_predict pads on input_ids' length; give the toy data one.
-    data["input_ids"] = np.zeros((n, 1), np.int32)
-    return data
+    return {"x": x.astype(np.float32), "labels": labels.astype(np.int32)}
 
 
 def zeros_params(d=5, k=3):
@@ -51,6 +48,23 @@ def test_batch_indices_cover_each_epoch_once():
             [np.asarray(train.batch_indices(rng, epoch * 4 + s, 32, 8)) for s in range(4)]
         )
         assert sorted(seen.tolist()) == list(range(32))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 32, 33])
+def test_predict_covers_every_row_in_even_batches(n):
+    rng = np.random.default_rng(n)
+    params = {"w": jnp.asarray(rng.normal(size=(5, 3))), "b": jnp.asarray(rng.normal(size=3))}
+    x = rng.normal(size=(n, 5)).astype(np.float32)
+    shapes = []
+
+    def model_fn(trainable, frozen, batch, dropout_rng):
+        shapes.append(batch["x"].shape)  # recorded at trace time
+        return linear_model_fn(trainable, frozen, batch, dropout_rng)
+
+    out = train.make_predict(model_fn, 8)(params, {}, {"x": x, "labels": np.zeros(n, np.int32)})
+    np.testing.assert_allclose(out, x @ params["w"] + params["b"], rtol=1e-5, atol=1e-5)
+    batches = -(-n // 8)
+    assert shapes[-1] == (-(-n // batches), 5)  # e.g. 9 rows: 2 batches of 5, not 2 of 8
 
 
 def test_full_batch_sgd_matches_numpy_gradient_descent():

@@ -12,7 +12,14 @@ Example:
 
 from lora_jax.models.config import EncoderConfig
 from lora_jax.models.convert import CheckpointError
-from lora_jax.models.encoder import EncoderModel, create, forward, logical_axes, split
+from lora_jax.models.encoder import (
+    EncoderModel,
+    cls_head,
+    create,
+    forward,
+    logical_axes,
+    split,
+)
 from lora_jax.models.layers import dense
 from lora_jax.models.pretrained import (
     from_pretrained,
@@ -26,6 +33,7 @@ __all__ = [
     "CheckpointError",
     "EncoderConfig",
     "EncoderModel",
+    "cls_head",
     "create",
     "dense",
     "forward",

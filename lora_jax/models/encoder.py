@@ -129,9 +129,34 @@ def _mlm_logits(params, base, h, cfg: EncoderConfig, label_word_ids) -> jax.Arra
     return h @ kernel.astype(h.dtype) + bias.astype(h.dtype)
 
 
-def _cls_logits(params, base, x, cfg: EncoderConfig, keys) -> jax.Array:
+def cls_head(
+    params: PyTree,
+    first: jax.Array,
+    *,
+    config: EncoderConfig,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """The sequence-classification head alone, on the final hidden state of ``<s>`` / ``[CLS]``.
+
+    ``forward(params, ..., head='cls')`` equals ``cls_head(params, h, config=config)`` with ``h``
+    the hidden states at position 0 (``forward(..., head=None, mask_positions=zeros)``). With
+    the encoder frozen and dropout off, a head can so be trained on features computed once.
+
+    Args:
+      params: the model's params (the head reads ``classifier``, and BERT's ``pooler``).
+      first: ``(B, H)`` final hidden states at position 0.
+      config: the encoder's :class:`EncoderConfig`.
+      dropout_rng: PRNG key for the head's dropout; None is deterministic.
+
+    Returns:
+      ``(B, num_labels)`` logits.
+    """
+    return _cls_logits(params, params[config.base_prefix], first, config, _DropoutKeys(dropout_rng))
+
+
+def _cls_logits(params, base, first, cfg: EncoderConfig, keys) -> jax.Array:
+    """HF's sequence-classification heads on ``first`` (B, H), the <s> / [CLS] hidden state."""
     rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-    first = x[:, 0]  # (B, H): <s> / [CLS]
     if cfg.model_type == "roberta":
         c = params["classifier"]
         h = jnp.tanh(dense(c["dense"], dropout(first, rate, keys())))
@@ -215,7 +240,7 @@ def forward(
         x = _block(layers[i], x, key_mask, config, keys, rows if i == last else None)
 
     if head == "cls":
-        return _cls_logits(params, base, x, config, keys)
+        return _cls_logits(params, base, x[:, 0], config, keys)
     if rows is not None:
         x = x[:, 0]  # (B, H): the last layer kept only the wanted position
     if head == "mlm":
