@@ -93,7 +93,8 @@ class ExperimentConfig:
 
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
-    # Offline, CPU, ~10 minutes: rank 1 vs rank 12 against zero-shot and head-only baselines.
+    # Offline, CPU, about 11 minutes on 2 cores: LoRA rank 1 vs rank 12 against zero-shot and
+    # head-only baselines.
     "default": {},
     # The paper's rank sweep on the offline tasks (longer: about an hour on 2 CPU cores).
     "rank_sweep": {
