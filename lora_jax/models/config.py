@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from lora_jax.errors import ConfigError
+
 MODEL_TYPES = ("roberta", "bert", "electra", "deberta-v2")
 HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
 HEADS = ("mlm", "cls", "rtd", None)
@@ -93,13 +95,13 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderConfig.model_type={self.model_type!r} is not supported; "
                 f"expected one of {MODEL_TYPES}. lora_jax.models implements RoBERTa, BERT, "
                 "ELECTRA and DeBERTa-v2/v3 encoders (MiniLM is a BERT)."
             )
         if self.hidden_act not in HIDDEN_ACTS:
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderConfig.hidden_act={self.hidden_act!r} is not supported; "
                 f"expected one of {HIDDEN_ACTS}."
             )
@@ -119,33 +121,33 @@ class EncoderConfig:
                 continue
             zero_ok = name == "type_vocab_size" and self.model_type == "deberta-v2"
             if not isinstance(value, int) or value < (0 if zero_ok else 1):
-                raise ValueError(f"EncoderConfig.{name}={value!r} must be a positive integer.")
+                raise ConfigError(f"EncoderConfig.{name}={value!r} must be a positive integer.")
         bad = [t for t in self.pos_att_type if t not in POS_ATT_TYPES]
         if bad or not isinstance(self.pos_att_type, tuple):
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderConfig.pos_att_type={self.pos_att_type!r}; expected a tuple of terms "
                 f"from {POS_ATT_TYPES} (config.json spells it 'p2c|c2p')."
             )
         if self.pooler_hidden_act not in HIDDEN_ACTS:
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderConfig.pooler_hidden_act={self.pooler_hidden_act!r} is not supported; "
                 f"expected one of {HIDDEN_ACTS}."
             )
         if self.norm_rel_ebd not in ("none", "layer_norm"):
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderConfig.norm_rel_ebd={self.norm_rel_ebd!r}; expected 'none' or "
                 "'layer_norm'."
             )
         if self.model_type == "deberta-v2" and (self.pooler_hidden_size or self.hidden_size) != (
             self.hidden_size
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderConfig.pooler_hidden_size={self.pooler_hidden_size} differs from "
                 f"hidden_size={self.hidden_size}; transformers' ContextPooler then fails too. "
                 "Remove pooler_hidden_size from config.json."
             )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderConfig.hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}; choose a head count that "
                 "divides the hidden size."
@@ -153,9 +155,9 @@ class EncoderConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "pooler_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"EncoderConfig.{name}={value!r} must be in [0, 1).")
+                raise ConfigError(f"EncoderConfig.{name}={value!r} must be in [0, 1).")
         if self.pad_token_id is None or not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderConfig.pad_token_id={self.pad_token_id!r} must be a token id in "
                 f"[0, vocab_size={self.vocab_size})."
             )
@@ -196,19 +198,19 @@ class EncoderConfig:
         """
         model_type = hf.get("model_type")
         if model_type not in MODEL_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"Unsupported model_type {model_type!r} in config.json; lora_jax.models supports "
                 f"{MODEL_TYPES}. Use a RoBERTa, BERT, ELECTRA or DeBERTa-v2/v3 checkpoint "
                 "(MiniLM is a BERT)."
             )
         position_type = hf.get("position_embedding_type", "absolute")
         if position_type != "absolute":
-            raise ValueError(
+            raise ConfigError(
                 f"config.json has position_embedding_type={position_type!r}; only 'absolute' "
                 "position embeddings are implemented."
             )
         if (hf.get("conv_kernel_size") or 0) > 0:  # DeBERTa-v2 xlarge / xxlarge
-            raise ValueError(
+            raise ConfigError(
                 f"config.json has conv_kernel_size={hf['conv_kernel_size']}; DeBERTa's "
                 "convolution layer is not implemented (DeBERTa-v3 checkpoints have none)."
             )

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from lora_jax.errors import ConfigError
+
 Params = Mapping[str, jax.Array]
 
 
@@ -160,7 +162,7 @@ def activation(name: str, x: jax.Array) -> jax.Array:
         return jax.nn.relu(x)
     if name == "tanh":
         return jnp.tanh(x)
-    raise ValueError(f"Unknown hidden_act {name!r}; expected gelu, gelu_new, relu or tanh.")
+    raise ConfigError(f"Unknown hidden_act {name!r}; expected gelu, gelu_new, relu or tanh.")
 
 
 def dropout(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:
