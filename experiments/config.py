@@ -38,8 +38,8 @@ class ExperimentConfig:
       max_length: token length of every encoded example (static shapes: one compile per cell kind).
       test_cap: at most this many test examples (deterministic subsample); 0 = all.
       readout: how prompt-mode outputs are read (``lora_jax.task_model.Readout``): ``auto`` (the
-        MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
-        ``tied_mean``.
+        MLM head when the checkpoint has one, else an ELECTRA discriminator's ``rtd``, else
+        ``tied_mean``), ``mlm``, ``tied``, ``tied_mean`` or ``rtd`` (Prompting ELECTRA).
       dropout: run dropout while training: the encoder's own (its config's hidden and attention
         dropout) and ``lora_dropout`` on the LoRA branches; off at evaluation. The head-only
         baseline trains on cached features, so there only the head's dropout runs.
@@ -84,9 +84,9 @@ class ExperimentConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"Unknown methods {unknown}; expected some of {list(METHODS)}.")
-        if self.readout not in ("auto", "mlm", "tied", "tied_mean"):
+        if self.readout not in ("auto", "mlm", "tied", "tied_mean", "rtd"):
             raise ConfigError(
-                f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied' or 'tied_mean'."
+                f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied', 'tied_mean' or 'rtd'."
             )
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be >= 1, got {self.ranks}.")

@@ -16,7 +16,12 @@ import jax.numpy as jnp
 from experiments.config import ExperimentConfig
 from lora_jax import models, tasks, train
 from lora_jax.models.pretrained import resolve
-from lora_jax.task_model import Readout, make_cls_feature_fns, make_output_fn
+from lora_jax.task_model import (
+    Readout,
+    load_prompt_encoder,
+    make_cls_feature_fns,
+    make_output_fn,
+)
 
 PyTree = Any
 
@@ -52,18 +57,10 @@ class Workbench:
 
     def _prompt_encoder(self) -> tuple[Callable, PyTree, Readout]:
         def build():
-            readout = self.cfg.readout
-            head = "mlm" if readout in ("auto", "mlm") else None
-            try:
-                model = models.from_pretrained(self.path, head=head)
-            except models.CheckpointError:
-                if readout == "mlm":
-                    raise
-                # No MLM head in the checkpoint (e.g. MiniLM): read label words out through the
-                # tied word embeddings instead. Any other problem is raised again here.
-                model, readout = models.from_pretrained(self.path, head=None), "tied_mean"
+            # auto: the MLM head, else an ELECTRA discriminator (rtd), else tied_mean.
+            model, readout = load_prompt_encoder(self.path, self.cfg.readout)
             apply_fn, params = models.split(model)
-            return apply_fn, params, Readout("mlm" if readout == "auto" else readout)
+            return apply_fn, params, readout
 
         return self.memo(("prompt_encoder",), build)
 

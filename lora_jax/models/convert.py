@@ -47,6 +47,10 @@ class CheckpointError(InputFileError):
     """A checkpoint that cannot be read, or does not fit the model its config describes."""
 
 
+class MissingHeadError(CheckpointError):
+    """A checkpoint without the weights of the head that was asked for (e.g. no MLM head)."""
+
+
 def _leaf_from_hf(module: str, leaf: str) -> tuple[str, bool]:
     """Our leaf name for HF ``module.leaf``, and whether the array is transposed."""
     last = module.rsplit(".", 1)[-1]

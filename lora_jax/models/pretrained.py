@@ -17,7 +17,13 @@ import numpy as np
 
 from lora_jax.errors import InputFileError, MissingFileError
 from lora_jax.models.config import EncoderConfig
-from lora_jax.models.convert import CheckpointError, check_shapes, flat_to_hf, hf_to_flat
+from lora_jax.models.convert import (
+    CheckpointError,
+    MissingHeadError,
+    check_shapes,
+    flat_to_hf,
+    hf_to_flat,
+)
 from lora_jax.models.encoder import (
     EncoderModel,
     _check_dtype,
@@ -302,7 +308,7 @@ def from_pretrained(
     heads_found = available_heads(flat, config)
     if head == "mlm" and "mlm" not in heads_found:
         roots = " / ".join(f"{r}.*" for r in sorted(_MLM_ROOTS[config.model_type]))
-        raise CheckpointError(
+        raise MissingHeadError(
             f"Checkpoint {directory} has no masked-LM head (no {roots} weights; e.g. MiniLM is a "
             "bare BertModel, DeBERTa-v3 and ELECTRA discriminators ship none). Load it with "
             "head=None for hidden states (e.g. for a tied word-embedding readout of label "
@@ -310,7 +316,7 @@ def from_pretrained(
             "a new classifier."
         )
     if head == "rtd" and "rtd" not in heads_found:
-        raise CheckpointError(
+        raise MissingHeadError(
             f"Checkpoint {directory} has no replaced-token-detection head (head='rtd' needs an "
             "ELECTRA discriminator, ElectraForPreTraining, with discriminator_predictions.*). "
             "Load it with head='mlm', 'cls' or None."

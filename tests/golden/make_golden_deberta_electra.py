@@ -24,6 +24,8 @@ It writes, under tests/golden/ (tiny random configs, all heads, padding in every
       electra_cls   ElectraForSequenceClassification (3 labels), embedding_size 16
   * ``deberta_buckets.npz``: transformers' ``build_relative_position`` for DeBERTa-v3-base's
     (position_buckets 256, max_relative_positions 512) on 1024 tokens (its first column and row);
+  * ``electra_prompt.npz``: Prompting ELECTRA with electra_rtd: each of 3 label words put at a
+    "mask" position in turn, minus the discriminator logit there (``scores``, [B, K]);
   * ``roundtrip_v3.json``: transformers loads what ``lora_jax.models.save_pretrained`` writes
     for each of them with no missing / unexpected keys and the same outputs (lora_jax runs via
     ``uv run`` in a subprocess).
@@ -149,6 +151,21 @@ def make_buckets() -> None:
     assert all(np.array_equal(rel[i, i:], rel[0, : 1024 - i]) for i in (1, 100, 700))  # Toeplitz
 
 
+def make_prompt() -> None:
+    """Scores of label words at a mask position: -ElectraForPreTraining logit there."""
+    model = T.ElectraForPreTraining.from_pretrained(HERE / "electra_rtd").eval()
+    z = np.load(HERE / "electra_rtd.npz")
+    pos, words = np.array([5, 2, 2]), np.array([7, 40, 99])
+    scores = np.zeros((3, 3), np.float32)
+    for k, w in enumerate(words):
+        ids = z["input_ids"].copy()
+        ids[np.arange(3), pos] = w
+        inputs = {"input_ids": ids, "attention_mask": z["attention_mask"]}
+        inputs["token_type_ids"] = z["token_type_ids"]
+        scores[:, k] = -run(model, inputs, torch.float32)[np.arange(3), pos]
+    np.savez_compressed(HERE / "electra_prompt.npz", mask_pos=pos, words=words, scores=scores)
+
+
 _OURS = """
 import sys, numpy as np, jax
 from lora_jax import models as M
@@ -204,6 +221,7 @@ def main() -> None:
     for seed, name in enumerate(MODELS):
         make_tiny(name, 100 + seed)
     make_buckets()
+    make_prompt()
     if "--skip-roundtrip" not in sys.argv:
         check_roundtrip()
 
