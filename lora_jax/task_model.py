@@ -24,7 +24,9 @@ from lora_jax.models import EncoderConfig, cls_head, forward
 PyTree = Any
 OutputFn = Callable[..., jax.Array]
 
-HEAD_PATTERN = r"^classifier\."  # the sequence-classification head (RoBERTa and BERT names)
+# The sequence-classification head: `classifier` (all models), and DeBERTa's ContextPooler,
+# top-level `pooler` (new weights, unlike BERT's pretrained `bert.pooler`).
+HEAD_PATTERN = r"^(classifier|pooler)\."
 WORD_EMBEDDING_PATTERN = r"embeddings\.word_embeddings\.embedding$"
 
 
