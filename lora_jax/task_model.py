@@ -96,7 +96,10 @@ def load_prompt_encoder(
         readout = Readout(readout)
         head = {Readout.MLM: "mlm", Readout.RTD: "rtd", Readout.CLS: "cls"}.get(readout)
         return models.from_pretrained(path, head=head, **kwargs), readout
-    for head, found in (("mlm", Readout.MLM), ("rtd", Readout.RTD)):
+    heads = [("mlm", Readout.MLM)]
+    if models.read_model_type(path) == "electra":
+        heads.append(("rtd", Readout.RTD))
+    for head, found in heads:
         try:
             return models.from_pretrained(path, head=head, **kwargs), found
         except models.MissingHeadError:  # any other checkpoint problem is raised

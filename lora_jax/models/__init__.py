@@ -25,6 +25,7 @@ from lora_jax.models.pretrained import (
     from_pretrained,
     load_tokenizer,
     minilm_path,
+    read_model_type,
     read_torch_bin,
     save_pretrained,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "load_tokenizer",
     "logical_axes",
     "minilm_path",
+    "read_model_type",
     "read_torch_bin",
     "save_pretrained",
     "split",

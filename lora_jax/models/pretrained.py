@@ -404,6 +404,11 @@ def available_heads(flat: Mapping[str, Any], config: EncoderConfig) -> set[str]:
     return found
 
 
+def read_model_type(name_or_path: str | os.PathLike) -> str | None:
+    """``model_type`` of a model directory's (or hub id's) ``config.json``, without its weights."""
+    return _read_config(resolve(name_or_path)).get("model_type")
+
+
 def save_pretrained(
     model: EncoderModel, directory: str | os.PathLike, *, params: Mapping | None = None
 ) -> Path:
