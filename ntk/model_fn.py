@@ -10,10 +10,12 @@ Each ``f`` carries a ``__ntk_fingerprint__`` attribute (a content hash of what i
 that the kernel cache uses to tell apart two functions with the same code and different base
 weights.
 
-Example:
-  >>> f, adapters = ntk.lora_model_fn(output_fn, base_params, adapters, lora_cfg)
-  >>> ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=())
-  >>> k = ntk_fn(train_batch, None, adapters)  # (N, N, K, K)
+Example (a sketch: ``output_fn``, ``base_params`` and ``train_batch`` are the caller's):
+  >>> f, adapters = ntk.lora_model_fn(  # doctest: +SKIP
+  ...     output_fn, base_params, adapters, lora_cfg
+  ... )
+  >>> ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=())  # doctest: +SKIP
+  >>> k = ntk_fn(train_batch, None, adapters)  # (N, N, K, K)  # doctest: +SKIP
 """
 
 from __future__ import annotations
