@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from experiments.config import ExperimentConfig
 from lora_jax import models, tasks
 from lora_jax.models.pretrained import resolve
-from lora_jax.rows import map_rows_fn
 from lora_jax.readout import Readout, make_cls_feature_fns, make_output_fn
+from lora_jax.rows import map_rows_fn
 
 PyTree = Any
 

@@ -8,8 +8,8 @@ import pytest
 from lora_jax import lora, models
 from lora_jax import params as params_lib
 from lora_jax.readout import make_output_fn
-from lora_jax.trainable import Method, make_model_fn, split_params
 from lora_jax.testing import make_tiny_checkpoint
+from lora_jax.trainable import Method, make_model_fn, split_params
 
 
 @pytest.fixture(scope="module")
