@@ -58,6 +58,8 @@ def _rows_of(path: str, table_rows: int, blocks: Sequence[PyTree], extra: np.nda
         return np.arange(min(table_rows, seq + 2), dtype=np.int32)
     ids = np.unique(np.concatenate([np.ravel(b["input_ids"]) for b in blocks] + [np.ravel(extra)]))
     size = -(-len(ids) // ROW_BUCKET) * ROW_BUCKET
+    if size >= table_rows:  # nothing to gain: all rows, in order
+        return np.arange(table_rows, dtype=np.int32)
     pad = table_rows + np.arange(size - len(ids))  # sentinels above every id: never read
     return np.concatenate([ids, pad]).astype(np.int32)
 
