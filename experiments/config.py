@@ -41,7 +41,7 @@ class ExperimentConfig:
         (the pooling the checkpoint was trained with: mean pooling, L2-normalized, for
         sentence-transformers checkpoints such as the embedded MiniLM; BERT's pooler / RoBERTa's
         head on ``[CLS]`` otherwise), ``pooler``, ``cls`` or ``mean``.
-      readout: how prompt-mode outputs are read (``lora_jax.task_model.Readout``): ``auto`` (the
+      readout: how prompt-mode outputs are read (``lora_jax.readout.Readout``): ``auto`` (the
         MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
         ``tied_mean``.
       dropout: run dropout while training: the encoder's own (its config's hidden and attention

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from lora_jax import checkpoint
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
+from lora_jax.rows import map_rows
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -267,18 +268,7 @@ def make_predict(
     """
 
     def predict(trainable, frozen, data):
-        n = jax.tree.leaves(data)[0].shape[0]
-        num_batches = -(-n // batch_size)
-        rows = -(-n // num_batches)  # <= batch_size
-        pad = num_batches * rows - n
-
-        def blocks(x):
-            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-            return x.reshape(num_batches, rows, *x.shape[1:])  # (nb, rows, ...)
-
-        batched = jax.tree.map(blocks, dict(data))
-        out = jax.lax.map(lambda b: model_fn(trainable, frozen, b, None), batched)
-        return out.reshape(num_batches * rows, *out.shape[2:])[:n]
+        return map_rows(lambda b: model_fn(trainable, frozen, b, None), data, batch_size)
 
     return jax.jit(predict)
 

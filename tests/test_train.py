@@ -318,7 +318,8 @@ def test_fit_with_encoder_and_lora_dropout(tiny_encoder_config):
     import dataclasses
 
     from lora_jax import lora, models
-    from lora_jax.task_model import Method, make_model_fn, make_output_fn, split_params
+    from lora_jax.readout import make_output_fn
+    from lora_jax.trainable import Method, make_model_fn, split_params
 
     config = dataclasses.replace(
         tiny_encoder_config, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
