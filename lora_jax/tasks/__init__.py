@@ -28,7 +28,12 @@ from lora_jax.tasks.task import (
     word_style_for,
     word_style_for_tokenizer,
 )
-from lora_jax.tasks.task_file import TaskFileError, load_task_file, resolve_tasks
+from lora_jax.tasks.task_file import (
+    TaskFileError,
+    load_task_file,
+    resolve_tasks,
+    task_file_digest,
+)
 
 __all__ = [
     "OFFLINE_TASKS",
@@ -53,6 +58,7 @@ __all__ = [
     "load_task_file",
     "resolve_tasks",
     "sample_k_shot",
+    "task_file_digest",
     "truncated_lengths",
     "word_style_for",
     "word_style_for_tokenizer",

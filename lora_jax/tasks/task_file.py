@@ -28,7 +28,7 @@ Keys (`TASK_FILE_KEYS`):
 - ``name`` (optional): the name in results and reports; default the task file's name.
 - ``hub`` (instead of ``train`` / ``test``): ``{"path": ..., "config": ..., "train_split":
   "train", "test_split": "validation"}``, a dataset read by ``datasets.load_dataset(path,
-  config)`` (a hub id, or a local dataset directory).
+  config)``: a hub id, or a dataset directory (relative to the task file).
 
 `load_task_file` reads and checks everything up front (the data too), so a bad file fails with
 one line naming the task file, the field and the fix before any training starts.
@@ -39,6 +39,7 @@ from __future__ import annotations
 import csv
 import difflib
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -51,7 +52,14 @@ from lora_jax.tasks.local import _examples, _label_index, _local_task
 from lora_jax.tasks.registry import TASKS, HubUnavailableError, _normalize, get_task
 from lora_jax.tasks.task import Task, TaskData, parse_template
 
-__all__ = ["HUB_KEYS", "TASK_FILE_KEYS", "TaskFileError", "load_task_file", "resolve_tasks"]
+__all__ = [
+    "HUB_KEYS",
+    "TASK_FILE_KEYS",
+    "TaskFileError",
+    "load_task_file",
+    "resolve_tasks",
+    "task_file_digest",
+]
 
 TASK_FILE_KEYS: tuple[str, ...] = (
     "name",
@@ -265,8 +273,10 @@ def _hub_rows(path: Path, hub: Any, label_column: str) -> dict[str, list[dict]]:
     splits = {"train": hub.get("train_split", "train"), "test": hub.get("test_split", "validation")}
     import datasets
 
+    local = path.parent / str(hub["path"])  # a dataset directory beside the task file
+    source = str(local) if local.is_dir() else hub["path"]
     try:
-        dataset = datasets.load_dataset(hub["path"], hub.get("config"))
+        dataset = datasets.load_dataset(source, hub.get("config"))
     except Exception as err:  # offline, no cache, no network, bad id: all surface differently
         raise HubUnavailableError(
             f"task file {str(path)!r}: 'hub': datasets.load_dataset({hub['path']!r}, "
@@ -482,3 +492,18 @@ def resolve_tasks(
             )
         out[task.name] = task
     return out
+
+
+def task_file_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a task file and of the data files it names (hex).
+
+    A run records it, so that resuming after the task file or its data changed is refused
+    instead of mixing results of two datasets. For ``hub`` tasks only the task file counts.
+    """
+    path = Path(path)
+    h = hashlib.sha256(path.read_bytes())
+    spec = _read_spec(path)
+    for key in ("train", "test"):
+        if isinstance(spec.get(key), str) and (path.parent / spec[key]).is_file():
+            h.update((path.parent / spec[key]).read_bytes())
+    return h.hexdigest()
