@@ -6,6 +6,7 @@ import dataclasses
 import os
 from typing import Any
 
+from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss
 
 METHODS = ("zero_shot", "head", "lora", "full")
@@ -42,6 +43,10 @@ class ExperimentConfig:
       readout: how prompt-mode outputs are read (``lora_jax.task_model.Readout``): ``auto`` (the
         MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
         ``tied_mean``.
+      dropout: run dropout while training: the encoder's own (its config's hidden and attention
+        dropout) and ``lora_dropout`` on the LoRA branches; off at evaluation. The head-only
+        baseline trains on cached features, so there only the head's dropout runs.
+      lora_dropout: PEFT's ``lora_dropout`` rate on the LoRA input (with ``dropout``).
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
       save_adapters: save each LoRA cell's best-dev adapter in PEFT format under
@@ -54,7 +59,9 @@ class ExperimentConfig:
     name: str = "default"
     model: str = "minilm"
     tasks: tuple[str, ...] = ("mr", "trec")
-    task_files: tuple[str, ...] = ()
+    task_files: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"flag": "--task-file", "repeatable": True}
+    )
     methods: tuple[str, ...] = ("zero_shot", "head", "lora")
     ranks: tuple[int, ...] = (1, 12)
     seeds: tuple[int, ...] = (13, 21, 42)
@@ -70,6 +77,8 @@ class ExperimentConfig:
     max_length: int = 48
     test_cap: int = 1000
     readout: str = "auto"
+    dropout: bool = False
+    lora_dropout: float = 0.0
     ntk: bool = False
     save_adapters: bool = False
     tensorboard: bool = False
@@ -85,16 +94,16 @@ class ExperimentConfig:
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
             if not getattr(self, name) and not (name == "tasks" and self.task_files):
-                raise ValueError(f"ExperimentConfig.{name} must not be empty.")
+                raise ConfigError(f"ExperimentConfig.{name} must not be empty.")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"Unknown methods {unknown}; expected some of {list(METHODS)}.")
+            raise ConfigError(f"Unknown methods {unknown}; expected some of {list(METHODS)}.")
         if self.readout not in ("auto", "mlm", "tied", "tied_mean"):
-            raise ValueError(
+            raise ConfigError(
                 f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied' or 'tied_mean'."
             )
         if any(r < 1 for r in self.ranks):
-            raise ValueError(f"ranks must be >= 1, got {self.ranks}.")
+            raise ConfigError(f"ranks must be >= 1, got {self.ranks}.")
 
     def to_json(self) -> dict[str, Any]:
         """The fields that define the results (``out`` excluded: a run may be moved; nor the
@@ -157,6 +166,6 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 def get_config(config: str, /, **overrides: Any) -> ExperimentConfig:
     """The named config with ``overrides`` (None values are ignored) applied."""
     if config not in NAMED_CONFIGS:
-        raise ValueError(f"Unknown config {config!r}; known configs: {sorted(NAMED_CONFIGS)}.")
+        raise ConfigError(f"Unknown config {config!r}; known configs: {sorted(NAMED_CONFIGS)}.")
     fields = {**NAMED_CONFIGS[config], **{k: v for k, v in overrides.items() if v is not None}}
     return ExperimentConfig(**fields)

@@ -22,14 +22,15 @@ from typing import Any
 
 from experiments import report
 from lora_jax import lora, tasks
+from lora_jax.errors import UserError
 
 ADAPTERS_DIR = "adapters"
 TENSORBOARD_DIR = "tensorboard"
 TASK_INFO_NAME = "task.json"
 
 
-class MissingExtraError(ValueError):
-    """An optional dependency that a flag needs is not installed (a user error: install it)."""
+class MissingExtraError(UserError, ImportError):
+    """An optional dependency that a flag needs is not installed (the message says how to)."""
 
 
 def cell_dir_name(cell_key: str) -> str:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from lora_jax import lora
 from lora_jax import params as params_lib
+from lora_jax.errors import ConfigError
 from lora_jax.models import EncoderConfig, cls_head, forward
 
 PyTree = Any
@@ -78,7 +79,7 @@ def make_output_fn(
     """
     readout = Readout(readout)
     if readout != Readout.CLS and label_word_ids is None:
-        raise ValueError(f"readout={readout.value!r} needs label_word_ids (the K label words).")
+        raise ConfigError(f"readout={readout.value!r} needs label_word_ids (the K label words).")
     ids = None if label_word_ids is None else jnp.asarray(label_word_ids, jnp.int32)
 
     def output_fn(params, batch, dropout_rng=None):
@@ -156,7 +157,7 @@ def make_model_fn(
     method = Method(method)
     if method == Method.LORA:
         if lora_config is None:
-            raise ValueError("method='lora' needs a lora_config.")
+            raise ConfigError("method='lora' needs a lora_config.")
 
         def model_fn(trainable, frozen, batch, dropout_rng):
             lora_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, _LORA_RNG)
@@ -188,7 +189,7 @@ def split_params(
     method = Method(method)
     if method == Method.LORA:
         if key is None or lora_config is None:
-            raise ValueError("method='lora' needs a PRNG key and a lora_config.")
+            raise ConfigError("method='lora' needs a PRNG key and a lora_config.")
         return lora.init(key, params, lora_config), params
     if method == Method.FULL:
         return params, {}

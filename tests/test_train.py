@@ -168,7 +168,6 @@ def test_grad_accumulation_updates_every_k_steps():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"steps": 10, "eval_every": 3}, "must divide steps"),
         ({"optimizer": "adam"}, "optimizer='adam' is not one of"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"learning_rate": 0.0}, "learning_rate must be > 0"),

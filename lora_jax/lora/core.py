@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lora_jax.errors import ConfigError
 from lora_jax.lora.config import LoraConfig, LoraInit
 from lora_jax.lora.targets import Plan, get_module, resolve
 
@@ -75,7 +76,7 @@ def init(key: jax.Array, params: Mapping, cfg: LoraConfig) -> Adapters:
       ValueError: `cfg.init` is `PISSA` (use `init_pissa`), or targeting fails (see `resolve`).
     """
     if cfg.init is LoraInit.PISSA:
-        raise ValueError(
+        raise ConfigError(
             "LoraConfig.init = 'pissa' replaces the base weights by their residual, so it has its "
             "own entry point. Fix: residual, adapters = lora.init_pissa(params, cfg)."
         )
@@ -148,7 +149,7 @@ def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig) -> Plan:
     got: dict[tuple[str, str], tuple[int, ...]] = {}
     for path, leaves in adapters.items():
         if not isinstance(leaves, Mapping):
-            raise ValueError(
+            raise ConfigError(
                 f"adapters[{path!r}] is a {type(leaves).__name__}; expected a dict of leaves "
                 "({'lora_a': ..., 'lora_b': ...}). Adapters are {module path: {leaf: array}}."
             )
@@ -170,7 +171,7 @@ def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig) -> Plan:
                     f"{p}.{n} got {got[(p, n)]} expected {want[(p, n)]}" for p, n in bad[:4]
                 )
             )
-        raise ValueError(
+        raise ConfigError(
             "adapters do not fit these params under this LoraConfig: "
             + "; ".join(lines)
             + ". Fix: create adapters with lora.init(key, params, cfg) for the same base and "

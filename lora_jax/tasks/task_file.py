@@ -48,6 +48,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lora_jax.errors import InputFileError, MissingFileError
 from lora_jax.tasks.local import _examples, _label_index, _local_task
 from lora_jax.tasks.registry import TASKS, HubUnavailableError, _normalize, get_task
 from lora_jax.tasks.task import Task, TaskData, parse_template
@@ -78,8 +79,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _EXAMPLE_TEMPLATE = '"{0} It was {mask} ."'
 
 
-class TaskFileError(ValueError):
-    """A task file (or a data file it names) that cannot be used.
+class TaskFileError(InputFileError):
+    """A task file (or a data file it names) that cannot be used (a ValueError).
 
     The message is one line: the task file, the field at fault and the fix.
     """
@@ -91,7 +92,9 @@ def _fail(path: Path, message: str) -> TaskFileError:
 
 def _read_spec(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise _fail(path, "no such file; fix: pass the path of an existing .json task file")
+        raise MissingFileError(
+            f"task file {str(path)!r}: no such file; fix: pass the path of an existing .json file"
+        )
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -311,6 +314,7 @@ def load_task_file(path: str | os.PathLike, *, k: int | None = None) -> Task:
       A `Task` whose data is already read (``task.load()`` does no more I/O).
 
     Raises:
+      MissingFileError: no such task file.
       TaskFileError: (a ValueError) with one line naming the task file, the field and the fix:
         unknown keys, missing columns, labels not in ``label_names``, a template without
         ``{mask}``, fewer than 2k examples in a class, ...
