@@ -183,6 +183,7 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
             **outputs.task_info(bench.task(cell.task), bench.word_style),
             **record,
             "model": cfg.model,
+            "base_model": str(bench.path),  # what from_pretrained / PEFT load it onto
             "head": bench.prompt_head,
             "readout": bench.readout.value,
             "label_word_ids": [int(i) for i in bench.label_word_ids(cell.task)],
