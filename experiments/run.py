@@ -4,7 +4,9 @@ With no arguments: the offline CPU default (embedded MiniLM-L6, MR and TREC, LoR
 against zero-shot and head-only baselines, 3 seeds). Every cell (task x method x rank x seed)
 appends one line to ``runs/<name>/results.jsonl``; ``report.md`` and ``plots/`` are rewritten
 from all lines at the end. Re-running skips finished cells, and a cell stopped mid-training
-resumes from its last orbax checkpoint.
+resumes from its last orbax checkpoint. ``--task-file my.json`` adds a task of your own data
+(``lora_jax.tasks.task_file``); ``--save-adapters`` and ``--tensorboard`` keep each cell's
+adapter and curves (``experiments.outputs``).
 """
 
 from __future__ import annotations
