@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import inspect
 import re
 import types
 import typing
@@ -31,18 +32,20 @@ def flag_name(field_name: str) -> str:
 
 def field_docs(cls: type) -> dict[str, str]:
     """``{field: description}`` from the ``Attributes:`` section of ``cls``'s docstring."""
-    doc = cls.__doc__ or ""
+    doc = inspect.cleandoc(cls.__doc__ or "")
     section = doc.split("Attributes:", 1)[1] if "Attributes:" in doc else ""
+    names = {f.name for f in dataclasses.fields(cls)}
     docs: dict[str, str] = {}
-    current = None
+    current, indent = None, 0
     for line in section.splitlines():
-        entry = re.match(r"^\s{4,8}(\w+): (.*)$", line)
-        if entry and entry.group(1) in {f.name for f in dataclasses.fields(cls)}:
-            current = entry.group(1)
+        depth = len(line) - len(line.lstrip())
+        entry = re.match(r"^\s+(\w+): (.*)$", line)
+        if entry and entry.group(1) in names and (current is None or depth <= indent):
+            current, indent = entry.group(1), depth
             docs[current] = entry.group(2).strip()
-        elif current and line.strip():
+        elif current and line.strip() and depth > indent:
             docs[current] += " " + line.strip()
-        elif not line.strip():
+        else:
             current = None
     return docs
 

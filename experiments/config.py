@@ -40,7 +40,7 @@ class ExperimentConfig:
       eval_every: evaluate on dev every this many steps (best-dev checkpoint selection).
       max_length: token length of every encoded example (static shapes: one compile per cell kind).
       test_cap: at most this many test examples (deterministic subsample); 0 = all.
-      readout: how prompt-mode outputs are read (``lora_jax.task_model.Readout``): ``auto`` (the
+      readout: how prompt-mode outputs are read (``lora_jax.readout.Readout``): ``auto`` (the
         MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
         ``tied_mean``.
       dropout: run dropout while training: the encoder's own (its config's hidden and attention

@@ -29,7 +29,7 @@ from experiments.config import NAMED_CONFIGS, ExperimentConfig, get_config
 from experiments.workbench import Workbench
 from lora_jax import lora, tasks, train
 from lora_jax.errors import ConfigError, UserError, user_message
-from lora_jax.task_model import Method, make_model_fn, split_params
+from lora_jax.trainable import Method, make_model_fn, split_params
 
 
 class Cell(NamedTuple):

@@ -228,9 +228,9 @@ def save_peft(
     """
     if cfg.init is LoraInit.PISSA:
         raise ConfigError(
-            "PiSSA adapters only work on the residual base. Fix: convert with "
-            "lora.combine({'t': (trained, cfg), 'i': (initial, cfg)}, ['t', 'i'], [1, -1]) and "
-            "save that (exact, rank 2r)."
+            "PiSSA adapters only work on the residual base. Fix: convert them with "
+            "adapters, cfg = lora.combine({'t': (trained, cfg), 'i': (initial, cfg)}, "
+            "{'t': 1.0, 'i': -1.0}) and save that (exact, rank 2r; see lora.init_pissa)."
         )
     os.makedirs(directory, exist_ok=True)
     paths = [p for p, leaves in adapters.items() if "lora_a" in leaves]

@@ -31,6 +31,7 @@ from lora_jax.models.layers import (
     dense,
     dense_stack,
     dropout,
+    embed,
     gelu_exact,
     layer_norm,
 )
@@ -66,9 +67,9 @@ def _embeddings(p, input_ids, token_type_ids, cfg: EncoderConfig, dtype, keys) -
         positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id  # (B, T)
     else:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    x = jnp.take(p["word_embeddings"]["embedding"], input_ids, axis=0).astype(dtype)
-    x = x + jnp.take(p["position_embeddings"]["embedding"], positions, axis=0).astype(dtype)
-    x = x + jnp.take(p["token_type_embeddings"]["embedding"], token_type_ids, axis=0).astype(dtype)
+    x = embed(p["word_embeddings"], input_ids).astype(dtype)
+    x = x + embed(p["position_embeddings"], positions).astype(dtype)
+    x = x + embed(p["token_type_embeddings"], token_type_ids).astype(dtype)
     x = layer_norm(p["LayerNorm"], x, cfg.layer_norm_eps)  # (B, T, H)
     return dropout(x, cfg.hidden_dropout_prob, keys())
 
@@ -120,9 +121,16 @@ def _mlm_logits(params, base, h, cfg: EncoderConfig, label_word_ids) -> jax.Arra
         bias = head["bias"]
         decoder = head.get("decoder")
     if decoder is None:  # tied: decoder weight is the word-embedding matrix (V, H)
-        words = base["embeddings"]["word_embeddings"]["embedding"]
+        table = base["embeddings"]["word_embeddings"]
         if label_word_ids is not None:
-            words, bias = jnp.take(words, label_word_ids, axis=0), jnp.take(bias, label_word_ids)
+            words, bias = embed(table, label_word_ids), jnp.take(bias, label_word_ids)
+        elif "rows" in table:
+            raise ValueError(
+                "A compacted word-embedding table holds only some rows; full-vocabulary MLM "
+                "logits need them all. Pass label_word_ids."
+            )
+        else:
+            words = table["embedding"]
         return h @ words.astype(h.dtype).T + bias.astype(h.dtype)  # (..., V) or (..., K)
     kernel = decoder["kernel"]  # (H, V), untied
     if label_word_ids is not None:

@@ -388,7 +388,8 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         return AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as err:  # transformers' errors for missing / unusable files
         raise InputFileError(
-            f"{directory} has no usable tokenizer ({type(err).__name__}: {err}). Fix: save the "
+            f"{directory} has no usable tokenizer ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0]}). Fix: save the "
             "model's tokenizer into that directory (tokenizer.save_pretrained(directory))."
         ) from err
 
