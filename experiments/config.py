@@ -39,6 +39,10 @@ class ExperimentConfig:
       readout: how prompt-mode outputs are read (``lora_jax.task_model.Readout``): ``auto`` (the
         MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
         ``tied_mean``.
+      dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, and so the trained
+        adapters / weights and their optimizer state, stay float32: master weights).
+      remat: recompute each encoder layer in the backward pass (less memory, same numbers).
+      grad_accum: average the gradients of this many batches per optimizer update.
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
       out: parent directory of run directories.
@@ -62,6 +66,9 @@ class ExperimentConfig:
     max_length: int = 48
     test_cap: int = 1000
     readout: str = "auto"
+    dtype: str = "float32"
+    remat: bool = False
+    grad_accum: int = 1
     ntk: bool = False
     out: str = "runs"
 
@@ -81,6 +88,10 @@ class ExperimentConfig:
             raise ValueError(
                 f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied' or 'tied_mean'."
             )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype={self.dtype!r}; expected 'float32' or 'bfloat16'.")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}.")
         if any(r < 1 for r in self.ranks):
             raise ValueError(f"ranks must be >= 1, got {self.ranks}.")
 

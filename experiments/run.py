@@ -22,10 +22,11 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments import ntk_analysis, report
+from experiments import launch, ntk_analysis, report
 from experiments.config import NAMED_CONFIGS, ExperimentConfig, get_config
 from experiments.workbench import Workbench
-from lora_jax import lora, tasks, train
+from lora_jax import distributed, lora, tasks, train
+from lora_jax import sharding as sh
 from lora_jax.task_model import Method, make_model_fn, split_params
 
 
@@ -57,6 +58,8 @@ def cells(cfg: ExperimentConfig) -> list[Cell]:
 def prepare_run_dir(cfg: ExperimentConfig) -> str:
     """Creates ``out/name`` with ``config.json``; refuses a directory of another configuration."""
     run_dir = os.path.join(cfg.out, cfg.name)
+    if not distributed.is_primary():  # process 0 checks and writes config.json
+        return run_dir
     path = os.path.join(run_dir, "config.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -83,6 +86,7 @@ def train_config(cfg: ExperimentConfig, cell: Cell) -> train.TrainConfig:
         learning_rate=lr,
         loss=cfg.loss,
         eval_every=cfg.eval_every,
+        grad_accum=cfg.grad_accum,
         seed=cell.seed,
     )
 
@@ -92,8 +96,13 @@ def lora_config(cfg: ExperimentConfig, rank: int) -> lora.LoraConfig:
     return lora.LoraConfig(r=rank, alpha=alpha, targets=cfg.targets)
 
 
-def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) -> dict:
-    """Trains (unless zero-shot) and tests one cell; returns its results record."""
+def run_cell(
+    bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str, mesh=None, rules=None
+) -> dict:
+    """Trains (unless zero-shot) and tests one cell; returns its results record.
+
+    With a ``mesh`` (see :mod:`experiments.launch`) training and testing run on it.
+    """
     start = time.time()
     if cell.method == "head":
         output_fn, params, data = bench.cls_head_model(cell.task, cell.seed)
@@ -137,9 +146,19 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
         checkpoint_dir=ckpt_dir,
         metrics_path=metrics,
         progress=cell.key,
+        mesh=mesh,
+        rules=rules,
     )
+    test_data = data.test
+    if mesh is not None:
+        rules = sh.rules_for_mesh(mesh) if rules is None else rules
+        frozen = sh.place(frozen, sh.tree_shardings(frozen, mesh, rules))
+        test_data = sh.place_data(data.test, mesh, rules)
     test = train.evaluate(
-        train.programs(model_fn, tcfg).predict, result.best_trainable, frozen, data.test
+        train.programs(model_fn, tcfg, mesh=mesh, rules=rules).predict,
+        result.best_trainable,
+        frozen,
+        test_data,
     )
     if cfg.ntk and method == Method.LORA:
         record.update(
@@ -149,14 +168,16 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
                 params=params,
                 lora_config=lcfg,
                 adapters0=trainable,
-                adapters=result.best_trainable,
+                adapters=distributed.to_host(result.best_trainable),
                 data=data,
                 tcfg=tcfg,
                 model_fn_cache=bench.memo,
                 run_dir=run_dir,
             )
         )
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    distributed.barrier(f"done {cell.key}")
+    if distributed.is_primary():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     record.update(
         dev_accuracy=result.best_dev_accuracy,
         test_accuracy=test["accuracy"],
@@ -167,11 +188,17 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
     return record
 
 
-def run(cfg: ExperimentConfig, *, progress: bool = True) -> str:
-    """Runs every unfinished cell of ``cfg``, then writes the report; returns the run dir."""
+def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) -> str:
+    """Runs every unfinished cell of ``cfg``, then writes the report; returns the run dir.
+
+    With a ``mesh`` every cell trains on it. On several processes all of them run this with
+    the same arguments and ``cfg.out`` on a file system they share; only process 0 writes
+    ``config.json``, results, the report and plots.
+    """
     for name in cfg.tasks:  # fail fast on an unknown task, before any directory is made
         tasks.get_task(name)
     run_dir = prepare_run_dir(cfg)
+    distributed.barrier("run dir")
     results_path = os.path.join(run_dir, "results.jsonl")
     done = {
         Cell(r["task"], r["method"], r["rank"], r["seed"]).key
@@ -181,12 +208,17 @@ def run(cfg: ExperimentConfig, *, progress: bool = True) -> str:
     print(f"{run_dir}: {len(done)} cells done, {len(todo)} to run", file=sys.stderr)
     if todo:
         bench = Workbench(cfg)
-        for cell in tqdm(todo, desc=cfg.name, unit="cell", disable=not progress):
-            record = run_cell(bench, cfg, cell, run_dir)
+        primary = distributed.is_primary()
+        for cell in tqdm(todo, desc=cfg.name, unit="cell", disable=not (progress and primary)):
+            record = run_cell(bench, cfg, cell, run_dir, mesh, rules)
+            if not primary:
+                continue
             with open(results_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+    if not distributed.is_primary():
+        return run_dir
     records = report.read_results(results_path)
     plots = report.plot_accuracy_vs_rank(run_dir, records)
     path = report.write_report(run_dir, cfg.to_json(), records, plots)
@@ -211,15 +243,25 @@ def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
             parser.add_argument(flag, nargs="+")
         elif field.name in ("ranks", "seeds"):
             parser.add_argument(flag, nargs="+", type=int)
-        elif field.name in ("steps", "k", "batch_size", "eval_every", "max_length", "test_cap"):
+        elif field.name in (
+            "steps",
+            "k",
+            "batch_size",
+            "eval_every",
+            "max_length",
+            "test_cap",
+            "grad_accum",
+        ):
             parser.add_argument(flag, type=int)
         elif field.name in ("lr", "head_lr", "alpha"):
             parser.add_argument(flag, type=float)
-        elif field.name == "ntk":
+        elif field.name in ("ntk", "remat"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction)
         else:
             parser.add_argument(flag)
+    launch.add_arguments(parser)
     args = vars(parser.parse_args(argv))
+    launch.pop_launch(args)  # read by parse_launch
     name = args.pop("config")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     try:
@@ -228,10 +270,18 @@ def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
         parser.error(str(err))
 
 
+def parse_launch(argv: list[str] | None = None) -> launch.Launch:
+    """The mesh and process flags of the command line (see :mod:`experiments.launch`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    launch.add_arguments(parser)
+    return launch.pop_launch(vars(parser.parse_known_args(argv)[0]))
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
-        run(cfg)
+        mesh, rules = launch.start(parse_launch(argv))
+        run(cfg, mesh=mesh, rules=rules)
     except (ValueError, KeyError, FileNotFoundError) as err:
         # User errors (unknown task, bad model path, k too large, ...) as one clear line.
         raise SystemExit(f"error: {err.args[0] if err.args else err}") from err

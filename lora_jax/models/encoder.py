@@ -179,6 +179,7 @@ def forward(
     mask_positions: jax.Array | None = None,
     label_word_ids: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
+    remat: bool = False,
 ) -> jax.Array:
     """Pure forward pass of a RoBERTa / BERT encoder with an optional head.
 
@@ -194,6 +195,9 @@ def forward(
       label_word_ids: ``(K,)`` int vocabulary ids; with ``head='mlm'`` and ``mask_positions``
         only these K decoder rows are computed.
       dropout_rng: PRNG key turning on HF's dropout rates; None is deterministic.
+      remat: recompute each layer's activations in the backward pass (``jax.checkpoint``)
+        instead of storing them: less memory for long sequences or large batches, about one
+        more forward pass of compute. Same numbers.
 
     Returns:
       head 'mlm': ``(B, T, V)`` logits, ``(B, V)`` at ``mask_positions``, ``(B, K)`` with
@@ -239,7 +243,12 @@ def forward(
     )
     last = config.num_hidden_layers - 1
     for i in range(config.num_hidden_layers):
-        x = _block(layers[i], x, key_mask, config, keys, rows if i == last else None)
+        r = rows if i == last else None
+        if remat:
+            block = lambda p, x, r=r: _block(p, x, key_mask, config, keys, r)  # noqa: E731
+            x = jax.checkpoint(block)(layers[i], x)
+        else:
+            x = _block(layers[i], x, key_mask, config, keys, r)
 
     if head == "cls":
         return _cls_logits(params, base, x[:, 0], config, keys)
@@ -251,7 +260,7 @@ def forward(
     return x
 
 
-_jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype"))
+_jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype", "remat"))
 
 
 # --------------------------------------------------------------------------------------------
