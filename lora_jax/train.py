@@ -263,7 +263,7 @@ class _MeshPlan(NamedTuple):
         sharding_lib.check_rules(rules, mesh)
         ways = sharding_lib.batch_ways(mesh, rules)
         if batch_size is not None and batch_size % ways:
-            axes = "x".join(rules["batch"])
+            axes = " x ".join(rules["batch"])
             raise ValueError(
                 f"batch_size={batch_size} is not divisible by the {ways} batch shards of the mesh "
                 f"({axes}={ways}); use a multiple of {ways}."

@@ -212,3 +212,19 @@ def test_shardings_are_what_the_rules_say(mesh_runs):
         "('tensor', 'fsdp')"
     )
     assert frozen[f"{layer}['output']['LayerNorm']['scale']"] == "('fsdp',)"
+
+
+@pytest.mark.slow
+def test_sharded_adapters_saved_as_peft_load_with_the_same_logits(mesh_runs):
+    run = mesh_runs["lora/data=2,fsdp=2,tensor=2"]
+    trained = {k.replace("']['", ".").strip("[']") for k in run["trainable"]}
+    assert run["peft_keys"] == sorted(trained)  # no adapter key lost at save
+    np.testing.assert_allclose(run["peft_logits"], run["mesh_logits"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_batch_not_divisible_by_the_data_axes_is_an_error(mesh_runs):
+    assert mesh_runs["batch_error"] == (
+        "batch_size=6 is not divisible by the 8 batch shards of the mesh (data x fsdp=8); "
+        "use a multiple of 8."
+    )
