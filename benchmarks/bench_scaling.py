@@ -59,7 +59,8 @@ def worker(a) -> None:
     from lora_jax import lora, models, train
     from lora_jax import sharding as sh
     from lora_jax.losses import get_loss
-    from lora_jax.task_model import make_model_fn, make_output_fn
+    from lora_jax.readout import make_output_fn
+    from lora_jax.trainable import make_model_fn
 
     n = jax.device_count()
     config = models.EncoderConfig(

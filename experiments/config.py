@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss
 
 METHODS = ("zero_shot", "head", "lora", "full")
@@ -36,13 +37,17 @@ class ExperimentConfig:
       eval_every: evaluate on dev every this many steps (best-dev checkpoint selection).
       max_length: token length of every encoded example (static shapes: one compile per cell kind).
       test_cap: at most this many test examples (deterministic subsample); 0 = all.
-      readout: how prompt-mode outputs are read (``lora_jax.task_model.Readout``): ``auto`` (the
+      readout: how prompt-mode outputs are read (``lora_jax.readout.Readout``): ``auto`` (the
         MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
         ``tied_mean``.
       dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, and so the trained
         adapters / weights and their optimizer state, stay float32: master weights).
       remat: recompute each encoder layer in the backward pass (less memory, same numbers).
       grad_accum: average the gradients of this many batches per optimizer update.
+      dropout: run dropout while training: the encoder's own (its config's hidden and attention
+        dropout) and ``lora_dropout`` on the LoRA branches; off at evaluation. The head-only
+        baseline trains on cached features, so there only the head's dropout runs.
+      lora_dropout: PEFT's ``lora_dropout`` rate on the LoRA input (with ``dropout``).
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
       out: parent directory of run directories.
@@ -69,6 +74,8 @@ class ExperimentConfig:
     dtype: str = "float32"
     remat: bool = False
     grad_accum: int = 1
+    dropout: bool = False
+    lora_dropout: float = 0.0
     ntk: bool = False
     out: str = "runs"
 
@@ -80,20 +87,20 @@ class ExperimentConfig:
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
             if not getattr(self, name):
-                raise ValueError(f"ExperimentConfig.{name} must not be empty.")
+                raise ConfigError(f"ExperimentConfig.{name} must not be empty.")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"Unknown methods {unknown}; expected some of {list(METHODS)}.")
+            raise ConfigError(f"Unknown methods {unknown}; expected some of {list(METHODS)}.")
         if self.readout not in ("auto", "mlm", "tied", "tied_mean"):
-            raise ValueError(
+            raise ConfigError(
                 f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied' or 'tied_mean'."
             )
         if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype={self.dtype!r}; expected 'float32' or 'bfloat16'.")
+            raise ConfigError(f"dtype={self.dtype!r}; expected 'float32' or 'bfloat16'.")
         if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}.")
+            raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}.")
         if any(r < 1 for r in self.ranks):
-            raise ValueError(f"ranks must be >= 1, got {self.ranks}.")
+            raise ConfigError(f"ranks must be >= 1, got {self.ranks}.")
 
     def to_json(self) -> dict[str, Any]:
         """The fields that define the results (``out`` excluded: a run may be moved)."""
@@ -154,6 +161,6 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 def get_config(config: str, /, **overrides: Any) -> ExperimentConfig:
     """The named config with ``overrides`` (None values are ignored) applied."""
     if config not in NAMED_CONFIGS:
-        raise ValueError(f"Unknown config {config!r}; known configs: {sorted(NAMED_CONFIGS)}.")
+        raise ConfigError(f"Unknown config {config!r}; known configs: {sorted(NAMED_CONFIGS)}.")
     fields = {**NAMED_CONFIGS[config], **{k: v for k, v in overrides.items() if v is not None}}
     return ExperimentConfig(**fields)

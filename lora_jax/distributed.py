@@ -19,6 +19,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lora_jax.errors import ConfigError
+
 PyTree = Any
 
 
@@ -44,7 +46,7 @@ def initialize(
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id}
     if auto:
         if any(v is not None for v in given.values()):
-            raise ValueError(
+            raise ConfigError(
                 "--distributed reads the processes from the environment; do not combine it with "
                 "--coordinator / --num-processes / --process-id."
             )
@@ -55,16 +57,16 @@ def initialize(
     missing = [k for k, v in given.items() if v is None]
     if missing:
         flags = ", ".join("--" + k.replace("_", "-") for k in missing)
-        raise ValueError(
+        raise ConfigError(
             f"Multi-process runs need --coordinator, --num-processes and --process-id; missing "
             f"{flags}."
         )
     if ":" not in coordinator:
-        raise ValueError(f"--coordinator {coordinator!r} must be HOST:PORT, e.g. 10.0.0.1:8476.")
+        raise ConfigError(f"--coordinator {coordinator!r} must be HOST:PORT, e.g. 10.0.0.1:8476.")
     if num_processes < 1:
-        raise ValueError(f"--num-processes must be >= 1, got {num_processes}.")
+        raise ConfigError(f"--num-processes must be >= 1, got {num_processes}.")
     if not 0 <= process_id < num_processes:
-        raise ValueError(
+        raise ConfigError(
             f"--process-id {process_id} is out of range for --num-processes {num_processes}; "
             f"use 0..{num_processes - 1}."
         )

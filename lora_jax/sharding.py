@@ -38,6 +38,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from lora_jax.errors import ConfigError
+
 PyTree = Any
 Rules = Mapping[str, tuple[str, ...]]
 
@@ -72,7 +74,9 @@ def rules(preset: str = "dp") -> dict[str, tuple[str, ...]]:
     table: dict[str, tuple[str, ...]] = {name: () for name in LOGICAL_AXES}
     for name in preset.split("+"):
         if name not in PRESETS:
-            raise ValueError(f"Unknown sharding preset {name!r}; expected some of {list(PRESETS)}.")
+            raise ConfigError(
+                f"Unknown sharding preset {name!r}; expected some of {list(PRESETS)}."
+            )
         for logical, axes in PRESETS[name].items():
             table[logical] = table[logical] + tuple(a for a in axes if a not in table[logical])
     return table
@@ -91,17 +95,17 @@ def parse_mesh(spec: str) -> dict[str, int]:
         name, eq, size = part.partition("=")
         name = name.strip()
         if name not in MESH_AXES:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown mesh axis {name!r} in mesh {spec!r}; mesh axes are {list(MESH_AXES)} "
                 "(e.g. 'data=4,fsdp=2')."
             )
         if not eq or not size.strip().isdigit() or int(size) < 1:
-            raise ValueError(f"Mesh axis {part!r} in {spec!r} needs a size >= 1, e.g. 'data=4'.")
+            raise ConfigError(f"Mesh axis {part!r} in {spec!r} needs a size >= 1, e.g. 'data=4'.")
         if name in shape:
-            raise ValueError(f"Mesh axis {name!r} appears twice in mesh {spec!r}.")
+            raise ConfigError(f"Mesh axis {name!r} appears twice in mesh {spec!r}.")
         shape[name] = int(size)
     if not shape:
-        raise ValueError(f"Mesh {spec!r} names no axis; e.g. 'data=4' or 'data=2,fsdp=2'.")
+        raise ConfigError(f"Mesh {spec!r} names no axis; e.g. 'data=4' or 'data=2,fsdp=2'.")
     return shape
 
 
@@ -121,7 +125,7 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = Non
     sizes = tuple(shape[a] for a in names)
     if math.prod(sizes) != len(devices):
         text = ",".join(f"{a}={shape[a]}" for a in names)
-        raise ValueError(
+        raise ConfigError(
             f"Mesh {text} has {math.prod(sizes)} devices but {len(devices)} are present; make "
             f"the axis sizes multiply to {len(devices)} (e.g. --mesh data={len(devices)})."
         )
@@ -135,7 +139,7 @@ def check_rules(table: Rules, mesh: Mesh) -> None:
     for logical, axes in table.items():
         for axis in axes:
             if axis not in mesh.axis_names:
-                raise ValueError(
+                raise ConfigError(
                     f"Sharding rule {logical!r} -> {axis!r} names mesh axis {axis!r}, which the "
                     f"mesh ({_mesh_text(mesh)}) does not have; add {axis}=... to the mesh or "
                     "drop it from the rule."
@@ -242,14 +246,14 @@ def spec(
             parts.append(None)
             continue
         if name not in table:
-            raise ValueError(
+            raise ConfigError(
                 f"{where or 'An array'} has logical axis {name!r}, which has no sharding rule "
                 f"(rules exist for {sorted(table)}); add e.g. {name!r}: () (replicated)."
             )
         mesh_axes = tuple(table[name])
         check_rules({name: mesh_axes}, mesh)
         if clash := used & set(mesh_axes):
-            raise ValueError(
+            raise ConfigError(
                 f"{where or 'An array'}: mesh axis {sorted(clash)[0]!r} shards two of its "
                 f"dimensions (logical axes {tuple(axes)}); change the rules so each mesh axis "
                 "splits at most one dimension."

@@ -5,11 +5,21 @@ adapters over a frozen base, all weights, only a head, or a linearized model fro
 train through the same loop. Data stays on the device as a dict of ``[N, ...]`` arrays; each
 step gathers its batch by index from a per-epoch permutation derived from the step counter, so
 the loop keeps no host-side state and a resumed run sees exactly the batches an uninterrupted
-run would. ``eval_every`` steps run as one ``lax.scan`` inside one ``jax.jit`` call.
+run would. ``eval_every`` steps run as one ``lax.scan`` inside one ``jax.jit`` call (a shorter
+last chunk when ``eval_every`` does not divide ``steps`` is one more compiled program).
 
-Example:
-  >>> state = init_state(adapters, make_optimizer(cfg), seed=cfg.seed)
-  >>> result = fit(model_fn, state, base_params, train_data, dev_data, cfg)
+Example (a linear classifier standing in for a model):
+  >>> import jax.numpy as jnp, numpy as np
+  >>> from lora_jax import train
+  >>> def model_fn(trainable, frozen, batch, dropout_rng):
+  ...     return batch["x"] @ trainable["w"]  # (B, K)
+  >>> x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+  >>> data = {"x": x, "labels": (x[:, 0] > 0).astype(np.int32)}
+  >>> cfg = train.TrainConfig(steps=20, batch_size=8, learning_rate=0.1, eval_every=10)
+  >>> state = train.init_state({"w": jnp.zeros((4, 2))}, train.make_optimizer(cfg), cfg.seed)
+  >>> result = train.fit(model_fn, state, {}, data, data, cfg, progress=False)
+  >>> [r["step"] for r in result.history], result.best_dev_accuracy > 0.9
+  ([10, 20], True)
 """
 
 from __future__ import annotations
@@ -25,12 +35,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from lora_jax import checkpoint
 from lora_jax import sharding as sharding_lib
+from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
+from lora_jax.rows import map_rows, num_rows
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -57,7 +69,7 @@ def _enum_field(cls: type[enum.Enum], name: str, value: Any) -> enum.Enum:
         return cls(value)
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in cls)
-        raise ValueError(f"TrainConfig.{name}={value!r} is not one of {allowed}.") from None
+        raise ConfigError(f"TrainConfig.{name}={value!r} is not one of {allowed}.") from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,7 +89,9 @@ class TrainConfig:
       max_grad_norm: global-norm clipping threshold; None disables clipping.
       grad_accum: number of steps whose gradients are averaged per update.
       loss: ``ce`` or ``mse`` on the K outputs (see :mod:`lora_jax.losses`).
-      eval_every: evaluate on dev (and checkpoint) every this many steps; must divide ``steps``.
+      eval_every: evaluate on dev (and checkpoint) every this many steps, and after the last
+        step (any value: with ``steps % eval_every`` left over, the last interval is shorter;
+        ``eval_every > steps`` evaluates once, at the end).
       eval_batch_size: batch size for evaluation.
       dropout: whether to run the model's dropout during training.
       seed: seeds batch order and dropout.
@@ -105,23 +119,37 @@ class TrainConfig:
         object.__setattr__(self, "loss", _enum_field(Loss, "loss", self.loss))
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.learning_rate <= 0:
-            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.")
-        if self.steps % self.eval_every:
-            raise ValueError(
-                f"TrainConfig.eval_every={self.eval_every} must divide steps={self.steps} "
-                "(each evaluation interval is one compiled chunk); e.g. use "
-                f"eval_every={_largest_divisor_at_most(self.steps, self.eval_every)}."
-            )
+            raise ConfigError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.")
         if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(
+            raise ConfigError(
                 f"TrainConfig.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})."
             )
 
 
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+def chunk_lengths(steps: int, eval_every: int, start: int = 0) -> list[int]:
+    """Steps of each compiled chunk from ``start`` to ``steps``: evaluation after each.
+
+    Chunks end at the multiples of ``eval_every`` and at ``steps``, wherever the run starts from
+    (so a run resumed from a checkpoint at a chunk end continues on the same schedule).
+
+    >>> chunk_lengths(20, 25), chunk_lengths(60, 25), chunk_lengths(60, 25, start=50)
+    ([20], [25, 25, 10], [10])
+    """
+    ends = [*range(eval_every, steps, eval_every), steps]
+    return [e - max(b, start) for b, e in zip([0, *ends], ends, strict=False) if e > start]
+
+
+# The dropout key of step t is fold_in(fold_in(rng, DROPOUT_TAG), t), disjoint from the batch-order
+# keys fold_in(rng, epoch): epochs never reach 2**32 - 1, since the step counter is an int32.
+DROPOUT_TAG = 0xFFFFFFFF
+
+
+def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+    """The dropout key (a typed key) of ``step`` for a state's ``rng`` (raw ``uint32[2]``)."""
+    base = jax.random.fold_in(jax.random.wrap_key_data(rng), DROPOUT_TAG)
+    return jax.random.fold_in(base, step)
 
 
 class TrainState(NamedTuple):
@@ -197,7 +225,7 @@ def make_train_chunk(
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules | None = None,
 ) -> Callable[[TrainState, PyTree, Batch], tuple[TrainState, jax.Array]]:
-    """Returns ``chunk(state, frozen, data) -> (state, losses [eval_every])``, jitted.
+    """Returns ``chunk(state, frozen, data, length=None) -> (state, losses [length])``, jitted.
 
     ``data`` is the whole training set as a dict of ``[N, ...]`` arrays (with ``labels`` [N]);
     ``frozen`` is passed in (not closed over) so its arrays are not baked into the program.
@@ -206,6 +234,8 @@ def make_train_chunk(
     :func:`lora_jax.sharding.rules_for_mesh`): the state (trainable tree and optimizer state)
     and ``frozen`` by their logical axes, ``data`` over the batch axes, and each step's batch
     constrained to the batch axes. The state keeps its shardings from chunk to chunk.
+    ``length`` (static; default ``cfg.eval_every``) is the number of steps; each distinct value
+    is compiled once.
     """
     loss_fn = get_loss(cfg.loss)
     on_mesh = _MeshPlan.make(mesh, rules, cfg.batch_size)
@@ -221,32 +251,30 @@ def make_train_chunk(
         batch = jax.tree.map(lambda x: x[idx], data)
         if on_mesh is not None:
             batch = on_mesh.constrain_batch(batch)
-        dropout_rng = None
-        if cfg.dropout:
-            base = jax.random.fold_in(jax.random.wrap_key_data(state.rng), -1)
-            dropout_rng = jax.random.fold_in(base, state.step)
+        dropout_rng = dropout_key(state.rng, state.step) if cfg.dropout else None
         loss, grads = jax.value_and_grad(objective)(state.trainable, frozen, batch, dropout_rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(state.step + 1, trainable, opt_state, state.rng), loss
 
-    def chunk(state, frozen, data):
+    def chunk(state, frozen, data, length=None):
         if data["labels"].shape[0] < cfg.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"Training set has {data['labels'].shape[0]} examples, fewer than "
                 f"batch_size={cfg.batch_size}; lower TrainConfig.batch_size."
             )
         body = lambda carry, x: step(carry, x, frozen, data)  # noqa: E731
-        return jax.lax.scan(body, state, None, length=cfg.eval_every)
+        return jax.lax.scan(body, state, None, length=length or cfg.eval_every)
 
     if on_mesh is None:
-        return jax.jit(chunk, donate_argnums=0)
-    return on_mesh.jit(
+        return jax.jit(chunk, donate_argnums=0, static_argnames="length")
+    sharded = on_mesh.jit(
         chunk,
         lambda state, frozen, data: (on_mesh.tree(state), on_mesh.tree(frozen), on_mesh.data(data)),
         lambda ins: (ins[0], on_mesh.replicated),
         donate_argnums=0,
     )
+    return lambda state, frozen, data, length=None: sharded(state, frozen, data, length=length)
 
 
 class _MeshPlan(NamedTuple):
@@ -264,7 +292,7 @@ class _MeshPlan(NamedTuple):
         ways = sharding_lib.batch_ways(mesh, rules)
         if batch_size is not None and batch_size % ways:
             axes = " x ".join(rules["batch"])
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size={batch_size} is not divisible by the {ways} batch shards of the mesh "
                 f"({axes}={ways}); use a multiple of {ways}."
             )
@@ -280,29 +308,28 @@ class _MeshPlan(NamedTuple):
     def data(self, data: Batch) -> dict:
         return sharding_lib.data_shardings(data, self.mesh, self.rules)
 
-    def constrain_batch(self, batch: Batch, axis: int = 0) -> dict:
-        """Splits dimension ``axis`` of every array of ``batch`` over the batch mesh axes."""
-        batch_spec = sharding_lib.batch_sharding(self.mesh, self.rules, (0,)).spec
+    def constrain_batch(self, batch: Batch) -> dict:
+        """Splits the first dimension of every array of ``batch`` over the batch mesh axes."""
+        spec = sharding_lib.batch_sharding(self.mesh, self.rules, (0,)).spec
         return {
-            k: jax.lax.with_sharding_constraint(
-                x, NamedSharding(self.mesh, PartitionSpec(*([None] * axis), *batch_spec))
-            )
+            k: jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
             for k, x in batch.items()
         }
 
     def jit(self, fn, in_shardings_fn, out_shardings_fn, donate_argnums=()):
         """``jax.jit(fn)`` with in / out shardings derived from the arguments' paths and shapes.
 
-        One compiled program per argument structure (shapes and shardings), like ``jax.jit``.
+        One compiled program per argument structure (shapes and shardings) and per value of
+        the keyword arguments (static, like ``jax.jit`` 's ``static_argnames``).
         """
         compiled: dict = {}
 
-        def call(*args):
+        def call(*args, **static):
             ins = in_shardings_fn(*args)
-            key = (jax.tree.structure(ins), tuple(jax.tree.leaves(ins)))
+            key = (jax.tree.structure(ins), tuple(jax.tree.leaves(ins)), tuple(static.items()))
             if key not in compiled:
                 compiled[key] = jax.jit(
-                    fn,
+                    functools.partial(fn, **static),
                     in_shardings=ins,
                     out_shardings=out_shardings_fn(ins),
                     donate_argnums=donate_argnums,
@@ -324,31 +351,20 @@ def make_predict(
     ``data`` (a dict of ``[N, ...]`` arrays) is split into ``ceil(N / batch_size)`` batches of
     one static size, as even as possible (so 32 rows run as one batch of 32, not one of 64, and
     1000 as 16 of 63), and mapped over with ``lax.map``; padding rows are dropped from the
-    result. With a ``mesh`` the parameters are placed by ``rules``, each batch is split over the
-    batch axes (its size rounded up to a multiple of their shard count) and the outputs are
+    result. With a ``mesh`` the parameters are placed by ``rules``, each block is split over the
+    batch axes when its row count is a multiple of their shard count, and the outputs are
     replicated.
     """
     on_mesh = _MeshPlan.make(mesh, rules, None)
     ways = 1 if on_mesh is None else sharding_lib.batch_ways(on_mesh.mesh, on_mesh.rules)
 
     def predict(trainable, frozen, data):
-        n = jax.tree.leaves(data)[0].shape[0]
-        num_batches = -(-n // batch_size)
-        rows = -(-n // num_batches)  # <= batch_size
-        if ways > 1:
-            rows = -(-rows // ways) * ways  # a multiple of the batch shards
-            num_batches = -(-n // rows)
-        pad = num_batches * rows - n
+        def run_block(b):
+            if on_mesh is not None and num_rows(b) % ways == 0:
+                b = on_mesh.constrain_batch(b)
+            return model_fn(trainable, frozen, b, None)
 
-        def blocks(x):
-            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-            return x.reshape(num_batches, rows, *x.shape[1:])  # (nb, rows, ...)
-
-        batched = jax.tree.map(blocks, dict(data))
-        if on_mesh is not None:
-            batched = on_mesh.constrain_batch(batched, axis=1)
-        out = jax.lax.map(lambda b: model_fn(trainable, frozen, b, None), batched)
-        return out.reshape(num_batches * rows, *out.shape[2:])[:n]
+        return map_rows(run_block, data, batch_size)
 
     if on_mesh is None:
         return jax.jit(predict)
@@ -426,7 +442,8 @@ def fit(
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules | None = None,
 ) -> FitResult:
-    """Trains for ``cfg.steps``, evaluating on ``dev_data`` every ``cfg.eval_every`` steps.
+    """Trains for ``cfg.steps``, evaluating on ``dev_data`` every ``cfg.eval_every`` steps and
+    after the last one (see :func:`chunk_lengths`).
 
     Keeps the trainable parameters of the best dev accuracy (ties: the earlier step, as in
     LM-BFF). With ``checkpoint_dir`` the state and the best parameters are saved with orbax at
@@ -490,8 +507,8 @@ def fit(
         unit="step",
         leave=False,
     )
-    for _ in range(start, cfg.steps, cfg.eval_every):
-        state, losses = chunk(state, frozen, train_data)
+    for length in chunk_lengths(cfg.steps, cfg.eval_every, start):
+        state, losses = chunk(state, frozen, train_data, length)
         step = int(state.step)
         dev = evaluate(predict, state.trainable, frozen, dev_data, cfg.loss)
         record = {
@@ -510,7 +527,7 @@ def fit(
                 f.write(json.dumps(record) + "\n")
         if checkpoint_dir is not None:
             checkpoint.save(checkpoint_dir, step, {"state": state, "best": best_trainable}, log)
-        bar.update(cfg.eval_every)
+        bar.update(length)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev=f"{dev['accuracy']:.3f}")
     bar.close()
     return FitResult(state, best_trainable, log["best_step"], log["best_accuracy"], log["history"])

@@ -14,7 +14,8 @@ import numpy as np
 
 from lora_jax import lora, models, train
 from lora_jax import sharding as sh
-from lora_jax.task_model import Method, make_model_fn, make_output_fn, split_params
+from lora_jax.readout import make_output_fn
+from lora_jax.trainable import Method, make_model_fn, split_params
 
 MESHES = (None, "data=8", "data=4,fsdp=2", "data=2,fsdp=2,tensor=2")
 

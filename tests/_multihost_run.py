@@ -21,7 +21,7 @@ from _mesh_runs import tiny_problem  # noqa: E402
 
 from lora_jax import distributed, lora, train  # noqa: E402
 from lora_jax import sharding as sh  # noqa: E402
-from lora_jax.task_model import make_model_fn, split_params  # noqa: E402
+from lora_jax.trainable import make_model_fn, split_params  # noqa: E402
 
 
 def main():

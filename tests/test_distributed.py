@@ -106,7 +106,7 @@ def test_adapters_saved_from_the_sharded_run_load_with_the_same_logits(runs):
     from _mesh_runs import tiny_problem
 
     from lora_jax import train
-    from lora_jax.task_model import make_model_fn
+    from lora_jax.trainable import make_model_fn
 
     _, two = runs
     adapters, cfg = lora.load_peft(os.path.join(two, "peft"))
