@@ -5,6 +5,8 @@ help text (from the class docstring's ``Attributes:`` section) with no change he
 its type is one of: ``bool`` (``--x/--no-x``), ``int``, ``float``, ``str``, a ``StrEnum``
 (choices), ``tuple[T, ...]`` of those (``nargs='+'``), or any of these ``| None``. A field of
 another type is a bug of the config, reported as a ``TypeError`` when the parser is built.
+A field's ``metadata`` may rename its flag (``{"flag": "--task-file"}``) and make a tuple flag
+repeatable (``{"repeatable": True}``: ``--task-file a.json --task-file b.json``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import inspect
 import re
 import types
 import typing
@@ -29,18 +32,20 @@ def flag_name(field_name: str) -> str:
 
 def field_docs(cls: type) -> dict[str, str]:
     """``{field: description}`` from the ``Attributes:`` section of ``cls``'s docstring."""
-    doc = cls.__doc__ or ""
+    doc = inspect.cleandoc(cls.__doc__ or "")
     section = doc.split("Attributes:", 1)[1] if "Attributes:" in doc else ""
+    names = {f.name for f in dataclasses.fields(cls)}
     docs: dict[str, str] = {}
-    current = None
+    current, indent = None, 0
     for line in section.splitlines():
-        entry = re.match(r"^\s{4,8}(\w+): (.*)$", line)
-        if entry and entry.group(1) in {f.name for f in dataclasses.fields(cls)}:
-            current = entry.group(1)
+        depth = len(line) - len(line.lstrip())
+        entry = re.match(r"^\s+(\w+): (.*)$", line)
+        if entry and entry.group(1) in names and (current is None or depth <= indent):
+            current, indent = entry.group(1), depth
             docs[current] = entry.group(2).strip()
-        elif current and line.strip():
+        elif current and line.strip() and depth > indent:
             docs[current] += " " + line.strip()
-        elif not line.strip():
+        else:
             current = None
     return docs
 
@@ -93,4 +98,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             default = " ".join(map(str, default))
         help_text = f"{docs.get(field.name, '')} (default config: {default})".strip()
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
-        parser.add_argument(flag_name(field.name), default=None, help=help_text, **kwargs)
+        if field.metadata.get("repeatable"):
+            kwargs["action"] = "extend"  # each use adds to the list
+        flag = field.metadata.get("flag", flag_name(field.name))
+        parser.add_argument(flag, dest=field.name, default=None, help=help_text, **kwargs)

@@ -35,7 +35,7 @@ def read_results(path: str | os.PathLike) -> list[dict]:
                     "line (its cell is then run again on resume)."
                 ) from err
             warnings.warn(
-                f"{os.fspath(path)}: skipping its last line, which was cut short ({err}); that "
+                f"{os.fspath(path)}: its last line was cut short ({err}); skipped it, so that "
                 "cell is not counted as done.",
                 stacklevel=2,
             )

@@ -45,7 +45,7 @@ class InputFileError(UserError, ValueError):
 
 
 def user_message(err: BaseException) -> str:
-    """The one-line message of ``err`` (its first argument; KeyError's ``str`` adds quotes)."""
-    if err.args and isinstance(err.args[0], str):
-        return err.args[0]
-    return str(err)
+    """The message of ``err`` on one line (its first argument: KeyError's ``str`` adds quotes;
+    line breaks, e.g. from a third-party cause quoted in it, become spaces)."""
+    text = err.args[0] if err.args and isinstance(err.args[0], str) else str(err)
+    return " ".join(text.split())

@@ -20,9 +20,10 @@ from lora_jax.models.encoder import (
     logical_axes,
     split,
 )
-from lora_jax.models.layers import dense
+from lora_jax.models.layers import dense, embed
 from lora_jax.models.pretrained import (
     from_pretrained,
+    load_peft_model,
     load_tokenizer,
     minilm_path,
     read_model_type,
@@ -38,8 +39,10 @@ __all__ = [
     "cls_head",
     "create",
     "dense",
+    "embed",
     "forward",
     "from_pretrained",
+    "load_peft_model",
     "load_tokenizer",
     "logical_axes",
     "minilm_path",

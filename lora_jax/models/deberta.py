@@ -28,7 +28,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.models.config import EncoderConfig
-from lora_jax.models.layers import activation, attend, dense, dense_stack, dropout, layer_norm
+from lora_jax.models.layers import (
+    activation,
+    attend,
+    dense,
+    dense_stack,
+    dropout,
+    embed,
+    layer_norm,
+)
 
 Keys = Callable[[], jax.Array | None]
 
@@ -85,13 +93,11 @@ def _score_scale(cfg: EncoderConfig, dtype) -> jax.Array:
 def embeddings(p, input_ids, token_type_ids, attention_mask, cfg: EncoderConfig, dtype, keys):
     """``DebertaV2Embeddings``: ``(B, T)`` ids -> ``(B, T, H)``, padded positions zeroed."""
     B, T = input_ids.shape
-    x = jnp.take(p["word_embeddings"]["embedding"], input_ids, axis=0).astype(dtype)  # (B, T, E)
+    x = embed(p["word_embeddings"], input_ids).astype(dtype)  # (B, T, E)
     if cfg.position_biased_input:
-        x = x + p["position_embeddings"]["embedding"][:T].astype(dtype)[None]
+        x = x + embed(p["position_embeddings"], jnp.arange(T))[None].astype(dtype)
     if cfg.type_vocab_size > 0:
-        x = x + jnp.take(p["token_type_embeddings"]["embedding"], token_type_ids, axis=0).astype(
-            dtype
-        )
+        x = x + embed(p["token_type_embeddings"], token_type_ids).astype(dtype)
     if "embed_proj" in p:
         x = dense(p["embed_proj"], x)  # (B, T, H)
     x = layer_norm(p["LayerNorm"], x, cfg.layer_norm_eps)
@@ -146,12 +152,13 @@ def _block(p, x, rel, mask, idx, cfg: EncoderConfig, keys, rows=None) -> jax.Arr
 
 
 def encode(
-    base, input_ids, attention_mask, token_type_ids, cfg: EncoderConfig, dtype, keys, rows
+    base, input_ids, attention_mask, token_type_ids, cfg: EncoderConfig, dtype, keys, rows, remat
 ) -> jax.Array:
     """``DebertaV2Model``: ``(B, T)`` ids -> ``(B, T, H)``, or ``(B, 1, H)`` with ``rows``.
 
     ``attention_mask`` is ``(B, T)`` int; as in HF, padded queries are masked too (their rows
-    attend uniformly), so hidden states at padded positions equal PyTorch's.
+    attend uniformly), so hidden states at padded positions equal PyTorch's. With ``remat``
+    each layer is recomputed in the backward pass (``jax.checkpoint``).
     """
     B, T = input_ids.shape
     x = embeddings(base["embeddings"], input_ids, token_type_ids, attention_mask, cfg, dtype, keys)
@@ -169,12 +176,13 @@ def encode(
             idx_rows = (c2p[rows][:, None], p2c[rows][:, None])  # (B, 1, T)
     last = cfg.num_hidden_layers - 1
     for i in range(cfg.num_hidden_layers):
-        layer = base["encoder"]["layer"][i]
         if i == last and rows is not None:
             row_mask = jnp.take_along_axis(mask, rows[:, None, None, None], axis=2)  # (B,1,1,T)
-            x = _block(layer, x, rel, row_mask, idx_rows, cfg, keys, rows)
+            args = (row_mask, idx_rows, rows)
         else:
-            x = _block(layer, x, rel, mask, idx, cfg, keys)
+            args = (mask, idx, None)
+        block = lambda p, x, rel, a=args: _block(p, x, rel, a[0], a[1], cfg, keys, a[2])  # noqa: E731
+        x = (jax.checkpoint(block) if remat else block)(base["encoder"]["layer"][i], x, rel)
     return x
 
 

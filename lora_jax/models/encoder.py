@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lora_jax import sharding
 from lora_jax.errors import ConfigError
 from lora_jax.models import deberta
 from lora_jax.models.config import HEADS, EncoderConfig
@@ -37,10 +38,12 @@ from lora_jax.models.layers import (
     dense,
     dense_stack,
     dropout,
+    embed,
     gelu_exact,
     layer_norm,
 )
-from lora_jax.params import flatten, unflatten
+from lora_jax.params import unflatten
+from lora_jax.sharding import leaf_axes
 
 PyTree = Any
 DTYPES = ("float32", "bfloat16", "float64")
@@ -72,18 +75,20 @@ def _embeddings(p, input_ids, token_type_ids, cfg: EncoderConfig, dtype, keys) -
         positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id  # (B, T)
     else:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    x = jnp.take(p["word_embeddings"]["embedding"], input_ids, axis=0).astype(dtype)
-    x = x + jnp.take(p["position_embeddings"]["embedding"], positions, axis=0).astype(dtype)
-    x = x + jnp.take(p["token_type_embeddings"]["embedding"], token_type_ids, axis=0).astype(dtype)
+    x = embed(p["word_embeddings"], input_ids).astype(dtype)
+    x = x + embed(p["position_embeddings"], positions).astype(dtype)
+    x = x + embed(p["token_type_embeddings"], token_type_ids).astype(dtype)
     x = layer_norm(p["LayerNorm"], x, cfg.layer_norm_eps)  # (B, T, E)
     return dropout(x, cfg.hidden_dropout_prob, keys())
 
 
-def _encode(base, input_ids, attention_mask, token_type_ids, cfg: EncoderConfig, dtype, keys, rows):
+def _encode(
+    base, input_ids, attention_mask, token_type_ids, cfg: EncoderConfig, dtype, keys, rows, remat
+):
     """The encoder body: ``(B, T)`` ids -> ``(B, T, H)``, or ``(B, 1, H)`` with ``rows``."""
     if cfg.model_type == "deberta-v2":
         return deberta.encode(
-            base, input_ids, attention_mask, token_type_ids, cfg, dtype, keys, rows
+            base, input_ids, attention_mask, token_type_ids, cfg, dtype, keys, rows, remat
         )
     x = _embeddings(base["embeddings"], input_ids, token_type_ids, cfg, dtype, keys)
     if "embeddings_project" in base:  # ELECTRA with embedding_size != hidden_size
@@ -91,7 +96,9 @@ def _encode(base, input_ids, attention_mask, token_type_ids, cfg: EncoderConfig,
     key_mask = attention_mask > 0  # (B, T) bool
     last = cfg.num_hidden_layers - 1
     for i in range(cfg.num_hidden_layers):
-        x = _block(base["encoder"]["layer"][i], x, key_mask, cfg, keys, rows if i == last else None)
+        r = rows if i == last else None
+        block = lambda p, x, r=r: _block(p, x, key_mask, cfg, keys, r)  # noqa: E731
+        x = (jax.checkpoint(block) if remat else block)(base["encoder"]["layer"][i], x)
     return x
 
 
@@ -148,9 +155,16 @@ def _mlm_logits(params, base, h, cfg: EncoderConfig, label_word_ids) -> jax.Arra
     transform, norm, bias, decoder, act = _mlm_parts(params, cfg)
     h = layer_norm(norm, activation(act, dense(transform, h)), cfg.layer_norm_eps)  # (..., E)
     if decoder is None:  # tied: decoder weight is the word-embedding matrix (V, E)
-        words = base["embeddings"]["word_embeddings"]["embedding"]
+        table = base["embeddings"]["word_embeddings"]
         if label_word_ids is not None:
-            words, bias = jnp.take(words, label_word_ids, axis=0), jnp.take(bias, label_word_ids)
+            words, bias = embed(table, label_word_ids), jnp.take(bias, label_word_ids)
+        elif "rows" in table:
+            raise ValueError(
+                "A compacted word-embedding table holds only some rows; full-vocabulary MLM "
+                "logits need them all. Pass label_word_ids."
+            )
+        else:
+            words = table["embedding"]
         return h @ words.astype(h.dtype).T + bias.astype(h.dtype)  # (..., V) or (..., K)
     kernel = decoder["kernel"]  # (E, V), untied
     if label_word_ids is not None:
@@ -219,6 +233,7 @@ def forward(
     mask_positions: jax.Array | None = None,
     label_word_ids: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
+    remat: bool = False,
 ) -> jax.Array:
     """Pure forward pass of a RoBERTa / BERT / ELECTRA / DeBERTa encoder with an optional head.
 
@@ -234,6 +249,9 @@ def forward(
       label_word_ids: ``(K,)`` int vocabulary ids; with ``head='mlm'`` and ``mask_positions``
         only these K decoder rows are computed.
       dropout_rng: PRNG key turning on HF's dropout rates; None is deterministic.
+      remat: recompute each layer's activations in the backward pass (``jax.checkpoint``)
+        instead of storing them: less memory for long sequences or large batches, about one
+        more forward pass of compute. Same numbers.
 
     Returns:
       head 'mlm': ``(B, T, V)`` logits, ``(B, V)`` at ``mask_positions``, ``(B, K)`` with
@@ -284,6 +302,7 @@ def forward(
         dtype,
         keys,
         rows,
+        remat,
     )
     if head == "cls":
         return _cls_logits(params, base, x[:, 0], config, keys)
@@ -297,62 +316,12 @@ def forward(
     return x
 
 
-_jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype"))
+_jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype", "remat"))
 
 
 # --------------------------------------------------------------------------------------------
 # Parameters: init and logical axes
 # --------------------------------------------------------------------------------------------
-
-
-def _linear_axes(module: str) -> tuple[Any, Any]:
-    """(in, out) logical axes of the Linear at dotted path ``module``."""
-    last = module.rsplit(".", 1)[-1]
-    if last in _QKV:
-        return ("embed", "heads")
-    if module.endswith("attention.output.dense"):
-        return ("heads", "embed")
-    if module.endswith("intermediate.dense"):
-        return ("embed", "mlp")
-    if ".layer." in module and module.endswith("output.dense"):
-        return ("mlp", "embed")
-    if last in ("decoder", "generator_lm_head"):
-        return ("embed", "vocab")
-    if last in ("embeddings_project", "embed_proj"):  # (E, H) embedding projections
-        return (None, "embed")
-    return ("embed", None)  # pooler, head transforms, classifiers
-
-
-# Attention input projections, BERT-style and DeBERTa (incl. the relative-position ones).
-_QKV = ("query", "key", "value", "query_proj", "key_proj", "value_proj")
-_QKV += ("pos_key_proj", "pos_query_proj")
-
-
-def leaf_axes(path: str, ndim: int) -> tuple:
-    """Logical axis names of the leaf at dotted ``path`` (vocabulary of the sharding rules).
-
-    Covers base weights and fused LoRA leaves: ``lora_a`` is ``(in, 'lora_rank')``, ``lora_b``
-    ``('lora_rank', out)``, ``lora_scale`` ``()``. Unknown leaves are replicated.
-    """
-    module, _, leaf = path.rpartition(".")
-    last = module.rsplit(".", 1)[-1]
-    if leaf == "embedding":
-        return ("vocab", "embed") if last == "word_embeddings" else (None, "embed")
-    if last in ("LayerNorm", "layer_norm"):
-        return ("embed",)
-    if leaf == "bias" and last in ("lm_head", "predictions", "generator_lm_head"):
-        return ("vocab",)
-    if leaf in ("kernel", "bias", "lora_a", "lora_b"):
-        ax_in, ax_out = _linear_axes(module)
-        axes = {
-            "kernel": (ax_in, ax_out),
-            "bias": (ax_out,),
-            "lora_a": (ax_in, "lora_rank"),
-            "lora_b": ("lora_rank", ax_out),
-        }[leaf]
-        if len(axes) == ndim:
-            return axes
-    return (None,) * ndim
 
 
 def param_shapes(
@@ -632,5 +601,4 @@ def logical_axes(model_or_params: EncoderModel | Mapping) -> dict:
         params = split(model_or_params)[1]
     else:
         params = model_or_params
-    flat = flatten(params)
-    return unflatten({p: leaf_axes(p, np.ndim(v)) for p, v in flat.items()})
+    return sharding.logical_axes(params)

@@ -18,6 +18,24 @@ from lora_jax.errors import ConfigError
 Params = Mapping[str, jax.Array]
 
 
+def embed(p: Params, ids: jax.Array) -> jax.Array:
+    """Rows ``ids`` (any shape, int) of an embedding table ``p = {'embedding': [V, H]}``.
+
+    A *compacted* table ``{'embedding': [U, H], 'rows': [U]}`` holds only the rows whose
+    (sorted) ids are in ``rows``: the empirical NTK over all weights differentiates only the
+    rows a batch reads (``ntk.compact``). Ids missing from ``rows`` read NaN, so a compaction
+    that left out a row shows in the result instead of reading a wrong row. Returns
+    ``ids.shape + (H,)``.
+    """
+    table = p["embedding"]
+    rows = p.get("rows")
+    if rows is None:
+        return jnp.take(table, ids, axis=0)
+    slot = jnp.minimum(jnp.searchsorted(rows, ids), rows.shape[0] - 1)  # ids.shape
+    found = (jnp.take(rows, slot) == ids)[..., None]
+    return jnp.where(found, jnp.take(table, slot, axis=0), jnp.nan)
+
+
 def dense(p: Params, x: jax.Array) -> jax.Array:
     """Linear layer ``x @ kernel + bias``, plus a fused LoRA update when ``p`` carries one.
 

