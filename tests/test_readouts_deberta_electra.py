@@ -16,7 +16,7 @@ import pytest
 
 import ntk
 from lora_jax import lora, models
-from lora_jax.task_model import Readout, load_prompt_encoder, make_output_fn
+from lora_jax.readout import Readout, load_prompt_encoder, make_output_fn
 from ntk import _testing
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

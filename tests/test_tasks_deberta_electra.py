@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from lora_jax import tasks
-from lora_jax.task_model import Readout, load_prompt_encoder, make_output_fn
+from lora_jax.readout import Readout, load_prompt_encoder, make_output_fn
 from lora_jax.tasks import Examples
 from lora_jax.testing import make_tiny_checkpoint
 
