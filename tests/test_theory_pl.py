@@ -17,11 +17,11 @@ def test_pl_constant_of_a_quadratic_is_bounded_by_and_tends_to_the_extreme_eigen
     h = jnp.asarray(q @ np.diag(eig) @ q.T)
     c = jnp.arange(4.0)
 
-    def loss(x):
-        e = x["x"] - c
-        return 0.5 * e @ h @ e
+    def loss(x, data):
+        e = x["x"] - data["c"]
+        return 0.5 * e @ data["h"] @ e
 
-    traj = pl.trajectory(loss, {"x": jnp.zeros(4)}, steps=60, learning_rate=0.2)
+    traj = pl.trajectory(loss, {"x": jnp.zeros(4)}, {"c": c, "h": h}, steps=60, learning_rate=0.2)
     mu = pl.pl_constants(traj, l_star=0.0)
     finite = mu[np.isfinite(mu)]
     assert finite.size > 40

@@ -40,8 +40,9 @@ class Trajectory(NamedTuple):
 
 
 def trajectory(
-    loss_fn: Callable[[PyTree], jax.Array],
+    loss_fn: Callable[[PyTree, PyTree], jax.Array],
     params: PyTree,
+    data: PyTree = None,
     *,
     steps: int,
     learning_rate: float,
@@ -49,8 +50,10 @@ def trajectory(
     """``steps`` full-batch GD steps ``theta <- theta - lr grad L`` in one jitted scan.
 
     Args:
-      loss_fn: ``loss_fn(params) -> scalar`` (closes over the data).
+      loss_fn: ``loss_fn(params, data) -> scalar``.
       params: the initial point theta_0 (any pytree of float arrays).
+      data: passed to ``loss_fn`` as a jit argument (large arrays closed over instead would be
+        baked into the program as constants).
       steps: number of steps.
       learning_rate: the constant step size.
     """
@@ -60,17 +63,17 @@ def trajectory(
         return sum(jnp.sum(x * x) for x in jax.tree.leaves(g))
 
     @jax.jit
-    def run(params):
+    def run(params, data):
         def step(p, _):
-            value, g = value_and_grad(p)
+            value, g = value_and_grad(p, data)
             p = jax.tree.map(lambda x, d: x - learning_rate * d, p, g)
             return p, (value, sq_norm(g))
 
         last, (values, norms) = jax.lax.scan(step, params, None, length=steps)
-        value, g = value_and_grad(last)
+        value, g = value_and_grad(last, data)
         return last, jnp.append(values, value), jnp.append(norms, sq_norm(g))
 
-    last, values, norms = run(params)
+    last, values, norms = run(params, data)
     return Trajectory(np.asarray(values, np.float64), np.asarray(norms, np.float64), last)
 
 
