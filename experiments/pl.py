@@ -114,9 +114,20 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None) -> dict:
         mu = pl.pl_constants(traj, 0.0)
         skip = max(1, cfg.steps // 100)  # the first steps leave the B = 0 saddle
         tail = mu[cfg.steps // 2 :]
+        # Exponent p of ||grad L||^2 ~ L^p over the second half: a PL inequality with a fixed
+        # mu needs p <= 1; p = 2 means ||grad L|| ~ L (mu_t then falls with L).
+        half = slice(len(traj.loss) // 2, None)
+        ok = (traj.loss[half] > 0) & (traj.grad_sq[half] > 0) & np.isfinite(traj.loss[half])
+        exponent = (
+            float(np.polyfit(np.log(traj.loss[half][ok]), np.log(traj.grad_sq[half][ok]), 1)[0])
+            if ok.sum() > 2
+            else None
+        )
         results[loss_name] = {
             "lr": lr,
             "loss": traj.loss.tolist(),
+            "grad_sq": traj.grad_sq.tolist(),
+            "grad_exponent": exponent,
             "mu": [None if not np.isfinite(x) else float(x) for x in mu],
             "loss_start": float(traj.loss[0]),
             "loss_end": float(traj.loss[-1]),
@@ -167,8 +178,8 @@ def plot(results: dict, path: str) -> str:
 def markdown(results: dict) -> str:
     lines = [
         "| loss | lr | L start | L end | train acc | L* = 0 certified | min mu_t | "
-        "min mu_t, 2nd half | mu_t at end |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "min mu_t, 2nd half | mu_t at end | p in grad^2 ~ L^p, 2nd half |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in ("ce", "mse"):
         r = results[name]
@@ -176,7 +187,8 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {name} | {r['lr']:g} | {r['loss_start']:.4g} | {r['loss_end']:.3g} | "
             f"{100 * r['train_accuracy']:.0f}% | {'yes' if r['l_star_certified'] else 'no'} | "
-            f"{fmt(r['mu_min'])} | {fmt(r['mu_min_second_half'])} | {fmt(r['mu_end'])} |"
+            f"{fmt(r['mu_min'])} | {fmt(r['mu_min_second_half'])} | {fmt(r['mu_end'])} | "
+            f"{fmt(r['grad_exponent'])} |"
         )
     return "\n".join(lines)
 
