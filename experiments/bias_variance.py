@@ -177,10 +177,20 @@ def markdown(results: list[dict], errors: dict) -> str:
 
 
 def run(cfg: BiasVarianceConfig) -> dict:
+    """Every task (a task already in ``bias_variance.json`` with this config is reused)."""
     start = time.time()
-    results = [run_task(cfg, task) for task in cfg.tasks]
-    errors = finetune_errors(cfg.finetune_results)
     run_dir = os.path.join(cfg.out, cfg.name)
+    saved_path = os.path.join(run_dir, "bias_variance.json")
+    config = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    done = {}
+    if os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = json.load(f)
+        same = {k: v for k, v in saved["config"].items() if k != "finetune_results"}
+        if same == {k: v for k, v in config.items() if k != "finetune_results"}:
+            done = {t["task"]: t for t in saved["tasks"]}
+    results = [done.get(task) or run_task(cfg, task) for task in cfg.tasks]
+    errors = finetune_errors(cfg.finetune_results)
     os.makedirs(run_dir, exist_ok=True)
     png = plot(results, errors, os.path.join(run_dir, "plots", "bias_variance.png"))
     out = {
@@ -191,8 +201,9 @@ def run(cfg: BiasVarianceConfig) -> dict:
         "markdown": markdown(results, errors),
         "seconds": time.time() - start,
     }
-    with open(os.path.join(run_dir, "bias_variance.json"), "w") as f:
+    with open(saved_path + ".tmp", "w") as f:
         json.dump(out, f, indent=1)
+    os.replace(saved_path + ".tmp", saved_path)
     return out
 
 

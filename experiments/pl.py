@@ -86,9 +86,20 @@ def load_problem(
     return problem, data.train["labels"], output_fn, params
 
 
-def run(cfg: PLConfig, *, problem_cache: dict | None = None) -> dict:
-    """Both trajectories, their PL figures and the plot; returns the results dict."""
+def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True) -> dict:
+    """Both trajectories, their PL figures and the plot; returns the results dict.
+
+    With ``resume``, a ``pl.json`` of the same configuration in the run directory is returned
+    instead of recomputing.
+    """
     start = time.time()
+    run_dir = os.path.join(cfg.out, cfg.name)
+    saved = os.path.join(run_dir, "pl.json")
+    if resume and os.path.exists(saved):
+        with open(saved) as f:
+            results = json.load(f)
+        if results["config"] == json.loads(json.dumps(dataclasses.asdict(cfg))):
+            return results
     lcfg = lora.LoraConfig(
         r=cfg.rank, alpha=2.0 * cfg.rank, targets=cfg.targets, layers=cfg.layers or None
     )
@@ -147,12 +158,12 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None) -> dict:
             "mu_end": float(mu[-1]) if np.isfinite(mu[-1]) else None,
             "seconds": time.time() - t0,
         }
-    run_dir = os.path.join(cfg.out, cfg.name)
     os.makedirs(run_dir, exist_ok=True)
     results["plot"] = plot(results, os.path.join(run_dir, "plots", "pl.png"))
-    with open(os.path.join(run_dir, "pl.json"), "w") as f:
-        json.dump(results, f)
     results["seconds"] = time.time() - start
+    with open(saved + ".tmp", "w") as f:
+        json.dump(results, f)
+    os.replace(saved + ".tmp", saved)
     return results
 
 
