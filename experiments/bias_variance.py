@@ -189,9 +189,14 @@ def run(cfg: BiasVarianceConfig) -> dict:
         same = {k: v for k, v in saved["config"].items() if k != "finetune_results"}
         if same == {k: v for k, v in config.items() if k != "finetune_results"}:
             done = {t["task"]: t for t in saved["tasks"]}
-    results = [done.get(task) or run_task(cfg, task) for task in cfg.tasks]
-    errors = finetune_errors(cfg.finetune_results)
     os.makedirs(run_dir, exist_ok=True)
+    results = []
+    for task in cfg.tasks:
+        results.append(done.get(task) or run_task(cfg, task))
+        with open(saved_path + ".tmp", "w") as f:  # partial: a stopped run resumes per task
+            json.dump({"config": config, "tasks": results}, f)
+        os.replace(saved_path + ".tmp", saved_path)
+    errors = finetune_errors(cfg.finetune_results)
     png = plot(results, errors, os.path.join(run_dir, "plots", "bias_variance.png"))
     out = {
         "config": dataclasses.asdict(cfg),
