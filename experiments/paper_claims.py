@@ -38,6 +38,8 @@ class ClaimsConfig:
       pl_steps: GD steps of the PL check.
       bv_steps: Adam steps of the fit term.
       bv_ranks: ranks of the bias / variance curves.
+      sweep: run the real LoRA rank sweep (its test errors also go beside the bias / variance
+        curves); without it that section says it was not run.
       sweep_ranks: ranks of the real LoRA sweep.
       sweep_seeds: seeds of the sweep.
       sweep_steps: training steps per sweep cell.
@@ -50,6 +52,7 @@ class ClaimsConfig:
     pl_steps: int = 1000
     bv_steps: int = 200
     bv_ranks: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
+    sweep: bool = True
     sweep_ranks: tuple[int, ...] = (1, 12)
     sweep_seeds: tuple[int, ...] = (13, 21, 42)
     sweep_steps: int = 150
@@ -190,7 +193,18 @@ def claim_sweep(cfg: ClaimsConfig) -> tuple[dict, str]:
     return section, os.path.join(run_dir, "results.jsonl")
 
 
-def claim_bias_variance(cfg: ClaimsConfig, results_path: str) -> dict:
+def _sweep_not_run() -> dict:
+    return {
+        "title": "4. Rank one is competitive with r = 12 (binary), a small real sweep",
+        "claim": "On binary tasks rank 1 is within noise of r = 12.",
+        "command": "python -m experiments.paper_claims --sweep",
+        "numbers": "Not run in this report (--no-sweep).",
+        "plot": None,
+        "verdict": INCONCLUSIVE,
+    }
+
+
+def claim_bias_variance(cfg: ClaimsConfig, results_path: str | None) -> dict:
     bcfg = bias_variance.BiasVarianceConfig(
         name=f"{cfg.name}/bias_variance",
         steps=cfg.bv_steps,
@@ -210,7 +224,8 @@ def claim_bias_variance(cfg: ClaimsConfig, results_path: str) -> dict:
         "claim": "Binary (K = 2): the bias is saturated at r = 1, so rank one minimizes bias + "
         "variance; K > 2: the bias keeps falling, so the best rank is above one.",
         "command": f"python -m experiments.bias_variance --steps {cfg.bv_steps} --ranks "
-        f"{' '.join(map(str, cfg.bv_ranks))} --finetune-results {results_path}",
+        f"{' '.join(map(str, cfg.bv_ranks))}"
+        + (f" --finetune-results {results_path}" if results_path else ""),
         "numbers": out["markdown"]
         + f"\n\nArgmin of fit + complexity: {best}. Verdict rule: supported when MR's argmin is "
         "1 and TREC's is above 1; not supported when neither holds; otherwise inconclusive.",
@@ -261,7 +276,10 @@ def run(cfg: ClaimsConfig) -> str:
         timings[name] = time.time() - start
         print(f"{name}: {sections[-1]['verdict']} ({timings[name]:.0f} s)", file=sys.stderr)
     start = time.time()
-    sweep, results_path = claim_sweep(cfg)
+    if cfg.sweep:
+        sweep, results_path = claim_sweep(cfg)
+    else:
+        sweep, results_path = _sweep_not_run(), None
     timings["rank_sweep"] = time.time() - start
     start = time.time()
     sections.append(claim_bias_variance(cfg, results_path))
@@ -280,6 +298,7 @@ def parse_args(argv: list[str] | None = None) -> ClaimsConfig:
     parser.add_argument("--cstar-shapes", nargs="+")
     parser.add_argument("--sweep-ranks", nargs="+", type=int)
     parser.add_argument("--bv-ranks", nargs="+", type=int)
+    parser.add_argument("--sweep", action=argparse.BooleanOptionalAction)
     parser.add_argument("--sweep-seeds", nargs="+", type=int)
     for name in ("cstar_draws", "pl_steps", "bv_steps", "sweep_steps"):
         parser.add_argument("--" + name.replace("_", "-"), type=int)
