@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from lora_jax.errors import ConfigError
@@ -19,7 +20,9 @@ class ExperimentConfig:
       name: run directory name under ``out`` (``runs/<name>/``).
       model: encoder: a local Hugging Face directory, a hub id, or ``minilm`` (the embedded
         MiniLM-L6 that ships with the project's dependencies; works offline).
-      tasks: task names (see ``lora_jax.tasks``).
+      tasks: task names (see ``lora_jax.tasks``); may be empty when ``task_files`` are given.
+      task_files: JSON task files of your own data (``lora_jax.tasks.task_file``), run beside
+        ``tasks`` under the names they give; stored as absolute paths.
       methods: any of ``zero_shot`` (prompt, no training), ``head`` (classification head on
         the frozen encoder), ``lora`` (prompt-based LoRA, one cell per rank), ``full``
         (prompt-based full fine-tuning).
@@ -44,18 +47,29 @@ class ExperimentConfig:
       readout: how prompt-mode outputs are read (``lora_jax.readout.Readout``): ``auto`` (the
         MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
         ``tied_mean``.
+      dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, and so the trained
+        adapters / weights and their optimizer state, stay float32: master weights).
+      remat: recompute each encoder layer in the backward pass (less memory, same numbers).
+      grad_accum: average the gradients of this many batches per optimizer update.
       dropout: run dropout while training: the encoder's own (its config's hidden and attention
         dropout) and ``lora_dropout`` on the LoRA branches; off at evaluation. The head-only
         baseline trains on cached features, so there only the head's dropout runs.
       lora_dropout: PEFT's ``lora_dropout`` rate on the LoRA input (with ``dropout``).
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
+      save_adapters: save each LoRA cell's best-dev adapter in PEFT format under
+        ``adapters/<cell>/`` with the task's label words and template (``task.json``).
+      tensorboard: write each cell's per-evaluation metrics as TensorBoard event files under
+        ``tensorboard/<cell>/`` (needs the ``tensorboard`` extra: tensorboardX).
       out: parent directory of run directories.
     """
 
     name: str = "default"
     model: str = "minilm"
     tasks: tuple[str, ...] = ("mr", "trec")
+    task_files: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"flag": "--task-file", "repeatable": True}
+    )
     methods: tuple[str, ...] = ("zero_shot", "head", "lora")
     ranks: tuple[int, ...] = (1, 12)
     seeds: tuple[int, ...] = (13, 21, 42)
@@ -72,19 +86,26 @@ class ExperimentConfig:
     test_cap: int = 1000
     readout: str = "auto"
     pooling: str = "auto"
+    dtype: str = "float32"
+    remat: bool = False
+    grad_accum: int = 1
     dropout: bool = False
     lora_dropout: float = 0.0
     ntk: bool = False
+    save_adapters: bool = False
+    tensorboard: bool = False
     out: str = "runs"
 
     def __post_init__(self):
         object.__setattr__(self, "loss", Loss(self.loss))
+        files = (self.task_files,) if isinstance(self.task_files, str) else self.task_files
+        object.__setattr__(self, "task_files", tuple(os.path.abspath(f) for f in files))
         for name in ("tasks", "methods", "ranks", "seeds"):
             value = getattr(self, name)
             if isinstance(value, str | int):
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
-            if not getattr(self, name):
+            if not getattr(self, name) and not (name == "tasks" and self.task_files):
                 raise ConfigError(f"ExperimentConfig.{name} must not be empty.")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
@@ -97,13 +118,19 @@ class ExperimentConfig:
             raise ConfigError(
                 f"pooling={self.pooling!r}; expected 'auto', 'pooler', 'cls' or 'mean'."
             )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r}; expected 'float32' or 'bfloat16'.")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}.")
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be >= 1, got {self.ranks}.")
 
     def to_json(self) -> dict[str, Any]:
-        """The fields that define the results (``out`` excluded: a run may be moved)."""
+        """The fields that define the results (``out`` excluded: a run may be moved; nor the
+        ``save_adapters`` / ``tensorboard`` outputs, which a resumed run may add)."""
         fields = dataclasses.asdict(self)
-        fields.pop("out")
+        for name in ("out", "save_adapters", "tensorboard"):
+            fields.pop(name)
         fields["loss"] = self.loss.value
         return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
