@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from lora_jax import lora, models, tasks
-from lora_jax.task_model import make_output_fn
+from lora_jax.readout import make_output_fn
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "saved_adapter")
 BASE, ADAPTER = os.path.join(GOLDEN, "base"), os.path.join(GOLDEN, "adapter")

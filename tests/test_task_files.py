@@ -18,7 +18,7 @@ import pytest
 from experiments import report
 from experiments.run import main
 from lora_jax import models, tasks, train
-from lora_jax.task_model import make_output_fn
+from lora_jax.readout import make_output_fn
 from lora_jax.testing import make_tiny_checkpoint
 
 POSITIVE = [
