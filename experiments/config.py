@@ -40,6 +40,10 @@ class ExperimentConfig:
       eval_every: evaluate on dev every this many steps (best-dev checkpoint selection).
       max_length: token length of every encoded example (static shapes: one compile per cell kind).
       test_cap: at most this many test examples (deterministic subsample); 0 = all.
+      pooling: the features of the head-only baseline (``lora_jax.pooling.Pooling``): ``auto``
+        (the pooling the checkpoint was trained with: mean pooling, L2-normalized, for
+        sentence-transformers checkpoints such as the embedded MiniLM; BERT's pooler / RoBERTa's
+        head on ``[CLS]`` otherwise), ``pooler``, ``cls`` or ``mean``.
       readout: how prompt-mode outputs are read (``lora_jax.readout.Readout``): ``auto`` (the
         MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
         ``tied_mean``.
@@ -77,6 +81,7 @@ class ExperimentConfig:
     max_length: int = 48
     test_cap: int = 1000
     readout: str = "auto"
+    pooling: str = "auto"
     dropout: bool = False
     lora_dropout: float = 0.0
     ntk: bool = False
@@ -101,6 +106,10 @@ class ExperimentConfig:
         if self.readout not in ("auto", "mlm", "tied", "tied_mean"):
             raise ConfigError(
                 f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied' or 'tied_mean'."
+            )
+        if self.pooling not in ("auto", "pooler", "cls", "mean"):
+            raise ConfigError(
+                f"pooling={self.pooling!r}; expected 'auto', 'pooler', 'cls' or 'mean'."
             )
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be >= 1, got {self.ranks}.")

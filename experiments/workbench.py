@@ -16,7 +16,8 @@ import jax.numpy as jnp
 from experiments.config import ExperimentConfig
 from lora_jax import models, tasks
 from lora_jax.models.pretrained import resolve
-from lora_jax.readout import Readout, make_cls_feature_fns, make_output_fn
+from lora_jax.pooling import Pooling, PoolingSpec, detect_pooling, make_pooled_feature_fns
+from lora_jax.readout import Readout, make_output_fn
 from lora_jax.rows import map_rows_fn
 
 PyTree = Any
@@ -78,6 +79,17 @@ class Workbench:
         return self.memo(("model_type",), build)
 
     @property
+    def pooling(self) -> PoolingSpec:
+        """The head-only baseline's features: ``cfg.pooling``, or detected for ``auto``."""
+
+        def build():
+            if self.cfg.pooling == "auto":
+                return detect_pooling(resolve(self.path))
+            return PoolingSpec(Pooling(self.cfg.pooling))
+
+        return self.memo(("pooling",), build)
+
+    @property
     def readout(self) -> Readout:
         """The readout prompt models use (``auto`` resolved for this checkpoint)."""
         return self._prompt_encoder()[2]
@@ -106,9 +118,10 @@ class Workbench:
     def cls_head_model(self, task: str, seed: int) -> tuple[Callable, PyTree, TaskData]:
         """``(output_fn, params, data)`` for training only a new classification head.
 
-        The head (initialized from ``seed``) is trained on the frozen encoder's ``<s>`` /
-        ``[CLS]`` features, computed once (``make_cls_feature_fns``): the same outputs as
-        running the encoder every step, as no dropout runs. ``data`` holds ``features`` [N, H]
+        The head (initialized from ``seed``) is trained on the frozen encoder's features,
+        pooled as the checkpoint was trained (:attr:`pooling`) and computed once
+        (``lora_jax.pooling.make_pooled_feature_fns``): the same outputs as running the encoder
+        every step, as the encoder runs no dropout. ``data`` holds ``features`` [N, H]
         and ``labels``; the test split's features are the same for every seed and computed once.
         """
         num_labels = self.task(task).num_labels
@@ -116,7 +129,7 @@ class Workbench:
         _, params = models.split(model)
         # One program per task, reused across seeds (the seed only changes the head's weights).
         feature_fn, output_fn = self.memo(
-            ("cls_fns", task), lambda: make_cls_feature_fns(model.config)
+            ("cls_fns", task), lambda: make_pooled_feature_fns(model.config, self.pooling)
         )
         features = self.memo(("cls_features", task), lambda: map_rows_fn(feature_fn, 64))
 
