@@ -194,6 +194,11 @@ def test_task_file_beside_registered_tasks_and_hub_dataset(own_data, tmp_path, m
     data = task.load()
     assert task.name == "hub" and (len(data.train), len(data.test)) == (12, 8)
     assert list(data.train.labels[:6]) == [1] * 6 and data.train.texts[0][0] == POSITIVE[0]
+    # A hub id that cannot be had offline is one line too.
+    _write_json(path, {**spec, "hub": {"path": "nobody/no-such-dataset"}})
+    with pytest.raises(tasks.HubUnavailableError, match="'hub': datasets.load_dataset") as info:
+        tasks.load_task_file(path)
+    assert "\n" not in str(info.value) and "fix:" in str(info.value)
 
 
 @pytest.mark.parametrize(
