@@ -47,6 +47,10 @@ class ExperimentConfig:
       readout: how prompt-mode outputs are read (``lora_jax.readout.Readout``): ``auto`` (the
         MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
         ``tied_mean``.
+      dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, and so the trained
+        adapters / weights and their optimizer state, stay float32: master weights).
+      remat: recompute each encoder layer in the backward pass (less memory, same numbers).
+      grad_accum: average the gradients of this many batches per optimizer update.
       dropout: run dropout while training: the encoder's own (its config's hidden and attention
         dropout) and ``lora_dropout`` on the LoRA branches; off at evaluation. The head-only
         baseline trains on cached features, so there only the head's dropout runs.
@@ -82,6 +86,9 @@ class ExperimentConfig:
     test_cap: int = 1000
     readout: str = "auto"
     pooling: str = "auto"
+    dtype: str = "float32"
+    remat: bool = False
+    grad_accum: int = 1
     dropout: bool = False
     lora_dropout: float = 0.0
     ntk: bool = False
@@ -111,6 +118,10 @@ class ExperimentConfig:
             raise ConfigError(
                 f"pooling={self.pooling!r}; expected 'auto', 'pooler', 'cls' or 'mean'."
             )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r}; expected 'float32' or 'bfloat16'.")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}.")
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be >= 1, got {self.ranks}.")
 

@@ -6,6 +6,7 @@ per (task, method, rank), so the compiled training programs are reused across se
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -58,14 +59,17 @@ class Workbench:
             readout = self.cfg.readout
             head = "mlm" if readout in ("auto", "mlm") else None
             try:
-                model = models.from_pretrained(self.path, head=head)
+                model = models.from_pretrained(self.path, head=head, dtype=self.cfg.dtype)
             except models.CheckpointError:
                 if readout == "mlm":
                     raise
                 # No MLM head in the checkpoint (e.g. MiniLM): read label words out through the
                 # tied word embeddings instead. Any other problem is raised again here.
-                model, readout = models.from_pretrained(self.path, head=None), "tied_mean"
+                model = models.from_pretrained(self.path, head=None, dtype=self.cfg.dtype)
+                readout = "tied_mean"
             apply_fn, params = models.split(model)
+            if self.cfg.remat:
+                apply_fn = functools.partial(apply_fn, remat=True)
             return apply_fn, params, Readout("mlm" if readout == "auto" else readout)
 
         return self.memo(("prompt_encoder",), build)
@@ -125,7 +129,9 @@ class Workbench:
         and ``labels``; the test split's features are the same for every seed and computed once.
         """
         num_labels = self.task(task).num_labels
-        model = models.from_pretrained(self.path, head="cls", num_labels=num_labels, seed=seed)
+        model = models.from_pretrained(
+            self.path, head="cls", num_labels=num_labels, seed=seed, dtype=self.cfg.dtype
+        )
         _, params = models.split(model)
         # One program per task, reused across seeds (the seed only changes the head's weights).
         feature_fn, output_fn = self.memo(
