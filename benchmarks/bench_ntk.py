@@ -208,11 +208,14 @@ def big(args) -> dict:
 
 def ours_all(args) -> dict:
     """Our all-weights ``n x n`` train kernel (x2=None), first and second call."""
+    import numpy as np
+
     import ntk
 
     output_fn, params, train, test = load(args.n, args.test_rows, args.max_length)
     f, sub = subset_fn("all", output_fn, params)
-    batch = tuple(int(b) for b in args.batch.split(","))
+    sizes = tuple(int(b) for b in args.batch.split(","))
+    batch = sizes[0] if len(sizes) == 1 else sizes
     x, out = (train, None) if not args.test_rows else (test, train)
 
     def run():  # a new ntk_fn per call: the second call shows the session's program cache
@@ -387,6 +390,7 @@ def compare(args) -> None:
 
 
 def _spawn(extra: list[str], python: str | None = None) -> dict | None:
+    extra = [str(e) for e in extra]
     cmd = [python or sys.executable, __file__, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -441,6 +445,8 @@ def main() -> None:
     if args.compare:
         compare(args)
         return
+
+    import numpy as np
 
     results = []
     print(f"eNTK of MiniLM-L6 (tied readout, K=2, T={args.max_length}), {args.n}x{args.n} block")
@@ -514,6 +520,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import numpy as np
-
     main()
