@@ -254,7 +254,8 @@ def torch_all(args) -> dict:
 
     torch.set_num_threads(args.threads)
     data = np.load(args.batch_file)
-    model = AutoModel.from_pretrained(args.minilm_path).eval()
+    # Eager attention: SDPA checks `padding_mask.all()`, data-dependent control flow vmap rejects.
+    model = AutoModel.from_pretrained(args.minilm_path, attn_implementation="eager").eval()
     params = {k: v.detach() for k, v in model.named_parameters()}
     words = torch.from_numpy(data["label_word_ids"]).long()
     ids, mask = (torch.from_numpy(data[k]).long() for k in ("input_ids", "attention_mask"))
@@ -262,7 +263,14 @@ def torch_all(args) -> dict:
     n_params = sum(v.numel() for v in params.values())
 
     def f(p, ids, mask, pos):  # one example -> (K,): hidden state at [MASK] . label-word rows
-        hidden = functional_call(model, p, (ids[None], mask[None])).last_hidden_state[0, pos]
+        # A 4-D additive mask: transformers then skips its mask building, whose data-dependent
+        # "all ones?" shortcut vmap rejects.
+        t = ids.shape[0]
+        add = (1.0 - mask.float())[None, None, None, :] * torch.finfo(torch.float32).min
+        states = functional_call(
+            model, p, (ids[None],), {"attention_mask": add.expand(1, 1, t, t)}
+        ).last_hidden_state[0]  # (T, H)
+        hidden = torch.index_select(states, 0, pos.reshape(1))[0]  # (H,); vmap-safe indexing
         return hidden @ p["embeddings.word_embeddings.weight"][words].T
 
     jac = vmap(jacrev(f), in_dims=(None, 0, 0, 0))
