@@ -4,13 +4,14 @@ With no arguments: the offline CPU default (embedded MiniLM-L6, MR and TREC, LoR
 against zero-shot and head-only baselines, 3 seeds). Every cell (task x method x rank x seed)
 appends one line to ``runs/<name>/results.jsonl``; ``report.md`` and ``plots/`` are rewritten
 from all lines at the end. Re-running skips finished cells, and a cell stopped mid-training
-resumes from its last orbax checkpoint.
+resumes from its last orbax checkpoint. ``--task-file my.json`` adds a task of your own data
+(``lora_jax.tasks.task_file``); ``--save-adapters`` and ``--tensorboard`` keep each cell's
+adapter and curves (``experiments.outputs``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -22,10 +23,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments import ntk_analysis, report
+from experiments import ntk_analysis, outputs, report
+from experiments.cli import add_dataclass_arguments
 from experiments.config import NAMED_CONFIGS, ExperimentConfig, get_config
 from experiments.workbench import Workbench
 from lora_jax import lora, tasks, train
+from lora_jax.errors import ConfigError, UserError, user_message
 from lora_jax.trainable import Method, make_model_fn, split_params
 
 
@@ -43,11 +46,14 @@ class Cell(NamedTuple):
         return f"{self.task}/{label}/seed{self.seed}"
 
 
-def cells(cfg: ExperimentConfig) -> list[Cell]:
-    """All cells, grouped so that cells sharing a compiled program run back to back."""
+def cells(cfg: ExperimentConfig, task_names: tuple[str, ...] | None = None) -> list[Cell]:
+    """All cells, grouped so that cells sharing a compiled program run back to back.
+
+    ``task_names`` default to ``cfg.tasks``; `run` passes those of the task files too.
+    """
     return [
         Cell(task, method, rank, seed)
-        for task in cfg.tasks
+        for task in (cfg.tasks if task_names is None else task_names)
         for method in cfg.methods
         for rank in (cfg.ranks if method == "lora" else (None,))
         for seed in cfg.seeds
@@ -55,24 +61,41 @@ def cells(cfg: ExperimentConfig) -> list[Cell]:
 
 
 def prepare_run_dir(cfg: ExperimentConfig) -> str:
-    """Creates ``out/name`` with ``config.json``; refuses a directory of another configuration."""
+    """Creates ``out/name`` with ``config.json``; refuses a directory of another configuration.
+
+    ``config.json`` also records the sha256 of each task file and its data.
+    """
     run_dir = os.path.join(cfg.out, cfg.name)
     path = os.path.join(run_dir, "config.json")
+    current = {**cfg.to_json(), **run_digests(cfg)}
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
-        diff = sorted(
-            k for k in set(saved) | set(cfg.to_json()) if saved.get(k) != cfg.to_json().get(k)
-        )
+        # A field missing from an older config.json ran with that field's default.
+        saved = {**ExperimentConfig().to_json(), **saved}
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if diff:
-            raise SystemExit(
-                f"error: {run_dir} holds results of a different configuration (fields differ: "
+            raise ConfigError(
+                f"{run_dir} holds results of a different configuration (fields differ: "
                 f"{', '.join(diff)}). Use another --name (or --out), or delete that directory."
             )
-    os.makedirs(run_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(cfg.to_json(), f, indent=2)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(current, f, indent=2)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the run directory {run_dir!r} ({err.strerror or err}). Fix: pass an "
+            "--out (and --name) in a writable place."
+        ) from err
     return run_dir
+
+
+def run_digests(cfg: ExperimentConfig) -> dict:
+    """``{"task_file_sha256": {path: digest}}`` for the task files of ``cfg`` ({} if none)."""
+    if not cfg.task_files:
+        return {}
+    return {"task_file_sha256": {p: tasks.task_file_digest(p) for p in cfg.task_files}}
 
 
 def train_config(cfg: ExperimentConfig, cell: Cell) -> train.TrainConfig:
@@ -83,13 +106,14 @@ def train_config(cfg: ExperimentConfig, cell: Cell) -> train.TrainConfig:
         learning_rate=lr,
         loss=cfg.loss,
         eval_every=cfg.eval_every,
+        dropout=cfg.dropout,
         seed=cell.seed,
     )
 
 
 def lora_config(cfg: ExperimentConfig, rank: int) -> lora.LoraConfig:
     alpha = cfg.alpha if cfg.alpha is not None else 2.0 * rank
-    return lora.LoraConfig(r=rank, alpha=alpha, targets=cfg.targets)
+    return lora.LoraConfig(r=rank, alpha=alpha, targets=cfg.targets, dropout=cfg.lora_dropout)
 
 
 def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) -> dict:
@@ -156,6 +180,23 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
                 run_dir=run_dir,
             )
         )
+    if cfg.save_adapters and method == Method.LORA:
+        info = {
+            **outputs.task_info(bench.task(cell.task), bench.word_style),
+            **record,
+            "model": cfg.model,
+            "base_model": str(bench.path),  # what from_pretrained / PEFT load it onto
+            "head": bench.prompt_head,
+            "readout": bench.readout.value,
+            "label_word_ids": [int(i) for i in bench.label_word_ids(cell.task)],
+            "max_length": cfg.max_length,
+            "best_step": result.best_step,
+            "dev_accuracy": result.best_dev_accuracy,
+            "test_accuracy": test["accuracy"],
+        }
+        outputs.save_adapter(
+            run_dir, cell.key, result.best_trainable, lcfg, info, base_model=str(bench.path)
+        )
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     record.update(
         dev_accuracy=result.best_dev_accuracy,
@@ -169,24 +210,29 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
 
 def run(cfg: ExperimentConfig, *, progress: bool = True) -> str:
     """Runs every unfinished cell of ``cfg``, then writes the report; returns the run dir."""
-    for name in cfg.tasks:  # fail fast on an unknown task, before any directory is made
-        tasks.get_task(name)
+    # Fail fast on an unknown task or a bad task file, before any directory is made.
+    named = tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k)
+    if cfg.tensorboard:
+        outputs.summary_writer_class()  # a missing tensorboardX fails now, not after a cell
     run_dir = prepare_run_dir(cfg)
     results_path = os.path.join(run_dir, "results.jsonl")
+    report.drop_torn_tail(results_path)
     done = {
         Cell(r["task"], r["method"], r["rank"], r["seed"]).key
         for r in report.read_results(results_path)
     }
-    todo = [c for c in cells(cfg) if c.key not in done]
+    todo = [c for c in cells(cfg, tuple(named)) if c.key not in done]
     print(f"{run_dir}: {len(done)} cells done, {len(todo)} to run", file=sys.stderr)
     if todo:
-        bench = Workbench(cfg)
+        bench = Workbench(cfg, named)
         for cell in tqdm(todo, desc=cfg.name, unit="cell", disable=not progress):
             record = run_cell(bench, cfg, cell, run_dir)
             with open(results_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+            if cfg.tensorboard:
+                outputs.write_tensorboard(run_dir, cell.key, record)
     records = report.read_results(results_path)
     plots = report.plot_accuracy_vs_rank(run_dir, records)
     path = report.write_report(run_dir, cfg.to_json(), records, plots)
@@ -205,36 +251,26 @@ def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default="default", help=f"one of {sorted(NAMED_CONFIGS)}")
-    for field in dataclasses.fields(ExperimentConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name in ("tasks", "methods"):
-            parser.add_argument(flag, nargs="+")
-        elif field.name in ("ranks", "seeds"):
-            parser.add_argument(flag, nargs="+", type=int)
-        elif field.name in ("steps", "k", "batch_size", "eval_every", "max_length", "test_cap"):
-            parser.add_argument(flag, type=int)
-        elif field.name in ("lr", "head_lr", "alpha"):
-            parser.add_argument(flag, type=float)
-        elif field.name == "ntk":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction)
-        else:
-            parser.add_argument(flag)
+    add_dataclass_arguments(parser, ExperimentConfig)
     args = vars(parser.parse_args(argv))
     name = args.pop("config")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    if overrides["task_files"] and overrides["tasks"] is None:
+        overrides["tasks"] = ()  # only the task files, unless --tasks is given too
     try:
         return get_config(name, **overrides)
-    except ValueError as err:
-        parser.error(str(err))
+    except UserError as err:
+        parser.error(user_message(err))
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: user errors (``lora_jax.errors.UserError``) exit with one line; any
+    other exception is a bug and keeps its traceback."""
     cfg = parse_args(argv)
     try:
         run(cfg)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        # User errors (unknown task, bad model path, k too large, ...) as one clear line.
-        raise SystemExit(f"error: {err.args[0] if err.args else err}") from err
+    except UserError as err:
+        raise SystemExit(f"error: {user_message(err)}") from err
 
 
 if __name__ == "__main__":

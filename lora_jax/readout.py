@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import params as params_lib
+from lora_jax.errors import ConfigError
 from lora_jax.models import EncoderConfig, cls_head, embed, forward
 
 PyTree = Any
@@ -69,7 +70,7 @@ def make_output_fn(
     """
     readout = Readout(readout)
     if readout != Readout.CLS and label_word_ids is None:
-        raise ValueError(f"readout={readout.value!r} needs label_word_ids (the K label words).")
+        raise ConfigError(f"readout={readout.value!r} needs label_word_ids (the K label words).")
     ids = None if label_word_ids is None else jnp.asarray(label_word_ids, jnp.int32)
 
     def output_fn(params, batch, dropout_rng=None):

@@ -15,6 +15,7 @@ import jax
 
 from lora_jax import lora
 from lora_jax import params as params_lib
+from lora_jax.errors import ConfigError
 from lora_jax.readout import OutputFn
 
 PyTree = Any
@@ -51,7 +52,7 @@ def make_model_fn(
     method = Method(method)
     if method == Method.LORA:
         if lora_config is None:
-            raise ValueError("method='lora' needs a lora_config.")
+            raise ConfigError("method='lora' needs a lora_config.")
 
         def model_fn(trainable, frozen, batch, dropout_rng):
             lora_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, _LORA_RNG)
@@ -83,7 +84,7 @@ def split_params(
     method = Method(method)
     if method == Method.LORA:
         if key is None or lora_config is None:
-            raise ValueError("method='lora' needs a PRNG key and a lora_config.")
+            raise ConfigError("method='lora' needs a PRNG key and a lora_config.")
         return lora.init(key, params, lora_config), params
     if method == Method.FULL:
         return params, {}

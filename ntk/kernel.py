@@ -27,11 +27,13 @@ over k of ``Theta[:, :, k, k]`` (nt normalizes traces by the traced size);
 ``diagonal_axes=(-1,)`` gives ``[N1, N2, K]``; ``diagonal_axes=(0,)`` gives the per-example
 kernel ``[N, ...]`` (then ``x2`` must be None).
 
-Example:
-  >>> f, adapters = ntk.lora_model_fn(output_fn, params, adapters, cfg)
-  >>> ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=(), batch_size=32, cache_dir="runs/k")
-  >>> k_train_train = ntk_fn(train, None, adapters)  # (N, N, K, K)
-  >>> k_test_train = ntk_fn(test, train, adapters)  # (M, N, K, K)
+Example (a sketch: ``output_fn``, ``params``, ``train`` and ``test`` are the caller's):
+  >>> f, adapters = ntk.lora_model_fn(output_fn, params, adapters, cfg)  # doctest: +SKIP
+  >>> ntk_fn = ntk.empirical_ntk_fn(  # doctest: +SKIP
+  ...     f, trace_axes=(), batch_size=32, cache_dir="runs/k"
+  ... )
+  >>> k_train_train = ntk_fn(train, None, adapters)  # (N, N, K, K)  # doctest: +SKIP
+  >>> k_test_train = ntk_fn(test, train, adapters)  # (M, N, K, K)  # doctest: +SKIP
 """
 
 from __future__ import annotations

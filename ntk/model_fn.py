@@ -10,10 +10,12 @@ Each ``f`` carries a ``__ntk_fingerprint__`` attribute (a content hash of what i
 that the kernel cache uses to tell apart two functions with the same code and different base
 weights.
 
-Example:
-  >>> f, adapters = ntk.lora_model_fn(output_fn, base_params, adapters, lora_cfg)
-  >>> ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=())
-  >>> k = ntk_fn(train_batch, None, adapters)  # (N, N, K, K)
+Example (a sketch: ``output_fn``, ``base_params`` and ``train_batch`` are the caller's):
+  >>> f, adapters = ntk.lora_model_fn(  # doctest: +SKIP
+  ...     output_fn, base_params, adapters, lora_cfg
+  ... )
+  >>> ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=())  # doctest: +SKIP
+  >>> k = ntk_fn(train_batch, None, adapters)  # (N, N, K, K)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import params as params_lib
+from lora_jax.errors import ConfigError
 
 PyTree = Any
 Batch = Mapping[str, Any]
@@ -178,7 +181,7 @@ def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
         return tree
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ValueError(
+        raise ConfigError(
             "dtype=float64 needs 64-bit jax: run under `with jax.enable_x64():` or call "
             "`jax.config.update('jax_enable_x64', True)` at startup."
         )
@@ -198,19 +201,19 @@ def check_outputs(outputs: Any, batch: Batch | None = None, *, where: str = "f")
       ValueError: naming what was got and what is expected.
     """
     if not hasattr(outputs, "shape") or not hasattr(outputs, "ndim"):
-        raise ValueError(
+        raise ConfigError(
             f"{where} must return one array of shape [N, K]; got {type(outputs).__name__}. "
             "Return the K logits per example (e.g. from make_output_fn)."
         )
     if outputs.ndim != 2:
-        raise ValueError(
+        raise ConfigError(
             f"{where} must return outputs of shape [N, K]; got shape {tuple(outputs.shape)}. "
             "Reduce to the K label-word / class logits per example."
         )
     if batch is not None:
         sizes = {x.shape[0] for x in jax.tree.leaves(batch) if getattr(x, "ndim", 0) >= 1}
         if sizes and outputs.shape[0] not in sizes:
-            raise ValueError(
+            raise ConfigError(
                 f"{where} returned {outputs.shape[0]} rows for a batch with leading size(s) "
                 f"{sorted(sizes)}; expected one row per example."
             )

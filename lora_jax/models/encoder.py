@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lora_jax.errors import ConfigError
 from lora_jax.models.config import HEADS, EncoderConfig
 from lora_jax.models.layers import (
     activation,
@@ -207,20 +208,20 @@ def forward(
       states, or ``(B, H)`` at ``mask_positions``. All in the compute dtype.
     """
     if label_word_ids is not None and (head != "mlm" or mask_positions is None):
-        raise ValueError(
+        raise ConfigError(
             f"label_word_ids needs head='mlm' and mask_positions (got head={head!r}, "
             f"mask_positions={'None' if mask_positions is None else 'given'}). Pass the "
             "<mask> positions, or use a model loaded with head='mlm'."
         )
     if head == "cls" and mask_positions is not None:
-        raise ValueError(
+        raise ConfigError(
             "mask_positions is for head='mlm' or head=None; head='cls' reads <s> / [CLS]."
         )
     input_ids = jnp.asarray(input_ids, jnp.int32)
     B, T = input_ids.shape
     offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
     if T + offset > config.max_position_embeddings:
-        raise ValueError(
+        raise ConfigError(
             f"Sequence length {T} exceeds what the position table allows "
             f"({config.max_position_embeddings - offset} tokens for this {config.model_type}); "
             "tokenize with truncation=True and a smaller max_length."
@@ -419,9 +420,9 @@ def _to_module(node: Any, path: str) -> Any:
 def _check_dtype(dtype: Any) -> Any:
     dt = jnp.dtype(dtype)
     if dt.name not in DTYPES:
-        raise ValueError(f"dtype={dt.name!r} is not supported; expected one of {DTYPES}.")
+        raise ConfigError(f"dtype={dt.name!r} is not supported; expected one of {DTYPES}.")
     if dt == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ValueError(
+        raise ConfigError(
             "dtype=float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) "
             "(or use `with jax.experimental.enable_x64():`) before creating the model."
         )
@@ -430,17 +431,17 @@ def _check_dtype(dtype: Any) -> Any:
 
 def _check_head(head: str | None, num_labels: int | None) -> None:
     if head not in HEADS:
-        raise ValueError(f"head={head!r} is not supported; expected one of {HEADS}.")
+        raise ConfigError(f"head={head!r} is not supported; expected one of {HEADS}.")
     if head == "cls":
         if num_labels is None:
-            raise ValueError(
+            raise ConfigError(
                 "head='cls' needs num_labels (the number of classes), got None; pass e.g. "
                 "num_labels=2."
             )
         if not isinstance(num_labels, int) or num_labels < 1:
-            raise ValueError(f"num_labels={num_labels!r} must be a positive integer.")
+            raise ConfigError(f"num_labels={num_labels!r} must be a positive integer.")
     elif num_labels is not None:
-        raise ValueError(
+        raise ConfigError(
             f"num_labels={num_labels} only applies to head='cls' (got head={head!r}); drop it."
         )
 

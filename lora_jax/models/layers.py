@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from lora_jax.errors import ConfigError
+
 Params = Mapping[str, jax.Array]
 
 
@@ -176,7 +178,7 @@ def activation(name: str, x: jax.Array) -> jax.Array:
         return jax.nn.gelu(x, approximate=True)
     if name == "relu":
         return jax.nn.relu(x)
-    raise ValueError(f"Unknown hidden_act {name!r}; expected gelu, gelu_new or relu.")
+    raise ConfigError(f"Unknown hidden_act {name!r}; expected gelu, gelu_new or relu.")
 
 
 def dropout(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:
