@@ -318,11 +318,11 @@ def torch_all(args) -> dict:
 
 def compare(args) -> None:
     """Both sides of the all-weights comparison, one process each, then the table."""
+    torch_py = torch_python.resolve(args.torch_python, "torch, transformers")  # before jax
     import numpy as np
 
     from lora_jax import models
 
-    torch_py = torch_python.resolve(args.torch_python, "torch, transformers")
     with tempfile.TemporaryDirectory() as tmp:
         output_fn, params, train, _ = load(args.n, 1, args.max_length)
         del output_fn, params
