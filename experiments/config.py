@@ -45,8 +45,8 @@ class ExperimentConfig:
         sentence-transformers checkpoints such as the embedded MiniLM; BERT's pooler / RoBERTa's
         head on ``[CLS]`` otherwise), ``pooler``, ``cls`` or ``mean``.
       readout: how prompt-mode outputs are read (``lora_jax.readout.Readout``): ``auto`` (the
-        MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
-        ``tied_mean``.
+        MLM head when the checkpoint has one, else an ELECTRA discriminator's ``rtd``, else
+        ``tied_mean``), ``mlm``, ``tied``, ``tied_mean`` or ``rtd`` (Prompting ELECTRA).
       dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, and so the trained
         adapters / weights and their optimizer state, stay float32: master weights).
       remat: recompute each encoder layer in the backward pass (less memory, same numbers).
@@ -110,9 +110,9 @@ class ExperimentConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"Unknown methods {unknown}; expected some of {list(METHODS)}.")
-        if self.readout not in ("auto", "mlm", "tied", "tied_mean"):
+        if self.readout not in ("auto", "mlm", "tied", "tied_mean", "rtd"):
             raise ConfigError(
-                f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied' or 'tied_mean'."
+                f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied', 'tied_mean' or 'rtd'."
             )
         if self.pooling not in ("auto", "pooler", "cls", "mean"):
             raise ConfigError(

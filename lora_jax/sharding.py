@@ -158,7 +158,7 @@ def _mesh_text(mesh: Mesh) -> str:
 def _linear_axes(module: str) -> tuple[Any, Any]:
     """(in, out) logical axes of the Linear at dotted path ``module``."""
     last = module.rsplit(".", 1)[-1]
-    if last in ("query", "key", "value"):
+    if last in _QKV:
         return ("embed", "heads")
     if module.endswith("attention.output.dense"):
         return ("heads", "embed")
@@ -166,9 +166,16 @@ def _linear_axes(module: str) -> tuple[Any, Any]:
         return ("embed", "mlp")
     if ".layer." in module and module.endswith("output.dense"):
         return ("mlp", "embed")
-    if last == "decoder":
+    if last in ("decoder", "generator_lm_head"):
         return ("embed", "vocab")
+    if last in ("embeddings_project", "embed_proj"):  # ELECTRA / DeBERTa (E, H) projections
+        return (None, "embed")
     return ("embed", None)  # pooler, head transforms, classifiers
+
+
+# Attention input projections: BERT-style, and DeBERTa's (with its relative-position ones).
+_QKV = ("query", "key", "value", "query_proj", "key_proj", "value_proj")
+_QKV += ("pos_key_proj", "pos_query_proj")
 
 
 def leaf_axes(path: str, ndim: int) -> tuple:
@@ -187,7 +194,7 @@ def leaf_axes(path: str, ndim: int) -> tuple:
         axes = ("vocab", "embed") if last == "word_embeddings" else (None, "embed")
     elif last in ("LayerNorm", "layer_norm"):
         axes = ("embed",)
-    elif leaf == "bias" and last in ("lm_head", "predictions"):
+    elif leaf == "bias" and last in ("lm_head", "predictions", "generator_lm_head"):
         axes = ("vocab",)
     elif leaf in ("kernel", "bias", "lora_a", "lora_b"):
         ax_in, ax_out = _linear_axes(module)

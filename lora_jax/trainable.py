@@ -20,7 +20,9 @@ from lora_jax.readout import OutputFn
 
 PyTree = Any
 
-HEAD_PATTERN = r"^classifier\."  # the sequence-classification head (RoBERTa and BERT names)
+# The sequence-classification head: `classifier` (all models), and DeBERTa's ContextPooler,
+# top-level `pooler` (new weights, unlike BERT's pretrained `bert.pooler`).
+HEAD_PATTERN = r"^(classifier|pooler)\."
 
 
 class Method(enum.StrEnum):

@@ -1,4 +1,4 @@
-"""Own Flax NNX RoBERTa / BERT encoders and Hugging Face checkpoint conversion.
+"""Own Flax NNX RoBERTa, BERT, ELECTRA and DeBERTa-v2/v3 encoders, and HF checkpoint conversion.
 
 Example:
   >>> from lora_jax import models
@@ -11,7 +11,7 @@ Example:
 """
 
 from lora_jax.models.config import EncoderConfig
-from lora_jax.models.convert import CheckpointError
+from lora_jax.models.convert import CheckpointError, MissingHeadError
 from lora_jax.models.encoder import (
     EncoderModel,
     cls_head,
@@ -26,6 +26,7 @@ from lora_jax.models.pretrained import (
     load_peft_model,
     load_tokenizer,
     minilm_path,
+    read_model_type,
     read_torch_bin,
     save_pretrained,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "CheckpointError",
     "EncoderConfig",
     "EncoderModel",
+    "MissingHeadError",
     "cls_head",
     "create",
     "dense",
@@ -44,6 +46,7 @@ __all__ = [
     "load_tokenizer",
     "logical_axes",
     "minilm_path",
+    "read_model_type",
     "read_torch_bin",
     "save_pretrained",
     "split",
