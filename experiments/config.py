@@ -41,6 +41,9 @@ class ExperimentConfig:
         ``tied_mean``.
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
+      vectorize: train the LoRA cells of a task (ranks x seeds) as one vectorized job
+        (``lora_jax.sweep``) instead of one after another; same records.
+      members: at most this many LoRA cells per vectorized job (bounds its memory).
       out: parent directory of run directories.
     """
 
@@ -63,6 +66,8 @@ class ExperimentConfig:
     test_cap: int = 1000
     readout: str = "auto"
     ntk: bool = False
+    vectorize: bool = True
+    members: int = 16
     out: str = "runs"
 
     def __post_init__(self):
@@ -83,11 +88,15 @@ class ExperimentConfig:
             )
         if any(r < 1 for r in self.ranks):
             raise ValueError(f"ranks must be >= 1, got {self.ranks}.")
+        if self.members < 1:
+            raise ValueError(f"ExperimentConfig.members must be >= 1, got {self.members}.")
 
     def to_json(self) -> dict[str, Any]:
-        """The fields that define the results (``out`` excluded: a run may be moved)."""
+        """The fields that define the results (``out`` excluded: a run may be moved; so are
+        ``vectorize`` and ``members``, which give the same results)."""
         fields = dataclasses.asdict(self)
-        fields.pop("out")
+        for name in ("out", "vectorize", "members"):
+            fields.pop(name)
         fields["loss"] = self.loss.value
         return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 

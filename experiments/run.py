@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments import ntk_analysis, report
+from experiments import ntk_analysis, report, vectorized
 from experiments.config import NAMED_CONFIGS, ExperimentConfig, get_config
 from experiments.workbench import Workbench
 from lora_jax import lora, tasks, train
@@ -181,12 +181,20 @@ def run(cfg: ExperimentConfig, *, progress: bool = True) -> str:
     print(f"{run_dir}: {len(done)} cells done, {len(todo)} to run", file=sys.stderr)
     if todo:
         bench = Workbench(cfg)
-        for cell in tqdm(todo, desc=cfg.name, unit="cell", disable=not progress):
-            record = run_cell(bench, cfg, cell, run_dir)
+        bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not progress)
+        for job in vectorized.plan_jobs(todo, cfg.members if cfg.vectorize else 0):
+            if cfg.vectorize and job[0].method == "lora":
+                kw = dict(train_config=train_config, lora_config=lora_config)
+                records = vectorized.run_lora_job(bench, cfg, job, run_dir, **kw)
+            else:
+                records = [run_cell(bench, cfg, cell, run_dir) for cell in job]
             with open(results_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                for record in records:
+                    f.write(json.dumps(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+            bar.update(len(records))
+        bar.close()
     records = report.read_results(results_path)
     plots = report.plot_accuracy_vs_rank(run_dir, records)
     path = report.write_report(run_dir, cfg.to_json(), records, plots)
@@ -211,11 +219,19 @@ def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
             parser.add_argument(flag, nargs="+")
         elif field.name in ("ranks", "seeds"):
             parser.add_argument(flag, nargs="+", type=int)
-        elif field.name in ("steps", "k", "batch_size", "eval_every", "max_length", "test_cap"):
+        elif field.name in (
+            "steps",
+            "k",
+            "batch_size",
+            "eval_every",
+            "max_length",
+            "test_cap",
+            "members",
+        ):
             parser.add_argument(flag, type=int)
         elif field.name in ("lr", "head_lr", "alpha"):
             parser.add_argument(flag, type=float)
-        elif field.name == "ntk":
+        elif field.name in ("ntk", "vectorize"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction)
         else:
             parser.add_argument(flag)
