@@ -42,7 +42,7 @@ def load(n_train: int, n_test: int, max_length: int):
     import numpy as np
 
     from lora_jax import models, tasks
-    from lora_jax.task_model import make_output_fn
+    from lora_jax.readout import make_output_fn
 
     path = models.minilm_path()
     model = models.from_pretrained(path, head=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss
 
 METHODS = ("zero_shot", "head", "lora", "full")
@@ -36,9 +37,13 @@ class ExperimentConfig:
       eval_every: evaluate on dev every this many steps (best-dev checkpoint selection).
       max_length: token length of every encoded example (static shapes: one compile per cell kind).
       test_cap: at most this many test examples (deterministic subsample); 0 = all.
-      readout: how prompt-mode outputs are read (``lora_jax.task_model.Readout``): ``auto`` (the
+      readout: how prompt-mode outputs are read (``lora_jax.readout.Readout``): ``auto`` (the
         MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
         ``tied_mean``.
+      dropout: run dropout while training: the encoder's own (its config's hidden and attention
+        dropout) and ``lora_dropout`` on the LoRA branches; off at evaluation. The head-only
+        baseline trains on cached features, so there only the head's dropout runs.
+      lora_dropout: PEFT's ``lora_dropout`` rate on the LoRA input (with ``dropout``).
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
       vectorize: train the LoRA cells of a task (ranks x seeds) as one vectorized job
@@ -65,6 +70,8 @@ class ExperimentConfig:
     max_length: int = 48
     test_cap: int = 1000
     readout: str = "auto"
+    dropout: bool = False
+    lora_dropout: float = 0.0
     ntk: bool = False
     vectorize: bool = True
     members: int = 16
@@ -78,18 +85,18 @@ class ExperimentConfig:
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
             if not getattr(self, name):
-                raise ValueError(f"ExperimentConfig.{name} must not be empty.")
+                raise ConfigError(f"ExperimentConfig.{name} must not be empty.")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"Unknown methods {unknown}; expected some of {list(METHODS)}.")
+            raise ConfigError(f"Unknown methods {unknown}; expected some of {list(METHODS)}.")
         if self.readout not in ("auto", "mlm", "tied", "tied_mean"):
-            raise ValueError(
+            raise ConfigError(
                 f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied' or 'tied_mean'."
             )
         if any(r < 1 for r in self.ranks):
-            raise ValueError(f"ranks must be >= 1, got {self.ranks}.")
+            raise ConfigError(f"ranks must be >= 1, got {self.ranks}.")
         if self.members < 1:
-            raise ValueError(f"ExperimentConfig.members must be >= 1, got {self.members}.")
+            raise ConfigError(f"ExperimentConfig.members must be >= 1, got {self.members}.")
 
     def to_json(self) -> dict[str, Any]:
         """The fields that define the results (``out`` excluded: a run may be moved; so are
@@ -152,6 +159,6 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 def get_config(config: str, /, **overrides: Any) -> ExperimentConfig:
     """The named config with ``overrides`` (None values are ignored) applied."""
     if config not in NAMED_CONFIGS:
-        raise ValueError(f"Unknown config {config!r}; known configs: {sorted(NAMED_CONFIGS)}.")
+        raise ConfigError(f"Unknown config {config!r}; known configs: {sorted(NAMED_CONFIGS)}.")
     fields = {**NAMED_CONFIGS[config], **{k: v for k, v in overrides.items() if v is not None}}
     return ExperimentConfig(**fields)

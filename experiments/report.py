@@ -4,18 +4,71 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 
 import numpy as np
 
+from lora_jax.errors import InputFileError
+
 
 def read_results(path: str | os.PathLike) -> list[dict]:
-    """The result records of ``results.jsonl`` (a missing file is an empty run)."""
+    """The result records of ``results.jsonl`` (a missing file is an empty run).
+
+    A last line that is not JSON (cut short: a run killed mid-write, a full disk) is skipped
+    with a warning, so its cell counts as not done; a bad line anywhere else is an
+    :class:`~lora_jax.errors.InputFileError` naming the line.
+    """
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i < len(lines) - 1:
+                raise InputFileError(
+                    f"{os.fspath(path)}, line {n}, is not a JSON record ({err}). Fix: delete that "
+                    "line (its cell is then run again on resume)."
+                ) from err
+            warnings.warn(
+                f"{os.fspath(path)}: its last line was cut short ({err}); skipped it, so that "
+                "cell is not counted as done.",
+                stacklevel=2,
+            )
+    return records
+
+
+def drop_torn_tail(path: str | os.PathLike) -> bool:
+    """Cuts a torn last line off ``results.jsonl`` before records are appended to it.
+
+    Returns whether a line was dropped. A complete last record that only lacks its newline
+    gets one, so the next record starts on a line of its own.
+    """
+    if not os.path.exists(path):
+        return False
+    with open(path, "rb") as f:
+        data = f.read()
+    body = data.rstrip()
+    start = body.rfind(b"\n") + 1
+    try:
+        json.loads(body[start:] or b"{}")
+    except ValueError:
+        warnings.warn(
+            f"{os.fspath(path)}: its last line was cut short (a run stopped mid-write); dropped "
+            "it, and its cell runs again.",
+            stacklevel=2,
+        )
+        with open(path, "r+b") as f:
+            f.truncate(start)
+        return True
+    if body and not data.endswith(b"\n"):
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return False
 
 
 def column(record: dict) -> str:

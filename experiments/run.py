@@ -10,7 +10,6 @@ resumes from its last orbax checkpoint.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -23,10 +22,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from experiments import ntk_analysis, report, vectorized
+from experiments.cli import add_dataclass_arguments
 from experiments.config import NAMED_CONFIGS, ExperimentConfig, get_config
 from experiments.workbench import Workbench
 from lora_jax import lora, tasks, train
-from lora_jax.task_model import Method, make_model_fn, split_params
+from lora_jax.errors import ConfigError, UserError, user_message
+from lora_jax.trainable import Method, make_model_fn, split_params
 
 
 class Cell(NamedTuple):
@@ -61,17 +62,25 @@ def prepare_run_dir(cfg: ExperimentConfig) -> str:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
+        # A field missing from an older config.json ran with that field's default.
+        saved = {**ExperimentConfig().to_json(), **saved}
         diff = sorted(
             k for k in set(saved) | set(cfg.to_json()) if saved.get(k) != cfg.to_json().get(k)
         )
         if diff:
-            raise SystemExit(
-                f"error: {run_dir} holds results of a different configuration (fields differ: "
+            raise ConfigError(
+                f"{run_dir} holds results of a different configuration (fields differ: "
                 f"{', '.join(diff)}). Use another --name (or --out), or delete that directory."
             )
-    os.makedirs(run_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(cfg.to_json(), f, indent=2)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(cfg.to_json(), f, indent=2)
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the run directory {run_dir!r} ({err.strerror or err}). Fix: pass an "
+            "--out (and --name) in a writable place."
+        ) from err
     return run_dir
 
 
@@ -83,13 +92,14 @@ def train_config(cfg: ExperimentConfig, cell: Cell) -> train.TrainConfig:
         learning_rate=lr,
         loss=cfg.loss,
         eval_every=cfg.eval_every,
+        dropout=cfg.dropout,
         seed=cell.seed,
     )
 
 
 def lora_config(cfg: ExperimentConfig, rank: int) -> lora.LoraConfig:
     alpha = cfg.alpha if cfg.alpha is not None else 2.0 * rank
-    return lora.LoraConfig(r=rank, alpha=alpha, targets=cfg.targets)
+    return lora.LoraConfig(r=rank, alpha=alpha, targets=cfg.targets, dropout=cfg.lora_dropout)
 
 
 def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) -> dict:
@@ -173,6 +183,7 @@ def run(cfg: ExperimentConfig, *, progress: bool = True) -> str:
         tasks.get_task(name)
     run_dir = prepare_run_dir(cfg)
     results_path = os.path.join(run_dir, "results.jsonl")
+    report.drop_torn_tail(results_path)
     done = {
         Cell(r["task"], r["method"], r["rank"], r["seed"]).key
         for r in report.read_results(results_path)
@@ -213,44 +224,24 @@ def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", default="default", help=f"one of {sorted(NAMED_CONFIGS)}")
-    for field in dataclasses.fields(ExperimentConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name in ("tasks", "methods"):
-            parser.add_argument(flag, nargs="+")
-        elif field.name in ("ranks", "seeds"):
-            parser.add_argument(flag, nargs="+", type=int)
-        elif field.name in (
-            "steps",
-            "k",
-            "batch_size",
-            "eval_every",
-            "max_length",
-            "test_cap",
-            "members",
-        ):
-            parser.add_argument(flag, type=int)
-        elif field.name in ("lr", "head_lr", "alpha"):
-            parser.add_argument(flag, type=float)
-        elif field.name in ("ntk", "vectorize"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction)
-        else:
-            parser.add_argument(flag)
+    add_dataclass_arguments(parser, ExperimentConfig)
     args = vars(parser.parse_args(argv))
     name = args.pop("config")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     try:
         return get_config(name, **overrides)
-    except ValueError as err:
-        parser.error(str(err))
+    except UserError as err:
+        parser.error(user_message(err))
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: user errors (``lora_jax.errors.UserError``) exit with one line; any
+    other exception is a bug and keeps its traceback."""
     cfg = parse_args(argv)
     try:
         run(cfg)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        # User errors (unknown task, bad model path, k too large, ...) as one clear line.
-        raise SystemExit(f"error: {err.args[0] if err.args else err}") from err
+    except UserError as err:
+        raise SystemExit(f"error: {user_message(err)}") from err
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from experiments import ntk_analysis
 from experiments.config import ExperimentConfig
 from experiments.workbench import Workbench
 from lora_jax import sweep
-from lora_jax.task_model import Method, make_model_fn
+from lora_jax.trainable import Method, make_model_fn
 
 
 def plan_jobs(cells: Sequence[Any], members: int) -> list[list[Any]]:

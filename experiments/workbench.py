@@ -14,9 +14,10 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 
 from experiments.config import ExperimentConfig
-from lora_jax import models, tasks, train
+from lora_jax import models, tasks
 from lora_jax.models.pretrained import resolve
-from lora_jax.task_model import Readout, make_cls_feature_fns, make_output_fn
+from lora_jax.readout import Readout, make_cls_feature_fns, make_output_fn
+from lora_jax.rows import map_rows_fn
 
 PyTree = Any
 
@@ -100,26 +101,20 @@ class Workbench:
         feature_fn, output_fn = self.memo(
             ("cls_fns", task), lambda: make_cls_feature_fns(model.config)
         )
-        features = self.memo(
-            ("cls_features", task),
-            lambda: train.make_predict(lambda trainable, frozen, b, rng: feature_fn(frozen, b), 64),
-        )
+        features = self.memo(("cls_features", task), lambda: map_rows_fn(feature_fn, 64))
 
         def featurize(split: dict) -> dict:
-            return {"features": features({}, params, split), "labels": split["labels"]}
+            return {"features": features(params, split), "labels": split["labels"]}
 
         raw = self.data(task, seed, mode="cls")
         test = self.memo(("cls_test_features", task), lambda: featurize(raw.test))
         return output_fn, params, TaskData(featurize(raw.train), featurize(raw.dev), test)
 
     def predict(self, output_fn: Callable) -> Callable:
-        """A compiled ``predict(params, {}, data)`` for evaluating ``output_fn`` untrained."""
-
-        def build():
-            model_fn = lambda trainable, frozen, batch, rng: output_fn(trainable, batch)  # noqa: E731
-            return train.make_predict(model_fn, 64)
-
-        return self.memo(("predict", id(output_fn)), build)
+        """``predict(params, {}, data) -> [N, K]`` (``train.evaluate`` 's interface), compiled once:
+        ``output_fn`` untrained."""
+        fn = self.memo(("predict", id(output_fn)), lambda: map_rows_fn(output_fn, 64))
+        return lambda params, frozen, data: fn(params, data)
 
     # -- data ---------------------------------------------------------------------------------
 

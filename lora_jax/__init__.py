@@ -6,17 +6,31 @@ Subpackages and modules, each one idea:
   checkpoints; ``split(model) -> (apply_fn, params)`` with params as HF-named nested dicts.
 - :mod:`lora_jax.lora`: LoRA as a pure transform of parameter pytrees (PEFT semantics and files).
 - :mod:`lora_jax.tasks`: few-shot prompt-based tasks (templates, label words, k-shot sampling).
-- :mod:`lora_jax.task_model`: from an encoder to the K outputs, and what is trained.
+- :mod:`lora_jax.readout`: how the K outputs of a task are read from an encoder.
+- :mod:`lora_jax.trainable`: what is trained (LoRA, all weights, head) and the split.
+- :mod:`lora_jax.rows`: evaluating a function over N rows in fixed, padded blocks.
 - :mod:`lora_jax.train`: the optax training loop (with :mod:`lora_jax.losses` and
   :mod:`lora_jax.checkpoint`).
 - :mod:`lora_jax.params`: dotted paths over parameter pytrees.
 """
 
-from lora_jax import checkpoint, lora, losses, models, params, task_model, tasks, train
+from lora_jax import (
+    checkpoint,
+    lora,
+    losses,
+    models,
+    params,
+    readout,
+    rows,
+    tasks,
+    train,
+    trainable,
+)
 from lora_jax.lora import LoraConfig
 from lora_jax.models import from_pretrained, split
-from lora_jax.task_model import Method, Readout, make_model_fn, make_output_fn
+from lora_jax.readout import Readout, make_output_fn
 from lora_jax.train import TrainConfig, TrainState, fit
+from lora_jax.trainable import Method, make_model_fn
 
 __version__ = "0.1.0"
 
@@ -36,7 +50,9 @@ __all__ = [
     "models",
     "params",
     "split",
-    "task_model",
+    "readout",
+    "rows",
     "tasks",
     "train",
+    "trainable",
 ]

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_jax.errors import ConfigError
+
 
 class Loss(enum.StrEnum):
     """Training loss on the K outputs.
@@ -45,5 +47,5 @@ def get_loss(loss: Loss | str):
         loss = Loss(loss)
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in Loss)
-        raise ValueError(f"Unknown loss {loss!r}; expected one of {allowed}.") from None
+        raise ConfigError(f"Unknown loss {loss!r}; expected one of {allowed}.") from None
     return {Loss.CE: cross_entropy, Loss.MSE: squared_error}[loss]

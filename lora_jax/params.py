@@ -12,6 +12,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from lora_jax.errors import ConfigError
+
 PyTree = Any
 
 
@@ -55,11 +57,11 @@ def select(tree: Mapping, pattern: str | Callable[[str], bool]) -> list[str]:
         try:
             regex = re.compile(pattern)
         except re.error as err:
-            raise ValueError(f"Parameter pattern {pattern!r} is not a valid regex: {err}") from err
+            raise ConfigError(f"Parameter pattern {pattern!r} is not a valid regex: {err}") from err
         chosen = [p for p in paths if regex.search(p)]
     if not chosen:
         shown = ", ".join(paths[:8]) + (", ..." if len(paths) > 8 else "")
-        raise ValueError(
+        raise ConfigError(
             f"Parameter pattern {pattern!r} selects no parameter. Paths look like: {shown}. "
             "Use a regex that matches some of them (it is searched in the dotted path)."
         )

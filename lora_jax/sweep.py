@@ -271,7 +271,7 @@ def lora_model_fn(model_fn: train.ModelFn) -> train.ModelFn:
     Returns ``fn(adapters, (base, factors), batch, dropout_rng)`` that multiplies each
     ``lora_a`` (in, r_pad) by the member's factor [r_pad] and calls ``model_fn(adapters, base,
     batch, dropout_rng)``. ``model_fn`` may be any model over the padded config: the fused LoRA
-    model of ``task_model.make_model_fn(..., fused=True)`` (which shares the base GEMMs across
+    model of ``trainable.make_model_fn(..., fused=True)`` (which shares the base GEMMs across
     members) or ``ntk.lora_linearized_model_fn(output_fn, sweep.config)``.
     """
 

@@ -11,6 +11,8 @@ import os
 import string
 from pathlib import Path
 
+from lora_jax.errors import ConfigError
+
 # A small English corpus: sentiment words, yes / no / maybe, question words, so that the label
 # words of the built-in task templates are single tokens (" great" for RoBERTa, "great" for BERT).
 _CORPUS = [
@@ -157,7 +159,7 @@ def make_tiny_checkpoint(
     from lora_jax.models import EncoderConfig, create, save_pretrained
 
     if model_type not in ("roberta", "bert"):
-        raise ValueError(f"model_type={model_type!r}; expected 'roberta' or 'bert'.")
+        raise ConfigError(f"model_type={model_type!r}; expected 'roberta' or 'bert'.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if model_type == "roberta":

@@ -5,11 +5,21 @@ adapters over a frozen base, all weights, only a head, or a linearized model fro
 train through the same loop. Data stays on the device as a dict of ``[N, ...]`` arrays; each
 step gathers its batch by index from a per-epoch permutation derived from the step counter, so
 the loop keeps no host-side state and a resumed run sees exactly the batches an uninterrupted
-run would. ``eval_every`` steps run as one ``lax.scan`` inside one ``jax.jit`` call.
+run would. ``eval_every`` steps run as one ``lax.scan`` inside one ``jax.jit`` call (a shorter
+last chunk when ``eval_every`` does not divide ``steps`` is one more compiled program).
 
-Example:
-  >>> state = init_state(adapters, make_optimizer(cfg), seed=cfg.seed)
-  >>> result = fit(model_fn, state, base_params, train_data, dev_data, cfg)
+Example (a linear classifier standing in for a model):
+  >>> import jax.numpy as jnp, numpy as np
+  >>> from lora_jax import train
+  >>> def model_fn(trainable, frozen, batch, dropout_rng):
+  ...     return batch["x"] @ trainable["w"]  # (B, K)
+  >>> x = np.random.default_rng(0).normal(size=(32, 4)).astype(np.float32)
+  >>> data = {"x": x, "labels": (x[:, 0] > 0).astype(np.int32)}
+  >>> cfg = train.TrainConfig(steps=20, batch_size=8, learning_rate=0.1, eval_every=10)
+  >>> state = train.init_state({"w": jnp.zeros((4, 2))}, train.make_optimizer(cfg), cfg.seed)
+  >>> result = train.fit(model_fn, state, {}, data, data, cfg, progress=False)
+  >>> [r["step"] for r in result.history], result.best_dev_accuracy > 0.9
+  ([10, 20], True)
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ import optax
 from tqdm.auto import tqdm
 
 from lora_jax import checkpoint
+from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
+from lora_jax.rows import map_rows
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -55,7 +67,7 @@ def _enum_field(cls: type[enum.Enum], name: str, value: Any) -> enum.Enum:
         return cls(value)
     except ValueError:
         allowed = ", ".join(repr(m.value) for m in cls)
-        raise ValueError(f"TrainConfig.{name}={value!r} is not one of {allowed}.") from None
+        raise ConfigError(f"TrainConfig.{name}={value!r} is not one of {allowed}.") from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,7 +87,9 @@ class TrainConfig:
       max_grad_norm: global-norm clipping threshold; None disables clipping.
       grad_accum: number of steps whose gradients are averaged per update.
       loss: ``ce`` or ``mse`` on the K outputs (see :mod:`lora_jax.losses`).
-      eval_every: evaluate on dev (and checkpoint) every this many steps; must divide ``steps``.
+      eval_every: evaluate on dev (and checkpoint) every this many steps, and after the last
+        step (any value: with ``steps % eval_every`` left over, the last interval is shorter;
+        ``eval_every > steps`` evaluates once, at the end).
       eval_batch_size: batch size for evaluation.
       dropout: whether to run the model's dropout during training.
       seed: seeds batch order and dropout.
@@ -103,23 +117,37 @@ class TrainConfig:
         object.__setattr__(self, "loss", _enum_field(Loss, "loss", self.loss))
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
+                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
         if self.learning_rate <= 0:
-            raise ValueError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.")
-        if self.steps % self.eval_every:
-            raise ValueError(
-                f"TrainConfig.eval_every={self.eval_every} must divide steps={self.steps} "
-                "(each evaluation interval is one compiled chunk); e.g. use "
-                f"eval_every={_largest_divisor_at_most(self.steps, self.eval_every)}."
-            )
+            raise ConfigError(f"TrainConfig.learning_rate must be > 0, got {self.learning_rate}.")
         if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(
+            raise ConfigError(
                 f"TrainConfig.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})."
             )
 
 
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+def chunk_lengths(steps: int, eval_every: int, start: int = 0) -> list[int]:
+    """Steps of each compiled chunk from ``start`` to ``steps``: evaluation after each.
+
+    Chunks end at the multiples of ``eval_every`` and at ``steps``, wherever the run starts from
+    (so a run resumed from a checkpoint at a chunk end continues on the same schedule).
+
+    >>> chunk_lengths(20, 25), chunk_lengths(60, 25), chunk_lengths(60, 25, start=50)
+    ([20], [25, 25, 10], [10])
+    """
+    ends = [*range(eval_every, steps, eval_every), steps]
+    return [e - max(b, start) for b, e in zip([0, *ends], ends, strict=False) if e > start]
+
+
+# The dropout key of step t is fold_in(fold_in(rng, DROPOUT_TAG), t), disjoint from the batch-order
+# keys fold_in(rng, epoch): epochs never reach 2**32 - 1, since the step counter is an int32.
+DROPOUT_TAG = 0xFFFFFFFF
+
+
+def dropout_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+    """The dropout key (a typed key) of ``step`` for a state's ``rng`` (raw ``uint32[2]``)."""
+    base = jax.random.fold_in(jax.random.wrap_key_data(rng), DROPOUT_TAG)
+    return jax.random.fold_in(base, step)
 
 
 class TrainState(NamedTuple):
@@ -192,10 +220,12 @@ def make_train_chunk(
     optimizer: optax.GradientTransformation,
     cfg: TrainConfig,
 ) -> Callable[[TrainState, PyTree, Batch], tuple[TrainState, jax.Array]]:
-    """Returns ``chunk(state, frozen, data) -> (state, losses [eval_every])``, jitted.
+    """Returns ``chunk(state, frozen, data, length=None) -> (state, losses [length])``, jitted.
 
     ``data`` is the whole training set as a dict of ``[N, ...]`` arrays (with ``labels`` [N]);
     ``frozen`` is passed in (not closed over) so its arrays are not baked into the program.
+    ``length`` (static; default ``cfg.eval_every``) is the number of steps; each distinct value
+    is compiled once.
     """
     loss_fn = get_loss(cfg.loss)
 
@@ -208,25 +238,22 @@ def make_train_chunk(
         num_examples = data["labels"].shape[0]
         idx = batch_indices(state.rng, state.step, num_examples, cfg.batch_size)
         batch = jax.tree.map(lambda x: x[idx], data)
-        dropout_rng = None
-        if cfg.dropout:
-            base = jax.random.fold_in(jax.random.wrap_key_data(state.rng), -1)
-            dropout_rng = jax.random.fold_in(base, state.step)
+        dropout_rng = dropout_key(state.rng, state.step) if cfg.dropout else None
         loss, grads = jax.value_and_grad(objective)(state.trainable, frozen, batch, dropout_rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(state.step + 1, trainable, opt_state, state.rng), loss
 
-    def chunk(state, frozen, data):
+    def chunk(state, frozen, data, length=None):
         if data["labels"].shape[0] < cfg.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"Training set has {data['labels'].shape[0]} examples, fewer than "
                 f"batch_size={cfg.batch_size}; lower TrainConfig.batch_size."
             )
         body = lambda carry, x: step(carry, x, frozen, data)  # noqa: E731
-        return jax.lax.scan(body, state, None, length=cfg.eval_every)
+        return jax.lax.scan(body, state, None, length=length or cfg.eval_every)
 
-    return jax.jit(chunk, donate_argnums=0)
+    return jax.jit(chunk, donate_argnums=0, static_argnames="length")
 
 
 def make_predict(
@@ -241,18 +268,7 @@ def make_predict(
     """
 
     def predict(trainable, frozen, data):
-        n = jax.tree.leaves(data)[0].shape[0]
-        num_batches = -(-n // batch_size)
-        rows = -(-n // num_batches)  # <= batch_size
-        pad = num_batches * rows - n
-
-        def blocks(x):
-            x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-            return x.reshape(num_batches, rows, *x.shape[1:])  # (nb, rows, ...)
-
-        batched = jax.tree.map(blocks, dict(data))
-        out = jax.lax.map(lambda b: model_fn(trainable, frozen, b, None), batched)
-        return out.reshape(num_batches * rows, *out.shape[2:])[:n]
+        return map_rows(lambda b: model_fn(trainable, frozen, b, None), data, batch_size)
 
     return jax.jit(predict)
 
@@ -309,7 +325,8 @@ def fit(
     metrics_path: str | os.PathLike | None = None,
     progress: bool | str = True,
 ) -> FitResult:
-    """Trains for ``cfg.steps``, evaluating on ``dev_data`` every ``cfg.eval_every`` steps.
+    """Trains for ``cfg.steps``, evaluating on ``dev_data`` every ``cfg.eval_every`` steps and
+    after the last one (see :func:`chunk_lengths`).
 
     Keeps the trainable parameters of the best dev accuracy (ties: the earlier step, as in
     LM-BFF). With ``checkpoint_dir`` the state and the best parameters are saved with orbax at
@@ -360,8 +377,8 @@ def fit(
         unit="step",
         leave=False,
     )
-    for _ in range(start, cfg.steps, cfg.eval_every):
-        state, losses = chunk(state, frozen, train_data)
+    for length in chunk_lengths(cfg.steps, cfg.eval_every, start):
+        state, losses = chunk(state, frozen, train_data, length)
         step = int(state.step)
         dev = evaluate(predict, state.trainable, frozen, dev_data, cfg.loss)
         record = {
@@ -380,7 +397,7 @@ def fit(
                 f.write(json.dumps(record) + "\n")
         if checkpoint_dir is not None:
             checkpoint.save(checkpoint_dir, step, {"state": state, "best": best_trainable}, log)
-        bar.update(cfg.eval_every)
+        bar.update(length)
         bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev=f"{dev['accuracy']:.3f}")
     bar.close()
     return FitResult(state, best_trainable, log["best_step"], log["best_accuracy"], log["history"])

@@ -12,6 +12,7 @@ the linearization error ``||f(w_t) - f_lin(w_t)|| / ||f(w_t) - f(w_0)||`` stays 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.rows import map_rows_fn
 from ntk.kernel import NtkImplementation, empirical_ntk_fn
 from ntk.linearize import linearize, lora_linearized_model_fn
 from ntk.model_fn import lora_model_fn
@@ -91,23 +93,16 @@ def relative_weight_change(params: PyTree, params0: PyTree) -> float:
     return _safe_ratio(_norm(diff), _norm(params0))
 
 
-def batched_outputs(
-    f: Callable, params: PyTree, batch: Batch, batch_size: int = 64, *, jit: bool = True
-) -> np.ndarray:
-    """``f(params, batch)`` evaluated in chunks of ``batch_size`` rows, ``[N, K]``.
+def batched_outputs(f: Callable, params: PyTree, batch: Batch, batch_size: int = 64) -> np.ndarray:
+    """``f(params, batch)`` evaluated in even padded blocks of at most ``batch_size`` rows.
 
-    The last chunk is padded (so one compiled shape serves all); ``jit=False`` if ``f`` is
-    already jitted.
+    Returns ``[N, K]`` (host). One compiled program per (f, batch_size, shapes), reused across
+    calls (:func:`lora_jax.rows.map_rows`).
     """
-    leaves = [x for x in jax.tree.leaves(batch) if np.ndim(x) >= 1]
-    n = np.shape(leaves[0])[0]
-    fn = jax.jit(f) if jit else f
-    outs = []
-    for start in range(0, n, batch_size):
-        idx = np.minimum(np.arange(start, start + batch_size), n - 1)
-        chunk = jax.tree.map(lambda x, idx=idx: x[idx] if np.ndim(x) >= 1 else x, batch)
-        outs.append(np.asarray(fn(params, chunk))[: min(batch_size, n - start)])
-    return np.concatenate(outs, axis=0)
+    return np.asarray(_blocked(f, batch_size)(params, dict(batch)))
+
+
+_blocked = functools.lru_cache(maxsize=8)(map_rows_fn)
 
 
 def linearization_error(
@@ -133,11 +128,11 @@ def linearization_error(
       ``[len(checkpoints)]`` float64.
     """
     f, f_lin = jax.jit(f), jax.jit(linearize(f, params0))
-    y0 = batched_outputs(f, params0, batch, batch_size, jit=False)
+    y0 = batched_outputs(f, params0, batch, batch_size)
     errors = []
     for w in checkpoints:
-        y = batched_outputs(f, w, batch, batch_size, jit=False)
-        y_lin = batched_outputs(f_lin, w, batch, batch_size, jit=False)
+        y = batched_outputs(f, w, batch, batch_size)
+        y_lin = batched_outputs(f_lin, w, batch, batch_size)
         errors.append(_safe_ratio(float(np.linalg.norm(y - y_lin)), float(np.linalg.norm(y - y0))))
     return np.asarray(errors)
 
@@ -222,7 +217,7 @@ def ntk_regime_report(
     else:
         raise ValueError(f"linearization={linearization!r} is not one of 'weights', 'adapters'.")
     f_jit, f_lin = jax.jit(f), jax.jit(f_lin)
-    out = lambda fn, a, b: batched_outputs(fn, a, b, eval_batch_size, jit=False)  # noqa: E731
+    out = lambda fn, a, b: batched_outputs(fn, a, b, eval_batch_size)  # noqa: E731
     y_init_test = out(f_jit, adapters0, test)
     y_trained = out(f_jit, adapters, test)
     y_lin_at = out(f_lin, adapters, test)

@@ -9,9 +9,15 @@ meaning) and returns ``ntk_fn(x1, x2, params)``; the differences are for fine-tu
   ``x2=None`` only the upper triangle of blocks is computed.
 * Before computing, the block kernel is compiled and XLA's memory analysis is compared with
   the memory available (or ``memory_limit_bytes``); a block that would not fit raises
-  :class:`KernelMemoryError` saying which ``batch_size`` to use.
-* ``cache_dir``: kernels are saved as ``.npy`` named by a content hash of (f's fingerprint,
-  params, inputs, options) and returned from disk when present.
+  :class:`KernelMemoryError` naming an implementation or ``batch_size`` checked to fit.
+* ``cache_dir``: kernels are saved as ``.npy`` named by a content hash of (f's code and every
+  value it closes over, e.g. the label words; params, inputs, options) and returned from disk
+  when present (:mod:`ntk._kernel_cache`).
+* Compiled block programs are kept for the session (keyed by f's fingerprint, options and
+  shapes), so a second ``ntk_fn`` of the same model and shapes compiles nothing.
+* Embedding tables among the differentiated weights are cut to the rows each block reads
+  (:mod:`ntk.compact`): exact, and the all-weights kernel of an encoder no longer carries the
+  dense ``[V, H]`` Jacobian of its word embeddings.
 * ``implementation=AUTO`` is our memory-aware choice (``nt``'s own AUTO is broken on current
   jax: it indexes ``cost_analysis()`` as a list).
 
@@ -21,34 +27,41 @@ over k of ``Theta[:, :, k, k]`` (nt normalizes traces by the traced size);
 ``diagonal_axes=(-1,)`` gives ``[N1, N2, K]``; ``diagonal_axes=(0,)`` gives the per-example
 kernel ``[N, ...]`` (then ``x2`` must be None).
 
-Example:
-  >>> f, adapters = ntk.lora_model_fn(output_fn, params, adapters, cfg)
-  >>> ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=(), batch_size=32, cache_dir="runs/k")
-  >>> k_train_train = ntk_fn(train, None, adapters)  # (N, N, K, K)
-  >>> k_test_train = ntk_fn(test, train, adapters)  # (M, N, K, K)
+Example (a sketch: ``output_fn``, ``params``, ``train`` and ``test`` are the caller's):
+  >>> f, adapters = ntk.lora_model_fn(output_fn, params, adapters, cfg)  # doctest: +SKIP
+  >>> ntk_fn = ntk.empirical_ntk_fn(  # doctest: +SKIP
+  ...     f, trace_axes=(), batch_size=32, cache_dir="runs/k"
+  ... )
+  >>> k_train_train = ntk_fn(train, None, adapters)  # (N, N, K, K)  # doctest: +SKIP
+  >>> k_test_train = ntk_fn(test, train, adapters)  # (M, N, K, K)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import enum
 import os
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.rows import num_rows, take_rows
+from ntk import _kernel_cache
 from ntk._compat import nt
-from ntk.model_fn import cast_floating, check_outputs, fingerprint
+from ntk._memory import available_memory, gib, required_bytes
+from ntk.compact import compact_block, compact_fn, compactable_tables
+from ntk.model_fn import FingerprintError, cast_floating, check_outputs
 
 PyTree = Any
 Axes = int | tuple[int, ...]
 
 __all__ = [
     "KernelMemoryError",
+    "KernelOptions",
     "NtkImplementation",
     "available_memory",
     "empirical_ntk_fn",
@@ -74,7 +87,10 @@ class NtkImplementation(enum.IntEnum):
       STRUCTURED_DERIVATIVES: (``3``) nt's custom interpreter that exploits the structure of
         each primitive's Jacobian (e.g. a dense layer's is a Kronecker product). Often the
         fastest and leanest on dense and attention layers, but the most complex: it fails on
-        some primitives (``jax.checkpoint``, ``lax.scan``, collectives; and ``jnp.split``).
+        some primitives (``jax.checkpoint``, ``lax.scan``, collectives; and ``jnp.split``),
+        and it has no rule for ``gather``, so an embedding table among the differentiated
+        weights gets the dense Jacobian of its lookup, ``(T*H) x (V*H)`` floats per example
+        (MiniLM, T = 64: 1,073 GiB): use JACOBIAN_CONTRACTION for all-weights kernels.
 
     Measured (benchmarks/bench_ntk.py, MiniLM-L6, K = 2, T = 64, 8 x 8 block, shared 2-core
     CPU): with ``vmap_axes=0`` the LoRA-adapter kernels (r = 1 / 8 on query, value) took
@@ -101,26 +117,6 @@ class KernelMemoryError(MemoryError):
     """A kernel block would not fit in the memory available."""
 
 
-def available_memory(device: jax.Device | None = None) -> int:
-    """Bytes available for one computation on ``device`` (default: the first device).
-
-    Accelerators: ``bytes_limit - bytes_in_use`` from ``memory_stats()``. CPU: ``MemAvailable``
-    from ``/proc/meminfo`` (else total physical memory).
-    """
-    device = device or jax.devices()[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-
-
 def _canon(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
     out = []
@@ -129,22 +125,6 @@ def _canon(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
             raise ValueError(f"{name}={axes} has axis {a} out of range for outputs of ndim {ndim}.")
         out.append(a % ndim)
     return tuple(sorted(set(out)))
-
-
-def _num_rows(x: PyTree, name: str) -> int:
-    sizes = {np.shape(leaf)[0] for leaf in jax.tree.leaves(x) if np.ndim(leaf) >= 1}
-    if len(sizes) != 1:
-        raise ValueError(
-            f"{name} must be a batch dict whose arrays all have the same leading size N; got "
-            f"leading sizes {sorted(sizes) or 'none'}."
-        )
-    return sizes.pop()
-
-
-def _take(x: PyTree, start: int, size: int, n: int) -> PyTree:
-    """Rows ``start:start+size`` of x, padded by repeating the last row (static shapes)."""
-    idx = np.minimum(np.arange(start, start + size), n - 1)
-    return jax.tree.map(lambda a: a[idx] if np.ndim(a) >= 1 else a, x)
 
 
 def _swap(block: np.ndarray, n_pairs: int) -> np.ndarray:
@@ -158,8 +138,234 @@ def _swap(block: np.ndarray, n_pairs: int) -> np.ndarray:
     return np.transpose(block, axes)
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+    """The checked options of one :func:`empirical_ntk_fn` (see there)."""
+
+    trace: tuple[int, ...]
+    diag: tuple[int, ...]
+    vmap_axes: Any
+    implementation: NtkImplementation
+    sizes: tuple[int, int]  # rows of x1, rows of x2 per block
+    dtype: Any
+
+    @property
+    def batch_diagonal(self) -> bool:
+        return 0 in self.diag
+
+    @property
+    def n_pairs(self) -> int:
+        """How many (K, K') axis pairs a block has after (N1, N2): 1 or 0."""
+        return int(1 not in self.trace and 1 not in self.diag)
+
+    def key(self) -> tuple:
+        return (
+            self.trace,
+            self.diag,
+            repr(self.vmap_axes),
+            self.implementation.name,
+            str(self.dtype),
+        )
+
+    def nt_kwargs(self) -> dict:
+        return dict(trace_axes=self.trace, diagonal_axes=self.diag, vmap_axes=self.vmap_axes)
+
+
+def kernel_options(
+    trace_axes: Axes,
+    diagonal_axes: Axes,
+    vmap_axes: Any,
+    implementation: NtkImplementation | int,
+    batch_size: int | tuple[int, int],
+    dtype: Any,
+) -> KernelOptions:
+    """Checks :func:`empirical_ntk_fn` 's options.
+
+    Raises:
+      ValueError: naming the bad option and what is allowed.
+    """
+    try:
+        implementation = NtkImplementation(implementation)
+    except ValueError:
+        allowed = ", ".join(m.name for m in NtkImplementation)
+        raise ValueError(f"implementation={implementation!r} is not one of {allowed}.") from None
+    sizes = (batch_size, batch_size) if isinstance(batch_size, int) else tuple(batch_size)
+    if len(sizes) != 2 or min(sizes) < 1:
+        raise ValueError(f"batch_size must be an int >= 1 or a pair of them, got {batch_size}.")
+    trace = _canon(trace_axes, 2, "trace_axes")
+    diag = _canon(diagonal_axes, 2, "diagonal_axes")
+    if set(trace) & set(diag):
+        raise ValueError(f"trace_axes={trace_axes} and diagonal_axes={diagonal_axes} overlap.")
+    if 0 in trace:
+        raise ValueError(
+            f"trace_axes={trace_axes} traces the batch axis; only output axes (-1) can be "
+            "traced here. Sum the kernel yourself if you need that."
+        )
+    return KernelOptions(trace, diag, vmap_axes, implementation, sizes, dtype)
+
+
+def block_jobs(
+    n1: int, n2: int, b1: int, b2: int, *, symmetric: bool, batch_diagonal: bool
+) -> list[tuple[int, int]]:
+    """Start rows ``(i, j)`` of the blocks to compute (upper triangle when symmetric)."""
+    if batch_diagonal:
+        return [(i, i) for i in range(0, n1, b1)]
+    if symmetric:
+        return [(i, j) for i in range(0, n1, b1) for j in range(i, n1, b1)]
+    return [(i, j) for i in range(0, n1, b1) for j in range(0, n2, b2)]
+
+
+# Compiled block programs of the session: {key: (f, executable)}, least recently used first.
+_PROGRAMS: collections.OrderedDict[tuple, tuple[Callable, Any]] = collections.OrderedDict()
+_MAX_PROGRAMS = 32
+
+
+def _program_fn_key(f: Callable) -> tuple:
+    """A key for ``f`` across ``ntk_fn`` s: its content fingerprint, else its identity."""
+    try:
+        return ("content", _kernel_cache.function_key(f))
+    except FingerprintError:
+        return ("id", id(f))  # the cache entry holds f, so the id is not reused meanwhile
+
+
+def block_program(
+    f: Callable, fn_key: tuple, impl: NtkImplementation, opts: KernelOptions, xa, xb, params
+) -> Any:
+    """The compiled kernel of one ``(xa, xb)`` block (``xb=None``: ``xa`` with itself), cached
+    for the session by (f, implementation, options, shapes and dtypes)."""
+
+    def spec(a):
+        return np.shape(a), str(getattr(a, "dtype", None) or np.result_type(a))
+
+    shapes = jax.tree.map(spec, (xa, xb, params))
+    key = (fn_key, int(impl), opts.key(), str(jax.tree.structure((xa, xb, params))), str(shapes))
+    hit = _PROGRAMS.get(key)
+    if hit is not None and (fn_key[0] == "content" or hit[0] is f):
+        _PROGRAMS.move_to_end(key)
+        return hit[1]
+    check_outputs(jax.eval_shape(f, params, xa), xa, where="f")
+    fn = nt.empirical_ntk_fn(f, implementation=int(impl), **opts.nt_kwargs())
+    if xb is None:
+        lowered = jax.jit(lambda a, p: fn(a, None, p)).lower(xa, params)
+    else:
+        lowered = jax.jit(fn).lower(xa, xb, params)
+    _PROGRAMS[key] = (f, lowered.compile())
+    while len(_PROGRAMS) > _MAX_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+    return _PROGRAMS[key][1]
+
+
+def _fits(compile_fn: Callable[[], Any], limit: int) -> int | None:
+    """The bytes a program needs if it compiles and fits in ``limit``, else None."""
+    try:
+        need = required_bytes(compile_fn())
+    except Exception:  # noqa: BLE001 - an alternative that does not compile is no alternative
+        return None
+    return need if need <= limit else None
+
+
+def refusal(
+    f, fn_key, impl: NtkImplementation, opts: KernelOptions, xa, xb, params, need: int, limit: int
+) -> str:
+    """The message for a block that does not fit, naming alternatives checked to fit.
+
+    Tries the other implementations at the same block, then the same implementation at a block
+    scaled down to fit (memory grows about linearly with the rows): each compiled and measured
+    like the refused one, so what is suggested differs from what was asked and fits.
+    """
+    b1 = num_rows(xa)
+    b2 = b1 if xb is None else num_rows(xb)
+    where = (
+        f"One ({b1} x {b2})-example kernel block with {impl.name} needs an estimated "
+        f"{gib(need)} (XLA memory analysis), more than the {gib(limit)} available."
+    )
+    for other in _RELIABILITY:
+        if other != impl:
+            fit = _fits(lambda o=other: block_program(f, fn_key, o, opts, xa, xb, params), limit)
+            if fit is not None:
+                return f"{where} Use implementation={other.name} (estimated {gib(fit)} there)."
+    scale = limit / need * 0.8
+    s1, s2 = max(1, int(b1 * scale)), max(1, int(b2 * scale))
+    suggest = s1 if xb is None or (opts.sizes[0] == opts.sizes[1] and s1 == s2) else (s1, s2)
+    small_a = take_rows(xa, 0, s1)
+    small_b = None if xb is None else take_rows(xb, 0, s2)
+    fit = None
+    if (s1, s2) != (b1, b2):
+        fit = _fits(lambda: block_program(f, fn_key, impl, opts, small_a, small_b, params), limit)
+    if fit is not None:
+        return f"{where} Use batch_size={suggest} (estimated {gib(fit)} there)."
+    return (
+        f"{where} No other implementation fits, nor batch_size={suggest}; use a smaller "
+        "parameter subset, trace_axes=(-1,), or more memory (memory_limit_bytes)."
+    )
+
+
+def select_program(f, fn_key, opts: KernelOptions, xa, xb, params, limit: int, chosen: dict) -> Any:
+    """The block program to run: compiled, checked against ``limit``, AUTO resolved."""
+    impl = opts.implementation
+    if impl != NtkImplementation.AUTO:
+        exe = block_program(f, fn_key, impl, opts, xa, xb, params)
+        need = required_bytes(exe)
+        if need > limit:
+            raise KernelMemoryError(refusal(f, fn_key, impl, opts, xa, xb, params, need, limit))
+        return exe
+    if "impl" in chosen:
+        return block_program(f, fn_key, chosen["impl"], opts, xa, xb, params)
+    candidates, errors = [], []
+    for impl in _RELIABILITY:
+        try:
+            exe = block_program(f, fn_key, impl, opts, xa, xb, params)
+        except Exception as err:  # noqa: BLE001 - an implementation may not support f
+            errors.append(f"{impl.name}: {type(err).__name__}: {err}"[:300])
+            continue
+        need = required_bytes(exe)
+        if need > limit:
+            errors.append(f"{impl.name}: needs {gib(need)} > {gib(limit)}")
+            continue
+        cost = exe.cost_analysis() or {}
+        if isinstance(cost, list | tuple):
+            cost = cost[0] if cost else {}
+        candidates.append((float(cost.get("flops", np.inf)), _RELIABILITY.index(impl), impl))
+    if not candidates:
+        b1 = num_rows(xa)
+        b2 = b1 if xb is None else num_rows(xb)
+        raise KernelMemoryError(
+            f"implementation=AUTO: no implementation fits a ({b1} x {b2}) block: "
+            + "; ".join(errors)
+            + ". Lower batch_size."
+        )
+    chosen["impl"] = min(candidates)[2]
+    return block_program(f, fn_key, chosen["impl"], opts, xa, xb, params)
+
+
+def place_block(
+    out: np.ndarray | None,
+    block: np.ndarray,
+    i: int,
+    j: int,
+    n1: int,
+    n2: int,
+    *,
+    symmetric: bool,
+    opts: KernelOptions,
+) -> np.ndarray:
+    """Writes a (padded) block computed at rows ``(i, j)`` into ``out`` (made on first use)."""
+    b1 = block.shape[0]
+    if block.ndim < 1:
+        raise ValueError(f"Unexpected kernel block shape {block.shape}.")
+    if out is None:
+        tail = block.shape[1:] if opts.batch_diagonal else block.shape[2:]
+        shape = (n1,) + tail if opts.batch_diagonal else (n1, n2) + tail
+        out = np.empty(shape, block.dtype)
+    r1 = min(b1, n1 - i)
+    if opts.batch_diagonal:
+        out[i : i + r1] = block[:r1]
+        return out
+    r2 = min(block.shape[1], n2 - j)
+    out[i : i + r1, j : j + r2] = block[:r1, :r2]
+    if symmetric and i != j:
+        out[j : j + r2, i : i + r1] = _swap(block[:r1, :r2], opts.n_pairs)
+    return out
 
 
 def empirical_ntk_fn(
@@ -212,177 +418,69 @@ def empirical_ntk_fn(
 
     Raises:
       KernelMemoryError: before computing, if one block's compiled program would need more
-        than the memory available; the message gives the ``batch_size`` to use.
+        than the memory available; the message names an implementation or ``batch_size``
+        checked (compiled and measured) to fit.
       ValueError: on bad axes, inputs whose arrays disagree on N, or ``f`` not returning
         ``[N, K]``.
     """
-    try:
-        implementation = NtkImplementation(implementation)
-    except ValueError:
-        allowed = ", ".join(m.name for m in NtkImplementation)
-        raise ValueError(f"implementation={implementation!r} is not one of {allowed}.") from None
-    sizes = (batch_size, batch_size) if isinstance(batch_size, int) else tuple(batch_size)
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise ValueError(f"batch_size must be an int >= 1 or a pair of them, got {batch_size}.")
-    trace = _canon(trace_axes, 2, "trace_axes")
-    diag = _canon(diagonal_axes, 2, "diagonal_axes")
-    if set(trace) & set(diag):
-        raise ValueError(f"trace_axes={trace_axes} and diagonal_axes={diagonal_axes} overlap.")
-    if 0 in trace:
-        raise ValueError(
-            f"trace_axes={trace_axes} traces the batch axis; only output axes (-1) can be "
-            "traced here. Sum the kernel yourself if you need that."
-        )
-    batch_diagonal = 0 in diag
-    n_pairs = int(1 not in trace and 1 not in diag)
-    nt_kwargs = dict(trace_axes=trace, diagonal_axes=diag, vmap_axes=vmap_axes)
-    compiled: dict[tuple, Any] = {}
+    opts = kernel_options(trace_axes, diagonal_axes, vmap_axes, implementation, batch_size, dtype)
     chosen: dict[str, NtkImplementation] = {}
     limit_fn = (lambda: memory_limit_bytes) if memory_limit_bytes else available_memory
 
-    def compile_block(impl, xa, xb, params):
-        def spec(a):
-            return np.shape(a), str(getattr(a, "dtype", None) or np.result_type(a))
-
-        shapes = jax.tree.map(spec, (xa, xb, params))
-        key = (int(impl), str(jax.tree.structure((xa, xb, params))), str(shapes))
-        if key not in compiled:
-            check_outputs(jax.eval_shape(f, params, xa), xa, where="f")
-            fn = nt.empirical_ntk_fn(f, implementation=int(impl), **nt_kwargs)
-            if xb is None:
-                lowered = jax.jit(lambda a, p: fn(a, None, p)).lower(xa, params)
-            else:
-                lowered = jax.jit(fn).lower(xa, xb, params)
-            compiled[key] = lowered.compile()
-        return compiled[key]
-
-    def required_bytes(exe) -> int:
-        m = exe.memory_analysis()
-        if m is None:
-            return 0
-        peak = getattr(m, "peak_memory_in_bytes", 0) or 0
-        total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-        return int(max(peak, total - m.alias_size_in_bytes))
-
-    def check_memory(exe, impl, b1, b2):
-        need, limit = required_bytes(exe), int(limit_fn())
-        if need > limit:
-            scale = limit / need * 0.8
-            suggest = max(1, int(b1 * scale))
-            if b1 != b2:
-                suggest = (suggest, max(1, int(b2 * scale)))
-            raise KernelMemoryError(
-                f"One ({b1} x {b2})-example kernel block with {impl.name} needs an estimated "
-                f"{_gib(need)} (XLA memory analysis), more than the {_gib(limit)} available. "
-                f"Use batch_size={suggest} (memory grows about linearly with it), a smaller "
-                "parameter subset, trace_axes=(-1,), or implementation=STRUCTURED_DERIVATIVES."
-            )
-
-    def choose(xa, xb, params, b1, b2):
-        """Compiles the block kernel, checks memory, resolves AUTO."""
-        if implementation != NtkImplementation.AUTO:
-            exe = compile_block(implementation, xa, xb, params)
-            check_memory(exe, implementation, b1, b2)
-            return exe
-        if "impl" in chosen:
-            return compile_block(chosen["impl"], xa, xb, params)
-        candidates, errors = [], []
-        limit = int(limit_fn())
-        for impl in _RELIABILITY:
-            try:
-                exe = compile_block(impl, xa, xb, params)
-            except Exception as err:  # noqa: BLE001 - an implementation may not support f
-                errors.append(f"{impl.name}: {type(err).__name__}: {err}"[:300])
-                continue
-            need = required_bytes(exe)
-            if need > limit:
-                errors.append(f"{impl.name}: needs {_gib(need)} > {_gib(limit)}")
-                continue
-            cost = exe.cost_analysis() or {}
-            if isinstance(cost, list | tuple):
-                cost = cost[0] if cost else {}
-            candidates.append((float(cost.get("flops", np.inf)), _RELIABILITY.index(impl), impl))
-        if not candidates:
-            raise KernelMemoryError(
-                "implementation=AUTO: no implementation fits a "
-                f"({b1} x {b2}) block: " + "; ".join(errors) + ". Lower batch_size."
-            )
-        chosen["impl"] = min(candidates)[2]
-        return compile_block(chosen["impl"], xa, xb, params)
-
-    def cache_path(x1, x2, params) -> Path | None:
-        if cache_dir is None:
-            return None
-        options = (trace, diag, repr(vmap_axes), implementation.name, str(dtype))
-        fid = getattr(f, "__ntk_fingerprint__", None) or (
-            f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', repr(f))}"
-        )
-        key = fingerprint({"params": params, "x1": x1, "x2": x2 or {}}, fid, options, x2 is None)
-        return Path(cache_dir) / f"ntk-{key[:40]}.npy"
-
     def ntk_fn(x1: PyTree, x2: PyTree | None, params: PyTree) -> np.ndarray:
-        path = cache_path(x1, x2, params)
-        if path is not None and path.exists():
-            return np.load(path)
+        path = None
+        if cache_dir is not None:
+            path = _kernel_cache.cache_path(cache_dir, f, opts.key(), x1, x2, params)
+            cached = _kernel_cache.load(path)
+            if cached is not None:
+                return cached
         params = cast_floating(params, dtype)
         x1c = cast_floating(x1, dtype)
         x2c = None if x2 is None else cast_floating(x2, dtype)
-        n1 = _num_rows(x1c, "x1")
-        n2 = n1 if x2c is None else _num_rows(x2c, "x2")
-        if batch_diagonal and x2c is not None:
+        n1 = num_rows(x1c, "x1")
+        n2 = n1 if x2c is None else num_rows(x2c, "x2")
+        if opts.batch_diagonal and x2c is not None:
             raise ValueError("diagonal_axes includes the batch axis 0: pass x2=None.")
         symmetric = x2c is None
-        b1 = min(sizes[0], n1)
-        b2 = b1 if symmetric else min(sizes[1], n2)
-        if batch_diagonal:
-            jobs = [(i, i) for i in range(0, n1, b1)]
-        elif symmetric:
-            jobs = [(i, j) for i in range(0, n1, b1) for j in range(i, n1, b1)]
-        else:
-            jobs = [(i, j) for i in range(0, n1, b1) for j in range(0, n2, b2)]
+        b1 = min(opts.sizes[0], n1)
+        b2 = b1 if symmetric else min(opts.sizes[1], n2)
+        jobs = block_jobs(n1, n2, b1, b2, symmetric=symmetric, batch_diagonal=opts.batch_diagonal)
+        tables = compactable_tables(f, params)
+        fn = compact_fn(f, tables) if tables else f
+        fn_key = (*_program_fn_key(f), tables)
+        limit = int(limit_fn())
 
         out = None
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(jobs), desc="eNTK blocks", unit="block")
-        for i, j in jobs:
-            xa = _take(x1c, i, b1, n1)
-            if symmetric and i == j:
-                exe = choose(xa, None, params, b1, b1)
-                block = np.asarray(exe(xa, params))
-            else:
-                xb = _take(x1c if symmetric else x2c, j, b2, n2)
-                exe = choose(xa, xb, params, b1, b2)
-                block = np.asarray(exe(xa, xb, params))
-            if block.ndim < 1 or block.shape[0] != b1:
-                raise ValueError(f"Unexpected kernel block shape {block.shape}.")
-            if out is None:
-                tail = block.shape[1:] if batch_diagonal else block.shape[2:]
-                shape = (n1,) + tail if batch_diagonal else (n1, n2) + tail
-                out = np.empty(shape, block.dtype)
-            r1 = min(b1, n1 - i)
-            if batch_diagonal:
-                out[i : i + r1] = block[:r1]
-            else:
-                r2 = min(b2, n2 - j)
-                out[i : i + r1, j : j + r2] = block[:r1, :r2]
-                if symmetric and i != j:
-                    out[j : j + r2, i : i + r1] = _swap(block[:r1, :r2], n_pairs)
-            if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.close()
+        for i, j in _progress(jobs, progress):
+            xa = take_rows(x1c, i, b1, n1)
+            xb = None if symmetric and i == j else take_rows(x1c if symmetric else x2c, j, b2, n2)
+            p = params
+            if tables:
+                p, blocks = compact_block(f, params, [x for x in (xa, xb) if x is not None], tables)
+                xa, xb = blocks[0], (None if xb is None else blocks[1])
+            exe = select_program(fn, fn_key, opts, xa, xb, p, limit, chosen)
+            block = np.asarray(exe(xa, p) if xb is None else exe(xa, xb, p))
+            if tables and np.isnan(block).any():
+                raise ValueError(
+                    "The eNTK block is NaN with the embedding tables compacted: f reads rows "
+                    "beyond its input ids that it did not declare (list them in "
+                    "f.__ntk_embedding_rows__), or f's outputs are NaN."
+                )
+            out = place_block(out, block, i, j, n1, n2, symmetric=symmetric, opts=opts)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as fh:
-                np.save(fh, out)
-            os.replace(fh.name, path)
+            _kernel_cache.save(path, out)
         return out
 
-    ntk_fn.chosen_implementation = lambda: chosen.get("impl", implementation)
+    ntk_fn.chosen_implementation = lambda: chosen.get("impl", opts.implementation)
     return ntk_fn
+
+
+def _progress(jobs: list, show: bool):
+    if not show:
+        return jobs
+    from tqdm.auto import tqdm
+
+    return tqdm(jobs, desc="eNTK blocks", unit="block")
 
 
 def kernel_matrix(k: np.ndarray | jax.Array) -> np.ndarray | jax.Array:

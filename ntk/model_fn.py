@@ -10,15 +10,21 @@ Each ``f`` carries a ``__ntk_fingerprint__`` attribute (a content hash of what i
 that the kernel cache uses to tell apart two functions with the same code and different base
 weights.
 
-Example:
-  >>> f, adapters = ntk.lora_model_fn(output_fn, base_params, adapters, lora_cfg)
-  >>> ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=())
-  >>> k = ntk_fn(train_batch, None, adapters)  # (N, N, K, K)
+Example (a sketch: ``output_fn``, ``base_params`` and ``train_batch`` are the caller's):
+  >>> f, adapters = ntk.lora_model_fn(  # doctest: +SKIP
+  ...     output_fn, base_params, adapters, lora_cfg
+  ... )
+  >>> ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=())  # doctest: +SKIP
+  >>> k = ntk_fn(train_batch, None, adapters)  # (N, N, K, K)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
 import hashlib
+import types
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -27,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import params as params_lib
+from lora_jax.errors import ConfigError
 
 PyTree = Any
 Batch = Mapping[str, Any]
@@ -36,6 +43,7 @@ __all__ = [
     "ModelFn",
     "check_outputs",
     "fingerprint",
+    "fn_fingerprint",
     "lora_model_fn",
     "model_fn",
     "cast_floating",
@@ -68,6 +76,100 @@ def fingerprint(tree: PyTree, *extra: object) -> str:
     return h.hexdigest()
 
 
+class FingerprintError(ValueError):
+    """A function closes over a value whose content cannot be hashed (needed by the cache)."""
+
+
+def fn_fingerprint(fn: Callable) -> str:
+    """A sha256 hex digest of what ``fn`` computes: its code and every value it closes over.
+
+    Covers the code objects (bytecode, constants, names), default arguments, closure cells,
+    ``functools.partial`` arguments, bound ``self`` and jitted functions' wrapped function,
+    recursively; arrays by content, dataclasses / NamedTuples / containers field by field. So two
+    readouts with the same code and different label words (a verbalizer ablation) differ.
+    A function's ``__ntk_fingerprint__`` attribute, when set, stands for the whole function.
+
+    Raises:
+      FingerprintError: if ``fn`` closes over an object with no content to hash (its ``repr``
+        holds a memory address); set ``fn.__ntk_fingerprint__`` to a string naming everything
+        it depends on instead.
+    """
+    h = hashlib.sha256()
+    _hash_value(h, fn, set(), "fn")
+    return h.hexdigest()
+
+
+def _hash_value(h, value: Any, seen: set[int], where: str) -> None:  # noqa: C901 - a type switch
+    """Feeds ``value``'s content into ``h`` (see :func:`fn_fingerprint`)."""
+    update = lambda *items: h.update(repr(items).encode())  # noqa: E731
+    if value is None or isinstance(value, bool | int | float | complex | str | bytes | enum.Enum):
+        update(type(value).__name__, value)
+        return
+    if id(value) in seen:  # a cycle (a recursive closure): the name is enough
+        update("seen", type(value).__name__)
+        return
+    seen.add(id(value))
+    tag = getattr(value, "__ntk_fingerprint__", None)
+    if tag is not None:
+        update("tag", tag)
+    elif isinstance(value, np.ndarray | jax.Array | np.generic):
+        h.update(fingerprint(value).encode())
+    elif isinstance(value, types.FunctionType):
+        update("fn", value.__module__, value.__qualname__)
+        _hash_value(h, value.__code__, seen, where)
+        for item in (value.__defaults__, value.__kwdefaults__):
+            _hash_value(h, item, seen, where)
+        for name, cell in zip(value.__code__.co_freevars, value.__closure__ or (), strict=True):
+            try:
+                content = cell.cell_contents
+            except ValueError:  # an empty cell (a name assigned after the function was made)
+                content = None
+            _hash_value(h, content, seen, f"{value.__qualname__}.{name}")
+    elif isinstance(value, types.CodeType):
+        update("code", value.co_code, value.co_names, value.co_varnames)
+        for const in value.co_consts:
+            _hash_value(h, const, seen, where)
+    elif isinstance(value, functools.partial):
+        update("partial")
+        for item in (value.func, value.args, value.keywords):
+            _hash_value(h, item, seen, where)
+    elif isinstance(value, types.MethodType):
+        update("method")
+        _hash_value(h, value.__func__, seen, where)
+        _hash_value(h, value.__self__, seen, where)
+    elif isinstance(value, types.BuiltinFunctionType | types.ModuleType | type):
+        update(
+            "named",
+            getattr(value, "__module__", ""),
+            getattr(value, "__qualname__", None) or value.__name__,
+        )
+    elif hasattr(value, "__wrapped__") and callable(value):  # jax.jit, functools.wraps
+        update("wrapped", type(value).__name__)
+        _hash_value(h, value.__wrapped__, seen, where)
+    elif dataclasses.is_dataclass(value):
+        update("dataclass", type(value).__qualname__)
+        for field in dataclasses.fields(value):
+            _hash_value(h, (field.name, getattr(value, field.name)), seen, where)
+    elif isinstance(value, Mapping):
+        update("map", type(value).__qualname__, len(value))
+        for key in sorted(value, key=repr):
+            _hash_value(h, (key, value[key]), seen, where)
+    elif isinstance(value, tuple | list | set | frozenset):
+        items = sorted(value, key=repr) if isinstance(value, set | frozenset) else value
+        update("seq", type(value).__qualname__, len(value))
+        for item in items:
+            _hash_value(h, item, seen, where)
+    elif " at 0x" not in repr(value):
+        update("repr", type(value).__qualname__, repr(value))
+    else:
+        raise FingerprintError(
+            f"The kernel cache cannot hash what the function depends on: {where} is a "
+            f"{type(value).__qualname__} with no content to hash. Set "
+            "f.__ntk_fingerprint__ = '<a string naming everything f depends on>' or drop "
+            "cache_dir."
+        )
+
+
 def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
     """Casts the floating-point leaves of ``tree`` to ``dtype`` (None: unchanged).
 
@@ -79,7 +181,7 @@ def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
         return tree
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ValueError(
+        raise ConfigError(
             "dtype=float64 needs 64-bit jax: run under `with jax.enable_x64():` or call "
             "`jax.config.update('jax_enable_x64', True)` at startup."
         )
@@ -99,19 +201,19 @@ def check_outputs(outputs: Any, batch: Batch | None = None, *, where: str = "f")
       ValueError: naming what was got and what is expected.
     """
     if not hasattr(outputs, "shape") or not hasattr(outputs, "ndim"):
-        raise ValueError(
+        raise ConfigError(
             f"{where} must return one array of shape [N, K]; got {type(outputs).__name__}. "
             "Return the K logits per example (e.g. from make_output_fn)."
         )
     if outputs.ndim != 2:
-        raise ValueError(
+        raise ConfigError(
             f"{where} must return outputs of shape [N, K]; got shape {tuple(outputs.shape)}. "
             "Reduce to the K label-word / class logits per example."
         )
     if batch is not None:
         sizes = {x.shape[0] for x in jax.tree.leaves(batch) if getattr(x, "ndim", 0) >= 1}
         if sizes and outputs.shape[0] not in sizes:
-            raise ValueError(
+            raise ConfigError(
                 f"{where} returned {outputs.shape[0]} rows for a batch with leading size(s) "
                 f"{sorted(sizes)}; expected one row per example."
             )
@@ -154,7 +256,8 @@ def model_fn(
     params = cast_floating(params, dtype)
     if isinstance(subset, str) and subset == "all":
         f = _checked(output_fn, "output_fn")
-        f.__ntk_fingerprint__ = fingerprint({}, _fn_name(output_fn), "all")
+        f.__ntk_fingerprint__ = fingerprint({}, fn_fingerprint(output_fn), "all")
+        _declare_rows(f, output_fn)
         return ModelFn(f, params)
     selected, rest = params_lib.partition(params, subset)
 
@@ -162,8 +265,16 @@ def model_fn(
         return output_fn(params_lib.combine(sub_params, rest), batch)
 
     f = _checked(f, "output_fn")
-    f.__ntk_fingerprint__ = fingerprint(rest, _fn_name(output_fn), "subset")
+    f.__ntk_fingerprint__ = fingerprint(rest, fn_fingerprint(output_fn), "subset")
+    _declare_rows(f, output_fn)
     return ModelFn(f, selected)
+
+
+def _declare_rows(f: Callable, output_fn: Callable) -> None:
+    """Passes on the embedding rows ``output_fn`` reads besides its input ids (ntk.compact)."""
+    rows = getattr(output_fn, "embedding_rows", None)
+    if rows is not None:
+        f.__ntk_embedding_rows__ = np.asarray(rows, np.int32)
 
 
 def lora_model_fn(
@@ -195,9 +306,7 @@ def lora_model_fn(
         return output_fn(lora.apply(params, adapters, lora_config), batch)
 
     f = _checked(f, "output_fn")
-    f.__ntk_fingerprint__ = fingerprint(params, _fn_name(output_fn), "lora", repr(lora_config))
+    f.__ntk_fingerprint__ = fingerprint(
+        params, fn_fingerprint(output_fn), "lora", repr(lora_config)
+    )
     return ModelFn(f, adapters)
-
-
-def _fn_name(fn: Callable) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import ConfigError
 from ntk._compat import nt
 
 Array = Any
@@ -77,7 +78,7 @@ def _num_outputs(k: Array, *candidates: Array | None) -> int:
     for c in candidates:
         if c is not None and np.ndim(c) == 2:
             return np.shape(c)[-1]
-    raise ValueError(
+    raise ConfigError(
         "Cannot infer K from a traced [N, N] kernel and integer labels: pass one-hot targets "
         "[N, K] or fx_train_0 [N, K]."
     )
@@ -88,23 +89,23 @@ def targets(y: Array, num_outputs: int) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim == 1:
         if not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"1-D targets must be integer labels; got dtype {y.dtype}.")
+            raise ConfigError(f"1-D targets must be integer labels; got dtype {y.dtype}.")
         return np.eye(num_outputs)[y]
     if y.ndim != 2 or y.shape[1] != num_outputs:
-        raise ValueError(f"Targets must be labels [N] or [N, {num_outputs}]; got {y.shape}.")
+        raise ConfigError(f"Targets must be labels [N] or [N, {num_outputs}]; got {y.shape}.")
     return y
 
 
 def _check_kernels(k_train_train: Array, k_test_train: Array | None) -> tuple[int, bool]:
     full = k_train_train.ndim == 4
     if k_train_train.ndim not in (2, 4) or k_train_train.shape[0] != k_train_train.shape[1]:
-        raise ValueError(
+        raise ConfigError(
             f"k_train_train must be [N, N] (traced) or [N, N, K, K]; got {k_train_train.shape}."
         )
     if k_test_train is not None and (
         k_test_train.ndim != k_train_train.ndim or k_test_train.shape[1] != k_train_train.shape[0]
     ):
-        raise ValueError(
+        raise ConfigError(
             f"k_test_train {k_test_train.shape} does not match k_train_train "
             f"{k_train_train.shape}: expected [M, N] or [M, N, K, K] with the same N."
         )
@@ -169,7 +170,7 @@ def mse_predict(
     """
     n, full = _check_kernels(k_train_train, k_test_train)
     if full == (tuple(trace_axes) != ()):
-        raise ValueError(
+        raise ConfigError(
             f"trace_axes={trace_axes} does not match a kernel of shape {k_train_train.shape}: "
             "use trace_axes=() with [N, N, K, K] kernels and (-1,) with [N, N] ones."
         )
@@ -263,7 +264,7 @@ def function_space_gd(
     _check_kernels(k_train_train, k_test_train)
     grads = {"ce": _ce_grad, "mse": _mse_grad}
     if loss not in grads:
-        raise ValueError(f"loss={loss!r} is not one of 'ce', 'mse'.")
+        raise ConfigError(f"loss={loss!r} is not one of 'ce', 'mse'.")
     grad = grads[loss]
     ktt, kst = jnp.asarray(k_train_train), jnp.asarray(k_test_train)
     y, f_tr, f_te = _start(ktt, y_train, kst, fx_train_0, fx_test_0)
@@ -308,7 +309,7 @@ def kernel_logistic_regression(
       ``LogisticFit(train, test, coef, grad_norm, iterations)``.
     """
     if reg <= 0:
-        raise ValueError(f"reg must be > 0, got {reg}.")
+        raise ConfigError(f"reg must be > 0, got {reg}.")
     n, _ = _check_kernels(k_train_train, k_test_train)
     num_k = _num_outputs(k_train_train, y_train, fx_train_0)
     y = targets(y_train, num_k).astype(np.float64)
@@ -384,11 +385,13 @@ def kernel_svm(
       ``SvmFit(train [N, K], test [M, K], dual_coef [K, N], signs [K, N], max_violation)``.
     """
     if c <= 0:
-        raise ValueError(f"c must be > 0, got {c}.")
+        raise ConfigError(f"c must be > 0, got {c}.")
     n, full = _check_kernels(k_train_train, k_test_train)
     labels = np.asarray(y_train)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"kernel_svm needs integer labels [N]; got {labels.dtype} {labels.shape}.")
+        raise ConfigError(
+            f"kernel_svm needs integer labels [N]; got {labels.dtype} {labels.shape}."
+        )
     num_k = num_classes or (k_train_train.shape[-1] if full else int(labels.max()) + 1)
     ktt_all = np.asarray(k_train_train, np.float64)
     kst_all = np.asarray(k_test_train, np.float64)

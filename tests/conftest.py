@@ -1,14 +1,6 @@
-"""Shared pytest setup: every test runs offline and on CPU."""
+"""Shared test fixtures (the offline / CPU environment is set in the root ``conftest.py``)."""
 
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-import pytest  # noqa: E402
+import pytest
 
 
 @pytest.fixture(scope="session")

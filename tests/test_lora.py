@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lora_jax import lora
+from lora_jax.errors import ConfigError
 
 
 def _linear(rng, n_in, n_out):
@@ -590,3 +591,27 @@ def test_fused_and_merged_agree_through_the_real_model(tiny_roberta):
     # dense paths in a real model: classifier.dense is inside modules_to_save, so not targeted.
     targets = lora.resolve(params, cfg).lora
     assert "classifier.dense" not in targets and "roberta.encoder.layer.1.output.dense" in targets
+
+
+def test_pissa_guard_sees_every_pissa_adapter(tmp_path):
+    """init_pissa used to accept any cfg.init, so save_peft's PiSSA guard missed the usual case."""
+    params = toy_params(hidden=8, inter=12)
+    plain_cfg = lora.LoraConfig(r=2, alpha=4, targets=("query",))  # init left at its default
+    with pytest.raises(ConfigError, match="init='pissa'"):
+        lora.init_pissa(params, plain_cfg)
+    cfg = lora.LoraConfig(r=2, alpha=4, targets=("query",), init="pissa")
+    residual, initial = lora.init_pissa(params, cfg)
+    trained = randomize(initial, std=0.1)
+    with pytest.raises(ConfigError, match="residual base"):
+        lora.save_peft(tmp_path / "no", trained, cfg)
+    assert not (tmp_path / "no").exists()  # nothing half-written
+    # The conversion the message names runs, and round-trips through PEFT's format.
+    conv, conv_cfg = lora.combine({"t": (trained, cfg), "i": (initial, cfg)}, {"t": 1.0, "i": -1.0})
+    lora.save_peft(tmp_path / "peft", conv, conv_cfg)
+    loaded, loaded_cfg = lora.load_peft(tmp_path / "peft")
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(5, 8)), jnp.float32)
+    np.testing.assert_allclose(
+        toy_forward(lora.apply(params, loaded, loaded_cfg), x),
+        toy_forward(lora.apply(residual, trained, cfg), x),
+        atol=1e-4,
+    )

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import lora, task_model
+from lora_jax import lora, readout, trainable
 from lora_jax.models import create, split
 from lora_jax.models.layers import dense, dense_stack
 
@@ -134,7 +134,7 @@ def tiny_encoder(tiny_encoder_config):
 
 def test_lora_dropout_in_a_model_fn_runs_only_with_a_key(tiny_encoder):
     apply_fn, params = tiny_encoder
-    out_fn = task_model.make_output_fn(apply_fn, "tied_mean", jnp.asarray([5, 7]))
+    out_fn = readout.make_output_fn(apply_fn, "tied_mean", jnp.asarray([5, 7]))
     batch = {
         "input_ids": jnp.asarray(np.random.default_rng(0).integers(3, 50, size=(4, 9)), jnp.int32),
         "attention_mask": jnp.ones((4, 9), jnp.int32),
@@ -144,7 +144,7 @@ def test_lora_dropout_in_a_model_fn_runs_only_with_a_key(tiny_encoder):
     for rate in (0.0, 0.3):
         cfg = lora.LoraConfig(r=2, alpha=4, dropout=rate)
         ad = jax.tree.map(lambda t: t + 0.3, lora.init(jax.random.key(1), params, cfg))
-        fn = jax.jit(task_model.make_model_fn(out_fn, "lora", lora_config=cfg))
+        fn = jax.jit(trainable.make_model_fn(out_fn, "lora", lora_config=cfg))
         outs[rate] = (fn(ad, params, batch, None), fn(ad, params, batch, rng))
     # Model dropout is 0 in this config, so only LoRA dropout can change the outputs.
     np.testing.assert_allclose(outs[0.0][1], outs[0.0][0], atol=1e-6)

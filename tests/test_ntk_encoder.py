@@ -7,7 +7,7 @@ import pytest
 
 import ntk
 from lora_jax import lora, models
-from lora_jax.task_model import make_output_fn
+from lora_jax.readout import make_output_fn
 from ntk import _testing
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -13,7 +13,8 @@ import pytest
 
 from lora_jax import lora, sweep, train
 from lora_jax.models import create, split
-from lora_jax.task_model import Method, make_model_fn, make_output_fn
+from lora_jax.readout import make_output_fn
+from lora_jax.trainable import Method, make_model_fn
 
 T, N_TRAIN, N_DEV = 8, 12, 8
 

@@ -7,8 +7,9 @@ import pytest
 
 from lora_jax import lora, models
 from lora_jax import params as params_lib
-from lora_jax.task_model import Method, make_model_fn, make_output_fn, split_params
+from lora_jax.readout import make_output_fn
 from lora_jax.testing import make_tiny_checkpoint
+from lora_jax.trainable import Method, make_model_fn, split_params
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ def test_trainable_splits_and_model_fns_agree_with_the_plain_model(tiny):
 @pytest.mark.parametrize("model_type", ["roberta", "bert"])
 def test_cls_head_on_cached_features_equals_the_full_model(tmp_path, tiny, model_type):
     """RoBERTa's head is dense-tanh-out_proj on <s>; BERT's reads the pooler (frozen) first."""
-    from lora_jax.task_model import make_cls_feature_fns
+    from lora_jax.readout import make_cls_feature_fns
 
     _, batch, _ = tiny
     path = make_tiny_checkpoint(tmp_path / model_type, model_type=model_type)

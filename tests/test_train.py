@@ -168,7 +168,6 @@ def test_grad_accumulation_updates_every_k_steps():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"steps": 10, "eval_every": 3}, "must divide steps"),
         ({"optimizer": "adam"}, "optimizer='adam' is not one of"),
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"learning_rate": 0.0}, "learning_rate must be > 0"),
@@ -185,3 +184,164 @@ def test_batch_larger_than_training_set_is_a_clear_error():
     state = train.init_state(zeros_params(), train.make_optimizer(cfg), cfg.seed)
     with pytest.raises(ValueError, match="fewer than batch_size=8"):
         train.fit(linear_model_fn, state, {}, data, data, cfg, progress=False)
+
+
+# -- any steps / eval_every (issue 15, item 2) ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "steps, eval_every, expected",
+    [(20, 25, [20]), (10, 4, [4, 8, 10]), (12, 4, [4, 8, 12]), (5, 1, [1, 2, 3, 4, 5])],
+)
+def test_any_steps_and_eval_every_run_exactly_steps(steps, eval_every, expected):
+    """``steps=20`` with the default ``eval_every=25`` used to be refused ("must divide")."""
+    data = toy_data()
+    cfg = train.TrainConfig(steps=steps, batch_size=8, learning_rate=0.05, eval_every=eval_every)
+    state = train.init_state(zeros_params(), train.make_optimizer(cfg), cfg.seed)
+    result = train.fit(linear_model_fn, state, {}, data, data, cfg, progress=False)
+    assert int(result.state.step) == steps
+    assert [r["step"] for r in result.history] == expected
+    # The same steps as a run evaluated after every step: chunking never changes training.
+    every = train.TrainConfig(steps=steps, batch_size=8, learning_rate=0.05, eval_every=1)
+    state = train.init_state(zeros_params(), train.make_optimizer(every), every.seed)
+    ref = train.fit(linear_model_fn, state, {}, data, data, every, progress=False)
+    np.testing.assert_allclose(result.state.trainable["w"], ref.state.trainable["w"], rtol=1e-6)
+    by_step = {r["step"]: r for r in ref.history}
+    for r in result.history:
+        assert r["dev_accuracy"] == by_step[r["step"]]["dev_accuracy"]
+
+
+def _fit_stopped_after_first_save(cfg, model_fn, ckpt, monkeypatch, make_state):
+    real_save = checkpoint.save
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(model_fn, make_state(), {}, toy_data(), toy_data(), cfg, checkpoint_dir=ckpt,
+                  progress=False)  # fmt: skip
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    return train.fit(
+        model_fn, make_state(), {}, toy_data(), toy_data(), cfg, checkpoint_dir=ckpt, progress=False
+    )
+
+
+def test_resume_is_exact_with_a_shorter_last_chunk(tmp_path, monkeypatch):
+    cfg = train.TrainConfig(steps=11, batch_size=8, learning_rate=0.05, eval_every=4, seed=3)
+
+    def fresh():
+        return train.init_state(zeros_params(), train.make_optimizer(cfg), cfg.seed)
+
+    full = train.fit(linear_model_fn, fresh(), {}, toy_data(), toy_data(), cfg, progress=False)
+    resumed = _fit_stopped_after_first_save(
+        cfg, linear_model_fn, tmp_path / "ck", monkeypatch, fresh
+    )
+    assert [r["step"] for r in resumed.history] == [4, 8, 11]
+    assert resumed.history == full.history
+    np.testing.assert_array_equal(resumed.state.trainable["w"], full.state.trainable["w"])
+
+
+# -- dropout in the loop (issue 15, item 1) ------------------------------------------------------
+
+
+def _dropout_probe():
+    """A linear model with inverted dropout (rate 1/2) on its input; records each mask it draws."""
+    masks = []
+
+    def model_fn(trainable, frozen, batch, dropout_rng):
+        x = batch["x"]
+        if dropout_rng is not None:
+            keep = jax.random.bernoulli(dropout_rng, 0.5, x.shape)
+            jax.debug.callback(lambda m: masks.append(np.asarray(m)), keep, ordered=True)
+            x = jnp.where(keep, x / 0.5, 0.0)
+        return linear_model_fn(trainable, frozen, {**batch, "x": x}, None)
+
+    return model_fn, masks
+
+
+def test_fit_with_dropout_masks_differ_per_step_resume_exactly_and_stop_at_evaluation(
+    tmp_path, monkeypatch
+):
+    cfg = train.TrainConfig(
+        steps=6, batch_size=8, learning_rate=0.05, eval_every=3, dropout=True, seed=5
+    )
+
+    def fresh():
+        return train.init_state(zeros_params(), train.make_optimizer(cfg), cfg.seed)
+
+    model_fn, masks = _dropout_probe()
+    full = train.fit(model_fn, fresh(), {}, toy_data(), toy_data(), cfg, progress=False)
+    assert len(masks) == cfg.steps  # one mask per training step, none at evaluation
+    assert all(np.isfinite(r["train_loss"]) for r in full.history)
+    for i in range(cfg.steps):
+        assert 0.2 < masks[i].mean() < 0.8
+        for j in range(i):
+            assert (masks[i] != masks[j]).any(), (i, j)
+    # Dropout is on: training differs from the same run without it.
+    plain_cfg = train.TrainConfig(steps=6, batch_size=8, learning_rate=0.05, eval_every=3, seed=5)
+    plain = train.fit(
+        linear_model_fn, fresh(), {}, toy_data(), toy_data(), plain_cfg, progress=False
+    )
+    assert not np.allclose(plain.state.trainable["w"], full.state.trainable["w"])
+    # Off at evaluation: the recorded dev metrics are those of the deterministic model.
+    dev = train.evaluate(
+        train.make_predict(linear_model_fn, 64), full.state.trainable, {}, toy_data()
+    )
+    assert full.history[-1]["dev_accuracy"] == dev["accuracy"]
+    np.testing.assert_allclose(full.history[-1]["dev_loss"], dev["loss"], rtol=1e-6)
+
+    # Resumed after the first checkpoint: the same masks for the same steps, the same result.
+    model_fn, masks_resumed = _dropout_probe()
+    resumed = _fit_stopped_after_first_save(cfg, model_fn, tmp_path / "ck", monkeypatch, fresh)
+    assert len(masks_resumed) == cfg.steps  # 3 before the stop, 3 after the resume
+    for a, b in zip(masks_resumed, masks, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert resumed.history == full.history
+    np.testing.assert_array_equal(resumed.state.trainable["w"], full.state.trainable["w"])
+
+
+def test_dropout_key_is_apart_from_the_batch_order_keys():
+    rng = jax.random.key_data(jax.random.key(0))
+    keys = {tuple(np.asarray(jax.random.key_data(train.dropout_key(rng, t)))) for t in range(50)}
+    assert len(keys) == 50
+    batch_keys = {
+        tuple(np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(rng), e))))
+        for e in range(50)
+    }
+    assert not keys & batch_keys
+
+
+def test_fit_with_encoder_and_lora_dropout(tiny_encoder_config):
+    """A real encoder: its hidden/attention dropout and PEFT's lora_dropout, inside the loop."""
+    import dataclasses
+
+    from lora_jax import lora, models
+    from lora_jax.readout import make_output_fn
+    from lora_jax.trainable import Method, make_model_fn, split_params
+
+    config = dataclasses.replace(
+        tiny_encoder_config, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
+    )
+    apply_fn, params = models.split(models.create(config, head="cls", num_labels=2))
+    lcfg = lora.LoraConfig(r=2, alpha=4, targets="query|value", dropout=0.2)
+    model_fn = make_model_fn(make_output_fn(apply_fn, "cls"), Method.LORA, lora_config=lcfg)
+    rng = np.random.default_rng(0)
+    data = {
+        "input_ids": rng.integers(3, 50, size=(16, 8)).astype(np.int32),
+        "attention_mask": np.ones((16, 8), np.int32),
+        "labels": (np.arange(16) % 2).astype(np.int32),
+    }
+    results = {}
+    for dropout in (False, True):
+        cfg = train.TrainConfig(
+            steps=4, batch_size=8, learning_rate=1e-2, eval_every=2, dropout=dropout
+        )
+        adapters, frozen = split_params(
+            params, Method.LORA, key=jax.random.key(0), lora_config=lcfg
+        )
+        state = train.init_state(adapters, train.make_optimizer(cfg), cfg.seed)
+        results[dropout] = train.fit(model_fn, state, frozen, data, data, cfg, progress=False)
+    assert all(np.isfinite(r["train_loss"]) for r in results[True].history)
+    assert results[True].history[0]["train_loss"] != results[False].history[0]["train_loss"]

@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from lora_jax.errors import ConfigError
+
 __all__ = ["LoraBias", "LoraConfig", "LoraInit"]
 
 
@@ -64,7 +66,7 @@ def _pairs(name: str, value: object, cast: type) -> tuple[tuple[str, int | float
     try:
         pairs = tuple((str(k), cast(v)) for k, v in items)
     except (TypeError, ValueError) as err:
-        raise ValueError(
+        raise ConfigError(
             f"LoraConfig.{name} must map module-path regexes to {cast.__name__} values, got "
             f"{value!r}. Fix: pass e.g. {{'value': 16}}."
         ) from err
@@ -72,9 +74,9 @@ def _pairs(name: str, value: object, cast: type) -> tuple[tuple[str, int | float
         try:
             re.compile(k)
         except re.error as err:
-            raise ValueError(f"LoraConfig.{name} key {k!r} is not a valid regex: {err}") from err
+            raise ConfigError(f"LoraConfig.{name} key {k!r} is not a valid regex: {err}") from err
         if v <= 0:
-            raise ValueError(f"LoraConfig.{name}[{k!r}] = {v!r}; expected a positive value (> 0).")
+            raise ConfigError(f"LoraConfig.{name}[{k!r}] = {v!r}; expected a positive value (> 0).")
     return pairs
 
 
@@ -87,17 +89,17 @@ def _names(name: str, value: object, *, allow_str: bool) -> Targets | None:
         try:
             re.compile(value)
         except re.error as err:
-            raise ValueError(f"LoraConfig.{name} = {value!r} is not a valid regex: {err}") from err
+            raise ConfigError(f"LoraConfig.{name} = {value!r} is not a valid regex: {err}") from err
         return value
     if isinstance(value, Sequence | set | frozenset):
         out = tuple(sorted(value)) if isinstance(value, set | frozenset) else tuple(value)
         if not all(isinstance(v, str) and v for v in out):
-            raise ValueError(
+            raise ConfigError(
                 f"LoraConfig.{name} must be a regex string or a list of module names, got "
                 f"{value!r}."
             )
         return out
-    raise ValueError(
+    raise ConfigError(
         f"LoraConfig.{name} must be a regex string or a list of module names, got "
         f"{type(value).__name__} {value!r}."
     )
@@ -172,19 +174,19 @@ class LoraConfig:
     def __post_init__(self):
         set_ = object.__setattr__
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"LoraConfig.r = {self.r!r}; expected a positive integer rank, e.g. r=8."
             )
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
-            raise ValueError(f"LoraConfig.alpha = {self.alpha!r}; expected a positive number.")
+            raise ConfigError(f"LoraConfig.alpha = {self.alpha!r}; expected a positive number.")
         if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"LoraConfig.alpha = {self.alpha!r}; expected a positive number, e.g. alpha=16."
             )
         set_(self, "alpha", float(self.alpha))
         targets = _names("targets", self.targets, allow_str=True)
         if targets is None or len(targets) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"LoraConfig.targets = {self.targets!r}; expected module names such as "
                 "('query', 'value') or a regex such as 'query|value'."
             )
@@ -195,7 +197,7 @@ class LoraConfig:
             if not layers or not all(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers
             ):
-                raise ValueError(
+                raise ConfigError(
                     f"LoraConfig.layers = {self.layers!r}; expected None or non-negative layer "
                     "indices, e.g. layers=(0, 1)."
                 )
@@ -204,9 +206,9 @@ class LoraConfig:
         set_(self, "alpha_pattern", _pairs("alpha_pattern", self.alpha_pattern, float))
         for k, v in self.rank_pattern:
             if int(v) != v:
-                raise ValueError(f"LoraConfig.rank_pattern[{k!r}] = {v!r}; expected an integer.")
+                raise ConfigError(f"LoraConfig.rank_pattern[{k!r}] = {v!r}; expected an integer.")
         if not isinstance(self.use_rslora, bool):
-            raise ValueError(
+            raise ConfigError(
                 f"LoraConfig.use_rslora = {self.use_rslora!r}; expected True or False."
             )
         for name, enum_cls in (("init", LoraInit), ("bias", LoraBias)):
@@ -215,7 +217,7 @@ class LoraConfig:
                 set_(self, name, enum_cls(value))
             except ValueError as err:
                 allowed = [m.value for m in enum_cls]
-                raise ValueError(
+                raise ConfigError(
                     f"LoraConfig.{name} = {value!r}; expected one of {allowed}."
                 ) from err
         if (
@@ -223,7 +225,7 @@ class LoraConfig:
             or not isinstance(self.dropout, int | float)
             or not 0.0 <= self.dropout < 1.0
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"LoraConfig.dropout = {self.dropout!r}; expected a rate in [0, 1), e.g. 0.05."
             )
         set_(self, "dropout", float(self.dropout))

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lora_jax.errors import ConfigError
 from lora_jax.lora.config import LoraConfig, LoraInit
 from lora_jax.lora.targets import Plan, get_module, resolve
 
@@ -75,7 +76,7 @@ def init(key: jax.Array, params: Mapping, cfg: LoraConfig) -> Adapters:
       ValueError: `cfg.init` is `PISSA` (use `init_pissa`), or targeting fails (see `resolve`).
     """
     if cfg.init is LoraInit.PISSA:
-        raise ValueError(
+        raise ConfigError(
             "LoraConfig.init = 'pissa' replaces the base weights by their residual, so it has its "
             "own entry point. Fix: residual, adapters = lora.init_pissa(params, cfg)."
         )
@@ -105,14 +106,46 @@ def init_pissa(params: Mapping, cfg: LoraConfig) -> tuple[dict, Adapters]:
 
     Args:
       params: base params.
-      cfg: configuration (its `init` field is not consulted; any value works).
+      cfg: configuration with `init="pissa"`, so that the adapters' config says what they are:
+        `save_peft` then refuses them (they are relative to the residual, not the base).
 
     Returns:
       (residual_params, adapters). Train the adapters on `residual_params`. To use the trained
-      adapter on the ORIGINAL base (or export it to PEFT), convert it with
-      `lora.combine({"t": (trained, cfg), "i": (initial, cfg)}, ["t", "i"], [1.0, -1.0])`,
-      which is exact and has rank 2r (PEFT's `path_initial_model_for_weight_conversion`).
+      adapter on the ORIGINAL base (or export it to PEFT), subtract the initial adapter with
+      `combine`: exact, rank 2r, and with a plain config (PEFT's
+      `path_initial_model_for_weight_conversion`).
+
+    Raises:
+      ValueError: `cfg.init` is not `PISSA`, or targeting fails (see `resolve`).
+
+    Example (a one-layer base; `trained` stands for the adapters after training):
+      >>> import jax, jax.numpy as jnp, numpy as np
+      >>> from lora_jax import lora
+      >>> w = jnp.asarray(np.random.default_rng(0).normal(size=(6, 6)), jnp.float32)
+      >>> params = {"layer": {"query": {"kernel": w, "bias": jnp.zeros(6)}}}
+      >>> cfg = lora.LoraConfig(r=2, alpha=4, targets="query", init="pissa")
+      >>> residual, initial = lora.init_pissa(params, cfg)
+      >>> trained = jax.tree.map(lambda x: x * 1.1, initial)
+      >>> plain, plain_cfg = lora.combine(
+      ...     {"t": (trained, cfg), "i": (initial, cfg)}, {"t": 1.0, "i": -1.0}
+      ... )
+      >>> on_base = lora.apply(params, plain, plain_cfg)["layer"]["query"]["kernel"]
+      >>> on_residual = lora.apply(residual, trained, cfg)["layer"]["query"]["kernel"]
+      >>> bool(jnp.allclose(on_base, on_residual, atol=1e-5)), plain["layer.query"]["lora_a"].shape
+      (True, (6, 4))
+      >>> import tempfile
+      >>> lora.save_peft(tempfile.mkdtemp(), plain, plain_cfg)  # a plain adapter of the base
+      >>> lora.save_peft(tempfile.mkdtemp(), trained, cfg)
+      Traceback (most recent call last):
+      ...
+      lora_jax.errors.ConfigError: PiSSA adapters only work on the residual base. ...
     """
+    if cfg.init is not LoraInit.PISSA:
+        raise ConfigError(
+            f"lora.init_pissa needs a LoraConfig with init='pissa' (got init={cfg.init.value!r}), "
+            "so that the adapters' config records that they are relative to the residual base "
+            "(save_peft refuses them). Fix: cfg = dataclasses.replace(cfg, init='pissa')."
+        )
     plan = resolve(params, cfg)
     residual = _copy_tree(params)
     adapters: Adapters = {}
@@ -148,7 +181,7 @@ def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig) -> Plan:
     got: dict[tuple[str, str], tuple[int, ...]] = {}
     for path, leaves in adapters.items():
         if not isinstance(leaves, Mapping):
-            raise ValueError(
+            raise ConfigError(
                 f"adapters[{path!r}] is a {type(leaves).__name__}; expected a dict of leaves "
                 "({'lora_a': ..., 'lora_b': ...}). Adapters are {module path: {leaf: array}}."
             )
@@ -170,7 +203,7 @@ def check_fits(params: Mapping, adapters: Mapping, cfg: LoraConfig) -> Plan:
                     f"{p}.{n} got {got[(p, n)]} expected {want[(p, n)]}" for p, n in bad[:4]
                 )
             )
-        raise ValueError(
+        raise ConfigError(
             "adapters do not fit these params under this LoraConfig: "
             + "; ".join(lines)
             + ". Fix: create adapters with lora.init(key, params, cfg) for the same base and "

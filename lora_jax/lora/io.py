@@ -16,6 +16,7 @@ import jax
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from lora_jax.errors import ConfigError, InputFileError
 from lora_jax.lora.config import LoraConfig
 
 __all__ = ["config_from_dict", "config_to_dict", "load", "save"]
@@ -54,7 +55,7 @@ def config_from_dict(d: Mapping[str, Any]) -> LoraConfig:
     known = set(LoraConfig.__dataclass_fields__)
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown LoraConfig fields {unknown}; expected a subset of {sorted(known)}."
         )
     kw = dict(d)
@@ -95,7 +96,7 @@ def load(path: str | os.PathLike) -> tuple[dict[str, dict[str, jax.Array]], Lora
     with safe_open(os.fspath(path), framework="flax") as f:
         meta = f.metadata() or {}
         if meta.get("format") != _FORMAT or "lora_config" not in meta:
-            raise ValueError(
+            raise InputFileError(
                 f"{os.fspath(path)!r} has no lora_jax metadata (got metadata keys "
                 f"{sorted(meta)}); expected a file written by lora_jax.lora.save. For a PEFT "
                 "adapter directory use lora_jax.lora.load_peft."

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 
 import jax.numpy as jnp
 
+from lora_jax.errors import ConfigError
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.core import Adapters, apply, merge
 
@@ -39,7 +40,7 @@ Named = Mapping[str, tuple[Adapters, LoraConfig]]
 
 def _get(named: Named, name: str) -> tuple[Adapters, LoraConfig]:
     if name not in named:
-        raise ValueError(f"No adapter named {name!r}; available: {sorted(named)}.")
+        raise ConfigError(f"No adapter named {name!r}; available: {sorted(named)}.")
     return named[name]
 
 
@@ -48,7 +49,7 @@ def _scales(adapters: Adapters, cfg: LoraConfig) -> dict[str, float]:
     out = {}
     for path, leaves in adapters.items():
         if set(leaves) != {"lora_a", "lora_b"}:
-            raise ValueError(
+            raise ConfigError(
                 f"combine only handles LoRA factors, but adapters[{path!r}] holds "
                 f"{sorted(leaves)} (a trainable bias or modules_to_save copy). Fix: merge that "
                 "adapter into the base with merge_named, or train without bias/modules_to_save."
@@ -76,9 +77,9 @@ def combine(
         modules_to_save copies, or a concatenated rank above min(in, out) of a kernel.
     """
     if method not in ("cat", "linear"):
-        raise ValueError(f"combine method={method!r}; expected 'cat' or 'linear'.")
+        raise ConfigError(f"combine method={method!r}; expected 'cat' or 'linear'.")
     if not weights:
-        raise ValueError("combine needs at least one {name: weight} entry.")
+        raise ConfigError("combine needs at least one {name: weight} entry.")
     parts = []
     for name, w in weights.items():
         adapters, cfg = _get(named, name)
@@ -93,7 +94,7 @@ def combine(
         else:
             ranks = {int(ad["lora_a"].shape[-1]) for ad, _, _ in here}
             if len(ranks) != 1:
-                raise ValueError(
+                raise ConfigError(
                     f"combine(method='linear') needs equal ranks per module; {path!r} has ranks "
                     f"{sorted(ranks)}. Fix: use method='cat' (exact)."
                 )

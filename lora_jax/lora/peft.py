@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from safetensors import safe_open
 from safetensors.flax import save_file
 
+from lora_jax.errors import ConfigError, InputFileError
 from lora_jax.lora.config import LoraBias, LoraConfig, LoraInit
 
 __all__ = [
@@ -133,7 +134,7 @@ def from_peft_config(d: Mapping[str, Any]) -> LoraConfig:
         `layers_pattern`, or the "all-linear" shorthand.
     """
     if d.get("peft_type") != "LORA":
-        raise ValueError(
+        raise ConfigError(
             f"adapter_config.json has peft_type={d.get('peft_type')!r}; only 'LORA' is supported."
         )
     used = [k for k, pred in _UNSUPPORTED.items() if pred(d.get(k))]
@@ -148,7 +149,7 @@ def from_peft_config(d: Mapping[str, Any]) -> LoraConfig:
     if targets is None:
         used.append("target_modules=None")
     if used:
-        raise ValueError(
+        raise ConfigError(
             f"This PEFT LoRA config uses features lora_jax does not implement: {used}. "
             "Fix: re-export the adapter from PEFT without them (e.g. merge DoRA, convert PiSSA "
             "with path_initial_model_for_weight_conversion)."
@@ -196,7 +197,7 @@ def peft_state_dict(adapters: Mapping) -> dict[str, jax.Array]:
             elif leaf in ("scale", "embedding"):
                 out[f"{p}.weight"] = x
             else:
-                raise ValueError(
+                raise ConfigError(
                     f"adapters[{path!r}] has leaf {leaf!r}, which has no PEFT name (expected "
                     "lora_a, lora_b, bias, kernel, scale or embedding)."
                 )
@@ -226,10 +227,10 @@ def save_peft(
         them first, see `init_pissa`), or an adapter leaf has no PEFT name.
     """
     if cfg.init is LoraInit.PISSA:
-        raise ValueError(
-            "PiSSA adapters only work on the residual base. Fix: convert with "
-            "lora.combine({'t': (trained, cfg), 'i': (initial, cfg)}, ['t', 'i'], [1, -1]) and "
-            "save that (exact, rank 2r)."
+        raise ConfigError(
+            "PiSSA adapters only work on the residual base. Fix: convert them with "
+            "adapters, cfg = lora.combine({'t': (trained, cfg), 'i': (initial, cfg)}, "
+            "{'t': 1.0, 'i': -1.0}) and save that (exact, rank 2r; see lora.init_pissa)."
         )
     os.makedirs(directory, exist_ok=True)
     paths = [p for p, leaves in adapters.items() if "lora_a" in leaves]
@@ -264,7 +265,7 @@ def load_peft(
         cfg = from_peft_config(json.load(f))
     weights = os.path.join(directory, WEIGHTS_NAME)
     if not os.path.exists(weights):
-        raise ValueError(
+        raise InputFileError(
             f"{weights} not found; only safetensors adapter files are supported (re-save with "
             "PEFT's save_pretrained(safe_serialization=True))."
         )
@@ -304,7 +305,7 @@ def load_peft(
         else:
             bad.append(key)
     if bad:
-        raise ValueError(
+        raise InputFileError(
             f"{weights} holds tensors lora_jax cannot map: {bad[:6]} (supported: lora_A/lora_B of "
             "Linear modules, biases, and modules_to_save Linear/LayerNorm/Embedding weights)."
         )

@@ -14,6 +14,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
+from lora_jax.errors import ConfigError
 from lora_jax.lora.config import LoraBias, LoraConfig
 
 __all__ = [
@@ -179,21 +180,21 @@ def _resolve_cached(
         r, alpha = cfg.rank_for(path), cfg.alpha_for(path)
         n_in, n_out = shape
         if r > min(n_in, n_out):
-            raise ValueError(
+            raise ConfigError(
                 f"LoRA rank r={r} for {path!r} exceeds min(in, out) = min({n_in}, {n_out}) of "
                 "its kernel; a rank above that adds parameters but no expressiveness. Fix: lower "
                 "LoraConfig.r or add a rank_pattern entry for this module."
             )
         lora.append((path, LoraTarget(path, n_in, n_out, r, alpha, cfg.scale_for(r, alpha))))
     if not_linear:
-        raise ValueError(
+        raise ConfigError(
             f"LoraConfig.targets={cfg.targets!r} matches modules that are not Linear layers "
             f"(a dict with a 2-D 'kernel'): {not_linear[:8]}. Only Linear modules can carry "
             "LoRA here. Fix: name the Linear modules inside them, or add these to `exclude`."
         )
     if not lora:
         examples = [p for p in linear if not _in_saved(p, cfg.modules_to_save)]
-        raise ValueError(
+        raise ConfigError(
             f"LoraConfig.targets={cfg.targets!r} (exclude={cfg.exclude!r}, layers={cfg.layers!r}) "
             f"matched no Linear module. Some Linear module paths of these params: "
             f"{_sample(examples)}. Fix: use names (exact or dotted suffix) or a regex matching "
@@ -207,7 +208,7 @@ def _resolve_cached(
             ):
                 saved_roots.append(path)
         if not saved_roots:
-            raise ValueError(
+            raise ConfigError(
                 f"LoraConfig.modules_to_save={cfg.modules_to_save!r} matched no module. Top-level "
                 f"modules: {sorted({p.split('.')[0] for p, _ in sig})}."
             )

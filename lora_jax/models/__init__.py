@@ -20,7 +20,7 @@ from lora_jax.models.encoder import (
     logical_axes,
     split,
 )
-from lora_jax.models.layers import dense
+from lora_jax.models.layers import dense, embed
 from lora_jax.models.pretrained import (
     from_pretrained,
     load_tokenizer,
@@ -36,6 +36,7 @@ __all__ = [
     "cls_head",
     "create",
     "dense",
+    "embed",
     "forward",
     "from_pretrained",
     "load_tokenizer",

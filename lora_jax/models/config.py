@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from lora_jax.errors import ConfigError
+
 MODEL_TYPES = ("roberta", "bert")
 HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 HEADS = ("mlm", "cls", None)
@@ -57,13 +59,13 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderConfig.model_type={self.model_type!r} is not supported; "
                 f"expected one of {MODEL_TYPES}. lora_jax.models implements RoBERTa and BERT "
                 "encoders (MiniLM is a BERT)."
             )
         if self.hidden_act not in HIDDEN_ACTS:
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderConfig.hidden_act={self.hidden_act!r} is not supported; "
                 f"expected one of {HIDDEN_ACTS}."
             )
@@ -78,9 +80,9 @@ class EncoderConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"EncoderConfig.{name}={value!r} must be a positive integer.")
+                raise ConfigError(f"EncoderConfig.{name}={value!r} must be a positive integer.")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderConfig.hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}; choose a head count that "
                 "divides the hidden size."
@@ -88,9 +90,9 @@ class EncoderConfig:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"EncoderConfig.{name}={value!r} must be in [0, 1).")
+                raise ConfigError(f"EncoderConfig.{name}={value!r} must be in [0, 1).")
         if self.pad_token_id is None or not 0 <= self.pad_token_id < self.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderConfig.pad_token_id={self.pad_token_id!r} must be a token id in "
                 f"[0, vocab_size={self.vocab_size})."
             )
@@ -115,13 +117,13 @@ class EncoderConfig:
         """
         model_type = hf.get("model_type")
         if model_type not in MODEL_TYPES:
-            raise ValueError(
+            raise ConfigError(
                 f"Unsupported model_type {model_type!r} in config.json; lora_jax.models supports "
                 f"{MODEL_TYPES}. Use a RoBERTa or BERT checkpoint (MiniLM is a BERT)."
             )
         position_type = hf.get("position_embedding_type", "absolute")
         if position_type != "absolute":
-            raise ValueError(
+            raise ConfigError(
                 f"config.json has position_embedding_type={position_type!r}; only 'absolute' "
                 "position embeddings are implemented."
             )

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from lora_jax.errors import InputFileError
 from lora_jax.models.config import EncoderConfig
 from lora_jax.models.encoder import param_shapes
 
@@ -37,8 +38,8 @@ _IGNORED_SUFFIXES = ("position_ids",)
 _IGNORED_PREFIXES = ("cls.seq_relationship.",)  # BERT next-sentence-prediction head
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model its config describes."""
+class CheckpointError(InputFileError):
+    """A checkpoint that cannot be read, or does not fit the model its config describes."""
 
 
 def _leaf_from_hf(module: str, leaf: str) -> tuple[str, bool]:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lora_jax.errors import ConfigError
 from lora_jax.models.config import HEADS, EncoderConfig
 from lora_jax.models.layers import (
     activation,
@@ -30,6 +31,7 @@ from lora_jax.models.layers import (
     dense,
     dense_stack,
     dropout,
+    embed,
     gelu_exact,
     layer_norm,
 )
@@ -65,9 +67,9 @@ def _embeddings(p, input_ids, token_type_ids, cfg: EncoderConfig, dtype, keys) -
         positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id  # (B, T)
     else:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    x = jnp.take(p["word_embeddings"]["embedding"], input_ids, axis=0).astype(dtype)
-    x = x + jnp.take(p["position_embeddings"]["embedding"], positions, axis=0).astype(dtype)
-    x = x + jnp.take(p["token_type_embeddings"]["embedding"], token_type_ids, axis=0).astype(dtype)
+    x = embed(p["word_embeddings"], input_ids).astype(dtype)
+    x = x + embed(p["position_embeddings"], positions).astype(dtype)
+    x = x + embed(p["token_type_embeddings"], token_type_ids).astype(dtype)
     x = layer_norm(p["LayerNorm"], x, cfg.layer_norm_eps)  # (B, T, H)
     return dropout(x, cfg.hidden_dropout_prob, keys())
 
@@ -119,9 +121,16 @@ def _mlm_logits(params, base, h, cfg: EncoderConfig, label_word_ids) -> jax.Arra
         bias = head["bias"]
         decoder = head.get("decoder")
     if decoder is None:  # tied: decoder weight is the word-embedding matrix (V, H)
-        words = base["embeddings"]["word_embeddings"]["embedding"]
+        table = base["embeddings"]["word_embeddings"]
         if label_word_ids is not None:
-            words, bias = jnp.take(words, label_word_ids, axis=0), jnp.take(bias, label_word_ids)
+            words, bias = embed(table, label_word_ids), jnp.take(bias, label_word_ids)
+        elif "rows" in table:
+            raise ValueError(
+                "A compacted word-embedding table holds only some rows; full-vocabulary MLM "
+                "logits need them all. Pass label_word_ids."
+            )
+        else:
+            words = table["embedding"]
         return h @ words.astype(h.dtype).T + bias.astype(h.dtype)  # (..., V) or (..., K)
     kernel = decoder["kernel"]  # (H, V), untied
     if label_word_ids is not None:
@@ -199,20 +208,20 @@ def forward(
       states, or ``(B, H)`` at ``mask_positions``. All in the compute dtype.
     """
     if label_word_ids is not None and (head != "mlm" or mask_positions is None):
-        raise ValueError(
+        raise ConfigError(
             f"label_word_ids needs head='mlm' and mask_positions (got head={head!r}, "
             f"mask_positions={'None' if mask_positions is None else 'given'}). Pass the "
             "<mask> positions, or use a model loaded with head='mlm'."
         )
     if head == "cls" and mask_positions is not None:
-        raise ValueError(
+        raise ConfigError(
             "mask_positions is for head='mlm' or head=None; head='cls' reads <s> / [CLS]."
         )
     input_ids = jnp.asarray(input_ids, jnp.int32)
     B, T = input_ids.shape
     offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
     if T + offset > config.max_position_embeddings:
-        raise ValueError(
+        raise ConfigError(
             f"Sequence length {T} exceeds what the position table allows "
             f"({config.max_position_embeddings - offset} tokens for this {config.model_type}); "
             "tokenize with truncation=True and a smaller max_length."
@@ -411,9 +420,9 @@ def _to_module(node: Any, path: str) -> Any:
 def _check_dtype(dtype: Any) -> Any:
     dt = jnp.dtype(dtype)
     if dt.name not in DTYPES:
-        raise ValueError(f"dtype={dt.name!r} is not supported; expected one of {DTYPES}.")
+        raise ConfigError(f"dtype={dt.name!r} is not supported; expected one of {DTYPES}.")
     if dt == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ValueError(
+        raise ConfigError(
             "dtype=float64 needs 64-bit JAX: call jax.config.update('jax_enable_x64', True) "
             "(or use `with jax.experimental.enable_x64():`) before creating the model."
         )
@@ -422,17 +431,17 @@ def _check_dtype(dtype: Any) -> Any:
 
 def _check_head(head: str | None, num_labels: int | None) -> None:
     if head not in HEADS:
-        raise ValueError(f"head={head!r} is not supported; expected one of {HEADS}.")
+        raise ConfigError(f"head={head!r} is not supported; expected one of {HEADS}.")
     if head == "cls":
         if num_labels is None:
-            raise ValueError(
+            raise ConfigError(
                 "head='cls' needs num_labels (the number of classes), got None; pass e.g. "
                 "num_labels=2."
             )
         if not isinstance(num_labels, int) or num_labels < 1:
-            raise ValueError(f"num_labels={num_labels!r} must be a positive integer.")
+            raise ConfigError(f"num_labels={num_labels!r} must be a positive integer.")
     elif num_labels is not None:
-        raise ValueError(
+        raise ConfigError(
             f"num_labels={num_labels} only applies to head='cls' (got head={head!r}); drop it."
         )
 

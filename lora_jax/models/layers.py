@@ -13,7 +13,27 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from lora_jax.errors import ConfigError
+
 Params = Mapping[str, jax.Array]
+
+
+def embed(p: Params, ids: jax.Array) -> jax.Array:
+    """Rows ``ids`` (any shape, int) of an embedding table ``p = {'embedding': [V, H]}``.
+
+    A *compacted* table ``{'embedding': [U, H], 'rows': [U]}`` holds only the rows whose
+    (sorted) ids are in ``rows``: the empirical NTK over all weights differentiates only the
+    rows a batch reads (``ntk.compact``). Ids missing from ``rows`` read NaN, so a compaction
+    that left out a row shows in the result instead of reading a wrong row. Returns
+    ``ids.shape + (H,)``.
+    """
+    table = p["embedding"]
+    rows = p.get("rows")
+    if rows is None:
+        return jnp.take(table, ids, axis=0)
+    slot = jnp.minimum(jnp.searchsorted(rows, ids), rows.shape[0] - 1)  # ids.shape
+    found = (jnp.take(rows, slot) == ids)[..., None]
+    return jnp.where(found, jnp.take(table, slot, axis=0), jnp.nan)
 
 
 def dense(p: Params, x: jax.Array) -> jax.Array:
@@ -158,7 +178,7 @@ def activation(name: str, x: jax.Array) -> jax.Array:
         return jax.nn.gelu(x, approximate=True)
     if name == "relu":
         return jax.nn.relu(x)
-    raise ValueError(f"Unknown hidden_act {name!r}; expected gelu, gelu_new or relu.")
+    raise ConfigError(f"Unknown hidden_act {name!r}; expected gelu, gelu_new or relu.")
 
 
 def dropout(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:

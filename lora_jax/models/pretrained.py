@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import InputFileError, MissingFileError
 from lora_jax.models.config import EncoderConfig
 from lora_jax.models.convert import CheckpointError, check_shapes, flat_to_hf, hf_to_flat
 from lora_jax.models.encoder import (
@@ -54,13 +55,13 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{str(name_or_path)!r} is a file; from_pretrained expects a Hugging Face model "
             "directory (config.json + model.safetensors) or a hub id."
         )
     name = str(name_or_path)
     if not _looks_like_hub_id(name):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No such model directory: {name!r}. Pass an existing local directory holding "
             "config.json and model.safetensors (or pytorch_model.bin), or a hub id such as "
             "'roberta-base'."
@@ -81,7 +82,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
             if offline
             else "check the id and your connection, or pass a local directory"
         )
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{name!r} is not a local directory and could not be fetched from the Hugging Face "
             f"hub ({type(err).__name__}: {err}). {hint}."
         ) from err
@@ -90,7 +91,7 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
 def _read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{directory} has no config.json. A Hugging Face model directory needs config.json "
             "next to model.safetensors; save one with save_pretrained."
         )
@@ -182,9 +183,16 @@ def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except SafetensorError as err:
+        raise CheckpointError(
+            f"{path} cannot be read ({err}): the file is truncated or corrupt (an interrupted "
+            "download or copy). Fix: download or save the model again (delete the file first)."
+        ) from err
 
 
 def read_weights(directory: Path) -> dict[str, np.ndarray]:
@@ -208,7 +216,7 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
             for shard in shards:
                 state.update(reader(directory / shard))
             return state
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"{directory} has no weights: expected model.safetensors or pytorch_model.bin (or their "
         "sharded .index.json). Save the model with save_pretrained, or point at the directory "
         "that holds the weights."
@@ -375,7 +383,15 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     """The ``transformers.AutoTokenizer`` of a local model directory or hub id."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(resolve(name_or_path)))
+    directory = resolve(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as err:  # transformers' errors for missing / unusable files
+        raise InputFileError(
+            f"{directory} has no usable tokenizer ({type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0]}). Fix: save the "
+            "model's tokenizer into that directory (tokenizer.save_pretrained(directory))."
+        ) from err
 
 
 def minilm_path() -> Path:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lora_jax.errors import ConfigError
 from lora_jax.tasks.task import (
     Examples,
     Task,
@@ -35,7 +36,7 @@ PAD_MULTIPLE = 8
 def _special_id(tokenizer: Any, name: str) -> int:
     token_id = getattr(tokenizer, f"{name}_token_id", None)
     if token_id is None:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer {type(tokenizer).__name__} has no {name} token ({name}_token_id is None); "
             "prompt-based encoding needs cls, sep, mask and pad tokens (an encoder tokenizer "
             "such as RoBERTa's or BERT's)"
@@ -58,7 +59,7 @@ def truncated_lengths(lengths: list[int], budget: int) -> list[int]:
     longer one the rest of the budget.
     """
     if len(lengths) not in (1, 2):
-        raise ValueError(f"expected the lengths of 1 or 2 sequences, got {lengths}")
+        raise ConfigError(f"expected the lengths of 1 or 2 sequences, got {lengths}")
     if sum(lengths) <= budget:
         return list(lengths)
     if len(lengths) == 1:
@@ -85,7 +86,7 @@ def _prompt_rows(
     budget = max_length - fixed
     n_fields = len(task.text_fields)
     if budget < n_fields:
-        raise ValueError(
+        raise ConfigError(
             f"max_length={max_length} leaves {budget} tokens for the text of task {task.name!r}: "
             f"the template {task.template!r} with special tokens already takes {fixed}; "
             f"use max_length >= {fixed + n_fields}"
@@ -101,7 +102,7 @@ def _prompt_rows(
     for n in range(len(examples)):
         sent = [field_ids[j][n] for j in range(n_fields)]
         if any(mask_id in s for s in sent):
-            raise ValueError(
+            raise ConfigError(
                 f"example {n} of task {task.name!r} contains the mask token "
                 f"{tokenizer.mask_token!r} in its text; remove it, the template adds the mask"
             )
@@ -170,11 +171,11 @@ def encode(
         tokens, a template that does not fit ``max_length``, or a text containing the mask.
     """
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
     if pad_to not in PAD_TO:
-        raise ValueError(f"pad_to must be one of {PAD_TO}, got {pad_to!r}")
+        raise ConfigError(f"pad_to must be one of {PAD_TO}, got {pad_to!r}")
     if len(examples.texts) != len(task.text_fields):
-        raise ValueError(
+        raise ConfigError(
             f"examples have {len(examples.texts)} text columns but task {task.name!r} has "
             f"{len(task.text_fields)} ({task.text_fields})"
         )
@@ -231,14 +232,14 @@ def label_word_ids(tokenizer: Any, task: Task, word_style: WordStyle | None = No
         pieces = list(tokenizer(word, add_special_tokens=False)["input_ids"])
         unknown = tokenizer.unk_token_id is not None and pieces == [tokenizer.unk_token_id]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"label word {word!r} of task {task.name!r} is not in the vocabulary of "
                 f"{type(tokenizer).__name__}: it maps to the unknown token "
                 f"{tokenizer.unk_token!r}. Choose a word this vocabulary has, or another model"
             )
         if len(pieces) != 1:
             tokens = tokenizer.convert_ids_to_tokens(pieces)
-            raise ValueError(
+            raise ConfigError(
                 f"label word {word!r} of task {task.name!r} is {len(pieces)} tokens {tokens} "
                 f"with {type(tokenizer).__name__} (word_style={style!r}), but prompt-based "
                 "fine-tuning reads one logit per word: choose a word that is a single token in "

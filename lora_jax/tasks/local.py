@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from lora_jax.errors import ConfigError
 from lora_jax.tasks.registry import read_jsonl
 from lora_jax.tasks.task import Examples, Task, TaskData
 
@@ -24,7 +25,7 @@ def _label_index(value: Any, label_names: tuple[str, ...], where: str) -> int:
         value = int(value.strip())
     if isinstance(value, int) and 0 <= value < len(label_names):  # bools too: False=0, True=1
         return int(value)
-    raise ValueError(
+    raise ConfigError(
         f"{where}: label {value!r} is neither one of label_names {label_names} nor a class index "
         f"in [0, {len(label_names)}); pass label_names=... matching the file's label values"
     )
@@ -40,7 +41,7 @@ def _examples(
     if rows:
         missing = [c for c in (*text_columns, label_column) if c not in rows[0]]
         if missing:
-            raise ValueError(f"{where}: columns {missing} not found; columns: {list(rows[0])}")
+            raise ConfigError(f"{where}: columns {missing} not found; columns: {list(rows[0])}")
     return Examples(
         texts=tuple(tuple(str(r[c]) for r in rows) for c in text_columns),
         labels=np.array(
@@ -67,7 +68,7 @@ def _local_task(
         tuple(label_names) if label_names is not None else tuple(map(str, range(len(label_words))))
     )
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+        raise ConfigError(f"test_fraction must lie in (0, 1), got {test_fraction}")
 
     def load() -> TaskData:
         train = _examples(reader(path), text_columns, label_column, names, str(path))

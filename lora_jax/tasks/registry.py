@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from lora_jax.errors import ConfigError, UserError
 from lora_jax.tasks.task import Examples, Task, TaskData
 
 MR_TEST_SEED = 2005  # Pang & Lee (2005)
@@ -43,11 +44,11 @@ BOOLQ_TEMPLATE = "{0} Question: {1} ? Answer: {mask} ."
 TREC_COARSE = ("DESC", "ENTY", "ABBR", "HUM", "LOC", "NUM")
 
 
-class HubUnavailableError(RuntimeError):
+class HubUnavailableError(UserError, RuntimeError):
     """A task needs the Hugging Face hub (``datasets.load_dataset``) and it cannot be reached."""
 
 
-class UnknownTaskError(KeyError):
+class UnknownTaskError(UserError, KeyError):
     """`get_task` was given a name that is not registered."""
 
     def __str__(self) -> str:  # KeyError would print the message with quotes escaped
@@ -174,7 +175,7 @@ def _load_hub(name: str, spec: HubSpec, label_names: tuple[str, ...]) -> TaskDat
             raw = [str(t).lower() for t in ds[spec.label_text_column]]
             unknown = sorted(set(raw) - set(lower))
             if unknown:
-                raise ValueError(
+                raise ConfigError(
                     f"task {name!r}: {spec.path} label texts {unknown} are not among the task's "
                     f"label names {label_names}"
                 )

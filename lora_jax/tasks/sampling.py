@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from lora_jax.errors import ConfigError
 from lora_jax.tasks.task import Examples, Task
 
 SEEDS: tuple[int, ...] = (13, 21, 42, 87, 100)
@@ -61,13 +62,13 @@ def sample_k_shot(
       ValueError: if ``k < 1`` or a class has fewer than 2k examples.
     """
     if k < 1:
-        raise ValueError(f"k must be a positive number of examples per class, got {k}")
+        raise ConfigError(f"k must be a positive number of examples per class, got {k}")
     labels = np.asarray(labels)
     names = label_names or tuple(str(c) for c in range(num_labels))
     counts = np.bincount(labels, minlength=num_labels)
     short = [f"{names[c]!r} has {counts[c]}" for c in range(num_labels) if counts[c] < 2 * k]
     if short:
-        raise ValueError(
+        raise ConfigError(
             f"k={k} needs {2 * k} training examples per class ({k} train + {k} dev), but class "
             f"{', class '.join(short)}; use k <= {int(counts.min()) // 2}"
         )
@@ -87,7 +88,7 @@ def cap_indices(n: int, cap: int | None) -> np.ndarray:
     if cap is None or cap >= n:
         return np.arange(n)
     if cap < 1:
-        raise ValueError(f"test_cap must be a positive number of examples or None, got {cap}")
+        raise ConfigError(f"test_cap must be a positive number of examples or None, got {cap}")
     return np.sort(np.random.default_rng(TEST_CAP_SEED).choice(n, size=cap, replace=False))
 
 

@@ -30,6 +30,8 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from lora_jax.errors import ConfigError
+
 WordStyle = Literal["leading_space", "plain"]
 WORD_STYLES: tuple[str, ...] = ("leading_space", "plain")
 
@@ -72,7 +74,7 @@ def word_style_for(model_type: str) -> WordStyle:
     try:
         return _MODEL_TYPE_WORD_STYLE[model_type]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown model_type {model_type!r} for choosing the label-word style; known: "
             f"{sorted(_MODEL_TYPE_WORD_STYLE)}. Pass word_style='leading_space' (byte-level "
             "BPE, words follow a space) or 'plain' (WordPiece) explicitly, or use "
@@ -101,7 +103,7 @@ def word_style_for_tokenizer(tokenizer: Any) -> WordStyle:
 def check_word_style(word_style: str) -> WordStyle:
     """Returns ``word_style`` if valid, else raises ValueError naming the allowed values."""
     if word_style not in WORD_STYLES:
-        raise ValueError(f"word_style must be one of {WORD_STYLES}, got {word_style!r}")
+        raise ConfigError(f"word_style must be one of {WORD_STYLES}, got {word_style!r}")
     return word_style  # type: ignore[return-value]
 
 
@@ -121,14 +123,14 @@ class Examples:
         texts = tuple(tuple(str(s) for s in col) for col in self.texts)
         labels = np.asarray(self.labels)
         if labels.ndim != 1 or not (labels.size == 0 or np.issubdtype(labels.dtype, np.integer)):
-            raise ValueError(
+            raise ConfigError(
                 f"labels must be a 1-D integer array, got shape {labels.shape} {labels.dtype}"
             )
         if not texts:
-            raise ValueError("texts must hold at least one text column, got none")
+            raise ConfigError("texts must hold at least one text column, got none")
         lengths = {len(col) for col in texts}
         if lengths != {labels.shape[0]}:
-            raise ValueError(
+            raise ConfigError(
                 f"every text column must have one entry per label ({labels.shape[0]}), got "
                 f"column lengths {[len(col) for col in texts]}"
             )
@@ -206,18 +208,18 @@ def parse_template(template: str, num_fields: int) -> tuple[TemplatePart, ...]:
         pending = ""
         if name == "mask":
             if modifier:
-                raise ValueError(f"{{mask}} takes no modifier, got {m.group(0)!r} in {template!r}")
+                raise ConfigError(f"{{mask}} takes no modifier, got {m.group(0)!r} in {template!r}")
             parts.append(TemplatePart("mask", leading_space=space_before))
             seen.append("mask")
             continue
         index = int(name)
         if index >= num_fields:
-            raise ValueError(
+            raise ConfigError(
                 f"template {template!r} uses field {{{index}}} but the task has {num_fields} "
                 f"text field(s): use {{0}}..{{{num_fields - 1}}}"
             )
         if modifier and modifier not in TEMPLATE_MODIFIERS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown template modifier {modifier!r} in {m.group(0)!r}; "
                 f"allowed: {TEMPLATE_MODIFIERS}"
             )
@@ -229,12 +231,12 @@ def parse_template(template: str, num_fields: int) -> tuple[TemplatePart, ...]:
     if pending:
         parts.append(TemplatePart("text", text=pending.rstrip()))
     if seen.count("mask") != 1:
-        raise ValueError(
+        raise ConfigError(
             f"template must contain exactly one {{mask}}, got {seen.count('mask')} in {template!r}"
         )
     fields = sorted(i for i in seen if i != "mask")
     if fields != list(range(num_fields)):
-        raise ValueError(
+        raise ConfigError(
             f"template {template!r} must use each text field {{0}}..{{{num_fields - 1}}} "
             f"exactly once, got fields {fields}"
         )
@@ -279,20 +281,20 @@ class Task:
         for name in ("text_fields", "label_names", "label_words"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if len(self.text_fields) not in (1, 2):
-            raise ValueError(
+            raise ConfigError(
                 f"text_fields must name 1 or 2 fields, got {len(self.text_fields)}: "
                 f"{self.text_fields}"
             )
         if len(self.label_names) < 2:
-            raise ValueError(f"label_names needs at least 2 classes, got {self.label_names}")
+            raise ConfigError(f"label_names needs at least 2 classes, got {self.label_names}")
         if len(self.label_words) != len(self.label_names):
-            raise ValueError(
+            raise ConfigError(
                 f"label_words must have one word per class ({len(self.label_names)}: "
                 f"{self.label_names}), got {len(self.label_words)}: {self.label_words}"
             )
         for word in self.label_words:
             if not word or word != word.strip():
-                raise ValueError(
+                raise ConfigError(
                     f"label words are stored bare (no surrounding spaces; word_style adds the "
                     f"leading space), got {word!r}"
                 )
@@ -324,14 +326,14 @@ class Task:
         data = self.loader()
         for split, examples in (("train", data.train), ("test", data.test)):
             if len(examples.texts) != len(self.text_fields):
-                raise ValueError(
+                raise ConfigError(
                     f"task {self.name!r} {split} split has {len(examples.texts)} text columns, "
                     f"expected {len(self.text_fields)} ({self.text_fields})"
                 )
             if len(examples) and (
                 examples.labels.min() < 0 or examples.labels.max() >= self.num_labels
             ):
-                raise ValueError(
+                raise ConfigError(
                     f"task {self.name!r} {split} labels must lie in [0, {self.num_labels}), got "
                     f"[{examples.labels.min()}, {examples.labels.max()}]"
                 )

@@ -1,10 +1,8 @@
-"""From an encoder to the K outputs of a few-shot task, and to a trainable/frozen split.
+"""How the K outputs of a few-shot task are read from an encoder.
 
 ``make_output_fn`` turns a model's pure ``apply_fn`` into ``output_fn(params, batch) -> [B, K]``:
 the label-word logits at ``<mask>`` (prompt-based fine-tuning, LM-BFF), or class logits from a
-classification head. ``make_model_fn`` then chooses what is trained (LoRA adapters, all
-weights, or only the head) and returns the ``model_fn(trainable, frozen, batch, dropout_rng)``
-that :mod:`lora_jax.train` optimizes and :mod:`ntk` linearizes.
+classification head (see :mod:`lora_jax.trainable` for what is trained).
 """
 
 from __future__ import annotations
@@ -15,15 +13,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lora_jax import lora
 from lora_jax import params as params_lib
-from lora_jax.models import EncoderConfig, cls_head, forward
+from lora_jax.errors import ConfigError
+from lora_jax.models import EncoderConfig, cls_head, embed, forward
 
 PyTree = Any
 OutputFn = Callable[..., jax.Array]
 
-HEAD_PATTERN = r"^classifier\."  # the sequence-classification head (RoBERTa and BERT names)
 WORD_EMBEDDING_PATTERN = r"embeddings\.word_embeddings\.embedding$"
 
 
@@ -46,19 +44,13 @@ class Readout(enum.StrEnum):
     CLS = "cls"
 
 
-class Method(enum.StrEnum):
-    """What is trained: LoRA adapters, all weights, or only the classification head."""
-
-    LORA = "lora"
-    FULL = "full"
-    HEAD = "head"
-
-
-def word_embeddings(params: Mapping) -> jax.Array:
-    """The input word-embedding matrix ``[V, H]`` of an encoder's params."""
-    flat = params_lib.flatten(params)
+def _word_rows(params: Mapping, ids: jax.Array) -> jax.Array:
+    """Rows ``ids`` of the word-embedding table, ``[K, H]`` (also of a compacted one)."""
     (path,) = params_lib.select(params, WORD_EMBEDDING_PATTERN)
-    return flat[path]
+    table = params
+    for key in path.split(".")[:-1]:  # the table's dict: {'embedding': ..., maybe 'rows'}
+        table = table[key]
+    return embed(table, ids)
 
 
 def make_output_fn(
@@ -78,7 +70,7 @@ def make_output_fn(
     """
     readout = Readout(readout)
     if readout != Readout.CLS and label_word_ids is None:
-        raise ValueError(f"readout={readout.value!r} needs label_word_ids (the K label words).")
+        raise ConfigError(f"readout={readout.value!r} needs label_word_ids (the K label words).")
     ids = None if label_word_ids is None else jnp.asarray(label_word_ids, jnp.int32)
 
     def output_fn(params, batch, dropout_rng=None):
@@ -101,8 +93,12 @@ def make_output_fn(
             states = apply_fn(params, *inputs, dropout_rng=dropout_rng)  # (B, T, H)
             mask = batch["attention_mask"][..., None].astype(states.dtype)  # (B, T, 1)
             hidden = states.sum(1, where=mask > 0) / mask.sum(1)  # (B, H)
-        return hidden @ word_embeddings(params)[ids].T.astype(hidden.dtype)  # (B, K)
+        return hidden @ _word_rows(params, ids).T.astype(hidden.dtype)  # (B, K)
 
+    if getattr(apply_fn, "func", None) is forward:
+        # Our encoder reads its tables through `embed`, so the eNTK may compact them to the rows
+        # a batch reads (ntk.compact); besides the input ids, this readout reads these rows.
+        output_fn.embedding_rows = np.zeros(0, np.int32) if ids is None else np.asarray(ids)
     return output_fn
 
 
@@ -133,67 +129,3 @@ def make_cls_feature_fns(config: EncoderConfig) -> tuple[Callable, OutputFn]:
         return cls_head(params, batch["features"], config=config, dropout_rng=dropout_rng)
 
     return feature_fn, head_output_fn
-
-
-_LORA_RNG = 0x10AA  # fold_in tag of the LoRA-dropout key
-
-
-def make_model_fn(
-    output_fn: OutputFn,
-    method: Method | str,
-    *,
-    lora_config: lora.LoraConfig | None = None,
-    fused: bool | None = None,
-) -> Callable:
-    """Returns ``model_fn(trainable, frozen, batch, dropout_rng) -> [B, K]`` for ``method``.
-
-    LORA: ``trainable`` is the adapters pytree, ``frozen`` the base params, applied as
-    ``lora.apply(..., fused=fused)``: None (default) picks per module the path that is faster
-    for a training step at its shapes (fused where ``3 r (in + out) < in * out``, see
-    ``lora.apply``), True fuses every module (what a vectorized sweep needs, so that the base
-    GEMMs are shared across members), False merges every kernel. With a ``dropout_rng``,
-    ``lora_config.dropout`` runs on the LoRA branches (its key is
-    ``fold_in(dropout_rng, 0x10AA)``, so the model's own dropout masks are the same with or
-    without it). FULL: ``trainable`` is all params. HEAD: ``trainable`` is the
-    ``classifier`` sub-tree and ``frozen`` the rest.
-    """
-    method = Method(method)
-    if method == Method.LORA:
-        if lora_config is None:
-            raise ValueError("method='lora' needs a lora_config.")
-
-        def model_fn(trainable, frozen, batch, dropout_rng):
-            lora_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, _LORA_RNG)
-            merged = lora.apply(frozen, trainable, lora_config, fused=fused, dropout_rng=lora_rng)
-            return output_fn(merged, batch, dropout_rng)
-
-    elif method == Method.FULL:
-
-        def model_fn(trainable, frozen, batch, dropout_rng):
-            del frozen
-            return output_fn(trainable, batch, dropout_rng)
-
-    else:
-
-        def model_fn(trainable, frozen, batch, dropout_rng):
-            return output_fn(params_lib.combine(trainable, frozen), batch, dropout_rng)
-
-    return model_fn
-
-
-def split_params(
-    params: PyTree,
-    method: Method | str,
-    *,
-    key: jax.Array | None = None,
-    lora_config: lora.LoraConfig | None = None,
-) -> tuple[PyTree, PyTree]:
-    """Initial ``(trainable, frozen)`` for ``method`` (LORA initializes adapters with ``key``)."""
-    method = Method(method)
-    if method == Method.LORA:
-        if key is None or lora_config is None:
-            raise ValueError("method='lora' needs a PRNG key and a lora_config.")
-        return lora.init(key, params, lora_config), params
-    if method == Method.FULL:
-        return params, {}
-    return params_lib.partition(params, HEAD_PATTERN)

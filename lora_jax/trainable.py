@@ -1,0 +1,95 @@
+"""What is trained: LoRA adapters, all weights, or only the head; the trainable/frozen split.
+
+``make_model_fn`` wraps an ``output_fn`` (:mod:`lora_jax.readout`) into the
+``model_fn(trainable, frozen, batch, dropout_rng)`` that :mod:`lora_jax.train` optimizes and
+:mod:`ntk` linearizes; ``split_params`` gives the matching initial ``(trainable, frozen)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from lora_jax import lora
+from lora_jax import params as params_lib
+from lora_jax.errors import ConfigError
+from lora_jax.readout import OutputFn
+
+PyTree = Any
+
+HEAD_PATTERN = r"^classifier\."  # the sequence-classification head (RoBERTa and BERT names)
+
+
+class Method(enum.StrEnum):
+    """What is trained: LoRA adapters, all weights, or only the classification head."""
+
+    LORA = "lora"
+    FULL = "full"
+    HEAD = "head"
+
+
+_LORA_RNG = 0x10AA  # fold_in tag of the LoRA-dropout key
+
+
+def make_model_fn(
+    output_fn: OutputFn,
+    method: Method | str,
+    *,
+    lora_config: lora.LoraConfig | None = None,
+    fused: bool | None = None,
+) -> Callable:
+    """Returns ``model_fn(trainable, frozen, batch, dropout_rng) -> [B, K]`` for ``method``.
+
+    LORA: ``trainable`` is the adapters pytree, ``frozen`` the base params, applied as
+    ``lora.apply(..., fused=fused)``: None (default) picks per module the path that is faster
+    for a training step at its shapes (fused where ``3 r (in + out) < in * out``, see
+    ``lora.apply``), True fuses every module (what a vectorized sweep needs, so that the base
+    GEMMs are shared across members), False merges every kernel. With a ``dropout_rng``,
+    ``lora_config.dropout`` runs on the LoRA branches (its key is
+    ``fold_in(dropout_rng, 0x10AA)``, so the model's own dropout masks are the same with or
+    without it). FULL: ``trainable`` is all params. HEAD: ``trainable`` is the
+    ``classifier`` sub-tree and ``frozen`` the rest.
+    """
+    method = Method(method)
+    if method == Method.LORA:
+        if lora_config is None:
+            raise ConfigError("method='lora' needs a lora_config.")
+
+        def model_fn(trainable, frozen, batch, dropout_rng):
+            lora_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, _LORA_RNG)
+            merged = lora.apply(frozen, trainable, lora_config, fused=fused, dropout_rng=lora_rng)
+            return output_fn(merged, batch, dropout_rng)
+
+    elif method == Method.FULL:
+
+        def model_fn(trainable, frozen, batch, dropout_rng):
+            del frozen
+            return output_fn(trainable, batch, dropout_rng)
+
+    else:
+
+        def model_fn(trainable, frozen, batch, dropout_rng):
+            return output_fn(params_lib.combine(trainable, frozen), batch, dropout_rng)
+
+    return model_fn
+
+
+def split_params(
+    params: PyTree,
+    method: Method | str,
+    *,
+    key: jax.Array | None = None,
+    lora_config: lora.LoraConfig | None = None,
+) -> tuple[PyTree, PyTree]:
+    """Initial ``(trainable, frozen)`` for ``method`` (LORA initializes adapters with ``key``)."""
+    method = Method(method)
+    if method == Method.LORA:
+        if key is None or lora_config is None:
+            raise ConfigError("method='lora' needs a PRNG key and a lora_config.")
+        return lora.init(key, params, lora_config), params
+    if method == Method.FULL:
+        return params, {}
+    return params_lib.partition(params, HEAD_PATTERN)

@@ -1,0 +1,202 @@
+"""The command line: user errors as one line naming the fix, bugs with their traceback, flags
+derived from the config dataclass, and the bad inputs that used to escape as raw errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import shutil
+
+import pytest
+
+from experiments import report, run
+from experiments.cli import add_dataclass_arguments, field_docs
+from experiments.config import ExperimentConfig
+from lora_jax import models
+from lora_jax.errors import ConfigError, InputFileError, MissingFileError, UserError
+from lora_jax.testing import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta(tmp_path_factory):
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "roberta"))
+
+
+def zero_shot_args(model, out, *extra):
+    """A run that trains nothing: zero-shot cells only, cheap."""
+    return [
+        "--model", model, "--out", str(out), "--name", "zs", "--tasks", "mr",
+        "--methods", "zero_shot", "--seeds", "13", "21", "42", "--k", "4",
+        "--max-length", "32", "--test-cap", "8", *extra,
+    ]  # fmt: skip
+
+
+def one_line_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as info:
+        run.main(argv)
+    message = str(info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert "Traceback" not in capsys.readouterr().err
+    return message
+
+
+# -- project error types (item 10) --------------------------------------------------------------
+
+
+def test_error_types_are_user_errors_and_the_builtins_callers_expect():
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+    assert issubclass(MissingFileError, UserError) and issubclass(MissingFileError, OSError)
+    assert issubclass(models.CheckpointError, UserError)
+    from lora_jax import tasks, train
+
+    with pytest.raises(UserError):
+        tasks.get_task("nosuchtask")
+    with pytest.raises(ConfigError, match="batch_size must be >= 1"):
+        train.TrainConfig(batch_size=0)
+
+
+@pytest.mark.parametrize("bug", [KeyError("labels"), ValueError("a bug, not the user")])
+def test_a_bug_keeps_its_traceback(tiny_roberta, tmp_path, monkeypatch, bug):
+    """main() used to turn every KeyError / ValueError into one line, hiding bugs."""
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(run, "run_cell", broken)
+    with pytest.raises(type(bug)):
+        run.main(zero_shot_args(tiny_roberta, tmp_path))
+
+
+def test_user_errors_are_one_line(tiny_roberta, tmp_path, capsys):
+    def error(model, *extra):
+        return one_line_error(capsys, zero_shot_args(model, tmp_path / "runs", *extra))
+
+    assert "unknown task 'nosuch'" in error(tiny_roberta, "--tasks", "nosuch")
+    assert "No such model directory" in error(str(tmp_path / "missing"), "--name", "a")
+    assert "k=100000" in error(tiny_roberta, "--k", "100000", "--name", "b")
+    bare = tmp_path / "bare"  # a directory with a config but no tokenizer or weights
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    msg = error(str(bare), "--name", "c")
+    assert str(bare) in msg and "tokenizer" in msg
+
+
+# -- CLI flags from the dataclass fields (item 10) ----------------------------------------------
+
+
+def test_every_experiment_field_has_a_flag_of_its_type():
+    cfg = run.parse_args(
+        ["--ranks", "2", "4", "--seeds", "7", "--lr", "0.5", "--alpha", "3", "--steps", "9",
+         "--tasks", "mr", "trec", "--ntk", "--dropout", "--lora-dropout", "0.25", "--loss", "mse",
+         "--targets", "query"]
+    )  # fmt: skip
+    assert cfg.ranks == (2, 4) and cfg.seeds == (7,) and cfg.tasks == ("mr", "trec")
+    assert cfg.lr == 0.5 and cfg.alpha == 3.0 and cfg.steps == 9 and cfg.targets == "query"
+    assert cfg.ntk is True and cfg.dropout is True and cfg.lora_dropout == 0.25
+    assert cfg.loss.value == "mse"
+    assert run.parse_args([]) == ExperimentConfig()  # no flag given: the named config
+    docs = field_docs(ExperimentConfig)
+    assert set(docs) == {f.name for f in dataclasses.fields(ExperimentConfig)}
+
+
+class Color(enum.StrEnum):
+    RED = "red"
+    BLUE = "blue"
+
+
+def test_a_new_field_gets_its_flag_from_its_type():
+    import argparse
+
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        """A config.
+
+        Attributes:
+          widths: some widths,
+            on two lines.
+          rate: a rate.
+          color: a color.
+          fast: go fast.
+          tag: an optional tag.
+        """
+
+        widths: tuple[float, ...] = (1.0,)
+        rate: float | None = None
+        color: Color = Color.RED
+        fast: bool = False
+        tag: str | None = None
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_arguments(parser, Cfg)
+    args = parser.parse_args(["--widths", "1.5", "2", "--rate", "3", "--color", "blue", "--fast"])
+    assert args.widths == [1.5, 2.0] and args.rate == 3.0 and args.color == "blue"
+    assert args.fast is True and args.tag is None
+    assert "on two lines" in parser.format_help()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--color", "green"])
+
+    @dataclasses.dataclass(frozen=True)
+    class Bad:
+        mapping: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    with pytest.raises(TypeError, match="Bad.mapping"):
+        add_dataclass_arguments(argparse.ArgumentParser(), Bad)
+
+
+def test_a_run_directory_from_before_a_new_field_is_still_accepted(tmp_path):
+    cfg = ExperimentConfig(out=str(tmp_path), name="old")
+    (tmp_path / "old").mkdir()
+    saved = cfg.to_json()
+    del saved["dropout"], saved["lora_dropout"]  # written before these fields existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    run.prepare_run_dir(cfg)
+    with pytest.raises(ConfigError, match="fields differ: dropout"):
+        run.prepare_run_dir(dataclasses.replace(cfg, dropout=True))
+
+
+# -- the three raw errors (item 6) --------------------------------------------------------------
+
+
+def test_truncated_safetensors_names_the_file_and_the_fix(tiny_roberta, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_roberta, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(models.CheckpointError, match="truncated or corrupt"):
+        models.from_pretrained(broken)
+    msg = one_line_error(capsys, zero_shot_args(str(broken), tmp_path))
+    assert str(weights) in msg and "download or save the model again" in msg
+
+
+def test_unwritable_out_names_the_directory(tiny_roberta, tmp_path, capsys):
+    not_a_dir = tmp_path / "a_file"
+    not_a_dir.write_text("x")
+    msg = one_line_error(capsys, zero_shot_args(tiny_roberta, not_a_dir / "runs"))
+    assert "cannot write the run directory" in msg and "--out" in msg
+
+
+def test_torn_last_line_is_skipped_with_a_warning_and_its_cell_redone(tiny_roberta, tmp_path):
+    args = zero_shot_args(tiny_roberta, tmp_path)
+    run.main(args)
+    path = tmp_path / "zs" / "results.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 3
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # killed mid-write
+    with pytest.warns(UserWarning, match="last line was cut short"):
+        assert len(report.read_results(path)) == 2
+    with pytest.warns(UserWarning, match="last line was cut short"):
+        run.main(args)
+    records = report.read_results(path)
+    assert len(records) == 3
+    assert [json.dumps(r) for r in records[:2]] == lines[:2]  # the finished cells are kept
+    assert sorted(r["seed"] for r in records) == [13, 21, 42]
+    redone, before = records[2], json.loads(lines[2])  # the torn cell, run again
+    assert {**redone, "seconds": 0} == {**before, "seconds": 0}
+
+
+def test_a_bad_line_inside_results_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"a": 1}\n{"a": \n{"a": 2}\n')
+    with pytest.raises(InputFileError, match="line 2"):
+        report.read_results(path)

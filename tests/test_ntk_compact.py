@@ -1,0 +1,151 @@
+"""The all-weights eNTK of an encoder with compacted embedding tables vs a dense J J^T oracle.
+
+Also: the kernel cache tells two verbalizers apart, compiled block programs are reused across
+``ntk_fn`` s, and a refused block names an alternative that then runs within the same limit.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ntk
+from lora_jax import models
+from lora_jax.readout import make_output_fn
+from ntk import _testing, compact
+from ntk import kernel as kernel_lib
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+V = 48
+
+
+def _encoder(model_type, dtype, readout="tied", words=(5, 9)):
+    cfg = models.EncoderConfig(
+        model_type=model_type,
+        vocab_size=V,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=24,
+        type_vocab_size=2 if model_type == "bert" else 1,
+        pad_token_id=1 if model_type == "roberta" else 0,
+    )
+    apply_fn, params = models.split(models.create(cfg, head=None, dtype=dtype))
+    return make_output_fn(apply_fn, readout, label_word_ids=np.array(words)), params
+
+
+def _batch(n, seed, types, t=7):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, V // 2, size=(n, t)).astype(np.int32)  # rows V/2.. never read
+    mask = np.ones((n, t), np.int32)
+    mask[::2, -2:] = 0  # padding at the end of every other row
+    ids[::2, -2:] = 1 if types == 1 else 0  # the pad token
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mask_pos": rng.integers(1, t - 2, n).astype(np.int32),
+    }
+    if types == 2:
+        batch["token_type_ids"] = (np.arange(t) >= t // 2).astype(np.int32)[None].repeat(n, 0)
+    return batch
+
+
+@pytest.mark.parametrize(("model_type", "readout"), [("bert", "tied"), ("roberta", "tied_mean")])
+def test_all_weights_kernel_with_compacted_tables_equals_dense_jjt(
+    monkeypatch, model_type, readout
+):
+    monkeypatch.setattr(compact, "ROW_BUCKET", 8)  # compact a 48-row table to 24 or 32 rows
+    with jax.enable_x64():
+        output_fn, params = _encoder(model_type, jnp.float64, readout)
+        f, params = ntk.model_fn(output_fn, params, "all")
+        types = 2 if model_type == "bert" else 1
+        x1, x2 = _batch(3, 0, types), _batch(5, 1, types)
+        tables = compact.compactable_tables(f, params)
+        assert any("word_embeddings" in p for p in tables)
+        assert any("position_embeddings" in p for p in tables)
+        small, (b1, _) = compact.compact_block(f, params, [x1, x2], tables)
+        word = [p for p in tables if "word" in p][0].split(".")
+        node = small
+        for key in word:
+            node = node[key]
+        assert node.shape[0] < V  # really compacted
+        dense = _testing.hand_ntk(f, params, x1, x2)  # jacrev over the full [V, H] tables
+        for vmap_axes in (0, None):
+            ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=vmap_axes, batch_size=2)
+            got = ntk_fn(x1, x2, params)  # 2 x 3 blocks, the last ones padded
+            assert got.shape == (3, 5, 2, 2) and got.dtype == np.float64
+            np.testing.assert_allclose(got, dense, rtol=1e-10, atol=1e-10)
+        sym = ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, batch_size=2)(x2, None, params)
+        np.testing.assert_allclose(sym, _testing.hand_ntk(f, params, x2), rtol=1e-10, atol=1e-10)
+
+
+def test_undeclared_embedding_rows_are_caught(monkeypatch):
+    monkeypatch.setattr(compact, "ROW_BUCKET", 8)
+    output_fn, params = _encoder("bert", jnp.float32, words=(40, 41))  # rows no input reads
+    f, params = ntk.model_fn(output_fn, params, "all")
+    f.__ntk_embedding_rows__ = np.zeros(0, np.int32)  # a wrong declaration: no label rows
+    with pytest.raises(ValueError, match="__ntk_embedding_rows__"):
+        ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0)(_batch(2, 0, 2), None, params)
+
+
+def test_cache_tells_verbalizers_apart(tmp_path):
+    """Same code, data and weights; different label words: two kernels, two cache files."""
+    kernels = []
+    for words in ((5, 9), (7, 11), (5, 9)):
+        output_fn, params = _encoder("bert", jnp.float32, words=words)
+        f, sub = ntk.model_fn(output_fn, params, r"encoder\.layer\.0\.output\.dense")
+        ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, cache_dir=tmp_path)
+        kernels.append(ntk_fn(_batch(3, 0, 2), None, sub))
+    assert len(list(tmp_path.glob("ntk-*.npy"))) == 2
+    assert not np.allclose(kernels[0], kernels[1])
+    np.testing.assert_array_equal(kernels[0], kernels[2])  # the first entry, from disk
+
+
+def test_compiled_programs_are_reused_across_ntk_fns():
+    output_fn, params = _encoder("bert", jnp.float32)
+    f, sub = ntk.model_fn(output_fn, params, r"encoder\.layer\.0\.output\.dense")
+    traces = []
+
+    def counted(p, b):
+        traces.append(1)
+        return f(p, b)
+
+    counted.__ntk_fingerprint__ = "test: counted bert"
+    x = _batch(4, 0, 2)
+    first = ntk.empirical_ntk_fn(counted, vmap_axes=0, batch_size=2)(x, None, sub)
+    n = len(traces)
+    again = ntk.empirical_ntk_fn(counted, vmap_axes=0, batch_size=2)(x, None, sub)  # new ntk_fn
+    assert len(traces) == n  # nothing traced, nothing compiled
+    np.testing.assert_array_equal(first, again)
+
+
+def test_refused_block_names_an_alternative_that_fits():
+    output_fn, params = _encoder("bert", jnp.float32)
+    f, params = ntk.model_fn(output_fn, params, "all")
+    x = _batch(2, 0, 2)
+    opts = kernel_lib.kernel_options((), (), 0, 1, 2, None)
+    p, (xc,) = compact.compact_block(f, params, [x], compact.compactable_tables(f, params))
+    fn = compact.compact_fn(f, compact.compactable_tables(f, params))
+    jc = kernel_lib.block_program(fn, ("id", id(fn)), opts.implementation, opts, xc, None, p)
+    limit = ntk.kernel.required_bytes(jc) + 1  # JACOBIAN_CONTRACTION just fits
+    structured = ntk.empirical_ntk_fn(
+        f,
+        trace_axes=(),
+        vmap_axes=0,
+        memory_limit_bytes=limit,
+        implementation=ntk.NtkImplementation.STRUCTURED_DERIVATIVES,
+    )
+    with pytest.raises(ntk.KernelMemoryError, match="Use implementation=") as err:
+        structured(x, None, params)
+    suggested = str(err.value).split("Use implementation=")[1].split(" ")[0]
+    assert suggested != "STRUCTURED_DERIVATIVES"
+    k = ntk.empirical_ntk_fn(
+        f,
+        trace_axes=(),
+        vmap_axes=0,
+        memory_limit_bytes=limit,
+        implementation=ntk.NtkImplementation[suggested],
+    )(x, None, params)
+    assert k.shape == (2, 2, 2, 2) and np.isfinite(k).all()
