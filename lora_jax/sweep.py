@@ -45,6 +45,7 @@ import optax
 from tqdm.auto import tqdm
 
 from lora_jax import checkpoint, lora, train
+from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
 
 PyTree = Any
@@ -141,7 +142,7 @@ def init_states(
     """
     n = _num_members(trainables)
     if not len(learning_rates) == len(seeds) == n:
-        raise ValueError(
+        raise ConfigError(
             f"init_states got {n} members but {len(learning_rates)} learning rates and "
             f"{len(seeds)} seeds; give one of each per member."
         )
@@ -193,11 +194,11 @@ def plan_lora(params: Mapping, configs: Sequence[lora.LoraConfig]) -> LoraSweep:
     ``use_rslora``; everything else (targets, bias, modules_to_save, init, dropout) must agree.
 
     Raises:
-      ValueError: no configs, or configs that differ in anything else.
+      ConfigError: no configs, or configs that differ in anything else.
     """
     configs = tuple(configs)
     if not configs:
-        raise ValueError("plan_lora needs at least one LoraConfig (one per member).")
+        raise ConfigError("plan_lora needs at least one LoraConfig (one per member).")
     for i, cfg in enumerate(configs[1:], 1):
         if _structure(cfg) != _structure(configs[0]):
             fields = [
@@ -205,7 +206,7 @@ def plan_lora(params: Mapping, configs: Sequence[lora.LoraConfig]) -> LoraSweep:
                 for f in dataclasses.fields(cfg)
                 if getattr(_structure(cfg), f.name) != getattr(_structure(configs[0]), f.name)
             ]
-            raise ValueError(
+            raise ConfigError(
                 f"LoRA sweep members must differ only in r, alpha, rank_pattern, alpha_pattern "
                 f"and use_rslora; member {i} differs from member 0 in {fields}. Fix: run "
                 "those members in separate sweeps."
@@ -240,7 +241,7 @@ def init_lora(params: Mapping, sweep: LoraSweep, seeds: Sequence[int]) -> lora.A
     """Stacked adapters: member i is ``lora.init(jax.random.key(seeds[i]), params, configs[i])``,
     zero-padded to the sweep's ranks. Leaves ``[n, ...]``."""
     if len(seeds) != len(sweep.configs):
-        raise ValueError(f"init_lora got {len(seeds)} seeds for {len(sweep.configs)} members.")
+        raise ConfigError(f"init_lora got {len(seeds)} seeds for {len(sweep.configs)} members.")
     members = []
     for seed, cfg in zip(seeds, sweep.configs, strict=True):
         adapters = lora.init(jax.random.key(seed), params, cfg)
@@ -296,7 +297,7 @@ def lora_model_fn(model_fn: train.ModelFn) -> train.ModelFn:
 class Programs(NamedTuple):
     """Compiled programs of one sweep (model_fn, config)."""
 
-    chunk: Callable  # (state [n], frozen, data [n]) -> (state, losses [n, eval_every])
+    chunk: Callable  # (state [n], frozen, data [n], length) -> (state, losses [n, length])
     predict: Callable  # (trainable [n], frozen, data [n] or shared) -> outputs [n, N, K]
 
 
@@ -317,8 +318,13 @@ def _programs(model_fn, cfg, member_inputs: bool, shared_data: bool) -> Programs
     frozen_axes = (None, 0) if member_inputs else None
     chunk = train.make_train_chunk(model_fn, make_optimizer(cfg), cfg)
     predict = train.make_predict(model_fn, cfg.eval_batch_size)
+
+    def vchunk(state, frozen, data, length=None):
+        one = functools.partial(chunk, length=length)
+        return jax.vmap(one, in_axes=(0, frozen_axes, 0))(state, frozen, data)
+
     return Programs(
-        jax.jit(jax.vmap(chunk, in_axes=(0, frozen_axes, 0)), donate_argnums=0),
+        jax.jit(vchunk, donate_argnums=0, static_argnames="length"),
         jax.jit(jax.vmap(predict, in_axes=(0, frozen_axes, None if shared_data else 0))),
     )
 
@@ -343,18 +349,18 @@ def _stack_data(
     datas: Sequence[Batch], n: int, split: str, batch_size: int | None = None
 ) -> dict[str, jax.Array]:
     if len(datas) != n:
-        raise ValueError(f"sweep.fit got {len(datas)} {split} sets for {n} members; give one each.")
+        raise ConfigError(f"sweep.fit got {len(datas)} {split} sets for {n} members; one each.")
     for i, data in enumerate(datas):
         size = int(np.shape(data["labels"])[0])
         if batch_size is not None and size < batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"Member {i}'s training set has {size} examples, fewer than "
                 f"batch_size={batch_size}; lower TrainConfig.batch_size or give it more data."
             )
     shapes = [{k: tuple(np.shape(v)) for k, v in d.items()} for d in datas]
     for i, s in enumerate(shapes):
         if s != shapes[0]:
-            raise ValueError(
+            raise ConfigError(
                 f"Members' {split} sets differ in shape (member 0: {shapes[0]}, member {i}: {s}); "
                 "the members of one sweep need equally many examples of one length. Fix: pad "
                 "the sequences to one length, or run differently sized members in separate sweeps."
@@ -412,7 +418,7 @@ def fit(
       One :class:`lora_jax.train.FitResult` per member.
 
     Raises:
-      ValueError: a member's training set is smaller than the batch, or members' data differ
+      ConfigError: a member's training set is smaller than the batch, or members' data differ
         in shape or number.
     """
     n = int(state.step.shape[0])
@@ -440,8 +446,8 @@ def fit(
         unit="member-step",
         leave=False,
     )
-    for _ in range(start, cfg.steps, cfg.eval_every):
-        state, losses = chunk(state, args, train_stacked)  # losses: (n, eval_every)
+    for length in train.chunk_lengths(cfg.steps, cfg.eval_every, start):
+        state, losses = chunk(state, args, train_stacked, length)  # losses: (n, length)
         step = int(state.step[0])
         dev = evaluate(predict, state.trainable, args, dev_stacked, cfg.loss)
         train_loss = np.asarray(jnp.mean(losses, axis=1))
@@ -463,7 +469,7 @@ def fit(
                     f.write(json.dumps(record) + "\n")
         if checkpoint_dir is not None:
             checkpoint.save(checkpoint_dir, step, {"state": state, "best": best}, log)
-        bar.update(n * cfg.eval_every)
+        bar.update(n * length)
         bar.set_postfix(
             loss=f"{float(train_loss.mean()):.3f}", dev=f"{float(dev['accuracy'].mean()):.3f}"
         )
