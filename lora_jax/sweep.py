@@ -19,13 +19,28 @@ a per-member factor (rank mask times the member's scale over the padded config's
 multiplies ``lora_a`` inside the model, so padded columns of ``A`` and rows of ``B`` get exactly
 zero gradients and stay exactly zero under AdamW and SGD.
 
-Example:
-  >>> sweep = plan_lora(params, [LoraConfig(r=1, alpha=2), LoraConfig(r=12, alpha=24)])
-  >>> state = init_states(init_lora(params, sweep, seeds=[13, 21]), cfg, [3e-4, 3e-4], [13, 21])
-  >>> model_fn = lora_model_fn(make_model_fn(output_fn, "lora", lora_config=sweep.config,
-  ...                                        fused=True))
-  >>> results = fit(model_fn, state, params, [train0, train1], [dev0, dev1], cfg,
-  ...               member_inputs=sweep.factors)   # one train.FitResult per member
+Example (three linear classifiers with their own data and learning rates, as one job):
+  >>> import jax.numpy as jnp, numpy as np
+  >>> from lora_jax import sweep, train
+  >>> def model_fn(trainable, frozen, batch, dropout_rng):
+  ...     return batch["x"] @ trainable["w"]  # (B, K)
+  >>> xs = [np.random.default_rng(i).normal(size=(32, 4)).astype(np.float32) for i in range(3)]
+  >>> datas = [{"x": x, "labels": (x[:, i] > 0).astype(np.int32)} for i, x in enumerate(xs)]
+  >>> cfg = train.TrainConfig(steps=20, batch_size=8, eval_every=10)
+  >>> w0 = sweep.stack([{"w": jnp.zeros((4, 2))}] * 3)  # leaves (n, ...)
+  >>> state = sweep.init_states(w0, cfg, learning_rates=[0.1, 0.2, 0.3], seeds=[0, 1, 2])
+  >>> results = sweep.fit(model_fn, state, {}, datas, datas, cfg, progress=False)
+  >>> [r.best_dev_accuracy > 0.9 for r in results]
+  [True, True, True]
+
+LoRA members of different ranks on one encoder (``output_fn`` from :mod:`lora_jax.readout`)::
+
+    plan = sweep.plan_lora(params, [LoraConfig(r=1, alpha=2), LoraConfig(r=12, alpha=24)])
+    state = sweep.init_states(sweep.init_lora(params, plan, [13, 21]), cfg, [3e-4] * 2, [13, 21])
+    fn = make_model_fn(output_fn, "lora", lora_config=plan.config, fused=True)
+    results = sweep.fit(sweep.lora_model_fn(fn), state, params, [train0, train1], [dev0, dev1],
+                        cfg, member_inputs=plan.factors)
+    best = [sweep.unpad(plan, r.best_trainable, i) for i, r in enumerate(results)]
 """
 
 from __future__ import annotations
