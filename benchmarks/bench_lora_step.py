@@ -1,8 +1,9 @@
 """One LoRA training step (forward + backward + AdamW update): lora_jax vs full fine-tuning vs
 PyTorch + PEFT, on the same model shape, batch and sequence length.
 
-  uv run python benchmarks/bench_lora_step.py --compare            # both sides, ratios
-  uv run python benchmarks/bench_lora_step.py --compare --models minilm --steps 5 --reps 6
+  uv run python benchmarks/bench_lora_step.py --compare --torch-python PATH   # both sides
+  uv run python benchmarks/bench_lora_step.py --compare --models minilm --steps 5 --reps 6 \
+      --torch-python PATH   # or set LORA_JAX_TORCH_PYTHON=PATH
 
 The train-loop row times what `experiments.run` trains: `train.make_train_chunk` over
 `trainable.make_model_fn`'s default LoRA path (`--fused auto`: per module fused where
@@ -37,6 +38,8 @@ import subprocess
 import sys
 import time
 
+import torch_python  # benchmarks/torch_python.py, next to this script
+
 MODELS = {
     "roberta-base": dict(
         model_type="roberta",
@@ -62,7 +65,6 @@ MODELS = {
     ),
     "minilm": None,  # real weights
 }
-TORCH_PY = "/work/torchenv/bin/python"
 
 
 def _batch(batch: int, seq: int, vocab: int, num_labels: int, seed: int = 0):
@@ -323,6 +325,7 @@ class _Worker:
 
 
 def compare(args) -> None:
+    torch_py = torch_python.resolve(args.torch_python, "torch, peft")
     minilm = subprocess.run(
         [sys.executable, "-c", "from lora_jax.models import minilm_path; print(minilm_path())"],
         capture_output=True,
@@ -343,7 +346,7 @@ def compare(args) -> None:
         "--warmup",
         str(args.warmup),
     ]
-    jax_py, torch_py = sys.executable, TORCH_PY
+    jax_py = sys.executable
     runs = [
         ("jax lora fused", jax_py, ["--impl", "jax", "--mode", "lora", "--fused", "1"]),
         (
@@ -433,6 +436,7 @@ def main() -> None:
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--minilm-path", default=None)
+    torch_python.add_argument(ap)
     args = ap.parse_args()
     if args.compare:
         compare(args)

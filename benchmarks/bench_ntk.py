@@ -12,19 +12,35 @@ on the CPU with the fastest implementation.
 Readout: tied (outputs = hidden state at [MASK] @ word_embeddings[label_ids].T; MiniLM has no
 MLM head); MR sentences with the template ``{sentence} It was [MASK] .``, T = 64.
 
+``--compare`` (all weights, against PyTorch): the ``--n`` x ``--n`` train kernel (``x2=None``,
+``trace_axes=()``) by ``ntk.empirical_ntk_fn`` (JACOBIAN_CONTRACTION, ``vmap_axes=0``, one
+block, embedding tables compacted), and by ``torch.func`` ``vmap(jacrev)`` + einsum on the same
+weights and batch (the LM-Kernel-FT recipe: per-example Jacobians in chunks of
+``--torch-chunk``, one ``[N, K, P]`` matrix, one einsum) in the interpreter given by
+``--torch-python`` (or ``$LORA_JAX_TORCH_PYTHON``). Each side runs in its own process, one
+after the other; first call (compile / warm-up included) and second call are reported, with
+the two kernels' relative difference. ``--big`` adds the 1,000 test x ``--n`` train
+all-weights kernel (ours only): time and peak RSS.
+
 Usage:
   uv run python benchmarks/bench_ntk.py               # the table (n = 16) + the 1000 x 64 run
   uv run python benchmarks/bench_ntk.py --n 8 --skip-big --subsets lora_r1 all
+  uv run python benchmarks/bench_ntk.py --compare --n 64 --torch-python PATH [--big]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+
+import torch_python  # benchmarks/torch_python.py, next to this script
 
 SUBSETS = ("lora_r1", "lora_r8", "layer5", "all")
 _NT = ("JACOBIAN_CONTRACTION", "NTK_VECTOR_PRODUCTS", "STRUCTURED_DERIVATIVES")
@@ -190,8 +206,188 @@ def big(args) -> dict:
     }
 
 
-def _spawn(extra: list[str]) -> dict | None:
-    cmd = [sys.executable, __file__, *extra]
+def ours_all(args) -> dict:
+    """Our all-weights ``n x n`` train kernel (x2=None), first and second call."""
+    import ntk
+
+    output_fn, params, train, test = load(args.n, args.test_rows, args.max_length)
+    f, sub = subset_fn("all", output_fn, params)
+    batch = tuple(int(b) for b in args.batch.split(","))
+    x, out = (train, None) if not args.test_rows else (test, train)
+
+    def run():  # a new ntk_fn per call: the second call shows the session's program cache
+        fn = ntk.empirical_ntk_fn(
+            f, trace_axes=(), vmap_axes=0, batch_size=batch, progress=bool(args.test_rows)
+        )
+        return fn(x, out, sub)
+
+    rss_loaded = _rss_mib()
+    t = time.perf_counter()
+    k = run()
+    first = time.perf_counter() - t
+    second = None
+    if not args.test_rows:
+        t = time.perf_counter()
+        k = run()
+        second = time.perf_counter() - t
+    if args.save:
+        np.save(args.save, k)
+    return {
+        "side": "lora_jax",
+        "shape": list(k.shape),
+        "first_s": first,
+        "second_s": second,
+        "rss_loaded_mib": rss_loaded,
+        "peak_rss_mib": _rss_mib(),
+    }
+
+
+def torch_all(args) -> dict:
+    """The PyTorch baseline (runs under --torch-python): torch.func vmap(jacrev) + einsum."""
+    import numpy as np
+    import torch
+    from torch.func import functional_call, jacrev, vmap
+    from transformers import AutoModel
+
+    torch.set_num_threads(args.threads)
+    data = np.load(args.batch_file)
+    model = AutoModel.from_pretrained(args.minilm_path).eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    words = torch.from_numpy(data["label_word_ids"]).long()
+    ids, mask = (torch.from_numpy(data[k]).long() for k in ("input_ids", "attention_mask"))
+    pos = torch.from_numpy(data["mask_pos"]).long()
+    n_params = sum(v.numel() for v in params.values())
+
+    def f(p, ids, mask, pos):  # one example -> (K,): hidden state at [MASK] . label-word rows
+        hidden = functional_call(model, p, (ids[None], mask[None])).last_hidden_state[0, pos]
+        return hidden @ p["embeddings.word_embeddings.weight"][words].T
+
+    jac = vmap(jacrev(f), in_dims=(None, 0, 0, 0))
+
+    def kernel():
+        n, k = ids.shape[0], words.shape[0]
+        j = torch.empty(n, k, n_params)  # (N, K, P)
+        for s in range(0, n, args.torch_chunk):
+            js = jac(
+                params,
+                ids[s : s + args.torch_chunk],
+                mask[s : s + args.torch_chunk],
+                pos[s : s + args.torch_chunk],
+            )
+            at = 0
+            for leaf in js.values():  # (c, K, *shape): copy into place, leaf by leaf
+                size = leaf[0, 0].numel()
+                j[s : s + leaf.shape[0], :, at : at + size] = leaf.reshape(*leaf.shape[:2], -1)
+                at += size
+            del js
+        return torch.einsum("akp,blp->abkl", j, j)
+
+    with torch.no_grad():
+        rss_loaded = _rss_mib()
+        t = time.perf_counter()
+        k = kernel()
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        k = kernel()
+        second = time.perf_counter() - t
+    if args.save:
+        np.save(args.save, k.numpy())
+    return {
+        "side": "torch",
+        "shape": list(k.shape),
+        "first_s": first,
+        "second_s": second,
+        "rss_loaded_mib": rss_loaded,
+        "peak_rss_mib": _rss_mib(),
+        "params": n_params,
+        "torch": torch.__version__,
+        "threads": args.threads,
+    }
+
+
+def compare(args) -> None:
+    """Both sides of the all-weights comparison, one process each, then the table."""
+    import numpy as np
+
+    from lora_jax import models
+
+    torch_py = torch_python.resolve(args.torch_python, "torch, transformers")
+    with tempfile.TemporaryDirectory() as tmp:
+        output_fn, params, train, _ = load(args.n, 1, args.max_length)
+        del output_fn, params
+        batch_file = Path(tmp) / "batch.npz"
+        from lora_jax import tasks
+
+        tokenizer = models.load_tokenizer(models.minilm_path())
+        words = np.asarray(tasks.label_word_ids(tokenizer, tasks.get_task("mr")))
+        np.savez(
+            batch_file,
+            label_word_ids=words,
+            **{k: train[k] for k in ("input_ids", "attention_mask", "mask_pos")},
+        )
+        common = ["--n", str(args.n), "--max-length", str(args.max_length)]
+        print(
+            f"all-weights eNTK, MiniLM-L6 (tied readout, K={len(words)}, "
+            f"T={args.max_length}), {args.n} x {args.n} train kernel",
+            flush=True,
+        )
+        ours = _spawn(
+            ["--ours-worker", *common, "--batch", str(args.n), "--save", f"{tmp}/ours.npy"]
+        )
+        theirs = _spawn(
+            [
+                "--torch-worker",
+                *common,
+                "--batch-file",
+                str(batch_file),
+                "--minilm-path",
+                models.minilm_path(),
+                "--threads",
+                str(args.threads),
+                "--torch-chunk",
+                str(args.torch_chunk),
+                "--save",
+                f"{tmp}/torch.npy",
+            ],
+            python=torch_py,
+        )
+        rows = [r for r in (ours, theirs) if r]
+        if ours and theirs:
+            a, b = np.load(f"{tmp}/ours.npy"), np.load(f"{tmp}/torch.npy")
+            print(
+                f"  kernels agree to {np.abs(a - b).max() / np.abs(b).max():.1e} (max abs "
+                "difference / max abs entry)"
+            )
+        print("| implementation | first call s | second call s | peak RSS MiB |")
+        print("|---|---:|---:|---:|")
+        for r in rows:
+            print(
+                f"| {r['side']} | {r['first_s']:.1f} | {r['second_s']:.1f} | "
+                f"{r['peak_rss_mib']:.0f} |"
+            )
+        if ours and theirs:
+            print(
+                f"lora_jax vs torch: {theirs['first_s'] / ours['first_s']:.2f}x faster on the "
+                f"first call, {theirs['second_s'] / ours['second_s']:.2f}x on the second; "
+                f"load average {os.getloadavg()[0]:.1f}"
+            )
+        if args.big:
+            print(
+                f"\n1000 test x {args.n} train all-weights kernel, batch_size={args.big_batch}:",
+                flush=True,
+            )
+            r = _spawn(["--ours-worker", *common, "--test-rows", "1000", "--batch", args.big_batch])
+            if r:
+                print(
+                    f"  shape {r['shape']}, {r['first_s']:.1f} s, peak RSS "
+                    f"{r['peak_rss_mib']:.0f} MiB (after load {r['rss_loaded_mib']:.0f} MiB)"
+                )
+                rows.append(r)
+    print("\nJSON:", json.dumps(rows))
+
+
+def _spawn(extra: list[str], python: str | None = None) -> dict | None:
+    cmd = [python or sys.executable, __file__, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
@@ -213,7 +409,19 @@ def main() -> None:
     parser.add_argument(
         "--big-batch", default="250,64", help="rows of test, rows of train per kernel block"
     )
+    parser.add_argument("--compare", action="store_true", help="all weights vs PyTorch")
+    parser.add_argument("--big", action="store_true", help="--compare: also 1000 x n")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--torch-chunk", type=int, default=8, help="examples per torch vmap")
+    torch_python.add_argument(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ours-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", default="16", help=argparse.SUPPRESS)
+    parser.add_argument("--test-rows", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--minilm-path", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--save", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--big-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--subset", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--impl", default=None, help=argparse.SUPPRESS)
@@ -223,6 +431,15 @@ def main() -> None:
         return
     if args.big_worker:
         print(json.dumps(big(args)), flush=True)
+        return
+    if args.ours_worker:
+        print(json.dumps(ours_all(args)), flush=True)
+        return
+    if args.torch_worker:
+        print(json.dumps(torch_all(args)), flush=True)
+        return
+    if args.compare:
+        compare(args)
         return
 
     results = []

@@ -26,7 +26,7 @@ import jax
 from experiments.config import get_config
 from experiments.run import Cell, lora_config, train_config
 from experiments.workbench import Workbench
-from lora_jax import lora, sweep, train
+from lora_jax import lora, sweep, tasks, train
 from lora_jax.trainable import Method, make_model_fn
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = get_config("default", steps=args.steps, eval_every=args.steps)
-    bench = Workbench(cfg)
+    bench = Workbench(cfg, tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k))
     output_fn, params = bench.prompt_model("mr")
     tcfg = train_config(cfg, Cell("mr", "lora", args.ranks[0], 0))
     seq_fns = {

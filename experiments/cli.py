@@ -5,6 +5,8 @@ help text (from the class docstring's ``Attributes:`` section) with no change he
 its type is one of: ``bool`` (``--x/--no-x``), ``int``, ``float``, ``str``, a ``StrEnum``
 (choices), ``tuple[T, ...]`` of those (``nargs='+'``), or any of these ``| None``. A field of
 another type is a bug of the config, reported as a ``TypeError`` when the parser is built.
+A field's ``metadata`` may rename its flag (``{"flag": "--task-file"}``) and make a tuple flag
+repeatable (``{"repeatable": True}``: ``--task-file a.json --task-file b.json``).
 """
 
 from __future__ import annotations
@@ -96,4 +98,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             default = " ".join(map(str, default))
         help_text = f"{docs.get(field.name, '')} (default config: {default})".strip()
         help_text = help_text.replace("%", "%%")  # argparse formats help with %
-        parser.add_argument(flag_name(field.name), default=None, help=help_text, **kwargs)
+        if field.metadata.get("repeatable"):
+            kwargs["action"] = "extend"  # each use adds to the list
+        flag = field.metadata.get("flag", flag_name(field.name))
+        parser.add_argument(flag, dest=field.name, default=None, help=help_text, **kwargs)

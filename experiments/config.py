@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from lora_jax.errors import ConfigError
@@ -19,7 +20,9 @@ class ExperimentConfig:
       name: run directory name under ``out`` (``runs/<name>/``).
       model: encoder: a local Hugging Face directory, a hub id, or ``minilm`` (the embedded
         MiniLM-L6 that ships with the project's dependencies; works offline).
-      tasks: task names (see ``lora_jax.tasks``).
+      tasks: task names (see ``lora_jax.tasks``); may be empty when ``task_files`` are given.
+      task_files: JSON task files of your own data (``lora_jax.tasks.task_file``), run beside
+        ``tasks`` under the names they give; stored as absolute paths.
       methods: any of ``zero_shot`` (prompt, no training), ``head`` (classification head on
         the frozen encoder), ``lora`` (prompt-based LoRA, one cell per rank), ``full``
         (prompt-based full fine-tuning).
@@ -37,9 +40,17 @@ class ExperimentConfig:
       eval_every: evaluate on dev every this many steps (best-dev checkpoint selection).
       max_length: token length of every encoded example (static shapes: one compile per cell kind).
       test_cap: at most this many test examples (deterministic subsample); 0 = all.
+      pooling: the features of the head-only baseline (``lora_jax.pooling.Pooling``): ``auto``
+        (the pooling the checkpoint was trained with: mean pooling, L2-normalized, for
+        sentence-transformers checkpoints such as the embedded MiniLM; BERT's pooler / RoBERTa's
+        head on ``[CLS]`` otherwise), ``pooler``, ``cls`` or ``mean``.
       readout: how prompt-mode outputs are read (``lora_jax.readout.Readout``): ``auto`` (the
         MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
         ``tied_mean``.
+      dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, and so the trained
+        adapters / weights and their optimizer state, stay float32: master weights).
+      remat: recompute each encoder layer in the backward pass (less memory, same numbers).
+      grad_accum: average the gradients of this many batches per optimizer update.
       dropout: run dropout while training: the encoder's own (its config's hidden and attention
         dropout) and ``lora_dropout`` on the LoRA branches; off at evaluation. The head-only
         baseline trains on cached features, so there only the head's dropout runs.
@@ -47,14 +58,22 @@ class ExperimentConfig:
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
       vectorize: train the LoRA cells of a task (ranks x seeds) as one vectorized job
-        (``lora_jax.sweep``) instead of one after another; same records.
+        (``lora_jax.sweep``) instead of one after another; same records. Runs on a mesh, on
+        several processes or with ``save_adapters`` train one cell at a time for now.
       members: at most this many LoRA cells per vectorized job (bounds its memory).
+      save_adapters: save each LoRA cell's best-dev adapter in PEFT format under
+        ``adapters/<cell>/`` with the task's label words and template (``task.json``).
+      tensorboard: write each cell's per-evaluation metrics as TensorBoard event files under
+        ``tensorboard/<cell>/`` (needs the ``tensorboard`` extra: tensorboardX).
       out: parent directory of run directories.
     """
 
     name: str = "default"
     model: str = "minilm"
     tasks: tuple[str, ...] = ("mr", "trec")
+    task_files: tuple[str, ...] = dataclasses.field(
+        default=(), metadata={"flag": "--task-file", "repeatable": True}
+    )
     methods: tuple[str, ...] = ("zero_shot", "head", "lora")
     ranks: tuple[int, ...] = (1, 12)
     seeds: tuple[int, ...] = (13, 21, 42)
@@ -70,21 +89,29 @@ class ExperimentConfig:
     max_length: int = 48
     test_cap: int = 1000
     readout: str = "auto"
+    pooling: str = "auto"
+    dtype: str = "float32"
+    remat: bool = False
+    grad_accum: int = 1
     dropout: bool = False
     lora_dropout: float = 0.0
     ntk: bool = False
     vectorize: bool = True
     members: int = 16
+    save_adapters: bool = False
+    tensorboard: bool = False
     out: str = "runs"
 
     def __post_init__(self):
         object.__setattr__(self, "loss", Loss(self.loss))
+        files = (self.task_files,) if isinstance(self.task_files, str) else self.task_files
+        object.__setattr__(self, "task_files", tuple(os.path.abspath(f) for f in files))
         for name in ("tasks", "methods", "ranks", "seeds"):
             value = getattr(self, name)
             if isinstance(value, str | int):
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
-            if not getattr(self, name):
+            if not getattr(self, name) and not (name == "tasks" and self.task_files):
                 raise ConfigError(f"ExperimentConfig.{name} must not be empty.")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
@@ -93,16 +120,25 @@ class ExperimentConfig:
             raise ConfigError(
                 f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied' or 'tied_mean'."
             )
+        if self.pooling not in ("auto", "pooler", "cls", "mean"):
+            raise ConfigError(
+                f"pooling={self.pooling!r}; expected 'auto', 'pooler', 'cls' or 'mean'."
+            )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r}; expected 'float32' or 'bfloat16'.")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}.")
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be >= 1, got {self.ranks}.")
         if self.members < 1:
             raise ConfigError(f"ExperimentConfig.members must be >= 1, got {self.members}.")
 
     def to_json(self) -> dict[str, Any]:
-        """The fields that define the results (``out`` excluded: a run may be moved; so are
-        ``vectorize`` and ``members``, which give the same results)."""
+        """The fields that define the results (``out`` excluded: a run may be moved; nor the
+        ``save_adapters`` / ``tensorboard`` outputs, which a resumed run may add, nor
+        ``vectorize`` / ``members``, which give the same results)."""
         fields = dataclasses.asdict(self)
-        for name in ("out", "vectorize", "members"):
+        for name in ("out", "save_adapters", "tensorboard", "vectorize", "members"):
             fields.pop(name)
         fields["loss"] = self.loss.value
         return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}

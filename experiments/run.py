@@ -4,7 +4,9 @@ With no arguments: the offline CPU default (embedded MiniLM-L6, MR and TREC, LoR
 against zero-shot and head-only baselines, 3 seeds). Every cell (task x method x rank x seed)
 appends one line to ``runs/<name>/results.jsonl``; ``report.md`` and ``plots/`` are rewritten
 from all lines at the end. Re-running skips finished cells, and a cell stopped mid-training
-resumes from its last orbax checkpoint.
+resumes from its last orbax checkpoint. ``--task-file my.json`` adds a task of your own data
+(``lora_jax.tasks.task_file``); ``--save-adapters`` and ``--tensorboard`` keep each cell's
+adapter and curves (``experiments.outputs``).
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments import ntk_analysis, report, vectorized
+from experiments import launch, ntk_analysis, outputs, report, vectorized
 from experiments.cli import add_dataclass_arguments
 from experiments.config import NAMED_CONFIGS, ExperimentConfig, get_config
 from experiments.workbench import Workbench
-from lora_jax import lora, tasks, train
+from lora_jax import distributed, lora, tasks, train
+from lora_jax import sharding as sh
 from lora_jax.errors import ConfigError, UserError, user_message
 from lora_jax.trainable import Method, make_model_fn, split_params
 
@@ -44,11 +47,14 @@ class Cell(NamedTuple):
         return f"{self.task}/{label}/seed{self.seed}"
 
 
-def cells(cfg: ExperimentConfig) -> list[Cell]:
-    """All cells, grouped so that cells sharing a compiled program run back to back."""
+def cells(cfg: ExperimentConfig, task_names: tuple[str, ...] | None = None) -> list[Cell]:
+    """All cells, grouped so that cells sharing a compiled program run back to back.
+
+    ``task_names`` default to ``cfg.tasks``; `run` passes those of the task files too.
+    """
     return [
         Cell(task, method, rank, seed)
-        for task in cfg.tasks
+        for task in (cfg.tasks if task_names is None else task_names)
         for method in cfg.methods
         for rank in (cfg.ranks if method == "lora" else (None,))
         for seed in cfg.seeds
@@ -56,17 +62,21 @@ def cells(cfg: ExperimentConfig) -> list[Cell]:
 
 
 def prepare_run_dir(cfg: ExperimentConfig) -> str:
-    """Creates ``out/name`` with ``config.json``; refuses a directory of another configuration."""
+    """Creates ``out/name`` with ``config.json``; refuses a directory of another configuration.
+
+    ``config.json`` also records the sha256 of each task file and its data.
+    """
     run_dir = os.path.join(cfg.out, cfg.name)
+    if not distributed.is_primary():  # process 0 checks and writes config.json
+        return run_dir
     path = os.path.join(run_dir, "config.json")
+    current = {**cfg.to_json(), **run_digests(cfg)}
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
         # A field missing from an older config.json ran with that field's default.
         saved = {**ExperimentConfig().to_json(), **saved}
-        diff = sorted(
-            k for k in set(saved) | set(cfg.to_json()) if saved.get(k) != cfg.to_json().get(k)
-        )
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if diff:
             raise ConfigError(
                 f"{run_dir} holds results of a different configuration (fields differ: "
@@ -75,13 +85,20 @@ def prepare_run_dir(cfg: ExperimentConfig) -> str:
     try:
         os.makedirs(run_dir, exist_ok=True)
         with open(path, "w") as f:
-            json.dump(cfg.to_json(), f, indent=2)
+            json.dump(current, f, indent=2)
     except OSError as err:
         raise ConfigError(
             f"cannot write the run directory {run_dir!r} ({err.strerror or err}). Fix: pass an "
             "--out (and --name) in a writable place."
         ) from err
     return run_dir
+
+
+def run_digests(cfg: ExperimentConfig) -> dict:
+    """``{"task_file_sha256": {path: digest}}`` for the task files of ``cfg`` ({} if none)."""
+    if not cfg.task_files:
+        return {}
+    return {"task_file_sha256": {p: tasks.task_file_digest(p) for p in cfg.task_files}}
 
 
 def train_config(cfg: ExperimentConfig, cell: Cell) -> train.TrainConfig:
@@ -92,6 +109,7 @@ def train_config(cfg: ExperimentConfig, cell: Cell) -> train.TrainConfig:
         learning_rate=lr,
         loss=cfg.loss,
         eval_every=cfg.eval_every,
+        grad_accum=cfg.grad_accum,
         dropout=cfg.dropout,
         seed=cell.seed,
     )
@@ -102,8 +120,13 @@ def lora_config(cfg: ExperimentConfig, rank: int) -> lora.LoraConfig:
     return lora.LoraConfig(r=rank, alpha=alpha, targets=cfg.targets, dropout=cfg.lora_dropout)
 
 
-def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) -> dict:
-    """Trains (unless zero-shot) and tests one cell; returns its results record."""
+def run_cell(
+    bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str, mesh=None, rules=None
+) -> dict:
+    """Trains (unless zero-shot) and tests one cell; returns its results record.
+
+    With a ``mesh`` (see :mod:`experiments.launch`) training and testing run on it.
+    """
     start = time.time()
     if cell.method == "head":
         output_fn, params, data = bench.cls_head_model(cell.task, cell.seed)
@@ -147,9 +170,19 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
         checkpoint_dir=ckpt_dir,
         metrics_path=metrics,
         progress=cell.key,
+        mesh=mesh,
+        rules=rules,
     )
+    test_data = data.test
+    if mesh is not None:
+        rules = sh.rules_for_mesh(mesh) if rules is None else rules
+        frozen = sh.place(frozen, sh.tree_shardings(frozen, mesh, rules))
+        test_data = sh.place_data(data.test, mesh, rules)
     test = train.evaluate(
-        train.programs(model_fn, tcfg).predict, result.best_trainable, frozen, data.test
+        train.programs(model_fn, tcfg, mesh=mesh, rules=rules).predict,
+        result.best_trainable,
+        frozen,
+        test_data,
     )
     if cfg.ntk and method == Method.LORA:
         record.update(
@@ -159,14 +192,33 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
                 params=params,
                 lora_config=lcfg,
                 adapters0=trainable,
-                adapters=result.best_trainable,
+                adapters=distributed.to_host(result.best_trainable),
                 data=data,
                 tcfg=tcfg,
                 model_fn_cache=bench.memo,
                 run_dir=run_dir,
             )
         )
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if cfg.save_adapters and method == Method.LORA:
+        info = {
+            **outputs.task_info(bench.task(cell.task), bench.word_style),
+            **record,
+            "model": cfg.model,
+            "base_model": str(bench.path),  # what from_pretrained / PEFT load it onto
+            "head": bench.prompt_head,
+            "readout": bench.readout.value,
+            "label_word_ids": [int(i) for i in bench.label_word_ids(cell.task)],
+            "max_length": cfg.max_length,
+            "best_step": result.best_step,
+            "dev_accuracy": result.best_dev_accuracy,
+            "test_accuracy": test["accuracy"],
+        }
+        best = distributed.to_host(result.best_trainable)  # collective: every process joins
+        if distributed.is_primary():
+            outputs.save_adapter(run_dir, cell.key, best, lcfg, info, base_model=str(bench.path))
+    distributed.barrier(f"done {cell.key}")
+    if distributed.is_primary():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     record.update(
         dev_accuracy=result.best_dev_accuracy,
         test_accuracy=test["accuracy"],
@@ -177,35 +229,52 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
     return record
 
 
-def run(cfg: ExperimentConfig, *, progress: bool = True) -> str:
-    """Runs every unfinished cell of ``cfg``, then writes the report; returns the run dir."""
-    for name in cfg.tasks:  # fail fast on an unknown task, before any directory is made
-        tasks.get_task(name)
+def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) -> str:
+    """Runs every unfinished cell of ``cfg``, then writes the report; returns the run dir.
+
+    With a ``mesh`` every cell trains on it. On several processes all of them run this with
+    the same arguments and ``cfg.out`` on a file system they share; only process 0 writes
+    ``config.json``, results, the report and plots.
+    """
+    # Fail fast on an unknown task or a bad task file, before any directory is made.
+    named = tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k)
+    if cfg.tensorboard:
+        outputs.summary_writer_class()  # a missing tensorboardX fails now, not after a cell
     run_dir = prepare_run_dir(cfg)
+    distributed.barrier("run dir")
     results_path = os.path.join(run_dir, "results.jsonl")
     report.drop_torn_tail(results_path)
     done = {
         Cell(r["task"], r["method"], r["rank"], r["seed"]).key
         for r in report.read_results(results_path)
     }
-    todo = [c for c in cells(cfg) if c.key not in done]
+    todo = [c for c in cells(cfg, tuple(named)) if c.key not in done]
     print(f"{run_dir}: {len(done)} cells done, {len(todo)} to run", file=sys.stderr)
     if todo:
-        bench = Workbench(cfg)
-        bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not progress)
-        for job in vectorized.plan_jobs(todo, cfg.members if cfg.vectorize else 0):
-            if cfg.vectorize and job[0].method == "lora":
+        bench = Workbench(cfg, named)
+        primary = distributed.is_primary()
+        members = vectorized.members_per_job(cfg, mesh)  # 0: one cell at a time
+        bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not (progress and primary))
+        for job in vectorized.plan_jobs(todo, members):
+            if members and job[0].method == "lora":
                 kw = dict(train_config=train_config, lora_config=lora_config)
                 records = vectorized.run_lora_job(bench, cfg, job, run_dir, **kw)
             else:
-                records = [run_cell(bench, cfg, cell, run_dir) for cell in job]
+                records = [run_cell(bench, cfg, cell, run_dir, mesh, rules) for cell in job]
+            bar.update(len(records))
+            if not primary:
+                continue
             with open(results_path, "a") as f:
                 for record in records:
                     f.write(json.dumps(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
-            bar.update(len(records))
+            if cfg.tensorboard:
+                for cell, record in zip(job, records, strict=True):
+                    outputs.write_tensorboard(run_dir, cell.key, record)
         bar.close()
+    if not distributed.is_primary():
+        return run_dir
     records = report.read_results(results_path)
     plots = report.plot_accuracy_vs_rank(run_dir, records)
     path = report.write_report(run_dir, cfg.to_json(), records, plots)
@@ -225,13 +294,24 @@ def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
     )
     parser.add_argument("--config", default="default", help=f"one of {sorted(NAMED_CONFIGS)}")
     add_dataclass_arguments(parser, ExperimentConfig)
+    launch.add_arguments(parser)
     args = vars(parser.parse_args(argv))
+    launch.pop_launch(args)  # read by parse_launch
     name = args.pop("config")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    if overrides["task_files"] and overrides["tasks"] is None:
+        overrides["tasks"] = ()  # only the task files, unless --tasks is given too
     try:
         return get_config(name, **overrides)
     except UserError as err:
         parser.error(user_message(err))
+
+
+def parse_launch(argv: list[str] | None = None) -> launch.Launch:
+    """The mesh and process flags of the command line (see :mod:`experiments.launch`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    launch.add_arguments(parser)
+    return launch.pop_launch(vars(parser.parse_known_args(argv)[0]))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -239,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     other exception is a bug and keeps its traceback."""
     cfg = parse_args(argv)
     try:
-        run(cfg)
+        mesh, rules = launch.start(parse_launch(argv))
+        run(cfg, mesh=mesh, rules=rules)
     except UserError as err:
         raise SystemExit(f"error: {user_message(err)}") from err
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from experiments import ntk_analysis
@@ -23,6 +25,33 @@ from experiments.config import ExperimentConfig
 from experiments.workbench import Workbench
 from lora_jax import sweep
 from lora_jax.trainable import Method, make_model_fn
+
+
+def members_per_job(cfg: ExperimentConfig, mesh: Any = None) -> int:
+    """The ``members`` cap of vectorized jobs for this run, or 0 (one cell at a time).
+
+    Vectorized jobs run on one device of one process and do not save adapters yet, so runs on
+    a mesh, on several processes or with ``save_adapters`` train one cell at a time (and say so).
+    """
+    if not cfg.vectorize:
+        return 0
+    reasons = [
+        why
+        for why, on in (
+            ("a mesh", mesh is not None),
+            ("several processes", jax.process_count() > 1),
+            ("--save-adapters", cfg.save_adapters),
+        )
+        if on
+    ]
+    if reasons:
+        print(
+            f"note: LoRA cells train one at a time (vectorized jobs do not support "
+            f"{' or '.join(reasons)} yet).",
+            file=sys.stderr,
+        )
+        return 0
+    return cfg.members
 
 
 def plan_jobs(cells: Sequence[Any], members: int) -> list[list[Any]]:

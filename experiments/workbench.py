@@ -6,6 +6,7 @@ per (task, method, rank), so the compiled training programs are reused across se
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -16,7 +17,8 @@ import jax.numpy as jnp
 from experiments.config import ExperimentConfig
 from lora_jax import models, tasks
 from lora_jax.models.pretrained import resolve
-from lora_jax.readout import Readout, make_cls_feature_fns, make_output_fn
+from lora_jax.pooling import Pooling, PoolingSpec, detect_pooling, make_pooled_feature_fns
+from lora_jax.readout import Readout, make_output_fn
 from lora_jax.rows import map_rows_fn
 
 PyTree = Any
@@ -38,8 +40,9 @@ def resolve_model(name: str) -> str:
 class Workbench:
     """Caches for one experiment (see the module docstring)."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, named_tasks: dict[str, tasks.Task] | None = None):
         self.cfg = cfg
+        self.named_tasks = named_tasks or {}  # e.g. from task files; others: tasks.get_task
         self.path = resolve_model(cfg.model)
         self.tokenizer = models.load_tokenizer(self.path)
         self._cache: dict[tuple, Any] = {}
@@ -56,14 +59,17 @@ class Workbench:
             readout = self.cfg.readout
             head = "mlm" if readout in ("auto", "mlm") else None
             try:
-                model = models.from_pretrained(self.path, head=head)
+                model = models.from_pretrained(self.path, head=head, dtype=self.cfg.dtype)
             except models.CheckpointError:
                 if readout == "mlm":
                     raise
                 # No MLM head in the checkpoint (e.g. MiniLM): read label words out through the
                 # tied word embeddings instead. Any other problem is raised again here.
-                model, readout = models.from_pretrained(self.path, head=None), "tied_mean"
+                model = models.from_pretrained(self.path, head=None, dtype=self.cfg.dtype)
+                readout = "tied_mean"
             apply_fn, params = models.split(model)
+            if self.cfg.remat:
+                apply_fn = functools.partial(apply_fn, remat=True)
             return apply_fn, params, Readout("mlm" if readout == "auto" else readout)
 
         return self.memo(("prompt_encoder",), build)
@@ -76,30 +82,60 @@ class Workbench:
 
         return self.memo(("model_type",), build)
 
+    @property
+    def pooling(self) -> PoolingSpec:
+        """The head-only baseline's features: ``cfg.pooling``, or detected for ``auto``."""
+
+        def build():
+            if self.cfg.pooling == "auto":
+                return detect_pooling(resolve(self.path))
+            return PoolingSpec(Pooling(self.cfg.pooling))
+
+        return self.memo(("pooling",), build)
+
+    @property
+    def readout(self) -> Readout:
+        """The readout prompt models use (``auto`` resolved for this checkpoint)."""
+        return self._prompt_encoder()[2]
+
+    @property
+    def prompt_head(self) -> str | None:
+        """The ``from_pretrained`` head of prompt models: ``'mlm'`` or None (tied readouts)."""
+        return "mlm" if self.readout == Readout.MLM else None
+
+    def label_word_ids(self, task: str) -> list[int]:
+        """The K vocabulary ids of ``task``'s label words."""
+        return self.memo(
+            ("label_word_ids", task),
+            lambda: tasks.label_word_ids(self.tokenizer, self.task(task), self.word_style),
+        )
+
     def prompt_model(self, task: str) -> tuple[Callable, PyTree]:
         """``(output_fn, params)`` of prompt-based classification for ``task``."""
         apply_fn, params, readout = self._prompt_encoder()
 
         def build():
-            ids = tasks.label_word_ids(self.tokenizer, self.task(task), self.word_style)
-            return make_output_fn(apply_fn, readout, ids)
+            return make_output_fn(apply_fn, readout, self.label_word_ids(task))
 
         return self.memo(("prompt", task), build), params
 
     def cls_head_model(self, task: str, seed: int) -> tuple[Callable, PyTree, TaskData]:
         """``(output_fn, params, data)`` for training only a new classification head.
 
-        The head (initialized from ``seed``) is trained on the frozen encoder's ``<s>`` /
-        ``[CLS]`` features, computed once (``make_cls_feature_fns``): the same outputs as
-        running the encoder every step, as no dropout runs. ``data`` holds ``features`` [N, H]
+        The head (initialized from ``seed``) is trained on the frozen encoder's features,
+        pooled as the checkpoint was trained (:attr:`pooling`) and computed once
+        (``lora_jax.pooling.make_pooled_feature_fns``): the same outputs as running the encoder
+        every step, as the encoder runs no dropout. ``data`` holds ``features`` [N, H]
         and ``labels``; the test split's features are the same for every seed and computed once.
         """
         num_labels = self.task(task).num_labels
-        model = models.from_pretrained(self.path, head="cls", num_labels=num_labels, seed=seed)
+        model = models.from_pretrained(
+            self.path, head="cls", num_labels=num_labels, seed=seed, dtype=self.cfg.dtype
+        )
         _, params = models.split(model)
         # One program per task, reused across seeds (the seed only changes the head's weights).
         feature_fn, output_fn = self.memo(
-            ("cls_fns", task), lambda: make_cls_feature_fns(model.config)
+            ("cls_fns", task), lambda: make_pooled_feature_fns(model.config, self.pooling)
         )
         features = self.memo(("cls_features", task), lambda: map_rows_fn(feature_fn, 64))
 
@@ -123,7 +159,7 @@ class Workbench:
         return tasks.word_style_for(self.model_type)
 
     def task(self, name: str) -> tasks.Task:
-        return self.memo(("task", name), lambda: tasks.get_task(name))
+        return self.named_tasks.get(name) or self.memo(("task", name), lambda: tasks.get_task(name))
 
     def data(self, task: str, seed: int, mode: str) -> TaskData:
         """Encoded k-shot train/dev (sampled with ``seed``) and the capped test set."""

@@ -52,11 +52,13 @@ def _batch(n, seed, types, t=7):
     return batch
 
 
-@pytest.mark.parametrize(("model_type", "readout"), [("bert", "tied"), ("roberta", "tied_mean")])
+@pytest.mark.parametrize(
+    ("model_type", "readout", "vmap_axes"), [("bert", "tied", 0), ("roberta", "tied_mean", None)]
+)
 def test_all_weights_kernel_with_compacted_tables_equals_dense_jjt(
-    monkeypatch, model_type, readout
+    monkeypatch, model_type, readout, vmap_axes
 ):
-    monkeypatch.setattr(compact, "ROW_BUCKET", 8)  # compact a 48-row table to 24 or 32 rows
+    monkeypatch.setattr(compact, "ROW_BUCKET", 32)  # the 48-row word table cut to 32 rows
     with jax.enable_x64():
         output_fn, params = _encoder(model_type, jnp.float64, readout)
         f, params = ntk.model_fn(output_fn, params, "all")
@@ -65,20 +67,23 @@ def test_all_weights_kernel_with_compacted_tables_equals_dense_jjt(
         tables = compact.compactable_tables(f, params)
         assert any("word_embeddings" in p for p in tables)
         assert any("position_embeddings" in p for p in tables)
-        small, (b1, _) = compact.compact_block(f, params, [x1, x2], tables)
+        small, _ = compact.compact_block(f, params, [x1, x2], tables)
         word = [p for p in tables if "word" in p][0].split(".")
         node = small
         for key in word:
             node = node[key]
-        assert node.shape[0] < V  # really compacted
+        assert node.shape[0] == 32  # really compacted (V = 48)
+        ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=vmap_axes, batch_size=(2, 3))
+        got = ntk_fn(x1, x2, params)  # 2 x 2 blocks, the last ones padded
+        assert got.shape == (3, 5, 2, 2) and got.dtype == np.float64
         dense = _testing.hand_ntk(f, params, x1, x2)  # jacrev over the full [V, H] tables
-        for vmap_axes in (0, None):
-            ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=vmap_axes, batch_size=2)
-            got = ntk_fn(x1, x2, params)  # 2 x 3 blocks, the last ones padded
-            assert got.shape == (3, 5, 2, 2) and got.dtype == np.float64
-            np.testing.assert_allclose(got, dense, rtol=1e-10, atol=1e-10)
-        sym = ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, batch_size=2)(x2, None, params)
-        np.testing.assert_allclose(sym, _testing.hand_ntk(f, params, x2), rtol=1e-10, atol=1e-10)
+        np.testing.assert_allclose(got, dense, rtol=1e-10, atol=1e-10)
+        if vmap_axes == 0:  # symmetric: the upper triangle of 2 x 2 row blocks, mirrored
+            sym = ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, batch_size=3)(
+                x2, None, params
+            )
+            dense = _testing.hand_ntk(f, params, x2)
+            np.testing.assert_allclose(sym, dense, rtol=1e-10, atol=1e-10)
 
 
 def test_undeclared_embedding_rows_are_caught(monkeypatch):
@@ -128,7 +133,8 @@ def test_refused_block_names_an_alternative_that_fits():
     opts = kernel_lib.kernel_options((), (), 0, 1, 2, None)
     p, (xc,) = compact.compact_block(f, params, [x], compact.compactable_tables(f, params))
     fn = compact.compact_fn(f, compact.compactable_tables(f, params))
-    jc = kernel_lib.block_program(fn, ("id", id(fn)), opts.implementation, opts, xc, None, p)
+    key = (*kernel_lib._program_fn_key(f), compact.compactable_tables(f, params))
+    jc = kernel_lib.block_program(fn, key, opts.implementation, opts, xc, None, p)
     limit = ntk.kernel.required_bytes(jc) + 1  # JACOBIAN_CONTRACTION just fits
     structured = ntk.empirical_ntk_fn(
         f,

@@ -23,6 +23,7 @@ from lora_jax.models.encoder import (
 from lora_jax.models.layers import dense, embed
 from lora_jax.models.pretrained import (
     from_pretrained,
+    load_peft_model,
     load_tokenizer,
     minilm_path,
     read_torch_bin,
@@ -39,6 +40,7 @@ __all__ = [
     "embed",
     "forward",
     "from_pretrained",
+    "load_peft_model",
     "load_tokenizer",
     "logical_axes",
     "minilm_path",

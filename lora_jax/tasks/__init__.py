@@ -28,6 +28,12 @@ from lora_jax.tasks.task import (
     word_style_for,
     word_style_for_tokenizer,
 )
+from lora_jax.tasks.task_file import (
+    TaskFileError,
+    load_task_file,
+    resolve_tasks,
+    task_file_digest,
+)
 
 __all__ = [
     "OFFLINE_TASKS",
@@ -39,6 +45,7 @@ __all__ = [
     "HubUnavailableError",
     "Task",
     "TaskData",
+    "TaskFileError",
     "UnknownTaskError",
     "WordStyle",
     "csv_task",
@@ -48,7 +55,10 @@ __all__ = [
     "jsonl_task",
     "label_word_ids",
     "list_tasks",
+    "load_task_file",
+    "resolve_tasks",
     "sample_k_shot",
+    "task_file_digest",
     "truncated_lengths",
     "word_style_for",
     "word_style_for_tokenizer",

@@ -1,0 +1,35 @@
+"""The benchmarks' PyTorch interpreter comes from --torch-python or the environment."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import torch_python  # noqa: E402
+
+
+def test_missing_interpreter_says_how_to_give_it():
+    with pytest.raises(SystemExit, match="--torch-python PATH or set LORA_JAX_TORCH_PYTHON"):
+        torch_python.resolve(None)
+    with pytest.raises(SystemExit, match="no such executable"):
+        torch_python.resolve("/nonexistent/python")
+    with pytest.raises(SystemExit, match="cannot import no_such_module_x"):
+        torch_python.resolve(sys.executable, "no_such_module_x")
+    assert torch_python.resolve(sys.executable, "json") == sys.executable
+
+
+@pytest.mark.parametrize("script", ["bench_lora_step.py", "bench_ntk.py"])
+def test_benchmarks_take_the_interpreter_from_the_option_or_env(script):
+    env = {k: v for k, v in os.environ.items() if k != torch_python.ENV}
+    cmd = [sys.executable, str(BENCH / script), "--compare"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode != 0
+    assert "--torch-python PATH or set LORA_JAX_TORCH_PYTHON" in proc.stderr
+    env[torch_python.ENV] = "/nonexistent/python"  # the environment variable is read
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert "--torch-python /nonexistent/python: no such executable" in proc.stderr
+    assert "/work/" not in (BENCH / script).read_text()  # no hard-coded interpreter
