@@ -60,6 +60,7 @@ import optax
 from tqdm.auto import tqdm
 
 from lora_jax import checkpoint, lora, train
+from lora_jax import sharding as sharding_lib
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
 
@@ -383,6 +384,17 @@ def _stack_data(
     return stack([{k: jnp.asarray(v) for k, v in d.items()} for d in datas])
 
 
+def _along_members(tree: PyTree, mesh: sharding_lib.Mesh, table: sharding_lib.Rules) -> PyTree:
+    """Every leaf ``[n, ...]`` of ``tree`` split over the mesh on its leading (member) axis."""
+
+    def one(x):
+        axes = ("adapter",) + (None,) * (np.ndim(x) - 1)
+        spec = sharding_lib.spec(axes, np.shape(x), mesh, table, where="sweep members")
+        return jax.device_put(x, sharding_lib.NamedSharding(mesh, spec))
+
+    return jax.tree.map(one, tree)
+
+
 def _select(pick: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     """Per member: ``new`` where ``pick`` [n] is True, else ``old`` (leaves ``[n, ...]``)."""
     return jax.tree.map(
@@ -405,6 +417,8 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     metrics_paths: Sequence[str | os.PathLike] | None = None,
     progress: bool | str = True,
+    mesh: sharding_lib.Mesh | None = None,
+    rules: sharding_lib.Rules | None = None,
 ) -> list[train.FitResult]:
     """Trains all members for ``cfg.steps`` as one job; per member what :func:`train.fit` gives.
 
@@ -428,6 +442,11 @@ def fit(
       checkpoint_dir: where to save / resume; None disables checkpoints.
       metrics_paths: one JSONL file per member to append its evaluation records to.
       progress: show a tqdm bar over members x steps (a string is used as its description).
+      mesh: lay the members along a mesh axis: every stacked array (state, data, member
+        inputs) is split on its leading member axis by the ``adapter`` rule of ``rules``
+        (default ``sharding.rules("adapter")``: over ``data``), the base is replicated, and XLA
+        partitions the vectorized program accordingly. One process.
+      rules: the rule table for ``mesh``.
 
     Returns:
       One :class:`lora_jax.train.FitResult` per member.
@@ -451,6 +470,14 @@ def fit(
         restored = checkpoint.restore(checkpoint_dir, {"state": state, "best": best})
         if restored is not None:
             state, best, log = restored.tree["state"], restored.tree["best"], restored.meta
+    if mesh is not None:
+        table = sharding_lib.rules("adapter") if rules is None else rules
+        state, best, train_stacked, dev_stacked, member_inputs = (
+            _along_members(t, mesh, table)
+            for t in (state, best, train_stacked, dev_stacked, member_inputs)
+        )
+        frozen = jax.device_put(frozen, sharding_lib.replicated(mesh))
+        args = frozen if member_inputs is None else (frozen, member_inputs)
 
     start = int(state.step[0])
     bar = tqdm(

@@ -211,3 +211,27 @@ def test_member_data_smaller_than_batch_is_a_clear_error(tiny):
         )
     with pytest.raises(ValueError, match="member 1 differs from member 0 in .'targets'."):
         sweep.plan_lora(params, [MEMBERS[0]["cfg"], lora.LoraConfig(r=2, targets="query")])
+
+
+def test_members_along_an_adapter_mesh_axis_equal_one_device():
+    """4 members split over a data=4 mesh (simulated CPU devices) train as on one device."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    script = os.path.join(os.path.dirname(__file__), "_sweep_mesh_run.py")
+    proc = subprocess.run(
+        [sys.executable, script], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["spec"].startswith("PartitionSpec('data'") and out["devices"] == 4
+    assert out["mesh"]["best_step"] == out["one"]["best_step"]
+    np.testing.assert_allclose(out["mesh"]["losses"], out["one"]["losses"], rtol=1e-5)
+    np.testing.assert_allclose(out["mesh"]["b"], out["one"]["b"], rtol=1e-4, atol=1e-6)
