@@ -11,6 +11,7 @@ Subpackages and modules, each one idea:
 - :mod:`lora_jax.rows`: evaluating a function over N rows in fixed, padded blocks.
 - :mod:`lora_jax.train`: the optax training loop (with :mod:`lora_jax.losses` and
   :mod:`lora_jax.checkpoint`).
+- :mod:`lora_jax.sweep`: many runs (a rank x seed sweep) on one frozen base as one job.
 - :mod:`lora_jax.params`: dotted paths over parameter pytrees.
 """
 
@@ -22,6 +23,7 @@ from lora_jax import (
     params,
     readout,
     rows,
+    sweep,
     tasks,
     train,
     trainable,
@@ -50,6 +52,7 @@ __all__ = [
     "models",
     "params",
     "split",
+    "sweep",
     "readout",
     "rows",
     "tasks",
