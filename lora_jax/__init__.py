@@ -11,7 +11,10 @@ Subpackages and modules, each one idea:
 - :mod:`lora_jax.rows`: evaluating a function over N rows in fixed, padded blocks.
 - :mod:`lora_jax.train`: the optax training loop (with :mod:`lora_jax.losses` and
   :mod:`lora_jax.checkpoint`).
+- :mod:`lora_jax.pooling`: sentence features for a head-only baseline, pooled as the
+  checkpoint was trained.
 - :mod:`lora_jax.params`: dotted paths over parameter pytrees.
+- :mod:`lora_jax.errors`: the error types for bad user input (one line on the command line).
 """
 
 from lora_jax import (
