@@ -3,7 +3,8 @@
 Subpackages and modules, each one idea:
 
 - :mod:`lora_jax.models`: own Flax NNX RoBERTa / BERT / ELECTRA / DeBERTa-v2 encoders that load
-  and save Hugging Face checkpoints; ``split(model) -> (apply_fn, params)`` with params as HF-named nested dicts.
+  and save Hugging Face checkpoints; ``split(model) -> (apply_fn, params)`` with params as
+  HF-named nested dicts.
 - :mod:`lora_jax.lora`: LoRA as a pure transform of parameter pytrees (PEFT semantics and files).
 - :mod:`lora_jax.tasks`: few-shot prompt-based tasks (templates, label words, k-shot sampling).
 - :mod:`lora_jax.readout`: how the K outputs of a task are read from an encoder.
