@@ -2,7 +2,7 @@
 
 Each side runs in its own interpreter, since torch is not a project dependency:
 
-    uv run python benchmarks/bench_forward.py --compare          # both sides + the ratio
+    uv run python benchmarks/bench_forward.py --compare --torch-python PATH   # both + ratio
     uv run python benchmarks/bench_forward.py --impl jax --path DIR
     /path/to/torch-venv/bin/python benchmarks/bench_forward.py --impl torch --path DIR
 
@@ -10,8 +10,8 @@ Each side runs in its own interpreter, since torch is not a project dependency:
 RoBERTa-base or DeBERTa-v3-base shape written by ``lora_jax.models.save_pretrained``), then runs
 both sides with the
 same thread count, batch and padding, and prints ms/iter (median after warm-up) and the ratio.
-The torch interpreter comes from ``--torch-python`` (default: ``$LORA_JAX_TORCH_PYTHON``, else
-/work/torchenv/bin/python).
+The torch interpreter comes from ``--torch-python`` (default: ``$LORA_JAX_TORCH_PYTHON``;
+see ``benchmarks/torch_python.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch_python  # benchmarks/torch_python.py, next to this script
 
 
 def make_batch(vocab: int, batch: int, seq: int, pad_id: int, seed: int = 0):
@@ -137,9 +139,7 @@ def _prepare(model: str, tmp: str) -> str:
 
 
 def compare(args) -> None:
-    torch_python = args.torch_python or os.environ.get(
-        "LORA_JAX_TORCH_PYTHON", "/work/torchenv/bin/python"
-    )
+    torch_py = torch_python.resolve(args.torch_python, "torch, transformers")
     common = ["--batch", str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters)]
     common += ["--warmup", str(args.warmup), "--threads", str(args.threads), "--json"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +147,7 @@ def compare(args) -> None:
         results: dict[str, dict] = {}
         # Alternate the sides over several rounds, so that load on a shared machine hits both.
         for _ in range(args.rounds):
-            for impl, python in (("jax", sys.executable), ("torch", torch_python)):
+            for impl, python in (("jax", sys.executable), ("torch", torch_py)):
                 cmd = [python, __file__, "--impl", impl, "--path", path, *common]
                 out = subprocess.run(
                     cmd, check=True, capture_output=True, text=True, env=_env(args)
@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--torch-python", help="interpreter with torch + transformers")
+    torch_python.add_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line (for --compare)")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > args.threads:

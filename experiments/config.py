@@ -57,6 +57,10 @@ class ExperimentConfig:
       lora_dropout: PEFT's ``lora_dropout`` rate on the LoRA input (with ``dropout``).
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
+      vectorize: train the LoRA cells of a task (ranks x seeds) as one vectorized job
+        (``lora_jax.sweep``) instead of one after another; same records. Runs on a mesh, on
+        several processes or with ``save_adapters`` train one cell at a time for now.
+      members: at most this many LoRA cells per vectorized job (bounds its memory).
       save_adapters: save each LoRA cell's best-dev adapter in PEFT format under
         ``adapters/<cell>/`` with the task's label words and template (``task.json``).
       tensorboard: write each cell's per-evaluation metrics as TensorBoard event files under
@@ -92,6 +96,8 @@ class ExperimentConfig:
     dropout: bool = False
     lora_dropout: float = 0.0
     ntk: bool = False
+    vectorize: bool = True
+    members: int = 16
     save_adapters: bool = False
     tensorboard: bool = False
     out: str = "runs"
@@ -124,12 +130,15 @@ class ExperimentConfig:
             raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}.")
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be >= 1, got {self.ranks}.")
+        if self.members < 1:
+            raise ConfigError(f"ExperimentConfig.members must be >= 1, got {self.members}.")
 
     def to_json(self) -> dict[str, Any]:
         """The fields that define the results (``out`` excluded: a run may be moved; nor the
-        ``save_adapters`` / ``tensorboard`` outputs, which a resumed run may add)."""
+        ``save_adapters`` / ``tensorboard`` outputs, which a resumed run may add, nor
+        ``vectorize`` / ``members``, which give the same results)."""
         fields = dataclasses.asdict(self)
-        for name in ("out", "save_adapters", "tensorboard"):
+        for name in ("out", "save_adapters", "tensorboard", "vectorize", "members"):
             fields.pop(name)
         fields["loss"] = self.loss.value
         return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}

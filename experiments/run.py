@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments import launch, ntk_analysis, outputs, report
+from experiments import launch, ntk_analysis, outputs, report, vectorized
 from experiments.cli import add_dataclass_arguments
 from experiments.config import NAMED_CONFIGS, ExperimentConfig, get_config
 from experiments.workbench import Workbench
@@ -253,16 +253,26 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) 
     if todo:
         bench = Workbench(cfg, named)
         primary = distributed.is_primary()
-        for cell in tqdm(todo, desc=cfg.name, unit="cell", disable=not (progress and primary)):
-            record = run_cell(bench, cfg, cell, run_dir, mesh, rules)
+        members = vectorized.members_per_job(cfg, mesh)  # 0: one cell at a time
+        bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not (progress and primary))
+        for job in vectorized.plan_jobs(todo, members):
+            if members and job[0].method == "lora":
+                kw = dict(train_config=train_config, lora_config=lora_config)
+                records = vectorized.run_lora_job(bench, cfg, job, run_dir, **kw)
+            else:
+                records = [run_cell(bench, cfg, cell, run_dir, mesh, rules) for cell in job]
+            bar.update(len(records))
             if not primary:
                 continue
             with open(results_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                for record in records:
+                    f.write(json.dumps(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             if cfg.tensorboard:
-                outputs.write_tensorboard(run_dir, cell.key, record)
+                for cell, record in zip(job, records, strict=True):
+                    outputs.write_tensorboard(run_dir, cell.key, record)
+        bar.close()
     if not distributed.is_primary():
         return run_dir
     records = report.read_results(results_path)
