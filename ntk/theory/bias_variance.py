@@ -1,0 +1,240 @@
+"""Bias and variance of the linearized LoRA model over rank: a fit term and a Rademacher term.
+
+The class at rank r and per-matrix Frobenius budget B_l is
+
+    F_{r,B} = { x -> f0(x) + sum_l <J_l(x), dW_l> :  rank dW_l <= r,  ||dW_l||_F <= B_l }
+
+* **fit (bias)**: ``fit(r) = min_{F_{r,B}} (1/N) sum_n loss(f(x_n), y_n)``, the training-loss
+  floor at rank r (:func:`fit_curve`: Adam on the LoRA factors with the update mapped
+  radially into the ball, every rank in one program). It can only fall with r.
+* **complexity (variance)**: the empirical Rademacher complexity of output k is exactly
+
+      R_k(r) = E_sigma sup_{F_{r,B}} (1/N) sum_n sigma_n f_k(x_n)
+             = sum_l B_l E_sigma || Z_{l,k} ||_(2,r),     Z_{l,k} = (1/N) sum_n sigma_n J_l[n, k]
+
+  where ``||Z||_(2,r) = sqrt(sum of the r largest squared singular values)`` (the supremum of
+  ``<Z, X>`` over rank <= r, ``||X||_F <= B`` is ``B ||Z||_(2,r)``; it is at most
+  ``sqrt(r) B ||Z||_op``: the sqrt(r) growth). :func:`rademacher_curve` estimates it by Monte
+  Carlo over sigma (or exactly, enumerating all sign vectors, for small N).
+
+The bound (Maurer's vector-contraction inequality, arXiv:1605.00251, 2016, with the standard
+symmetrization bound of Bartlett & Mendelson, JMLR 2002): for a loss with values in [0, c]
+that is G-Lipschitz in the K outputs (Euclidean norm), with probability >= 1 - delta over N
+training examples, every f in F_{r,B} has
+
+    test loss <= train loss + 2 sqrt(2) G sum_k R_k(r) + 3 c sqrt(log(2 / delta) / (2 N)).
+
+Here: softmax cross-entropy clipped at c = 1 nat, ``G = sqrt(2)`` (its gradient in the logits,
+``softmax - onehot``, has norm <= sqrt(2)), delta = 0.05; the training term is the unclipped
+cross-entropy floor (an upper bound of the clipped one). :data:`LIPSCHITZ` and
+:func:`complexity_term` hold these constants. Caveat: B chosen from the same training data
+makes the bound heuristic (a union bound over a grid of B would add a log term).
+
+Default budget (:func:`min_norm_budgets`): the per-matrix norms of the minimum-Frobenius-norm
+update that fits the one-hot targets exactly (kernel regression with the eNTK of the adapted
+kernels), i.e. what an exact fit needs.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lora_jax.losses import get_loss
+from ntk.theory.sensing import SensingProblem, gram
+
+__all__ = [
+    "CONFIDENCE_DELTA",
+    "LIPSCHITZ",
+    "LOSS_BOUND",
+    "BiasVariance",
+    "bias_variance",
+    "complexity_term",
+    "confidence_term",
+    "fit_curve",
+    "ky_fan_2",
+    "min_norm_budgets",
+    "rademacher_curve",
+]
+
+#: Euclidean Lipschitz constant of softmax cross-entropy in the logits.
+LIPSCHITZ = float(np.sqrt(2.0))
+#: Clipping level c of the loss (nats) in the confidence term.
+LOSS_BOUND = 1.0
+#: delta of the high-probability bound.
+CONFIDENCE_DELTA = 0.05
+
+
+def ky_fan_2(z: np.ndarray, ranks: list[int] | tuple[int, ...]) -> np.ndarray:
+    """``sqrt(sum_{i <= r} s_i(z)^2)`` for every r in ``ranks``: [..., len(ranks)]."""
+    s = np.linalg.svd(np.asarray(z, np.float64), compute_uv=False)  # (..., min(m, n))
+    cum = np.cumsum(s * s, axis=-1)
+    idx = np.minimum(np.asarray(ranks) - 1, s.shape[-1] - 1)
+    return np.sqrt(cum[..., idx])
+
+
+def min_norm_budgets(problem: SensingProblem, labels: np.ndarray, *, ridge: float = 1e-8) -> dict:
+    """Per-matrix ``||dW_l||_F`` of the minimum-norm update fitting ``onehot(labels) - f0``.
+
+    ``dW_l = sum_i c_i J_l[i]`` with ``c = (G + ridge tr(G)/NK I)^-1 (y - f0)``, G = :func:`gram`.
+    """
+    f0 = np.asarray(problem.f0, np.float64)
+    n, k = f0.shape
+    res = (np.eye(k)[np.asarray(labels)] - f0).reshape(-1)
+    g = gram(problem)
+    c = np.linalg.solve(g + ridge * np.trace(g) / g.shape[0] * np.eye(g.shape[0]), res)
+    out = {}
+    for path, j in problem.jac.items():
+        flat = np.asarray(j, np.float64).reshape(n * k, -1)
+        out[path] = float(np.linalg.norm(c @ flat))
+    return out
+
+
+def rademacher_curve(
+    problem: SensingProblem,
+    ranks: list[int] | tuple[int, ...],
+    budgets: dict,
+    *,
+    draws: int = 32,
+    seed: int = 0,
+    exact: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``sum_k R_k(r)`` for each rank, and its Monte-Carlo standard error ([len(ranks)] each).
+
+    Args:
+      problem: the sensing problem (``J_l`` [N, K, m, n]).
+      ranks: ranks r.
+      budgets: path -> B_l.
+      draws: Monte-Carlo sign vectors (ignored with ``exact``).
+      seed: seed of the sign vectors.
+      exact: average over all 2^N sign vectors (N <= 16).
+    """
+    n = problem.f0.shape[0]
+    if exact:
+        if n > 16:
+            raise ValueError(f"exact=True enumerates 2^N sign vectors; N={n} is too many (<= 16).")
+        signs = np.array(list(itertools.product((-1.0, 1.0), repeat=n)))
+    else:
+        signs = np.random.default_rng(seed).choice((-1.0, 1.0), size=(draws, n))
+    total = np.zeros((signs.shape[0], len(ranks)))
+    for path, j in problem.jac.items():
+        j = np.asarray(j, np.float64)  # (N, K, m, n)
+        z = np.einsum("dn,nkab->dkab", signs, j) / n  # (draws, K, m, n)
+        total += budgets[path] * ky_fan_2(z, ranks).sum(axis=1)  # sum over k
+    se = total.std(axis=0, ddof=1) / np.sqrt(len(total)) if not exact else np.zeros(len(ranks))
+    return total.mean(axis=0), se
+
+
+def complexity_term(rademacher: np.ndarray) -> np.ndarray:
+    """``2 sqrt(2) G sum_k R_k`` (Maurer's contraction, G = :data:`LIPSCHITZ`)."""
+    return 2.0 * np.sqrt(2.0) * LIPSCHITZ * np.asarray(rademacher)
+
+
+def confidence_term(n: int) -> float:
+    """``3 c sqrt(log(2 / delta) / (2 N))``: rank-independent."""
+    return 3.0 * LOSS_BOUND * float(np.sqrt(np.log(2.0 / CONFIDENCE_DELTA) / (2.0 * n)))
+
+
+@functools.partial(jax.jit, static_argnames=("loss", "steps", "r_max"))
+def _fit(jac, scale, f0, labels, budgets, a0, mask, *, loss, steps, r_max, lr):
+    loss_fn = get_loss(loss)
+    opt = optax.adam(lr)
+
+    def deltas(params):
+        # (R, m, n) per path: scale * (A * mask) @ B for each rank member, radially mapped into
+        # the ball ||dW||_F <= B_l (the identity inside it): an unconstrained parametrization
+        # of {rank <= r} intersected with the ball.
+        out = {}
+        for p in jac:
+            a = params[p]["a"] * mask[:, None, :]
+            raw = scale[p] * jnp.einsum("qmr,qrn->qmn", a, params[p]["b"])
+            norm = jnp.sqrt(jnp.sum(raw * raw, axis=(1, 2)) + 1e-30)  # (R,)
+            out[p] = raw * jnp.minimum(1.0, budgets[p] / norm)[:, None, None]
+        return out
+
+    def member_losses(params):
+        out = f0[None]
+        for p, d in deltas(params).items():
+            out = out + jnp.einsum("nkab,qab->qnk", jac[p], d)  # one pass over J, all ranks
+        return jax.vmap(loss_fn, in_axes=(0, None))(out, labels)  # (R,)
+
+    def total(params):
+        values = member_losses(params)
+        return values.sum(), values
+
+    params = {
+        p: {"a": a0[p], "b": jnp.zeros((a0[p].shape[0], r_max, jac[p].shape[3]))} for p in jac
+    }
+    state = opt.init(params)
+
+    def step(carry, _):
+        params, state, best = carry
+        (_, values), grads = jax.value_and_grad(total, has_aux=True)(params)
+        updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, state, jnp.minimum(best, values)), None
+
+    best0 = jnp.full(mask.shape[0], jnp.inf)
+    (params, _, best), _ = jax.lax.scan(step, (params, state, best0), None, length=steps)
+    return jnp.minimum(best, member_losses(params))
+
+
+def fit_curve(
+    problem: SensingProblem,
+    labels: np.ndarray,
+    ranks: list[int] | tuple[int, ...],
+    budgets: dict,
+    *,
+    loss: str = "ce",
+    steps: int = 500,
+    lr: float = 1e-2,
+    seed: int = 0,
+) -> np.ndarray:
+    """Training-loss floor at each rank within the Frobenius budgets: [len(ranks)].
+
+    Adam on ``(A, B)`` from ``A`` Gaussian (std 1/sqrt(m)), ``B = 0`` (the update starts at 0),
+    with ``dW = scale A B min(1, B_l / ||scale A B||_F)``; all ranks are members of one program
+    (ranks padded to the largest with a mask: padded columns get zero gradients). The floor is
+    the smallest loss seen along the run.
+    """
+    ranks = list(ranks)
+    r_max = max(ranks)
+    mask = jnp.asarray(np.arange(r_max)[None, :] < np.asarray(ranks)[:, None], jnp.float32)
+    key = jax.random.key(seed)
+    a0 = {}
+    for i, (p, j) in enumerate(problem.jac.items()):
+        m = j.shape[2]
+        a0[p] = jax.random.normal(jax.random.fold_in(key, i), (len(ranks), m, r_max)) / np.sqrt(m)
+    jac = dict(problem.jac)
+    scale = {p: float(problem.scale[p]) for p in jac}
+    b = {p: jnp.asarray(budgets[p], jnp.float32) for p in jac}
+    out = _fit(
+        jac, scale, problem.f0, jnp.asarray(labels), b, a0, mask,
+        loss=loss, steps=steps, r_max=r_max, lr=lr,
+    )  # fmt: skip
+    return np.asarray(out, np.float64)
+
+
+class BiasVariance(NamedTuple):
+    """Both terms over rank and the rank where their sum is smallest."""
+
+    ranks: np.ndarray  # shape=(R,)
+    fit: np.ndarray  # shape=(R,): training-loss floor (bias)
+    complexity: np.ndarray  # shape=(R,): 2 sqrt(2) G sum_k R_k(r) (variance)
+    total: np.ndarray  # fit + complexity (+ the rank-independent confidence term, not added)
+    best_rank: int
+
+
+def bias_variance(ranks, fit: np.ndarray, complexity: np.ndarray) -> BiasVariance:
+    """Sum and argmin (the smallest rank among ties)."""
+    ranks = np.asarray(ranks)
+    total = np.asarray(fit) + np.asarray(complexity)
+    return BiasVariance(
+        ranks, np.asarray(fit), np.asarray(complexity), total, int(ranks[np.argmin(total)])
+    )

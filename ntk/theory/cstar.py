@@ -1,0 +1,347 @@
+"""The constant C* of the manifold rank condition, estimated by simulation.
+
+The linearized LoRA model fits KN numbers ``y_i = <A_i, dW>`` with ``dW = U V^T`` of rank r
+(U: m x r, V: n x r). With Gaussian-iid measurement matrices A_i (m x n) this is random
+low-rank matrix sensing. For each draw (A, y, init) a solver minimizes
+
+    L(U, V) = 1/2 sum_i (<A_i, U V^T> - y_i)^2
+
+and the draw *succeeds* when ``L_end / L_start <= tol``. Success is recorded as a function of
+
+    rho = (r (m + n) - r^2) / KN          (manifold dimension per constraint)
+
+and the transition rho_50 (50% success) is C*: the manifold condition reads ``rho > C*``.
+
+Capacity and optimization are told apart by the solver: the measurements ``y`` are generic
+(Gaussian, *not* planted), so no rank-r solution exists below rho = 1 (a d-dimensional image
+cannot cover R^KN), and a generic solution exists once ``r max(m, n) >= KN`` (fix V generic:
+the problem is linear in U with r m unknowns), i.e. at rho >= (r (m + n) - r^2) / (r max(m, n))
+(< 2). The true capacity constant lies between; what a solver reports on top of it is an
+optimization effect, which shrinks as the solver gets stronger or its budget longer.
+
+Solvers (:class:`Solver`): plain gradient descent (losses recorded at several budgets from one
+trajectory), Adam, Levenberg-Marquardt (Gauss-Newton with adaptive damping), and ``LSTSQ``, the
+exact unconstrained least-squares solution (only for r = min(m, n), where the factorization can
+express every matrix: interpolation is possible exactly when mn >= KN, i.e. rho >= 1; the test
+case with a known answer).
+
+Every draw of one (shape, KN, solver) point runs in one jitted, vmapped program.
+
+References:
+  Jang, Lee, Ryu, "LoRA Training in the NTK Regime has No Spurious Local Minima",
+  arXiv:2402.11867, 2024.
+  Burer, Monteiro, "A nonlinear programming algorithm for solving semidefinite programs via
+  low-rank factorization", Math. Programming, 2003.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "Point",
+    "Solver",
+    "Transition",
+    "isotonic",
+    "kn_grid",
+    "rho",
+    "simulate",
+    "transition",
+]
+
+
+class Solver(enum.StrEnum):
+    """How the factorized least-squares problem is solved.
+
+    Attributes:
+      GD: plain full-batch gradient descent, fixed step ``lr``; the loss is recorded after each
+        of ``budgets`` steps (one trajectory, several budgets).
+      ADAM: optax Adam with cosine decay from ``lr`` over the largest budget; recorded at
+        ``budgets``. Scale-free steps: good at the ill-conditioned end.
+      LM: Levenberg-Marquardt: ``delta = -J^T (J J^T + lam I)^-1 res`` on (U, V) with the
+        damping ``lam`` divided by 3 after a step that lowers the loss and multiplied by 4 (step
+        rejected) otherwise; ``budgets`` count iterations. Second order: the strong solver.
+      LSTSQ: the exact least-squares solution over all m x n matrices (no factorization); only
+        for r = min(m, n). The oracle with a known transition (rho = 1).
+    """
+
+    GD = "gd"
+    ADAM = "adam"
+    LM = "lm"
+    LSTSQ = "lstsq"
+
+
+def rho(m: int, n: int, r: int, kn: int) -> float:
+    """``(r (m + n) - r^2) / KN``."""
+    return (r * (m + n) - r * r) / kn
+
+
+def kn_grid(m: int, n: int, r: int, rhos: np.ndarray | list[float]) -> list[int]:
+    """Distinct KN values ``round(dim / rho)`` for the requested rho values (descending KN)."""
+    dim = r * (m + n) - r * r
+    return sorted({max(1, round(dim / float(x))) for x in rhos}, reverse=True)
+
+
+def _draws(
+    seed: int, draws: int, kn: int, kn_max: int, m: int, n: int, r: int, init_scale: float, dtype
+) -> tuple[np.ndarray, ...]:
+    """Measurements, targets and initial factors of ``draws`` problems (host numpy).
+
+    M [draws, kn_max, m n] has N(0, 1/(m n)) entries, y [draws, kn_max] N(0, 1/KN) entries;
+    rows from ``kn`` on are zero (they add nothing to the loss, the gradient or the
+    Gauss-Newton step, so one compiled program serves every KN <= kn_max). U0 [draws, m, r] and
+    V0 [draws, n, r] have N(0, init_scale^2) entries. Everything depends on (seed, m, n, r, KN)
+    only, so points are independent and reproducible.
+    """
+    rng = np.random.default_rng((seed, m, n, r, kn))
+    a = np.zeros((draws, kn_max, m * n), dtype)
+    y = np.zeros((draws, kn_max), dtype)
+    a[:, :kn] = rng.standard_normal((draws, kn, m * n)) / np.sqrt(m * n)
+    y[:, :kn] = rng.standard_normal((draws, kn)) / np.sqrt(kn)
+    u = init_scale * rng.standard_normal((draws, m, r)).astype(dtype)
+    v = init_scale * rng.standard_normal((draws, n, r)).astype(dtype)
+    return a, y, u, v
+
+
+def _loss(a, y, u, v):
+    res = a @ (u @ v.T).reshape(-1) - y  # (KN,)
+    return 0.5 * jnp.sum(res * res)
+
+
+def _gd(a, y, u, v, budgets, lr):
+    grad = jax.grad(_loss, argnums=(2, 3))
+
+    def step(carry, _):
+        u, v = carry
+        gu, gv = grad(a, y, u, v)
+        return (u - lr * gu, v - lr * gv), None
+
+    return _run_segments(step, (u, v), budgets, lambda c: _loss(a, y, *c))
+
+
+def _adam(a, y, u, v, budgets, lr):
+    opt = optax.adam(optax.cosine_decay_schedule(lr, budgets[-1], alpha=1e-3))
+    grad = jax.grad(_loss, argnums=(2, 3))
+
+    def step(carry, _):
+        params, state = carry
+        updates, state = opt.update(grad(a, y, *params), state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    return _run_segments(step, ((u, v), opt.init((u, v))), budgets, lambda c: _loss(a, y, *c[0]))
+
+
+def _lm(a, y, u, v, budgets, lam0):
+    m, r = u.shape
+    n = v.shape[0]
+    kn = a.shape[0]
+    a3 = a.reshape(kn, m, n)
+
+    def residual(u, v):
+        return a @ (u @ v.T).reshape(-1) - y
+
+    def step(carry, _):
+        u, v, lam = carry
+        res = residual(u, v)
+        ju = jnp.einsum("imn,nr->imr", a3, v).reshape(kn, m * r)  # d res / d U
+        jv = jnp.einsum("imn,mr->inr", a3, u).reshape(kn, n * r)  # d res / d V
+        jac = jnp.concatenate([ju, jv], axis=1)  # (KN, r (m + n))
+        gram = jac @ jac.T + lam * jnp.eye(kn, dtype=a.dtype)
+        delta = -jac.T @ jnp.linalg.solve(gram, res)
+        u_new = u + delta[: m * r].reshape(m, r)
+        v_new = v + delta[m * r :].reshape(n, r)
+        better = jnp.sum(residual(u_new, v_new) ** 2) < jnp.sum(res**2)
+        u = jnp.where(better, u_new, u)
+        v = jnp.where(better, v_new, v)
+        lam = jnp.clip(jnp.where(better, lam / 3.0, lam * 4.0), 1e-12, 1e12)
+        return (u, v, lam), None
+
+    lam = jnp.asarray(lam0, a.dtype)
+    return _run_segments(step, (u, v, lam), budgets, lambda c: _loss(a, y, c[0], c[1]))
+
+
+def _run_segments(step, carry, budgets, loss_of):
+    """Runs ``step`` for ``budgets[-1]`` steps, returning the loss after each budget: [B]."""
+    losses, done = [], 0
+    for b in budgets:
+        carry, _ = jax.lax.scan(step, carry, None, length=b - done)
+        losses.append(loss_of(carry))
+        done = b
+    return jnp.stack(losses)
+
+
+def _lstsq(a, y, *_):
+    # SVD-based least squares over all m x n matrices; zero (padding) rows change nothing.
+    x, *_ = jnp.linalg.lstsq(a, y)
+    res = a @ x - y
+    return 0.5 * jnp.sum(res * res)[None]
+
+
+class Point(NamedTuple):
+    """One (shape, KN, solver) point of the simulation."""
+
+    m: int
+    n: int
+    r: int
+    kn: int
+    rho: float
+    ratios: np.ndarray  # shape=(draws, budgets): L_end / L_start after each budget.
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _simulate_jit(a, y, u, v, solver, budgets, lr):
+    def one(a, y, u, v):
+        start = _loss(a, y, u, v)
+        fn = {Solver.GD: _gd, Solver.ADAM: _adam, Solver.LM: _lm, Solver.LSTSQ: _lstsq}[solver]
+        ratio = fn(a, y, u, v, budgets, lr) / start
+        return jnp.where(jnp.isfinite(ratio), ratio, jnp.inf)  # diverged: failure
+
+    return jax.vmap(one)(a, y, u, v)
+
+
+def simulate(
+    seed: int,
+    m: int,
+    n: int,
+    r: int,
+    kn: int,
+    *,
+    solver: Solver | str = Solver.GD,
+    draws: int = 100,
+    budgets: tuple[int, ...] = (2500, 5000, 20000),
+    lr: float | None = None,
+    init_scale: float = 1e-2,
+    dtype=np.float32,
+    kn_max: int | None = None,
+) -> Point:
+    """Solves ``draws`` random rank-r sensing problems with KN measurements of m x n matrices.
+
+    Args:
+      seed: the draws (measurements, targets, init) come from numpy's generator seeded with
+        ``(seed, m, n, r, KN)``.
+      m, n, r: matrix shape and factor rank.
+      kn: number of measurements (KN).
+      solver: a :class:`Solver`.
+      draws: independent problems, solved in one vmapped program.
+      budgets: increasing step (GD, Adam) or iteration (LM) counts at which the loss is read.
+      lr: GD / Adam step size, LM initial damping (defaults 0.2, 1e-2, 1e-2).
+      init_scale: standard deviation of the entries of the initial U and V (small random init).
+      dtype: float32 or float64 (the latter needs ``jax_enable_x64``).
+      kn_max: compile for this many measurement rows (>= kn; default kn), so that a grid of
+        KN values shares one program.
+
+    Returns:
+      :class:`Point` with ``ratios`` [draws, len(budgets)] (``[draws, 1]`` for LSTSQ; inf for a
+      diverged run).
+
+    Raises:
+      ValueError: for LSTSQ with r < min(m, n), r > min(m, n), or non-increasing budgets.
+    """
+    solver = Solver(solver)
+    if not 1 <= r <= min(m, n):
+        raise ValueError(f"rank r={r} must be in [1, min(m, n)] = [1, {min(m, n)}].")
+    if solver == Solver.LSTSQ and r != min(m, n):
+        raise ValueError(
+            f"solver='lstsq' ignores the rank, so it needs r = min(m, n) = {min(m, n)}; got r={r}."
+        )
+    budgets = tuple(int(b) for b in budgets)
+    if not budgets or any(b <= 0 for b in budgets) or list(budgets) != sorted(set(budgets)):
+        raise ValueError(f"budgets must be increasing positive step counts, got {budgets}.")
+    if lr is None:
+        lr = {Solver.GD: 0.2, Solver.ADAM: 1e-2, Solver.LM: 1e-2, Solver.LSTSQ: 0.0}[solver]
+    kn_max = kn if kn_max is None else kn_max
+    if not 1 <= kn <= kn_max:
+        raise ValueError(f"need 1 <= kn <= kn_max, got kn={kn}, kn_max={kn_max}.")
+    arrays = _draws(seed, draws, kn, kn_max, m, n, r, init_scale, np.dtype(dtype))
+    ratios = _simulate_jit(*arrays, solver, budgets, float(lr))
+    return Point(m, n, r, kn, rho(m, n, r, kn), np.asarray(ratios, np.float64))
+
+
+def isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least-squares non-decreasing fit of ``y`` (pool adjacent violators)."""
+    blocks: list[list[float]] = []  # [value, weight, size]
+    for value, weight in zip(np.asarray(y, float), np.asarray(w, float), strict=True):
+        blocks.append([value, weight, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v2, w2, s2 = blocks.pop()
+            v1, w1, s1 = blocks.pop()
+            blocks.append([(v1 * w1 + v2 * w2) / (w1 + w2), w1 + w2, s1 + s2])
+    return np.concatenate([np.full(s, v) for v, _, s in blocks])
+
+
+def _crossing(rhos: np.ndarray, success: np.ndarray, level: float) -> float:
+    """rho where the isotonic success curve first reaches ``level`` (linear interpolation).
+
+    nan when the curve stays below ``level``; the smallest rho when it starts above.
+    """
+    order = np.argsort(rhos)
+    x = rhos[order]
+    p = isotonic(success[order].mean(axis=1), np.full(len(x), success.shape[1]))
+    above = np.nonzero(p >= level)[0]
+    if above.size == 0:
+        return float("nan")
+    i = above[0]
+    if i == 0:
+        return float(x[0])
+    x0, x1, p0, p1 = x[i - 1], x[i], p[i - 1], p[i]
+    return float(x0 + (level - p0) * (x1 - x0) / (p1 - p0))
+
+
+class Transition(NamedTuple):
+    """The 50% point of success vs rho with a bootstrap interval."""
+
+    rho50: float  # nan: success stayed below 50% over the grid
+    low: float  # bootstrap percentile interval (nan where undefined)
+    high: float
+    censored: str  # '' or 'below-grid' / 'above-grid' when rho50 is at or past a grid end
+
+
+def transition(
+    rhos: np.ndarray,
+    success: np.ndarray,
+    *,
+    level: float = 0.5,
+    n_boot: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> Transition:
+    """rho at which success reaches ``level``, with a stratified bootstrap interval.
+
+    The estimate is the crossing of the isotonic (non-decreasing) regression of the success
+    fractions, interpolated linearly between grid points. The bootstrap resamples the draws
+    of every grid point with replacement (``n_boot`` times) and takes percentile bounds.
+
+    Args:
+      rhos: [G] grid values.
+      success: [G, draws] booleans.
+    """
+    rhos = np.asarray(rhos, float)
+    success = np.asarray(success, bool)
+    est = _crossing(rhos, success, level)
+    rng = np.random.default_rng(seed)
+    g, d = success.shape
+    boots = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = rng.integers(0, d, size=(g, d))
+        boots[b] = _crossing(rhos, np.take_along_axis(success, idx, axis=1), level)
+    tail = (1 - confidence) / 2
+    finite = boots[np.isfinite(boots)]
+    if finite.size < n_boot * (1 - tail):  # too many resamples never cross: no upper bound
+        low = float(np.quantile(finite, tail)) if finite.size else float("nan")
+        high = float("nan")
+    else:
+        boots = np.where(np.isfinite(boots), boots, np.inf)
+        low, high = (float(q) for q in np.quantile(boots, [tail, 1 - tail]))
+    censored = ""
+    if np.isnan(est):
+        censored = "above-grid"
+    elif est <= rhos.min():
+        censored = "below-grid"
+    return Transition(est, low, high, censored)
