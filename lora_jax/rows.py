@@ -60,6 +60,11 @@ def map_rows(fn: Callable[[PyTree], jax.Array], data: Mapping, batch_size: int) 
 
     Traceable (call it inside ``jax.jit``): the blocks run one after another in one program, so
     memory is one block's. ``fn(block) -> [rows, ...]`` maps a batch dict of ``rows`` rows.
+
+    Example (5 rows, blocks of at most 2: 3 blocks of 2, the last padded with row 4):
+      >>> import jax.numpy as jnp
+      >>> map_rows(lambda b: 2 * b["x"], {"x": jnp.arange(5.0)}, batch_size=2).tolist()
+      [0.0, 2.0, 4.0, 6.0, 8.0]
     """
     n = num_rows(data)
     num_blocks, rows = even_blocks(n, batch_size)

@@ -1,7 +1,8 @@
 """ntk: NTK-regime tools built on neural-tangents.
 
 Linearize a model in any parameter subset (all weights, a regex subset, LoRA adapters), compute
-its empirical NTK on the K outputs (blocked, memory-checked, cached), predict with kernel
+its empirical NTK on the K outputs (blocked, memory-checked, cached; embedding tables
+compacted to the rows read, :mod:`ntk.compact`), predict with kernel
 solvers, and measure how close real fine-tuning stayed to the NTK regime. neural-tangents is
 imported only through :mod:`ntk._compat` (``from ntk._compat import nt``).
 """
@@ -27,7 +28,16 @@ from ntk.linearize import (
     lora_linearized_model_fn,
     lora_weight_delta,
 )
-from ntk.model_fn import ModelFn, cast_floating, check_outputs, fingerprint, lora_model_fn, model_fn
+from ntk.model_fn import (
+    FingerprintError,
+    ModelFn,
+    cast_floating,
+    check_outputs,
+    fingerprint,
+    fn_fingerprint,
+    lora_model_fn,
+    model_fn,
+)
 from ntk.solvers import (
     LogisticFit,
     Predictions,
@@ -41,6 +51,7 @@ from ntk.solvers import (
 )
 
 __all__ = [
+    "FingerprintError",
     "KernelMemoryError",
     "LogisticFit",
     "ModelFn",
@@ -54,6 +65,7 @@ __all__ = [
     "check_outputs",
     "empirical_ntk_fn",
     "fingerprint",
+    "fn_fingerprint",
     "function_space_gd",
     "kernel_distance",
     "kernel_logistic_regression",

@@ -495,7 +495,9 @@ def _jacobians_fit(f, fn_key, params, x1, x2, sizes, limit: int) -> bool:
     n2 = num_rows(rows2)
     b2 = sizes[0] if x2 is None else sizes[1]
     exe2 = jacobian_program(f, fn_key, take_rows(rows2, 0, b2, n2), params)
-    need = -(-n2 // b2) * jacobian_bytes(exe2) + required_bytes(exe2)
+    # The kept Jacobians, plus the temporaries of the program making them (its output is one
+    # of the kept blocks: counted once).
+    need = -(-n2 // b2) * jacobian_bytes(exe2) + required_bytes(exe2) - jacobian_bytes(exe2)
     if x2 is not None:
         need += required_bytes(jacobian_program(f, fn_key, take_rows(x1, 0, sizes[0]), params))
     return need <= limit

@@ -40,6 +40,7 @@ Batch = Mapping[str, Any]
 OutputFn = Callable[..., jax.Array]
 
 __all__ = [
+    "FingerprintError",
     "ModelFn",
     "check_outputs",
     "fingerprint",
