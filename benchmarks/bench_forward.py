@@ -2,15 +2,16 @@
 
 Each side runs in its own interpreter, since torch is not a project dependency:
 
-    uv run python benchmarks/bench_forward.py --compare          # both sides + the ratio
+    uv run python benchmarks/bench_forward.py --compare --torch-python PATH   # both + ratio
     uv run python benchmarks/bench_forward.py --impl jax --path DIR
     /path/to/torch-venv/bin/python benchmarks/bench_forward.py --impl torch --path DIR
 
 ``--compare`` prepares the model directory (the embedded MiniLM-L6, or a random model of
-RoBERTa-base shape written by ``lora_jax.models.save_pretrained``), then runs both sides with the
+RoBERTa-base or DeBERTa-v3-base shape written by ``lora_jax.models.save_pretrained``), then runs
+both sides with the
 same thread count, batch and padding, and prints ms/iter (median after warm-up) and the ratio.
-The torch interpreter comes from ``--torch-python`` (default: ``$LORA_JAX_TORCH_PYTHON``, else
-/work/torchenv/bin/python).
+The torch interpreter comes from ``--torch-python`` (default: ``$LORA_JAX_TORCH_PYTHON``;
+see ``benchmarks/torch_python.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch_python  # benchmarks/torch_python.py, next to this script
 
 
 def make_batch(vocab: int, batch: int, seq: int, pad_id: int, seed: int = 0):
@@ -79,7 +82,11 @@ def bench_torch(path: str, batch: int, seq: int, warmup: int, iters: int, thread
 
     torch.set_num_threads(threads)
     cfg = _config(path)
-    cls = {"roberta": transformers.RobertaModel, "bert": transformers.BertModel}[cfg["model_type"]]
+    cls = {
+        "roberta": transformers.RobertaModel,
+        "bert": transformers.BertModel,
+        "deberta-v2": transformers.DebertaV2Model,
+    }[cfg["model_type"]]
     model = cls.from_pretrained(path).eval()
     ids, mask = make_batch(cfg["vocab_size"], batch, seq, cfg["pad_token_id"])
     ids, mask = torch.from_numpy(ids), torch.from_numpy(mask)
@@ -97,21 +104,42 @@ def bench_torch(path: str, batch: int, seq: int, warmup: int, iters: int, thread
     }
 
 
+DEBERTA_V3_BASE = {
+    "model_type": "deberta-v2",
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "vocab_size": 128100,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 0,
+    "layer_norm_eps": 1e-7,
+    "relative_attention": True,
+    "max_relative_positions": -1,
+    "position_buckets": 256,
+    "norm_rel_ebd": "layer_norm",
+    "share_att_key": True,
+    "pos_att_type": "p2c|c2p",
+    "position_biased_input": False,
+    "pad_token_id": 0,
+}
+
+
 def _prepare(model: str, tmp: str) -> str:
     from lora_jax import models
 
     if model == "minilm":
         return str(models.minilm_path())
     config = models.EncoderConfig()  # RoBERTa-base shape: 12 layers, hidden 768, 12 heads
-    directory = Path(tmp) / "roberta-base-random"
+    if model == "deberta-v3-base":  # microsoft/deberta-v3-base's config.json, random weights
+        config = models.EncoderConfig.from_hf(DEBERTA_V3_BASE)
+    directory = Path(tmp) / f"{model}-random"
     models.save_pretrained(models.create(config, head=None, seed=0), directory)
     return str(directory)
 
 
 def compare(args) -> None:
-    torch_python = args.torch_python or os.environ.get(
-        "LORA_JAX_TORCH_PYTHON", "/work/torchenv/bin/python"
-    )
+    torch_py = torch_python.resolve(args.torch_python, "torch, transformers")
     common = ["--batch", str(args.batch), "--seq", str(args.seq), "--iters", str(args.iters)]
     common += ["--warmup", str(args.warmup), "--threads", str(args.threads), "--json"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +147,7 @@ def compare(args) -> None:
         results: dict[str, dict] = {}
         # Alternate the sides over several rounds, so that load on a shared machine hits both.
         for _ in range(args.rounds):
-            for impl, python in (("jax", sys.executable), ("torch", torch_python)):
+            for impl, python in (("jax", sys.executable), ("torch", torch_py)):
                 cmd = [python, __file__, "--impl", impl, "--path", path, *common]
                 out = subprocess.run(
                     cmd, check=True, capture_output=True, text=True, env=_env(args)
@@ -152,7 +180,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--impl", choices=["jax", "torch"])
     parser.add_argument("--compare", action="store_true", help="run both sides, print the ratio")
-    parser.add_argument("--model", choices=["minilm", "roberta-base"], default="minilm")
+    parser.add_argument(
+        "--model", choices=["minilm", "roberta-base", "deberta-v3-base"], default="minilm"
+    )
     parser.add_argument("--path", help="HF model directory (for --impl)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
@@ -161,7 +191,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per side")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--torch-python", help="interpreter with torch + transformers")
+    torch_python.add_argument(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON line (for --compare)")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) > args.threads:

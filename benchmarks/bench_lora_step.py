@@ -5,6 +5,10 @@ PyTorch + PEFT, on the same model shape, batch and sequence length.
   uv run python benchmarks/bench_lora_step.py --compare --models minilm --steps 5 --reps 6 \
       --torch-python PATH   # or set LORA_JAX_TORCH_PYTHON=PATH
 
+The train-loop row times what `experiments.run` trains: `train.make_train_chunk` over
+`trainable.make_model_fn`'s default LoRA path (`--fused auto`: per module fused where
+3 r (in + out) < in * out, which is every module of these shapes at r=8).
+
 Models: `roberta-base` (random RoBERTa-base-shaped weights: 12 layers, hidden 768, vocab 50265,
 sequence-classification head), `minilm` (the real all-MiniLM-L6-v2 weights from
 `lora_jax.models.minilm_path()`, BERT, 6 layers, hidden 384) and `small` (4 layers, hidden 256).
@@ -175,14 +179,14 @@ def run_jax(args) -> None:
         )
         data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-        def model_fn(trainable, frozen, batch, dropout_rng):
-            del dropout_rng
-            p = (
-                lora.apply(frozen, trainable, cfg, fused=fused)
-                if args.mode == "lora"
-                else trainable
-            )
+        from lora_jax.trainable import Method, make_model_fn
+
+        def output_fn(p, batch, dropout_rng=None):
             return apply_fn(p, batch["input_ids"], batch["attention_mask"])
+
+        # The model function experiments train (`--fused auto`: its default LoRA path).
+        method = Method.LORA if args.mode == "lora" else Method.FULL
+        model_fn = make_model_fn(output_fn, method, lora_config=cfg, fused=fused)
 
         chunk = train.make_train_chunk(model_fn, train.make_optimizer(tcfg), tcfg)
         tstate = {"s": train.init_state(trainable, train.make_optimizer(tcfg), 0)}
@@ -346,7 +350,7 @@ def compare(args) -> None:
     runs = [
         ("jax lora fused", jax_py, ["--impl", "jax", "--mode", "lora", "--fused", "1"]),
         (
-            "jax lora fused, train loop",
+            "jax lora as experiments (auto path), train loop",
             jax_py,
             [
                 "--impl",
@@ -354,7 +358,7 @@ def compare(args) -> None:
                 "--mode",
                 "lora",
                 "--fused",
-                "1",
+                "auto",
                 "--loop",
                 "1",
                 "--steps",

@@ -208,11 +208,14 @@ def big(args) -> dict:
 
 def ours_all(args) -> dict:
     """Our all-weights ``n x n`` train kernel (x2=None), first and second call."""
+    import numpy as np
+
     import ntk
 
     output_fn, params, train, test = load(args.n, args.test_rows, args.max_length)
     f, sub = subset_fn("all", output_fn, params)
-    batch = tuple(int(b) for b in args.batch.split(","))
+    sizes = tuple(int(b) for b in args.batch.split(","))
+    batch = sizes[0] if len(sizes) == 1 else sizes
     x, out = (train, None) if not args.test_rows else (test, train)
 
     def run():  # a new ntk_fn per call: the second call shows the session's program cache
@@ -251,7 +254,8 @@ def torch_all(args) -> dict:
 
     torch.set_num_threads(args.threads)
     data = np.load(args.batch_file)
-    model = AutoModel.from_pretrained(args.minilm_path).eval()
+    # Eager attention: SDPA checks `padding_mask.all()`, data-dependent control flow vmap rejects.
+    model = AutoModel.from_pretrained(args.minilm_path, attn_implementation="eager").eval()
     params = {k: v.detach() for k, v in model.named_parameters()}
     words = torch.from_numpy(data["label_word_ids"]).long()
     ids, mask = (torch.from_numpy(data[k]).long() for k in ("input_ids", "attention_mask"))
@@ -259,7 +263,14 @@ def torch_all(args) -> dict:
     n_params = sum(v.numel() for v in params.values())
 
     def f(p, ids, mask, pos):  # one example -> (K,): hidden state at [MASK] . label-word rows
-        hidden = functional_call(model, p, (ids[None], mask[None])).last_hidden_state[0, pos]
+        # A 4-D additive mask: transformers then skips its mask building, whose data-dependent
+        # "all ones?" shortcut vmap rejects.
+        t = ids.shape[0]
+        add = (1.0 - mask.float())[None, None, None, :] * torch.finfo(torch.float32).min
+        states = functional_call(
+            model, p, (ids[None],), {"attention_mask": add.expand(1, 1, t, t)}
+        ).last_hidden_state[0]  # (T, H)
+        hidden = torch.index_select(states, 0, pos.reshape(1))[0]  # (H,); vmap-safe indexing
         return hidden @ p["embeddings.word_embeddings.weight"][words].T
 
     jac = vmap(jacrev(f), in_dims=(None, 0, 0, 0))
@@ -307,11 +318,11 @@ def torch_all(args) -> dict:
 
 def compare(args) -> None:
     """Both sides of the all-weights comparison, one process each, then the table."""
+    torch_py = torch_python.resolve(args.torch_python, "torch, transformers")  # before jax
     import numpy as np
 
     from lora_jax import models
 
-    torch_py = torch_python.resolve(args.torch_python, "torch, transformers")
     with tempfile.TemporaryDirectory() as tmp:
         output_fn, params, train, _ = load(args.n, 1, args.max_length)
         del output_fn, params
@@ -387,6 +398,7 @@ def compare(args) -> None:
 
 
 def _spawn(extra: list[str], python: str | None = None) -> dict | None:
+    extra = [str(e) for e in extra]
     cmd = [python or sys.executable, __file__, *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -441,6 +453,8 @@ def main() -> None:
     if args.compare:
         compare(args)
         return
+
+    import numpy as np
 
     results = []
     print(f"eNTK of MiniLM-L6 (tied readout, K=2, T={args.max_length}), {args.n}x{args.n} block")
@@ -514,6 +528,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    import numpy as np
-
     main()

@@ -45,14 +45,22 @@ class ExperimentConfig:
         sentence-transformers checkpoints such as the embedded MiniLM; BERT's pooler / RoBERTa's
         head on ``[CLS]`` otherwise), ``pooler``, ``cls`` or ``mean``.
       readout: how prompt-mode outputs are read (``lora_jax.readout.Readout``): ``auto`` (the
-        MLM head when the checkpoint has one, else ``tied_mean``), ``mlm``, ``tied`` or
-        ``tied_mean``.
+        MLM head when the checkpoint has one, else an ELECTRA discriminator's ``rtd``, else
+        ``tied_mean``), ``mlm``, ``tied``, ``tied_mean`` or ``rtd`` (Prompting ELECTRA).
+      dtype: compute dtype, ``float32`` or ``bfloat16`` (parameters, and so the trained
+        adapters / weights and their optimizer state, stay float32: master weights).
+      remat: recompute each encoder layer in the backward pass (less memory, same numbers).
+      grad_accum: average the gradients of this many batches per optimizer update.
       dropout: run dropout while training: the encoder's own (its config's hidden and attention
         dropout) and ``lora_dropout`` on the LoRA branches; off at evaluation. The head-only
         baseline trains on cached features, so there only the head's dropout runs.
       lora_dropout: PEFT's ``lora_dropout`` rate on the LoRA input (with ``dropout``).
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
+      vectorize: train the LoRA cells of a task (ranks x seeds) as one vectorized job
+        (``lora_jax.sweep``) instead of one after another; same records. Runs on a mesh, on
+        several processes or with ``save_adapters`` train one cell at a time for now.
+      members: at most this many LoRA cells per vectorized job (bounds its memory).
       save_adapters: save each LoRA cell's best-dev adapter in PEFT format under
         ``adapters/<cell>/`` with the task's label words and template (``task.json``).
       tensorboard: write each cell's per-evaluation metrics as TensorBoard event files under
@@ -82,9 +90,14 @@ class ExperimentConfig:
     test_cap: int = 1000
     readout: str = "auto"
     pooling: str = "auto"
+    dtype: str = "float32"
+    remat: bool = False
+    grad_accum: int = 1
     dropout: bool = False
     lora_dropout: float = 0.0
     ntk: bool = False
+    vectorize: bool = True
+    members: int = 16
     save_adapters: bool = False
     tensorboard: bool = False
     out: str = "runs"
@@ -103,22 +116,29 @@ class ExperimentConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"Unknown methods {unknown}; expected some of {list(METHODS)}.")
-        if self.readout not in ("auto", "mlm", "tied", "tied_mean"):
+        if self.readout not in ("auto", "mlm", "tied", "tied_mean", "rtd"):
             raise ConfigError(
-                f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied' or 'tied_mean'."
+                f"readout={self.readout!r}; expected 'auto', 'mlm', 'tied', 'tied_mean' or 'rtd'."
             )
         if self.pooling not in ("auto", "pooler", "cls", "mean"):
             raise ConfigError(
                 f"pooling={self.pooling!r}; expected 'auto', 'pooler', 'cls' or 'mean'."
             )
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"dtype={self.dtype!r}; expected 'float32' or 'bfloat16'.")
+        if self.grad_accum < 1:
+            raise ConfigError(f"grad_accum must be >= 1, got {self.grad_accum}.")
         if any(r < 1 for r in self.ranks):
             raise ConfigError(f"ranks must be >= 1, got {self.ranks}.")
+        if self.members < 1:
+            raise ConfigError(f"ExperimentConfig.members must be >= 1, got {self.members}.")
 
     def to_json(self) -> dict[str, Any]:
         """The fields that define the results (``out`` excluded: a run may be moved; nor the
-        ``save_adapters`` / ``tensorboard`` outputs, which a resumed run may add)."""
+        ``save_adapters`` / ``tensorboard`` outputs, which a resumed run may add, nor
+        ``vectorize`` / ``members``, which give the same results)."""
         fields = dataclasses.asdict(self)
-        for name in ("out", "save_adapters", "tensorboard"):
+        for name in ("out", "save_adapters", "tensorboard", "vectorize", "members"):
             fields.pop(name)
         fields["loss"] = self.loss.value
         return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}

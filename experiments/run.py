@@ -23,11 +23,12 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from experiments import ntk_analysis, outputs, report
+from experiments import launch, ntk_analysis, outputs, report, vectorized
 from experiments.cli import add_dataclass_arguments
 from experiments.config import NAMED_CONFIGS, ExperimentConfig, get_config
 from experiments.workbench import Workbench
-from lora_jax import lora, tasks, train
+from lora_jax import distributed, lora, tasks, train
+from lora_jax import sharding as sh
 from lora_jax.errors import ConfigError, UserError, user_message
 from lora_jax.trainable import Method, make_model_fn, split_params
 
@@ -66,6 +67,8 @@ def prepare_run_dir(cfg: ExperimentConfig) -> str:
     ``config.json`` also records the sha256 of each task file and its data.
     """
     run_dir = os.path.join(cfg.out, cfg.name)
+    if not distributed.is_primary():  # process 0 checks and writes config.json
+        return run_dir
     path = os.path.join(run_dir, "config.json")
     current = {**cfg.to_json(), **run_digests(cfg)}
     if os.path.exists(path):
@@ -106,6 +109,7 @@ def train_config(cfg: ExperimentConfig, cell: Cell) -> train.TrainConfig:
         learning_rate=lr,
         loss=cfg.loss,
         eval_every=cfg.eval_every,
+        grad_accum=cfg.grad_accum,
         dropout=cfg.dropout,
         seed=cell.seed,
     )
@@ -116,8 +120,13 @@ def lora_config(cfg: ExperimentConfig, rank: int) -> lora.LoraConfig:
     return lora.LoraConfig(r=rank, alpha=alpha, targets=cfg.targets, dropout=cfg.lora_dropout)
 
 
-def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) -> dict:
-    """Trains (unless zero-shot) and tests one cell; returns its results record."""
+def run_cell(
+    bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str, mesh=None, rules=None
+) -> dict:
+    """Trains (unless zero-shot) and tests one cell; returns its results record.
+
+    With a ``mesh`` (see :mod:`experiments.launch`) training and testing run on it.
+    """
     start = time.time()
     if cell.method == "head":
         output_fn, params, data = bench.cls_head_model(cell.task, cell.seed)
@@ -161,9 +170,19 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
         checkpoint_dir=ckpt_dir,
         metrics_path=metrics,
         progress=cell.key,
+        mesh=mesh,
+        rules=rules,
     )
+    test_data = data.test
+    if mesh is not None:
+        rules = sh.rules_for_mesh(mesh) if rules is None else rules
+        frozen = sh.place(frozen, sh.tree_shardings(frozen, mesh, rules))
+        test_data = sh.place_data(data.test, mesh, rules)
     test = train.evaluate(
-        train.programs(model_fn, tcfg).predict, result.best_trainable, frozen, data.test
+        train.programs(model_fn, tcfg, mesh=mesh, rules=rules).predict,
+        result.best_trainable,
+        frozen,
+        test_data,
     )
     if cfg.ntk and method == Method.LORA:
         record.update(
@@ -173,7 +192,7 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
                 params=params,
                 lora_config=lcfg,
                 adapters0=trainable,
-                adapters=result.best_trainable,
+                adapters=distributed.to_host(result.best_trainable),
                 data=data,
                 tcfg=tcfg,
                 model_fn_cache=bench.memo,
@@ -194,10 +213,12 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
             "dev_accuracy": result.best_dev_accuracy,
             "test_accuracy": test["accuracy"],
         }
-        outputs.save_adapter(
-            run_dir, cell.key, result.best_trainable, lcfg, info, base_model=str(bench.path)
-        )
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+        best = distributed.to_host(result.best_trainable)  # collective: every process joins
+        if distributed.is_primary():
+            outputs.save_adapter(run_dir, cell.key, best, lcfg, info, base_model=str(bench.path))
+    distributed.barrier(f"done {cell.key}")
+    if distributed.is_primary():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     record.update(
         dev_accuracy=result.best_dev_accuracy,
         test_accuracy=test["accuracy"],
@@ -208,13 +229,19 @@ def run_cell(bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str) 
     return record
 
 
-def run(cfg: ExperimentConfig, *, progress: bool = True) -> str:
-    """Runs every unfinished cell of ``cfg``, then writes the report; returns the run dir."""
+def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) -> str:
+    """Runs every unfinished cell of ``cfg``, then writes the report; returns the run dir.
+
+    With a ``mesh`` every cell trains on it. On several processes all of them run this with
+    the same arguments and ``cfg.out`` on a file system they share; only process 0 writes
+    ``config.json``, results, the report and plots.
+    """
     # Fail fast on an unknown task or a bad task file, before any directory is made.
     named = tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k)
     if cfg.tensorboard:
         outputs.summary_writer_class()  # a missing tensorboardX fails now, not after a cell
     run_dir = prepare_run_dir(cfg)
+    distributed.barrier("run dir")
     results_path = os.path.join(run_dir, "results.jsonl")
     report.drop_torn_tail(results_path)
     done = {
@@ -225,14 +252,29 @@ def run(cfg: ExperimentConfig, *, progress: bool = True) -> str:
     print(f"{run_dir}: {len(done)} cells done, {len(todo)} to run", file=sys.stderr)
     if todo:
         bench = Workbench(cfg, named)
-        for cell in tqdm(todo, desc=cfg.name, unit="cell", disable=not progress):
-            record = run_cell(bench, cfg, cell, run_dir)
+        primary = distributed.is_primary()
+        members = vectorized.members_per_job(cfg, mesh)  # 0: one cell at a time
+        bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not (progress and primary))
+        for job in vectorized.plan_jobs(todo, members):
+            if members and job[0].method == "lora":
+                kw = dict(train_config=train_config, lora_config=lora_config)
+                records = vectorized.run_lora_job(bench, cfg, job, run_dir, **kw)
+            else:
+                records = [run_cell(bench, cfg, cell, run_dir, mesh, rules) for cell in job]
+            bar.update(len(records))
+            if not primary:
+                continue
             with open(results_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                for record in records:
+                    f.write(json.dumps(record) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
             if cfg.tensorboard:
-                outputs.write_tensorboard(run_dir, cell.key, record)
+                for cell, record in zip(job, records, strict=True):
+                    outputs.write_tensorboard(run_dir, cell.key, record)
+        bar.close()
+    if not distributed.is_primary():
+        return run_dir
     records = report.read_results(results_path)
     plots = report.plot_accuracy_vs_rank(run_dir, records)
     path = report.write_report(run_dir, cfg.to_json(), records, plots)
@@ -252,7 +294,9 @@ def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
     )
     parser.add_argument("--config", default="default", help=f"one of {sorted(NAMED_CONFIGS)}")
     add_dataclass_arguments(parser, ExperimentConfig)
+    launch.add_arguments(parser)
     args = vars(parser.parse_args(argv))
+    launch.pop_launch(args)  # read by parse_launch
     name = args.pop("config")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     if overrides["task_files"] and overrides["tasks"] is None:
@@ -263,12 +307,20 @@ def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
         parser.error(user_message(err))
 
 
+def parse_launch(argv: list[str] | None = None) -> launch.Launch:
+    """The mesh and process flags of the command line (see :mod:`experiments.launch`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    launch.add_arguments(parser)
+    return launch.pop_launch(vars(parser.parse_known_args(argv)[0]))
+
+
 def main(argv: list[str] | None = None) -> None:
     """The command line: user errors (``lora_jax.errors.UserError``) exit with one line; any
     other exception is a bug and keeps its traceback."""
     cfg = parse_args(argv)
     try:
-        run(cfg)
+        mesh, rules = launch.start(parse_launch(argv))
+        run(cfg, mesh=mesh, rules=rules)
     except UserError as err:
         raise SystemExit(f"error: {user_message(err)}") from err
 

@@ -6,6 +6,7 @@ per (task, method, rank), so the compiled training programs are reused across se
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from experiments.config import ExperimentConfig
 from lora_jax import models, tasks
 from lora_jax.models.pretrained import resolve
 from lora_jax.pooling import Pooling, PoolingSpec, detect_pooling, make_pooled_feature_fns
-from lora_jax.readout import Readout, make_output_fn
+from lora_jax.readout import Readout, load_prompt_encoder, make_output_fn
 from lora_jax.rows import map_rows_fn
 
 PyTree = Any
@@ -55,18 +56,12 @@ class Workbench:
 
     def _prompt_encoder(self) -> tuple[Callable, PyTree, Readout]:
         def build():
-            readout = self.cfg.readout
-            head = "mlm" if readout in ("auto", "mlm") else None
-            try:
-                model = models.from_pretrained(self.path, head=head)
-            except models.CheckpointError:
-                if readout == "mlm":
-                    raise
-                # No MLM head in the checkpoint (e.g. MiniLM): read label words out through the
-                # tied word embeddings instead. Any other problem is raised again here.
-                model, readout = models.from_pretrained(self.path, head=None), "tied_mean"
+            # auto: the MLM head, else an ELECTRA discriminator (rtd), else tied_mean (MiniLM).
+            model, readout = load_prompt_encoder(self.path, self.cfg.readout, dtype=self.cfg.dtype)
             apply_fn, params = models.split(model)
-            return apply_fn, params, Readout("mlm" if readout == "auto" else readout)
+            if self.cfg.remat:
+                apply_fn = functools.partial(apply_fn, remat=True)
+            return apply_fn, params, readout
 
         return self.memo(("prompt_encoder",), build)
 
@@ -125,7 +120,9 @@ class Workbench:
         and ``labels``; the test split's features are the same for every seed and computed once.
         """
         num_labels = self.task(task).num_labels
-        model = models.from_pretrained(self.path, head="cls", num_labels=num_labels, seed=seed)
+        model = models.from_pretrained(
+            self.path, head="cls", num_labels=num_labels, seed=seed, dtype=self.cfg.dtype
+        )
         _, params = models.split(model)
         # One program per task, reused across seeds (the seed only changes the head's weights).
         feature_fn, output_fn = self.memo(

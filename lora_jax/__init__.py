@@ -2,8 +2,9 @@
 
 Subpackages and modules, each one idea:
 
-- :mod:`lora_jax.models`: own Flax NNX RoBERTa / BERT encoders that load and save Hugging Face
-  checkpoints; ``split(model) -> (apply_fn, params)`` with params as HF-named nested dicts.
+- :mod:`lora_jax.models`: own Flax NNX RoBERTa / BERT / ELECTRA / DeBERTa-v2 encoders that load
+  and save Hugging Face checkpoints; ``split(model) -> (apply_fn, params)`` with params as
+  HF-named nested dicts.
 - :mod:`lora_jax.lora`: LoRA as a pure transform of parameter pytrees (PEFT semantics and files).
 - :mod:`lora_jax.tasks`: few-shot prompt-based tasks (templates, label words, k-shot sampling).
 - :mod:`lora_jax.readout`: how the K outputs of a task are read from an encoder.
@@ -11,7 +12,13 @@ Subpackages and modules, each one idea:
 - :mod:`lora_jax.rows`: evaluating a function over N rows in fixed, padded blocks.
 - :mod:`lora_jax.train`: the optax training loop (with :mod:`lora_jax.losses` and
   :mod:`lora_jax.checkpoint`).
+- :mod:`lora_jax.sharding`: logical axes, rule tables and meshes (data / fsdp / tensor).
+- :mod:`lora_jax.distributed`: several processes (``jax.distributed``), process 0 writes.
+- :mod:`lora_jax.sweep`: many runs (a rank x seed sweep) on one frozen base as one job.
+- :mod:`lora_jax.pooling`: sentence features for a head-only baseline, pooled as the
+  checkpoint was trained.
 - :mod:`lora_jax.params`: dotted paths over parameter pytrees.
+- :mod:`lora_jax.errors`: the error types for bad user input (one line on the command line).
 """
 
 from lora_jax import (
@@ -22,6 +29,7 @@ from lora_jax import (
     params,
     readout,
     rows,
+    sweep,
     tasks,
     train,
     trainable,
@@ -50,6 +58,7 @@ __all__ = [
     "models",
     "params",
     "split",
+    "sweep",
     "readout",
     "rows",
     "tasks",

@@ -104,7 +104,8 @@ def make_pooled_feature_fns(
     dropout_rng=None) -> [B, K]`` applies the trainable ``classifier`` to
     ``batch['features']``. POOLER reads ``[CLS]`` and applies the checkpoint's whole
     classification path (``lora_jax.models.cls_head``); CLS and MEAN apply the classifier
-    directly (BERT's pooler is skipped; RoBERTa's head has no pooler to skip).
+    directly (BERT's pooler and DeBERTa's ContextPooler are skipped; RoBERTa's and ELECTRA's
+    heads have no pooler to skip).
     """
     if not isinstance(spec, PoolingSpec):
         spec = PoolingSpec(Pooling(spec))
@@ -129,7 +130,7 @@ def make_pooled_feature_fns(
 
     def head_output_fn(params, batch, dropout_rng=None):
         features = batch["features"]
-        if pooling == Pooling.POOLER or config.model_type == "roberta":
+        if pooling == Pooling.POOLER or config.model_type in ("roberta", "electra"):
             return cls_head(params, features, config=config, dropout_rng=dropout_rng)
         return dense(params["classifier"], dropout(features, rate, dropout_rng))  # (B, K)
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import models
 from lora_jax import params as params_lib
 from lora_jax.errors import ConfigError
 from lora_jax.models import EncoderConfig, cls_head, embed, forward
@@ -35,12 +36,21 @@ class Readout(enum.StrEnum):
     TIED_MEAN: as TIED, but reading the mean of the final hidden states over the real tokens
       of the prompt: the sentence embedding that sentence-embedding encoders (e.g. the embedded
       MiniLM, trained with mean pooling) carry their information in.
+    RTD: prompting a replaced-token-detection discriminator (ELECTRA; Xia et al. 2022): each
+      of the K label words is placed at ``<mask>`` in turn and its score is minus the
+      discriminator's "replaced" logit there, i.e. the logit of the word being original. K
+      encoder passes per example; needs ``head='rtd'``.
     CLS: a sequence-classification head on the sentence (no template).
+
+    References:
+      Xia et al., "Prompting ELECTRA: Few-Shot Learning with Discriminative Pre-Trained
+      Models", EMNLP 2022, arXiv:2205.15223.
     """
 
     MLM = "mlm"
     TIED = "tied"
     TIED_MEAN = "tied_mean"
+    RTD = "rtd"
     CLS = "cls"
 
 
@@ -53,6 +63,40 @@ def _word_rows(params: Mapping, ids: jax.Array) -> jax.Array:
     return embed(table, ids)
 
 
+def load_prompt_encoder(
+    path: Any, readout: Readout | str = "auto", **kwargs
+) -> tuple[Any, Readout]:
+    """Loads the model a prompt readout needs: ``(EncoderModel, Readout)``.
+
+    ``readout='auto'`` takes the MLM head where the checkpoint has one, else an ELECTRA
+    discriminator's replaced-token-detection head (RTD), else hidden states read out through the
+    tied word embeddings (TIED_MEAN, e.g. MiniLM). Other readouts load the head they need and
+    raise the loader's error when it is missing.
+
+    Args:
+      path: a model directory or hub id (``lora_jax.models.from_pretrained``).
+      readout: ``'auto'`` or a :class:`Readout` other than CLS.
+      **kwargs: passed to ``from_pretrained`` (``dtype``, ``adapter``, ...).
+
+    Raises:
+      MissingHeadError: the checkpoint lacks the head that an explicit ``readout`` needs.
+      CheckpointError: any other problem with the checkpoint.
+    """
+    if readout != "auto":
+        readout = Readout(readout)
+        head = {Readout.MLM: "mlm", Readout.RTD: "rtd", Readout.CLS: "cls"}.get(readout)
+        return models.from_pretrained(path, head=head, **kwargs), readout
+    heads = [("mlm", Readout.MLM)]
+    if models.read_model_type(path) == "electra":
+        heads.append(("rtd", Readout.RTD))
+    for head, found in heads:
+        try:
+            return models.from_pretrained(path, head=head, **kwargs), found
+        except models.MissingHeadError:  # any other checkpoint problem is raised
+            pass
+    return models.from_pretrained(path, head=None, **kwargs), Readout.TIED_MEAN
+
+
 def make_output_fn(
     apply_fn: Callable, readout: Readout | str, label_word_ids: jax.Array | None = None
 ) -> OutputFn:
@@ -61,9 +105,9 @@ def make_output_fn(
     Args:
       apply_fn: a model's pure function (``lora_jax.models.split``), with the head that
         ``readout`` needs: ``mlm`` for MLM, None (hidden states) for TIED and TIED_MEAN,
-        ``cls`` for CLS.
+        ``rtd`` for RTD, ``cls`` for CLS.
       readout: see :class:`Readout`.
-      label_word_ids: ``[K]`` vocabulary ids of the label words (MLM and TIED).
+      label_word_ids: ``[K]`` vocabulary ids of the label words (MLM, TIED and RTD).
 
     The batch is a dict with ``input_ids`` [B, T], ``attention_mask`` [B, T], optionally
     ``token_type_ids`` [B, T], and ``mask_pos`` [B] (the ``<mask>`` position; prompt modes).
@@ -85,6 +129,8 @@ def make_output_fn(
                 label_word_ids=ids,
                 dropout_rng=dropout_rng,
             )
+        if readout == Readout.RTD:
+            return _rtd_scores(apply_fn, params, batch, ids, dropout_rng)
         if readout == Readout.TIED:
             hidden = apply_fn(
                 params, *inputs, mask_positions=batch["mask_pos"], dropout_rng=dropout_rng
@@ -100,6 +146,27 @@ def make_output_fn(
         # a batch reads (ntk.compact); besides the input ids, this readout reads these rows.
         output_fn.embedding_rows = np.zeros(0, np.int32) if ids is None else np.asarray(ids)
     return output_fn
+
+
+def _rtd_scores(apply_fn, params, batch, ids, dropout_rng) -> jax.Array:
+    """``[B, K]`` "original" logits of each label word put at ``<mask>`` (one pass per word)."""
+    input_ids, pos = batch["input_ids"], batch["mask_pos"]
+    (B, T), K = input_ids.shape, ids.shape[0]
+    at_mask = jnp.arange(T)[None, None, :] == pos[:, None, None]  # (B, 1, T)
+    filled = jnp.where(at_mask, ids[None, :, None], input_ids[:, None, :])  # (B, K, T)
+
+    def rows(a):  # (B, T) -> (B * K, T), each example repeated K times
+        return None if a is None else jnp.repeat(a, K, axis=0)
+
+    replaced = apply_fn(
+        params,
+        filled.reshape(B * K, T),
+        rows(batch["attention_mask"]),
+        rows(batch.get("token_type_ids")),
+        mask_positions=jnp.repeat(pos, K),
+        dropout_rng=dropout_rng,
+    )  # (B * K,)
+    return -replaced.reshape(B, K)
 
 
 def make_cls_feature_fns(config: EncoderConfig) -> tuple[Callable, OutputFn]:

@@ -92,7 +92,30 @@ def _roberta_tokenizer(directory: Path) -> int:
     )
 
 
-def _bert_tokenizer(directory: Path) -> int:
+def _deberta_tokenizer(directory: Path) -> int:
+    """DeBERTa-v3's tokenizer (``DebertaV2Tokenizer``: SentencePiece Unigram, ``▁`` marks a
+    word start, ``[CLS] [SEP] [PAD] [MASK] [UNK]``) over a vocabulary built, not trained: the
+    specials, every character alone and after ``▁``, and ``▁word`` for each corpus word in
+    lower and capitalized case, scored so that whole words win. transformers' own class builds
+    the normalizer, Metaspace pre-tokenizer and post-processor."""
+    from transformers import AutoTokenizer, DebertaV2Tokenizer
+
+    specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"]
+    words = sorted({w for line in _CORPUS for w in line.split()} | {"expression"})  # TREC
+    words = sorted({*words, *(w.capitalize() for w in words)})
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation))
+    vocab = [(t, 0.0) for t in specials] + [("▁", -2.0)]
+    vocab += [(f"▁{w}", -1.0) for w in words if len(w) > 1]
+    vocab += [(c, -3.0) for c in chars] + [(f"▁{c}", -2.5) for c in chars]
+    fast = DebertaV2Tokenizer(vocab=vocab, model_max_length=512)
+    fast.save_pretrained(str(directory))
+    reloaded = AutoTokenizer.from_pretrained(str(directory))
+    if len(reloaded) != len(vocab) or reloaded.mask_token != "[MASK]":
+        raise RuntimeError(f"tiny DeBERTa tokenizer did not round-trip: {len(reloaded)} tokens")
+    return len(vocab)
+
+
+def _bert_tokenizer(directory: Path, tokenizer_class: str = "BertTokenizer") -> int:
     """Lower-cased WordPiece whose vocabulary is built, not trained, so it is identical on every
     call: the specials, single characters and every corpus word. There are no ``##``
     continuation pieces, so a word outside the corpus (e.g. "expression") is ``[UNK]``."""
@@ -115,7 +138,7 @@ def _bert_tokenizer(directory: Path) -> int:
     return _save_tokenizer(
         tok,
         directory,
-        "BertTokenizer",
+        tokenizer_class,
         unk_token="[UNK]",
         sep_token="[SEP]",
         pad_token="[PAD]",
@@ -135,19 +158,22 @@ def make_tiny_checkpoint(
     intermediate: int = 64,
     with_mlm_head: bool = True,
 ) -> Path:
-    """Writes a tiny random RoBERTa / BERT as a Hugging Face model directory.
+    """Writes a tiny random RoBERTa / BERT / ELECTRA / DeBERTa-v3 as a Hugging Face directory.
 
     The tokenizer comes from a built-in English corpus (byte-level BPE trained on it, with
     ``<s> <pad> </s> <unk> <mask>``, for RoBERTa; a lower-cased WordPiece over its words and
-    characters, with ``[PAD] [UNK] [CLS] [SEP] [MASK]``, for BERT; a few hundred tokens,
-    identical on every call) and saved so that ``transformers.AutoTokenizer.
+    characters, with ``[PAD] [UNK] [CLS] [SEP] [MASK]``, for BERT and ELECTRA; DeBERTa-v3's
+    SentencePiece ``DebertaV2Tokenizer`` over a Unigram vocabulary trained on it; a few hundred
+    tokens, identical on every call) and saved so that ``transformers.AutoTokenizer.
     from_pretrained(directory)`` loads it. Label words such as " great" / " terrible"
-    (RoBERTa) and "great" / "terrible" (BERT) are single tokens. Weights are random (HF init)
-    and written as ``lora_jax.models.save_pretrained`` writes them.
+    (RoBERTa), "great" / "terrible" (BERT, ELECTRA) and "▁great" (DeBERTa) are single tokens.
+    ELECTRA gets ``embedding_size = hidden / 2`` (so ``embeddings_project``) and its generator
+    head; DeBERTa the v3 options (shared attention keys, p2c|c2p, 256 position buckets).
+    Weights are random (HF init) and written as ``lora_jax.models.save_pretrained`` writes them.
 
     Args:
       directory: output directory (created).
-      model_type: ``'roberta'`` or ``'bert'``.
+      model_type: ``'roberta'``, ``'bert'``, ``'electra'`` or ``'deberta-v2'``.
       seed: weight-init seed.
       num_layers, hidden, heads, intermediate: encoder shape.
       with_mlm_head: write a ``*ForMaskedLM`` (True) or a bare ``*Model`` (False; BERT then
@@ -158,18 +184,29 @@ def make_tiny_checkpoint(
     """
     from lora_jax.models import EncoderConfig, create, save_pretrained
 
-    if model_type not in ("roberta", "bert"):
-        raise ConfigError(f"model_type={model_type!r}; expected 'roberta' or 'bert'.")
+    if model_type not in ("roberta", "bert", "electra", "deberta-v2"):
+        raise ConfigError(
+            f"model_type={model_type!r}; expected 'roberta', 'bert', 'electra' or 'deberta-v2'."
+        )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if model_type == "roberta":
         vocab = _roberta_tokenizer(directory)
         special = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
         shape = dict(max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5)
+    elif model_type == "deberta-v2":
+        vocab = _deberta_tokenizer(directory)
+        special = dict(pad_token_id=0)
+        shape = dict(max_position_embeddings=512, type_vocab_size=0, layer_norm_eps=1e-7)
+        shape |= dict(relative_attention=True, share_att_key=True, pos_att_type=("p2c", "c2p"))
+        shape |= dict(position_buckets=256, norm_rel_ebd="layer_norm", position_biased_input=False)
     else:
-        vocab = _bert_tokenizer(directory)
+        tokenizer_class = "ElectraTokenizer" if model_type == "electra" else "BertTokenizer"
+        vocab = _bert_tokenizer(directory, tokenizer_class)
         special = dict(pad_token_id=0)
         shape = dict(max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12)
+        if model_type == "electra":
+            shape["embedding_size"] = hidden // 2
     config = EncoderConfig(
         model_type=model_type,
         vocab_size=vocab,

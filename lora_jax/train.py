@@ -35,12 +35,14 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
 from lora_jax import checkpoint
+from lora_jax import sharding as sharding_lib
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
-from lora_jax.rows import map_rows
+from lora_jax.rows import map_rows, num_rows
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -219,15 +221,24 @@ def make_train_chunk(
     model_fn: ModelFn,
     optimizer: optax.GradientTransformation,
     cfg: TrainConfig,
+    *,
+    mesh: Mesh | None = None,
+    rules: sharding_lib.Rules | None = None,
 ) -> Callable[[TrainState, PyTree, Batch], tuple[TrainState, jax.Array]]:
     """Returns ``chunk(state, frozen, data, length=None) -> (state, losses [length])``, jitted.
 
     ``data`` is the whole training set as a dict of ``[N, ...]`` arrays (with ``labels`` [N]);
     ``frozen`` is passed in (not closed over) so its arrays are not baked into the program.
+
+    With a ``mesh``, the program is compiled with in / out shardings from ``rules`` (default
+    :func:`lora_jax.sharding.rules_for_mesh`): the state (trainable tree and optimizer state)
+    and ``frozen`` by their logical axes, ``data`` over the batch axes, and each step's batch
+    constrained to the batch axes. The state keeps its shardings from chunk to chunk.
     ``length`` (static; default ``cfg.eval_every``) is the number of steps; each distinct value
     is compiled once.
     """
     loss_fn = get_loss(cfg.loss)
+    on_mesh = _MeshPlan.make(mesh, rules, cfg.batch_size)
 
     def objective(trainable, frozen, batch, dropout_rng):
         outputs = model_fn(trainable, frozen, batch, dropout_rng)
@@ -238,6 +249,8 @@ def make_train_chunk(
         num_examples = data["labels"].shape[0]
         idx = batch_indices(state.rng, state.step, num_examples, cfg.batch_size)
         batch = jax.tree.map(lambda x: x[idx], data)
+        if on_mesh is not None:
+            batch = on_mesh.constrain_batch(batch)
         dropout_rng = dropout_key(state.rng, state.step) if cfg.dropout else None
         loss, grads = jax.value_and_grad(objective)(state.trainable, frozen, batch, dropout_rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
@@ -253,24 +266,117 @@ def make_train_chunk(
         body = lambda carry, x: step(carry, x, frozen, data)  # noqa: E731
         return jax.lax.scan(body, state, None, length=length or cfg.eval_every)
 
-    return jax.jit(chunk, donate_argnums=0, static_argnames="length")
+    if on_mesh is None:
+        return jax.jit(chunk, donate_argnums=0, static_argnames="length")
+    sharded = on_mesh.jit(
+        chunk,
+        lambda state, frozen, data: (on_mesh.tree(state), on_mesh.tree(frozen), on_mesh.data(data)),
+        lambda ins: (ins[0], on_mesh.replicated),
+        donate_argnums=0,
+    )
+    return lambda state, frozen, data, length=None: sharded(state, frozen, data, length=length)
+
+
+class _MeshPlan(NamedTuple):
+    """A mesh and its rule table, and the shardings the training programs derive from them."""
+
+    mesh: Mesh
+    rules: sharding_lib.Rules
+
+    @classmethod
+    def make(cls, mesh: Mesh | None, rules: sharding_lib.Rules | None, batch_size: int | None):
+        if mesh is None:
+            return None
+        rules = sharding_lib.rules_for_mesh(mesh) if rules is None else rules
+        sharding_lib.check_rules(rules, mesh)
+        ways = sharding_lib.batch_ways(mesh, rules)
+        if batch_size is not None and batch_size % ways:
+            axes = " x ".join(rules["batch"])
+            raise ConfigError(
+                f"batch_size={batch_size} is not divisible by the {ways} batch shards of the mesh "
+                f"({axes}={ways}); use a multiple of {ways}."
+            )
+        return cls(mesh, rules)
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return sharding_lib.replicated(self.mesh)
+
+    def tree(self, tree: PyTree) -> PyTree:
+        return sharding_lib.tree_shardings(tree, self.mesh, self.rules)
+
+    def data(self, data: Batch) -> dict:
+        return sharding_lib.data_shardings(data, self.mesh, self.rules)
+
+    def constrain_batch(self, batch: Batch) -> dict:
+        """Splits the first dimension of every array of ``batch`` over the batch mesh axes."""
+        spec = sharding_lib.batch_sharding(self.mesh, self.rules, (0,)).spec
+        return {
+            k: jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
+            for k, x in batch.items()
+        }
+
+    def jit(self, fn, in_shardings_fn, out_shardings_fn, donate_argnums=()):
+        """``jax.jit(fn)`` with in / out shardings derived from the arguments' paths and shapes.
+
+        One compiled program per argument structure (shapes and shardings) and per value of
+        the keyword arguments (static, like ``jax.jit`` 's ``static_argnames``).
+        """
+        compiled: dict = {}
+
+        def call(*args, **static):
+            ins = in_shardings_fn(*args)
+            key = (jax.tree.structure(ins), tuple(jax.tree.leaves(ins)), tuple(static.items()))
+            if key not in compiled:
+                compiled[key] = jax.jit(
+                    functools.partial(fn, **static),
+                    in_shardings=ins,
+                    out_shardings=out_shardings_fn(ins),
+                    donate_argnums=donate_argnums,
+                )
+            return compiled[key](*args)
+
+        return call
 
 
 def make_predict(
-    model_fn: ModelFn, batch_size: int
+    model_fn: ModelFn,
+    batch_size: int,
+    *,
+    mesh: Mesh | None = None,
+    rules: sharding_lib.Rules | None = None,
 ) -> Callable[[PyTree, PyTree, Batch], jax.Array]:
     """Returns jitted ``predict(trainable, frozen, data) -> outputs [N, K]`` in fixed batches.
 
     ``data`` (a dict of ``[N, ...]`` arrays) is split into ``ceil(N / batch_size)`` batches of
     one static size, as even as possible (so 32 rows run as one batch of 32, not one of 64, and
     1000 as 16 of 63), and mapped over with ``lax.map``; padding rows are dropped from the
-    result.
+    result. With a ``mesh`` the parameters are placed by ``rules``, each block is split over the
+    batch axes when its row count is a multiple of their shard count, and the outputs are
+    replicated.
     """
+    on_mesh = _MeshPlan.make(mesh, rules, None)
+    ways = 1 if on_mesh is None else sharding_lib.batch_ways(on_mesh.mesh, on_mesh.rules)
 
     def predict(trainable, frozen, data):
-        return map_rows(lambda b: model_fn(trainable, frozen, b, None), data, batch_size)
+        def run_block(b):
+            if on_mesh is not None and num_rows(b) % ways == 0:
+                b = on_mesh.constrain_batch(b)
+            return model_fn(trainable, frozen, b, None)
 
-    return jax.jit(predict)
+        return map_rows(run_block, data, batch_size)
+
+    if on_mesh is None:
+        return jax.jit(predict)
+    return on_mesh.jit(
+        predict,
+        lambda trainable, frozen, data: (
+            on_mesh.tree(trainable),
+            on_mesh.tree(frozen),
+            on_mesh.data(data),
+        ),
+        lambda ins: on_mesh.replicated,
+    )
 
 
 def evaluate(
@@ -293,22 +399,31 @@ class Programs(NamedTuple):
     predict: Callable  # see make_predict
 
 
-def programs(model_fn: ModelFn, cfg: TrainConfig) -> Programs:
+def programs(
+    model_fn: ModelFn,
+    cfg: TrainConfig,
+    *,
+    mesh: Mesh | None = None,
+    rules: sharding_lib.Rules | None = None,
+) -> Programs:
     """Optimizer, train chunk and predict for ``model_fn`` and ``cfg``, built once and reused.
 
     Runs that differ only in ``cfg.seed`` (the seeds of a sweep) share the compiled programs,
-    since the seed lives in the state, not in the program.
+    since the seed lives in the state, not in the program. ``mesh`` and ``rules`` as in
+    :func:`make_train_chunk`.
     """
-    return _programs(model_fn, dataclasses.replace(cfg, seed=0))
+    frozen_rules = None if rules is None else tuple(sorted((k, tuple(v)) for k, v in rules.items()))
+    return _programs(model_fn, dataclasses.replace(cfg, seed=0), mesh, frozen_rules)
 
 
 @functools.lru_cache(maxsize=32)
-def _programs(model_fn: ModelFn, cfg: TrainConfig) -> Programs:
+def _programs(model_fn: ModelFn, cfg: TrainConfig, mesh, rules) -> Programs:
+    rules = None if rules is None else dict(rules)
     optimizer = make_optimizer(cfg)
     return Programs(
         optimizer,
-        make_train_chunk(model_fn, optimizer, cfg),
-        make_predict(model_fn, cfg.eval_batch_size),
+        make_train_chunk(model_fn, optimizer, cfg, mesh=mesh, rules=rules),
+        make_predict(model_fn, cfg.eval_batch_size, mesh=mesh, rules=rules),
     )
 
 
@@ -324,6 +439,8 @@ def fit(
     checkpoint_dir: str | os.PathLike | None = None,
     metrics_path: str | os.PathLike | None = None,
     progress: bool | str = True,
+    mesh: Mesh | None = None,
+    rules: sharding_lib.Rules | None = None,
 ) -> FitResult:
     """Trains for ``cfg.steps``, evaluating on ``dev_data`` every ``cfg.eval_every`` steps and
     after the last one (see :func:`chunk_lengths`).
@@ -346,20 +463,33 @@ def fit(
       checkpoint_dir: where to save / resume; None disables checkpoints.
       metrics_path: JSONL file to append evaluation records to.
       progress: show a tqdm bar (a string is used as its description).
+      mesh: run on this mesh (see :mod:`lora_jax.sharding`): ``frozen``, the state and the data
+        are placed by ``rules`` (default ``rules_for_mesh(mesh)``), and the state stays sharded.
+        On several processes every process calls ``fit`` with the same arguments; each
+        contributes its own rows of the data, checkpoints are written collectively, and only
+        process 0 appends to ``metrics_path``.
+      rules: the logical-axis rule table.
 
     Returns:
       A :class:`FitResult`.
     """
     if optimizer is None:
-        _, chunk, predict = programs(model_fn, cfg)
+        _, chunk, predict = programs(model_fn, cfg, mesh=mesh, rules=rules)
     else:
-        chunk = make_train_chunk(model_fn, optimizer, cfg)
-        predict = make_predict(model_fn, cfg.eval_batch_size)
-    train_data = jax.tree.map(jnp.asarray, dict(train_data))
-    dev_data = jax.tree.map(jnp.asarray, dict(dev_data))
-
-    # fit() donates its state to the compiled chunks; copy so the caller's arrays stay valid.
-    state = jax.tree.map(jnp.copy, state)
+        chunk = make_train_chunk(model_fn, optimizer, cfg, mesh=mesh, rules=rules)
+        predict = make_predict(model_fn, cfg.eval_batch_size, mesh=mesh, rules=rules)
+    if mesh is None:
+        train_data = jax.tree.map(jnp.asarray, dict(train_data))
+        dev_data = jax.tree.map(jnp.asarray, dict(dev_data))
+        # fit() donates its state to the compiled chunks; copy so the caller's arrays stay valid.
+        state = jax.tree.map(jnp.copy, state)
+    else:
+        table = sharding_lib.rules_for_mesh(mesh) if rules is None else rules
+        train_data = sharding_lib.place_data(dict(train_data), mesh, table)
+        dev_data = sharding_lib.place_data(dict(dev_data), mesh, table)
+        frozen = sharding_lib.place(frozen, sharding_lib.tree_shardings(frozen, mesh, table))
+        shardings = sharding_lib.tree_shardings(state, mesh, table)
+        state = jax.tree.map(jnp.copy, sharding_lib.place(state, shardings))
     best_trainable = state.trainable
     log = {"best_accuracy": -1.0, "best_step": 0, "history": []}  # saved as checkpoint metadata
     if checkpoint_dir is not None:
@@ -392,7 +522,7 @@ def fit(
             best_trainable = jax.tree.map(jnp.copy, state.trainable)
             log.update(best_accuracy=dev["accuracy"], best_step=step)
         log["history"].append(record)
-        if metrics_path is not None:
+        if metrics_path is not None and jax.process_index() == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if checkpoint_dir is not None:

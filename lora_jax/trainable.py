@@ -20,7 +20,9 @@ from lora_jax.readout import OutputFn
 
 PyTree = Any
 
-HEAD_PATTERN = r"^classifier\."  # the sequence-classification head (RoBERTa and BERT names)
+# The sequence-classification head: `classifier` (all models), and DeBERTa's ContextPooler,
+# top-level `pooler` (new weights, unlike BERT's pretrained `bert.pooler`).
+HEAD_PATTERN = r"^(classifier|pooler)\."
 
 
 class Method(enum.StrEnum):
@@ -39,14 +41,18 @@ def make_model_fn(
     method: Method | str,
     *,
     lora_config: lora.LoraConfig | None = None,
-    fused: bool = False,
+    fused: bool | None = None,
 ) -> Callable:
     """Returns ``model_fn(trainable, frozen, batch, dropout_rng) -> [B, K]`` for ``method``.
 
-    LORA: ``trainable`` is the adapters pytree, ``frozen`` the base params (merged, or fused
-    with ``fused=True``); with a ``dropout_rng``, ``lora_config.dropout`` runs on the LoRA
-    branches (its key is ``fold_in(dropout_rng, 0x10AA)``, so the model's own dropout masks are
-    the same with or without it). FULL: ``trainable`` is all params. HEAD: ``trainable`` is the
+    LORA: ``trainable`` is the adapters pytree, ``frozen`` the base params, applied as
+    ``lora.apply(..., fused=fused)``: None (default) picks per module the path that is faster
+    for a training step at its shapes (fused where ``3 r (in + out) < in * out``, see
+    ``lora.apply``), True fuses every module (what a vectorized sweep needs, so that the base
+    GEMMs are shared across members), False merges every kernel. With a ``dropout_rng``,
+    ``lora_config.dropout`` runs on the LoRA branches (its key is
+    ``fold_in(dropout_rng, 0x10AA)``, so the model's own dropout masks are the same with or
+    without it). FULL: ``trainable`` is all params. HEAD: ``trainable`` is the
     ``classifier`` sub-tree and ``frozen`` the rest.
     """
     method = Method(method)

@@ -38,7 +38,6 @@ Example (a sketch: ``output_fn``, ``params``, ``train`` and ``test`` are the cal
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import enum
 import os
@@ -52,9 +51,11 @@ import numpy as np
 from lora_jax.rows import num_rows, take_rows
 from ntk import _kernel_cache
 from ntk._compat import nt
+from ntk._jacobians import jacobian_bytes, jacobian_program, reused_kernel
 from ntk._memory import available_memory, gib, required_bytes
+from ntk._programs import compiled, program_fn_key
 from ntk.compact import compact_block, compact_fn, compactable_tables
-from ntk.model_fn import FingerprintError, cast_floating, check_outputs
+from ntk.model_fn import cast_floating, check_outputs
 
 PyTree = Any
 Axes = int | tuple[int, ...]
@@ -215,44 +216,20 @@ def block_jobs(
     return [(i, j) for i in range(0, n1, b1) for j in range(0, n2, b2)]
 
 
-# Compiled block programs of the session: {key: (f, executable)}, least recently used first.
-_PROGRAMS: collections.OrderedDict[tuple, tuple[Callable, Any]] = collections.OrderedDict()
-_MAX_PROGRAMS = 32
-
-
-def _program_fn_key(f: Callable) -> tuple:
-    """A key for ``f`` across ``ntk_fn`` s: its content fingerprint, else its identity."""
-    try:
-        return ("content", _kernel_cache.function_key(f))
-    except FingerprintError:
-        return ("id", id(f))  # the cache entry holds f, so the id is not reused meanwhile
-
-
 def block_program(
     f: Callable, fn_key: tuple, impl: NtkImplementation, opts: KernelOptions, xa, xb, params
 ) -> Any:
     """The compiled kernel of one ``(xa, xb)`` block (``xb=None``: ``xa`` with itself), cached
     for the session by (f, implementation, options, shapes and dtypes)."""
 
-    def spec(a):
-        return np.shape(a), str(getattr(a, "dtype", None) or np.result_type(a))
+    def lower():
+        check_outputs(jax.eval_shape(f, params, xa), xa, where="f")
+        fn = nt.empirical_ntk_fn(f, implementation=int(impl), **opts.nt_kwargs())
+        if xb is None:
+            return jax.jit(lambda a, p: fn(a, None, p)).lower(xa, params)
+        return jax.jit(fn).lower(xa, xb, params)
 
-    shapes = jax.tree.map(spec, (xa, xb, params))
-    key = (fn_key, int(impl), opts.key(), str(jax.tree.structure((xa, xb, params))), str(shapes))
-    hit = _PROGRAMS.get(key)
-    if hit is not None and (fn_key[0] == "content" or hit[0] is f):
-        _PROGRAMS.move_to_end(key)
-        return hit[1]
-    check_outputs(jax.eval_shape(f, params, xa), xa, where="f")
-    fn = nt.empirical_ntk_fn(f, implementation=int(impl), **opts.nt_kwargs())
-    if xb is None:
-        lowered = jax.jit(lambda a, p: fn(a, None, p)).lower(xa, params)
-    else:
-        lowered = jax.jit(fn).lower(xa, xb, params)
-    _PROGRAMS[key] = (f, lowered.compile())
-    while len(_PROGRAMS) > _MAX_PROGRAMS:
-        _PROGRAMS.popitem(last=False)
-    return _PROGRAMS[key][1]
+    return compiled(f, fn_key, ("block", int(impl), opts.key()), lower, (xa, xb, params))
 
 
 def _fits(compile_fn: Callable[[], Any], limit: int) -> int | None:
@@ -447,10 +424,43 @@ def empirical_ntk_fn(
         jobs = block_jobs(n1, n2, b1, b2, symmetric=symmetric, batch_diagonal=opts.batch_diagonal)
         tables = compactable_tables(f, params)
         fn = compact_fn(f, tables) if tables else f
-        fn_key = (*_program_fn_key(f), tables)
+        fn_key = (*program_fn_key(f), tables)
         limit = int(limit_fn())
-
         out = None
+
+        def place(block, i, j):
+            nonlocal out
+            if tables and np.isnan(block).any():
+                raise ValueError(
+                    "The eNTK block is NaN with the embedding tables compacted: f reads rows "
+                    "beyond its input ids that it did not declare (list them in "
+                    "f.__ntk_embedding_rows__), or f's outputs are NaN."
+                )
+            out = place_block(out, block, i, j, n1, n2, symmetric=symmetric, opts=opts)
+
+        if _reuse_jacobians(opts):
+            # All rows compacted together: every block's Jacobians share one parametrization.
+            p, xs = params, [x1c] if symmetric else [x1c, x2c]
+            if tables:
+                p, xs = compact_block(f, params, xs, tables)
+            xa, xb = xs[0], (None if symmetric else xs[1])
+            if _jacobians_fit(fn, fn_key, p, xa, xb, (b1, b2), limit):
+                reused_kernel(
+                    fn,
+                    fn_key,
+                    p,
+                    xa,
+                    xb,
+                    (b1, b2),
+                    opts.trace,
+                    opts.diag,
+                    place,
+                    lambda pairs: _progress(pairs, progress),
+                )
+                if path is not None:
+                    _kernel_cache.save(path, out)
+                return out
+
         for i, j in _progress(jobs, progress):
             xa = take_rows(x1c, i, b1, n1)
             xb = None if symmetric and i == j else take_rows(x1c if symmetric else x2c, j, b2, n2)
@@ -459,20 +469,36 @@ def empirical_ntk_fn(
                 p, blocks = compact_block(f, params, [x for x in (xa, xb) if x is not None], tables)
                 xa, xb = blocks[0], (None if xb is None else blocks[1])
             exe = select_program(fn, fn_key, opts, xa, xb, p, limit, chosen)
-            block = np.asarray(exe(xa, p) if xb is None else exe(xa, xb, p))
-            if tables and np.isnan(block).any():
-                raise ValueError(
-                    "The eNTK block is NaN with the embedding tables compacted: f reads rows "
-                    "beyond its input ids that it did not declare (list them in "
-                    "f.__ntk_embedding_rows__), or f's outputs are NaN."
-                )
-            out = place_block(out, block, i, j, n1, n2, symmetric=symmetric, opts=opts)
+            place(np.asarray(exe(xa, p) if xb is None else exe(xa, xb, p)), i, j)
         if path is not None:
             _kernel_cache.save(path, out)
         return out
 
     ntk_fn.chosen_implementation = lambda: chosen.get("impl", opts.implementation)
     return ntk_fn
+
+
+def _reuse_jacobians(opts: KernelOptions) -> bool:
+    """Whether the kernel is computed with Jacobians kept across blocks (:mod:`ntk._jacobians`):
+    JACOBIAN_CONTRACTION on a per-example model (``vmap_axes=0``), not the batch diagonal."""
+    return (
+        opts.implementation == NtkImplementation.JACOBIAN_CONTRACTION
+        and isinstance(opts.vmap_axes, int)
+        and opts.vmap_axes == 0
+        and not opts.batch_diagonal
+    )
+
+
+def _jacobians_fit(f, fn_key, params, x1, x2, sizes, limit: int) -> bool:
+    """Whether the kept Jacobians of x2 (x1 if None), one block of x1 and a contraction fit."""
+    rows2 = x1 if x2 is None else x2
+    n2 = num_rows(rows2)
+    b2 = sizes[0] if x2 is None else sizes[1]
+    exe2 = jacobian_program(f, fn_key, take_rows(rows2, 0, b2, n2), params)
+    need = -(-n2 // b2) * jacobian_bytes(exe2) + required_bytes(exe2)
+    if x2 is not None:
+        need += required_bytes(jacobian_program(f, fn_key, take_rows(x1, 0, sizes[0]), params))
+    return need <= limit
 
 
 def _progress(jobs: list, show: bool):

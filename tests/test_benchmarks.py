@@ -22,7 +22,7 @@ def test_missing_interpreter_says_how_to_give_it():
     assert torch_python.resolve(sys.executable, "json") == sys.executable
 
 
-@pytest.mark.parametrize("script", ["bench_lora_step.py", "bench_ntk.py"])
+@pytest.mark.parametrize("script", ["bench_lora_step.py", "bench_ntk.py", "bench_forward.py"])
 def test_benchmarks_take_the_interpreter_from_the_option_or_env(script):
     env = {k: v for k, v in os.environ.items() if k != torch_python.ENV}
     cmd = [sys.executable, str(BENCH / script), "--compare"]

@@ -200,3 +200,13 @@ def test_a_bad_line_inside_results_is_an_error_naming_it(tmp_path):
     path.write_text('{"a": 1}\n{"a": \n{"a": 2}\n')
     with pytest.raises(InputFileError, match="line 2"):
         report.read_results(path)
+
+
+def test_steps_20_and_dropout_reach_the_training_config():
+    """``--steps 20`` was refused (default eval_every=25 did not divide it); --dropout is new."""
+    cfg = run.parse_args(["--steps", "20", "--dropout", "--lora-dropout", "0.1"])
+    cell = run.Cell("mr", "lora", 4, 13)
+    tcfg = run.train_config(cfg, cell)
+    assert (tcfg.steps, tcfg.eval_every, tcfg.dropout) == (20, 25, True)
+    assert run.lora_config(cfg, 4).dropout == 0.1
+    assert run.train_config(run.parse_args([]), cell).dropout is False

@@ -20,7 +20,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from lora_jax import lora
-from lora_jax.models import from_pretrained, split
+from lora_jax.models import from_pretrained, load_peft_model, split
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 TOL = 1e-4  # float32 max abs logit difference
@@ -180,7 +180,7 @@ def test_our_export_loads_in_peft_with_same_outputs(tmp_path):
 def test_load_peft_model_convenience():
     d = os.path.join(GOLDEN, "peft_mlm")
     io = np.load(os.path.join(d, "io.npz"))
-    apply_fn, params = lora.load_peft_model(
+    apply_fn, params = load_peft_model(
         os.path.join(d, "base"), os.path.join(d, "adapter"), head="mlm"
     )
     assert np.abs(_run(jax.jit(apply_fn), params, io) - io["peft_logits"]).max() <= TOL

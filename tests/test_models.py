@@ -93,7 +93,9 @@ def test_error_unsupported_model_type(tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "gpt2"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="Unsupported model_type 'gpt2'.*RoBERTa or BERT"):
+    with pytest.raises(
+        ValueError, match="Unsupported model_type 'gpt2'.*RoBERTa, BERT, ELECTRA or DeBERTa"
+    ):
         models.from_pretrained(d, head=None)
 
 

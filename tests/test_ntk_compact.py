@@ -133,7 +133,7 @@ def test_refused_block_names_an_alternative_that_fits():
     opts = kernel_lib.kernel_options((), (), 0, 1, 2, None)
     p, (xc,) = compact.compact_block(f, params, [x], compact.compactable_tables(f, params))
     fn = compact.compact_fn(f, compact.compactable_tables(f, params))
-    key = (*kernel_lib._program_fn_key(f), compact.compactable_tables(f, params))
+    key = (*kernel_lib.program_fn_key(f), compact.compactable_tables(f, params))
     jc = kernel_lib.block_program(fn, key, opts.implementation, opts, xc, None, p)
     limit = ntk.kernel.required_bytes(jc) + 1  # JACOBIAN_CONTRACTION just fits
     structured = ntk.empirical_ntk_fn(

@@ -1,5 +1,7 @@
 """ntk.empirical_ntk_fn: blocked eNTK on batch dicts vs a hand-built J J^T; memory check; cache."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,9 +64,14 @@ def test_trace_and_diagonal_axes(symmetric):
             ((-1,), (), np.einsum("abkk->ab", full) / 3),  # nt's trace is a mean
             ((), (-1,), np.einsum("abkk->abk", full)),
         ]
-        for trace_axes, diagonal_axes, expected in cases:
+        for (trace_axes, diagonal_axes, expected), vmap_axes in itertools.product(cases, (None, 0)):
+            # vmap_axes=0: Jacobians computed once per row and kept across blocks.
             ntk_fn = ntk.empirical_ntk_fn(
-                g, trace_axes=trace_axes, diagonal_axes=diagonal_axes, batch_size=(3, 2)
+                g,
+                trace_axes=trace_axes,
+                diagonal_axes=diagonal_axes,
+                batch_size=(3, 2),
+                vmap_axes=vmap_axes,
             )
             got = ntk_fn(x1, None if symmetric else x2, params)
             assert got.shape == expected.shape

@@ -76,3 +76,24 @@ def test_task_json_template_means_the_same_prompt_to_both(golden):
         n = int(io["attention_mask"][row].sum())
         np.testing.assert_array_equal(ours["input_ids"][row][:n], io["input_ids"][row][:n])
         assert int(ours["mask_pos"][row]) == int(io["mask_pos"][row])
+
+
+def test_readme_loading_example_runs_on_a_saved_adapter(golden, monkeypatch):
+    """The README's "Your own data" lora-jax snippet, pointed at the golden adapter, reproduces
+    the test accuracy the run recorded in task.json."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md")) as f:
+        section = f.read().split("## Your own data", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    assert '"runs/reviews/adapters/reviews_lora-r4_seed13"' in code and '"reviews.json"' in code
+    code = code.replace("runs/reviews/adapters/reviews_lora-r4_seed13", ADAPTER)
+    code = code.replace('"reviews.json"', repr(os.path.join(GOLDEN, "task", "reviews.json")))
+    monkeypatch.chdir(root)  # task.json names the base model relative to the repository
+    scope = {"__name__": "readme"}
+    exec(compile(code, "README.md", "exec"), scope)
+    info, _ = golden
+    logits, labels = np.asarray(scope["logits"]), np.asarray(scope["batch"]["labels"])
+    assert logits.shape == (len(labels), 2)
+    assert float(np.mean(logits.argmax(-1) == labels)) == info["test_accuracy"]

@@ -10,7 +10,6 @@ TensorBoard's own reader. Each bad task file gives one line naming the file, the
 import csv
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -145,9 +144,9 @@ def test_task_files_run_end_to_end_with_saved_adapters_and_tensorboard(
         batch = {k: jnp.asarray(v) for k, v in batch.items()}
         model = models.from_pretrained(tiny, head="mlm", adapter=adapter_dir)
         apply_fn, params = models.split(model)
-        loaded = jax.jit(make_output_fn(apply_fn, "mlm", info["label_word_ids"]))(params, batch)
+        loaded = make_output_fn(apply_fn, "mlm", info["label_word_ids"])(params, batch)
         model_fn, frozen, adapters = best[key]
-        in_memory = jax.jit(model_fn)(adapters, frozen, batch, None)
+        in_memory = model_fn(adapters, frozen, batch, None)
         np.testing.assert_allclose(loaded, in_memory, atol=1e-5)
         accuracy = float(np.mean(np.argmax(loaded, -1) == np.asarray(batch["labels"])))
         assert accuracy == record["test_accuracy"]
@@ -195,6 +194,11 @@ def test_task_file_beside_registered_tasks_and_hub_dataset(own_data, tmp_path, m
     data = task.load()
     assert task.name == "hub" and (len(data.train), len(data.test)) == (12, 8)
     assert list(data.train.labels[:6]) == [1] * 6 and data.train.texts[0][0] == POSITIVE[0]
+    # A hub id that cannot be had offline is one line too.
+    _write_json(path, {**spec, "hub": {"path": "nobody/no-such-dataset"}})
+    with pytest.raises(tasks.HubUnavailableError, match="'hub': datasets.load_dataset") as info:
+        tasks.load_task_file(path)
+    assert "\n" not in str(info.value) and "fix:" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -247,3 +251,8 @@ def test_tensorboard_without_tensorboardx_is_one_clear_line(own_data, tmp_path, 
                        "sync --extra tensorboard`"):  # fmt: skip
         main(["--task-file", str(reviews), "--k", "2", "--out", str(tmp_path), "--tensorboard"])
     assert not (tmp_path / "default").exists()
+
+
+def test_missing_task_file_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"error: task file '.*nope\.json': no such file; fix:"):
+        main(["--task-file", str(tmp_path / "nope.json"), "--out", str(tmp_path)])

@@ -191,7 +191,7 @@ def test_batch_larger_than_training_set_is_a_clear_error():
 
 @pytest.mark.parametrize(
     "steps, eval_every, expected",
-    [(20, 25, [20]), (10, 4, [4, 8, 10]), (12, 4, [4, 8, 12]), (5, 1, [1, 2, 3, 4, 5])],
+    [(20, 25, [20]), (10, 4, [4, 8, 10])],
 )
 def test_any_steps_and_eval_every_run_exactly_steps(steps, eval_every, expected):
     """``steps=20`` with the default ``eval_every=25`` used to be refused ("must divide")."""
@@ -314,7 +314,9 @@ def test_dropout_key_is_apart_from_the_batch_order_keys():
 
 
 def test_fit_with_encoder_and_lora_dropout(tiny_encoder_config):
-    """A real encoder: its hidden/attention dropout and PEFT's lora_dropout, inside the loop."""
+    """A real encoder: its hidden/attention dropout and PEFT's lora_dropout, inside the loop
+    (this raised OverflowError: the dropout key was fold_in(key, -1)). That the masks change
+    per step, resume and stop at evaluation is checked above on a cheaper model."""
     import dataclasses
 
     from lora_jax import lora, models
@@ -322,26 +324,23 @@ def test_fit_with_encoder_and_lora_dropout(tiny_encoder_config):
     from lora_jax.trainable import Method, make_model_fn, split_params
 
     config = dataclasses.replace(
-        tiny_encoder_config, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1
+        tiny_encoder_config,
+        num_hidden_layers=1,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
     )
     apply_fn, params = models.split(models.create(config, head="cls", num_labels=2))
     lcfg = lora.LoraConfig(r=2, alpha=4, targets="query|value", dropout=0.2)
     model_fn = make_model_fn(make_output_fn(apply_fn, "cls"), Method.LORA, lora_config=lcfg)
     rng = np.random.default_rng(0)
     data = {
-        "input_ids": rng.integers(3, 50, size=(16, 8)).astype(np.int32),
-        "attention_mask": np.ones((16, 8), np.int32),
+        "input_ids": rng.integers(3, 50, size=(16, 6)).astype(np.int32),
+        "attention_mask": np.ones((16, 6), np.int32),
         "labels": (np.arange(16) % 2).astype(np.int32),
     }
-    results = {}
-    for dropout in (False, True):
-        cfg = train.TrainConfig(
-            steps=4, batch_size=8, learning_rate=1e-2, eval_every=2, dropout=dropout
-        )
-        adapters, frozen = split_params(
-            params, Method.LORA, key=jax.random.key(0), lora_config=lcfg
-        )
-        state = train.init_state(adapters, train.make_optimizer(cfg), cfg.seed)
-        results[dropout] = train.fit(model_fn, state, frozen, data, data, cfg, progress=False)
-    assert all(np.isfinite(r["train_loss"]) for r in results[True].history)
-    assert results[True].history[0]["train_loss"] != results[False].history[0]["train_loss"]
+    cfg = train.TrainConfig(steps=2, batch_size=8, learning_rate=1e-2, eval_every=2, dropout=True)
+    adapters, frozen = split_params(params, Method.LORA, key=jax.random.key(0), lora_config=lcfg)
+    state = train.init_state(adapters, train.make_optimizer(cfg), cfg.seed)
+    result = train.fit(model_fn, state, frozen, data, data, cfg, progress=False)
+    assert int(result.state.step) == 2
+    assert all(np.isfinite(r["train_loss"]) for r in result.history)

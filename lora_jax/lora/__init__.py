@@ -27,7 +27,6 @@ from lora_jax.lora.multi import apply_named, combine, merge_named
 from lora_jax.lora.peft import (
     from_peft_config,
     load_peft,
-    load_peft_model,
     save_peft,
     to_peft_config,
 )
@@ -53,7 +52,6 @@ __all__ = [
     "init_pissa",
     "load",
     "load_peft",
-    "load_peft_model",
     "logical_axes",
     "merge",
     "merge_named",

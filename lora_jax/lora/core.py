@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lora_jax import sharding
 from lora_jax.errors import ConfigError
 from lora_jax.lora.config import LoraConfig, LoraInit
 from lora_jax.lora.targets import Plan, get_module, resolve
@@ -421,15 +422,10 @@ def logical_axes(adapters: Mapping) -> dict:
     """Logical axis names of every adapters leaf, for sharding rules (same structure).
 
     `lora_a` gets (in axis of its kernel, 'lora_rank'), `lora_b` ('lora_rank', out axis), and
-    copies of biases / saved modules the names of the base leaf they replace (from
-    `lora_jax.models.encoder.leaf_axes`, the one table the models use).
+    copies of biases / saved modules the names of the base leaf they replace (see
+    `lora_jax.sharding.leaf_axes`, the one table the models use).
     """
-    from lora_jax.models.encoder import leaf_axes
-
-    return {
-        path: {leaf: leaf_axes(f"{path}.{leaf}", jnp.ndim(x)) for leaf, x in leaves.items()}
-        for path, leaves in adapters.items()
-    }
+    return sharding.logical_axes(dict(adapters))
 
 
 def tree_paths(tree: Any) -> list[str]:

@@ -38,7 +38,6 @@ from lora_jax.lora.config import LoraBias, LoraConfig, LoraInit
 __all__ = [
     "from_peft_config",
     "load_peft",
-    "load_peft_model",
     "save_peft",
     "to_peft_config",
 ]
@@ -310,33 +309,3 @@ def load_peft(
             "Linear modules, biases, and modules_to_save Linear/LayerNorm/Embedding weights)."
         )
     return adapters, cfg
-
-
-def load_peft_model(
-    base: str | os.PathLike,
-    adapter_dir: str | os.PathLike,
-    *,
-    head: str | None = "mlm",
-    num_labels: int | None = None,
-    fused: bool = False,
-    dtype: Any = jnp.float32,
-) -> tuple[Callable[..., jax.Array], dict]:
-    """A base HF checkpoint with a PEFT LoRA adapter applied, ready to run.
-
-    Args:
-      base: HF model directory or hub id (read by `lora_jax.models.from_pretrained`).
-      adapter_dir: PEFT adapter directory.
-      head: 'mlm', 'cls' or None (as in `from_pretrained`).
-      num_labels: for head='cls'.
-      fused: keep LoRA factors separate (see `apply`) instead of merging them into the kernels.
-      dtype: parameter dtype of the base model.
-
-    Returns:
-      (apply_fn, params) as from `lora_jax.models.split`, with the adapter applied.
-    """
-    from lora_jax.lora.core import apply
-    from lora_jax.models import from_pretrained, split
-
-    apply_fn, params = split(from_pretrained(base, head=head, num_labels=num_labels, dtype=dtype))
-    adapters, cfg = load_peft(adapter_dir, dtype=dtype)
-    return apply_fn, apply(params, adapters, cfg, fused=fused)

@@ -1,4 +1,4 @@
-"""Own Flax NNX RoBERTa / BERT encoders and Hugging Face checkpoint conversion.
+"""Own Flax NNX RoBERTa, BERT, ELECTRA and DeBERTa-v2/v3 encoders, and HF checkpoint conversion.
 
 Example:
   >>> from lora_jax import models
@@ -11,7 +11,7 @@ Example:
 """
 
 from lora_jax.models.config import EncoderConfig
-from lora_jax.models.convert import CheckpointError
+from lora_jax.models.convert import CheckpointError, MissingHeadError
 from lora_jax.models.encoder import (
     EncoderModel,
     cls_head,
@@ -23,8 +23,10 @@ from lora_jax.models.encoder import (
 from lora_jax.models.layers import dense, embed
 from lora_jax.models.pretrained import (
     from_pretrained,
+    load_peft_model,
     load_tokenizer,
     minilm_path,
+    read_model_type,
     read_torch_bin,
     save_pretrained,
 )
@@ -33,15 +35,18 @@ __all__ = [
     "CheckpointError",
     "EncoderConfig",
     "EncoderModel",
+    "MissingHeadError",
     "cls_head",
     "create",
     "dense",
     "embed",
     "forward",
     "from_pretrained",
+    "load_peft_model",
     "load_tokenizer",
     "logical_axes",
     "minilm_path",
+    "read_model_type",
     "read_torch_bin",
     "save_pretrained",
     "split",

@@ -12,13 +12,16 @@ HF PyTorch key                       lora_jax path                layout
 ``<Embedding>.weight``               ``<Embedding>.embedding``    same
 ``lm_head.bias``                     ``lm_head.bias``             same
 ``cls.predictions.bias``             ``cls.predictions.bias``     same
+``generator_lm_head.bias``           ``generator_lm_head.bias``   same
 ===================================  ===========================  ===========
 
-The encoder body lives under ``roberta.`` / ``bert.``; checkpoints of a bare ``BertModel`` /
-``RobertaModel`` (MiniLM) have no prefix, and both forms load. Tied MLM decoder weights
-(``lm_head.decoder.weight``, ``cls.predictions.decoder.weight`` and the decoder biases that HF
-ties to the head bias), ``position_ids`` buffers and BERT's next-sentence head are not
-parameters here and are skipped.
+The encoder body lives under ``roberta.`` / ``bert.`` / ``electra.`` / ``deberta.``;
+checkpoints of a bare ``BertModel`` / ``RobertaModel`` (MiniLM) have no prefix, and both forms
+load. Tied MLM decoder weights (``lm_head.decoder.weight``, ``cls.predictions.decoder.weight``,
+ELECTRA's ``generator_lm_head.weight`` and the decoder biases that HF ties to the head bias),
+``position_ids`` buffers, BERT's next-sentence head, DeBERTa's ``mask_predictions.*`` and its
+unused absolute ``position_embeddings`` (``position_biased_input=false``) are not parameters
+here and are skipped, as transformers skips them.
 """
 
 from __future__ import annotations
@@ -32,14 +35,20 @@ from lora_jax.models.config import EncoderConfig
 from lora_jax.models.encoder import param_shapes
 
 _NORMS = ("LayerNorm", "layer_norm")
-_EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings")
+_EMBEDDINGS = ("word_embeddings", "position_embeddings", "token_type_embeddings", "rel_embeddings")
 _HEAD_PREFIXES = ("lm_head.", "cls.", "classifier.")
+_HEAD_PREFIXES += ("generator_predictions.", "generator_lm_head.", "discriminator_predictions.")
+_HEAD_PREFIXES += ("lm_predictions.", "pooler.")  # DeBERTa (its ContextPooler is top-level)
 _IGNORED_SUFFIXES = ("position_ids",)
-_IGNORED_PREFIXES = ("cls.seq_relationship.",)  # BERT next-sentence-prediction head
+_IGNORED_PREFIXES = ("cls.seq_relationship.", "mask_predictions.")  # BERT NSP, DeBERTa
 
 
 class CheckpointError(InputFileError):
     """A checkpoint that cannot be read, or does not fit the model its config describes."""
+
+
+class MissingHeadError(CheckpointError):
+    """A checkpoint without the weights of the head that was asked for (e.g. no MLM head)."""
 
 
 def _leaf_from_hf(module: str, leaf: str) -> tuple[str, bool]:
@@ -65,13 +74,17 @@ def _leaf_to_hf(module: str, leaf: str) -> tuple[str, bool]:
     return leaf, False
 
 
-def _our_path(key: str, prefix: str) -> str | None:
+def _our_path(key: str, config: EncoderConfig) -> str | None:
     """Module path of HF ``key`` (without leaf) in our tree, or None when it is skipped."""
+    prefix = config.base_prefix
     if key.endswith(_IGNORED_SUFFIXES) or key.startswith(_IGNORED_PREFIXES):
         return None
+    if not config.position_biased_input and "embeddings.position_embeddings." in key:
+        return None  # DeBERTa without absolute positions (HF ignores these weights too)
     if key.startswith(f"{prefix}."):
         return key
-    if key.startswith(("embeddings.", "encoder.", "pooler.")):
+    body = ("embeddings.", "encoder.", "embeddings_project.")
+    if key.startswith(body) or key.startswith("pooler.") and prefix == "bert":
         return f"{prefix}.{key}"
     if key.startswith(_HEAD_PREFIXES):
         return key
@@ -97,7 +110,7 @@ def hf_to_flat(
     decoder_bias: dict[str, np.ndarray] = {}
     known_roots = (f"{prefix}.", *_HEAD_PREFIXES)
     for key, value in state.items():
-        path = _our_path(key, prefix)
+        path = _our_path(key, config)
         if path is None:
             continue
         if not path.startswith(known_roots) or "." not in path:
@@ -111,6 +124,8 @@ def hf_to_flat(
                 continue
             if config.tie_word_embeddings:
                 continue
+        if module == "generator_lm_head" and leaf == "weight" and config.tie_word_embeddings:
+            continue
         if leaf not in ("weight", "bias", "gamma", "beta"):
             unexpected.append(key)
             continue

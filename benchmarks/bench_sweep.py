@@ -1,0 +1,135 @@
+"""n LoRA cells one after another vs the same n cells as one vectorized job (lora_jax.sweep).
+
+  uv run python benchmarks/bench_sweep.py                      # n = 2, 6, 12, 30
+  uv run python benchmarks/bench_sweep.py --n 2 6 --steps 10 --reps 2
+
+The cells are those of the default experiment (``experiments.config`` default): the embedded
+MiniLM-L6 with its prompt readout on task ``mr``, k = 16 (32 training examples), 48 tokens,
+batch 8, AdamW at 3e-4, LoRA on query/value, ranks alternating 1 and 12 (alpha = 2 r), one
+few-shot sample and seed per cell. Sequential: each cell's own compiled chunk
+(``train.make_train_chunk`` over ``trainable.make_model_fn``'s default LoRA path, what
+``experiments.run --no-vectorize`` trains); vectorized: one ``sweep`` chunk for all n (ranks
+padded to 12, fused path). Timed: ``--steps`` training steps per cell, after a warm-up call
+(compiles excluded), best of ``--reps``; the two sides alternate in each rep so both see the
+same background load. Memory: XLA's ``memory_analysis()`` of the compiled vectorized chunk
+(temporaries + arguments + outputs), and per member the increase from the smallest n.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+
+from experiments.config import get_config
+from experiments.run import Cell, lora_config, train_config
+from experiments.workbench import Workbench
+from lora_jax import lora, sweep, tasks, train
+from lora_jax.trainable import Method, make_model_fn
+
+
+def _block(tree) -> None:
+    jax.tree.map(lambda x: x.block_until_ready(), tree)
+
+
+def seq_states(params, cells, configs, tcfg) -> list[train.TrainState]:
+    """Fresh states of the cells, each as ``experiments.run`` initializes it."""
+    return [
+        train.init_state(
+            lora.init(jax.random.key(c.seed), params, lc), train.make_optimizer(tcfg), c.seed
+        )
+        for c, lc in zip(cells, configs, strict=True)
+    ]
+
+
+def vec_state(params, plan, seeds, tcfg) -> train.TrainState:
+    """The stacked fresh state of the same cells as one sweep."""
+    adapters = sweep.init_lora(params, plan, seeds)
+    return sweep.init_states(adapters, tcfg, [tcfg.learning_rate] * len(seeds), seeds)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 6, 12, 30], help="cells per job")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 12])
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per cell")
+    ap.add_argument("--reps", type=int, default=2)
+    args = ap.parse_args()
+
+    cfg = get_config("default", steps=args.steps, eval_every=args.steps)
+    bench = Workbench(cfg, tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k))
+    output_fn, params = bench.prompt_model("mr")
+    tcfg = train_config(cfg, Cell("mr", "lora", args.ranks[0], 0))
+    seq_fns = {
+        r: make_model_fn(output_fn, Method.LORA, lora_config=lora_config(cfg, r))
+        for r in args.ranks
+    }
+    seq_chunks = {
+        r: train.make_train_chunk(f, train.make_optimizer(tcfg), tcfg) for r, f in seq_fns.items()
+    }
+
+    rows, mem = [], {}
+    for n in args.n:
+        cells = [Cell("mr", "lora", args.ranks[i % len(args.ranks)], 1000 + i) for i in range(n)]
+        datas = [bench.data("mr", c.seed, mode="prompt").train for c in cells]
+        configs = [lora_config(cfg, c.rank) for c in cells]
+        seeds = [c.seed for c in cells]
+
+        plan = sweep.plan_lora(params, configs)
+        vec_fn = sweep.lora_model_fn(
+            make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+        )
+        vchunk = sweep.programs(vec_fn, tcfg, member_inputs=True, shared_data=False).chunk
+        stacked = sweep.stack(datas)
+        frozen = (params, plan.factors)
+
+        compiled = vchunk.lower(
+            vec_state(params, plan, seeds, tcfg), frozen, stacked, args.steps
+        ).compile()
+        m = compiled.memory_analysis()
+        mem[n] = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+
+        # Warm up (compile) both sides.
+        for st, c, d in zip(
+            seq_states(params, cells, configs, tcfg)[: len(args.ranks)], cells, datas, strict=False
+        ):
+            _block(seq_chunks[c.rank](st, params, d, args.steps))
+        _block(vchunk(vec_state(params, plan, seeds, tcfg), frozen, stacked, args.steps))
+
+        seq_t, vec_t = [], []
+        for _ in range(args.reps):
+            states = seq_states(params, cells, configs, tcfg)
+            t0 = time.perf_counter()
+            for st, c, d in zip(states, cells, datas, strict=True):
+                _block(seq_chunks[c.rank](st, params, d, args.steps))
+            seq_t.append(time.perf_counter() - t0)
+            state = vec_state(params, plan, seeds, tcfg)
+            t0 = time.perf_counter()
+            _block(vchunk(state, frozen, stacked, args.steps))
+            vec_t.append(time.perf_counter() - t0)
+        rows.append((n, min(seq_t), min(vec_t), os.getloadavg()[0]))
+        print(f"n={n}: sequential {min(seq_t):.2f} s, vectorized {min(vec_t):.2f} s", flush=True)
+
+    n0 = min(mem)
+    print(
+        f"\nMiniLM-L6 default-experiment cells (task mr, 32 examples, 48 tokens, batch 8, ranks "
+        f"{args.ranks} alternating); {args.steps} steps per cell, best of {args.reps}; "
+        f"{jax.devices()[0].platform}, load avg at the end {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "| n cells | sequential s | vectorized s | speed-up | ms/cell-step seq | vec "
+        "| XLA MiB | MiB/member |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n, s, v, _ in rows:
+        per = (mem[n] - mem[n0]) / (n - n0) / 2**20 if n > n0 else float("nan")
+        print(
+            f"| {n} | {s:.2f} | {v:.2f} | {s / v:.2f}x | {1e3 * s / (n * args.steps):.1f} | "
+            f"{1e3 * v / (n * args.steps):.1f} | {mem[n] / 2**20:.0f} | {per:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""How a run is laid out on the hardware: the mesh and the processes (never part of the results).
+
+These flags change where the arrays live, not what is computed, so they are not fields of
+:class:`experiments.config.ExperimentConfig`: a run may be resumed on another mesh or number
+of processes. ``--mesh data=4,fsdp=2`` picks the devices' layout (default: every device on
+``data``, i.e. data parallel); ``--coordinator HOST:PORT --num-processes N --process-id I`` (or a
+bare ``--distributed`` on TPU / SLURM) joins a multi-process run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import jax
+from jax.sharding import Mesh
+
+from lora_jax import distributed
+from lora_jax import sharding as sh
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Launch:
+    """Mesh and process flags (the CLI maps onto these fields one-to-one).
+
+    Attributes:
+      mesh: ``"data=4,fsdp=2,tensor=1"``-style mesh (axes ``data``, ``fsdp``, ``tensor``); None
+        runs on one device when there is one process, else ``data=<all devices>``.
+      rules: sharding preset(s) of :mod:`lora_jax.sharding` joined by ``+`` (``dp``, ``fsdp``,
+        ``tp``, ...); None picks the presets of the mesh's axes.
+      coordinator: ``HOST:PORT`` of process 0 (multi-process runs).
+      num_processes: number of processes.
+      process_id: this process's index, ``0 <= process_id < num_processes``.
+      distributed: ``jax.distributed.initialize()`` from the environment (TPU pods, SLURM).
+    """
+
+    mesh: str | None = None
+    rules: str | None = None
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    distributed: bool = False
+
+
+_TYPES = {"num_processes": int, "process_id": int}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the :class:`Launch` flags to ``parser``."""
+    group = parser.add_argument_group("devices and processes (do not change the results)")
+    for field in dataclasses.fields(Launch):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            group.add_argument(flag, action="store_true", default=None)
+        else:
+            group.add_argument(flag, type=_TYPES.get(field.name, str))
+
+
+def pop_launch(args: dict) -> Launch:
+    """Removes the :class:`Launch` entries from parsed ``args`` and returns them."""
+    values = {f.name: args.pop(f.name) for f in dataclasses.fields(Launch)}
+    return Launch(**{k: v for k, v in values.items() if v is not None})
+
+
+def start(launch: Launch) -> tuple[Mesh | None, dict | None]:
+    """Joins the processes (if asked); returns ``(mesh, rules)``, None for one device.
+
+    Raises:
+      ValueError: bad process flags, an unknown mesh axis, a mesh whose size is not the number
+        of devices, or rules naming a mesh axis the mesh lacks (one line each).
+    """
+    distributed.initialize(
+        launch.coordinator, launch.num_processes, launch.process_id, auto=launch.distributed
+    )
+    if launch.mesh is not None:
+        mesh = sh.make_mesh(launch.mesh)
+    elif jax.process_count() > 1 or launch.rules is not None:
+        mesh = sh.make_mesh({"data": jax.device_count()})
+    else:
+        return None, None
+    rules = sh.rules_for_mesh(mesh) if launch.rules is None else sh.rules(launch.rules)
+    sh.check_rules(rules, mesh)
+    return mesh, rules

@@ -1,0 +1,46 @@
+"""Compiled programs kept for the session, so that a kernel of the same model and shapes
+compiles once however many ``ntk_fn`` s ask for it."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from ntk import _kernel_cache
+from ntk.model_fn import FingerprintError
+
+__all__ = ["compiled", "program_fn_key"]
+
+# {key: (f, executable)}, least recently used first.
+_PROGRAMS: collections.OrderedDict[tuple, tuple[Callable, Any]] = collections.OrderedDict()
+MAX_PROGRAMS = 32
+
+
+def program_fn_key(f: Callable) -> tuple:
+    """A key for ``f`` across ``ntk_fn`` s: its content fingerprint, else its identity."""
+    try:
+        return ("content", _kernel_cache.function_key(f))
+    except FingerprintError:
+        return ("id", id(f))  # the cache entry holds f, so the id is not reused meanwhile
+
+
+def _spec(a: Any) -> tuple:
+    return np.shape(a), str(getattr(a, "dtype", None) or np.result_type(a))
+
+
+def compiled(f: Callable, fn_key: tuple, what: tuple, lower: Callable[[], Any], args) -> Any:
+    """The executable ``lower().compile()`` for (``fn_key``, ``what``, the shapes and dtypes of
+    ``args``), compiled on first use and kept (the 32 most recently used)."""
+    key = (fn_key, what, str(jax.tree.structure(args)), str(jax.tree.map(_spec, args)))
+    hit = _PROGRAMS.get(key)
+    if hit is not None and (fn_key[0] == "content" or hit[0] is f):
+        _PROGRAMS.move_to_end(key)
+        return hit[1]
+    _PROGRAMS[key] = (f, lower().compile())
+    while len(_PROGRAMS) > MAX_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+    return _PROGRAMS[key][1]

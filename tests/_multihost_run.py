@@ -1,0 +1,67 @@
+"""Subprocess body of tests/test_distributed.py: one process of a short multi-process LoRA run.
+
+``python tests/_multihost_run.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR STEPS``: with
+NUM_PROCESSES > 1 it joins ``jax.distributed`` on 127.0.0.1:PORT. Trains the tiny encoder of
+``_mesh_runs.py`` with LoRA on a mesh over every process's devices (data parallel), with orbax
+checkpoints in OUT_DIR/ckpt (so a second call with more STEPS resumes), metrics in
+OUT_DIR/metrics_<process>.jsonl (only process 0 writes), and, on process 0, the adapters in PEFT
+format under OUT_DIR/peft plus OUT_DIR/result.json (losses and dev logits).
+"""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _mesh_runs import tiny_problem  # noqa: E402
+
+from lora_jax import distributed, lora, train  # noqa: E402
+from lora_jax import sharding as sh  # noqa: E402
+from lora_jax.trainable import make_model_fn, split_params  # noqa: E402
+
+
+def main():
+    pid, nproc, port, out, steps = sys.argv[1:]
+    pid, nproc, steps = int(pid), int(nproc), int(steps)
+    if nproc > 1:
+        distributed.initialize(f"127.0.0.1:{port}", nproc, pid)
+    output_fn, params, data = tiny_problem()
+    lcfg = lora.LoraConfig(r=2, alpha=4, targets="query|value")
+    adapters, frozen = split_params(params, "lora", key=jax.random.key(0), lora_config=lcfg)
+    model_fn = make_model_fn(output_fn, "lora", lora_config=lcfg)
+    cfg = train.TrainConfig(steps=steps, batch_size=8, learning_rate=1e-2, eval_every=2)
+    state = train.init_state(adapters, train.make_optimizer(cfg), cfg.seed)
+    mesh = sh.make_mesh(f"data={jax.device_count()}")
+    result = train.fit(
+        model_fn,
+        state,
+        frozen,
+        data,
+        data,
+        cfg,
+        progress=False,
+        mesh=mesh,
+        checkpoint_dir=os.path.join(out, "ckpt"),
+        metrics_path=os.path.join(out, f"metrics_{pid}.jsonl"),
+    )
+    trained = distributed.to_host(result.state.trainable)  # collective: every process gathers
+    if distributed.is_primary():
+        lora.save_peft(os.path.join(out, "peft"), trained, lcfg)
+        logits = train.make_predict(model_fn, 16)(trained, frozen, data)
+        record = {
+            "losses": [r["train_loss"] for r in result.history],
+            "dev_loss": [r["dev_loss"] for r in result.history],
+            "logits": np.asarray(logits).tolist(),
+            "devices": jax.device_count(),
+        }
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump(record, f)
+    distributed.barrier("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""experiments.run with --vectorize (LoRA cells of a task as one job) vs --no-vectorize."""
+
+import numpy as np
+import pytest
+from test_experiments import smoke_args
+
+from experiments import report
+from experiments.run import main
+from experiments.vectorized import plan_jobs
+from lora_jax import checkpoint
+from lora_jax.testing import make_tiny_checkpoint
+
+COMPARED = ("dev_accuracy", "test_accuracy", "best_step", "trainable_params")
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta(tmp_path_factory):
+    return str(make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "roberta"))
+
+
+def _by_key(records):
+    return {(r["task"], r["method"], r["rank"], r["seed"]): r for r in records}
+
+
+def test_vectorized_run_resumes_and_writes_the_same_results_as_sequential(
+    tiny_roberta, tmp_path, monkeypatch, capsys
+):
+    grid = ("--methods", "zero_shot", "lora", "--steps", "6", "--lr", "3e-2")
+    main(smoke_args(tiny_roberta, tmp_path / "seq", *grid, "--no-vectorize"))
+
+    # The vectorized run is stopped inside its LoRA job (at its second checkpoint), then
+    # resumed: the finished zero-shot cells are kept and the job continues from its checkpoint.
+    real_save, saves = checkpoint.save, []
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main(smoke_args(tiny_roberta, tmp_path / "vec", *grid, "--vectorize"))
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    capsys.readouterr()
+    main(smoke_args(tiny_roberta, tmp_path / "vec", *grid, "--vectorize"))
+    assert "2 cells done, 4 to run" in capsys.readouterr().err
+
+    seq = _by_key(report.read_results(tmp_path / "seq" / "smoke" / "results.jsonl"))
+    vec = _by_key(report.read_results(tmp_path / "vec" / "smoke" / "results.jsonl"))
+    assert seq.keys() == vec.keys() and len(seq) == 2 + 2 * 2  # zero-shot + 2 ranks, 2 seeds
+    for key, record in seq.items():
+        assert list(vec[key]) == list(record)  # same fields, same order
+        assert {k: vec[key][k] for k in COMPARED} == {k: record[k] for k in COMPARED}, key
+    # The training curves match too (the accuracies of so short a run may all be equal).
+    for name in [f"mr_lora-r{r}_seed{s}.jsonl" for r in (1, 2) for s in (13, 21)]:
+        curves = [
+            report.read_results(tmp_path / d / "smoke" / "metrics" / name) for d in ("seq", "vec")
+        ]
+        assert [c["step"] for c in curves[0]] == [c["step"] for c in curves[1]] == [2, 4, 6]
+        for a, b in zip(*curves, strict=True):
+            np.testing.assert_allclose(
+                [a["train_loss"], a["dev_loss"]], [b["train_loss"], b["dev_loss"]], rtol=1e-5
+            )
+
+
+class _Cell:
+    def __init__(self, task, method):
+        self.task, self.method = task, method
+
+
+def test_plan_jobs_groups_lora_cells_per_task_under_the_cap():
+    grid = [_Cell(t, m) for t in ("a", "b") for m in ["zero_shot"] + ["lora"] * 5]
+    jobs = plan_jobs(grid, members=2)
+    assert [(j[0].task, j[0].method, len(j)) for j in jobs] == [
+        ("a", "zero_shot", 1),
+        ("a", "lora", 2),
+        ("a", "lora", 2),
+        ("a", "lora", 1),
+        ("b", "zero_shot", 1),
+        ("b", "lora", 2),
+        ("b", "lora", 2),
+        ("b", "lora", 1),
+    ]
+    assert [len(j) for j in plan_jobs(grid, members=4)] == [1, 3, 2, 1, 3, 2]
+    assert all(len(j) == 1 for j in plan_jobs(grid, members=0))
