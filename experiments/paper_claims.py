@@ -154,7 +154,7 @@ def claim_pl(cfg: ClaimsConfig, cache: dict) -> dict:
         "plot": res["plot"],
         "verdict": verdict,
         "pl_exponent": slope,
-        "seconds": res["seconds"],
+        "seconds": res.get("seconds"),
     }
 
 
