@@ -35,7 +35,8 @@ class ExperimentConfig:
       head_lr: learning rate of the head-only baseline.
       alpha: LoRA alpha; None keeps the scale alpha / r = 2 at every rank, so ranks differ only
         in capacity, not in effective step size.
-      targets: LoRA target modules (regex, PEFT semantics).
+      targets: LoRA target modules (regex, PEFT semantics); ``auto`` takes PEFT's default for the
+        model type (``lora.default_targets``: ``query|value``, DeBERTa's ``query_proj|value_proj``).
       batch_size: training batch size.
       eval_every: evaluate on dev every this many steps (best-dev checkpoint selection).
       max_length: token length of every encoded example (static shapes: one compile per cell kind).
@@ -83,7 +84,7 @@ class ExperimentConfig:
     lr: float = 3e-4
     head_lr: float = 1e-2
     alpha: float | None = None
-    targets: str = "query|value"
+    targets: str = "auto"
     batch_size: int = 8
     eval_every: int = 25
     max_length: int = 48

@@ -115,9 +115,10 @@ def train_config(cfg: ExperimentConfig, cell: Cell) -> train.TrainConfig:
     )
 
 
-def lora_config(cfg: ExperimentConfig, rank: int) -> lora.LoraConfig:
+def lora_config(cfg: ExperimentConfig, rank: int, model_type: str) -> lora.LoraConfig:
     alpha = cfg.alpha if cfg.alpha is not None else 2.0 * rank
-    return lora.LoraConfig(r=rank, alpha=alpha, targets=cfg.targets, dropout=cfg.lora_dropout)
+    targets = lora.default_targets(model_type) if cfg.targets == "auto" else cfg.targets
+    return lora.LoraConfig(r=rank, alpha=alpha, targets=targets, dropout=cfg.lora_dropout)
 
 
 def run_cell(
@@ -147,7 +148,7 @@ def run_cell(
         return record
 
     method = {"head": Method.HEAD, "lora": Method.LORA, "full": Method.FULL}[cell.method]
-    lcfg = lora_config(cfg, cell.rank) if cell.rank else None
+    lcfg = lora_config(cfg, cell.rank, bench.model_type) if cell.rank else None
     tcfg = train_config(cfg, cell)
     model_fn = bench.memo(
         ("model_fn", cell.task, cell.method, cell.rank),

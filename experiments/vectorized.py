@@ -92,14 +92,14 @@ def run_lora_job(
 ) -> list[dict]:
     """Trains and tests the LoRA ``cells`` (one task) as one job; returns one record per cell.
 
-    ``train_config(cfg, cell)`` and ``lora_config(cfg, rank)`` are ``run.py`` 's, so each
-    member has exactly the settings its sequential cell would have.
+    ``train_config(cfg, cell)`` and ``lora_config(cfg, rank, model_type)`` are ``run.py`` 's, so
+    each member has exactly the settings its sequential cell would have.
     """
     start = time.time()
     (task,) = {c.task for c in cells}
     output_fn, params = bench.prompt_model(task)
     datas = [bench.data(task, c.seed, mode="prompt") for c in cells]
-    configs = [lora_config(cfg, c.rank) for c in cells]
+    configs = [lora_config(cfg, c.rank, bench.model_type) for c in cells]
     tcfgs = [train_config(cfg, c) for c in cells]
     plan = sweep.plan_lora(params, configs)
     seeds = [t.seed for t in tcfgs]

@@ -208,5 +208,5 @@ def test_steps_20_and_dropout_reach_the_training_config():
     cell = run.Cell("mr", "lora", 4, 13)
     tcfg = run.train_config(cfg, cell)
     assert (tcfg.steps, tcfg.eval_every, tcfg.dropout) == (20, 25, True)
-    assert run.lora_config(cfg, 4).dropout == 0.1
+    assert run.lora_config(cfg, 4, "roberta").dropout == 0.1
     assert run.train_config(run.parse_args([]), cell).dropout is False

@@ -6,6 +6,7 @@ matching, init distributions) and the real model through both the merged and the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import lora
+from lora_jax import lora, models
 from lora_jax.errors import ConfigError
 
 
@@ -615,3 +616,17 @@ def test_pissa_guard_sees_every_pissa_adapter(tmp_path):
         toy_forward(lora.apply(residual, trained, cfg), x),
         atol=1e-4,
     )
+
+
+@pytest.mark.parametrize("model_type", sorted(lora.DEFAULT_TARGETS))
+def test_default_targets_are_query_and_value_of_every_layer(tiny_encoder_config, model_type):
+    # PEFT's default targets for the model type hit exactly q and v of each layer, no more.
+    config = dataclasses.replace(tiny_encoder_config, model_type=model_type, type_vocab_size=2)
+    _, params = models.split(models.create(config, head=None))
+    plan = lora.resolve(params, lora.LoraConfig(targets=lora.default_targets(model_type)))
+    names = sorted(path.rsplit(".", 1)[-1] for path in plan.lora)
+    suffix = "_proj" if model_type == "deberta-v2" else ""
+    expected = [f"query{suffix}"] * 2 + [f"value{suffix}"] * 2
+    assert names == expected
+    with pytest.raises(ConfigError, match="No default LoRA targets for model_type 'gpt2'"):
+        lora.default_targets("gpt2")

@@ -30,9 +30,10 @@ from lora_jax.lora.peft import (
     save_peft,
     to_peft_config,
 )
-from lora_jax.lora.targets import LoraTarget, Plan, resolve
+from lora_jax.lora.targets import DEFAULT_TARGETS, LoraTarget, Plan, default_targets, resolve
 
 __all__ = [
+    "DEFAULT_TARGETS",
     "Adapters",
     "LoraBias",
     "LoraConfig",
@@ -47,6 +48,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "count",
+    "default_targets",
     "from_peft_config",
     "init",
     "init_pissa",

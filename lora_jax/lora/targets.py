@@ -18,7 +18,9 @@ from lora_jax.errors import ConfigError
 from lora_jax.lora.config import LoraBias, LoraConfig
 
 __all__ = [
+    "DEFAULT_TARGETS",
     "LoraTarget",
+    "default_targets",
     "Plan",
     "iter_modules",
     "layer_index",
@@ -27,6 +29,25 @@ __all__ = [
 ]
 
 Keys = tuple[Any, ...]
+
+# PEFT's defaults (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), by HF ``model_type``.
+DEFAULT_TARGETS: dict[str, str] = {
+    "roberta": "query|value",
+    "bert": "query|value",
+    "electra": "query|value",
+    "deberta-v2": "query_proj|value_proj",
+}
+
+
+def default_targets(model_type: str) -> str:
+    """PEFT's default LoRA targets (query and value projections) for an HF ``model_type``."""
+    if model_type not in DEFAULT_TARGETS:
+        raise ConfigError(
+            f"No default LoRA targets for model_type {model_type!r}; pass targets explicitly "
+            f"(known: {sorted(DEFAULT_TARGETS)})."
+        )
+    return DEFAULT_TARGETS[model_type]
+
 
 # PEFT's default layer-index regex (tuners_utils.check_target_module_exists, layers_pattern=None).
 _LAYER_RE = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
