@@ -20,7 +20,7 @@ from lora_jax.trainable import Method, make_model_fn, split_params
 MESHES = (None, "data=8", "data=4,fsdp=2", "data=2,fsdp=2,tensor=2")
 
 
-def tiny_problem():
+def tiny_problem(method=Method.LORA):
     config = models.EncoderConfig(
         model_type="roberta",
         vocab_size=50,
@@ -32,8 +32,12 @@ def tiny_problem():
         type_vocab_size=1,
         pad_token_id=1,
     )
-    apply_fn, params = models.split(models.create(config, head="mlm", seed=0))
-    output_fn = make_output_fn(apply_fn, "mlm", np.array([7, 9], np.int32))
+    if method == Method.HEAD:  # a classification head trained on the frozen encoder
+        apply_fn, params = models.split(models.create(config, head="cls", num_labels=2, seed=0))
+        output_fn = make_output_fn(apply_fn, "cls")
+    else:
+        apply_fn, params = models.split(models.create(config, head="mlm", seed=0))
+        output_fn = make_output_fn(apply_fn, "mlm", np.array([7, 9], np.int32))
     rng = np.random.default_rng(0)
     n, t = 16, 8
     data = {
@@ -60,7 +64,7 @@ def specs(tree):
 
 
 def run(method, mesh_spec, ntk=False):
-    output_fn, params, data = tiny_problem()
+    output_fn, params, data = tiny_problem(method)
     lcfg = lora.LoraConfig(r=2, alpha=4, targets="query|value|dense")
     trainable, frozen = split_params(params, method, key=jax.random.key(0), lora_config=lcfg)
     if ntk:
@@ -109,6 +113,7 @@ def main():
         runs[f"lora/{mesh_spec}"] = run(Method.LORA, mesh_spec)
     for mesh_spec in (None, MESHES[-1]):
         runs[f"full/{mesh_spec}"] = run(Method.FULL, mesh_spec)
+        runs[f"head/{mesh_spec}"] = run(Method.HEAD, mesh_spec)
         runs[f"ntk/{mesh_spec}"] = run(Method.LORA, mesh_spec, ntk=True)
     try:
         cfg = train.TrainConfig(steps=2, batch_size=6, eval_every=2)

@@ -185,8 +185,8 @@ def test_lora_on_a_mesh_equals_one_device(mesh_runs, mesh):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["full", "ntk"])
-def test_full_and_linearized_training_on_a_mesh_equal_one_device(mesh_runs, method):
+@pytest.mark.parametrize("method", ["full", "head", "ntk"])
+def test_full_head_and_linearized_training_on_a_mesh_equal_one_device(mesh_runs, method):
     mesh = "data=2,fsdp=2,tensor=2"
     _assert_same_run(mesh_runs[f"{method}/None"], mesh_runs[f"{method}/{mesh}"])
     assert mesh_runs[f"{method}/{mesh}"]["state_matches_rules"]
