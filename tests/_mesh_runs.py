@@ -20,8 +20,9 @@ from lora_jax.trainable import Method, make_model_fn, split_params
 MESHES = (None, "data=8", "data=4,fsdp=2", "data=2,fsdp=2,tensor=2")
 
 
-def tiny_problem(method=Method.LORA):
-    config = models.EncoderConfig(
+def tiny_config() -> models.EncoderConfig:
+    """The 1-layer, hidden-16 RoBERTa of the subprocess tests (random weights, no tokenizer)."""
+    return models.EncoderConfig(
         model_type="roberta",
         vocab_size=50,
         hidden_size=16,
@@ -32,6 +33,10 @@ def tiny_problem(method=Method.LORA):
         type_vocab_size=1,
         pad_token_id=1,
     )
+
+
+def tiny_problem(method=Method.LORA):
+    config = tiny_config()
     if method == Method.HEAD:  # a classification head trained on the frozen encoder
         apply_fn, params = models.split(models.create(config, head="cls", num_labels=2, seed=0))
         output_fn = make_output_fn(apply_fn, "cls")

@@ -6,6 +6,7 @@ import json
 
 import jax
 import numpy as np
+from _mesh_runs import tiny_config  # the script's directory is on sys.path
 
 from lora_jax import lora, models, sweep, train
 from lora_jax import sharding as sh
@@ -14,17 +15,7 @@ from lora_jax.trainable import Method, make_model_fn
 
 
 def main():
-    config = models.EncoderConfig(
-        model_type="roberta",
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=40,
-        type_vocab_size=1,
-        pad_token_id=1,
-    )
+    config = tiny_config()
     apply_fn, params = models.split(models.create(config, head="cls", num_labels=2, seed=0))
     output_fn = make_output_fn(apply_fn, "cls")
     datas = []
