@@ -225,14 +225,14 @@ def ours_all(args) -> dict:
         return fn(x, out, sub)
 
     rss_loaded = _rss_mib()
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     k = run()
-    first = time.perf_counter() - t
-    second = None
+    first, first_cpu = time.perf_counter() - t, time.process_time() - c
+    second = second_cpu = None
     if not args.test_rows:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         k = run()
-        second = time.perf_counter() - t
+        second, second_cpu = time.perf_counter() - t, time.process_time() - c
     if args.save:
         np.save(args.save, k)
     return {
@@ -240,6 +240,8 @@ def ours_all(args) -> dict:
         "shape": list(k.shape),
         "first_s": first,
         "second_s": second,
+        "first_cpu_s": first_cpu,
+        "second_cpu_s": second_cpu,
         "rss_loaded_mib": rss_loaded,
         "peak_rss_mib": _rss_mib(),
     }
@@ -295,12 +297,12 @@ def torch_all(args) -> dict:
 
     with torch.no_grad():
         rss_loaded = _rss_mib()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         k = kernel()
-        first = time.perf_counter() - t
-        t = time.perf_counter()
+        first, first_cpu = time.perf_counter() - t, time.process_time() - c
+        t, c = time.perf_counter(), time.process_time()
         k = kernel()
-        second = time.perf_counter() - t
+        second, second_cpu = time.perf_counter() - t, time.process_time() - c
     if args.save:
         np.save(args.save, k.numpy())
     return {
@@ -308,6 +310,8 @@ def torch_all(args) -> dict:
         "shape": list(k.shape),
         "first_s": first,
         "second_s": second,
+        "first_cpu_s": first_cpu,
+        "second_cpu_s": second_cpu,
         "rss_loaded_mib": rss_loaded,
         "peak_rss_mib": _rss_mib(),
         "params": n_params,
@@ -343,7 +347,7 @@ def compare(args) -> None:
             flush=True,
         )
         ours = _spawn(
-            ["--ours-worker", *common, "--batch", str(args.n), "--save", f"{tmp}/ours.npy"]
+            ["--ours-worker", *common, "--batch", str(args.block), "--save", f"{tmp}/ours.npy"]
         )
         theirs = _spawn(
             [
@@ -369,12 +373,15 @@ def compare(args) -> None:
                 f"  kernels agree to {np.abs(a - b).max() / np.abs(b).max():.1e} (max abs "
                 "difference / max abs entry)"
             )
-        print("| implementation | first call s | second call s | peak RSS MiB |")
-        print("|---|---:|---:|---:|")
+        print(
+            "| implementation | first call s | second call s | first / second call CPU s "
+            "| peak RSS MiB |"
+        )
+        print("|---|---:|---:|---:|---:|")
         for r in rows:
             print(
                 f"| {r['side']} | {r['first_s']:.1f} | {r['second_s']:.1f} | "
-                f"{r['peak_rss_mib']:.0f} |"
+                f"{r['first_cpu_s']:.1f} / {r['second_cpu_s']:.1f} | {r['peak_rss_mib']:.0f} |"
             )
         if ours and theirs:
             print(
@@ -423,6 +430,9 @@ def main() -> None:
     )
     parser.add_argument("--compare", action="store_true", help="all weights vs PyTorch")
     parser.add_argument("--big", action="store_true", help="--compare: also 1000 x n")
+    parser.add_argument(
+        "--block", type=int, default=32, help="--compare: our batch_size (rows per block)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--torch-chunk", type=int, default=8, help="examples per torch vmap")
     torch_python.add_argument(parser)

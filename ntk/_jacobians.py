@@ -6,6 +6,14 @@ costs ``N * N / b`` Jacobian rows instead of ``N``, and a 1,000 x 64 test x trai
 recomputes the 64 train Jacobians for every test block. Here the Jacobians of ``x2`` (of
 ``x1`` when symmetric) are computed once, block by block, and kept; each block of ``x1`` is
 differentiated once and contracted with all of them. Same kernel, same layout as nt's.
+
+Layout: a block's Jacobian is one ``[K * b, P_leaf]`` matrix per parameter leaf, rows ordered
+``(k, example)`` (one per-example gradient per output ``k``), so every contraction is a plain
+2-D matrix product ``A @ B.T`` per leaf: XLA:CPU runs those several times faster than the
+4-D ``einsum('akp,blp->abkl')`` of nt's ``[b, K, P]`` layout (see benchmarks/bench_ntk.py).
+A symmetric kernel that is a single block is computed by one *fused* program (gradients and
+their Gram matrix together), so XLA frees each leaf's Jacobian once it is contracted and the
+``[K * N, P]`` Jacobian is never held whole.
 """
 
 from __future__ import annotations
@@ -17,48 +25,86 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.rows import take_rows
+from lora_jax.rows import num_rows, take_rows
 from ntk._programs import compiled
 from ntk.model_fn import check_outputs
 
 PyTree = Any
 
-__all__ = ["contraction_program", "jacobian_bytes", "jacobian_program", "reused_kernel"]
+__all__ = [
+    "contraction_program",
+    "fused_program",
+    "jacobian_bytes",
+    "jacobian_program",
+    "reused_kernel",
+]
+
+
+def _jacobian_rows(f: Callable, params: PyTree, x: PyTree) -> list[jax.Array]:
+    """Per leaf ``[K * b, P_leaf]``: the gradient of output ``k`` of example ``i`` in row
+    ``k * b + i`` (``f(params, x) -> [b, K]``, one example independent of the others)."""
+    num_outputs = jax.eval_shape(f, params, x).shape[1]
+
+    def output(p, row, k):  # one example (no batch axis) -> output k, a scalar
+        return f(p, jax.tree.map(lambda a: a[None], row))[0, k]
+
+    per_k = []
+    for k in range(num_outputs):
+        grads = jax.vmap(jax.grad(output), in_axes=(None, 0, None))(params, x, k)
+        per_k.append([g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)])  # (b, P)
+    return [jnp.concatenate(leaves, axis=0) for leaves in zip(*per_k, strict=True)]
+
+
+def _contract(ja: list, jb: list, num_outputs: int, trace: tuple, diag: tuple) -> jax.Array:
+    """``sum_leaves A @ B.T`` of two blocks' ``[K * b, P]`` Jacobians, in nt's layout:
+    ``[b1, b2, K, K]``, or ``[b1, b2]`` traced (the mean over k), or ``[b1, b2, K]`` diagonal."""
+    b1, b2 = ja[0].shape[0] // num_outputs, jb[0].shape[0] // num_outputs
+    if 1 in trace or 1 in diag:  # only the (k, k) blocks
+
+        def block_kk(k):  # (b1, b2): output k of x1 with output k of x2
+            rows1, rows2 = slice(k * b1, (k + 1) * b1), slice(k * b2, (k + 1) * b2)
+            return sum(a[rows1] @ b[rows2].T for a, b in zip(ja, jb, strict=True))
+
+        per_k = jnp.stack([block_kk(k) for k in range(num_outputs)], axis=-1)  # (b1, b2, K)
+        return per_k.mean(-1) if 1 in trace else per_k
+    gram = sum(a @ b.T for a, b in zip(ja, jb, strict=True))  # (K b1, K b2)
+    return gram.reshape(num_outputs, b1, num_outputs, b2).transpose(1, 3, 0, 2)
 
 
 def jacobian_program(f: Callable, fn_key: tuple, x: PyTree, params: PyTree) -> Any:
-    """Compiled ``(params, x) -> J``: per leaf ``[b, K, P_leaf]``, the per-example Jacobians."""
-
-    def jac(params, x):
-        def one(p, row):  # one example (no batch axis) -> (K,)
-            return f(p, jax.tree.map(lambda a: a[None], row))[0]
-
-        j = jax.vmap(jax.jacrev(one), in_axes=(None, 0))(params, x)  # leaves (b, K, *shape)
-        return [leaf.reshape(*leaf.shape[:2], -1) for leaf in jax.tree.leaves(j)]
+    """Compiled ``(params, x) -> J``: per leaf ``[K * b, P_leaf]``, the per-example Jacobians."""
 
     def lower():
         check_outputs(jax.eval_shape(f, params, x), x, where="f")
-        return jax.jit(jac).lower(params, x)
+        return jax.jit(lambda p, x: _jacobian_rows(f, p, x)).lower(params, x)
 
     return compiled(f, fn_key, ("jacobian",), lower, (params, x))
 
 
-def contraction_program(trace: tuple, diag: tuple, ja: list, jb: list) -> Any:
-    """Compiled ``(ja, jb) -> block``: ``sum_leaves einsum`` in nt's layout (``[b1, b2, K, K]``,
-    ``[b1, b2]`` traced: the mean over k, ``[b1, b2, K]`` diagonal)."""
-    if 1 in trace:
-        spec, scale = "akp,bkp->ab", 1.0 / ja[0].shape[1]
-    elif 1 in diag:
-        spec, scale = "akp,bkp->abk", 1.0
-    else:
-        spec, scale = "akp,blp->abkl", 1.0
+def contraction_program(trace: tuple, diag: tuple, num_outputs: int, ja: list, jb: list) -> Any:
+    """Compiled ``(ja, jb) -> block`` (see :func:`_contract`)."""
 
     def contract(ja, jb):
-        out = sum(jnp.einsum(spec, a, b) for a, b in zip(ja, jb, strict=True))
-        return out * scale if scale != 1.0 else out
+        return _contract(ja, jb, num_outputs, trace, diag)
 
-    key = ("content", "contract", spec)  # the program is fixed by spec and the shapes
+    key = ("content", "contract", trace, diag, num_outputs)  # fixed by these and the shapes
     return compiled(contract, key, (), lambda: jax.jit(contract).lower(ja, jb), (ja, jb))
+
+
+def fused_program(
+    f: Callable, fn_key: tuple, trace: tuple, diag: tuple, x: PyTree, params: PyTree
+) -> Any:
+    """Compiled ``(params, x) -> block``: the kernel of ``x`` with itself in one program."""
+
+    def kernel(p, x):
+        j = _jacobian_rows(f, p, x)
+        return _contract(j, j, jax.eval_shape(f, p, x).shape[1], trace, diag)
+
+    def lower():
+        check_outputs(jax.eval_shape(f, params, x), x, where="f")
+        return jax.jit(kernel).lower(params, x)
+
+    return compiled(f, fn_key, ("fused", trace, diag), lower, (params, x))
 
 
 def jacobian_bytes(exe: Any) -> int:
@@ -86,9 +132,10 @@ def reused_kernel(
     """
     symmetric = x2 is None
     rows2 = x1 if symmetric else x2
-    n1 = np.shape(jax.tree.leaves(x1)[0])[0]
-    n2 = np.shape(jax.tree.leaves(rows2)[0])[0]
+    n1 = num_rows(x1)
+    n2 = num_rows(rows2)
     b1, b2 = (sizes[0], sizes[0]) if symmetric else sizes
+    num_outputs = jax.eval_shape(f, params, take_rows(x1, 0, 1, n1)).shape[1]
     kept = {}
     for j in range(0, n2, b2):
         xb = take_rows(rows2, j, b2, n2)
@@ -102,5 +149,5 @@ def reused_kernel(
             xa = take_rows(x1, i, b1, n1)
             current = (i, jacobian_program(f, fn_key, xa, params)(params, xa))
         ja = kept[i] if symmetric else current[1]
-        block = contraction_program(trace, diag, ja, kept[j])(ja, kept[j])
-        place(np.asarray(block), i, j)
+        contract = contraction_program(trace, diag, num_outputs, ja, kept[j])
+        place(np.asarray(contract(ja, kept[j])), i, j)

@@ -51,7 +51,7 @@ import numpy as np
 from lora_jax.rows import num_rows, take_rows
 from ntk import _kernel_cache
 from ntk._compat import nt
-from ntk._jacobians import jacobian_bytes, jacobian_program, reused_kernel
+from ntk._jacobians import fused_program, jacobian_bytes, jacobian_program, reused_kernel
 from ntk._memory import available_memory, gib, required_bytes
 from ntk._programs import compiled, program_fn_key
 from ntk.compact import compact_block, compact_fn, compactable_tables
@@ -444,6 +444,13 @@ def empirical_ntk_fn(
             if tables:
                 p, xs = compact_block(f, params, xs, tables)
             xa, xb = xs[0], (None if symmetric else xs[1])
+            if symmetric and n1 <= b1:  # one block: Jacobians and their Gram in one program
+                exe = fused_program(fn, fn_key, opts.trace, opts.diag, xa, p)
+                if required_bytes(exe) <= limit:
+                    place(np.asarray(exe(p, xa)), 0, 0)
+                    if path is not None:
+                        _kernel_cache.save(path, out)
+                    return out
             if _jacobians_fit(fn, fn_key, p, xa, xb, (b1, b2), limit):
                 reused_kernel(
                     fn,

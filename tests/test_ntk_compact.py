@@ -86,6 +86,39 @@ def test_all_weights_kernel_with_compacted_tables_equals_dense_jjt(
             np.testing.assert_allclose(sym, dense, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize(
+    ("x2_rows", "batch_size"),
+    [(None, 5), (None, 2), (4, (2, 3))],
+    ids=["symmetric-one-block-fused", "symmetric-blocks", "x1-x2-blocks"],
+)
+@pytest.mark.parametrize(
+    ("trace_axes", "diagonal_axes"), [((), ()), ((-1,), ()), ((), (-1,))], ids=str
+)
+def test_reused_and_fused_kernels_equal_dense_jjt_in_every_layout(
+    monkeypatch, x2_rows, batch_size, trace_axes, diagonal_axes
+):
+    """Every path of the kept-Jacobian kernel (one fused block, symmetric blocks, x1 x x2
+    blocks with padded last blocks) and every output layout, against hand-built J J^T."""
+    monkeypatch.setattr(compact, "ROW_BUCKET", 32)
+    with jax.enable_x64():
+        output_fn, params = _encoder("bert", jnp.float64, words=(5, 9, 12))  # K = 3
+        f, params = ntk.model_fn(output_fn, params, "all")
+        x1 = _batch(5, 2, 2)
+        x2 = None if x2_rows is None else _batch(x2_rows, 3, 2)
+        got = ntk.empirical_ntk_fn(
+            f,
+            trace_axes=trace_axes,
+            diagonal_axes=diagonal_axes,
+            vmap_axes=0,
+            batch_size=batch_size,
+        )(x1, x2, params)
+        dense = _testing.hand_ntk(f, params, x1, x2)  # (N1, N2, K, K)
+        k_diag = np.diagonal(dense, axis1=2, axis2=3)  # (N1, N2, K)
+        want = {(): dense, (-1,): k_diag.mean(-1)}[trace_axes] if not diagonal_axes else k_diag
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_undeclared_embedding_rows_are_caught(monkeypatch):
     monkeypatch.setattr(compact, "ROW_BUCKET", 8)
     output_fn, params = _encoder("bert", jnp.float32, words=(40, 41))  # rows no input reads
