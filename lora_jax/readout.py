@@ -145,6 +145,9 @@ def make_output_fn(
         # Our encoder reads its tables through `embed`, so the eNTK may compact them to the rows
         # a batch reads (ntk.compact); besides the input ids, this readout reads these rows.
         output_fn.embedding_rows = np.zeros(0, np.int32) if ids is None else np.asarray(ids)
+        # Masked keys get exactly zero attention weight, so trailing padding changes nothing:
+        # the eNTK may cut it (ntk._padding).
+        output_fn.ignores_padding = True
     return output_fn
 
 

@@ -33,9 +33,11 @@ PyTree = Any
 
 __all__ = [
     "contraction_program",
+    "cross_program",
     "fused_program",
     "jacobian_bytes",
     "jacobian_program",
+    "kept_spec",
     "reused_kernel",
 ]
 
@@ -107,6 +109,33 @@ def fused_program(
     return compiled(f, fn_key, ("fused", trace, diag), lower, (params, x))
 
 
+def cross_program(
+    f: Callable, fn_key: tuple, trace: tuple, diag: tuple, x: PyTree, kept: list, params: PyTree
+) -> Any:
+    """Compiled ``(params, x, kept) -> [block with kept[0], block with kept[1], ...]``: the
+    Jacobians of ``x`` contracted with every kept block in one program (they are never a
+    program output, so XLA frees each leaf's once it is contracted)."""
+
+    def kernel(p, x, kept):
+        j = _jacobian_rows(f, p, x)
+        num_outputs = jax.eval_shape(f, p, x).shape[1]
+        return [_contract(j, jb, num_outputs, trace, diag) for jb in kept]
+
+    def lower():
+        check_outputs(jax.eval_shape(f, params, x), x, where="f")
+        return jax.jit(kernel).lower(params, x, kept)
+
+    return compiled(f, fn_key, ("cross", trace, diag), lower, (params, x, kept))
+
+
+def kept_spec(params: PyTree, rows: int, num_outputs: int) -> list:
+    """Shapes and dtypes of one kept block of ``rows`` examples (for compiling ahead)."""
+    return [
+        jax.ShapeDtypeStruct((num_outputs * rows, int(np.size(leaf))), jnp.result_type(leaf))
+        for leaf in jax.tree.leaves(params)
+    ]
+
+
 def jacobian_bytes(exe: Any) -> int:
     """Bytes of one block's Jacobians (the program's output)."""
     m = exe.memory_analysis()
@@ -124,30 +153,33 @@ def reused_kernel(
     diag: tuple,
     place: Callable[[np.ndarray, int, int], None],
     jobs: Callable[[list], list],
+    prepare: Callable[[PyTree], PyTree] = lambda x: x,
 ) -> None:
     """Computes every block with reused Jacobians; ``place(block, i, j)`` stores each.
 
-    ``jobs(pairs)`` wraps the list of block pairs (a progress bar). ``x2=None``: the upper
-    triangle of ``x1`` with itself.
+    ``jobs(items)`` wraps the work list (a progress bar): the blocks of ``x1`` with ``x2``
+    given, the block pairs of the upper triangle of ``x1`` with itself when ``x2=None``.
+    ``prepare(block)`` maps each block of rows before it is differentiated (cuts padding).
     """
     symmetric = x2 is None
     rows2 = x1 if symmetric else x2
     n1 = num_rows(x1)
     n2 = num_rows(rows2)
     b1, b2 = (sizes[0], sizes[0]) if symmetric else sizes
-    num_outputs = jax.eval_shape(f, params, take_rows(x1, 0, 1, n1)).shape[1]
     kept = {}
     for j in range(0, n2, b2):
-        xb = take_rows(rows2, j, b2, n2)
+        xb = prepare(take_rows(rows2, j, b2, n2))
         kept[j] = jacobian_program(f, fn_key, xb, params)(params, xb)
-    pairs = [(i, j) for i in range(0, n1, b1) for j in range(0, n2, b2) if not symmetric or j >= i]
-    current = None
+    if not symmetric:  # each block of x1: its Jacobians and all its blocks in one program
+        starts = list(kept)
+        for i in jobs(list(range(0, n1, b1))):
+            xa = prepare(take_rows(x1, i, b1, n1))
+            exe = cross_program(f, fn_key, trace, diag, xa, list(kept.values()), params)
+            for j, block in zip(starts, exe(params, xa, list(kept.values())), strict=True):
+                place(np.asarray(block), i, j)
+        return
+    num_outputs = jax.eval_shape(f, params, take_rows(x1, 0, 1, n1)).shape[1]
+    pairs = [(a, b) for a in range(0, n1, b1) for b in range(a, n2, b2)]
     for i, j in jobs(pairs):
-        if symmetric:
-            ja = kept[i]
-        elif current is None or current[0] != i:
-            xa = take_rows(x1, i, b1, n1)
-            current = (i, jacobian_program(f, fn_key, xa, params)(params, xa))
-        ja = kept[i] if symmetric else current[1]
-        contract = contraction_program(trace, diag, num_outputs, ja, kept[j])
-        place(np.asarray(contract(ja, kept[j])), i, j)
+        contract = contraction_program(trace, diag, num_outputs, kept[i], kept[j])
+        place(np.asarray(contract(kept[i], kept[j])), i, j)

@@ -30,12 +30,12 @@ from lora_jax import params as params_lib
 
 PyTree = Any
 
-__all__ = ["ROW_BUCKET", "compact_block", "compact_fn", "compactable_tables"]
+__all__ = ["ROWS_PREFIX", "ROW_BUCKET", "compact_block", "compact_fn", "compactable_tables"]
 
 WORD_TABLE = r"(^|\.)embeddings\.word_embeddings\.embedding$"
 POSITION_TABLE = r"(^|\.)embeddings\.position_embeddings\.embedding$"
 ROW_BUCKET = 512  # compacted word tables have a multiple of this many rows: few compilations
-_ROWS = "__ntk_rows__:"  # batch-key prefix of a table's rows
+ROWS_PREFIX = "__ntk_rows__:"  # batch-key prefix of a table's rows
 
 
 def compactable_tables(f: Callable, params: PyTree) -> tuple[str, ...]:
@@ -83,7 +83,7 @@ def compact_block(
         flat[path] = table[np.minimum(rows, table.shape[0] - 1)] * real[:, None].astype(table.dtype)
         for b in blocks_c:
             n = np.shape(b["input_ids"])[0]
-            b[_ROWS + path] = np.broadcast_to(rows, (n, len(rows)))  # (N, U)
+            b[ROWS_PREFIX + path] = np.broadcast_to(rows, (n, len(rows)))  # (N, U)
     return params_lib.unflatten(flat), blocks_c
 
 
@@ -95,7 +95,7 @@ def compact_fn(f: Callable, paths: Sequence[str]) -> Callable:
         batch = dict(batch)
         flat = params_lib.flatten(params_c)
         for path in paths:
-            rows = batch.pop(_ROWS + path)  # (N, U), the same in every row (N = 1 when vmapped)
+            rows = batch.pop(ROWS_PREFIX + path)  # (N, U), equal rows (N = 1 when vmapped)
             flat[path.rsplit(".", 1)[0] + ".rows"] = rows[0]
         return f(params_lib.unflatten(flat), batch)
 

@@ -49,12 +49,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.rows import num_rows, take_rows
-from ntk import _kernel_cache
+from ntk import _kernel_cache, _padding
 from ntk._compat import nt
-from ntk._jacobians import fused_program, jacobian_bytes, jacobian_program, reused_kernel
+from ntk._jacobians import (
+    cross_program,
+    fused_program,
+    jacobian_bytes,
+    jacobian_program,
+    kept_spec,
+    reused_kernel,
+)
 from ntk._memory import available_memory, gib, required_bytes
 from ntk._programs import compiled, program_fn_key
-from ntk.compact import compact_block, compact_fn, compactable_tables
+from ntk.compact import ROWS_PREFIX, compact_block, compact_fn, compactable_tables
 from ntk.model_fn import cast_floating, check_outputs
 
 PyTree = Any
@@ -443,27 +450,16 @@ def empirical_ntk_fn(
             p, xs = params, [x1c] if symmetric else [x1c, x2c]
             if tables:
                 p, xs = compact_block(f, params, xs, tables)
-            xa, xb = xs[0], (None if symmetric else xs[1])
-            if symmetric and n1 <= b1:  # one block: Jacobians and their Gram in one program
-                exe = fused_program(fn, fn_key, opts.trace, opts.diag, xa, p)
-                if required_bytes(exe) <= limit:
-                    place(np.asarray(exe(p, xa)), 0, 0)
-                    if path is not None:
-                        _kernel_cache.save(path, out)
-                    return out
-            if _jacobians_fit(fn, fn_key, p, xa, xb, (b1, b2), limit):
-                reused_kernel(
-                    fn,
-                    fn_key,
-                    p,
-                    xa,
-                    xb,
-                    (b1, b2),
-                    opts.trace,
-                    opts.diag,
-                    place,
-                    lambda pairs: _progress(pairs, progress),
-                )
+            trim = _padding.ignores_padding(f, xs[0])
+            orders = None
+            if trim and not (symmetric and n1 <= b1):  # several blocks: short rows together
+                orders, xs = zip(*(_padding.by_length(x) for x in xs), strict=True)
+            prepare = (lambda x: _padding.cut(x, skip_prefix=ROWS_PREFIX)) if trim else None
+            if _kept_jacobians_kernel(
+                fn, fn_key, opts, p, xs, (b1, b2), limit, prepare, place, progress
+            ):
+                if orders is not None:  # back to the callers' row order
+                    out = _unsort(out, orders[0], orders[-1])
                 if path is not None:
                     _kernel_cache.save(path, out)
                 return out
@@ -496,17 +492,64 @@ def _reuse_jacobians(opts: KernelOptions) -> bool:
     )
 
 
-def _jacobians_fit(f, fn_key, params, x1, x2, sizes, limit: int) -> bool:
-    """Whether the kept Jacobians of x2 (x1 if None), one block of x1 and a contraction fit."""
+def _kept_jacobians_kernel(
+    f, fn_key, opts: KernelOptions, params, xs, sizes, limit: int, prepare, place, progress
+) -> bool:
+    """Computes the kernel with Jacobians kept across blocks (:mod:`ntk._jacobians`), if it
+    fits in ``limit``; a symmetric kernel of one block is one fused program. ``prepare`` (or
+    None) maps each block before use (cuts its padding). Returns whether it ran."""
+    prepare = prepare or (lambda x: x)
+    x1, x2 = xs[0], (xs[1] if len(xs) > 1 else None)
+    n1 = num_rows(x1)
+    if x2 is None and n1 <= sizes[0]:  # one block: Jacobians and their Gram in one program
+        xa = prepare(x1)
+        exe = fused_program(f, fn_key, opts.trace, opts.diag, xa, params)
+        if required_bytes(exe) <= limit:
+            place(np.asarray(exe(params, xa)), 0, 0)
+            return True
+    if not _jacobians_fit(f, fn_key, params, x1, x2, sizes, opts, limit, prepare):
+        return False
+    reused_kernel(
+        f,
+        fn_key,
+        params,
+        x1,
+        x2,
+        sizes,
+        opts.trace,
+        opts.diag,
+        place,
+        lambda items: _progress(items, progress),
+        prepare,
+    )
+    return True
+
+
+def _unsort(out: np.ndarray, order1: np.ndarray, order2: np.ndarray) -> np.ndarray:
+    """The kernel of rows ``x1[order1]`` x ``x2[order2]`` back in the rows' own order."""
+    return out[np.argsort(order1)][:, np.argsort(order2)]
+
+
+def _jacobians_fit(f, fn_key, params, x1, x2, sizes, opts, limit: int, prepare) -> bool:
+    """Whether the kept Jacobians of x2 (x1 if None), one block of x1 and a contraction fit.
+
+    Checked at each side's last block: the longest when rows are sorted by length."""
     rows2 = x1 if x2 is None else x2
     n2 = num_rows(rows2)
     b2 = sizes[0] if x2 is None else sizes[1]
-    exe2 = jacobian_program(f, fn_key, take_rows(rows2, 0, b2, n2), params)
+    last2 = (n2 - 1) // b2 * b2
+    exe2 = jacobian_program(f, fn_key, prepare(take_rows(rows2, last2, b2, n2)), params)
     # The kept Jacobians, plus the temporaries of the program making them (its output is one
     # of the kept blocks: counted once).
-    need = -(-n2 // b2) * jacobian_bytes(exe2) + required_bytes(exe2) - jacobian_bytes(exe2)
-    if x2 is not None:
-        need += required_bytes(jacobian_program(f, fn_key, take_rows(x1, 0, sizes[0]), params))
+    blocks2 = -(-n2 // b2)
+    need = blocks2 * jacobian_bytes(exe2) + required_bytes(exe2) - jacobian_bytes(exe2)
+    if x2 is not None:  # the program of an x1 block takes every kept block as an argument
+        n1 = num_rows(x1)
+        xa = prepare(take_rows(x1, (n1 - 1) // sizes[0] * sizes[0], sizes[0], n1))
+        num_outputs = jax.eval_shape(f, params, xa).shape[1]
+        kept = [kept_spec(params, b2, num_outputs)] * blocks2
+        exe = cross_program(f, fn_key, opts.trace, opts.diag, xa, kept, params)
+        need = max(need, required_bytes(exe))
     return need <= limit
 
 

@@ -272,10 +272,17 @@ def model_fn(
 
 
 def _declare_rows(f: Callable, output_fn: Callable) -> None:
-    """Passes on the embedding rows ``output_fn`` reads besides its input ids (ntk.compact)."""
+    """Passes on the embedding rows ``output_fn`` reads besides its input ids (ntk.compact)
+    and whether its outputs ignore trailing padding (ntk._padding)."""
     rows = getattr(output_fn, "embedding_rows", None)
     if rows is not None:
         f.__ntk_embedding_rows__ = np.asarray(rows, np.int32)
+    _declare_padding(f, output_fn)
+
+
+def _declare_padding(f: Callable, output_fn: Callable) -> None:
+    if getattr(output_fn, "ignores_padding", False):
+        f.__ntk_ignores_padding__ = True
 
 
 def lora_model_fn(
@@ -310,4 +317,5 @@ def lora_model_fn(
     f.__ntk_fingerprint__ = fingerprint(
         params, fn_fingerprint(output_fn), "lora", repr(lora_config)
     )
+    _declare_padding(f, output_fn)
     return ModelFn(f, adapters)

@@ -12,7 +12,7 @@ import pytest
 import ntk
 from lora_jax import models
 from lora_jax.readout import make_output_fn
-from ntk import _testing, compact
+from ntk import _padding, _testing, compact
 from ntk import kernel as kernel_lib
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -188,3 +188,75 @@ def test_refused_block_names_an_alternative_that_fits():
         implementation=ntk.NtkImplementation[suggested],
     )(x, None, params)
     assert k.shape == (2, 2, 2, 2) and np.isfinite(k).all()
+
+
+def _ragged_batch(lengths, seed, types, t=9):
+    """Rows of the given real lengths, padded (mask 0, the pad id) to t tokens."""
+    rng = np.random.default_rng(seed)
+    n = len(lengths)
+    ids = rng.integers(3, V // 2, size=(n, t)).astype(np.int32)
+    mask = (np.arange(t)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    ids[mask == 0] = 1 if types == 1 else 0
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mask_pos": np.asarray([rng.integers(0, n_real) for n_real in lengths], np.int32),
+    }
+    if types == 2:
+        batch["token_type_ids"] = (np.arange(t) >= 2).astype(np.int32)[None].repeat(n, 0)
+    return batch
+
+
+def test_padding_lengths_and_cut():
+    x = _ragged_batch([2, 7, 3], 0, 2)
+    np.testing.assert_array_equal(_padding.lengths(x), [2, 7, 3])
+    assert _padding.cut(x)["input_ids"].shape == (3, 8)  # 7 rounded up to 8
+    assert _padding.cut(_ragged_batch([9, 2], 0, 2))["input_ids"].shape == (2, 9)
+    order, s = _padding.by_length(x)
+    np.testing.assert_array_equal(order, [0, 2, 1])
+    np.testing.assert_array_equal(s["attention_mask"].sum(1), [2, 3, 7])
+
+
+@pytest.mark.parametrize(
+    ("model_type", "x2_lengths", "batch_size"),
+    [
+        ("bert", None, 6),  # symmetric, one fused block, cut
+        ("roberta", None, 2),  # symmetric blocks of sorted rows, each cut
+        ("bert", (4, 9, 2, 3), (2, 3)),  # x1 x x2, sorted, padded last blocks
+    ],
+)
+def test_cut_padding_gives_the_dense_kernel_of_the_full_rows(
+    monkeypatch, model_type, x2_lengths, batch_size
+):
+    """Rows sorted by length and blocks cut to their longest row give J J^T of the padded
+    rows, in the callers' row order; the cut really happens."""
+    monkeypatch.setattr(compact, "ROW_BUCKET", 32)
+    monkeypatch.setattr(ntk._padding, "LENGTH_MULTIPLE", 1)
+    seen = []
+    cut = _padding.cut
+    monkeypatch.setattr(ntk._padding, "cut", lambda x, **kw: seen.append(cut(x, **kw)) or seen[-1])
+    with jax.enable_x64():
+        output_fn, params = _encoder(model_type, jnp.float64, "tied_mean")
+        f, params = ntk.model_fn(output_fn, params, "all")
+        types = 2 if model_type == "bert" else 1
+        x1 = _ragged_batch([5, 2, 8, 3, 7, 2], 4, types)  # one block cut to 8
+        x2 = None if x2_lengths is None else _ragged_batch(x2_lengths, 5, types)
+        got = ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, batch_size=batch_size)(
+            x1, x2, params
+        )
+        np.testing.assert_allclose(
+            got, _testing.hand_ntk(f, params, x1, x2), rtol=1e-10, atol=1e-10
+        )
+    assert min(b["input_ids"].shape[1] for b in seen) < 9
+
+
+def test_only_declared_functions_are_cut():
+    output_fn, params = _encoder("bert", jnp.float32)
+    x = _ragged_batch([2, 3], 0, 2)
+    f, _ = ntk.model_fn(output_fn, params, "all")
+    assert _padding.ignores_padding(f, x)
+
+    def plain(p, b):  # same model, no declaration
+        return output_fn(p, b)
+
+    assert not _padding.ignores_padding(plain, x)

@@ -1,0 +1,63 @@
+"""Trailing padding cut from kernel blocks: the same kernel from shorter sequences.
+
+An encoder that gives masked keys exactly zero attention weight (this library's:
+``lora_jax.models.layers.attend``) computes the same outputs for a row whatever trailing
+padding follows it, and the padded positions get exactly zero derivative. So a kernel block
+may be computed on its rows cut to the longest of them (rounded up to ``LENGTH_MULTIPLE``, to
+bound the number of compiled shapes), and rows sorted by length first make the blocks of a
+large kernel short: a 1,000-row MR test set padded to 64 tokens has a median length of 31.
+
+Only functions that declare it are cut (``f.__ntk_ignores_padding__``, set by
+:func:`ntk.model_fn` / :func:`ntk.lora_model_fn` from the ``ignores_padding`` flag of
+:func:`lora_jax.readout.make_output_fn` for this library's encoders); the batch must hold an
+``attention_mask`` ``[N, T]`` and its token-level arrays are the ``[N, T]`` leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+PyTree = Any
+
+__all__ = ["LENGTH_MULTIPLE", "by_length", "cut", "ignores_padding", "lengths"]
+
+LENGTH_MULTIPLE = 8
+
+
+def ignores_padding(f: Callable, x: PyTree) -> bool:
+    """Whether ``f`` declares padding-free outputs and ``x`` is a batch dict with a mask."""
+    return bool(getattr(f, "__ntk_ignores_padding__", False)) and (
+        isinstance(x, dict) and np.ndim(x.get("attention_mask")) == 2
+    )
+
+
+def lengths(x: dict) -> np.ndarray:
+    """``[N]``: each row's length up to its last real token (1 for an all-padding row)."""
+    mask = np.asarray(x["attention_mask"]) != 0  # (N, T)
+    last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
+    return np.where(mask.any(1), last, 1)
+
+
+def cut(x: dict, skip_prefix: str = "") -> dict:
+    """``x`` with its ``[N, T]`` leaves cut to the rows' longest length (rounded up to
+    ``LENGTH_MULTIPLE``, at most T); keys starting with ``skip_prefix`` are left whole."""
+    t = np.shape(x["attention_mask"])[1]
+    keep = min(t, -(-int(lengths(x).max()) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE)
+    if keep == t:
+        return x
+
+    def one(key, a):
+        skipped = bool(skip_prefix) and key.startswith(skip_prefix)
+        token_level = np.ndim(a) == 2 and np.shape(a)[1] == t and not skipped
+        return a[:, :keep] if token_level else a
+
+    return {key: one(key, a) for key, a in x.items()}
+
+
+def by_length(x: dict) -> tuple[np.ndarray, dict]:
+    """``(order, x[order])``: rows sorted by length, shortest first (a stable sort)."""
+    order = np.argsort(lengths(x), kind="stable")
+    return order, {key: np.asarray(a)[order] if np.ndim(a) >= 1 else a for key, a in x.items()}
