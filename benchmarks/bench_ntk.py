@@ -13,8 +13,9 @@ Readout: tied (outputs = hidden state at [MASK] @ word_embeddings[label_ids].T; 
 MLM head); MR sentences with the template ``{sentence} It was [MASK] .``, T = 64.
 
 ``--compare`` (all weights, against PyTorch): the ``--n`` x ``--n`` train kernel (``x2=None``,
-``trace_axes=()``) by ``ntk.empirical_ntk_fn`` (JACOBIAN_CONTRACTION, ``vmap_axes=0``, one
-block, embedding tables compacted), and by ``torch.func`` ``vmap(jacrev)`` + einsum on the same
+``trace_axes=()``) by ``ntk.empirical_ntk_fn`` (JACOBIAN_CONTRACTION, ``vmap_axes=0``,
+``batch_size=--block``, default n: one block, computed by one fused program; embedding
+tables compacted, trailing padding cut), and by ``torch.func`` ``vmap(jacrev)`` + einsum on the same
 weights and batch (the LM-Kernel-FT recipe: per-example Jacobians in chunks of
 ``--torch-chunk``, one ``[N, K, P]`` matrix, one einsum) in the interpreter given by
 ``--torch-python`` (or ``$LORA_JAX_TORCH_PYTHON``). Each side runs in its own process, one
@@ -346,9 +347,8 @@ def compare(args) -> None:
             f"T={args.max_length}), {args.n} x {args.n} train kernel",
             flush=True,
         )
-        ours = _spawn(
-            ["--ours-worker", *common, "--batch", str(args.block), "--save", f"{tmp}/ours.npy"]
-        )
+        block = str(args.block or args.n)
+        ours = _spawn(["--ours-worker", *common, "--batch", block, "--save", f"{tmp}/ours.npy"])
         theirs = _spawn(
             [
                 "--torch-worker",
@@ -391,10 +391,10 @@ def compare(args) -> None:
             )
         if args.big:
             print(
-                f"\n1000 test x {args.n} train all-weights kernel, batch_size={args.big_batch}:",
+                f"\n1000 test x {args.n} train all-weights kernel, batch_size={args.big_block}:",
                 flush=True,
             )
-            r = _spawn(["--ours-worker", *common, "--test-rows", "1000", "--batch", args.big_batch])
+            r = _spawn(["--ours-worker", *common, "--test-rows", "1000", "--batch", args.big_block])
             if r:
                 print(
                     f"  shape {r['shape']}, {r['first_s']:.1f} s, peak RSS "
@@ -431,7 +431,10 @@ def main() -> None:
     parser.add_argument("--compare", action="store_true", help="all weights vs PyTorch")
     parser.add_argument("--big", action="store_true", help="--compare: also 1000 x n")
     parser.add_argument(
-        "--block", type=int, default=32, help="--compare: our batch_size (rows per block)"
+        "--block", type=int, default=None, help="--compare: our batch_size (default: --n)"
+    )
+    parser.add_argument(
+        "--big-block", default="64,64", help="--compare --big: test rows, train rows per block"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--torch-chunk", type=int, default=8, help="examples per torch vmap")
