@@ -18,6 +18,12 @@ meaning) and returns ``ntk_fn(x1, x2, params)``; the differences are for fine-tu
 * Embedding tables among the differentiated weights are cut to the rows each block reads
   (:mod:`ntk.compact`): exact, and the all-weights kernel of an encoder no longer carries the
   dense ``[V, H]`` Jacobian of its word embeddings.
+* With JACOBIAN_CONTRACTION and ``vmap_axes=0``, per-example Jacobians are computed once per
+  row and kept across blocks (:mod:`ntk._jacobians`); a symmetric kernel with ``batch_size``
+  >= N is one fused program that never holds the whole ``[N K, P]`` Jacobian (the fastest
+  and leanest way to an all-weights train kernel: ``batch_size=N``). For this library's
+  encoders, rows are sorted by length and each block is cut to its longest row
+  (:mod:`ntk._padding`): exact, since padded positions have zero weight and derivative.
 * ``implementation=AUTO`` is our memory-aware choice (``nt``'s own AUTO is broken on current
   jax: it indexes ``cost_analysis()`` as a list).
 
