@@ -427,6 +427,8 @@ def claim_bias_variance(cfg: ClaimsConfig, results_path: str | None) -> dict:
 
 
 def write_report(run_dir: str, sections: list[dict]) -> str:
+    """``report.md``: the verdicts, then per section its claim, command, numbers, plot (linked
+    relative to ``run_dir``), verdict and wall time; written atomically, returns its path."""
     parts = ["# The paper's claims, checked", ""]
     parts += [f"- {s['title']}: **{s['verdict']}**" for s in sections]
     for s in sections:
@@ -445,6 +447,8 @@ def write_report(run_dir: str, sections: list[dict]) -> str:
             parts.append(f"![{s['title']}]({os.path.relpath(s['plot'], run_dir)})")
             parts.append("")
         parts.append(f"**Verdict: {s['verdict']}.**")
+        if s.get("wall_seconds") is not None:
+            parts += ["", f"Wall time of this part in this run: {s['wall_seconds']:.0f} s."]
     path = os.path.join(run_dir, "report.md")
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(parts) + "\n")
@@ -453,32 +457,37 @@ def write_report(run_dir: str, sections: list[dict]) -> str:
 
 
 def run(cfg: ClaimsConfig) -> str:
+    """Every part in turn (each resumes), then ``report.md``; returns its path.
+
+    The sweep runs before the bias / variance curves, whose section shows its test errors;
+    ``timings.json`` holds each part's wall seconds.
+    """
     run_dir = os.path.join(cfg.out, cfg.name)
     os.makedirs(run_dir, exist_ok=True)
-    sections, timings, cache = [], {}, {}
-    steps = [
+    cache: dict = {}
+    sweep: dict = {}
+
+    def run_sweep() -> dict:
+        section, sweep["results"] = claim_sweep(cfg) if cfg.sweep else (_sweep_not_run(), None)
+        return section
+
+    parts = [
         ("thresholds", lambda: claim_thresholds(cfg)),
         ("cstar", lambda: claim_cstar(cfg)),
         ("pl", lambda: claim_pl(cfg, cache)),
+        ("rank_sweep", run_sweep),
+        ("bias_variance", lambda: claim_bias_variance(cfg, sweep["results"])),
     ]
-    for name, fn in steps:
+    sections, timings = {}, {}
+    for name, fn in parts:
         start = time.time()
-        sections.append(fn())
-        timings[name] = time.time() - start
-        print(f"{name}: {sections[-1]['verdict']} ({timings[name]:.0f} s)", file=sys.stderr)
-    start = time.time()
-    if cfg.sweep:
-        sweep, results_path = claim_sweep(cfg)
-    else:
-        sweep, results_path = _sweep_not_run(), None
-    timings["rank_sweep"] = time.time() - start
-    start = time.time()
-    sections.append(claim_bias_variance(cfg, results_path))
-    timings["bias_variance"] = time.time() - start
-    sections.append(sweep)
+        sections[name] = fn()
+        timings[name] = sections[name]["wall_seconds"] = time.time() - start
+        print(f"{name}: {sections[name]['verdict']} ({timings[name]:.0f} s)", file=sys.stderr)
     with open(os.path.join(run_dir, "timings.json"), "w") as f:
         json.dump(timings, f, indent=1)
-    return write_report(run_dir, sections)
+    order = ("thresholds", "cstar", "pl", "bias_variance", "rank_sweep")
+    return write_report(run_dir, [sections[name] for name in order])
 
 
 def parse_args(argv: list[str] | None = None) -> ClaimsConfig:

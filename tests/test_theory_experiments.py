@@ -233,3 +233,35 @@ def test_finetune_errors_reads_lora_cells_and_refuses_a_mismatch(tmp_path):
     with pytest.raises(SystemExit, match="error: --finetune-results .* no LoRA cells"):
         bias_variance.main(["--tasks", "mr", "--finetune-results", str(path), "--out",
                             str(tmp_path)])  # fmt: skip
+
+
+def test_paper_claims_feeds_the_sweep_to_bias_variance_and_writes_every_section(
+    tmp_path, monkeypatch
+):
+    seen = {}
+
+    def section(name, verdict="supported", plot=None):
+        return {"title": name, "claim": f"claim {name}", "command": f"cmd {name}",
+                "numbers": f"numbers {name}", "plot": plot, "verdict": verdict}  # fmt: skip
+
+    def bv(cfg, results_path):
+        seen["results"] = results_path
+        return section("bv", "inconclusive", str(tmp_path / "claims" / "bias_variance" / "p.png"))
+
+    monkeypatch.setattr(paper_claims, "claim_thresholds", lambda cfg: section("thr"))
+    monkeypatch.setattr(paper_claims, "claim_cstar", lambda cfg: section("cstar", "not supported"))
+    monkeypatch.setattr(paper_claims, "claim_pl", lambda cfg, cache: section("pl"))
+    monkeypatch.setattr(paper_claims, "claim_sweep", lambda cfg: (section("sweep"), "r.jsonl"))
+    monkeypatch.setattr(paper_claims, "claim_bias_variance", bv)
+    path = paper_claims.run(paper_claims.ClaimsConfig(name="claims", out=str(tmp_path)))
+    assert seen["results"] == "r.jsonl"
+    text = open(path).read()
+    heads = [line for line in text.splitlines() if line.startswith("## ")]
+    assert heads == ["## thr", "## cstar", "## pl", "## bv", "## sweep"]
+    assert "- cstar: **not supported**" in text and "**Verdict: inconclusive.**" in text
+    assert "![bv](bias_variance/p.png)" in text and "**Command.** `cmd sweep`" in text
+    timings = json.loads((tmp_path / "claims" / "timings.json").read_text())
+    assert set(timings) == {"thresholds", "cstar", "pl", "rank_sweep", "bias_variance"}
+    paper_claims.run(paper_claims.ClaimsConfig(name="claims", out=str(tmp_path), sweep=False))
+    assert seen["results"] is None
+    assert "Not run in this report (--no-sweep)." in open(path).read()
