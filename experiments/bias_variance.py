@@ -182,17 +182,20 @@ def plot(results: list[dict], errors: dict, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.4), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
         r = res["ranks"]
         ax.plot(r, res["fit"], marker=".", label="fit (train CE floor)")
         ax.plot(r, res["complexity"], marker=".", label="complexity 2√2 G ΣR_k")
-        ax.plot(r, res["total"], marker="o", label="sum (bound)")
+        ax.plot(r, res["total"], marker="o", label=f"sum (bound; min r = {res['best_rank']})")
         ax.axvline(res["best_rank"], color="k", ls=":", lw=0.8)
+        if min(res["fit"]) > 0:  # the fit term is small beside the complexity: log scale
+            ax.set_yscale("log")
         ax.set_xlabel("rank r")
         ax.set_ylabel("nats")
         ax.set_title(f"{res['task']} (K = {res['K']}, N = {res['N']})")
         ax.grid(alpha=0.3)
+        handles = ax.get_legend_handles_labels()[0]
         measured = errors.get(res["task"], {})
         if measured:
             cmp = compare(res, measured)
@@ -210,8 +213,9 @@ def plot(results: list[dict], errors: dict, path: str) -> str:
             )
             twin.axvline(cmp["measured_best_rank"], color="C3", ls=":", lw=0.8)
             twin.set_ylabel("test error (%)", color="C3")
-            twin.legend(fontsize=7, loc="upper right")
-        ax.legend(fontsize=7, loc="center right")
+            handles += twin.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                  ncol=2)  # fmt: skip
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -252,9 +256,10 @@ def markdown(results: list[dict], errors: dict, source: str | None = None) -> st
             lines += [
                 "",
                 f"Measured test error is lowest at r = {cmp['measured_best_rank']} "
-                f"({100 * mean:.1f} ± {100 * std:.1f}%, {n} seeds); the bound is lowest at "
-                f"r = {cmp['bound_best_rank']}, and at r = {cmp['bound_best_rank_on_measured']} "
-                f"among the fine-tuned ranks {cmp['common_ranks']}: the two minima "
+                f"({100 * mean:.1f} ± {100 * std:.1f}%, {n} seed{'s' * (n != 1)}); the bound is "
+                f"lowest at r = {cmp['bound_best_rank']}, and at "
+                f"r = {cmp['bound_best_rank_on_measured']} among the fine-tuned ranks "
+                f"{cmp['common_ranks']}: the two minima "
                 f"{'agree' if cmp['agree'] else 'disagree'}.",
             ]
         lines.append("")
