@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -38,16 +39,22 @@ def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     for name in ("ce", "mse"):
         assert len(res[name]["loss"]) == 6 and res[name]["loss_end"] < res[name]["loss_start"]
     assert "| ce |" in pl.markdown(res)
-    out = bias_variance.run(
-        bias_variance.BiasVarianceConfig(
-            tasks=("mr",), ranks=(1, 2), steps=3, draws=4, layers=(), **common
-        )
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in _records("mr", {1: [60, 62, 58]})))
+    bcfg = bias_variance.BiasVarianceConfig(
+        tasks=("mr",), ranks=(1, 2), steps=3, draws=4, layers=(), **common
     )
+    out = bias_variance.run(bcfg)
     (task,) = out["tasks"]
     assert task["best_rank"] in (1, 2) and len(task["fit"]) == 2
     assert np.all(np.diff(task["complexity"]) >= 0)  # the Ky Fan norm grows with r
     saved = json.loads((tmp_path / "bias_variance" / "bias_variance.json").read_text())
-    assert saved["tasks"][0]["ranks"] == [1, 2]
+    assert saved["tasks"][0]["ranks"] == [1, 2] and out["comparison"] == {}
+    # The same curves (resumed, not recomputed) with measured errors beside them.
+    again = bias_variance.run(dataclasses.replace(bcfg, finetune_results=str(results)))
+    assert again["tasks"] == out["tasks"]
+    assert again["comparison"]["mr"]["measured"][1][0] == pytest.approx(0.4)
+    assert "| 1 | " in again["markdown"] and "40.0 ± 2.0 (3) |" in again["markdown"]
 
 
 def test_paired_t_and_its_verdict_inputs():
