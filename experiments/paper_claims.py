@@ -151,18 +151,20 @@ def rank_verdict(by_rank: dict[int, dict[int, float]], *, multiclass: bool, marg
     The claim (the paper's): on a binary task rank 1 is competitive with the best rank; on a
     multi-class task the best rank is above 1. The rule:
 
-    * best rank = the rank of highest mean test accuracy over seeds (ties: the lower rank);
-      d_s = acc(r = 1, seed s) - acc(best, seed s) in points over the seeds both ran, n pairs;
-      paired t = mean(d) / (std(d) / sqrt(n)); r = 1 is *significantly worse* when
+    * rival = the rank above 1 of highest mean test accuracy over seeds (ties: the lower
+      rank); d_s = acc(r = 1, seed s) - acc(rival, seed s) in points over the seeds both
+      ran, n pairs; gap = -mean(d); paired t = mean(d) / (std(d) / sqrt(n)). The best rank is
+      1 when gap <= 0, else the rival. r = 1 is *significantly worse* when
       t < -t_{0.975, n-1} (two-sided 5%), and *within noise* otherwise.
     * fewer than 2 pairs, or no rank 1 or no other rank: **inconclusive** (nothing to test).
-    * binary: best = 1, or within noise with a mean gap -mean(d) <= ``margin`` points:
+    * binary: not significantly worse and gap <= ``margin`` points (best = 1 included):
       **supported**; significantly worse: **not supported**; within noise but with a larger
       gap: **inconclusive** (too few seeds to tell that gap from noise).
-    * multi-class: significantly worse: **supported**; best = 1, or within noise with a gap
-      <= ``margin``: **not supported**; within noise with a larger gap: **inconclusive**.
+    * multi-class: significantly worse: **supported**; not significantly worse and
+      gap <= ``margin`` (best = 1 included): **not supported**; within noise with a larger gap:
+      **inconclusive**.
 
-    Choosing the best rank from the same seeds favours it (winner's curse), so the test leans
+    Choosing the rival from the same seeds favours it (winner's curse), so the test leans
     towards "r = 1 is worse": it works against the binary claim and for the multi-class one.
 
     Args:
@@ -171,33 +173,35 @@ def rank_verdict(by_rank: dict[int, dict[int, float]], *, multiclass: bool, marg
       margin: the largest mean gap (points) that still counts as competitive.
 
     Returns:
-      ``verdict``, ``best_rank``, ``gap`` (mean accuracy of the best minus r = 1, points),
-      ``t``, ``t_crit``, ``n`` and ``reason`` (one sentence).
+      ``verdict``, ``best_rank``, ``rival``, ``gap`` (points), ``t``, ``t_crit``, ``n`` and
+      ``reason`` (one sentence).
     """
     means = {r: float(np.mean(list(v.values()))) for r, v in by_rank.items() if v}
-    out = {"best_rank": None, "gap": float("nan"), "t": float("nan"), "t_crit": float("nan")}
+    out = {"best_rank": None, "rival": None, "gap": float("nan"), "t": float("nan")}
     if 1 not in means or len(means) < 2:
-        return {**out, "n": 0, "verdict": INCONCLUSIVE, "reason": "needs rank 1 and another rank"}
-    best = min(means, key=lambda r: (-means[r], r))
-    seeds = sorted(set(by_rank[1]) & set(by_rank[best]))
-    diff, t, n = paired_t([by_rank[1][s] for s in seeds], [by_rank[best][s] for s in seeds])
-    out = {"best_rank": best, "gap": -diff, "t": t, "t_crit": t_critical(n - 1), "n": n}
+        reason = "needs rank 1 and another rank"
+        return {**out, "t_crit": float("nan"), "n": 0, "verdict": INCONCLUSIVE, "reason": reason}
+    rival = min((r for r in means if r != 1), key=lambda r: (-means[r], r))
+    seeds = sorted(set(by_rank[1]) & set(by_rank[rival]))
+    diff, t, n = paired_t([by_rank[1][s] for s in seeds], [by_rank[rival][s] for s in seeds])
+    out = {"rival": rival, "gap": -diff, "t": t, "t_crit": t_critical(n - 1), "n": n}
+    out["best_rank"] = 1 if out["gap"] <= 0 else rival
     if n < 2:
         return {**out, "verdict": INCONCLUSIVE, "reason": f"{n} paired seed(s); needs 2"}
-    worse = best != 1 and t < -out["t_crit"]
-    close = best == 1 or (not worse and out["gap"] <= margin)
+    worse = t < -out["t_crit"]
+    close = not worse and out["gap"] <= margin
     if multiclass:
         verdict = SUPPORTED if worse else NOT_SUPPORTED if close else INCONCLUSIVE
     else:
         verdict = NOT_SUPPORTED if worse else SUPPORTED if close else INCONCLUSIVE
-    if best == 1:
+    if worse:
+        reason = f"r = 1 is significantly worse than r = {rival}"
+    elif out["best_rank"] == 1:
         reason = "rank 1 has the best mean"
-    elif worse:
-        reason = f"r = 1 is significantly worse than r = {best}"
     elif close:
-        reason = f"r = 1 is within noise of r = {best} and within {margin:g} points"
+        reason = f"r = 1 is within noise of r = {rival} and within {margin:g} points"
     else:
-        reason = f"r = 1 is within noise of r = {best} but {out['gap']:.1f} points behind"
+        reason = f"r = 1 is within noise of r = {rival} but {out['gap']:.1f} points behind"
     return {**out, "verdict": verdict, "reason": reason}
 
 
@@ -325,10 +329,10 @@ def sweep_verdicts(records: list[dict], margin: float) -> tuple[str, list[str]]:
             lines.append(f"- {task} ({kind}): {v['reason']}: **{v['verdict']}**.")
             continue
         lines.append(
-            f"- {task} ({kind}): best rank {v['best_rank']}; its mean minus r = 1: "
-            f"{v['gap']:+.1f} points, paired t = {v['t']:.2f} over {v['n']} seeds (r = 1 "
-            f"significantly worse when t < -{v['t_crit']:.2f}); {v['reason']}: "
-            f"**{v['verdict']}**."
+            f"- {task} ({kind}): best rank {v['best_rank']}; the best rank above 1 is "
+            f"r = {v['rival']}, its mean minus r = 1's {v['gap']:+.1f} points, paired t of r = 1 "
+            f"minus it {v['t']:.2f} over {v['n']} seeds (significantly worse when "
+            f"t < -{v['t_crit']:.2f}); {v['reason']}: **{v['verdict']}**."
         )
     return combine(verdicts), lines
 
@@ -362,8 +366,8 @@ def claim_sweep(cfg: ClaimsConfig) -> tuple[dict, str]:
         + report.markdown_table(records)
         + "\n\n"
         + "\n".join(lines)
-        + f"\n\nVerdict rule (`paper_claims.rank_verdict`): best rank by mean; paired t of "
-        f"r = 1 minus the best over seeds at 5%; binary supported when r = 1 is within noise "
+        + f"\n\nVerdict rule (`paper_claims.rank_verdict`): paired t over seeds of r = 1 minus "
+        f"the best rank above 1 (by mean), at 5%; binary supported when r = 1 is within noise "
         f"and at most {cfg.sweep_margin:g} points behind; multi-class supported when r = 1 is "
         "significantly worse; the section is supported when every task is, not supported "
         "when any task is not.",

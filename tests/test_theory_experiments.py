@@ -121,6 +121,13 @@ def test_rank_verdict_statistic_by_hand_and_pairs_only_shared_seeds():
     assert v["n"] == 2 and v["gap"] == pytest.approx(9.5)  # d = [-10, -9]
     assert v["t"] == pytest.approx(-9.5 / (np.std([-10, -9], ddof=1) / np.sqrt(2)))
     assert v["verdict"] == "supported"  # t = -19 < -12.706 (1 df)
+    # Rank 1 best: the statistic is against the best rank above 1 (r = 4, not r = 12).
+    v = paper_claims.rank_verdict(
+        _by_rank(r1=[81, 80, 82], r4=[80, 80, 81], r12=[70, 70, 70]), multiclass=False, margin=0
+    )
+    assert (v["best_rank"], v["rival"], v["verdict"]) == (1, 4, "supported")
+    assert v["gap"] == pytest.approx(-2 / 3)  # d = [1, 0, 1]
+    assert v["t"] == pytest.approx((2 / 3) / (np.std([1, 0, 1], ddof=1) / np.sqrt(3)))
     # A larger margin turns "within noise but behind" into supported.
     wide = _by_rank(r1=[70, 81, 68], r12=[80, 80, 80])
     assert paper_claims.rank_verdict(wide, multiclass=False, margin=8.0)["verdict"] == "supported"
