@@ -184,7 +184,7 @@ def rank_verdict(by_rank: dict[int, dict[int, float]], *, multiclass: bool, marg
     rival = min((r for r in means if r != 1), key=lambda r: (-means[r], r))
     seeds = sorted(set(by_rank[1]) & set(by_rank[rival]))
     diff, t, n = paired_t([by_rank[1][s] for s in seeds], [by_rank[rival][s] for s in seeds])
-    out = {"rival": rival, "gap": -diff, "t": t, "t_crit": t_critical(n - 1), "n": n}
+    out = {"rival": rival, "gap": 0.0 - diff, "t": t, "t_crit": t_critical(n - 1), "n": n}
     out["best_rank"] = 1 if out["gap"] <= 0 else rival
     if n < 2:
         return {**out, "verdict": INCONCLUSIVE, "reason": f"{n} paired seed(s); needs 2"}
