@@ -357,7 +357,7 @@ def write_report(run_dir: str, config: dict, records: list[dict], plot_files: li
     parts += [f"{len(records)} cells, {seconds / 60:.1f} min of compute.", ""]
     if tests := rank_test_table(records):
         parts += [
-            "## Rank 1 vs rank 12 (paired by seed)",
+            "## Rank 1 vs rank 12 (or the largest rank run; paired by seed)",
             "",
             "Differences in accuracy points with the 95% t interval over seeds; p-values are "
             "two-sided: the paired t test (the verdict) and the exact sign-flip test (whose "
