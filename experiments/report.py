@@ -371,9 +371,10 @@ def write_report(run_dir: str, config: dict, records: list[dict], plot_files: li
         parts += [
             "## Best rank",
             "",
-            "The rank of highest mean test accuracy, with its 95% t interval over seeds; the "
-            "ranks a paired t test cannot tell from it (p >= 0.05); rank 1's paired difference "
-            "from it (points) and that test's p.",
+            "The rank of highest mean test accuracy, with its 95% t interval over seeds (picked "
+            "as the best on the test set, so its mean is optimistic); the ranks a paired t test "
+            "cannot tell from it (p >= 0.05); rank 1's paired difference from it (points) and "
+            "that test's p.",
             "",
             best,
             "",
