@@ -307,6 +307,11 @@ def get_config(config: str, /, **overrides: Any) -> ExperimentConfig:
     if config not in NAMED_CONFIGS:
         raise ConfigError(f"Unknown config {config!r}; known configs: {sorted(NAMED_CONFIGS)}.")
     given = {k: v for k, v in overrides.items() if v is not None}
+    if "model" in given and given.get("models"):
+        raise ConfigError(
+            "both model and models are given; fix: --model for one encoder, or --models for "
+            "several."
+        )
     if "model" in given and "models" not in given:
         given["models"] = ()  # --model alone: that one encoder, not the config's several
     return ExperimentConfig(**{**NAMED_CONFIGS[config], **given})

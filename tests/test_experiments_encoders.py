@@ -54,6 +54,13 @@ def test_model_flag_picks_one_encoder_of_a_several_encoder_config():
     assert two.models == ("org/a", "b")
 
 
+def test_model_and_models_together_is_one_line(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "minilm", "--models", "org/a", "b"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "both model and models are given" in err and "fix:" in err
+
+
 def test_encoder_dirs_and_their_errors(tmp_path, capsys):
     assert encoder_dir("FacebookAI/roberta-large") == "FacebookAI--roberta-large"
     assert encoder_dir("minilm") == "minilm"
