@@ -134,6 +134,26 @@ def test_offline_splits_do_not_overlap():
         assert not _text_keys(data.train) & _text_keys(data.test), name
 
 
+def test_subjrt_sentence_splitter_keeps_initials_and_abbreviations():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "extract_task_data.py"
+    spec = importlib.util.spec_from_file_location("extract_task_data", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = (
+        "The unluckiest man in Vegas (William H. Macy) works for Mr. Shelly Kaplow.\n\n"
+        'He is fired! "Why?" he asks. Dr. No answers at 3 a.m. and 2 p.m.'
+    )
+    assert script.split_sentences(text) == [
+        "The unluckiest man in Vegas (William H. Macy) works for Mr. Shelly Kaplow.",
+        "He is fired!",
+        '"Why?" he asks.',
+        "Dr. No answers at 3 a.m. and 2 p.m.",
+    ]
+
+
 def test_unknown_task_error_lists_known_tasks():
     with pytest.raises(KeyError) as info:
         tasks.get_task("sst-3")
