@@ -229,7 +229,7 @@ def rank_test_table(
             "p (t test)",
             "p (sign flip)",
             "verdict",
-        ],  # fmt: skip
+        ],
         records,
     )
     n_header = len(lines)
@@ -269,7 +269,7 @@ def best_rank_table(records: list[dict], metric: str = "test_accuracy") -> str:
             "seeds",
             "ranks within noise of best",
             "r=1 − best (p)",
-        ],  # fmt: skip
+        ],
         records,
     )
     n_header = len(lines)
@@ -312,7 +312,7 @@ def ntk_gap_table(records: list[dict]) -> str:
             "fine-tuned",
             "FT − linearized (95% CI)",
             "FT − kernel (95% CI)",
-        ],  # fmt: skip
+        ],
         records,
     )
     for (model, task, rank), group in rows.items():
