@@ -94,9 +94,9 @@ def _records(model=None):
                     ntk_acc_linearized_trained=lin[i],
                     ntk_acc_kernel=kernel[i],
                 )
-            if model is not None:
-                r["model"] = model
             records.append(r)
+    if model is not None:
+        records = [{**r, "model": model} for r in records]
     return records
 
 
