@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 
 import numpy as np
 
@@ -86,7 +85,8 @@ def finetune_errors(
 
     Raises:
       MissingFileError: no file at ``path``.
-      ConfigError: a task of ``tasks`` has no LoRA cell, or none at a rank of ``ranks``.
+      ConfigError: a task of ``tasks`` has no LoRA cell, or none at a rank of ``ranks``; the
+        file holds several encoders' cells.
     """
     if path is None:
         return {}
@@ -95,10 +95,17 @@ def finetune_errors(
             f"--finetune-results {path}: no such file; fix: pass the results.jsonl of an "
             "`experiments.run` with --methods lora (runs/<name>/results.jsonl)."
         )
-    out: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for rec in report.read_results(path):
-        if rec["method"] == "lora":
-            out[rec["task"]][rec["rank"]].append(1.0 - rec["test_accuracy"])
+    groups = report.lora_groups(report.read_results(path))
+    encoders = sorted({str(model) for model, _ in groups})
+    if len(encoders) > 1:
+        raise ConfigError(
+            f"--finetune-results {path} holds the cells of several encoders ({encoders}); fix: "
+            "pass one encoder's results.jsonl (runs/<name>/<encoder>/results.jsonl)."
+        )
+    out = {
+        task: {rank: [1.0 - acc for acc in by_seed.values()] for rank, by_seed in by_rank.items()}
+        for (_, task), by_rank in groups.items()
+    }
     for task in tasks:
         if task not in out:
             raise ConfigError(
@@ -111,7 +118,7 @@ def finetune_errors(
                 f"--finetune-results {path}: task {task!r} has LoRA ranks {sorted(out[task])}, "
                 f"none among --ranks {list(ranks)}; fix: add one of them to --ranks."
             )
-    return {t: dict(d) for t, d in out.items()}
+    return out
 
 
 def compare(res: dict, measured: dict[int, list[float]]) -> dict:

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from experiments import bias_variance, cstar, pl, report, thresholds
+from experiments import bias_variance, cstar, pl, report, stats, thresholds
 from experiments import run as run_lib
 from experiments.cli import add_dataclass_arguments
 from experiments.config import ExperimentConfig
@@ -103,48 +103,6 @@ class ClaimsConfig:
             )
 
 
-def t_critical(df: int) -> float:
-    """Two-sided 5% critical value of Student's t with ``df`` degrees of freedom.
-
-    Tabulated (to 3 decimals) for df = 1..20, 25, 30, 40, 60, 120, and linear in 1/df between
-    them and from 120 to the normal 1.960 at infinity; ``df < 1`` is NaN.
-    """
-    if df < 1:
-        return float("nan")
-    if df in T_CRIT:
-        return T_CRIT[df]
-    if df > 120:
-        return 1.960 + (T_CRIT[120] - 1.960) * 120 / df
-    lo, hi = max(k for k in T_CRIT if k < df), min(k for k in T_CRIT if k > df)
-    w = (1 / df - 1 / hi) / (1 / lo - 1 / hi)
-    return w * T_CRIT[lo] + (1 - w) * T_CRIT[hi]
-
-
-# Two-sided 5% critical values of Student's t by degrees of freedom.
-T_CRIT = {
-    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-    9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
-    17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000,
-    120: 1.980,
-}  # fmt: skip
-
-
-def paired_t(a: list[float], b: list[float]) -> tuple[float, float, int]:
-    """Mean difference a - b (points), its paired t statistic, and the number of pairs.
-
-    Identical differences (zero spread) give t = 0 when they are all 0, else +-inf; fewer
-    than two pairs give NaN. Differences are rounded to 1e-9 points, so that accuracies that
-    differ by the same count of test examples count as identical differences.
-    """
-    d = np.round(100 * (np.asarray(a, np.float64) - np.asarray(b, np.float64)), 9)
-    if d.size < 2:
-        return float(d.mean()) if d.size else float("nan"), float("nan"), int(d.size)
-    sd = d.std(ddof=1)
-    if sd == 0:
-        return float(d.mean()), float(np.sign(d.mean()) * np.inf) if d.mean() else 0.0, int(d.size)
-    return float(d.mean()), float(d.mean() / (sd / np.sqrt(d.size))), int(d.size)
-
-
 def rank_verdict(by_rank: dict[int, dict[int, float]], *, multiclass: bool, margin: float) -> dict:
     """Verdict of one task of the rank sweep on the claim for its kind of task.
 
@@ -152,10 +110,13 @@ def rank_verdict(by_rank: dict[int, dict[int, float]], *, multiclass: bool, marg
     multi-class task the best rank is above 1. The rule:
 
     * rival = the rank above 1 of highest mean test accuracy over seeds (ties: the lower
-      rank); d_s = acc(r = 1, seed s) - acc(rival, seed s) in points over the seeds both
-      ran, n pairs; gap = -mean(d); paired t = mean(d) / (std(d) / sqrt(n)). The best rank is
-      1 when gap <= 0, else the rival. r = 1 is *significantly worse* when
-      t < -t_{0.975, n-1} (two-sided 5%), and *within noise* otherwise.
+      rank; :func:`experiments.report.best_mean_rank`); d_s = acc(r = 1, seed s) -
+      acc(rival, seed s) in points over the seeds both ran, n pairs; gap = -mean(d); paired
+      t = mean(d) / (std(d) / sqrt(n)) (:func:`experiments.stats.paired_test`: 0 when every
+      d_s is 0, -inf / +inf when every d_s is the same negative / positive value). The best
+      rank is 1 when gap <= 0, else the rival. r = 1 is *significantly worse* when
+      t < -t_{0.975, n-1} (two-sided 5%, :func:`experiments.stats.t_critical`), and *within
+      noise* otherwise.
     * fewer than 2 pairs, or no rank 1 or no other rank: **inconclusive** (nothing to test).
     * binary: not significantly worse and gap <= ``margin`` points (best = 1 included):
       **supported**; significantly worse: **not supported**; within noise but with a larger
@@ -176,16 +137,19 @@ def rank_verdict(by_rank: dict[int, dict[int, float]], *, multiclass: bool, marg
       ``verdict``, ``best_rank``, ``rival``, ``gap`` (points), ``t``, ``t_crit``, ``n`` and
       ``reason`` (one sentence).
     """
-    means = {r: float(np.mean(list(v.values()))) for r, v in by_rank.items() if v}
+    ran = {r for r, v in by_rank.items() if v}
     out = {"best_rank": None, "rival": None, "gap": float("nan"), "t": float("nan")}
-    if 1 not in means or len(means) < 2:
+    if 1 not in ran or len(ran) < 2:
         reason = "needs rank 1 and another rank"
         return {**out, "t_crit": float("nan"), "n": 0, "verdict": INCONCLUSIVE, "reason": reason}
-    rival = min((r for r in means if r != 1), key=lambda r: (-means[r], r))
-    seeds = sorted(set(by_rank[1]) & set(by_rank[rival]))
-    diff, t, n = paired_t([by_rank[1][s] for s in seeds], [by_rank[rival][s] for s in seeds])
-    out = {"rival": rival, "gap": 0.0 - diff, "t": t, "t_crit": t_critical(n - 1), "n": n}
-    out["best_rank"] = 1 if out["gap"] <= 0 else rival
+    rival = report.best_mean_rank(by_rank, ran - {1})
+    test = stats.paired_test(by_rank[1], by_rank[rival])
+    if test is None:  # no seed in both
+        n, t, gap = 0, float("nan"), float("nan")
+    else:  # t = 0: the differences are all 0 up to rounding; "0.0 -": no negative zero
+        n, t, gap = test.n, test.t, 0.0 if test.t == 0 else 0.0 - 100 * test.diff
+    out = {"rival": rival, "gap": gap, "t": t, "t_crit": stats.t_critical(n - 1), "n": n}
+    out["best_rank"] = 1 if gap <= 0 else rival
     if n < 2:
         return {**out, "verdict": INCONCLUSIVE, "reason": f"{n} paired seed(s); needs 2"}
     worse = t < -out["t_crit"]
@@ -313,18 +277,13 @@ def sweep_verdicts(records: list[dict], margin: float) -> tuple[str, list[str]]:
     Each task's verdict is :func:`rank_verdict` (multi-class when its task has more than two
     label words); the section's is :func:`combine` of them.
     """
-    by_task: dict[str, dict[int, dict[int, float]]] = {}
-    for rec in records:
-        if rec["method"] == "lora":
-            by_task.setdefault(rec["task"], {}).setdefault(rec["rank"], {})[rec["seed"]] = rec[
-                "test_accuracy"
-            ]
     lines, verdicts = [], []
-    for task, by_rank in by_task.items():
+    for (model, task), by_rank in report.lora_groups(records).items():
         k = len(tasks.get_task(task).label_words)
         v = rank_verdict(by_rank, multiclass=k > 2, margin=margin)
         verdicts.append(v["verdict"])
         kind = f"K = {k}, {'multi-class' if k > 2 else 'binary'}"
+        task = task if model is None else f"{model} | {task}"
         if v["best_rank"] is None:
             lines.append(f"- {task} ({kind}): {v['reason']}: **{v['verdict']}**.")
             continue

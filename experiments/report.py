@@ -175,13 +175,31 @@ def ntk_table(records: list[dict]) -> str:
 # ----------------------------------------------------------------------------- rank statistics
 
 
-def _lora_groups(records: list[dict], metric: str) -> dict[tuple, dict[int, dict[int, float]]]:
-    """``{(encoder or None, task): {rank: {seed: metric}}}`` of the LoRA records."""
+def lora_groups(
+    records: list[dict], metric: str = "test_accuracy"
+) -> dict[tuple, dict[int, dict[int, float]]]:
+    """``{(encoder or None, task): {rank: {seed: metric}}}`` of the LoRA records.
+
+    The encoder is the record's ``model`` (set on the records of a several-encoder run), else
+    None; records without ``metric`` are left out.
+    """
     groups: dict[tuple, dict[int, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for r in records:
         if r["method"] == "lora" and r.get(metric) is not None:
             groups[r.get("model"), r["task"]][r["rank"]][r["seed"]] = r[metric]
     return groups
+
+
+def best_mean_rank(by_rank: dict[int, dict[int, float]], among: Iterable[int] | None = None) -> int:
+    """The rank of highest mean over seeds (ties: the smaller rank), over ``among`` (default:
+    every rank of ``by_rank``).
+
+    Args:
+      by_rank: ``{rank: {seed: value}}``, as :func:`lora_groups` gives per task.
+      among: the candidate ranks (each in ``by_rank``, with at least one seed).
+    """
+    ranks = sorted(by_rank if among is None else among)
+    return min(ranks, key=lambda rank: -float(np.mean(list(by_rank[rank].values()))))
 
 
 def _label(group: tuple) -> str:
@@ -233,7 +251,7 @@ def rank_test_table(
         records,
     )
     n_header = len(lines)
-    for group, by_rank in _lora_groups(records, metric).items():
+    for group, by_rank in lora_groups(records, metric).items():
         above = [r for r in by_rank if r > low]
         if low not in by_rank or not above:
             continue
@@ -273,9 +291,8 @@ def best_rank_table(records: list[dict], metric: str = "test_accuracy") -> str:
         records,
     )
     n_header = len(lines)
-    for group, by_rank in _lora_groups(records, metric).items():
-        means = {rank: np.mean(list(v.values())) for rank, v in by_rank.items()}
-        best = max(sorted(means), key=lambda rank: means[rank])  # ties: the smaller rank
+    for group, by_rank in lora_groups(records, metric).items():
+        best = best_mean_rank(by_rank)
         mean, half = stats.t_interval(list(by_rank[best].values()))
         tied = []  # left empty with one seed: nothing can be told apart
         for rank in sorted(by_rank):

@@ -16,10 +16,22 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats as _scipy_stats
 
-__all__ = ["PairedTest", "paired_test", "sign_flip_p", "t_interval"]
+__all__ = ["PairedTest", "paired_test", "sign_flip_p", "t_critical", "t_interval"]
 
 LEVEL = 0.95  # confidence level of every interval, and 1 - the test level (two-sided 0.05)
 _EXACT_MAX_N = 20  # sign-flip test enumerates all 2**n sign vectors up to this n
+
+
+def t_critical(df: int, level: float = LEVEL) -> float:
+    """Two-sided critical value ``t_{(1+level)/2, df}`` of Student's t (scipy); NaN for df < 1.
+
+    ``|t| > t_critical(n - 1)`` is the paired t test's rejection at ``1 - level`` (two-sided),
+    the same rule as ``PairedTest.within_noise``; ``t_interval``'s half-width is it times the
+    standard error.
+    """
+    if df < 1:
+        return float("nan")
+    return float(_scipy_stats.t.ppf(0.5 + level / 2, df=df))
 
 
 def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
@@ -39,8 +51,7 @@ def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, fl
     mean = float(x.mean())
     if x.size < 2:
         return mean, float("nan")
-    quantile = _scipy_stats.t.ppf(0.5 + level / 2, df=x.size - 1)
-    return mean, float(quantile * x.std(ddof=1) / np.sqrt(x.size))
+    return mean, t_critical(x.size - 1, level) * float(x.std(ddof=1) / np.sqrt(x.size))
 
 
 def sign_flip_p(differences: Sequence[float]) -> float:
@@ -74,8 +85,9 @@ class PairedTest(NamedTuple):
       mean_a, mean_b: the means of the two columns over those seeds.
       diff: mean of ``a - b``.
       half: half-width of the ``LEVEL`` t interval of ``diff`` (nan for n = 1).
-      t: paired t statistic ``diff / (s_d / √n)`` (±inf when every difference is the same
-        non-zero value, nan for n = 1 or all differences zero).
+      t: paired t statistic ``diff / (s_d / √n)``; with no spread in the differences (``s_d``
+        within rounding of 0), 0 when they are all 0 and ±inf when they are all the same
+        non-zero value; nan for n = 1.
       df: degrees of freedom, ``n - 1``.
       p: two-sided p-value of the t test (1 when all differences are zero, nan for n = 1).
       p_sign_flip: two-sided p-value of the exact sign-flip test (`sign_flip_p`).
@@ -104,6 +116,10 @@ class PairedTest(NamedTuple):
 def paired_test(a: dict[int, float], b: dict[int, float]) -> PairedTest | None:
     """Paired t test (and sign-flip test) of ``a - b`` over the seeds both have.
 
+    Differences within rounding (``1e-12`` times the values' scale) of each other count as
+    equal, and such a spread as none: accuracies that differ by the same count of test examples
+    are the same difference however the floats round, and identical columns have difference 0.
+
     Args:
       a, b: ``{seed: value}``.
 
@@ -118,17 +134,17 @@ def paired_test(a: dict[int, float], b: dict[int, float]) -> PairedTest | None:
     d = x - y
     n = d.size
     diff, half = t_interval(d)
+    tol = 1e-12 * max(1.0, float(np.abs(x).max()), float(np.abs(y).max()))
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
     if n < 2:
         t = p = float("nan")
-    else:
-        sd = d.std(ddof=1)
-        if sd > 1e-12 * max(1.0, abs(diff)):
-            t = float(diff / (sd / np.sqrt(n)))
-            p = float(2 * _scipy_stats.t.sf(abs(t), df=n - 1))
-        elif diff == 0.0:
-            t, p = float("nan"), 1.0
-        else:
-            t, p = float(np.sign(diff) * np.inf), 0.0
+    elif sd > tol:
+        t = float(diff / (sd / np.sqrt(n)))
+        p = float(2 * _scipy_stats.t.sf(abs(t), df=n - 1))
+    elif abs(diff) <= tol:  # every difference 0: no evidence either way
+        t, p = 0.0, 1.0
+    else:  # every difference the same non-zero value
+        t, p = float(np.sign(diff) * np.inf), 0.0
     return PairedTest(
         n=n,
         mean_a=float(x.mean()),

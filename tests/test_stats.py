@@ -57,9 +57,24 @@ def test_paired_test_df1_and_degenerate_differences():
     assert same.p == 1.0 and same.within_noise and same.p_sign_flip == 1.0
     shifted = stats.paired_test({1: 0.7, 2: 0.8, 3: 0.9}, {1: 0.6, 2: 0.7, 3: 0.8})
     assert shifted.t == math.inf and shifted.p == 0.0 and not shifted.within_noise
+    # Zero variance: all differences 0 give t = 0 (p = 1); 0 up to float rounding (0.1 + 0.2
+    # is 0.30000000000000004) is the same, not an infinitely significant difference; the same
+    # 10-point difference as 0.7 - 0.6 and 0.9 - 0.8 (which round differently) is t = -inf.
+    assert same.t == 0.0 and same.half == 0.0
+    noisy = stats.paired_test({1: 0.1 + 0.2, 2: 0.1 + 0.2}, {1: 0.3, 2: 0.3})
+    assert (noisy.t, noisy.p, noisy.within_noise) == (0.0, 1.0, True)
+    down = stats.paired_test({1: 0.6, 2: 0.8}, {1: 0.7, 2: 0.9})
+    assert down.t == -math.inf and down.p == 0.0 and down.diff == pytest.approx(-0.1)
     one = stats.paired_test({1: 0.7}, {1: 0.6})
     assert one.n == 1 and math.isnan(one.p) and math.isnan(one.half)
     assert stats.paired_test({1: 0.7}, {2: 0.6}) is None
+
+
+def test_t_critical_matches_the_closed_forms():
+    assert stats.t_critical(1) == pytest.approx(math.tan(math.pi * 0.475), rel=1e-9)  # 12.706
+    assert stats.t_critical(2) == pytest.approx(q_df2(0.975), rel=1e-9)  # 4.303
+    assert stats.t_critical(2, level=0.9) == pytest.approx(q_df2(0.95), rel=1e-9)  # 2.920
+    assert math.isnan(stats.t_critical(0))
 
 
 def test_sign_flip_counts_sign_vectors():
@@ -117,6 +132,15 @@ def test_rank_test_table_rows_computed_by_hand():
         report.rank_test_table(one_seed)
     )
     assert "| mr | 4 | 72.0 | 1 |  | -2.0 |" in report.best_rank_table(one_seed)
+
+
+def test_best_mean_rank_breaks_ties_to_the_smaller_rank():
+    by_rank = {12: {1: 0.7, 2: 0.8}, 4: {1: 0.8, 2: 0.7}, 1: {1: 0.6, 3: 0.7}}
+    assert report.best_mean_rank(by_rank) == 4  # 4 and 12 both average 0.75
+    assert report.best_mean_rank(by_rank, among=[1, 12]) == 12
+    groups = report.lora_groups(_records())
+    assert set(groups) == {(None, "mr"), (None, "trec")}  # zero-shot left out
+    assert groups[None, "mr"][4] == {13: 0.72, 21: 0.70, 42: 0.73}
 
 
 def test_best_rank_table_rows_computed_by_hand():

@@ -57,11 +57,21 @@ def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     assert "| 1 | " in again["markdown"] and "40.0 ± 2.0 (3) |" in again["markdown"]
 
 
-def test_paired_t_and_its_verdict_inputs():
-    diff, t, n = paper_claims.paired_t([0.80, 0.82, 0.79], [0.78, 0.81, 0.80])
-    assert n == 3 and diff == pytest.approx(100 * (0.02 + 0.01 - 0.01) / 3)
-    d = np.array([2.0, 1.0, -1.0])
-    assert t == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(3)))
+def test_rank_verdict_paired_difference_and_t_by_hand():
+    v = paper_claims.rank_verdict(
+        {1: {1: 0.80, 2: 0.82, 3: 0.79}, 4: {1: 0.78, 2: 0.81, 3: 0.80}},
+        multiclass=False,
+        margin=2.0,
+    )
+    d = np.array([2.0, 1.0, -1.0])  # r = 1 minus r = 4, in points
+    assert v["n"] == 3 and v["gap"] == pytest.approx(-d.mean())
+    assert v["t"] == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(3)))
+
+
+# t_{0.975} at 1 and 2 degrees of freedom from closed forms (1 df: Cauchy, tan(pi (u - 1/2));
+# 2 df: (2u - 1) / sqrt(2 u (1 - u))): 12.7062 and 4.3027.
+T975_DF1 = float(np.tan(np.pi * 0.475))
+T975_DF2 = 0.95 / float(np.sqrt(2 * 0.975 * 0.025))
 
 
 # --- the rank sweep's verdict (paper_claims.rank_verdict) on synthetic accuracies -----------
@@ -114,7 +124,7 @@ def test_rank_verdict_statistic_by_hand_and_pairs_only_shared_seeds():
     # d = [-10, -11, -9]: mean -10, sd 1, t = -10 / (1 / sqrt 3); t_0.975 at 2 df = 4.303.
     assert v["gap"] == pytest.approx(10.0)
     assert v["t"] == pytest.approx(-10 * np.sqrt(3))
-    assert (v["n"], v["t_crit"]) == (2 + 1, 4.303)
+    assert v["n"] == 3 and v["t_crit"] == pytest.approx(T975_DF2, rel=1e-9)
     # Rank 12 ran seeds 13 and 21 only: the pairs are those two seeds; the best is by mean.
     by_rank = _by_rank(r1=[70, 72, 99], r12=[80, 81])
     v = paper_claims.rank_verdict(by_rank, multiclass=True, margin=2.0)
@@ -133,18 +143,46 @@ def test_rank_verdict_statistic_by_hand_and_pairs_only_shared_seeds():
     assert paper_claims.rank_verdict(wide, multiclass=False, margin=8.0)["verdict"] == "supported"
 
 
-def test_paired_t_degenerate_spreads():
-    assert paper_claims.paired_t([0.8, 0.7], [0.8, 0.7])[1] == 0.0  # identical: t = 0
-    assert paper_claims.paired_t([0.7, 0.6], [0.8, 0.7])[1] == -np.inf  # always 10 points less
-    assert np.isnan(paper_claims.paired_t([0.7], [0.8])[1])
+def test_rank_verdict_degenerate_spreads():
+    # Identical pairs: t = 0, no gap, rank 1 counts as best (binary supported, multi-class not).
+    same = _by_rank(r1=[80, 70, 75], r4=[80, 70, 75])
+    v = paper_claims.rank_verdict(same, multiclass=False, margin=0.0)
+    assert (v["t"], v["gap"], v["best_rank"], v["verdict"]) == (0.0, 0.0, 1, "supported")
+    assert paper_claims.rank_verdict(same, multiclass=True, margin=0.0)["verdict"] == (
+        "not supported"
+    )
+    # Always 10 points less, however the floats round: t = -inf, significantly worse.
+    shifted = {1: {13: 0.7, 21: 0.6, 42: 0.9}, 4: {13: 0.8, 21: 0.7, 42: 1.0}}
+    v = paper_claims.rank_verdict(shifted, multiclass=True, margin=2.0)
+    assert v["t"] == -np.inf and v["gap"] == pytest.approx(10.0) and v["verdict"] == "supported"
+    v = paper_claims.rank_verdict(_by_rank(r1=[70], r4=[80]), multiclass=True, margin=2.0)
+    assert np.isnan(v["t"]) and np.isnan(v["t_crit"]) and v["verdict"] == "inconclusive"
 
 
-def test_t_critical_against_scipy():
-    from scipy import stats
+@pytest.mark.parametrize(
+    "x, verdict",
+    [
+        (2.48, "supported"),  # t = -2.48 sqrt 3 = -4.2955 > -4.3027: within noise, 2.48 <= 3
+        (2.49, "not supported"),  # t = -2.49 sqrt 3 = -4.3128 < -4.3027: significantly worse
+    ],
+)
+def test_rank_verdict_threshold_is_the_t_quantile_at_2_df(x, verdict):
+    # d = (-x - 1, -x, -x + 1) points: mean -x, sd 1, t = -x sqrt 3 (n = 3, df = 2).
+    r1 = [80 - x - 1, 80 - x, 80 - x + 1]
+    v = paper_claims.rank_verdict(_by_rank(r1=r1, r4=[80, 80, 80]), multiclass=False, margin=3)
+    assert v["t"] == pytest.approx(-x * np.sqrt(3), rel=1e-9)
+    assert v["t_crit"] == pytest.approx(T975_DF2, rel=1e-9)
+    assert v["verdict"] == verdict, v["reason"]
 
-    for df in (1, 2, 4, 9, 20, 22, 27, 35, 50, 90, 200, 10_000):
-        assert paper_claims.t_critical(df) == pytest.approx(stats.t.ppf(0.975, df), abs=3e-3)
-    assert np.isnan(paper_claims.t_critical(0))
+
+@pytest.mark.parametrize("x, worse", [(6.35, False), (6.36, True)])
+def test_rank_verdict_threshold_is_the_t_quantile_at_1_df(x, worse):
+    # d = (-x - 0.5, -x + 0.5) points: mean -x, sd 1 / sqrt 2, t = -2x (df = 1: 12.706).
+    r1 = [80 - x - 0.5, 80 - x + 0.5]
+    v = paper_claims.rank_verdict(_by_rank(r1=r1, r12=[80, 80]), multiclass=True, margin=2.0)
+    assert v["t"] == pytest.approx(-2 * x, rel=1e-9)
+    assert v["t_crit"] == pytest.approx(T975_DF1, rel=1e-9)
+    assert v["verdict"] == ("supported" if worse else "inconclusive"), v["reason"]
 
 
 def test_combine_and_bound_verdict():
@@ -243,6 +281,10 @@ def test_finetune_errors_reads_lora_cells_and_refuses_a_mismatch(tmp_path):
         bias_variance.finetune_errors(str(path), ("trec", "mr"))
     with pytest.raises(ConfigError, match="none among --ranks"):
         bias_variance.finetune_errors(str(path), ("trec",), (2, 4))
+    both = tmp_path / "both.jsonl"  # a several-encoder run's records: one encoder's file, fix
+    both.write_text("".join(json.dumps({**r, "model": m}) + "\n" for m in "ab" for r in records))
+    with pytest.raises(ConfigError, match=r"several encoders \(\['a', 'b'\]\)"):
+        bias_variance.finetune_errors(str(both), ("trec",))
     # The command says so in one line, before any Jacobian is computed.
     with pytest.raises(SystemExit, match="error: --finetune-results .* no LoRA cells"):
         bias_variance.main(["--tasks", "mr", "--finetune-results", str(path), "--out",
