@@ -274,21 +274,22 @@ SWEEP_CLAIM = (
 def sweep_verdicts(records: list[dict], margin: float) -> tuple[str, list[str]]:
     """The sweep's verdict from its LoRA records, and one line per task.
 
-    Each task's verdict is :func:`rank_verdict` (multi-class when its task has more than two
-    label words); the section's is :func:`combine` of them.
+    Each task's (and encoder's, for records that carry a ``model``: see
+    :func:`experiments.report.lora_groups`) verdict is :func:`rank_verdict` (multi-class when
+    its task has more than two label words); the section's is :func:`combine` of them.
     """
     lines, verdicts = [], []
-    for (model, task), by_rank in report.lora_groups(records).items():
-        k = len(tasks.get_task(task).label_words)
+    for group, by_rank in report.lora_groups(records).items():
+        k = len(tasks.get_task(group[1]).label_words)
         v = rank_verdict(by_rank, multiclass=k > 2, margin=margin)
         verdicts.append(v["verdict"])
         kind = f"K = {k}, {'multi-class' if k > 2 else 'binary'}"
-        task = task if model is None else f"{model} | {task}"
+        label = report.group_label(group)
         if v["best_rank"] is None:
-            lines.append(f"- {task} ({kind}): {v['reason']}: **{v['verdict']}**.")
+            lines.append(f"- {label} ({kind}): {v['reason']}: **{v['verdict']}**.")
             continue
         lines.append(
-            f"- {task} ({kind}): best rank {v['best_rank']}; the best rank above 1 is "
+            f"- {label} ({kind}): best rank {v['best_rank']}; the best rank above 1 is "
             f"r = {v['rival']}, its mean minus r = 1's {v['gap']:+.1f} points, paired t of r = 1 "
             f"minus it {v['t']:.2f} over {v['n']} seeds (significantly worse when "
             f"t < -{v['t_crit']:.2f}); {v['reason']}: **{v['verdict']}**."

@@ -202,7 +202,8 @@ def best_mean_rank(by_rank: dict[int, dict[int, float]], among: Iterable[int] | 
     return min(ranks, key=lambda rank: -float(np.mean(list(by_rank[rank].values()))))
 
 
-def _label(group: tuple) -> str:
+def group_label(group: tuple) -> str:
+    """``task``, or ``encoder | task`` for a group of :func:`lora_groups` with an encoder."""
     model, task = group
     return f"{model} | {task}" if model is not None else task
 
@@ -267,7 +268,7 @@ def rank_test_table(
             verdict = f"r={low} better" if test.diff > 0 else f"r={top} better"
         t = "" if np.isnan(test.t) else f"{test.t:.2f} ({test.df})"
         lines.append(
-            f"| {_label(group)} | {low} vs {top} | {test.n} | {100 * test.mean_a:.1f} | "
+            f"| {group_label(group)} | {low} vs {top} | {test.n} | {100 * test.mean_a:.1f} | "
             f"{100 * test.mean_b:.1f} | {_points(test.diff, test.half, sign=True)} | {t} | "
             f"{_p(test.p)} | {_p(test.p_sign_flip)} | {verdict} |"
         )
@@ -305,7 +306,7 @@ def best_rank_table(records: list[dict], metric: str = "test_accuracy") -> str:
             vs_one = _points(one.diff, float("nan"), sign=True)
             vs_one += f" ({_p(one.p)})" if one.n >= 2 else ""
         lines.append(
-            f"| {_label(group)} | {best} | {_points(mean, half)} | {len(by_rank[best])} | "
+            f"| {group_label(group)} | {best} | {_points(mean, half)} | {len(by_rank[best])} | "
             f"{', '.join(tied)} | {vs_one} |"
         )
     return "\n".join(lines) if len(lines) > n_header else ""
@@ -339,7 +340,7 @@ def ntk_gap_table(records: list[dict]) -> str:
             gaps = [r["ntk_acc_trained"] - r[other] for r in group if r.get(other) is not None]
             cells.append(_points(*stats.t_interval(gaps), sign=True) if gaps else "")
         lines.append(
-            f"| {_label((model, task))} | {rank} | {len(group)} | " + " | ".join(cells) + " |"
+            f"| {group_label((model, task))} | {rank} | {len(group)} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 
