@@ -17,13 +17,13 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 
 import numpy as np
 
 from experiments import report
 from experiments.pl import load_problem
 from lora_jax import lora
+from lora_jax.errors import ConfigError, MissingFileError, UserError, user_message
 from ntk.theory import bias_variance as bv
 
 
@@ -65,18 +65,88 @@ class BiasVarianceConfig:
 
     def __post_init__(self):
         if not self.tasks or not self.ranks or min(self.ranks) < 1:
-            raise ValueError(f"need tasks and ranks >= 1; got {self.tasks}, {self.ranks}.")
+            raise ConfigError(f"need tasks and ranks >= 1; got {self.tasks}, {self.ranks}.")
         if self.steps < 1 or self.draws < 2:
-            raise ValueError(f"need steps >= 1 and draws >= 2; got {self.steps}, {self.draws}.")
+            raise ConfigError(f"need steps >= 1 and draws >= 2; got {self.steps}, {self.draws}.")
 
 
-def finetune_errors(path: str | None) -> dict[str, dict[int, list[float]]]:
-    """task -> rank -> test errors of the LoRA cells in a ``results.jsonl`` (may be empty)."""
-    out: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for rec in report.read_results(path) if path else []:
-        if rec["method"] == "lora":
-            out[rec["task"]][rec["rank"]].append(1.0 - rec["test_accuracy"])
+def finetune_errors(
+    path: str | None, tasks: tuple[str, ...] = (), ranks: tuple[int, ...] = ()
+) -> dict[str, dict[int, list[float]]]:
+    """Test errors of the real LoRA cells in a ``results.jsonl`` of ``experiments.run``.
+
+    Args:
+      path: the ``results.jsonl``; None gives ``{}``.
+      tasks: tasks that must each have LoRA cells there.
+      ranks: the ranks of the bound; each task's measured ranks must share one with them.
+
+    Returns:
+      ``{task: {rank: [1 - test accuracy, one per seed]}}``.
+
+    Raises:
+      MissingFileError: no file at ``path``.
+      ConfigError: a task of ``tasks`` has no LoRA cell, or none at a rank of ``ranks``; the
+        file holds several encoders' cells.
+    """
+    if path is None:
+        return {}
+    if not os.path.exists(path):
+        raise MissingFileError(
+            f"--finetune-results {path}: no such file; fix: pass the results.jsonl of an "
+            "`experiments.run` with --methods lora (runs/<name>/results.jsonl)."
+        )
+    groups = report.lora_groups(report.read_results(path))
+    encoders = sorted({str(model) for model, _ in groups})
+    if len(encoders) > 1:
+        raise ConfigError(
+            f"--finetune-results {path} holds the cells of several encoders ({encoders}); fix: "
+            "pass one encoder's results.jsonl (runs/<name>/<encoder>/results.jsonl)."
+        )
+    out = {
+        task: {rank: [1.0 - acc for acc in by_seed.values()] for rank, by_seed in by_rank.items()}
+        for (_, task), by_rank in groups.items()
+    }
+    for task in tasks:
+        if task not in out:
+            raise ConfigError(
+                f"--finetune-results {path} has no LoRA cells of task {task!r} (it has "
+                f"{sorted(out) or 'none'}); fix: run `experiments.run --methods lora --tasks "
+                f"{task}` or drop {task!r} from --tasks."
+            )
+        if ranks and not set(out[task]) & set(ranks):
+            raise ConfigError(
+                f"--finetune-results {path}: task {task!r} has LoRA ranks {sorted(out[task])}, "
+                f"none among --ranks {list(ranks)}; fix: add one of them to --ranks."
+            )
     return out
+
+
+def compare(res: dict, measured: dict[int, list[float]]) -> dict:
+    """Where the measured test error is lowest vs where the bound (fit + complexity) is.
+
+    Args:
+      res: one task's result of :func:`run_task` (``ranks``, ``total``, ``best_rank``).
+      measured: rank -> measured test errors (one per seed).
+
+    Returns:
+      ``measured``: rank -> [mean, sample std, seeds]; ``measured_best_rank`` (lowest mean
+      error; ties go to the lower rank); ``bound_best_rank`` (over every rank of the bound);
+      ``bound_best_rank_on_measured`` (over the ranks both have); ``common_ranks``; ``agree``
+      (over the common ranks, the measured error and the bound are lowest at the same rank).
+    """
+    stats = {int(r): [*report.mean_std(v), len(v)] for r, v in sorted(measured.items())}
+    common = [r for r in res["ranks"] if r in stats]
+    total = dict(zip(res["ranks"], res["total"], strict=True))
+    by_error = lambda r: (stats[r][0], r)  # noqa: E731
+    best_bound = min(common, key=lambda r: (total[r], r)) if common else None
+    return {
+        "measured": stats,
+        "measured_best_rank": min(stats, key=by_error),
+        "bound_best_rank": res["best_rank"],
+        "bound_best_rank_on_measured": best_bound,
+        "common_ranks": common,
+        "agree": bool(common) and best_bound == min(common, key=by_error),
+    }
 
 
 def run_task(cfg: BiasVarianceConfig, task: str) -> dict:
@@ -111,39 +181,48 @@ def run_task(cfg: BiasVarianceConfig, task: str) -> dict:
 
 
 def plot(results: list[dict], errors: dict, path: str) -> str:
+    """One panel per task: fit, complexity and their sum (nats, left axis) over rank, the
+    bound's argmin (black dotted); with ``errors``, the measured fine-tuning test error (%,
+    right axis, mean +- std over seeds) and its argmin (red dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(4.6 * len(results), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.4), squeeze=False)
     for ax, res in zip(axes[0], results, strict=True):
         r = res["ranks"]
         ax.plot(r, res["fit"], marker=".", label="fit (train CE floor)")
         ax.plot(r, res["complexity"], marker=".", label="complexity 2√2 G ΣR_k")
-        ax.plot(r, res["total"], marker="o", label="sum")
+        ax.plot(r, res["total"], marker="o", label=f"sum (bound; min r = {res['best_rank']})")
         ax.axvline(res["best_rank"], color="k", ls=":", lw=0.8)
+        if min(res["fit"]) > 0:  # the fit term is small beside the complexity: log scale
+            ax.set_yscale("log")
         ax.set_xlabel("rank r")
         ax.set_ylabel("nats")
         ax.set_title(f"{res['task']} (K = {res['K']}, N = {res['N']})")
         ax.grid(alpha=0.3)
+        handles = ax.get_legend_handles_labels()[0]
         measured = errors.get(res["task"], {})
         if measured:
-            ranks = sorted(measured)
+            cmp = compare(res, measured)
+            ranks = sorted(cmp["measured"])
             twin = ax.twinx()
             twin.errorbar(
                 ranks,
-                [100 * np.mean(measured[x]) for x in ranks],
-                yerr=[100 * report.mean_std(measured[x])[1] for x in ranks],
+                [100 * cmp["measured"][x][0] for x in ranks],
+                yerr=[100 * cmp["measured"][x][1] for x in ranks],
                 color="C3",
                 marker="s",
                 ls="--",
                 capsize=3,
-                label="fine-tuning test error",
+                label=f"fine-tuning test error (min r = {cmp['measured_best_rank']})",
             )
+            twin.axvline(cmp["measured_best_rank"], color="C3", ls=":", lw=0.8)
             twin.set_ylabel("test error (%)", color="C3")
-            twin.legend(fontsize=7, loc="upper right")
-        ax.legend(fontsize=7, loc="center right")
+            handles += twin.get_legend_handles_labels()[0]
+        ax.legend(handles=handles, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+                  ncol=2)  # fmt: skip
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -151,10 +230,15 @@ def plot(results: list[dict], errors: dict, path: str) -> str:
     return path
 
 
-def markdown(results: list[dict], errors: dict) -> str:
+def markdown(results: list[dict], errors: dict, source: str | None = None) -> str:
+    """Per task: the table of fit, complexity, sum and measured test error (mean +- std over
+    seeds) by rank, and where the measured error and the bound are lowest."""
     lines = []
+    if source:
+        lines += [f"Fine-tuning test errors: LoRA cells of `{source}`.", ""]
     for res in results:
         measured = errors.get(res["task"], {})
+        cmp = compare(res, measured) if measured else None
         lines += [
             f"**{res['task']}** (K = {res['K']}, N = {res['N']}, {res['matrices']} adapted "
             f"matrices): argmin of fit + complexity at r = {res['best_rank']}; fit falls by "
@@ -162,16 +246,29 @@ def markdown(results: list[dict], errors: dict) -> str:
             f"r = {res['ranks'][-1]}; rank-independent confidence term "
             f"{res['confidence_term']:.3f}.",
             "",
-            "| r | fit | complexity | sum | fine-tuning test error |",
+            "| r | fit | complexity | sum | fine-tuning test error (%) |",
             "|---|---|---|---|---|",
         ]
-        for i, r in enumerate(res["ranks"]):
-            err = measured.get(r)
-            cell = f"{100 * np.mean(err):.1f}% ({len(err)})" if err else ""
-            lines.append(
-                f"| {r} | {res['fit'][i]:.4f} | {res['complexity'][i]:.4f} | "
-                f"{res['total'][i]:.4f} | {cell} |"
-            )
+        terms = zip(res["fit"], res["complexity"], res["total"], strict=True)
+        rows = dict(zip(res["ranks"], terms, strict=True))
+        for r in sorted(set(rows) | set(measured)):
+            bound = " | ".join(f"{x:.4f}" for x in rows[r]) if r in rows else " | | "
+            cell = ""
+            if cmp and r in cmp["measured"]:
+                mean, std, n = cmp["measured"][r]
+                cell = f"{100 * mean:.1f} ± {100 * std:.1f} ({n})"
+            lines.append(f"| {r} | {bound} | {cell} |")
+        if cmp:
+            mean, std, n = cmp["measured"][cmp["measured_best_rank"]]
+            lines += [
+                "",
+                f"Measured test error is lowest at r = {cmp['measured_best_rank']} "
+                f"({100 * mean:.1f} ± {100 * std:.1f}%, {n} seed{'s' * (n != 1)}); the bound is "
+                f"lowest at r = {cmp['bound_best_rank']}, and at "
+                f"r = {cmp['bound_best_rank_on_measured']} among the fine-tuned ranks "
+                f"{cmp['common_ranks']}: the two minima "
+                f"{'agree' if cmp['agree'] else 'disagree'}.",
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -182,6 +279,8 @@ def run(cfg: BiasVarianceConfig) -> dict:
     run_dir = os.path.join(cfg.out, cfg.name)
     saved_path = os.path.join(run_dir, "bias_variance.json")
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    # Checked before any Jacobian is computed: a wrong file fails in a second.
+    errors = finetune_errors(cfg.finetune_results, cfg.tasks, cfg.ranks)
     done = {}
     if os.path.exists(saved_path):
         with open(saved_path) as f:
@@ -196,14 +295,16 @@ def run(cfg: BiasVarianceConfig) -> dict:
         with open(saved_path + ".tmp", "w") as f:  # partial: a stopped run resumes per task
             json.dump({"config": config, "tasks": results}, f)
         os.replace(saved_path + ".tmp", saved_path)
-    errors = finetune_errors(cfg.finetune_results)
     png = plot(results, errors, os.path.join(run_dir, "plots", "bias_variance.png"))
     out = {
         "config": dataclasses.asdict(cfg),
         "tasks": results,
         "finetune_errors": {t: {str(r): v for r, v in d.items()} for t, d in errors.items()},
+        "comparison": {
+            t["task"]: compare(t, errors[t["task"]]) for t in results if t["task"] in errors
+        },
         "plot": png,
-        "markdown": markdown(results, errors),
+        "markdown": markdown(results, errors, cfg.finetune_results),
         "seconds": time.time() - start,
     }
     with open(saved_path + ".tmp", "w") as f:
@@ -238,8 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
         out = run(cfg)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err.args[0] if err.args else err}") from err
+    except UserError as err:  # bad input: one line; a bug keeps its traceback
+        raise SystemExit(f"error: {user_message(err)}") from err
     print(out["markdown"])
     print(f"plot: {out['plot']} ({out['seconds']:.0f} s)", file=sys.stderr)
 

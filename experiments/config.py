@@ -20,6 +20,11 @@ class ExperimentConfig:
       name: run directory name under ``out`` (``runs/<name>/``).
       model: encoder: a local Hugging Face directory, a hub id, or ``minilm`` (the embedded
         MiniLM-L6 that ships with the project's dependencies; works offline).
+      models: several encoders in one run (each as ``model`` takes it): each runs the whole grid
+        as a run of its own in ``runs/<name>/<encoder>/`` (``encoder_dir``: the hub id with
+        ``/`` as ``--``, or a directory's name), and ``runs/<name>/report.md`` combines them.
+        Empty (the default): the one ``model``. ``--model`` alone picks one encoder of a
+        config that names several.
       tasks: task names (see ``lora_jax.tasks``); may be empty when ``task_files`` are given.
       task_files: JSON task files of your own data (``lora_jax.tasks.task_file``), run beside
         ``tasks`` under the names they give; stored as absolute paths.
@@ -71,6 +76,7 @@ class ExperimentConfig:
 
     name: str = "default"
     model: str = "minilm"
+    models: tuple[str, ...] = ()
     tasks: tuple[str, ...] = ("mr", "trec")
     task_files: tuple[str, ...] = dataclasses.field(
         default=(), metadata={"flag": "--task-file", "repeatable": True}
@@ -107,13 +113,20 @@ class ExperimentConfig:
         object.__setattr__(self, "loss", Loss(self.loss))
         files = (self.task_files,) if isinstance(self.task_files, str) else self.task_files
         object.__setattr__(self, "task_files", tuple(os.path.abspath(f) for f in files))
-        for name in ("tasks", "methods", "ranks", "seeds"):
+        for name in ("models", "tasks", "methods", "ranks", "seeds"):
             value = getattr(self, name)
             if isinstance(value, str | int):
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
-            if not getattr(self, name) and not (name == "tasks" and self.task_files):
+            empty_ok = name == "models" or (name == "tasks" and self.task_files)
+            if not getattr(self, name) and not empty_ok:
                 raise ConfigError(f"ExperimentConfig.{name} must not be empty.")
+        dirs = [encoder_dir(m) for m in self.models]
+        if len(set(dirs)) < len(dirs):
+            raise ConfigError(
+                f"models {list(self.models)} give the same run directory twice ({dirs}); fix: "
+                "name each encoder once (for two local directories, give them different names)."
+            )
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ConfigError(f"Unknown methods {unknown}; expected some of {list(METHODS)}.")
@@ -141,9 +154,57 @@ class ExperimentConfig:
         fields = dataclasses.asdict(self)
         for name in ("out", "save_adapters", "tensorboard", "vectorize", "members"):
             fields.pop(name)
+        # One encoder: ``models`` is left out (config.json as before the field existed); several:
+        # ``model`` is unused, and each encoder's own run directory records its ``model``.
+        fields.pop("model" if self.models else "models")
         fields["loss"] = self.loss.value
         return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
+
+def encoder_dir(model: str) -> str:
+    """The run subdirectory of one of several ``models``: a hub id with ``/`` written ``--``
+    (``FacebookAI/roberta-large`` -> ``FacebookAI--roberta-large``), an existing or explicit
+    path's last component (``./ckpt/my-bert/`` -> ``my-bert``), ``minilm`` as is."""
+    if not model.strip():
+        raise ConfigError("an empty model name; fix: give a hub id, a directory or 'minilm'.")
+    looks_like_path = os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)
+    if looks_like_path:
+        return os.path.basename(os.path.normpath(os.path.expanduser(model)))
+    return model.replace("/", "--")
+
+
+def per_encoder(cfg: ExperimentConfig) -> list[ExperimentConfig]:
+    """One ordinary single-encoder config per entry of ``cfg.models``, each with its run
+    directory ``out/name/<encoder_dir>``; ``[cfg]`` when ``cfg.models`` is empty."""
+    if not cfg.models:
+        return [cfg]
+    out = os.path.join(cfg.out, cfg.name)
+    return [
+        dataclasses.replace(cfg, model=m, models=(), name=encoder_dir(m), out=out)
+        for m in cfg.models
+    ]
+
+
+# The encoders of the paper's reproduction: three architectures, up to RoBERTa-large. ELECTRA is
+# read with the Prompting-ELECTRA discriminator readout (``readout='auto'`` picks ``rtd``).
+PAPER_ENCODERS = (
+    "FacebookAI/roberta-large",
+    "google-bert/bert-base-uncased",
+    "google/electra-base-discriminator",
+)
+# LM-BFF / the paper's LoRA protocol (shared/paper.md): lr 1e-4, batch 8, 1,000 steps, best dev
+# checkpoint of an evaluation every 100 steps, test capped at 1,000, seeds 13 21 42 87 100.
+_PAPER_PROTOCOL: dict[str, Any] = {
+    "models": PAPER_ENCODERS,
+    "ranks": (1, 2, 4, 8, 12, 16),
+    "seeds": (13, 21, 42, 87, 100),
+    "methods": ("zero_shot", "lora"),
+    "steps": 1000,
+    "lr": 1e-4,
+    "eval_every": 100,
+    "max_length": 128,
+    "test_cap": 1000,
+}
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     # Offline, CPU, about 11 minutes on 2 cores: LoRA rank 1 vs rank 12 against zero-shot and
@@ -190,6 +251,54 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
         "max_length": 128,
         "test_cap": 1000,
     },
+    # The paper's binary claim (needs the hub and a GPU/TPU): 4 binary tasks x 3 encoders x
+    # ranks 1-16 x 5 seeds; the report tests rank 1 against rank 12 per encoder and task.
+    "paper_binary": {
+        "name": "paper_binary",
+        "tasks": ("sst2", "mr", "cr", "qnli"),
+        **_PAPER_PROTOCOL,
+    },
+    # The paper's multi-class claim (hub, GPU/TPU): MNLI (K=3), TREC (K=6), SST-5 (K=5).
+    "paper_multiclass": {
+        "name": "paper_multiclass",
+        "tasks": ("mnli", "trec", "sst5"),
+        **_PAPER_PROTOCOL,
+    },
+    # CPU-sized paper_binary on the embedded MiniLM and the offline binary tasks MR, BoolQ and
+    # Subj-RT: ranks 1 2 4 12 x 5 seeds, 100 steps (k = 16: 25 epochs) at batch 8 and 48 tokens
+    # (BoolQ's passages are cut to fit), test capped at 1,000. 60 LoRA cells.
+    "paper_binary_offline": {
+        "name": "paper_binary_offline",
+        "tasks": ("mr", "boolq", "subjrt"),
+        "ranks": (1, 2, 4, 12),
+        "seeds": (13, 21, 42, 87, 100),
+        "methods": ("zero_shot", "lora"),
+        "steps": 100,
+    },
+    # CPU-sized paper_multiclass: TREC (K = 6) x ranks 1 2 4 8 12 16 x 5 seeds, the default
+    # run's 200 steps at batch 8 and 48 tokens (its seeds 13 21 42 repeat the default's TREC
+    # cells). 30 LoRA cells.
+    "paper_multiclass_offline": {
+        "name": "paper_multiclass_offline",
+        "tasks": ("trec",),
+        "ranks": (1, 2, 4, 8, 12, 16),
+        "seeds": (13, 21, 42, 87, 100),
+        "methods": ("zero_shot", "lora"),
+    },
+}
+
+# One line per named config, for ``--help``.
+CONFIG_HELP: dict[str, str] = {
+    "default": "offline, CPU (~11 min): MiniLM, MR and TREC, LoRA r=1 vs 12, baselines",
+    "rank_sweep": "offline: MR, TREC, BoolQ x ranks 1-16 x 5 seeds (about an hour on 2 cores)",
+    "rank_sweep_mse": "offline: the rank sweep with squared-error loss",
+    "ntk_vs_finetune": "offline: LoRA vs its linearization vs eNTK kernel regression",
+    "paper_roberta_large": "hub + accelerator: RoBERTa-large, 5 GLUE-style tasks, 1,000 steps",
+    "paper_binary": "hub + accelerator: SST-2, MR, CR, QNLI x RoBERTa-large, BERT-base, "
+    "ELECTRA-base x ranks 1-16 x 5 seeds (one run per encoder, one combined report)",
+    "paper_multiclass": "hub + accelerator: MNLI, TREC, SST-5 x the same encoders, ranks, seeds",
+    "paper_binary_offline": "offline, CPU-sized paper_binary: MiniLM, MR, BoolQ, Subj-RT",
+    "paper_multiclass_offline": "offline, CPU-sized paper_multiclass: MiniLM, TREC (K=6)",
 }
 
 
@@ -197,5 +306,12 @@ def get_config(config: str, /, **overrides: Any) -> ExperimentConfig:
     """The named config with ``overrides`` (None values are ignored) applied."""
     if config not in NAMED_CONFIGS:
         raise ConfigError(f"Unknown config {config!r}; known configs: {sorted(NAMED_CONFIGS)}.")
-    fields = {**NAMED_CONFIGS[config], **{k: v for k, v in overrides.items() if v is not None}}
-    return ExperimentConfig(**fields)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "model" in given and given.get("models"):
+        raise ConfigError(
+            "both model and models are given; fix: --model for one encoder, or --models for "
+            "several."
+        )
+    if "model" in given and "models" not in given:
+        given["models"] = ()  # --model alone: that one encoder, not the config's several
+    return ExperimentConfig(**{**NAMED_CONFIGS[config], **given})

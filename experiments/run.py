@@ -6,7 +6,10 @@ appends one line to ``runs/<name>/results.jsonl``; ``report.md`` and ``plots/`` 
 from all lines at the end. Re-running skips finished cells, and a cell stopped mid-training
 resumes from its last orbax checkpoint. ``--task-file my.json`` adds a task of your own data
 (``lora_jax.tasks.task_file``); ``--save-adapters`` and ``--tensorboard`` keep each cell's
-adapter and curves (``experiments.outputs``).
+adapter and curves (``experiments.outputs``). A config of several encoders (``--models``, e.g.
+``--config paper_binary``) runs each as its own run in ``runs/<name>/<encoder>/`` and combines
+them in ``runs/<name>/report.md``. Reports test rank 1 against rank 12 per task (paired over
+seeds) and give the best rank with its interval (``experiments.stats``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,13 @@ from tqdm.auto import tqdm
 
 from experiments import launch, ntk_analysis, outputs, report, vectorized
 from experiments.cli import add_dataclass_arguments
-from experiments.config import NAMED_CONFIGS, ExperimentConfig, get_config
+from experiments.config import (
+    CONFIG_HELP,
+    NAMED_CONFIGS,
+    ExperimentConfig,
+    get_config,
+    per_encoder,
+)
 from experiments.workbench import Workbench
 from lora_jax import distributed, lora, tasks, train
 from lora_jax import sharding as sh
@@ -75,7 +84,8 @@ def prepare_run_dir(cfg: ExperimentConfig) -> str:
         with open(path) as f:
             saved = json.load(f)
         # A field missing from an older config.json ran with that field's default.
-        saved = {**ExperimentConfig().to_json(), **saved}
+        defaults = ExperimentConfig().to_json()
+        saved = {**{k: defaults[k] for k in current if k in defaults}, **saved}
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if diff:
             raise ConfigError(
@@ -235,8 +245,11 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) 
 
     With a ``mesh`` every cell trains on it. On several processes all of them run this with
     the same arguments and ``cfg.out`` on a file system they share; only process 0 writes
-    ``config.json``, results, the report and plots.
+    ``config.json``, results, the report and plots. A config of several ``models`` runs
+    `run_encoders`.
     """
+    if cfg.models:
+        return run_encoders(cfg, progress=progress, mesh=mesh, rules=rules)
     # Fail fast on an unknown task or a bad task file, before any directory is made.
     named = tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k)
     if cfg.tensorboard:
@@ -282,18 +295,58 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) 
     print(report.markdown_table(records))
     if gains := report.gains_table(records):
         print(gains)
+    if tests := report.rank_test_table(records):
+        print(tests)
+    print(f"report: {path}", file=sys.stderr)
+    return run_dir
+
+
+def run_encoders(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) -> str:
+    """Runs ``cfg`` once per encoder of ``cfg.models``, then writes the combined report.
+
+    Each encoder's run is an ordinary run (`run`) in ``out/name/<encoder_dir>/``, with its own
+    ``config.json`` (``model`` = that encoder), results, report and resume; ``out/name/`` holds
+    the whole config's ``config.json`` (so a different encoder list is refused there too), and
+    ``report.md`` / ``plots/`` of all encoders' records, each tagged with its ``model``.
+    """
+    tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k)  # fail before making directories
+    run_dir = prepare_run_dir(cfg)
+    distributed.barrier("run dir")
+    records = []
+    for one in per_encoder(cfg):
+        print(f"encoder {one.model}: {one.out}/{one.name}", file=sys.stderr)
+        own = run(one, progress=progress, mesh=mesh, rules=rules)
+        if distributed.is_primary():
+            results = report.read_results(os.path.join(own, "results.jsonl"))
+            records += [{**r, "model": one.name} for r in results]
+    if not distributed.is_primary():
+        return run_dir
+    plots = report.plot_accuracy_vs_rank(run_dir, records)
+    path = report.write_report(run_dir, cfg.to_json(), records, plots)
+    if tests := report.rank_test_table(records):
+        print(tests)
     print(f"report: {path}", file=sys.stderr)
     return run_dir
 
 
 def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
     """Maps the command line one-to-one onto :class:`ExperimentConfig` fields."""
+    width = max(map(len, NAMED_CONFIGS))
+    epilog = "named configs (--config NAME):\n" + "\n".join(
+        f"  {name:<{width}}  {CONFIG_HELP[name]}" for name in NAMED_CONFIGS
+    )
     parser = argparse.ArgumentParser(
         prog="python -m experiments.run",
         description=__doc__,
+        epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default="default", help=f"one of {sorted(NAMED_CONFIGS)}")
+    parser.add_argument(
+        "--config",
+        default="default",
+        metavar="NAME",
+        help="a named config (listed below); the flags below override its fields",
+    )
     add_dataclass_arguments(parser, ExperimentConfig)
     launch.add_arguments(parser)
     args = vars(parser.parse_args(argv))

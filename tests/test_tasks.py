@@ -62,7 +62,12 @@ def _text_keys(examples: Examples) -> set[tuple[str, ...]]:
 
 @pytest.mark.parametrize(
     "name, n_train, n_test, k_classes",
-    [("mr", MR_TRAIN, MR_TEST, 2), ("trec", TREC_TRAIN, TREC_TEST, 6), ("boolq", 4000, 1000, 2)],
+    [
+        ("mr", MR_TRAIN, MR_TEST, 2),
+        ("trec", TREC_TRAIN, TREC_TEST, 6),
+        ("boolq", 4000, 1000, 2),
+        ("subjrt", 4000, 1000, 2),
+    ],
 )
 def test_offline_tasks_load_with_expected_counts(name, n_train, n_test, k_classes):
     task = tasks.get_task(name)
@@ -87,6 +92,31 @@ def test_offline_class_counts():
     boolq = tasks.get_task("boolq").load()
     np.testing.assert_array_equal(np.bincount(boolq.train.labels), [1459, 2541])
     np.testing.assert_array_equal(np.bincount(boolq.test.labels), [366, 634])
+    subj = tasks.get_task("subjrt").load()
+    np.testing.assert_array_equal(np.bincount(subj.train.labels), [2000, 2000])
+    np.testing.assert_array_equal(np.bincount(subj.test.labels), [500, 500])
+
+
+def test_subjrt_is_split_by_movie_with_snippets_subjective_and_plots_objective():
+    from lora_jax.tasks.registry import data_dir, read_jsonl
+
+    rows = {s: read_jsonl(data_dir() / "subjrt" / f"{s}.jsonl.gz") for s in ("train", "test")}
+    movies = {s: {r["movie"] for r in rows[s]} for s in rows}
+    assert not movies["train"] & movies["test"]  # no movie's texts on both sides
+    for r in rows["train"] + rows["test"]:
+        assert len(r["text"].split()) >= 10 and "&amp;" not in r["text"]
+    data = tasks.get_task("subj-rt").load()
+    labels = dict(zip(data.test.texts[0], data.test.labels.tolist(), strict=True))
+    # A Rotten Tomatoes snippet (subjective, 0) and a plot-summary sentence (objective, 1).
+    quote = (
+        "A raw comedy that is intermittently hilarious as it attacks pretty much every taboo "
+        "around."
+    )
+    plot = (
+        "The plot goes on with a lot of action scenes and many revelations, following the comic "
+        "books."
+    )
+    assert labels[quote] == 0 and labels[plot] == 1
 
 
 def test_mr_is_the_rotten_tomatoes_sentences():
@@ -104,6 +134,26 @@ def test_offline_splits_do_not_overlap():
         assert not _text_keys(data.train) & _text_keys(data.test), name
 
 
+def test_subjrt_sentence_splitter_keeps_initials_and_abbreviations():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "extract_task_data.py"
+    spec = importlib.util.spec_from_file_location("extract_task_data", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = (
+        "The unluckiest man in Vegas (William H. Macy) works for Mr. Shelly Kaplow.\n\n"
+        'He is fired! "Why?" he asks. Dr. No answers at 3 a.m. and 2 p.m.'
+    )
+    assert script.split_sentences(text) == [
+        "The unluckiest man in Vegas (William H. Macy) works for Mr. Shelly Kaplow.",
+        "He is fired!",
+        '"Why?" he asks.',
+        "Dr. No answers at 3 a.m. and 2 p.m.",
+    ]
+
+
 def test_unknown_task_error_lists_known_tasks():
     with pytest.raises(KeyError) as info:
         tasks.get_task("sst-3")
@@ -117,10 +167,10 @@ def test_unknown_task_error_lists_known_tasks():
 def test_names_are_normalized_and_registry_is_complete():
     assert tasks.get_task("SST-2") is tasks.get_task("sst2")
     assert tasks.get_task("MR").name == "mr"
-    expected = {"mr", "trec", "boolq", "sst2", "sst5", "cr", "mpqa", "subj"}
+    expected = {"mr", "trec", "boolq", "subjrt", "sst2", "sst5", "cr", "mpqa", "subj"}
     expected |= {"mnli", "snli", "qnli", "rte", "mrpc", "qqp"}
     assert set(tasks.list_tasks()) == expected
-    assert set(tasks.OFFLINE_TASKS) == {"mr", "trec", "boolq"}
+    assert set(tasks.OFFLINE_TASKS) == {"mr", "trec", "boolq", "subjrt"}
 
 
 def test_hub_task_offline_error():
@@ -131,7 +181,7 @@ def test_hub_task_offline_error():
         task.load()
     message = str(info.value)
     assert "needs the Hugging Face hub" in message and "'sst2'" in message
-    assert "['mr', 'trec', 'boolq']" in message
+    assert "['mr', 'trec', 'boolq', 'subjrt']" in message
 
 
 @pytest.mark.parametrize(
@@ -145,6 +195,7 @@ def test_hub_task_offline_error():
         ("qqp", ("No", "Yes")),
         ("boolq", ("No", "Yes")),
         ("subj", ("subjective", "objective")),
+        ("subjrt", ("subjective", "objective")),
     ],
 )
 def test_label_words_follow_lm_bff(name, words):
@@ -158,7 +209,7 @@ def test_label_words_follow_lm_bff(name, words):
 
 
 def test_sampling_is_class_balanced_and_disjoint():
-    for name, k in (("mr", 16), ("trec", 8), ("boolq", 16)):
+    for name, k in (("mr", 16), ("trec", 8), ("boolq", 16), ("subjrt", 16)):
         task = tasks.get_task(name)
         for seed in tasks.SEEDS:
             splits = tasks.few_shot_splits(task, k=k, seed=seed, test_cap=300)

