@@ -19,6 +19,7 @@ import numpy as np
 PyTree = Any
 
 __all__ = [
+    "MIN_SAVING",
     "by_length",
     "by_length_fn",
     "even_blocks",
@@ -108,16 +109,21 @@ def token_lengths(attention_mask: np.ndarray) -> np.ndarray:
 
 
 def length_groups(
-    lengths: np.ndarray, batch_size: int, width: int, multiple: int = 8
+    lengths: np.ndarray, batch_size: int, width: int, multiple: int = 8, min_saving: float = 0
 ) -> list[tuple[int, int, int]]:
     """``[(start, stop, T)]``: rows of non-decreasing ``lengths`` in blocks, grouped by length.
 
     The rows are cut into the blocks of :func:`even_blocks`; each block is padded to its
     longest row rounded up to ``multiple`` (at most ``width``), and consecutive blocks of one
-    padded length form one group (so each length is one group: one compiled shape).
+    padded length form one group (so each length is one group: one compiled shape). A group
+    whose own length would save fewer than ``min_saving`` row-tokens (rows x the tokens by
+    which it is shorter than the next group) joins the next group instead, since another
+    compiled shape would cost more than it saves.
 
     >>> length_groups(np.array([3, 5, 9, 9, 17]), batch_size=2, width=24)
     [(0, 2, 8), (2, 4, 16), (4, 5, 24)]
+    >>> length_groups(np.array([3, 5, 9, 9, 17]), batch_size=2, width=24, min_saving=20)
+    [(0, 2, 8), (2, 5, 24)]
     """
     n = len(lengths)
     num_blocks, rows = even_blocks(n, batch_size)
@@ -129,7 +135,19 @@ def length_groups(
             groups[-1] = (groups[-1][0], stop, length)
         else:
             groups.append((start, stop, length))
-    return groups
+    kept = groups[-1:]  # from the longest down: join the next group unless it pays
+    for start, stop, length in reversed(groups[:-1]):
+        _, next_stop, next_length = kept[-1]
+        if (stop - start) * (next_length - length) < min_saving:
+            kept[-1] = (start, next_stop, next_length)
+        else:
+            kept.append((start, stop, length))
+    return kept[::-1]
+
+
+# A compile of a small encoder's forward (MiniLM-L6) costs about as much CPU time as running
+# 4,000-5,000 row-tokens through it; a shorter group must save more than this to be its own.
+MIN_SAVING = 4096
 
 
 def by_length(
@@ -140,6 +158,8 @@ def by_length(
     members: bool = False,
     out_axis: int | None = None,
     multiple: int = 8,
+    copies: int = 1,
+    min_saving: float | None = None,
 ) -> PyTree:
     """``fn(data)`` computed on the rows sorted by token length, each group padded to its own
     longest row; the outputs are put back in the original order.
@@ -160,6 +180,11 @@ def by_length(
       members: see ``data``.
       out_axis: the rows' axis in the outputs; default: the data's (0, or 1 with ``members``).
       multiple: group lengths are multiples of this (few distinct shapes).
+      copies: how many times ``fn`` computes each row (e.g. once per member of a vectorized
+        predict of shared data), for the saving of a group.
+      min_saving: the row-tokens (counting copies and members) a group must save to get its
+        own length, and so its own compile (:func:`length_groups`); 0 keeps every length.
+        Default: the module's ``MIN_SAVING``.
 
     Returns:
       ``fn`` 's outputs for all N rows, in the order of ``data``.
@@ -171,6 +196,8 @@ def by_length(
     order = np.argsort(lengths, axis=-1, kind="stable")
     longest = np.take_along_axis(lengths, order, axis=-1)
     longest = longest.max(0) if members else longest  # (N,), non-decreasing
+    per_row = copies * (mask.shape[0] if members else 1)  # computations of one row index
+    min_saving = MIN_SAVING if min_saving is None else min_saving
 
     def take(x, rows, length):
         x = np.asarray(x)
@@ -185,7 +212,9 @@ def by_length(
 
     parts = [
         fn({k: take(v, order[..., start:stop], length) for k, v in data.items()})
-        for start, stop, length in length_groups(longest, batch_size, mask.shape[-1], multiple)
+        for start, stop, length in length_groups(
+            longest, batch_size, mask.shape[-1], multiple, min_saving / per_row
+        )
     ]
     inverse = np.argsort(order, axis=-1)
 

@@ -59,11 +59,10 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from lora_jax import checkpoint, lora, train
+from lora_jax import checkpoint, lora, rows, train
 from lora_jax import sharding as sharding_lib
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
-from lora_jax.rows import by_length_fn
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -350,9 +349,23 @@ def _programs(model_fn, cfg, member_inputs: bool, shared_data: bool, by_length: 
         return jax.vmap(one, in_axes=(0, frozen_axes, 0))(state, frozen, data)
 
     vpredict = jax.jit(jax.vmap(predict, in_axes=(0, frozen_axes, None if shared_data else 0)))
-    if by_length:
-        vpredict = by_length_fn(vpredict, cfg.eval_batch_size, members=not shared_data, out_axis=1)
-    return Programs(jax.jit(vchunk, donate_argnums=0, static_argnames="length"), vpredict)
+
+    def sorted_predict(trainable, frozen, data):
+        if "attention_mask" not in data:
+            return vpredict(trainable, frozen, data)
+        return rows.by_length(
+            lambda part: vpredict(trainable, frozen, part),
+            data,
+            cfg.eval_batch_size,
+            members=not shared_data,
+            out_axis=1,
+            copies=_num_members(trainable) if shared_data else 1,  # every member runs each row
+        )
+
+    return Programs(
+        jax.jit(vchunk, donate_argnums=0, static_argnames="length"),
+        sorted_predict if by_length else vpredict,
+    )
 
 
 def evaluate(

@@ -22,10 +22,15 @@ from lora_jax.testing import make_tiny_checkpoint
 from lora_jax.trainable import Method, make_model_fn
 
 MAX_LENGTH, K, TEST_CAP = 48, 4, 32
-TCFG = train.TrainConfig(
-    steps=6, eval_every=2, batch_size=4, eval_batch_size=8, learning_rate=3e-2
-)
+TCFG = train.TrainConfig(steps=6, eval_every=2, batch_size=4, eval_batch_size=8, learning_rate=3e-2)
 LORA = lora.LoraConfig(r=2, alpha=4.0, targets="query|value")
+
+
+@pytest.fixture(autouse=True)
+def every_length_its_own_group(monkeypatch):
+    """Tiny data would save too little to be split by length (``rows.MIN_SAVING``): split it
+    anyway, so that the sorted evaluations here run several groups."""
+    monkeypatch.setattr(rows, "MIN_SAVING", 0)
 
 
 @pytest.fixture(scope="module")
@@ -163,6 +168,16 @@ def test_by_length_sorts_groups_and_restores_the_order():
 
     data = {"attention_mask": mask, "x": np.arange(5)}
     np.testing.assert_array_equal(rows.by_length(fn, data, 2), [170, 31, 92, 53, 94])
+    assert calls == [(2, 8), (2, 16), (1, 24)]
+
+    # A group that saves fewer row-tokens than min_saving joins the next: the rows of 9 tokens
+    # would save 2 rows x 8 tokens = 16 as their own group, so at 20 they run at T = 24.
+    calls.clear()
+    out = rows.by_length(fn, data, 2, min_saving=20)
+    np.testing.assert_array_equal(out, [170, 31, 92, 53, 94])
+    assert calls == [(2, 8), (3, 24)]
+    calls.clear()  # counted twice (copies=2): 32 row-tokens >= 20, the group is kept
+    rows.by_length(fn, data, 2, min_saving=20, copies=2)
     assert calls == [(2, 8), (2, 16), (1, 24)]
 
     # Members: each member's rows sorted on their own; a block's length is the longest of all.
