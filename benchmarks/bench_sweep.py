@@ -4,15 +4,16 @@
   uv run python benchmarks/bench_sweep.py --n 2 6 --steps 10 --reps 2
 
 The cells are those of the default experiment (``experiments.config`` default): the embedded
-MiniLM-L6 with its prompt readout on task ``mr``, k = 16 (32 training examples), 48 tokens,
-batch 8, AdamW at 3e-4, LoRA on query/value, ranks alternating 1 and 12 (alpha = 2 r), one
-few-shot sample and seed per cell. Sequential: each cell's own compiled chunk
-(``train.make_train_chunk`` over ``trainable.make_model_fn``'s default LoRA path, what
-``experiments.run --no-vectorize`` trains); vectorized: one ``sweep`` chunk for all n (ranks
-padded to 12, fused path). Timed: ``--steps`` training steps per cell, after a warm-up call
-(compiles excluded), best of ``--reps``; the two sides alternate in each rep so both see the
-same background load. Memory: XLA's ``memory_analysis()`` of the compiled vectorized chunk
-(temporaries + arguments + outputs), and per member the increase from the smallest n.
+MiniLM-L6 with its prompt readout on task ``mr``, k = 16 (32 training examples) padded to the
+cells' longest row (at most 48 tokens, as in a job), batch 8, AdamW at 3e-4, LoRA on
+query/value, ranks alternating 1 and 12 (alpha = 2 r), one few-shot sample and seed per cell.
+Sequential: each cell's own compiled chunk (``train.make_train_chunk`` over
+``trainable.make_model_fn``'s default LoRA path, what ``experiments.run --no-vectorize``
+trains); vectorized: one ``sweep`` chunk for all n (ranks padded to 12, fused path). Timed:
+``--steps`` training steps per cell, after a warm-up call (compiles excluded), best of
+``--reps``; the two sides alternate in each rep so both see the same background load.
+Memory: XLA's ``memory_analysis()`` of the compiled vectorized chunk (temporaries + arguments +
+outputs), and per member the increase from the smallest n.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def main() -> None:
     output_fn, params = bench.prompt_model("mr")
     tcfg = train_config(cfg, Cell("mr", "lora", args.ranks[0], 0))
     seq_fns = {
-        r: make_model_fn(output_fn, Method.LORA, lora_config=lora_config(cfg, r))
+        r: make_model_fn(output_fn, Method.LORA, lora_config=lora_config(cfg, r, bench.model_type))
         for r in args.ranks
     }
     seq_chunks = {
@@ -73,8 +74,8 @@ def main() -> None:
     rows, mem = [], {}
     for n in args.n:
         cells = [Cell("mr", "lora", args.ranks[i % len(args.ranks)], 1000 + i) for i in range(n)]
-        datas = [bench.data("mr", c.seed, mode="prompt").train for c in cells]
-        configs = [lora_config(cfg, c.rank) for c in cells]
+        datas = [d.train for d in bench.job_data("mr", [c.seed for c in cells], mode="prompt")]
+        configs = [lora_config(cfg, c.rank, bench.model_type) for c in cells]
         seeds = [c.seed for c in cells]
 
         plan = sweep.plan_lora(params, configs)
@@ -114,7 +115,8 @@ def main() -> None:
 
     n0 = min(mem)
     print(
-        f"\nMiniLM-L6 default-experiment cells (task mr, 32 examples, 48 tokens, batch 8, ranks "
+        f"\nMiniLM-L6 default-experiment cells (task mr, 32 examples, "
+        f"{datas[0]['input_ids'].shape[1]} tokens, batch 8, ranks "
         f"{args.ranks} alternating); {args.steps} steps per cell, best of {args.reps}; "
         f"{jax.devices()[0].platform}, load avg at the end {os.getloadavg()[0]:.1f}"
     )

@@ -44,7 +44,9 @@ class ExperimentConfig:
         model type (``lora.default_targets``: ``query|value``, DeBERTa's ``query_proj|value_proj``).
       batch_size: training batch size.
       eval_every: evaluate on dev every this many steps (best-dev checkpoint selection).
-      max_length: token length of every encoded example (static shapes: one compile per cell kind).
+      max_length: the most tokens an encoded example keeps (longer ones are truncated); each
+        split is padded to its own longest row, rounded up to a multiple of 8 (masked padding:
+        the same outputs as padding to ``max_length``, for less compute).
       test_cap: at most this many test examples (deterministic subsample); 0 = all.
       pooling: the features of the head-only baseline (``lora_jax.pooling.Pooling``): ``auto``
         (the pooling the checkpoint was trained with: mean pooling, L2-normalized, for

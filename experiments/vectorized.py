@@ -98,7 +98,7 @@ def run_lora_job(
     start = time.time()
     (task,) = {c.task for c in cells}
     output_fn, params = bench.prompt_model(task)
-    datas = [bench.data(task, c.seed, mode="prompt") for c in cells]
+    datas = bench.job_data(task, [c.seed for c in cells], mode="prompt")  # one T per split
     configs = [lora_config(cfg, c.rank, bench.model_type) for c in cells]
     tcfgs = [train_config(cfg, c) for c in cells]
     plan = sweep.plan_lora(params, configs)

@@ -153,7 +153,12 @@ class Workbench:
         return self.named_tasks.get(name) or self.memo(("task", name), lambda: tasks.get_task(name))
 
     def data(self, task: str, seed: int, mode: str) -> TaskData:
-        """Encoded k-shot train/dev (sampled with ``seed``) and the capped test set."""
+        """Encoded k-shot train/dev (sampled with ``seed``) and the capped test set.
+
+        Rows are truncated at ``cfg.max_length`` and each split is padded only to its own
+        longest row (rounded up to a multiple of 8): the padding is masked, so the outputs are
+        those at T = ``max_length``, for fewer tokens (TREC's questions need at most 40).
+        """
 
         def encode(examples):
             arrays = tasks.encode(
@@ -163,7 +168,7 @@ class Workbench:
                 max_length=self.cfg.max_length,
                 mode=mode,
                 word_style=self.word_style,
-                pad_to="max_length",
+                pad_to="longest",
             )
             return {name: jnp.asarray(array) for name, array in arrays.items()}
 
@@ -175,3 +180,24 @@ class Workbench:
             return TaskData(encode(splits.train), encode(splits.dev), test)
 
         return self.memo(("data", task, seed, mode), build)
+
+    def job_data(self, task: str, seeds: list[int], mode: str) -> list[TaskData]:
+        """:meth:`data` of each seed, its train and dev splits padded to the longest of all
+        seeds' (``lora_jax.tasks.pad_length``), so that the members of one vectorized job can
+        be stacked. The test split is the seeds' shared one."""
+        datas = [self.data(task, seed, mode) for seed in seeds]
+        width = {
+            split: max(getattr(d, split)["input_ids"].shape[1] for d in datas)
+            for split in ("train", "dev")
+        }
+        pad_id = self.tokenizer.pad_token_id
+
+        def padded(split: dict, length: int) -> dict:
+            if split["input_ids"].shape[1] == length:
+                return split
+            return {k: jnp.asarray(v) for k, v in tasks.pad_length(split, length, pad_id).items()}
+
+        return [
+            TaskData(padded(d.train, width["train"]), padded(d.dev, width["dev"]), d.test)
+            for d in datas
+        ]

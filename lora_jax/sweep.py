@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from lora_jax import checkpoint, lora, train
+from lora_jax import checkpoint, lora, rows, train
 from lora_jax import sharding as sharding_lib
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
@@ -318,19 +318,28 @@ class Programs(NamedTuple):
 
 
 def programs(
-    model_fn: train.ModelFn, cfg: train.TrainConfig, *, member_inputs: bool, shared_data: bool
+    model_fn: train.ModelFn,
+    cfg: train.TrainConfig,
+    *,
+    member_inputs: bool,
+    shared_data: bool,
+    by_length: bool = True,
 ) -> Programs:
     """Vectorized :func:`lora_jax.train.make_train_chunk` and ``make_predict``, built once.
 
     ``frozen`` is passed unbatched; with ``member_inputs`` it is the pair ``(frozen,
     member_inputs)`` with the second part batched. ``shared_data``: ``predict`` 's data is the
-    same for every member (unbatched, e.g. a common test set).
+    same for every member (unbatched, e.g. a common test set). ``by_length``: ``predict`` runs
+    the rows of data with an ``attention_mask`` sorted by token length, each group cut to its
+    longest row (:func:`lora_jax.rows.by_length`; each member's rows sorted on their own), and
+    returns the outputs in order: same outputs, less padding; host-side, not traceable.
     """
-    return _programs(model_fn, dataclasses.replace(cfg, seed=0), member_inputs, shared_data)
+    cfg = dataclasses.replace(cfg, seed=0)
+    return _programs(model_fn, cfg, member_inputs, shared_data, by_length)
 
 
 @functools.lru_cache(maxsize=16)
-def _programs(model_fn, cfg, member_inputs: bool, shared_data: bool) -> Programs:
+def _programs(model_fn, cfg, member_inputs: bool, shared_data: bool, by_length: bool) -> Programs:
     frozen_axes = (None, 0) if member_inputs else None
     chunk = train.make_train_chunk(model_fn, make_optimizer(cfg), cfg)
     predict = train.make_predict(model_fn, cfg.eval_batch_size)
@@ -339,9 +348,23 @@ def _programs(model_fn, cfg, member_inputs: bool, shared_data: bool) -> Programs
         one = functools.partial(chunk, length=length)
         return jax.vmap(one, in_axes=(0, frozen_axes, 0))(state, frozen, data)
 
+    vpredict = jax.jit(jax.vmap(predict, in_axes=(0, frozen_axes, None if shared_data else 0)))
+
+    def sorted_predict(trainable, frozen, data):
+        if "attention_mask" not in data:
+            return vpredict(trainable, frozen, data)
+        return rows.by_length(
+            lambda part: vpredict(trainable, frozen, part),
+            data,
+            cfg.eval_batch_size,
+            members=not shared_data,
+            out_axis=1,
+            copies=_num_members(trainable) if shared_data else 1,  # every member runs each row
+        )
+
     return Programs(
         jax.jit(vchunk, donate_argnums=0, static_argnames="length"),
-        jax.jit(jax.vmap(predict, in_axes=(0, frozen_axes, None if shared_data else 0))),
+        sorted_predict if by_length else vpredict,
     )
 
 
@@ -459,7 +482,11 @@ def fit(
     train_stacked = _stack_data(train_data, n, "training", cfg.batch_size)
     dev_stacked = _stack_data(dev_data, n, "dev")
     chunk, predict = programs(
-        model_fn, cfg, member_inputs=member_inputs is not None, shared_data=False
+        model_fn,
+        cfg,
+        member_inputs=member_inputs is not None,
+        shared_data=False,
+        by_length=mesh is None,
     )
     args = frozen if member_inputs is None else (frozen, member_inputs)
 

@@ -42,7 +42,7 @@ from lora_jax import checkpoint
 from lora_jax import sharding as sharding_lib
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
-from lora_jax.rows import map_rows, num_rows
+from lora_jax.rows import by_length_fn, map_rows, num_rows
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
@@ -345,6 +345,7 @@ def make_predict(
     *,
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules | None = None,
+    by_length: bool = False,
 ) -> Callable[[PyTree, PyTree, Batch], jax.Array]:
     """Returns jitted ``predict(trainable, frozen, data) -> outputs [N, K]`` in fixed batches.
 
@@ -354,6 +355,12 @@ def make_predict(
     result. With a ``mesh`` the parameters are placed by ``rules``, each block is split over the
     batch axes when its row count is a multiple of their shard count, and the outputs are
     replicated.
+
+    With ``by_length`` (one device only) the rows of data with an ``attention_mask`` run sorted
+    by token length, each group of blocks cut to its own longest row, and the outputs come back
+    in order (:func:`lora_jax.rows.by_length`): the same outputs, with less padding computed
+    when lengths vary (a few shapes, each compiled once). That ``predict`` runs on the host
+    side and cannot be traced (no ``jax.vmap`` / ``jax.jit`` around it).
     """
     on_mesh = _MeshPlan.make(mesh, rules, None)
     ways = 1 if on_mesh is None else sharding_lib.batch_ways(on_mesh.mesh, on_mesh.rules)
@@ -367,7 +374,9 @@ def make_predict(
         return map_rows(run_block, data, batch_size)
 
     if on_mesh is None:
-        return jax.jit(predict)
+        return by_length_fn(jax.jit(predict), batch_size) if by_length else jax.jit(predict)
+    if by_length:
+        raise ConfigError("make_predict(by_length=True) runs on one device; pass mesh=None.")
     return on_mesh.jit(
         predict,
         lambda trainable, frozen, data: (
@@ -396,7 +405,7 @@ class Programs(NamedTuple):
 
     optimizer: optax.GradientTransformation
     chunk: Callable  # see make_train_chunk
-    predict: Callable  # see make_predict
+    predict: Callable  # see make_predict (by_length on one device)
 
 
 def programs(
@@ -410,7 +419,8 @@ def programs(
 
     Runs that differ only in ``cfg.seed`` (the seeds of a sweep) share the compiled programs,
     since the seed lives in the state, not in the program. ``mesh`` and ``rules`` as in
-    :func:`make_train_chunk`.
+    :func:`make_train_chunk`; without a mesh, ``predict`` sorts rows by length
+    (``make_predict(by_length=True)``).
     """
     frozen_rules = None if rules is None else tuple(sorted((k, tuple(v)) for k, v in rules.items()))
     return _programs(model_fn, dataclasses.replace(cfg, seed=0), mesh, frozen_rules)
@@ -423,7 +433,7 @@ def _programs(model_fn: ModelFn, cfg: TrainConfig, mesh, rules) -> Programs:
     return Programs(
         optimizer,
         make_train_chunk(model_fn, optimizer, cfg, mesh=mesh, rules=rules),
-        make_predict(model_fn, cfg.eval_batch_size, mesh=mesh, rules=rules),
+        make_predict(model_fn, cfg.eval_batch_size, mesh=mesh, rules=rules, by_length=mesh is None),
     )
 
 
@@ -477,7 +487,9 @@ def fit(
         _, chunk, predict = programs(model_fn, cfg, mesh=mesh, rules=rules)
     else:
         chunk = make_train_chunk(model_fn, optimizer, cfg, mesh=mesh, rules=rules)
-        predict = make_predict(model_fn, cfg.eval_batch_size, mesh=mesh, rules=rules)
+        predict = make_predict(
+            model_fn, cfg.eval_batch_size, mesh=mesh, rules=rules, by_length=mesh is None
+        )
     if mesh is None:
         train_data = jax.tree.map(jnp.asarray, dict(train_data))
         dev_data = jax.tree.map(jnp.asarray, dict(dev_data))

@@ -441,6 +441,27 @@ def test_encode_contract_and_padding(roberta_tok, bert_tok):
         width = longest["input_ids"].shape[1]
         assert width % 8 == 0 and width - 8 < lengths.max() <= width
         np.testing.assert_array_equal(longest["input_ids"], batch["input_ids"][:, :width])
+        # Padded back to max_length, a batch padded to its longest row is the max_length batch:
+        # MR at 24 tokens (rows truncated), TREC at 96 (rows kept whole, padding trimmed).
+        trec = tasks.get_task("trec")
+        trec_test = tasks.few_shot_splits(trec, k=4, seed=13, test_cap=10).test
+        for t, examples, max_length in ((task, splits.test, 24), (trec, trec_test, 96)):
+            for mode in ("prompt", "cls"):
+                full = tasks.encode(examples, tok, t, max_length=max_length, mode=mode)
+                short = tasks.encode(
+                    examples, tok, t, max_length=max_length, mode=mode, pad_to="longest"
+                )
+                lengths = full["attention_mask"].sum(1)
+                if max_length == 24:
+                    assert (lengths == 24).any()  # truncated
+                else:
+                    assert short["input_ids"].shape[1] < max_length  # trimmed
+                padded = tasks.pad_length(short, max_length, tok.pad_token_id)
+                assert padded.keys() == full.keys()
+                for key, value in full.items():
+                    np.testing.assert_array_equal(padded[key], value, err_msg=key)
+        with pytest.raises(ValueError, match="padding only adds columns"):
+            tasks.pad_length(longest, width - 1, tok.pad_token_id)
     with pytest.raises(ValueError, match="mode must be one of"):
         tasks.encode(splits.train, bert_tok, task, max_length=32, mode="mlm")
     with pytest.raises(ValueError, match="pad_to must be one of"):

@@ -8,7 +8,7 @@ Example:
   >>> words = tasks.label_word_ids(tokenizer, task, 'leading_space')  # doctest: +SKIP
 """
 
-from lora_jax.tasks.encoding import encode, label_word_ids, truncated_lengths
+from lora_jax.tasks.encoding import encode, label_word_ids, pad_length, truncated_lengths
 from lora_jax.tasks.local import csv_task, jsonl_task
 from lora_jax.tasks.registry import (
     OFFLINE_TASKS,
@@ -56,6 +56,7 @@ __all__ = [
     "label_word_ids",
     "list_tasks",
     "load_task_file",
+    "pad_length",
     "resolve_tasks",
     "sample_k_shot",
     "task_file_digest",

@@ -13,6 +13,7 @@ longest-first and the template never is, so every row keeps exactly one mask tok
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -31,6 +32,7 @@ from lora_jax.tasks.task import (
 MODES = ("prompt", "cls")
 PAD_TO = ("max_length", "longest")
 PAD_MULTIPLE = 8
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")  # the (N, T) arrays of a batch
 
 
 def _special_id(tokenizer: Any, name: str) -> int:
@@ -155,7 +157,9 @@ def encode(
         ``tokenizer(s1[, s2], truncation=True)`` for a classification head.
       pad_to: ``'max_length'`` pads every row to ``max_length`` (T = max_length: one jit
         shape for all sets); ``'longest'`` pads to the longest row rounded up to a multiple of
-        8 (at most ``max_length``).
+        8 (at most ``max_length``). Rows are truncated at ``max_length`` either way, and the
+        padding is masked, so both give the same model outputs (`pad_length` turns the second
+        into the first).
       word_style: the label-word style the batch will be read with (see `label_word_ids`):
         ``'leading_space'`` lets the mask absorb the space before it (RoBERTa: ``It was<mask>``
         then `` great``), ``'plain'`` keeps that space in the template. None infers it with
@@ -205,6 +209,41 @@ def encode(
         "token_type_ids": token_type_ids,
         "mask_pos": np.asarray(mask_positions, dtype=np.int32).reshape(n),
         "labels": examples.labels.astype(np.int32),
+    }
+
+
+def pad_length(batch: Mapping[str, np.ndarray], length: int, pad_id: int) -> dict:
+    """``batch`` with its token arrays padded on the right to ``length`` columns.
+
+    ``input_ids`` gets ``pad_id``, ``attention_mask`` and ``token_type_ids`` 0: the arrays
+    `encode` gives with T = ``length`` (so batches encoded with ``pad_to='longest'`` can be
+    brought to one T, e.g. to stack them). Other arrays are kept.
+
+    Args:
+      batch: an `encode` batch (``input_ids`` (N, T), ...).
+      length: the new T, at least the current one.
+      pad_id: the tokenizer's pad token id.
+
+    Returns:
+      A new dict; the token arrays are (N, ``length``).
+
+    Raises:
+      ConfigError: if ``length`` is shorter than the batch's T.
+    """
+    width = np.shape(batch["input_ids"])[1]
+    if length < width:
+        raise ConfigError(
+            f"cannot pad a batch of {width} tokens to {length}: padding only adds columns; "
+            f"use a length >= {width}"
+        )
+    fill = {"input_ids": pad_id}
+    return {
+        key: np.pad(
+            np.asarray(value), ((0, 0), (0, length - width)), constant_values=fill.get(key, 0)
+        )
+        if key in TOKEN_KEYS
+        else value
+        for key, value in batch.items()
     }
 
 
