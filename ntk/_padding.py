@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from lora_jax.rows import token_lengths
+
 PyTree = Any
 
 __all__ = ["LENGTH_MULTIPLE", "by_length", "cut", "ignores_padding", "lengths"]
@@ -36,9 +38,7 @@ def ignores_padding(f: Callable, x: PyTree) -> bool:
 
 def lengths(x: dict) -> np.ndarray:
     """``[N]``: each row's length up to its last real token (1 for an all-padding row)."""
-    mask = np.asarray(x["attention_mask"]) != 0  # (N, T)
-    last = mask.shape[1] - np.argmax(mask[:, ::-1], axis=1)
-    return np.where(mask.any(1), last, 1)
+    return np.maximum(token_lengths(x["attention_mask"]), 1)
 
 
 def cut(x: dict, skip_prefix: str = "") -> dict:
