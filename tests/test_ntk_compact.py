@@ -87,12 +87,15 @@ def test_all_weights_kernel_with_compacted_tables_equals_dense_jjt(
 
 
 @pytest.mark.parametrize(
-    ("x2_rows", "batch_size"),
-    [(None, 5), (None, 2), (4, (2, 3))],
-    ids=["symmetric-one-block-fused", "symmetric-blocks", "x1-x2-blocks"],
-)
-@pytest.mark.parametrize(
-    ("trace_axes", "diagonal_axes"), [((), ()), ((-1,), ()), ((), (-1,))], ids=str
+    ("x2_rows", "batch_size", "trace_axes", "diagonal_axes"),
+    [
+        (None, 5, (), ()),  # symmetric, one fused block
+        (None, 5, (-1,), ()),
+        (None, 2, (), ()),  # symmetric blocks (kept Jacobians, upper triangle)
+        (4, (2, 3), (), ()),  # x1 x x2 blocks, padded last blocks
+        (4, (2, 3), (), (-1,)),
+    ],
+    ids=["fused", "fused-traced", "symmetric-blocks", "x1-x2-blocks", "x1-x2-diagonal"],
 )
 def test_reused_and_fused_kernels_equal_dense_jjt_in_every_layout(
     monkeypatch, x2_rows, batch_size, trace_axes, diagonal_axes
