@@ -42,10 +42,14 @@ __all__ = [
 ]
 
 
-def _jacobian_rows(f: Callable, params: PyTree, x: PyTree) -> list[jax.Array]:
+def _num_outputs(f: Callable, params: PyTree, x: PyTree) -> int:
+    """K of ``f(params, x) -> [b, K]``, checked (one abstract trace of ``f``)."""
+    return check_outputs(jax.eval_shape(f, params, x), x, where="f").shape[1]
+
+
+def _jacobian_rows(f: Callable, params: PyTree, x: PyTree, num_outputs: int) -> list[jax.Array]:
     """Per leaf ``[K * b, P_leaf]``: the gradient of output ``k`` of example ``i`` in row
     ``k * b + i`` (``f(params, x) -> [b, K]``, one example independent of the others)."""
-    num_outputs = jax.eval_shape(f, params, x).shape[1]
 
     def output(p, row, k):  # one example (no batch axis) -> output k, a scalar
         return f(p, jax.tree.map(lambda a: a[None], row))[0, k]
@@ -77,8 +81,8 @@ def jacobian_program(f: Callable, fn_key: tuple, x: PyTree, params: PyTree) -> A
     """Compiled ``(params, x) -> J``: per leaf ``[K * b, P_leaf]``, the per-example Jacobians."""
 
     def lower():
-        check_outputs(jax.eval_shape(f, params, x), x, where="f")
-        return jax.jit(lambda p, x: _jacobian_rows(f, p, x)).lower(params, x)
+        num_outputs = _num_outputs(f, params, x)
+        return jax.jit(lambda p, x: _jacobian_rows(f, p, x, num_outputs)).lower(params, x)
 
     return compiled(f, fn_key, ("jacobian",), lower, (params, x))
 
@@ -98,12 +102,13 @@ def fused_program(
 ) -> Any:
     """Compiled ``(params, x) -> block``: the kernel of ``x`` with itself in one program."""
 
-    def kernel(p, x):
-        j = _jacobian_rows(f, p, x)
-        return _contract(j, j, jax.eval_shape(f, p, x).shape[1], trace, diag)
-
     def lower():
-        check_outputs(jax.eval_shape(f, params, x), x, where="f")
+        num_outputs = _num_outputs(f, params, x)
+
+        def kernel(p, x):
+            j = _jacobian_rows(f, p, x, num_outputs)
+            return _contract(j, j, num_outputs, trace, diag)
+
         return jax.jit(kernel).lower(params, x)
 
     return compiled(f, fn_key, ("fused", trace, diag), lower, (params, x))
@@ -116,13 +121,13 @@ def cross_program(
     Jacobians of ``x`` contracted with every kept block in one program (they are never a
     program output, so XLA frees each leaf's once it is contracted)."""
 
-    def kernel(p, x, kept):
-        j = _jacobian_rows(f, p, x)
-        num_outputs = jax.eval_shape(f, p, x).shape[1]
-        return [_contract(j, jb, num_outputs, trace, diag) for jb in kept]
-
     def lower():
-        check_outputs(jax.eval_shape(f, params, x), x, where="f")
+        num_outputs = _num_outputs(f, params, x)
+
+        def kernel(p, x, kept):
+            j = _jacobian_rows(f, p, x, num_outputs)
+            return [_contract(j, jb, num_outputs, trace, diag) for jb in kept]
+
         return jax.jit(kernel).lower(params, x, kept)
 
     return compiled(f, fn_key, ("cross", trace, diag), lower, (params, x, kept))
@@ -178,7 +183,7 @@ def reused_kernel(
             for j, block in zip(starts, exe(params, xa, list(kept.values())), strict=True):
                 place(np.asarray(block), i, j)
         return
-    num_outputs = jax.eval_shape(f, params, take_rows(x1, 0, 1, n1)).shape[1]
+    num_outputs = kept[0][0].shape[0] // b2  # rows of a kept block: K * b2
     pairs = [(a, b) for a in range(0, n1, b1) for b in range(a, n2, b2)]
     for i, j in jobs(pairs):
         contract = contraction_program(trace, diag, num_outputs, kept[i], kept[j])
