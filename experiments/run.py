@@ -183,6 +183,7 @@ def run_cell(
         progress=cell.key,
         mesh=mesh,
         rules=rules,
+        pack=cfg.pack and mesh is None and model_fn.packs_rows,
     )
     test_data = data.test
     if mesh is not None:

@@ -127,6 +127,7 @@ def run_lora_job(
         checkpoint_dir=ckpt_dir,
         metrics_paths=metrics,
         progress=f"{task} lora x{len(cells)}",
+        pack=cfg.pack and model_fn.packs_rows,
     )
     best = sweep.stack([r.best_trainable for r in results])
     shared_test = all(d.test is datas[0].test for d in datas)

@@ -10,6 +10,7 @@ Subpackages and modules, each one idea:
 - :mod:`lora_jax.readout`: how the K outputs of a task are read from an encoder.
 - :mod:`lora_jax.trainable`: what is trained (LoRA, all weights, head) and the split.
 - :mod:`lora_jax.rows`: evaluating a function over N rows in fixed, padded blocks.
+- :mod:`lora_jax.packing`: padding-free training batches (rows packed end to end).
 - :mod:`lora_jax.train`: the optax training loop (with :mod:`lora_jax.losses` and
   :mod:`lora_jax.checkpoint`).
 - :mod:`lora_jax.sharding`: logical axes, rule tables and meshes (data / fsdp / tensor).
@@ -26,6 +27,7 @@ from lora_jax import (
     lora,
     losses,
     models,
+    packing,
     params,
     readout,
     rows,
@@ -56,6 +58,7 @@ __all__ = [
     "make_model_fn",
     "make_output_fn",
     "models",
+    "packing",
     "params",
     "split",
     "sweep",

@@ -111,6 +111,10 @@ def make_output_fn(
 
     The batch is a dict with ``input_ids`` [B, T], ``attention_mask`` [B, T], optionally
     ``token_type_ids`` [B, T], and ``mask_pos`` [B] (the ``<mask>`` position; prompt modes).
+    Or a packed batch (:func:`lora_jax.packing.pack`: ``segment_ids`` [1, P], ``token_index``
+    [B, T] and ``row_starts`` [B] beside the token arrays [1, P]) for readouts that declare
+    ``output_fn.packs_rows``:
+    MLM, TIED and TIED_MEAN on this library's encoders other than DeBERTa. Same [B, K].
     """
     readout = Readout(readout)
     if readout != Readout.CLS and label_word_ids is None:
@@ -119,8 +123,9 @@ def make_output_fn(
 
     def output_fn(params, batch, dropout_rng=None):
         inputs = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        packed = {k: batch[k] for k in ("segment_ids", "token_index") if k in batch}
         if readout == Readout.CLS:
-            return apply_fn(params, *inputs, dropout_rng=dropout_rng)
+            return apply_fn(params, *inputs, dropout_rng=dropout_rng, **packed)
         if readout == Readout.MLM:
             return apply_fn(
                 params,
@@ -128,17 +133,23 @@ def make_output_fn(
                 mask_positions=batch["mask_pos"],
                 label_word_ids=ids,
                 dropout_rng=dropout_rng,
+                **packed,
             )
         if readout == Readout.RTD:
             return _rtd_scores(apply_fn, params, batch, ids, dropout_rng)
         if readout == Readout.TIED:
             hidden = apply_fn(
-                params, *inputs, mask_positions=batch["mask_pos"], dropout_rng=dropout_rng
+                params, *inputs, mask_positions=batch["mask_pos"], dropout_rng=dropout_rng, **packed
             )  # (B, H)
         else:
-            states = apply_fn(params, *inputs, dropout_rng=dropout_rng)  # (B, T, H)
-            mask = batch["attention_mask"][..., None].astype(states.dtype)  # (B, T, 1)
-            hidden = states.sum(1, where=mask > 0) / mask.sum(1)  # (B, H)
+            states = apply_fn(params, *inputs, dropout_rng=dropout_rng, **packed)  # (B, T, H)
+            if packed:  # (1, P, H): mean over each row's segment -> (B, H)
+                rows = jnp.arange(1, batch["row_starts"].shape[0] + 1)[:, None]  # (B, 1)
+                member = (batch["segment_ids"] == rows).astype(states.dtype)  # (B, P)
+                hidden = member @ states[0] / member.sum(1, keepdims=True)
+            else:
+                mask = batch["attention_mask"][..., None].astype(states.dtype)  # (B, T, 1)
+                hidden = states.sum(1, where=mask > 0) / mask.sum(1)  # (B, H)
         return hidden @ _word_rows(params, ids).T.astype(hidden.dtype)  # (B, K)
 
     if getattr(apply_fn, "func", None) is forward:
@@ -148,6 +159,10 @@ def make_output_fn(
         # Masked keys get exactly zero attention weight, so trailing padding changes nothing:
         # the eNTK may cut it (ntk._padding).
         output_fn.ignores_padding = True
+        # It reads packed batches (lora_jax.packing) where the encoder's attention does.
+        output_fn.packs_rows = readout in (Readout.MLM, Readout.TIED, Readout.TIED_MEAN) and (
+            apply_fn.keywords["config"].model_type != "deberta-v2"
+        )
     return output_fn
 
 

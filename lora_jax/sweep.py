@@ -304,6 +304,7 @@ def lora_model_fn(model_fn: train.ModelFn) -> train.ModelFn:
         }
         return model_fn(folded, base, batch, dropout_rng)
 
+    fn.packs_rows = getattr(model_fn, "packs_rows", False)
     return fn
 
 
@@ -313,7 +314,7 @@ def lora_model_fn(model_fn: train.ModelFn) -> train.ModelFn:
 class Programs(NamedTuple):
     """Compiled programs of one sweep (model_fn, config)."""
 
-    chunk: Callable  # (state [n], frozen, data [n], length) -> (state, losses [n, length])
+    chunk: Callable  # (state [n], frozen, data [n], length, pack) -> (state, losses [n, length])
     predict: Callable  # (trainable [n], frozen, data [n] or shared) -> outputs [n, N, K]
 
 
@@ -344,8 +345,8 @@ def _programs(model_fn, cfg, member_inputs: bool, shared_data: bool, by_length: 
     chunk = train.make_train_chunk(model_fn, make_optimizer(cfg), cfg)
     predict = train.make_predict(model_fn, cfg.eval_batch_size)
 
-    def vchunk(state, frozen, data, length=None):
-        one = functools.partial(chunk, length=length)
+    def vchunk(state, frozen, data, length=None, pack=0):
+        one = functools.partial(chunk, length=length, pack=pack)
         return jax.vmap(one, in_axes=(0, frozen_axes, 0))(state, frozen, data)
 
     vpredict = jax.jit(jax.vmap(predict, in_axes=(0, frozen_axes, None if shared_data else 0)))
@@ -363,7 +364,7 @@ def _programs(model_fn, cfg, member_inputs: bool, shared_data: bool, by_length: 
         )
 
     return Programs(
-        jax.jit(vchunk, donate_argnums=0, static_argnames="length"),
+        jax.jit(vchunk, donate_argnums=0, static_argnames=("length", "pack")),
         sorted_predict if by_length else vpredict,
     )
 
@@ -442,6 +443,7 @@ def fit(
     progress: bool | str = True,
     mesh: sharding_lib.Mesh | None = None,
     rules: sharding_lib.Rules | None = None,
+    pack: bool = False,
 ) -> list[train.FitResult]:
     """Trains all members for ``cfg.steps`` as one job; per member what :func:`train.fit` gives.
 
@@ -470,6 +472,8 @@ def fit(
         (default ``sharding.rules("adapter")``: over ``data``), the base is replicated, and XLA
         partitions the vectorized program accordingly. One process.
       rules: the rule table for ``mesh``.
+      pack: train on packed batches (:mod:`lora_jax.packing`, as ``train.fit`` 's ``pack``):
+        every member's batch packed to the longest any member draws. One device.
 
     Returns:
       One :class:`lora_jax.train.FitResult` per member.
@@ -489,6 +493,14 @@ def fit(
         by_length=mesh is None,
     )
     args = frozen if member_inputs is None else (frozen, member_inputs)
+    packed = 0
+    if pack:
+        if mesh is not None:
+            raise ConfigError("sweep.fit(pack=True) runs on one device; pass mesh=None.")
+        packed = max(
+            train.pack_length(model_fn, state.rng[i], cfg.steps, data, cfg.batch_size)
+            for i, data in enumerate(train_data)
+        )
 
     state = jax.tree.map(jnp.copy, state)  # the chunks donate their state
     best = jax.tree.map(jnp.copy, state.trainable)
@@ -516,7 +528,7 @@ def fit(
         leave=False,
     )
     for length in train.chunk_lengths(cfg.steps, cfg.eval_every, start):
-        state, losses = chunk(state, args, train_stacked, length)  # losses: (n, length)
+        state, losses = chunk(state, args, train_stacked, length, packed)  # losses: (n, length)
         step = int(state.step[0])
         dev = evaluate(predict, state.trainable, args, dev_stacked, cfg.loss)
         train_loss = np.asarray(jnp.mean(losses, axis=1))

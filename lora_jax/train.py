@@ -34,11 +34,12 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from lora_jax import checkpoint
+from lora_jax import checkpoint, packing
 from lora_jax import sharding as sharding_lib
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
@@ -217,6 +218,32 @@ def batch_indices(rng: jax.Array, step: jax.Array, num_examples: int, batch_size
     return jax.lax.dynamic_slice(perm, (offset * batch_size,), (batch_size,))
 
 
+def batch_schedule(rng: jax.Array, steps: int, num_examples: int, batch_size: int) -> np.ndarray:
+    """``[steps, batch_size]`` row indices of every step's batch (:func:`batch_indices`), on the
+    host: the batches a run will draw, known before it starts (for :mod:`lora_jax.packing`)."""
+    draw = jax.jit(jax.vmap(batch_indices, in_axes=(None, 0, None, None)), static_argnums=(2, 3))
+    return np.asarray(draw(rng, jnp.arange(steps), num_examples, batch_size))
+
+
+def pack_length(
+    model_fn: ModelFn, rng: jax.Array, steps: int, train_data: Batch, batch_size: int
+) -> int:
+    """The packed length (:mod:`lora_jax.packing`) of a run's batches; ConfigError if
+    ``model_fn`` does not read packed batches (does not set ``packs_rows``)."""
+    if not getattr(model_fn, "packs_rows", False):
+        raise ConfigError(
+            "pack=True needs a model_fn that reads packed batches (model_fn.packs_rows; "
+            "make_model_fn over make_output_fn's MLM / TIED / TIED_MEAN readouts of this "
+            "library's encoders, DeBERTa excepted, sets it). Train with pack=False."
+        )
+    if "attention_mask" not in train_data:
+        raise ConfigError("pack=True needs token rows: train_data has no 'attention_mask'.")
+    n = int(np.shape(train_data["labels"])[0])
+    return packing.packed_length(
+        np.asarray(train_data["attention_mask"]), batch_schedule(rng, steps, n, batch_size)
+    )
+
+
 def make_train_chunk(
     model_fn: ModelFn,
     optimizer: optax.GradientTransformation,
@@ -225,7 +252,7 @@ def make_train_chunk(
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules | None = None,
 ) -> Callable[[TrainState, PyTree, Batch], tuple[TrainState, jax.Array]]:
-    """Returns ``chunk(state, frozen, data, length=None) -> (state, losses [length])``, jitted.
+    """Returns ``chunk(state, frozen, data, length=None, pack=0) -> (state, losses [length])``.
 
     ``data`` is the whole training set as a dict of ``[N, ...]`` arrays (with ``labels`` [N]);
     ``frozen`` is passed in (not closed over) so its arrays are not baked into the program.
@@ -235,7 +262,9 @@ def make_train_chunk(
     and ``frozen`` by their logical axes, ``data`` over the batch axes, and each step's batch
     constrained to the batch axes. The state keeps its shardings from chunk to chunk.
     ``length`` (static; default ``cfg.eval_every``) is the number of steps; each distinct value
-    is compiled once.
+    is compiled once. ``pack`` (static): when > 0, each step's batch is packed into one row of
+    that many tokens (:func:`lora_jax.packing.pack`; size it with :func:`pack_length`), so
+    padding costs no compute; the model must read packed batches. One device only.
     """
     loss_fn = get_loss(cfg.loss)
     on_mesh = _MeshPlan.make(mesh, rules, cfg.batch_size)
@@ -244,11 +273,13 @@ def make_train_chunk(
         outputs = model_fn(trainable, frozen, batch, dropout_rng)
         return loss_fn(outputs, batch["labels"])
 
-    def step(carry, _, frozen, data):
+    def step(carry, _, frozen, data, pack):
         state: TrainState = carry
         num_examples = data["labels"].shape[0]
         idx = batch_indices(state.rng, state.step, num_examples, cfg.batch_size)
         batch = jax.tree.map(lambda x: x[idx], data)
+        if pack:
+            batch = packing.pack(batch, pack)
         if on_mesh is not None:
             batch = on_mesh.constrain_batch(batch)
         dropout_rng = dropout_key(state.rng, state.step) if cfg.dropout else None
@@ -257,24 +288,33 @@ def make_train_chunk(
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(state.step + 1, trainable, opt_state, state.rng), loss
 
-    def chunk(state, frozen, data, length=None):
+    def chunk(state, frozen, data, length=None, pack=0):
         if data["labels"].shape[0] < cfg.batch_size:
             raise ConfigError(
                 f"Training set has {data['labels'].shape[0]} examples, fewer than "
                 f"batch_size={cfg.batch_size}; lower TrainConfig.batch_size."
             )
-        body = lambda carry, x: step(carry, x, frozen, data)  # noqa: E731
+        body = lambda carry, x: step(carry, x, frozen, data, pack)  # noqa: E731
         return jax.lax.scan(body, state, None, length=length or cfg.eval_every)
 
     if on_mesh is None:
-        return jax.jit(chunk, donate_argnums=0, static_argnames="length")
+        return jax.jit(chunk, donate_argnums=0, static_argnames=("length", "pack"))
     sharded = on_mesh.jit(
         chunk,
         lambda state, frozen, data: (on_mesh.tree(state), on_mesh.tree(frozen), on_mesh.data(data)),
         lambda ins: (ins[0], on_mesh.replicated),
         donate_argnums=0,
     )
-    return lambda state, frozen, data, length=None: sharded(state, frozen, data, length=length)
+
+    def on_mesh_chunk(state, frozen, data, length=None, pack=0):
+        if pack:
+            raise ConfigError(
+                "Packed batches run on one device (a packed row cannot be split over the batch "
+                "axes); train on a mesh with pack=False."
+            )
+        return sharded(state, frozen, data, length=length)
+
+    return on_mesh_chunk
 
 
 class _MeshPlan(NamedTuple):
@@ -451,6 +491,7 @@ def fit(
     progress: bool | str = True,
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules | None = None,
+    pack: bool = False,
 ) -> FitResult:
     """Trains for ``cfg.steps``, evaluating on ``dev_data`` every ``cfg.eval_every`` steps and
     after the last one (see :func:`chunk_lengths`).
@@ -479,10 +520,20 @@ def fit(
         contributes its own rows of the data, checkpoints are written collectively, and only
         process 0 appends to ``metrics_path``.
       rules: the logical-axis rule table.
+      pack: train on packed batches (:mod:`lora_jax.packing`): each step's rows laid end to
+        end in one row, as long as the run's largest batch of real tokens, so padding costs
+        no compute. Same model, same batches, same results to float rounding. Needs a
+        ``model_fn`` that reads packed batches (``packs_rows``) and one device.
 
     Returns:
       A :class:`FitResult`.
     """
+    if pack and mesh is not None:
+        raise ConfigError(
+            "pack=True runs on one device (a packed row cannot be split over the batch axes); "
+            "train on a mesh with pack=False."
+        )
+    packed = pack_length(model_fn, state.rng, cfg.steps, train_data, cfg.batch_size) if pack else 0
     if optimizer is None:
         _, chunk, predict = programs(model_fn, cfg, mesh=mesh, rules=rules)
     else:
@@ -520,7 +571,7 @@ def fit(
         leave=False,
     )
     for length in chunk_lengths(cfg.steps, cfg.eval_every, start):
-        state, losses = chunk(state, frozen, train_data, length)
+        state, losses = chunk(state, frozen, train_data, length, packed)
         step = int(state.step)
         dev = evaluate(predict, state.trainable, frozen, dev_data, cfg.loss)
         record = {

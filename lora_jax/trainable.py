@@ -76,6 +76,7 @@ def make_model_fn(
         def model_fn(trainable, frozen, batch, dropout_rng):
             return output_fn(params_lib.combine(trainable, frozen), batch, dropout_rng)
 
+    model_fn.packs_rows = getattr(output_fn, "packs_rows", False)  # see lora_jax.packing
     return model_fn
 
 

@@ -42,6 +42,7 @@ from lora_jax.models.layers import (
     gelu_exact,
     layer_norm,
 )
+from lora_jax.packing import PackedLayout, segment_positions
 from lora_jax.params import unflatten
 from lora_jax.sharding import leaf_axes
 
@@ -67,9 +68,18 @@ class _DropoutKeys:
         return jax.random.fold_in(self.rng, self.count)
 
 
-def _embeddings(p, input_ids, token_type_ids, cfg: EncoderConfig, dtype, keys) -> jax.Array:
+def _embeddings(
+    p, input_ids, token_type_ids, cfg: EncoderConfig, dtype, keys, layout=None
+) -> jax.Array:
     B, T = input_ids.shape
-    if cfg.model_type == "roberta":
+    if layout is not None:  # packed rows: positions restart at each row
+        # The unused tail (segment 0) reads a valid row too: a NaN there would reach real tokens
+        # through their zero attention weights (0 * NaN).
+        first = cfg.pad_token_id + 1 if cfg.model_type == "roberta" else 0
+        tail = cfg.pad_token_id if cfg.model_type == "roberta" else 0
+        seg = layout.segment_ids
+        positions = jnp.where(seg > 0, segment_positions(seg) + first, tail)
+    elif cfg.model_type == "roberta":
         # HF create_position_ids_from_input_ids: padding_idx + running count of real tokens.
         not_pad = (input_ids != cfg.pad_token_id).astype(jnp.int32)
         positions = jnp.cumsum(not_pad, axis=1) * not_pad + cfg.pad_token_id  # (B, T)
@@ -83,26 +93,44 @@ def _embeddings(p, input_ids, token_type_ids, cfg: EncoderConfig, dtype, keys) -
 
 
 def _encode(
-    base, input_ids, attention_mask, token_type_ids, cfg: EncoderConfig, dtype, keys, rows, remat
+    base,
+    input_ids,
+    attention_mask,
+    token_type_ids,
+    cfg: EncoderConfig,
+    dtype,
+    keys,
+    rows,
+    remat,
+    layout=None,
 ):
-    """The encoder body: ``(B, T)`` ids -> ``(B, T, H)``, or ``(B, 1, H)`` with ``rows``."""
+    """The encoder body: ``(B, T)`` ids -> ``(B, T, H)``, or ``(B, 1, H)`` with ``rows`` (B,).
+
+    With a ``layout`` (packed rows, :class:`lora_jax.packing.PackedLayout`) the ids are
+    ``(1, P)`` and the output ``(1, P, H)``, or ``(B, 1, H)`` with ``rows`` (B,) packed positions.
+    """
     if cfg.model_type == "deberta-v2":
+        if layout is not None:
+            raise ConfigError(
+                "DeBERTa-v2 does not take packed rows (segment_ids): its relative-position "
+                "attention is not written for them. Train it on padded batches (pack=False)."
+            )
         return deberta.encode(
             base, input_ids, attention_mask, token_type_ids, cfg, dtype, keys, rows, remat
         )
-    x = _embeddings(base["embeddings"], input_ids, token_type_ids, cfg, dtype, keys)
+    x = _embeddings(base["embeddings"], input_ids, token_type_ids, cfg, dtype, keys, layout)
     if "embeddings_project" in base:  # ELECTRA with embedding_size != hidden_size
         x = dense(base["embeddings_project"], x)  # (B, T, H)
-    key_mask = attention_mask > 0  # (B, T) bool
+    key_mask = attention_mask > 0 if layout is None else layout.key_mask()  # (B, T) bool
     last = cfg.num_hidden_layers - 1
     for i in range(cfg.num_hidden_layers):
         r = rows if i == last else None
-        block = lambda p, x, r=r: _block(p, x, key_mask, cfg, keys, r)  # noqa: E731
+        block = lambda p, x, r=r: _block(p, x, key_mask, cfg, keys, r, layout)  # noqa: E731
         x = (jax.checkpoint(block) if remat else block)(base["encoder"]["layer"][i], x)
     return x
 
 
-def _block(p, x, key_mask, cfg: EncoderConfig, keys, rows=None) -> jax.Array:
+def _block(p, x, key_mask, cfg: EncoderConfig, keys, rows=None, layout=None) -> jax.Array:
     """One transformer layer: ``x`` (B, T, H) -> (B, T, H), or (B, 1, H) with ``rows``.
 
     With ``rows`` ((B,) int positions) only the output at those positions is computed: keys and
@@ -110,15 +138,24 @@ def _block(p, x, key_mask, cfg: EncoderConfig, keys, rows=None) -> jax.Array:
     feed-forward run on one token per example. ``forward`` uses this in the last layer when the
     head reads one position (``<s>`` / ``[CLS]`` or ``<mask>``), which skips most of that layer's
     work, forward and backward. Same values as slicing the full layer's output.
+
+    With a ``layout`` (packed rows) ``x`` is ``(1, P, H)``: the dense layers run on the P packed
+    tokens, attention on their padded ``(B, T)`` form (``key_mask`` (B, T)).
     """
     a = p["attention"]
-    heads = (x.shape[0], -1, cfg.num_attention_heads, cfg.head_dim)  # (B, T or 1, nh, hd)
     if rows is None:
         q, k, v = dense_stack([a["self"][n] for n in ("query", "key", "value")], x)
     else:
         k, v = dense_stack([a["self"]["key"], a["self"]["value"]], x)
-        x = jnp.take_along_axis(x, rows[:, None, None], axis=1)  # (B, 1, H)
+        if layout is None:
+            x = jnp.take_along_axis(x, rows[:, None, None], axis=1)  # (B, 1, H)
+        else:
+            x = jnp.take(x[0], rows, axis=0)[:, None, :]  # (B, 1, H)
         q = dense(a["self"]["query"], x)
+    if layout is not None:  # attention on the padded form
+        k, v = layout.to_rows(k), layout.to_rows(v)  # (B, T, H)
+        q = q if rows is not None else layout.to_rows(q)
+    heads = (k.shape[0], -1, cfg.num_attention_heads, cfg.head_dim)  # (B, T or 1, nh, hd)
     ctx = attention(
         q.reshape(heads),
         k.reshape(heads),
@@ -126,7 +163,9 @@ def _block(p, x, key_mask, cfg: EncoderConfig, keys, rows=None) -> jax.Array:
         key_mask,
         dropout_rate=cfg.attention_probs_dropout_prob,
         dropout_rng=keys(),
-    ).reshape(x.shape)  # (B, T or 1, H)
+    ).reshape(q.shape)  # (B, T or 1, H)
+    if layout is not None and rows is None:
+        ctx = layout.to_packed(ctx)  # (1, P, H)
     y = dropout(dense(a["output"]["dense"], ctx), cfg.hidden_dropout_prob, keys())
     x = layer_norm(a["output"]["LayerNorm"], y + x, cfg.layer_norm_eps)
     h = activation(cfg.hidden_act, dense(p["intermediate"]["dense"], x))  # (B, T or 1, I)
@@ -234,6 +273,8 @@ def forward(
     label_word_ids: jax.Array | None = None,
     dropout_rng: jax.Array | None = None,
     remat: bool = False,
+    segment_ids: jax.Array | None = None,
+    token_index: jax.Array | None = None,
 ) -> jax.Array:
     """Pure forward pass of a RoBERTa / BERT / ELECTRA / DeBERTa encoder with an optional head.
 
@@ -252,6 +293,13 @@ def forward(
       remat: recompute each layer's activations in the backward pass (``jax.checkpoint``)
         instead of storing them: less memory for long sequences or large batches, about one
         more forward pass of compute. Same numbers.
+      segment_ids, token_index: packed rows (:func:`lora_jax.packing.pack`): ``input_ids``
+        etc. are ``(1, P)``, ``segment_ids`` ``(1, P)`` marks each token's row (1..B; 0 on the
+        unused tail) and ``token_index`` ``(B, T)`` gives where row b's token t went (P for
+        padding). The dense layers run on the P tokens, attention on the ``(B, T)`` rows, and
+        positions restart at each row: every row's outputs are those of the padded batch.
+        ``mask_positions`` are then ``(B,)`` packed positions; head None without them gives
+        ``(1, P, H)``. Not for DeBERTa or head 'cls'.
 
     Returns:
       head 'mlm': ``(B, T, V)`` logits, ``(B, V)`` at ``mask_positions``, ``(B, K)`` with
@@ -269,11 +317,22 @@ def forward(
         raise ConfigError(
             "mask_positions is for head='mlm' or head=None; head='cls' reads <s> / [CLS]."
         )
+    packed = segment_ids is not None or token_index is not None
+    if packed and (
+        segment_ids is None or token_index is None or head == "cls" or np.shape(input_ids)[0] != 1
+    ):
+        raise ConfigError(
+            f"packed rows take segment_ids and token_index together, input_ids of shape (1, P) "
+            f"and a head that reads mask_positions or hidden states (got shape "
+            f"{np.shape(input_ids)}, head={head!r}); pack the batch with lora_jax.packing.pack, "
+            "or use padded rows for head='cls'."
+        )
     input_ids = jnp.asarray(input_ids, jnp.int32)
     B, T = input_ids.shape
     offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
     absolute = config.model_type != "deberta-v2" or config.position_biased_input
-    if absolute and T + offset > config.max_position_embeddings:
+    # Packed rows restart their positions: each row is as long as it was before packing.
+    if absolute and not packed and T + offset > config.max_position_embeddings:
         raise ConfigError(
             f"Sequence length {T} exceeds what the position table allows "
             f"({config.max_position_embeddings - offset} tokens for this {config.model_type}); "
@@ -303,6 +362,9 @@ def forward(
         keys,
         rows,
         remat,
+        PackedLayout(jnp.asarray(segment_ids, jnp.int32), jnp.asarray(token_index, jnp.int32))
+        if packed
+        else None,
     )
     if head == "cls":
         return _cls_logits(params, base, x[:, 0], config, keys)

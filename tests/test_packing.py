@@ -1,0 +1,205 @@
+"""Packed (padding-free) training batches give what the padded batches give.
+
+Oracles: a hand-packed batch; the padded forward pass (itself checked against PyTorch in
+``test_models_golden.py``) row by row, in float64; training on padded batches (losses, best
+step, adapters), for ``train.fit`` and a vectorized ``sweep.fit``; a Python loop over
+``train.batch_indices`` for the packed length.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lora_jax import lora, models, packing, sweep, train
+from lora_jax.errors import ConfigError
+from lora_jax.readout import make_output_fn
+from lora_jax.trainable import Method, make_model_fn
+
+V, T = 48, 9
+WORDS = np.array([5, 9, 12])
+
+
+def _encoder(model_type, dtype=jnp.float32, head=None):
+    cfg = models.EncoderConfig(
+        model_type=model_type,
+        vocab_size=V,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=24,
+        type_vocab_size=2 if model_type == "bert" else 1,
+        pad_token_id=1 if model_type == "roberta" else 0,
+    )
+    labels = len(WORDS) if head == "cls" else None
+    return models.split(models.create(cfg, head=head, dtype=dtype, num_labels=labels)), cfg
+
+
+def _rows(n, seed, pad_id, types=False):
+    """n rows of T tokens, real tokens first (lengths 2..T), then padding."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, T + 1, n)
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    ids = np.where(mask > 0, rng.integers(3, V, (n, T)), pad_id).astype(np.int32)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mask_pos": rng.integers(0, lengths).astype(np.int32),
+        "labels": rng.integers(0, len(WORDS), n).astype(np.int32),
+    }
+    if types:
+        batch["token_type_ids"] = (np.arange(T)[None] >= lengths[:, None] // 2) & (mask > 0)
+        batch["token_type_ids"] = batch["token_type_ids"].astype(np.int32)
+    return batch
+
+
+def test_pack_lays_rows_end_to_end():
+    batch = {
+        "input_ids": np.array([[7, 8, 0, 0], [4, 5, 6, 3], [9, 2, 2, 0]]),
+        "attention_mask": np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]),
+        "mask_pos": np.array([1, 0, 2]),
+        "labels": np.array([0, 1, 1]),
+    }
+    got = jax.tree.map(np.asarray, packing.pack(batch, 12))
+    np.testing.assert_array_equal(got["input_ids"], [[7, 8, 4, 5, 6, 3, 9, 2, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(got["segment_ids"], [[1, 1, 2, 2, 2, 2, 3, 3, 3, 0, 0, 0]])
+    np.testing.assert_array_equal(got["attention_mask"], [[1] * 9 + [0] * 3])
+    np.testing.assert_array_equal(got["token_type_ids"], np.zeros((1, 12)))
+    np.testing.assert_array_equal(got["row_starts"], [0, 2, 6])
+    np.testing.assert_array_equal(got["token_index"], [[0, 1, 12, 12], [2, 3, 4, 5], [6, 7, 8, 12]])
+    np.testing.assert_array_equal(got["mask_pos"], [1, 2, 8])
+    np.testing.assert_array_equal(got["labels"], [0, 1, 1])
+    np.testing.assert_array_equal(
+        packing.segment_positions(got["segment_ids"]), [[0, 1, 0, 1, 2, 3, 0, 1, 2, 0, 1, 2]]
+    )
+
+
+@pytest.mark.parametrize(("model_type", "head"), [("bert", "mlm"), ("roberta", None)])
+def test_packed_forward_equals_each_padded_row(model_type, head):
+    with jax.enable_x64():
+        (apply_fn, params), cfg = _encoder(model_type, jnp.float64, head)
+        batch = _rows(5, seed=3, pad_id=cfg.pad_token_id, types=model_type == "bert")
+        packed = packing.pack(batch, 48)
+        inputs = ("input_ids", "attention_mask", "token_type_ids")
+        pad_in = [batch.get(k) for k in inputs]
+        pack_in = [packed[k] for k in inputs]
+        seg = {k: packed[k] for k in ("segment_ids", "token_index")}
+        if head == "mlm":  # at <mask>, the K label words: (B, K)
+            kw = {"label_word_ids": WORDS}
+            want = apply_fn(params, *pad_in, mask_positions=batch["mask_pos"], **kw)
+            got = apply_fn(params, *pack_in, mask_positions=packed["mask_pos"], **kw, **seg)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        # All hidden states: each row's real tokens, in order.
+        want = np.asarray(apply_fn(params, *pad_in))  # (B, T, H)
+        got = np.asarray(apply_fn(params, *pack_in, **seg))[0]  # (P, H)
+        lengths = batch["attention_mask"].sum(1)
+        for b, start in enumerate(np.asarray(packed["row_starts"])):
+            np.testing.assert_allclose(
+                got[start : start + lengths[b]], want[b, : lengths[b]], rtol=1e-12, atol=1e-12
+            )
+        # The readouts that declare packed batches: the same (B, K).
+        for readout in ("mlm",) if head == "mlm" else ("tied", "tied_mean"):
+            output_fn = make_output_fn(apply_fn, readout, label_word_ids=WORDS)
+            assert output_fn.packs_rows
+            np.testing.assert_allclose(
+                output_fn(params, packed), output_fn(params, batch), rtol=1e-12, atol=1e-12
+            )
+
+
+def test_packed_length_is_the_largest_scheduled_batch():
+    batch = _rows(13, seed=1, pad_id=0)
+    rng = train.init_state({}, train.make_optimizer(train.TrainConfig()), seed=5).rng
+    schedule = train.batch_schedule(rng, 20, 13, 4)
+    lengths = batch["attention_mask"].sum(1)
+    most = 0
+    for step in range(20):
+        idx = np.asarray(train.batch_indices(rng, jnp.int32(step), 13, 4))
+        np.testing.assert_array_equal(schedule[step], idx)
+        most = max(most, int(lengths[idx].sum()))
+    assert packing.packed_length(batch["attention_mask"], schedule, multiple=1) == most
+    assert packing.packed_length(batch["attention_mask"], schedule) == min(-(-most // 8) * 8, 4 * T)
+    assert packing.packed_length(batch["attention_mask"], schedule, multiple=64) == 4 * T
+
+
+def _lora_setup(model_type):
+    (apply_fn, params), cfg = _encoder(model_type)
+    output_fn = make_output_fn(apply_fn, "tied_mean", label_word_ids=WORDS)
+    data = [_rows(12, seed=s, pad_id=cfg.pad_token_id) for s in (10, 11)]
+    return output_fn, params, data
+
+
+def _assert_same_fit(got, want):
+    for g, w in zip(got.history, want.history, strict=True):
+        np.testing.assert_allclose(
+            [g["train_loss"], g["dev_loss"]], [w["train_loss"], w["dev_loss"]], rtol=2e-5
+        )
+        assert g["dev_accuracy"] == w["dev_accuracy"]
+    assert got.best_step == want.best_step
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        got.best_trainable,
+        want.best_trainable,
+    )
+
+
+TCFG = train.TrainConfig(steps=8, eval_every=4, batch_size=4, learning_rate=3e-2)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_packed_training_equals_padded_training(model_type):
+    output_fn, params, (train_data, dev_data) = _lora_setup(model_type)
+    config = lora.LoraConfig(r=2, alpha=4.0, targets="query|value")
+    model_fn = make_model_fn(output_fn, Method.LORA, lora_config=config)
+    adapters = lora.init(jax.random.key(0), params, config)
+
+    def fit(pack):
+        state = train.init_state(adapters, train.make_optimizer(TCFG), 7)
+        return train.fit(
+            model_fn, state, params, train_data, dev_data, TCFG, progress=False, pack=pack
+        )
+
+    got, want = fit(True), fit(False)
+    assert len({h["train_loss"] for h in want.history}) == 2  # it trained
+    _assert_same_fit(got, want)
+
+
+def test_packed_sweep_equals_padded_sweep():
+    output_fn, params, datas = _lora_setup("roberta")
+    configs = [lora.LoraConfig(r=r, alpha=2.0 * r, targets="query|value") for r in (1, 2)]
+    plan = sweep.plan_lora(params, configs)
+    fn = sweep.lora_model_fn(
+        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+    )
+    assert fn.packs_rows
+
+    def fit(pack):
+        state = sweep.init_states(
+            sweep.init_lora(params, plan, [3, 4]), TCFG, [TCFG.learning_rate] * 2, [3, 4]
+        )
+        return sweep.fit(
+            fn,
+            state,
+            params,
+            datas,
+            datas[::-1],
+            TCFG,
+            member_inputs=plan.factors,
+            progress=False,
+            pack=pack,
+        )
+
+    for got, want in zip(fit(True), fit(False), strict=True):
+        _assert_same_fit(got, want)
+
+
+def test_pack_refused_for_a_model_that_does_not_read_packed_rows():
+    (apply_fn, params), _ = _encoder("bert", head="cls")
+    cls_fn = make_model_fn(
+        make_output_fn(apply_fn, "cls"), Method.FULL
+    )  # the classification head reads [CLS]: no packed rows
+    assert not cls_fn.packs_rows
+    data = {k: v for k, v in _rows(8, 0, 0).items() if k != "mask_pos"}
+    state = train.init_state(params, train.make_optimizer(TCFG), 0)
+    with pytest.raises(ConfigError, match="packs_rows"):
+        train.fit(cls_fn, state, {}, data, data, TCFG, progress=False, pack=True)
