@@ -213,7 +213,7 @@ _PAPER_PROTOCOL: dict[str, Any] = {
 }
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
-    # Offline, CPU, about 6 minutes on 2 cores: LoRA rank 1 vs rank 12 against zero-shot and
+    # Offline, CPU, about 5.5 minutes on 2 cores: LoRA rank 1 vs rank 12 against zero-shot and
     # head-only baselines.
     "default": {},
     # The paper's rank sweep on the offline tasks (longer: about an hour on 2 CPU cores).
@@ -295,7 +295,7 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 
 # One line per named config, for ``--help``.
 CONFIG_HELP: dict[str, str] = {
-    "default": "offline, CPU (~6 min): MiniLM, MR and TREC, LoRA r=1 vs 12, baselines",
+    "default": "offline, CPU (~5.5 min): MiniLM, MR and TREC, LoRA r=1 vs 12, baselines",
     "rank_sweep": "offline: MR, TREC, BoolQ x ranks 1-16 x 5 seeds (about an hour on 2 cores)",
     "rank_sweep_mse": "offline: the rank sweep with squared-error loss",
     "ntk_vs_finetune": "offline: LoRA vs its linearization vs eNTK kernel regression",

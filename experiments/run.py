@@ -131,6 +131,30 @@ def lora_config(cfg: ExperimentConfig, rank: int, model_type: str) -> lora.LoraC
     return lora.LoraConfig(r=rank, alpha=alpha, targets=targets, dropout=cfg.lora_dropout)
 
 
+def pack_length(bench: Workbench, cfg: ExperimentConfig, cell: Cell, model_fn) -> int:
+    """The packed length of ``cell`` 's training batches (``lora_jax.packing``), or 0 (padded).
+
+    The longest batch any seed of the task draws, so that the task's cells of one method and
+    rank share one compiled chunk, as they do unpacked.
+    """
+    if not (cfg.pack and model_fn.packs_rows):
+        return 0
+
+    def longest() -> int:
+        return max(
+            train.pack_length(
+                model_fn,
+                jax.random.key_data(jax.random.key(seed)),  # train.init_state's rng
+                cfg.steps,
+                bench.data(cell.task, seed, mode="prompt").train,
+                cfg.batch_size,
+            )
+            for seed in cfg.seeds
+        )
+
+    return bench.memo(("pack_length", cell.task), longest)
+
+
 def run_cell(
     bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str, mesh=None, rules=None
 ) -> dict:
@@ -183,7 +207,7 @@ def run_cell(
         progress=cell.key,
         mesh=mesh,
         rules=rules,
-        pack=cfg.pack and mesh is None and model_fn.packs_rows,
+        pack=pack_length(bench, cfg, cell, model_fn) if mesh is None else False,
     )
     test_data = data.test
     if mesh is not None:

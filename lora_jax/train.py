@@ -491,7 +491,7 @@ def fit(
     progress: bool | str = True,
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules | None = None,
-    pack: bool = False,
+    pack: bool | int = False,
 ) -> FitResult:
     """Trains for ``cfg.steps``, evaluating on ``dev_data`` every ``cfg.eval_every`` steps and
     after the last one (see :func:`chunk_lengths`).
@@ -521,9 +521,11 @@ def fit(
         process 0 appends to ``metrics_path``.
       rules: the logical-axis rule table.
       pack: train on packed batches (:mod:`lora_jax.packing`): each step's rows laid end to
-        end in one row, as long as the run's largest batch of real tokens, so padding costs
-        no compute. Same model, same batches, same results to float rounding. Needs a
-        ``model_fn`` that reads packed batches (``packs_rows``) and one device.
+        end in one row, as long as the run's largest batch of real tokens (True), or of this
+        many tokens (an int at least that large: runs that share one length share one
+        compiled chunk), so padding costs no compute. Same model, same batches, same results
+        to float rounding. Needs a ``model_fn`` that reads packed batches (``packs_rows``) and
+        one device.
 
     Returns:
       A :class:`FitResult`.
@@ -533,7 +535,16 @@ def fit(
             "pack=True runs on one device (a packed row cannot be split over the batch axes); "
             "train on a mesh with pack=False."
         )
-    packed = pack_length(model_fn, state.rng, cfg.steps, train_data, cfg.batch_size) if pack else 0
+    packed = 0
+    if pack:
+        packed = pack_length(model_fn, state.rng, cfg.steps, train_data, cfg.batch_size)
+        if pack is not True:
+            if pack < packed:
+                raise ConfigError(
+                    f"pack={pack} tokens cannot hold this run's largest batch ({packed} tokens); "
+                    "pass pack=True to size it, or a length >= that."
+                )
+            packed = int(pack)
     if optimizer is None:
         _, chunk, predict = programs(model_fn, cfg, mesh=mesh, rules=rules)
     else:

@@ -203,3 +203,17 @@ def test_pack_refused_for_a_model_that_does_not_read_packed_rows():
     state = train.init_state(params, train.make_optimizer(TCFG), 0)
     with pytest.raises(ConfigError, match="packs_rows"):
         train.fit(cls_fn, state, {}, data, data, TCFG, progress=False, pack=True)
+
+
+def test_an_explicit_packed_length_too_short_for_a_batch_is_refused():
+    output_fn, params, (train_data, dev_data) = _lora_setup("bert")
+    config = lora.LoraConfig(r=1, alpha=2.0, targets="query|value")
+    model_fn = make_model_fn(output_fn, Method.LORA, lora_config=config)
+    state = train.init_state(
+        lora.init(jax.random.key(0), params, config), train.make_optimizer(TCFG), 7
+    )
+    needed = train.pack_length(model_fn, state.rng, TCFG.steps, train_data, TCFG.batch_size)
+    with pytest.raises(ConfigError, match=f"cannot hold this run's largest batch \\({needed}"):
+        train.fit(
+            model_fn, state, params, train_data, dev_data, TCFG, progress=False, pack=needed - 1
+        )
