@@ -15,6 +15,7 @@ seeds) and give the best rank with its interval (``experiments.stats``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -195,6 +196,7 @@ def run_cell(
     ckpt_dir = os.path.join(run_dir, "ckpt", cell.key.replace("/", "_"))
     metrics = os.path.join(run_dir, "metrics", cell.key.replace("/", "_") + ".jsonl")
     os.makedirs(os.path.dirname(metrics), exist_ok=True)
+    packed = pack_length(bench, cfg, cell, model_fn) if mesh is None else 0
     result = train.fit(
         model_fn,
         state,
@@ -207,15 +209,16 @@ def run_cell(
         progress=cell.key,
         mesh=mesh,
         rules=rules,
-        pack=pack_length(bench, cfg, cell, model_fn) if mesh is None else False,
+        pack=packed,
     )
+    predict = train.programs(model_fn, tcfg, mesh=mesh, rules=rules).predict
     test_data = data.test
     if mesh is not None:
         rules = sh.rules_for_mesh(mesh) if rules is None else rules
         frozen = sh.place(frozen, sh.tree_shardings(frozen, mesh, rules))
         test_data = sh.place_data(data.test, mesh, rules)
     test = train.evaluate(
-        train.programs(model_fn, tcfg, mesh=mesh, rules=rules).predict,
+        functools.partial(predict, pack=True) if packed else predict,
         result.best_trainable,
         frozen,
         test_data,

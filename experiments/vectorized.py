@@ -9,6 +9,7 @@ resumes from its orbax checkpoint, named by the cells it holds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -116,6 +117,7 @@ def run_lora_job(
     ckpt_dir = os.path.join(run_dir, "ckpt", f"{task}_lora_job_{digest}")
     metrics = [os.path.join(run_dir, "metrics", name + ".jsonl") for name in names]
     os.makedirs(os.path.dirname(metrics[0]), exist_ok=True)
+    pack = cfg.pack and model_fn.packs_rows
     results = sweep.fit(
         model_fn,
         state,
@@ -127,7 +129,7 @@ def run_lora_job(
         checkpoint_dir=ckpt_dir,
         metrics_paths=metrics,
         progress=f"{task} lora x{len(cells)}",
-        pack=cfg.pack and model_fn.packs_rows,
+        pack=pack,
     )
     best = sweep.stack([r.best_trainable for r in results])
     shared_test = all(d.test is datas[0].test for d in datas)
@@ -135,6 +137,8 @@ def run_lora_job(
         model_fn, tcfgs[0], member_inputs=True, shared_data=shared_test
     ).predict
     test_data = datas[0].test if shared_test else sweep.stack([d.test for d in datas])
+    if pack:
+        predict = functools.partial(predict, pack=True)
     test = sweep.evaluate(predict, best, (params, plan.factors), test_data)["accuracy"]
 
     records = []

@@ -31,11 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import rows
 from lora_jax.errors import ConfigError
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
-__all__ = ["PackedLayout", "pack", "packed_length", "segment_positions"]
+__all__ = ["PackedLayout", "block_length", "pack", "packed_length", "segment_positions"]
 
 
 class PackedLayout(NamedTuple):
@@ -135,6 +136,21 @@ def packed_length(attention_mask: np.ndarray, schedule: np.ndarray, multiple: in
     totals = np.take_along_axis(lengths, schedule.reshape(len(lengths), -1), axis=1)
     most = int(totals.reshape(schedule.shape).sum(-1).max())  # over members and steps
     return min(-(-most // multiple) * multiple, schedule.shape[-1] * mask.shape[-1])
+
+
+def block_length(attention_mask: np.ndarray, batch_size: int, multiple: int = 8) -> int:
+    """The packed length that holds every block :func:`lora_jax.rows.map_rows` cuts.
+
+    ``attention_mask`` ``[N, T]`` (or ``[n, N, T]``: members, each cut on its own), blocks of
+    :func:`lora_jax.rows.even_blocks` ``(N, batch_size)`` rows (the last one padded by repeating
+    row N - 1, as ``map_rows`` does); rounded up to ``multiple``, never past ``rows * T``.
+    """
+    mask = np.asarray(attention_mask) > 0
+    n, width = mask.shape[-2:]
+    num_blocks, size = rows.even_blocks(n, batch_size)
+    idx = np.minimum(np.arange(num_blocks * size), n - 1)
+    totals = mask.sum(-1)[..., idx].reshape(mask.shape[:-2] + (num_blocks, size)).sum(-1)
+    return min(-(-int(totals.max()) // multiple) * multiple, size * width)
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from lora_jax import checkpoint, lora, rows, train
+from lora_jax import checkpoint, lora, packing, rows, train
 from lora_jax import sharding as sharding_lib
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
@@ -315,7 +315,7 @@ class Programs(NamedTuple):
     """Compiled programs of one sweep (model_fn, config)."""
 
     chunk: Callable  # (state [n], frozen, data [n], length, pack) -> (state, losses [n, length])
-    predict: Callable  # (trainable [n], frozen, data [n] or shared) -> outputs [n, N, K]
+    predict: Callable  # (trainable [n], frozen, data [n] or shared, *, pack) -> [n, N, K]
 
 
 def programs(
@@ -333,7 +333,8 @@ def programs(
     same for every member (unbatched, e.g. a common test set). ``by_length``: ``predict`` runs
     the rows of data with an ``attention_mask`` sorted by token length, each group cut to its
     longest row (:func:`lora_jax.rows.by_length`; each member's rows sorted on their own), and
-    returns the outputs in order: same outputs, less padding; host-side, not traceable.
+    returns the outputs in order: same outputs, less padding; host-side, not traceable. Its
+    ``pack=True`` packs each block instead (:mod:`lora_jax.packing`).
     """
     cfg = dataclasses.replace(cfg, seed=0)
     return _programs(model_fn, cfg, member_inputs, shared_data, by_length)
@@ -349,11 +350,22 @@ def _programs(model_fn, cfg, member_inputs: bool, shared_data: bool, by_length: 
         one = functools.partial(chunk, length=length, pack=pack)
         return jax.vmap(one, in_axes=(0, frozen_axes, 0))(state, frozen, data)
 
-    vpredict = jax.jit(jax.vmap(predict, in_axes=(0, frozen_axes, None if shared_data else 0)))
+    data_axes = None if shared_data else 0
 
-    def sorted_predict(trainable, frozen, data):
+    @functools.cache
+    def vpredict_packed(length: int) -> Callable:
+        one = functools.partial(predict, pack=length)
+        return jax.jit(jax.vmap(one, in_axes=(0, frozen_axes, data_axes)))
+
+    vpredict = vpredict_packed(0)
+
+    def sorted_predict(trainable, frozen, data, *, pack=False):
         if "attention_mask" not in data:
             return vpredict(trainable, frozen, data)
+        if pack:  # every member's blocks packed to the longest any member's block needs
+            train.check_packs_rows(model_fn)
+            length = packing.block_length(data["attention_mask"], cfg.eval_batch_size)
+            return vpredict_packed(length)(trainable, frozen, data)
         return rows.by_length(
             lambda part: vpredict(trainable, frozen, part),
             data,
@@ -473,7 +485,8 @@ def fit(
         partitions the vectorized program accordingly. One process.
       rules: the rule table for ``mesh``.
       pack: train on packed batches (:mod:`lora_jax.packing`, as ``train.fit`` 's ``pack``):
-        every member's batch packed to the longest any member draws. One device.
+        every member's batch packed to the longest any member draws; dev evaluated packed
+        too. One device.
 
     Returns:
       One :class:`lora_jax.train.FitResult` per member.
@@ -518,6 +531,7 @@ def fit(
         frozen = jax.device_put(frozen, sharding_lib.replicated(mesh))
         args = frozen if member_inputs is None else (frozen, member_inputs)
 
+    dev_predict = functools.partial(predict, pack=True) if pack else predict
     start = int(state.step[0])
     bar = tqdm(
         total=n * cfg.steps,
@@ -530,7 +544,7 @@ def fit(
     for length in train.chunk_lengths(cfg.steps, cfg.eval_every, start):
         state, losses = chunk(state, args, train_stacked, length, packed)  # losses: (n, length)
         step = int(state.step[0])
-        dev = evaluate(predict, state.trainable, args, dev_stacked, cfg.loss)
+        dev = evaluate(dev_predict, state.trainable, args, dev_stacked, cfg.loss)
         train_loss = np.asarray(jnp.mean(losses, axis=1))
         improved = np.array([dev["accuracy"][i] > log["best_accuracy"][i] for i in range(n)])
         if improved.any():

@@ -225,17 +225,31 @@ def batch_schedule(rng: jax.Array, steps: int, num_examples: int, batch_size: in
     return np.asarray(draw(rng, jnp.arange(steps), num_examples, batch_size))
 
 
+def _check_length(pack: Any, sized_by: str, sizes_itself: str) -> None:
+    """A compiled program's ``pack`` is a packed length (an int), not a switch."""
+    if isinstance(pack, bool) or not isinstance(pack, int) or pack < 0:
+        raise ConfigError(
+            f"pack={pack!r}: here pack is the packed length in tokens (0 = off), from "
+            f"{sized_by}; {sizes_itself} takes pack=True and sizes it itself."
+        )
+
+
+def check_packs_rows(model_fn: ModelFn) -> None:
+    """ConfigError unless ``model_fn`` reads packed batches (sets ``packs_rows``)."""
+    if not getattr(model_fn, "packs_rows", False):
+        raise ConfigError(
+            "pack=True needs a model_fn that reads packed batches (model_fn.packs_rows; "
+            "make_model_fn over make_output_fn's MLM / TIED / TIED_MEAN readouts of this "
+            "library's encoders, DeBERTa excepted, sets it). Use pack=False."
+        )
+
+
 def pack_length(
     model_fn: ModelFn, rng: jax.Array, steps: int, train_data: Batch, batch_size: int
 ) -> int:
     """The packed length (:mod:`lora_jax.packing`) of a run's batches; ConfigError if
     ``model_fn`` does not read packed batches (does not set ``packs_rows``)."""
-    if not getattr(model_fn, "packs_rows", False):
-        raise ConfigError(
-            "pack=True needs a model_fn that reads packed batches (model_fn.packs_rows; "
-            "make_model_fn over make_output_fn's MLM / TIED / TIED_MEAN readouts of this "
-            "library's encoders, DeBERTa excepted, sets it). Train with pack=False."
-        )
+    check_packs_rows(model_fn)
     if "attention_mask" not in train_data:
         raise ConfigError("pack=True needs token rows: train_data has no 'attention_mask'.")
     n = int(np.shape(train_data["labels"])[0])
@@ -289,6 +303,7 @@ def make_train_chunk(
         return TrainState(state.step + 1, trainable, opt_state, state.rng), loss
 
     def chunk(state, frozen, data, length=None, pack=0):
+        _check_length(pack, "train.pack_length", "train.fit")
         if data["labels"].shape[0] < cfg.batch_size:
             raise ConfigError(
                 f"Training set has {data['labels'].shape[0]} examples, fewer than "
@@ -387,7 +402,7 @@ def make_predict(
     rules: sharding_lib.Rules | None = None,
     by_length: bool = False,
 ) -> Callable[[PyTree, PyTree, Batch], jax.Array]:
-    """Returns jitted ``predict(trainable, frozen, data) -> outputs [N, K]`` in fixed batches.
+    """Returns jitted ``predict(trainable, frozen, data, pack=0) -> outputs [N, K]`` in batches.
 
     ``data`` (a dict of ``[N, ...]`` arrays) is split into ``ceil(N / batch_size)`` batches of
     one static size, as even as possible (so 32 rows run as one batch of 32, not one of 64, and
@@ -400,13 +415,20 @@ def make_predict(
     by token length, each group of blocks cut to its own longest row, and the outputs come back
     in order (:func:`lora_jax.rows.by_length`): the same outputs, with less padding computed
     when lengths vary (a few shapes, each compiled once). That ``predict`` runs on the host
-    side and cannot be traced (no ``jax.vmap`` / ``jax.jit`` around it).
+    side and cannot be traced (no ``jax.vmap`` / ``jax.jit`` around it); its ``pack=True``
+    packs each block instead (:mod:`lora_jax.packing`, for a ``model_fn`` that reads packed
+    rows): one shape, the padding left out of the dense layers. The traceable ``predict``'s
+    ``pack`` (static) is the packed length itself (:func:`lora_jax.packing.block_length`).
     """
     on_mesh = _MeshPlan.make(mesh, rules, None)
     ways = 1 if on_mesh is None else sharding_lib.batch_ways(on_mesh.mesh, on_mesh.rules)
 
-    def predict(trainable, frozen, data):
+    def predict(trainable, frozen, data, pack=0):
+        _check_length(pack, "packing.block_length", "make_predict(by_length=True)'s predict")
+
         def run_block(b):
+            if pack:
+                b = packing.pack(b, pack)
             if on_mesh is not None and num_rows(b) % ways == 0:
                 b = on_mesh.constrain_batch(b)
             return model_fn(trainable, frozen, b, None)
@@ -414,7 +436,8 @@ def make_predict(
         return map_rows(run_block, data, batch_size)
 
     if on_mesh is None:
-        return by_length_fn(jax.jit(predict), batch_size) if by_length else jax.jit(predict)
+        jitted = jax.jit(predict, static_argnames="pack")
+        return _host_predict(jitted, model_fn, batch_size) if by_length else jitted
     if by_length:
         raise ConfigError("make_predict(by_length=True) runs on one device; pass mesh=None.")
     return on_mesh.jit(
@@ -426,6 +449,20 @@ def make_predict(
         ),
         lambda ins: on_mesh.replicated,
     )
+
+
+def _host_predict(jitted: Callable, model_fn: ModelFn, batch_size: int) -> Callable:
+    """``predict(trainable, frozen, data, *, pack=False)``: sorted by length, or packed."""
+    sorted_predict = by_length_fn(jitted, batch_size)
+
+    def predict(trainable, frozen, data, *, pack: bool = False):
+        if not pack or "attention_mask" not in data:
+            return sorted_predict(trainable, frozen, data)
+        check_packs_rows(model_fn)
+        length = packing.block_length(data["attention_mask"], batch_size)
+        return jitted(trainable, frozen, data, pack=length)
+
+    return predict
 
 
 def evaluate(
@@ -523,9 +560,9 @@ def fit(
       pack: train on packed batches (:mod:`lora_jax.packing`): each step's rows laid end to
         end in one row, as long as the run's largest batch of real tokens (True), or of this
         many tokens (an int at least that large: runs that share one length share one
-        compiled chunk), so padding costs no compute. Same model, same batches, same results
-        to float rounding. Needs a ``model_fn`` that reads packed batches (``packs_rows``) and
-        one device.
+        compiled chunk), so padding costs no compute; the dev set is evaluated packed too.
+        Same model, same batches, same results to float rounding. Needs a ``model_fn`` that
+        reads packed batches (``packs_rows``) and one device.
 
     Returns:
       A :class:`FitResult`.
@@ -572,6 +609,7 @@ def fit(
             state, best_trainable = restored.tree["state"], restored.tree["best"]
             log = restored.meta
 
+    dev_predict = functools.partial(predict, pack=True) if pack else predict
     start = int(state.step)
     bar = tqdm(
         total=cfg.steps,
@@ -584,7 +622,7 @@ def fit(
     for length in chunk_lengths(cfg.steps, cfg.eval_every, start):
         state, losses = chunk(state, frozen, train_data, length, packed)
         step = int(state.step)
-        dev = evaluate(predict, state.trainable, frozen, dev_data, cfg.loss)
+        dev = evaluate(dev_predict, state.trainable, frozen, dev_data, cfg.loss)
         record = {
             "step": step,
             "train_loss": float(jnp.mean(losses)),

@@ -217,3 +217,51 @@ def test_an_explicit_packed_length_too_short_for_a_batch_is_refused():
         train.fit(
             model_fn, state, params, train_data, dev_data, TCFG, progress=False, pack=needed - 1
         )
+
+
+def test_block_length_holds_every_block_map_rows_cuts():
+    mask = _rows(10, seed=4, pad_id=0)["attention_mask"]  # blocks of 4: 3 blocks of 4 rows
+    lengths = mask.sum(1)
+    padded = np.concatenate([lengths, [lengths[-1]] * 2])  # the last block repeats row 9
+    most = padded.reshape(3, 4).sum(1).max()
+    assert packing.block_length(mask, 4, multiple=1) == most
+    stacked = np.stack([mask, np.ones_like(mask)])  # members: the longest of either
+    assert packing.block_length(stacked, 4, multiple=1) == 4 * T
+
+
+def test_packed_evaluation_equals_padded_evaluation():
+    with jax.enable_x64():
+        (apply_fn, params), cfg = _encoder("roberta", jnp.float64)
+        output_fn = make_output_fn(apply_fn, "tied_mean", label_word_ids=WORDS)
+        config = lora.LoraConfig(r=2, alpha=4.0, targets="query|value")
+        model_fn = make_model_fn(output_fn, Method.LORA, lora_config=config)
+        adapters = jax.tree.map(  # nonzero B, so the adapters change the outputs
+            lambda x: x + 0.1, lora.init(jax.random.key(1), params, config)
+        )
+        data = _rows(11, seed=6, pad_id=cfg.pad_token_id)
+        predict = train.make_predict(model_fn, 4, by_length=True)
+        want = predict(adapters, params, data)
+        with pytest.raises(ConfigError, match="packed length in tokens"):
+            train.make_predict(model_fn, 4)(adapters, params, data, pack=True)
+        np.testing.assert_allclose(
+            predict(adapters, params, data, pack=True), want, rtol=1e-12, atol=1e-12
+        )
+
+        plan = sweep.plan_lora(params, [config, config])
+        stacked = sweep.stack([adapters, jax.tree.map(lambda x: -x, adapters)])
+        vpredict = sweep.programs(
+            sweep.lora_model_fn(
+                make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+            ),
+            train.TrainConfig(eval_batch_size=4),
+            member_inputs=True,
+            shared_data=True,
+        ).predict
+        frozen = (params, plan.factors)
+        np.testing.assert_allclose(
+            vpredict(stacked, frozen, data, pack=True),
+            vpredict(stacked, frozen, data),
+            rtol=1e-12,
+            atol=1e-12,
+        )
+        np.testing.assert_allclose(vpredict(stacked, frozen, data, pack=True)[0], want, rtol=1e-10)
