@@ -69,9 +69,10 @@ class ExperimentConfig:
         (``lora_jax.sweep``) instead of one after another; same records. Runs on a mesh, on
         several processes or with ``save_adapters`` train one cell at a time for now.
       members: at most this many LoRA cells per vectorized job (bounds its memory).
-      pack: train on packed batches (``lora_jax.packing``): each step's rows laid end to end,
-        so padding costs no compute; the same results to float rounding. Used where the
-        readout reads packed rows (MLM, TIED, TIED_MEAN; not DeBERTa) on one device.
+      pack: train and test on packed batches (``lora_jax.packing``): each batch's rows laid
+        end to end, so padding costs no compute; the same results to float rounding (with
+        ``dropout``, the same rates on other random masks). Used where the readout reads
+        packed rows (MLM, TIED, TIED_MEAN; not DeBERTa) on one device.
       save_adapters: save each LoRA cell's best-dev adapter in PEFT format under
         ``adapters/<cell>/`` with the task's label words and template (``task.json``).
       tensorboard: write each cell's per-evaluation metrics as TensorBoard event files under

@@ -561,8 +561,8 @@ def fit(
         end in one row, as long as the run's largest batch of real tokens (True), or of this
         many tokens (an int at least that large: runs that share one length share one
         compiled chunk), so padding costs no compute; the dev set is evaluated packed too.
-        Same model, same batches, same results to float rounding. Needs a ``model_fn`` that
-        reads packed batches (``packs_rows``) and one device.
+        Same model, same batches, same results to float rounding (dropout: the same rates on
+        other random masks). Needs a ``model_fn`` that reads packed batches (``packs_rows``) and one device.
 
     Returns:
       A :class:`FitResult`.
