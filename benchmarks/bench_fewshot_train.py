@@ -50,7 +50,7 @@ def torch_worker(args) -> None:
             r=args.rank, lora_alpha=2 * args.rank, target_modules=["query", "value"], lora_dropout=0
         ),
     )
-    model.train()
+    model.eval()  # dropout off, as on our side (experiments train without it by default)
     words = model.get_input_embeddings().weight[torch.from_numpy(d["label_ids"])].detach()
     params = [p for p in model.parameters() if p.requires_grad]
     ids, mask, types, labels = (torch.from_numpy(d[k]) for k in ("ids", "mask", "types", "labels"))
