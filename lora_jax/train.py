@@ -221,8 +221,12 @@ def batch_indices(rng: jax.Array, step: jax.Array, num_examples: int, batch_size
 def batch_schedule(rng: jax.Array, steps: int, num_examples: int, batch_size: int) -> np.ndarray:
     """``[steps, batch_size]`` row indices of every step's batch (:func:`batch_indices`), on the
     host: the batches a run will draw, known before it starts (for :mod:`lora_jax.packing`)."""
-    draw = jax.jit(jax.vmap(batch_indices, in_axes=(None, 0, None, None)), static_argnums=(2, 3))
-    return np.asarray(draw(rng, jnp.arange(steps), num_examples, batch_size))
+    return np.asarray(_draw_batches(rng, jnp.arange(steps), num_examples, batch_size))
+
+
+_draw_batches = jax.jit(
+    jax.vmap(batch_indices, in_axes=(None, 0, None, None)), static_argnums=(2, 3)
+)
 
 
 def _check_length(pack: Any, sized_by: str, sizes_itself: str) -> None:
@@ -562,7 +566,8 @@ def fit(
         many tokens (an int at least that large: runs that share one length share one
         compiled chunk), so padding costs no compute; the dev set is evaluated packed too.
         Same model, same batches, same results to float rounding (dropout: the same rates on
-        other random masks). Needs a ``model_fn`` that reads packed batches (``packs_rows``) and one device.
+        other random masks). Needs a ``model_fn`` that reads packed batches (``packs_rows``)
+        and one device.
 
     Returns:
       A :class:`FitResult`.
