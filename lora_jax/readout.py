@@ -112,9 +112,8 @@ def make_output_fn(
     The batch is a dict with ``input_ids`` [B, T], ``attention_mask`` [B, T], optionally
     ``token_type_ids`` [B, T], and ``mask_pos`` [B] (the ``<mask>`` position; prompt modes).
     Or a packed batch (:func:`lora_jax.packing.pack`: ``segment_ids`` [1, P], ``token_index``
-    [B, T] and ``row_starts`` [B] beside the token arrays [1, P]) for readouts that declare
-    ``output_fn.packs_rows``:
-    MLM, TIED and TIED_MEAN on this library's encoders other than DeBERTa. Same [B, K].
+    [B, T] and ``row_starts`` [B] beside the token arrays [1, P]) where ``output_fn.packs_rows``
+    says so: MLM, TIED and TIED_MEAN on this library's encoders other than DeBERTa. Same [B, K].
     """
     readout = Readout(readout)
     if readout != Readout.CLS and label_word_ids is None:
