@@ -23,13 +23,14 @@ WORDS = np.array([5, 9, 12])
 def _encoder(model_type, dtype=jnp.float32, head=None):
     cfg = models.EncoderConfig(
         model_type=model_type,
+        embedding_size=8 if model_type == "electra" else None,  # projected to the hidden 16
         vocab_size=V,
         hidden_size=16,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=32,
         max_position_embeddings=24,
-        type_vocab_size=2 if model_type == "bert" else 1,
+        type_vocab_size=1 if model_type == "roberta" else 2,
         pad_token_id=1 if model_type == "roberta" else 0,
     )
     labels = len(WORDS) if head == "cls" else None
@@ -75,11 +76,13 @@ def test_pack_lays_rows_end_to_end():
     )
 
 
-@pytest.mark.parametrize(("model_type", "head"), [("bert", "mlm"), ("roberta", None)])
+@pytest.mark.parametrize(
+    ("model_type", "head"), [("bert", "mlm"), ("roberta", None), ("electra", "mlm")]
+)
 def test_packed_forward_equals_each_padded_row(model_type, head):
     with jax.enable_x64():
         (apply_fn, params), cfg = _encoder(model_type, jnp.float64, head)
-        batch = _rows(5, seed=3, pad_id=cfg.pad_token_id, types=model_type == "bert")
+        batch = _rows(5, seed=3, pad_id=cfg.pad_token_id, types=model_type != "roberta")
         packed = packing.pack(batch, 48)
         inputs = ("input_ids", "attention_mask", "token_type_ids")
         pad_in = [batch.get(k) for k in inputs]
