@@ -132,7 +132,7 @@ def lora_config(cfg: ExperimentConfig, rank: int, model_type: str) -> lora.LoraC
     return lora.LoraConfig(r=rank, alpha=alpha, targets=targets, dropout=cfg.lora_dropout)
 
 
-def pack_length(bench: Workbench, cfg: ExperimentConfig, cell: Cell, model_fn) -> int:
+def task_pack_length(bench: Workbench, cfg: ExperimentConfig, cell: Cell, model_fn) -> int:
     """The packed length of ``cell`` 's training batches (``lora_jax.packing``), or 0 (padded).
 
     The longest batch any seed of the task draws, so that the task's cells of one method and
@@ -196,7 +196,7 @@ def run_cell(
     ckpt_dir = os.path.join(run_dir, "ckpt", cell.key.replace("/", "_"))
     metrics = os.path.join(run_dir, "metrics", cell.key.replace("/", "_") + ".jsonl")
     os.makedirs(os.path.dirname(metrics), exist_ok=True)
-    packed = pack_length(bench, cfg, cell, model_fn) if mesh is None else 0
+    packed = task_pack_length(bench, cfg, cell, model_fn) if mesh is None else 0
     result = train.fit(
         model_fn,
         state,

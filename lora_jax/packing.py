@@ -1,4 +1,4 @@
-"""Padding-free training batches: the rows of a batch packed into one sequence.
+"""Padding-free batches: the rows of a batch packed end to end into one sequence.
 
 Few-shot rows vary in length (TREC's prompts hold 15 tokens on average, padded to 40 in a
 batch), and every padded token costs as much compute as a real one. :func:`pack` lays the real
@@ -34,7 +34,7 @@ import numpy as np
 from lora_jax import rows
 from lora_jax.errors import ConfigError
 
-TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")  # the (N, T) arrays of a batch
 
 __all__ = ["PackedLayout", "block_length", "pack", "packed_length", "segment_positions"]
 
@@ -55,7 +55,7 @@ class PackedLayout(NamedTuple):
         return self.token_index < self.segment_ids.shape[-1]
 
     def to_rows(self, a: jax.Array) -> jax.Array:
-        """``(1, P, ...)`` -> ``(B, T, ...)``; padding reads a real token (then masked)."""
+        """``(1, P, ...)`` -> ``(B, T, ...)``; padding reads the last packed slot (masked)."""
         return jnp.take(a[0], self.token_index, axis=0, mode="clip")
 
     def to_packed(self, a: jax.Array) -> jax.Array:

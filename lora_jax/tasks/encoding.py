@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lora_jax.errors import ConfigError
+from lora_jax.packing import TOKEN_KEYS
 from lora_jax.tasks.task import (
     Examples,
     Task,
@@ -32,7 +33,6 @@ from lora_jax.tasks.task import (
 MODES = ("prompt", "cls")
 PAD_TO = ("max_length", "longest")
 PAD_MULTIPLE = 8
-TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")  # the (N, T) arrays of a batch
 
 
 def _special_id(tokenizer: Any, name: str) -> int:
