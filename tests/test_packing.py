@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sweep import _assert_same_fit as assert_same_fit
 
 from lora_jax import lora, models, packing, sweep, train
 from lora_jax.errors import ConfigError
@@ -133,17 +134,7 @@ def _lora_setup(model_type):
 
 
 def _assert_same_fit(got, want):
-    for g, w in zip(got.history, want.history, strict=True):
-        np.testing.assert_allclose(
-            [g["train_loss"], g["dev_loss"]], [w["train_loss"], w["dev_loss"]], rtol=2e-5
-        )
-        assert g["dev_accuracy"] == w["dev_accuracy"]
-    assert got.best_step == want.best_step
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-        got.best_trainable,
-        want.best_trainable,
-    )
+    assert_same_fit(got, want, rtol=2e-5, param_rtol=1e-4)
 
 
 TCFG = train.TrainConfig(steps=8, eval_every=4, batch_size=4, learning_rate=3e-2)
@@ -268,3 +259,32 @@ def test_packed_evaluation_equals_padded_evaluation():
             atol=1e-12,
         )
         np.testing.assert_allclose(vpredict(stacked, frozen, data, pack=True)[0], want, rtol=1e-10)
+
+
+def test_pack_refused_on_a_mesh():
+    output_fn, params, (train_data, dev_data) = _lora_setup("bert")
+    config = lora.LoraConfig(r=1, alpha=2.0, targets="query|value")
+    model_fn = make_model_fn(output_fn, Method.LORA, lora_config=config)
+    adapters = lora.init(jax.random.key(0), params, config)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    state = train.init_state(adapters, train.make_optimizer(TCFG), 7)
+    with pytest.raises(ConfigError, match="one device"):
+        train.fit(model_fn, state, params, train_data, dev_data, TCFG, mesh=mesh, pack=True)
+    plan = sweep.plan_lora(params, [config])
+    fn = sweep.lora_model_fn(
+        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+    )
+    states = sweep.init_states(sweep.init_lora(params, plan, [3]), TCFG, [0.1], [3])
+    with pytest.raises(ConfigError, match="one device"):
+        sweep.fit(
+            fn,
+            states,
+            params,
+            [train_data],
+            [dev_data],
+            TCFG,
+            member_inputs=plan.factors,
+            mesh=mesh,
+            progress=False,
+            pack=True,
+        )

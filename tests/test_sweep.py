@@ -97,6 +97,21 @@ def _assert_same(vec, plan, seq, rtol=2e-5, atol=2e-6):
             )
 
 
+def _assert_same_fit(got, want, *, rtol, param_rtol, atol=1e-6):
+    """Two ``train.fit`` results: losses, dev accuracies, best step and best parameters."""
+    for g, w in zip(got.history, want.history, strict=True):
+        np.testing.assert_allclose(
+            [g["train_loss"], g["dev_loss"]], [w["train_loss"], w["dev_loss"]], rtol=rtol
+        )
+        assert g["dev_accuracy"] == w["dev_accuracy"]
+    assert got.best_step == want.best_step
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=param_rtol, atol=atol),
+        got.best_trainable,
+        want.best_trainable,
+    )
+
+
 def _assert_padding_stayed_zero(results, members, r_pad):
     for res, m in zip(results, members, strict=True):
         for leaves in res.state.trainable.values():
