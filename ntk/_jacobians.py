@@ -10,7 +10,8 @@ differentiated once and contracted with all of them. Same kernel, same layout as
 Layout: a block's Jacobian is one ``[K * b, P_leaf]`` matrix per parameter leaf, rows ordered
 ``(k, example)`` (one per-example gradient per output ``k``), so every contraction is a plain
 2-D matrix product ``A @ B.T`` per leaf: XLA:CPU runs those several times faster than the
-4-D ``einsum('akp,blp->abkl')`` of nt's ``[b, K, P]`` layout (see benchmarks/bench_ntk.py).
+4-D ``einsum('akp,blp->abkl')`` of nt's ``[b, K, P]`` layout, and faster still as a loop over
+column slices that stay in cache (:func:`_gram`; see benchmarks/bench_ntk.py).
 A symmetric kernel that is a single block is computed by one *fused* program (gradients and
 their Gram matrix together), so XLA frees each leaf's Jacobian once it is contracted and the
 ``[K * N, P]`` Jacobian is never held whole.
@@ -31,6 +32,8 @@ from ntk.model_fn import check_outputs
 
 PyTree = Any
 
+GRAM_CHUNK = 4096  # columns per slice of a Gram product (see _gram)
+
 __all__ = [
     "contraction_program",
     "cross_program",
@@ -49,16 +52,38 @@ def _num_outputs(f: Callable, params: PyTree, x: PyTree) -> int:
 
 def _jacobian_rows(f: Callable, params: PyTree, x: PyTree, num_outputs: int) -> list[jax.Array]:
     """Per leaf ``[K * b, P_leaf]``: the gradient of output ``k`` of example ``i`` in row
-    ``k * b + i`` (``f(params, x) -> [b, K]``, one example independent of the others)."""
+    ``k * b + i`` (``f(params, x) -> [b, K]``, one example independent of the others).
 
-    def output(p, row, k):  # one example (no batch axis) -> output k, a scalar
-        return f(p, jax.tree.map(lambda a: a[None], row))[0, k]
+    One forward pass per example and K backward passes from it (``jax.vjp``), each its own
+    (not vmapped over k: XLA:CPU ran a k-batched backward slower)."""
 
-    per_k = []
-    for k in range(num_outputs):
-        grads = jax.vmap(jax.grad(output), in_axes=(None, 0, None))(params, x, k)
-        per_k.append([g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)])  # (b, P)
+    def per_example(p, row):  # one example (no batch axis) -> K gradients
+        out, vjp = jax.vjp(lambda p: f(p, jax.tree.map(lambda a: a[None], row))[0], p)
+        return [vjp(jnp.zeros_like(out).at[k].set(1))[0] for k in range(num_outputs)]
+
+    per_k = jax.vmap(per_example, in_axes=(None, 0))(params, x)  # K trees of (b, ...)
+    per_k = [[g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)] for grads in per_k]
     return [jnp.concatenate(leaves, axis=0) for leaves in zip(*per_k, strict=True)]
+
+
+def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``a @ b.T`` for ``[m, P]``, ``[n, P]`` with ``P`` large: a loop over column slices of
+    ``GRAM_CHUNK``. XLA:CPU runs one product with a long contraction and a small ``m x n``
+    output well below its GEMM rate; slices that stay in cache run near it
+    (benchmarks/bench_ntk.py)."""
+    p = a.shape[1]
+    n = p // GRAM_CHUNK
+    if n < 2:
+        return a @ b.T
+
+    def body(i, acc):
+        sa = jax.lax.dynamic_slice_in_dim(a, i * GRAM_CHUNK, GRAM_CHUNK, 1)
+        sb = jax.lax.dynamic_slice_in_dim(b, i * GRAM_CHUNK, GRAM_CHUNK, 1)
+        return acc + sa @ sb.T
+
+    acc = jax.lax.fori_loop(0, n, body, jnp.zeros((a.shape[0], b.shape[0]), a.dtype))
+    rest = n * GRAM_CHUNK
+    return acc if rest == p else acc + a[:, rest:] @ b[:, rest:].T
 
 
 def _contract(ja: list, jb: list, num_outputs: int, trace: tuple, diag: tuple) -> jax.Array:
@@ -69,11 +94,11 @@ def _contract(ja: list, jb: list, num_outputs: int, trace: tuple, diag: tuple) -
 
         def block_kk(k):  # (b1, b2): output k of x1 with output k of x2
             rows1, rows2 = slice(k * b1, (k + 1) * b1), slice(k * b2, (k + 1) * b2)
-            return sum(a[rows1] @ b[rows2].T for a, b in zip(ja, jb, strict=True))
+            return sum(_gram(a[rows1], b[rows2]) for a, b in zip(ja, jb, strict=True))
 
         per_k = jnp.stack([block_kk(k) for k in range(num_outputs)], axis=-1)  # (b1, b2, K)
         return per_k.mean(-1) if 1 in trace else per_k
-    gram = sum(a @ b.T for a, b in zip(ja, jb, strict=True))  # (K b1, K b2)
+    gram = sum(_gram(a, b) for a, b in zip(ja, jb, strict=True))  # (K b1, K b2)
     return gram.reshape(num_outputs, b1, num_outputs, b2).transpose(1, 3, 0, 2)
 
 

@@ -4,6 +4,8 @@ Also: the kernel cache tells two verbalizers apart, compiled block programs are 
 ``ntk_fn`` s, and a refused block names an alternative that then runs within the same limit.
 """
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import ntk
 from lora_jax import models
 from lora_jax.readout import make_output_fn
-from ntk import _padding, _testing, compact
+from ntk import _jacobians, _padding, _programs, _testing, compact
 from ntk import kernel as kernel_lib
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -97,12 +99,17 @@ def test_all_weights_kernel_with_compacted_tables_equals_dense_jjt(
     ],
     ids=["fused", "fused-traced", "symmetric-blocks", "x1-x2-blocks", "x1-x2-diagonal"],
 )
+@pytest.mark.parametrize("gram_chunk", [None, 24], ids=["whole", "sliced"])
 def test_reused_and_fused_kernels_equal_dense_jjt_in_every_layout(
-    monkeypatch, x2_rows, batch_size, trace_axes, diagonal_axes
+    monkeypatch, x2_rows, batch_size, trace_axes, diagonal_axes, gram_chunk
 ):
     """Every path of the kept-Jacobian kernel (one fused block, symmetric blocks, x1 x x2
-    blocks with padded last blocks) and every output layout, against hand-built J J^T."""
+    blocks with padded last blocks) and every output layout, against hand-built J J^T; with
+    the Gram products whole, and in column slices of 24 (a remainder on most leaves)."""
     monkeypatch.setattr(compact, "ROW_BUCKET", 32)
+    if gram_chunk is not None:
+        monkeypatch.setattr(_jacobians, "GRAM_CHUNK", gram_chunk)
+        monkeypatch.setattr(_programs, "_PROGRAMS", collections.OrderedDict())  # recompile
     with jax.enable_x64():
         output_fn, params = _encoder("bert", jnp.float64, words=(5, 9, 12))  # K = 3
         f, params = ntk.model_fn(output_fn, params, "all")
