@@ -7,11 +7,12 @@ recomputes the 64 train Jacobians for every test block. Here the Jacobians of ``
 ``x1`` when symmetric) are computed once, block by block, and kept; each block of ``x1`` is
 differentiated once and contracted with all of them. Same kernel, same layout as nt's.
 
-Layout: a block's Jacobian is one ``[K * b, P_leaf]`` matrix per parameter leaf, rows ordered
-``(k, example)`` (one per-example gradient per output ``k``), so every contraction is a plain
-2-D matrix product ``A @ B.T`` per leaf: XLA:CPU runs those several times faster than the
-4-D ``einsum('akp,blp->abkl')`` of nt's ``[b, K, P]`` layout, and faster still as a loop over
-column slices that stay in cache (:func:`_gram`; see benchmarks/bench_ntk.py).
+Layout: a block's Jacobian is, per parameter leaf, K matrices ``[b, P_leaf]`` (row ``i`` of
+matrix ``k``: the gradient of output ``k`` of example ``i``), whose row-wise join ``[K * b,
+P_leaf]`` makes every contraction a plain 2-D matrix product ``A @ B.T`` per leaf: XLA:CPU runs
+those several times faster than the 4-D ``einsum('akp,blp->abkl')`` of nt's ``[b, K, P]``
+layout, and faster still as a loop over column slices that stay in cache (:func:`_gram`; see
+benchmarks/bench_ntk.py).
 A symmetric kernel that is a single block is computed by one *fused* program (gradients and
 their Gram matrix together), so XLA frees each leaf's Jacobian once it is contracted and the
 ``[K * N, P]`` Jacobian is never held whole.
@@ -50,12 +51,13 @@ def _num_outputs(f: Callable, params: PyTree, x: PyTree) -> int:
     return check_outputs(jax.eval_shape(f, params, x), x, where="f").shape[1]
 
 
-def _jacobian_rows(f: Callable, params: PyTree, x: PyTree, num_outputs: int) -> list[jax.Array]:
-    """Per leaf ``[K * b, P_leaf]``: the gradient of output ``k`` of example ``i`` in row
-    ``k * b + i`` (``f(params, x) -> [b, K]``, one example independent of the others).
+def _jacobian_rows(f: Callable, params: PyTree, x: PyTree, num_outputs: int) -> list[list]:
+    """Per leaf, K matrices ``[b, P_leaf]``: row ``i`` of matrix ``k`` is the gradient of output
+    ``k`` of example ``i`` (``f(params, x) -> [b, K]``, one example independent of the others).
 
     One forward pass per example and K backward passes from it (``jax.vjp``), each its own
-    (not vmapped over k: XLA:CPU ran a k-batched backward slower)."""
+    (not vmapped over k: XLA:CPU ran a k-batched backward slower). The K matrices stay apart:
+    joining them would copy every Jacobian once more; :func:`_gram` joins cache-sized slices."""
 
     def per_example(p, row):  # one example (no batch axis) -> K gradients
         out, vjp = jax.vjp(lambda p: f(p, jax.tree.map(lambda a: a[None], row))[0], p)
@@ -63,38 +65,44 @@ def _jacobian_rows(f: Callable, params: PyTree, x: PyTree, num_outputs: int) -> 
 
     per_k = jax.vmap(per_example, in_axes=(None, 0))(params, x)  # K trees of (b, ...)
     per_k = [[g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)] for grads in per_k]
-    return [jnp.concatenate(leaves, axis=0) for leaves in zip(*per_k, strict=True)]
+    return [list(parts) for parts in zip(*per_k, strict=True)]
 
 
-def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b.T`` for ``[m, P]``, ``[n, P]`` with ``P`` large: a loop over column slices of
-    ``GRAM_CHUNK``. XLA:CPU runs one product with a long contraction and a small ``m x n``
-    output well below its GEMM rate; slices that stay in cache run near it
-    (benchmarks/bench_ntk.py)."""
-    p = a.shape[1]
+def _rows(parts: list, start: Any, width: int) -> jax.Array:
+    """Columns ``start:start + width`` of the row-wise join of ``parts`` (``[b, P]`` each)."""
+    cols = [jax.lax.dynamic_slice_in_dim(m, start, width, 1) for m in parts]
+    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=0)
+
+
+def _gram(pa: list, pb: list) -> jax.Array:
+    """``A @ B.T`` of the row-wise joins ``A``, ``B`` of ``pa``, ``pb`` (``[b, P]`` each): a
+    loop over column slices of ``GRAM_CHUNK``. XLA:CPU runs one product with a long contraction
+    and a small output well below its GEMM rate; slices that stay in cache run near it, and
+    joining slices instead of whole matrices copies nothing large (benchmarks/bench_ntk.py)."""
+    p = pa[0].shape[1]
     n = p // GRAM_CHUNK
     if n < 2:
-        return a @ b.T
+        return _rows(pa, 0, p) @ _rows(pb, 0, p).T
 
     def body(i, acc):
-        sa = jax.lax.dynamic_slice_in_dim(a, i * GRAM_CHUNK, GRAM_CHUNK, 1)
-        sb = jax.lax.dynamic_slice_in_dim(b, i * GRAM_CHUNK, GRAM_CHUNK, 1)
-        return acc + sa @ sb.T
+        start = i * GRAM_CHUNK
+        return acc + _rows(pa, start, GRAM_CHUNK) @ _rows(pb, start, GRAM_CHUNK).T
 
-    acc = jax.lax.fori_loop(0, n, body, jnp.zeros((a.shape[0], b.shape[0]), a.dtype))
+    rows_a, rows_b = (sum(m.shape[0] for m in parts) for parts in (pa, pb))
+    acc = jax.lax.fori_loop(0, n, body, jnp.zeros((rows_a, rows_b), pa[0].dtype))
     rest = n * GRAM_CHUNK
-    return acc if rest == p else acc + a[:, rest:] @ b[:, rest:].T
+    return acc if rest == p else acc + _rows(pa, rest, p - rest) @ _rows(pb, rest, p - rest).T
 
 
 def _contract(ja: list, jb: list, num_outputs: int, trace: tuple, diag: tuple) -> jax.Array:
-    """``sum_leaves A @ B.T`` of two blocks' ``[K * b, P]`` Jacobians, in nt's layout:
-    ``[b1, b2, K, K]``, or ``[b1, b2]`` traced (the mean over k), or ``[b1, b2, K]`` diagonal."""
-    b1, b2 = ja[0].shape[0] // num_outputs, jb[0].shape[0] // num_outputs
+    """``sum_leaves A @ B.T`` of two blocks' Jacobians (per leaf, K ``[b, P]`` matrices; see
+    :func:`_jacobian_rows`), in nt's layout: ``[b1, b2, K, K]``, or ``[b1, b2]`` traced (the
+    mean over k), or ``[b1, b2, K]`` diagonal."""
+    b1, b2 = ja[0][0].shape[0], jb[0][0].shape[0]
     if 1 in trace or 1 in diag:  # only the (k, k) blocks
 
         def block_kk(k):  # (b1, b2): output k of x1 with output k of x2
-            rows1, rows2 = slice(k * b1, (k + 1) * b1), slice(k * b2, (k + 1) * b2)
-            return sum(_gram(a[rows1], b[rows2]) for a, b in zip(ja, jb, strict=True))
+            return sum(_gram([a[k]], [b[k]]) for a, b in zip(ja, jb, strict=True))
 
         per_k = jnp.stack([block_kk(k) for k in range(num_outputs)], axis=-1)  # (b1, b2, K)
         return per_k.mean(-1) if 1 in trace else per_k
@@ -103,7 +111,7 @@ def _contract(ja: list, jb: list, num_outputs: int, trace: tuple, diag: tuple) -
 
 
 def jacobian_program(f: Callable, fn_key: tuple, x: PyTree, params: PyTree) -> Any:
-    """Compiled ``(params, x) -> J``: per leaf ``[K * b, P_leaf]``, the per-example Jacobians."""
+    """Compiled ``(params, x) -> J``: per leaf, K ``[b, P_leaf]`` per-example Jacobians."""
 
     def lower():
         num_outputs = _num_outputs(f, params, x)
@@ -161,7 +169,7 @@ def cross_program(
 def kept_spec(params: PyTree, rows: int, num_outputs: int) -> list:
     """Shapes and dtypes of one kept block of ``rows`` examples (for compiling ahead)."""
     return [
-        jax.ShapeDtypeStruct((num_outputs * rows, int(np.size(leaf))), jnp.result_type(leaf))
+        [jax.ShapeDtypeStruct((rows, int(np.size(leaf))), jnp.result_type(leaf))] * num_outputs
         for leaf in jax.tree.leaves(params)
     ]
 
@@ -208,7 +216,7 @@ def reused_kernel(
             for j, block in zip(starts, exe(params, xa, list(kept.values())), strict=True):
                 place(np.asarray(block), i, j)
         return
-    num_outputs = kept[0][0].shape[0] // b2  # rows of a kept block: K * b2
+    num_outputs = len(kept[0][0])  # a kept block: per leaf, K [b2, P] matrices
     pairs = [(a, b) for a in range(0, n1, b1) for b in range(a, n2, b2)]
     for i, j in jobs(pairs):
         contract = contraction_program(trace, diag, num_outputs, kept[i], kept[j])
