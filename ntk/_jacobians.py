@@ -46,12 +46,7 @@ __all__ = [
 ]
 
 
-def _num_outputs(f: Callable, params: PyTree, x: PyTree) -> int:
-    """K of ``f(params, x) -> [b, K]``, checked (one abstract trace of ``f``)."""
-    return check_outputs(jax.eval_shape(f, params, x), x, where="f").shape[1]
-
-
-def _jacobian_rows(f: Callable, params: PyTree, x: PyTree, num_outputs: int) -> list[list]:
+def _jacobian_rows(f: Callable, params: PyTree, x: PyTree) -> list[list]:
     """Per leaf, K matrices ``[b, P_leaf]``: row ``i`` of matrix ``k`` is the gradient of output
     ``k`` of example ``i`` (``f(params, x) -> [b, K]``, one example independent of the others).
 
@@ -59,9 +54,13 @@ def _jacobian_rows(f: Callable, params: PyTree, x: PyTree, num_outputs: int) -> 
     (not vmapped over k: XLA:CPU ran a k-batched backward slower). The K matrices stay apart:
     joining them would copy every Jacobian once more; :func:`_gram` joins cache-sized slices."""
 
+    def one_row(p, row):  # one example -> its K outputs, checked
+        batch = jax.tree.map(lambda a: a[None], row)
+        return check_outputs(f(p, batch), batch, where="f")[0]
+
     def per_example(p, row):  # one example (no batch axis) -> K gradients
-        out, vjp = jax.vjp(lambda p: f(p, jax.tree.map(lambda a: a[None], row))[0], p)
-        return [vjp(jnp.zeros_like(out).at[k].set(1))[0] for k in range(num_outputs)]
+        out, vjp = jax.vjp(lambda p: one_row(p, row), p)
+        return [vjp(jnp.zeros_like(out).at[k].set(1))[0] for k in range(out.shape[0])]
 
     per_k = jax.vmap(per_example, in_axes=(None, 0))(params, x)  # K trees of (b, ...)
     per_k = [[g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)] for grads in per_k]
@@ -94,11 +93,11 @@ def _gram(pa: list, pb: list) -> jax.Array:
     return acc if rest == p else acc + _rows(pa, rest, p - rest) @ _rows(pb, rest, p - rest).T
 
 
-def _contract(ja: list, jb: list, num_outputs: int, trace: tuple, diag: tuple) -> jax.Array:
+def _contract(ja: list, jb: list, trace: tuple, diag: tuple) -> jax.Array:
     """``sum_leaves A @ B.T`` of two blocks' Jacobians (per leaf, K ``[b, P]`` matrices; see
     :func:`_jacobian_rows`), in nt's layout: ``[b1, b2, K, K]``, or ``[b1, b2]`` traced (the
     mean over k), or ``[b1, b2, K]`` diagonal."""
-    b1, b2 = ja[0][0].shape[0], jb[0][0].shape[0]
+    b1, b2, num_outputs = ja[0][0].shape[0], jb[0][0].shape[0], len(ja[0])
     if 1 in trace or 1 in diag:  # only the (k, k) blocks
 
         def block_kk(k):  # (b1, b2): output k of x1 with output k of x2
@@ -114,19 +113,18 @@ def jacobian_program(f: Callable, fn_key: tuple, x: PyTree, params: PyTree) -> A
     """Compiled ``(params, x) -> J``: per leaf, K ``[b, P_leaf]`` per-example Jacobians."""
 
     def lower():
-        num_outputs = _num_outputs(f, params, x)
-        return jax.jit(lambda p, x: _jacobian_rows(f, p, x, num_outputs)).lower(params, x)
+        return jax.jit(lambda p, x: _jacobian_rows(f, p, x)).lower(params, x)
 
     return compiled(f, fn_key, ("jacobian",), lower, (params, x))
 
 
-def contraction_program(trace: tuple, diag: tuple, num_outputs: int, ja: list, jb: list) -> Any:
+def contraction_program(trace: tuple, diag: tuple, ja: list, jb: list) -> Any:
     """Compiled ``(ja, jb) -> block`` (see :func:`_contract`)."""
 
     def contract(ja, jb):
-        return _contract(ja, jb, num_outputs, trace, diag)
+        return _contract(ja, jb, trace, diag)
 
-    key = ("content", "contract", trace, diag, num_outputs)  # fixed by these and the shapes
+    key = ("content", "contract", trace, diag)  # fixed by these and the shapes
     return compiled(contract, key, (), lambda: jax.jit(contract).lower(ja, jb), (ja, jb))
 
 
@@ -136,11 +134,9 @@ def fused_program(
     """Compiled ``(params, x) -> block``: the kernel of ``x`` with itself in one program."""
 
     def lower():
-        num_outputs = _num_outputs(f, params, x)
-
         def kernel(p, x):
-            j = _jacobian_rows(f, p, x, num_outputs)
-            return _contract(j, j, num_outputs, trace, diag)
+            j = _jacobian_rows(f, p, x)
+            return _contract(j, j, trace, diag)
 
         return jax.jit(kernel).lower(params, x)
 
@@ -155,11 +151,9 @@ def cross_program(
     program output, so XLA frees each leaf's once it is contracted)."""
 
     def lower():
-        num_outputs = _num_outputs(f, params, x)
-
         def kernel(p, x, kept):
-            j = _jacobian_rows(f, p, x, num_outputs)
-            return [_contract(j, jb, num_outputs, trace, diag) for jb in kept]
+            j = _jacobian_rows(f, p, x)
+            return [_contract(j, jb, trace, diag) for jb in kept]
 
         return jax.jit(kernel).lower(params, x, kept)
 
@@ -216,8 +210,7 @@ def reused_kernel(
             for j, block in zip(starts, exe(params, xa, list(kept.values())), strict=True):
                 place(np.asarray(block), i, j)
         return
-    num_outputs = len(kept[0][0])  # a kept block: per leaf, K [b2, P] matrices
     pairs = [(a, b) for a in range(0, n1, b1) for b in range(a, n2, b2)]
     for i, j in jobs(pairs):
-        contract = contraction_program(trace, diag, num_outputs, kept[i], kept[j])
+        contract = contraction_program(trace, diag, kept[i], kept[j])
         place(np.asarray(contract(kept[i], kept[j])), i, j)

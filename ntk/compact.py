@@ -77,7 +77,7 @@ def compact_block(
     flat = params_lib.flatten(params)
     blocks_c = [dict(b) for b in blocks]
     for path in paths:
-        table = flat[path]
+        table = np.asarray(flat[path])  # on the host: no small programs to compile
         rows = _rows_of(path, table.shape[0], blocks, extra)
         real = rows < table.shape[0]
         flat[path] = table[np.minimum(rows, table.shape[0] - 1)] * real[:, None].astype(table.dtype)

@@ -155,6 +155,8 @@ def test_errors():
         ntk.empirical_ntk_fn(g, diagonal_axes=(0,))(x1, x2, params)
     with pytest.raises(ValueError, match=r"shape \[N, K\]; got shape \(7,\)"):
         ntk.empirical_ntk_fn(lambda p, b: g(p, b)[:, 0])(x1, None, params)
+    with pytest.raises(ValueError, match=r"shape \[N, K\]; got shape \(1,\)"):  # one example
+        ntk.empirical_ntk_fn(lambda p, b: g(p, b)[:, 0], vmap_axes=0)(x1, None, params)
     with pytest.raises(ValueError, match="implementation"):
         ntk.empirical_ntk_fn(g, implementation=7)
 
