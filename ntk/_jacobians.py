@@ -42,6 +42,7 @@ __all__ = [
     "jacobian_bytes",
     "jacobian_program",
     "kept_spec",
+    "pair_program",
     "reused_kernel",
 ]
 
@@ -141,6 +142,25 @@ def fused_program(
         return jax.jit(kernel).lower(params, x)
 
     return compiled(f, fn_key, ("fused", trace, diag), lower, (params, x))
+
+
+def pair_program(
+    f: Callable, fn_key: tuple, trace: tuple, diag: tuple, x: PyTree, n1: int, params: PyTree
+) -> Any:
+    """Compiled ``(params, x) -> block``: the kernel of rows ``x[:n1]`` with rows ``x[n1:]`` in
+    one program (an ``x1`` and an ``x2`` of one block each, joined): one model to compile, not
+    one for each side."""
+
+    def lower():
+        def kernel(p, x):
+            j = _jacobian_rows(f, p, x)
+            ja = [[m[:n1] for m in parts] for parts in j]
+            jb = [[m[n1:] for m in parts] for parts in j]
+            return _contract(ja, jb, trace, diag)
+
+        return jax.jit(kernel).lower(params, x)
+
+    return compiled(f, fn_key, ("pair", trace, diag, n1), lower, (params, x))
 
 
 def cross_program(

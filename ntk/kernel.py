@@ -63,6 +63,7 @@ from ntk._jacobians import (
     jacobian_bytes,
     jacobian_program,
     kept_spec,
+    pair_program,
     reused_kernel,
 )
 from ntk._memory import available_memory, gib, required_bytes
@@ -502,7 +503,8 @@ def _kept_jacobians_kernel(
     f, fn_key, opts: KernelOptions, params, xs, sizes, limit: int, prepare, place, progress
 ) -> bool:
     """Computes the kernel with Jacobians kept across blocks (:mod:`ntk._jacobians`), if it
-    fits in ``limit``; a symmetric kernel of one block is one fused program. ``prepare`` (or
+    fits in ``limit``. A symmetric kernel of one block is one fused program, and so is an
+    ``x1`` x ``x2`` kernel of one block each (their rows joined). ``prepare`` (or
     None) maps each block before use (cuts its padding). Returns whether it ran."""
     prepare = prepare or (lambda x: x)
     x1, x2 = xs[0], (xs[1] if len(xs) > 1 else None)
@@ -512,6 +514,13 @@ def _kept_jacobians_kernel(
         exe = fused_program(f, fn_key, opts.trace, opts.diag, xa, params)
         if required_bytes(exe) <= limit:
             place(np.asarray(exe(params, xa)), 0, 0)
+            return True
+    joined = _joined(x1, x2) if x2 is not None and n1 <= sizes[0] else None
+    if joined is not None and num_rows(x2) <= sizes[1]:  # one block each: one program
+        x = prepare(joined)
+        exe = pair_program(f, fn_key, opts.trace, opts.diag, x, n1, params)
+        if required_bytes(exe) <= limit:
+            place(np.asarray(exe(params, x)), 0, 0)
             return True
     if not _jacobians_fit(f, fn_key, params, x1, x2, sizes, opts, limit, prepare):
         return False
@@ -529,6 +538,19 @@ def _kept_jacobians_kernel(
         prepare,
     )
     return True
+
+
+def _joined(x1: PyTree, x2: PyTree) -> PyTree | None:
+    """``x1`` and ``x2`` as one batch (rows of x1 first), or None if their leaves differ in
+    anything but the number of rows."""
+    l1, t1 = jax.tree.flatten(x1)
+    l2, t2 = jax.tree.flatten(x2)
+    if t1 != t2 or any(
+        np.shape(a)[1:] != np.shape(b)[1:] or np.result_type(a) != np.result_type(b)
+        for a, b in zip(l1, l2, strict=True)
+    ):
+        return None
+    return jax.tree.unflatten(t1, [np.concatenate([a, b]) for a, b in zip(l1, l2, strict=True)])
 
 
 def _unsort(out: np.ndarray, order1: np.ndarray, order2: np.ndarray) -> np.ndarray:

@@ -96,8 +96,18 @@ def test_all_weights_kernel_with_compacted_tables_equals_dense_jjt(
         (None, 2, (), ()),  # symmetric blocks (kept Jacobians, upper triangle)
         (4, (2, 3), (), ()),  # x1 x x2 blocks, padded last blocks
         (4, (2, 3), (), (-1,)),
+        (4, (5, 4), (), ()),  # x1 x x2, one block each: one program on the joined rows
+        (4, (5, 4), (-1,), ()),
     ],
-    ids=["fused", "fused-traced", "symmetric-blocks", "x1-x2-blocks", "x1-x2-diagonal"],
+    ids=[
+        "fused",
+        "fused-traced",
+        "symmetric-blocks",
+        "x1-x2-blocks",
+        "x1-x2-diagonal",
+        "x1-x2-joined",
+        "x1-x2-joined-traced",
+    ],
 )
 @pytest.mark.parametrize("gram_chunk", [None, 24], ids=["whole", "sliced"])
 def test_reused_and_fused_kernels_equal_dense_jjt_in_every_layout(
@@ -109,7 +119,7 @@ def test_reused_and_fused_kernels_equal_dense_jjt_in_every_layout(
     monkeypatch.setattr(compact, "ROW_BUCKET", 32)
     if gram_chunk is not None:
         monkeypatch.setattr(_jacobians, "GRAM_CHUNK", gram_chunk)
-        monkeypatch.setattr(_programs, "_PROGRAMS", collections.OrderedDict())  # recompile
+    monkeypatch.setattr(_programs, "_PROGRAMS", collections.OrderedDict())  # a fresh cache
     with jax.enable_x64():
         output_fn, params = _encoder("bert", jnp.float64, words=(5, 9, 12))  # K = 3
         f, params = ntk.model_fn(output_fn, params, "all")
@@ -122,6 +132,8 @@ def test_reused_and_fused_kernels_equal_dense_jjt_in_every_layout(
             vmap_axes=0,
             batch_size=batch_size,
         )(x1, x2, params)
+        joined = x2 is not None and batch_size == (5, 4)
+        assert joined == any(key[1][:1] == ("pair",) for key in _programs._PROGRAMS)
         dense = _testing.hand_ntk(f, params, x1, x2)  # (N1, N2, K, K)
         k_diag = np.diagonal(dense, axis1=2, axis2=3)  # (N1, N2, K)
         want = {(): dense, (-1,): k_diag.mean(-1)}[trace_axes] if not diagonal_axes else k_diag
