@@ -14,7 +14,10 @@ meaning) and returns ``ntk_fn(x1, x2, params)``; the differences are for fine-tu
   value it closes over, e.g. the label words; params, inputs, options) and returned from disk
   when present (:mod:`ntk._kernel_cache`).
 * Compiled block programs are kept for the session (keyed by f's fingerprint, options and
-  shapes), so a second ``ntk_fn`` of the same model and shapes compiles nothing.
+  shapes), so a second ``ntk_fn`` of the same model and shapes compiles nothing. Across
+  processes, JAX's own persistent cache applies to them: set ``JAX_COMPILATION_CACHE_DIR``
+  (or ``jax.config.update("jax_compilation_cache_dir", path)``) and a later process loads the
+  programs instead of compiling them.
 * Embedding tables among the differentiated weights are cut to the rows each block reads
   (:mod:`ntk.compact`): exact, and the all-weights kernel of an encoder no longer carries the
   dense ``[V, H]`` Jacobian of its word embeddings.
