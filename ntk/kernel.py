@@ -24,7 +24,8 @@ meaning) and returns ``ntk_fn(x1, x2, params)``; the differences are for fine-tu
 * With JACOBIAN_CONTRACTION and ``vmap_axes=0``, per-example Jacobians are computed once per
   row and kept across blocks (:mod:`ntk._jacobians`); a symmetric kernel with ``batch_size``
   >= N is one fused program that never holds the whole ``[N K, P]`` Jacobian (the fastest
-  and leanest way to an all-weights train kernel: ``batch_size=N``). For this library's
+  and leanest way to an all-weights train kernel: ``batch_size=N``), and an ``x1`` x ``x2``
+  kernel whose sides fit one block each is one program on their joined rows. For this library's
   encoders, rows are sorted by length and each block is cut to its longest row
   (:mod:`ntk._padding`): exact, since padded positions have zero weight and derivative.
 * ``implementation=AUTO`` is our memory-aware choice (``nt``'s own AUTO is broken on current
