@@ -68,8 +68,9 @@ def _jacobian_rows(f: Callable, params: PyTree, x: PyTree) -> list[list]:
     return [list(parts) for parts in zip(*per_k, strict=True)]
 
 
-def _rows(parts: list, start: Any, width: int) -> jax.Array:
-    """Columns ``start:start + width`` of the row-wise join of ``parts`` (``[b, P]`` each)."""
+def _columns(parts: list, start: Any, width: int) -> jax.Array:
+    """Columns ``start:start + width`` of the row-wise join of ``parts`` (``[b, P]`` each):
+    ``[sum b, width]``."""
     cols = [jax.lax.dynamic_slice_in_dim(m, start, width, 1) for m in parts]
     return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=0)
 
@@ -82,16 +83,16 @@ def _gram(pa: list, pb: list) -> jax.Array:
     p = pa[0].shape[1]
     n = p // GRAM_CHUNK
     if n < 2:
-        return _rows(pa, 0, p) @ _rows(pb, 0, p).T
+        return _columns(pa, 0, p) @ _columns(pb, 0, p).T
 
     def body(i, acc):
         start = i * GRAM_CHUNK
-        return acc + _rows(pa, start, GRAM_CHUNK) @ _rows(pb, start, GRAM_CHUNK).T
+        return acc + _columns(pa, start, GRAM_CHUNK) @ _columns(pb, start, GRAM_CHUNK).T
 
     rows_a, rows_b = (sum(m.shape[0] for m in parts) for parts in (pa, pb))
     acc = jax.lax.fori_loop(0, n, body, jnp.zeros((rows_a, rows_b), pa[0].dtype))
     rest = n * GRAM_CHUNK
-    return acc if rest == p else acc + _rows(pa, rest, p - rest) @ _rows(pb, rest, p - rest).T
+    return acc if rest == p else acc + _columns(pa, rest, p - rest) @ _columns(pb, rest, p - rest).T
 
 
 def _contract(ja: list, jb: list, trace: tuple, diag: tuple) -> jax.Array:
