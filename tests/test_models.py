@@ -219,6 +219,27 @@ def test_dense_fused_lora_equals_merged_kernel():
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("length", [1, 2, 37, 48, 128])
+def test_softmax_equals_jax_nn_softmax_and_its_derivatives(length):
+    """Values, forward-mode and reverse-mode derivatives against ``jax.nn.softmax``, at odd
+    and even lengths, with masked keys and a fully masked row (uniform weights)."""
+    x = 4.0 * jax.random.normal(jax.random.PRNGKey(length), (3, 2, 5, length))
+    x = x.at[0, 0, 1, : length // 2].set(jnp.finfo(jnp.float32).min)  # some keys masked
+    x = x.at[1, 1, 2, :].set(jnp.finfo(jnp.float32).min)  # a fully masked row
+    want = jax.nn.softmax(x, axis=-1)
+    np.testing.assert_array_equal(np.asarray(layers.last_axis_max(x))[..., 0], np.max(x, -1))
+    np.testing.assert_array_equal(np.asarray(layers.softmax(x)), np.asarray(want))
+    np.testing.assert_allclose(np.asarray(layers.softmax(x))[1, 1, 2], 1.0 / length, rtol=1e-6)
+    t = jax.random.normal(jax.random.PRNGKey(99), x.shape)
+    _, jvp_got = jax.jvp(layers.softmax, (x,), (t,))
+    _, jvp_want = jax.jvp(lambda x: jax.nn.softmax(x, axis=-1), (x,), (t,))
+    np.testing.assert_allclose(np.asarray(jvp_got), np.asarray(jvp_want), rtol=1e-5, atol=1e-6)
+    w = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
+    grad_got = jax.grad(lambda x: jnp.sum(w * layers.softmax(x)))(x)
+    grad_want = jax.grad(lambda x: jnp.sum(w * jax.nn.softmax(x, axis=-1)))(x)
+    np.testing.assert_allclose(np.asarray(grad_got), np.asarray(grad_want), rtol=1e-5, atol=1e-6)
+
+
 def test_fused_lora_leaves_flow_through_the_model(roberta):
     apply_fn, params = models.split(roberta)
     q = params["roberta"]["encoder"]["layer"][0]["attention"]["self"]["query"]

@@ -250,6 +250,40 @@ def attend(
       ``(B, Tq, nh, hd)``.
     """
     scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores.astype(jnp.promote_types(v.dtype, jnp.float32)), axis=-1)
+    probs = softmax(scores.astype(jnp.promote_types(v.dtype, jnp.float32)))
     probs = dropout(probs.astype(v.dtype), dropout_rate, dropout_rng)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)  # (B, Tq, nh, hd)
+
+
+@jax.custom_jvp
+def softmax(x: jax.Array) -> jax.Array:
+    """``jax.nn.softmax(x, axis=-1)``, with its max taken by :func:`last_axis_max`.
+
+    The same operations in the same order as ``jax.nn.softmax`` (``exp(x - max)`` over its
+    sum), so the same values; and its derivative rule, ``y * (dx - sum(y * dx))``. Only the
+    max differs in how it is computed: XLA:CPU rewrites a max reduction over more than 32
+    elements into a ``reduce-window`` that is far slower than the elementwise form (see
+    ``benchmarks/README.md``, "Where a step's time goes").
+    """
+    unnormalized = jnp.exp(x - jax.lax.stop_gradient(last_axis_max(x)))
+    return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
+
+
+@softmax.defjvp
+def _softmax_jvp(primals, tangents):
+    (x,), (x_dot,) = primals, tangents
+    y = softmax(x)
+    return y, y * (x_dot - jnp.sum(y * x_dot, axis=-1, keepdims=True))
+
+
+def last_axis_max(x: jax.Array) -> jax.Array:
+    """``jnp.max(x, axis=-1, keepdims=True)`` as a halving tree of elementwise maxima.
+
+    A max is exact in any order, so the value is the reduction's. ``x`` ``(..., T)`` ->
+    ``(..., 1)``; an odd remainder is carried to the next level.
+    """
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        pairs = jnp.maximum(x[..., :half], x[..., half : 2 * half])
+        x = jnp.concatenate([pairs, x[..., 2 * half :]], axis=-1) if x.shape[-1] % 2 else pairs
+    return x
