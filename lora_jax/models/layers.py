@@ -86,8 +86,11 @@ def _lora_and_bias(p: Params, x: jax.Array, y: jax.Array) -> jax.Array:
     if "lora_a" in p:
         if "lora_dropout_rng" in p:
             x = dropout(x, p["lora_dropout_rate"], p["lora_dropout_rng"])
-        low = (x @ p["lora_a"].astype(x.dtype)) @ p["lora_b"].astype(x.dtype)
-        y = y + p["lora_scale"].astype(x.dtype) * low
+        # On rows flattened to (tokens, in): the gradient of lora_a is then one GEMM
+        # contracting one token axis, which XLA:CPU runs without transposing x first.
+        rows = x.reshape(-1, x.shape[-1])
+        low = (rows @ p["lora_a"].astype(x.dtype)) @ p["lora_b"].astype(x.dtype)
+        y = y + p["lora_scale"].astype(x.dtype) * low.reshape(y.shape)
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     return y
