@@ -217,21 +217,22 @@ def step_workload(model: str, steps: int, repeats: int):
     return chunk.lower(state(), params, data).compile(), seconds, steps
 
 
-def cell_workloads(task: str, n: int, steps: int, repeats: int):
-    """The default experiment's rank-12 cell of ``task`` and, with ``n``, n cells as one job."""
+def cell_workloads(task: str, sizes: list[int], steps: int, repeats: int):
+    """The default experiment's rank-12 cell of ``task``, and n cells as one job per n in
+    ``sizes``."""
     import bench_sweep  # benchmarks/, next to this script
 
     from experiments.config import get_config
     from experiments.run import Cell, lora_config, train_config
     from experiments.workbench import Workbench
-    from lora_jax import sweep, tasks, train
+    from lora_jax import tasks, train
     from lora_jax.trainable import Method, make_model_fn
 
     cfg = get_config("default", steps=steps, eval_every=steps)
     bench = Workbench(cfg, tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k))
     output_fn, params = bench.prompt_model(task)
     tcfg = train_config(cfg, Cell(task, "lora", 12, 0))
-    cells = [Cell(task, "lora", (1, 12)[i % 2], 1000 + i) for i in range(max(n, 2))]
+    cells = [Cell(task, "lora", (1, 12)[i % 2], 1000 + i) for i in range(max(sizes + [2]))]
     datas = [d.train for d in bench.job_data(task, [c.seed for c in cells], mode="prompt")]
     configs = [lora_config(cfg, c.rank, bench.model_type) for c in cells]
 
@@ -251,29 +252,39 @@ def cell_workloads(task: str, n: int, steps: int, repeats: int):
             steps,
         )
     }
-    if n:
-        cells, datas, configs = cells[:n], datas[:n], configs[:n]
-        seeds = [c.seed for c in cells]
-        plan = sweep.plan_lora(params, configs)
-        vfn = sweep.lora_model_fn(
-            make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+    for n in sizes:
+        out[f"job:{task}:{n}"] = _job(
+            cells[:n], configs[:n], datas[:n], params, output_fn, fn, tcfg, steps, repeats
         )
-        vchunk = sweep.programs(vfn, tcfg, member_inputs=True, shared_data=False).chunk
-        stacked, frozen = sweep.stack(datas), (params, plan.factors)
-        lengths = [
-            train.pack_length(fn, s.rng, steps, d, tcfg.batch_size)
-            for s, d in zip(
-                bench_sweep.seq_states(params, cells, configs, tcfg), datas, strict=True
-            )
-        ]
-
-        def vstate():
-            return bench_sweep.vec_state(params, plan, seeds, tcfg)
-
-        seconds = _best(lambda s: vchunk(s, frozen, stacked, steps, max(lengths)), vstate, repeats)
-        compiled = vchunk.lower(vstate(), frozen, stacked, steps, max(lengths)).compile()
-        out[f"job:{task}:{n}"] = (compiled, seconds, steps)
     return out
+
+
+def _job(cells, configs, datas, params, output_fn, fn, tcfg, steps: int, repeats: int):
+    """``cells`` as one vectorized job (``lora_jax.sweep``), as ``experiments.run`` trains them:
+    (compiled chunk, seconds per call, steps per call)."""
+    import bench_sweep
+
+    from lora_jax import sweep, train
+    from lora_jax.trainable import Method, make_model_fn
+
+    seeds = [c.seed for c in cells]
+    plan = sweep.plan_lora(params, configs)
+    vfn = sweep.lora_model_fn(
+        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+    )
+    vchunk = sweep.programs(vfn, tcfg, member_inputs=True, shared_data=False).chunk
+    stacked, frozen = sweep.stack(datas), (params, plan.factors)
+    states = bench_sweep.seq_states(params, cells, configs, tcfg)
+    length = max(
+        train.pack_length(fn, s.rng, steps, d, tcfg.batch_size)
+        for s, d in zip(states, datas, strict=True)
+    )
+
+    def vstate():
+        return bench_sweep.vec_state(params, plan, seeds, tcfg)
+
+    seconds = _best(lambda s: vchunk(s, frozen, stacked, steps, length), vstate, repeats)
+    return vchunk.lower(vstate(), frozen, stacked, steps, length).compile(), seconds, steps
 
 
 def main() -> None:
@@ -288,7 +299,10 @@ def main() -> None:
     args = ap.parse_args()
 
     built = {}
-    jobs = {w.split(":")[1]: int(w.split(":")[2]) for w in args.workloads if w.startswith("job:")}
+    jobs: dict[str, list[int]] = {}
+    for w in args.workloads:
+        if w.startswith("job:"):
+            jobs.setdefault(w.split(":")[1], []).append(int(w.split(":")[2]))
     for w in args.workloads:
         kind, name = w.split(":")[:2]
         if w in built:
@@ -296,7 +310,7 @@ def main() -> None:
         if kind == "step":
             built[w] = step_workload(name, args.steps, args.repeats)
         elif kind in ("cell", "job"):
-            built.update(cell_workloads(name, jobs.get(name, 0), args.steps, args.repeats))
+            built.update(cell_workloads(name, jobs.get(name, []), args.steps, args.repeats))
         else:
             raise SystemExit(
                 f"unknown workload {w!r}; expected step:MODEL, cell:TASK or job:TASK:N"
