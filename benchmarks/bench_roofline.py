@@ -58,9 +58,9 @@ class Dot:
     def flops(self) -> float:
         """2 x (output elements) x (contracted size)."""
         lc, rc = self.contracting
-        lb, _ = self.batch
+        lb, rb = self.batch
         out = [d for i, d in enumerate(self.lhs) if i not in lc and i not in lb]
-        out += [d for i, d in enumerate(self.rhs) if i not in rc and i not in self.batch[1]]
+        out += [d for i, d in enumerate(self.rhs) if i not in rc and i not in rb]
         out += [self.lhs[i] for i in lb]
         return 2.0 * np.prod(out) * np.prod([self.lhs[i] for i in lc])
 
@@ -74,7 +74,8 @@ def hlo_dots(text: str) -> tuple[Counter, Counter]:
     """The dots of an HLO module's text: ``(in_loop, outside)``, each a ``Counter[Dot]``.
 
     ``in_loop``: dots in the body of a ``while`` loop (or in computations it calls), which
-    run once per iteration; ``outside``: the others, which run once per call.
+    run once per iteration (a loop nested in that body is not multiplied out: the programs
+    timed here have one loop); ``outside``: the others, which run once per call.
     """
     shapes: dict[str, tuple[int, ...]] = {}
     callees: dict[str, set[str]] = {}
@@ -133,6 +134,8 @@ def time_dot(dot: Dot, repeats: int = 3) -> float:
 
 @dataclasses.dataclass
 class Roofline:
+    """A step's measured time against its dots, each timed alone; ``bound`` = their ratio."""
+
     step_s: float  # one iteration of the loop (a training step), measured
     gflop: float  # dot GFLOP per iteration
     dots_s: float  # the dots of one iteration, each timed alone
