@@ -271,12 +271,12 @@ def _job(cells, configs, datas, params, output_fn, fn, tcfg, steps: int, repeats
     from lora_jax.trainable import Method, make_model_fn
 
     seeds = [c.seed for c in cells]
-    plan = sweep.plan_lora(params, configs)
-    vfn = sweep.lora_model_fn(
+    plan = lora.plan_stack(params, configs)
+    vfn = lora.with_member_factors(
         make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
     )
     vchunk = sweep.programs(vfn, tcfg, member_inputs=True, shared_data=False).chunk
-    stacked, frozen = sweep.stack(datas), (params, plan.factors)
+    stacked, frozen = members.stack(datas), (params, plan.factors)
     states = bench_sweep.seq_states(params, cells, configs, tcfg)
     length = max(
         train.pack_length(fn, s.rng, steps, d, tcfg.batch_size)

@@ -51,8 +51,8 @@ def seq_states(params, cells, configs, tcfg) -> list[train.TrainState]:
 
 def vec_state(params, plan, seeds, tcfg) -> train.TrainState:
     """The stacked fresh state of the same cells as one sweep."""
-    adapters = sweep.init_lora(params, plan, seeds)
-    return sweep.init_states(adapters, tcfg, [tcfg.learning_rate] * len(seeds), seeds)
+    adapters = lora.init_stack(params, plan, seeds)
+    return train.init_states(adapters, tcfg, [tcfg.learning_rate] * len(seeds), seeds)
 
 
 def main() -> None:
@@ -85,12 +85,12 @@ def main() -> None:
         configs = [lora_config(cfg, c.rank, bench.model_type) for c in cells]
         seeds = [c.seed for c in cells]
 
-        plan = sweep.plan_lora(params, configs)
-        vec_fn = sweep.lora_model_fn(
+        plan = lora.plan_stack(params, configs)
+        vec_fn = lora.with_member_factors(
             make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
         )
         vchunk = sweep.programs(vec_fn, tcfg, member_inputs=True, shared_data=False).chunk
-        stacked = sweep.stack(datas)
+        stacked = members.stack(datas)
         frozen = (params, plan.factors)
         states = seq_states(params, cells, configs, tcfg)
         packs = [  # each cell's packed length, and the job's (0: padded batches)

@@ -15,19 +15,13 @@ seeds) and give the best rank with its interval (``experiments.stats``).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
-import shutil
 import sys
-import time
-from typing import NamedTuple
 
-import jax
-import numpy as np
 from tqdm.auto import tqdm
 
-from experiments import launch, ntk_analysis, outputs, report, vectorized
+from experiments import jobs, launch, outputs, report
 from experiments.cli import add_dataclass_arguments
 from experiments.config import (
     CONFIG_HELP,
@@ -36,39 +30,10 @@ from experiments.config import (
     get_config,
     per_encoder,
 )
+from experiments.jobs import Cell, cells
 from experiments.workbench import Workbench
-from lora_jax import distributed, lora, tasks, train
-from lora_jax import sharding as sh
+from lora_jax import distributed, tasks
 from lora_jax.errors import ConfigError, UserError, user_message
-from lora_jax.trainable import Method, make_model_fn, split_params
-
-
-class Cell(NamedTuple):
-    """One unit of work: one training run (or one evaluation) and one results line."""
-
-    task: str
-    method: str
-    rank: int | None
-    seed: int
-
-    @property
-    def key(self) -> str:
-        label = f"{self.method}-r{self.rank}" if self.rank else self.method
-        return f"{self.task}/{label}/seed{self.seed}"
-
-
-def cells(cfg: ExperimentConfig, task_names: tuple[str, ...] | None = None) -> list[Cell]:
-    """All cells, grouped so that cells sharing a compiled program run back to back.
-
-    ``task_names`` default to ``cfg.tasks``; `run` passes those of the task files too.
-    """
-    return [
-        Cell(task, method, rank, seed)
-        for task in (cfg.tasks if task_names is None else task_names)
-        for method in cfg.methods
-        for rank in (cfg.ranks if method == "lora" else (None,))
-        for seed in cfg.seeds
-    ]
 
 
 def prepare_run_dir(cfg: ExperimentConfig) -> str:
@@ -112,162 +77,6 @@ def run_digests(cfg: ExperimentConfig) -> dict:
     return {"task_file_sha256": {p: tasks.task_file_digest(p) for p in cfg.task_files}}
 
 
-def train_config(cfg: ExperimentConfig, cell: Cell) -> train.TrainConfig:
-    lr = cfg.head_lr if cell.method == "head" else cfg.lr
-    return train.TrainConfig(
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        learning_rate=lr,
-        loss=cfg.loss,
-        eval_every=cfg.eval_every,
-        grad_accum=cfg.grad_accum,
-        dropout=cfg.dropout,
-        seed=cell.seed,
-    )
-
-
-def lora_config(cfg: ExperimentConfig, rank: int, model_type: str) -> lora.LoraConfig:
-    alpha = cfg.alpha if cfg.alpha is not None else 2.0 * rank
-    targets = lora.default_targets(model_type) if cfg.targets == "auto" else cfg.targets
-    return lora.LoraConfig(r=rank, alpha=alpha, targets=targets, dropout=cfg.lora_dropout)
-
-
-def task_pack_length(bench: Workbench, cfg: ExperimentConfig, cell: Cell, model_fn) -> int:
-    """The packed length of ``cell`` 's training batches (``lora_jax.packing``), or 0 (padded).
-
-    The longest batch any seed of the task draws, so that the task's cells of one method and
-    rank share one compiled chunk, as they do unpacked.
-    """
-    if not (cfg.pack and model_fn.packs_rows):
-        return 0
-
-    def longest() -> int:
-        return max(
-            train.pack_length(
-                model_fn,
-                jax.random.key_data(jax.random.key(seed)),  # train.init_state's rng
-                cfg.steps,
-                bench.data(cell.task, seed, mode="prompt").train,
-                cfg.batch_size,
-            )
-            for seed in cfg.seeds
-        )
-
-    return bench.memo(("pack_length", cell.task), longest)
-
-
-def run_cell(
-    bench: Workbench, cfg: ExperimentConfig, cell: Cell, run_dir: str, mesh=None, rules=None
-) -> dict:
-    """Trains (unless zero-shot) and tests one cell; returns its results record.
-
-    With a ``mesh`` (see :mod:`experiments.launch`) training and testing run on it.
-    """
-    start = time.time()
-    if cell.method == "head":
-        output_fn, params, data = bench.cls_head_model(cell.task, cell.seed)
-    else:
-        output_fn, params = bench.prompt_model(cell.task)
-        data = bench.data(cell.task, cell.seed, mode="prompt")
-    record = {"task": cell.task, "method": cell.method, "rank": cell.rank, "seed": cell.seed}
-
-    if cell.method == "zero_shot":
-        predict = bench.predict(output_fn)
-        record["dev_accuracy"] = train.evaluate(predict, params, {}, data.dev)["accuracy"]
-        # The test set and the untrained model are the same for every seed: evaluate once.
-        record["test_accuracy"] = bench.memo(
-            ("zero_shot_test", cell.task),
-            lambda: train.evaluate(predict, params, {}, data.test)["accuracy"],
-        )
-        record.update(best_step=0, trainable_params=0, seconds=time.time() - start)
-        return record
-
-    method = {"head": Method.HEAD, "lora": Method.LORA, "full": Method.FULL}[cell.method]
-    lcfg = lora_config(cfg, cell.rank, bench.model_type) if cell.rank else None
-    tcfg = train_config(cfg, cell)
-    model_fn = bench.memo(
-        ("model_fn", cell.task, cell.method, cell.rank),
-        lambda: make_model_fn(output_fn, method, lora_config=lcfg),
-    )
-    trainable, frozen = split_params(
-        params, method, key=jax.random.key(cell.seed), lora_config=lcfg
-    )
-    state = train.init_state(trainable, train.make_optimizer(tcfg), tcfg.seed)
-    ckpt_dir = os.path.join(run_dir, "ckpt", cell.key.replace("/", "_"))
-    metrics = os.path.join(run_dir, "metrics", cell.key.replace("/", "_") + ".jsonl")
-    os.makedirs(os.path.dirname(metrics), exist_ok=True)
-    packed = task_pack_length(bench, cfg, cell, model_fn) if mesh is None else 0
-    result = train.fit(
-        model_fn,
-        state,
-        frozen,
-        data.train,
-        data.dev,
-        tcfg,
-        checkpoint_dir=ckpt_dir,
-        metrics_path=metrics,
-        progress=cell.key,
-        mesh=mesh,
-        rules=rules,
-        pack=packed,
-    )
-    predict = train.programs(model_fn, tcfg, mesh=mesh, rules=rules).predict
-    test_data = data.test
-    if mesh is not None:
-        rules = sh.rules_for_mesh(mesh) if rules is None else rules
-        frozen = sh.place(frozen, sh.tree_shardings(frozen, mesh, rules))
-        test_data = sh.place_data(data.test, mesh, rules)
-    test = train.evaluate(
-        functools.partial(predict, pack=True) if packed else predict,
-        result.best_trainable,
-        frozen,
-        test_data,
-    )
-    if cfg.ntk and method == Method.LORA:
-        record.update(
-            ntk_analysis.analyze(
-                cell=cell,
-                output_fn=output_fn,
-                params=params,
-                lora_config=lcfg,
-                adapters0=trainable,
-                adapters=distributed.to_host(result.best_trainable),
-                data=data,
-                tcfg=tcfg,
-                model_fn_cache=bench.memo,
-                run_dir=run_dir,
-            )
-        )
-    if cfg.save_adapters and method == Method.LORA:
-        info = {
-            **outputs.task_info(bench.task(cell.task), bench.word_style),
-            **record,
-            "model": cfg.model,
-            "base_model": str(bench.path),  # what from_pretrained / PEFT load it onto
-            "head": bench.prompt_head,
-            "readout": bench.readout.value,
-            "label_word_ids": [int(i) for i in bench.label_word_ids(cell.task)],
-            "max_length": cfg.max_length,
-            "best_step": result.best_step,
-            "dev_accuracy": result.best_dev_accuracy,
-            "test_accuracy": test["accuracy"],
-        }
-        best = distributed.to_host(result.best_trainable)  # collective: every process joins
-        if distributed.is_primary():
-            outputs.save_adapter(run_dir, cell.key, best, lcfg, info, base_model=str(bench.path))
-    distributed.barrier(f"done {cell.key}")
-    if distributed.is_primary():
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    record.update(
-        dev_accuracy=result.best_dev_accuracy,
-        test_accuracy=test["accuracy"],
-        best_step=result.best_step,
-        trainable_params=int(sum(np.size(x) for x in jax.tree.leaves(trainable))),
-        seconds=time.time() - start,
-    )
-    return record
-
-
 def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) -> str:
     """Runs every unfinished cell of ``cfg``, then writes the report; returns the run dir.
 
@@ -295,14 +104,10 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) 
     if todo:
         bench = Workbench(cfg, named)
         primary = distributed.is_primary()
-        members = vectorized.members_per_job(cfg, mesh)  # 0: one cell at a time
+        members = jobs.members_per_job(cfg, mesh)  # 0: one cell at a time
         bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not (progress and primary))
-        for job in vectorized.plan_jobs(todo, members):
-            if members and job[0].method == "lora":
-                kw = dict(train_config=train_config, lora_config=lora_config)
-                records = vectorized.run_lora_job(bench, cfg, job, run_dir, **kw)
-            else:
-                records = [run_cell(bench, cfg, cell, run_dir, mesh, rules) for cell in job]
+        for job in jobs.plan_jobs(todo, members):
+            records = jobs.run_job(bench, cfg, job, run_dir, mesh, rules)
             bar.update(len(records))
             if not primary:
                 continue

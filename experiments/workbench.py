@@ -137,10 +137,11 @@ class Workbench:
         test = self.memo(("cls_test_features", task), lambda: featurize(raw.test))
         return output_fn, params, TaskData(featurize(raw.train), featurize(raw.dev), test)
 
-    def predict(self, output_fn: Callable) -> Callable:
-        """``predict(params, {}, data) -> [N, K]`` (``train.evaluate`` 's interface), compiled once:
-        ``output_fn`` untrained."""
-        fn = self.memo(("predict", id(output_fn)), lambda: map_rows_fn(output_fn, 64))
+    def predict(self, task: str) -> Callable:
+        """``predict(params, {}, data) -> [N, K]`` (``train.evaluate`` 's interface) of ``task`` 's
+        untrained prompt model, compiled once."""
+        output_fn, _ = self.prompt_model(task)
+        fn = self.memo(("predict", task), lambda: map_rows_fn(output_fn, 64))
         return lambda params, frozen, data: fn(params, data)
 
     # -- data ---------------------------------------------------------------------------------

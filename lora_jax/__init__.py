@@ -11,11 +11,12 @@ Subpackages and modules, each one idea:
 - :mod:`lora_jax.trainable`: what is trained (LoRA, all weights, head) and the split.
 - :mod:`lora_jax.rows`: evaluating a function over N rows in fixed, padded blocks.
 - :mod:`lora_jax.packing`: padding-free training batches (rows packed end to end).
-- :mod:`lora_jax.train`: the optax training loop (with :mod:`lora_jax.losses` and
-  :mod:`lora_jax.checkpoint`).
+- :mod:`lora_jax.train`: the optax training loop over a job of runs (a single run is a job of
+  one; a rank x seed sweep on one frozen base is a job of many), with :mod:`lora_jax.optim`,
+  :mod:`lora_jax.losses` and :mod:`lora_jax.checkpoint`.
+- :mod:`lora_jax.members`: the leading member axis of a job's pytrees.
 - :mod:`lora_jax.sharding`: logical axes, rule tables and meshes (data / fsdp / tensor).
 - :mod:`lora_jax.distributed`: several processes (``jax.distributed``), process 0 writes.
-- :mod:`lora_jax.sweep`: many runs (a rank x seed sweep) on one frozen base as one job.
 - :mod:`lora_jax.pooling`: sentence features for a head-only baseline, pooled as the
   checkpoint was trained.
 - :mod:`lora_jax.params`: dotted paths over parameter pytrees.
@@ -26,12 +27,13 @@ from lora_jax import (
     checkpoint,
     lora,
     losses,
+    members,
     models,
+    optim,
     packing,
     params,
     readout,
     rows,
-    sweep,
     tasks,
     train,
     trainable,
@@ -39,7 +41,7 @@ from lora_jax import (
 from lora_jax.lora import LoraConfig
 from lora_jax.models import from_pretrained, split
 from lora_jax.readout import Readout, make_output_fn
-from lora_jax.train import TrainConfig, TrainState, fit
+from lora_jax.train import TrainConfig, TrainState, fit, fit_job
 from lora_jax.trainable import Method, make_model_fn
 
 __version__ = "0.1.0"
@@ -52,16 +54,18 @@ __all__ = [
     "TrainState",
     "checkpoint",
     "fit",
+    "fit_job",
     "from_pretrained",
     "lora",
     "losses",
     "make_model_fn",
     "make_output_fn",
+    "members",
     "models",
+    "optim",
     "packing",
     "params",
     "split",
-    "sweep",
     "readout",
     "rows",
     "tasks",

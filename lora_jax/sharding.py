@@ -49,15 +49,15 @@ MESH_AXES = ("data", "fsdp", "tensor")  # in the order a mesh lays them out (out
 # Each preset lists only the names it splits; every other name is replicated. Joining presets
 # appends their mesh axes per name, in order ("dp+fsdp": batch -> ("data", "fsdp")).
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
-    # Data parallel: the batch over `data`; parameters and optimizer state replicated.
-    "dp": {"batch": ("data",)},
+    # Data parallel over `data`: a job of one run splits each batch, a job of several runs
+    # (``train.fit_job``) splits its members (the leading `adapter` axis of its state and data)
+    # and leaves each member's batch whole; parameters and optimizer state replicated.
+    "dp": {"batch": ("data",), "adapter": ("data",)},
     # FSDP: the batch over `fsdp` too, and weights stored split along `embed` (gathered by XLA
     # for each matmul, Levanter's parameter vs compute mapping).
     "fsdp": {"batch": ("fsdp",), "embed": ("fsdp",)},
     # Tensor parallel (Megatron): attention heads, MLP width and vocabulary over `tensor`.
     "tp": {"heads": ("tensor",), "mlp": ("tensor",), "vocab": ("tensor",)},
-    # Stacked sweep members (a leading `adapter` axis) over `data`.
-    "adapter": {"adapter": ("data",)},
 }
 _MESH_PRESET = {"data": "dp", "fsdp": "fsdp", "tensor": "tp"}
 

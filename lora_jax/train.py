@@ -1,12 +1,20 @@
-"""The optax training loop: one jitted chunk of steps, evaluation, best-dev selection, resume.
+"""The optax training loop: one host loop over a job of ``n`` runs (members); a run is a job of one.
 
 The model is any ``model_fn(trainable, frozen, batch, dropout_rng) -> outputs [B, K]``: LoRA
 adapters over a frozen base, all weights, only a head, or a linearized model from ``ntk`` all
-train through the same loop. Data stays on the device as a dict of ``[N, ...]`` arrays; each
-step gathers its batch by index from a per-epoch permutation derived from the step counter, so
-the loop keeps no host-side state and a resumed run sees exactly the batches an uninterrupted
-run would. ``eval_every`` steps run as one ``lax.scan`` inside one ``jax.jit`` call (a shorter
-last chunk when ``eval_every`` does not divide ``steps`` is one more compiled program).
+train through the same loop. Every leaf of a job's :class:`TrainState` has a leading member axis
+``[n, ...]`` (:mod:`lora_jax.members`); the compiled chunk of steps is ``jax.vmap`` -ed over it
+with the frozen base unbatched, so for a base kernel ``W`` (in, out) XLA runs one
+``(n B T, in) @ (in, out)`` GEMM for all members (with the fused LoRA path). Members are
+independent: each has its own parameters, learning rate (in its optimizer state,
+:mod:`lora_jax.optim`), seed (batch order and dropout), data, and gradient clipping.
+
+Data stays on the device as a dict of ``[N, ...]`` arrays (shared by all members) or one dict per
+member; each step gathers its batch by index from a per-epoch permutation derived from the step
+counter, so the loop keeps no host-side state and a resumed run sees exactly the batches an
+uninterrupted run would. ``eval_every`` steps run as one ``lax.scan`` inside one ``jax.jit``
+call; after each chunk the loop evaluates on dev, keeps each member's best parameters, calls the
+callbacks (e.g. :func:`write_metrics`) and saves a checkpoint.
 
 Example (a linear classifier standing in for a model):
   >>> import jax.numpy as jnp, numpy as np
@@ -20,6 +28,14 @@ Example (a linear classifier standing in for a model):
   >>> result = train.fit(model_fn, state, {}, data, data, cfg, progress=False)
   >>> [r["step"] for r in result.history], result.best_dev_accuracy > 0.9
   ([10, 20], True)
+
+The same three times as one job, with three learning rates and seeds:
+  >>> from lora_jax import members
+  >>> states = train.init_states(members.stack([{"w": jnp.zeros((4, 2))}] * 3), cfg,
+  ...                            learning_rates=[0.1, 0.2, 0.3], seeds=[0, 1, 2])
+  >>> results = train.fit_job(model_fn, states, {}, data, data, cfg, progress=False)
+  >>> [r.best_dev_accuracy > 0.9 for r in results]
+  [True, True, True]
 """
 
 from __future__ import annotations
@@ -29,7 +45,7 @@ import enum
 import functools
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -39,30 +55,39 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from lora_jax import checkpoint, packing
+from lora_jax import checkpoint, members, packing, rows
 from lora_jax import sharding as sharding_lib
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
-from lora_jax.rows import by_length_fn, map_rows, num_rows
+from lora_jax.optim import Optimizer, Schedule, make_optimizer
+from lora_jax.rows import map_rows, num_rows
 
 PyTree = Any
 Batch = Mapping[str, jax.Array]
 ModelFn = Callable[[PyTree, PyTree, Batch, jax.Array | None], jax.Array]
 
-
-class Optimizer(enum.StrEnum):
-    """Optimizer: ``adamw`` (decoupled weight decay) or ``sgd`` (with optional momentum)."""
-
-    ADAMW = "adamw"
-    SGD = "sgd"
-
-
-class Schedule(enum.StrEnum):
-    """Learning-rate schedule after linear warmup: constant, linear decay to 0, or cosine."""
-
-    CONSTANT = "constant"
-    LINEAR = "linear"
-    COSINE = "cosine"
+__all__ = [
+    "Evaluation",
+    "FitResult",
+    "Optimizer",
+    "Schedule",
+    "TrainConfig",
+    "TrainState",
+    "batch_indices",
+    "batch_schedule",
+    "chunk_lengths",
+    "evaluate",
+    "fit",
+    "fit_job",
+    "init_state",
+    "init_states",
+    "job_programs",
+    "make_optimizer",
+    "make_predict",
+    "make_train_chunk",
+    "pack_length",
+    "write_metrics",
+]
 
 
 def _enum_field(cls: type[enum.Enum], name: str, value: Any) -> enum.Enum:
@@ -163,45 +188,64 @@ class TrainState(NamedTuple):
 
 
 class FitResult(NamedTuple):
-    """What :func:`fit` returns."""
+    """What :func:`fit` returns, and :func:`fit_job` per member (leaves without the member axis)."""
 
     state: TrainState  # the final state.
     best_trainable: PyTree  # trainable parameters at the best dev evaluation.
     best_step: int
     best_dev_accuracy: float
     history: list[dict]  # one dict per evaluation (the JSONL records).
+    test: dict[str, float] | None = None  # accuracy and loss of best_trainable on test_data.
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """Builds the optax chain: clip -> optimizer with warmup + schedule -> accumulation."""
-    updates = max(cfg.steps // cfg.grad_accum, 1)
-    warmup = cfg.warmup_steps // cfg.grad_accum
-    decay = max(updates - warmup, 1)
-    peak = cfg.learning_rate
-    after = {
-        Schedule.CONSTANT: optax.constant_schedule(peak),
-        Schedule.LINEAR: optax.linear_schedule(peak, 0.0, decay),
-        Schedule.COSINE: optax.cosine_decay_schedule(peak, decay),
-    }[cfg.schedule]
-    lr = optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
-    if cfg.optimizer == Optimizer.ADAMW:
-        opt = optax.adamw(lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = optax.sgd(lr, momentum=cfg.momentum or None)
-    if cfg.max_grad_norm is not None:
-        opt = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), opt)
-    if cfg.grad_accum > 1:
-        opt = optax.MultiSteps(opt, every_k_schedule=cfg.grad_accum)
-    return opt
+class Evaluation(NamedTuple):
+    """What the loop hands its callbacks after each dev evaluation."""
+
+    step: int
+    records: list[dict]  # per member: step, train_loss, dev_accuracy, dev_loss.
+    improved: list[bool]  # per member: whether this evaluation is its new best.
 
 
 def init_state(trainable: PyTree, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-    """Fresh state at step 0."""
+    """Fresh state of one run at step 0 (``optimizer``: :func:`make_optimizer` of its config)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         trainable=trainable,
         opt_state=optimizer.init(trainable),
         rng=jax.random.key_data(jax.random.key(seed)),
+    )
+
+
+def init_states(
+    trainables: PyTree,
+    cfg: TrainConfig,
+    learning_rates: Sequence[float],
+    seeds: Sequence[int],
+) -> TrainState:
+    """Stacked fresh states of a job: member i gets ``trainables[i]``, ``learning_rates[i]`` and
+    ``seeds[i]`` (``cfg.learning_rate`` and ``cfg.seed`` are not used).
+
+    Args:
+      trainables: stacked trainable parameters, leaves ``[n, ...]`` (e.g. ``lora.init_stack``).
+      cfg: the hyperparameters the members share.
+      learning_rates: ``n`` peak learning rates.
+      seeds: ``n`` seeds of batch order and dropout (as ``TrainConfig.seed``).
+    """
+    n = members.count(trainables)
+    if not len(learning_rates) == len(seeds) == n:
+        raise ConfigError(
+            f"init_states got {n} members but {len(learning_rates)} learning rates and "
+            f"{len(seeds)} seeds; give one of each per member."
+        )
+    return members.stack(
+        [
+            init_state(
+                members.member(trainables, i),
+                make_optimizer(dataclasses.replace(cfg, learning_rate=lr)),
+                seed,
+            )
+            for i, (lr, seed) in enumerate(zip(learning_rates, seeds, strict=True))
+        ]
     )
 
 
@@ -229,37 +273,72 @@ _draw_batches = jax.jit(
 )
 
 
-def _check_length(pack: Any, sized_by: str, sizes_itself: str) -> None:
-    """A compiled program's ``pack`` is a packed length (an int), not a switch."""
-    if isinstance(pack, bool) or not isinstance(pack, int) or pack < 0:
-        raise ConfigError(
-            f"pack={pack!r}: here pack is the packed length in tokens (0 = off), from "
-            f"{sized_by}; {sizes_itself} takes pack=True and sizes it itself."
-        )
-
-
 def check_packs_rows(model_fn: ModelFn) -> None:
     """ConfigError unless ``model_fn`` reads packed batches (sets ``packs_rows``)."""
     if not getattr(model_fn, "packs_rows", False):
         raise ConfigError(
-            "pack=True needs a model_fn that reads packed batches (model_fn.packs_rows; "
+            "packed batches need a model_fn that reads them (model_fn.packs_rows; "
             "make_model_fn over make_output_fn's MLM / TIED / TIED_MEAN readouts of this "
-            "library's encoders, DeBERTa excepted, sets it). Use pack=False."
+            "library's encoders, DeBERTa excepted, sets it). Train on padded batches "
+            "(pack_length=None)."
         )
 
 
 def pack_length(
     model_fn: ModelFn, rng: jax.Array, steps: int, train_data: Batch, batch_size: int
 ) -> int:
-    """The packed length (:mod:`lora_jax.packing`) of a run's batches; ConfigError if
-    ``model_fn`` does not read packed batches (does not set ``packs_rows``)."""
+    """The least packed length (:mod:`lora_jax.packing`) that holds every batch a run of
+    ``steps`` with batch-order key ``rng`` (``TrainState.rng``) draws from ``train_data``.
+
+    Pass it (or any larger length) as ``fit`` 's ``pack_length``. ConfigError if ``model_fn``
+    does not read packed batches.
+    """
     check_packs_rows(model_fn)
     if "attention_mask" not in train_data:
-        raise ConfigError("pack=True needs token rows: train_data has no 'attention_mask'.")
+        raise ConfigError("packed batches need token rows: train_data has no 'attention_mask'.")
     n = int(np.shape(train_data["labels"])[0])
     return packing.packed_length(
         np.asarray(train_data["attention_mask"]), batch_schedule(rng, steps, n, batch_size)
     )
+
+
+def _chunk_fn(
+    model_fn: ModelFn,
+    optimizer: optax.GradientTransformation,
+    cfg: TrainConfig,
+    constrain_batch: Callable[[Batch], Batch] | None = None,
+) -> Callable:
+    """The traceable ``chunk(state, frozen, data, length, pack_length)`` of one member."""
+    loss_fn = get_loss(cfg.loss)
+
+    def objective(trainable, frozen, batch, dropout_rng):
+        outputs = model_fn(trainable, frozen, batch, dropout_rng)
+        return loss_fn(outputs, batch["labels"])
+
+    def step(state: TrainState, frozen, data, pack_length):
+        num_examples = data["labels"].shape[0]
+        idx = batch_indices(state.rng, state.step, num_examples, cfg.batch_size)
+        batch = jax.tree.map(lambda x: x[idx], data)
+        if pack_length:
+            batch = packing.pack(batch, pack_length)
+        if constrain_batch is not None:
+            batch = constrain_batch(batch)
+        dropout_rng = dropout_key(state.rng, state.step) if cfg.dropout else None
+        loss, grads = jax.value_and_grad(objective)(state.trainable, frozen, batch, dropout_rng)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        return TrainState(state.step + 1, trainable, opt_state, state.rng), loss
+
+    def chunk(state, frozen, data, length, pack_length):
+        if data["labels"].shape[0] < cfg.batch_size:
+            raise ConfigError(
+                f"Training set has {data['labels'].shape[0]} examples, fewer than "
+                f"batch_size={cfg.batch_size}; lower TrainConfig.batch_size."
+            )
+        body = lambda carry, _: step(carry, frozen, data, pack_length)  # noqa: E731
+        return jax.lax.scan(body, state, None, length=length)
+
+    return chunk
 
 
 def make_train_chunk(
@@ -269,55 +348,28 @@ def make_train_chunk(
     *,
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules | None = None,
-) -> Callable[[TrainState, PyTree, Batch], tuple[TrainState, jax.Array]]:
-    """Returns ``chunk(state, frozen, data, length=None, pack=0) -> (state, losses [length])``.
+) -> Callable[..., tuple[TrainState, jax.Array]]:
+    """Returns jitted ``chunk(state, frozen, data, length=None, pack_length=None) -> (state,
+    losses [length])`` of one run (no member axis): the step :func:`fit` vmaps over members.
 
     ``data`` is the whole training set as a dict of ``[N, ...]`` arrays (with ``labels`` [N]);
     ``frozen`` is passed in (not closed over) so its arrays are not baked into the program.
+    ``length`` (static; default ``cfg.eval_every``) is the number of steps. ``pack_length``
+    (static): each step's batch packed into one row of that many tokens
+    (:func:`lora_jax.packing.pack`; size it with :func:`pack_length`); one device only.
 
     With a ``mesh``, the program is compiled with in / out shardings from ``rules`` (default
-    :func:`lora_jax.sharding.rules_for_mesh`): the state (trainable tree and optimizer state)
-    and ``frozen`` by their logical axes, ``data`` over the batch axes, and each step's batch
-    constrained to the batch axes. The state keeps its shardings from chunk to chunk.
-    ``length`` (static; default ``cfg.eval_every``) is the number of steps; each distinct value
-    is compiled once. ``pack`` (static): when > 0, each step's batch is packed into one row of
-    that many tokens (:func:`lora_jax.packing.pack`; size it with :func:`pack_length`), so
-    padding costs no compute; the model must read packed batches. One device only.
+    :func:`lora_jax.sharding.rules_for_mesh`): the state and ``frozen`` by their logical axes,
+    ``data`` over the batch axes, and each step's batch constrained to the batch axes.
     """
-    loss_fn = get_loss(cfg.loss)
     on_mesh = _MeshPlan.make(mesh, rules, cfg.batch_size)
+    fn = _chunk_fn(model_fn, optimizer, cfg, on_mesh and on_mesh.constrain_batch)
 
-    def objective(trainable, frozen, batch, dropout_rng):
-        outputs = model_fn(trainable, frozen, batch, dropout_rng)
-        return loss_fn(outputs, batch["labels"])
-
-    def step(carry, _, frozen, data, pack):
-        state: TrainState = carry
-        num_examples = data["labels"].shape[0]
-        idx = batch_indices(state.rng, state.step, num_examples, cfg.batch_size)
-        batch = jax.tree.map(lambda x: x[idx], data)
-        if pack:
-            batch = packing.pack(batch, pack)
-        if on_mesh is not None:
-            batch = on_mesh.constrain_batch(batch)
-        dropout_rng = dropout_key(state.rng, state.step) if cfg.dropout else None
-        loss, grads = jax.value_and_grad(objective)(state.trainable, frozen, batch, dropout_rng)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        return TrainState(state.step + 1, trainable, opt_state, state.rng), loss
-
-    def chunk(state, frozen, data, length=None, pack=0):
-        _check_length(pack, "train.pack_length", "train.fit")
-        if data["labels"].shape[0] < cfg.batch_size:
-            raise ConfigError(
-                f"Training set has {data['labels'].shape[0]} examples, fewer than "
-                f"batch_size={cfg.batch_size}; lower TrainConfig.batch_size."
-            )
-        body = lambda carry, x: step(carry, x, frozen, data, pack)  # noqa: E731
-        return jax.lax.scan(body, state, None, length=length or cfg.eval_every)
+    def chunk(state, frozen, data, length=None, pack_length=None):
+        return fn(state, frozen, data, length or cfg.eval_every, pack_length)
 
     if on_mesh is None:
-        return jax.jit(chunk, donate_argnums=0, static_argnames=("length", "pack"))
+        return jax.jit(chunk, donate_argnums=0, static_argnames=("length", "pack_length"))
     sharded = on_mesh.jit(
         chunk,
         lambda state, frozen, data: (on_mesh.tree(state), on_mesh.tree(frozen), on_mesh.data(data)),
@@ -325,15 +377,19 @@ def make_train_chunk(
         donate_argnums=0,
     )
 
-    def on_mesh_chunk(state, frozen, data, length=None, pack=0):
-        if pack:
-            raise ConfigError(
-                "Packed batches run on one device (a packed row cannot be split over the batch "
-                "axes); train on a mesh with pack=False."
-            )
+    def on_mesh_chunk(state, frozen, data, length=None, pack_length=None):
+        _refuse_packing_on_mesh(pack_length)
         return sharded(state, frozen, data, length=length)
 
     return on_mesh_chunk
+
+
+def _refuse_packing_on_mesh(pack_length: int | None) -> None:
+    if pack_length:
+        raise ConfigError(
+            "Packed batches run on one device (a packed row cannot be split over the batch "
+            "axes); train on a mesh with pack_length=None."
+        )
 
 
 class _MeshPlan(NamedTuple):
@@ -368,7 +424,11 @@ class _MeshPlan(NamedTuple):
         return sharding_lib.data_shardings(data, self.mesh, self.rules)
 
     def constrain_batch(self, batch: Batch) -> dict:
-        """Splits the first dimension of every array of ``batch`` over the batch mesh axes."""
+        """Splits the first dimension of every array of ``batch`` over the batch mesh axes
+        (where they divide it)."""
+        ways = sharding_lib.batch_ways(self.mesh, self.rules)
+        if num_rows(batch) % ways:
+            return dict(batch)
         spec = sharding_lib.batch_sharding(self.mesh, self.rules, (0,)).spec
         return {
             k: jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
@@ -376,11 +436,9 @@ class _MeshPlan(NamedTuple):
         }
 
     def jit(self, fn, in_shardings_fn, out_shardings_fn, donate_argnums=()):
-        """``jax.jit(fn)`` with in / out shardings derived from the arguments' paths and shapes.
-
-        One compiled program per argument structure (shapes and shardings) and per value of
-        the keyword arguments (static, like ``jax.jit`` 's ``static_argnames``).
-        """
+        """``jax.jit(fn)`` with in / out shardings derived from the arguments' paths and shapes:
+        one ``jax.jit`` per argument sharding structure, and per value of the keyword arguments
+        (static, like ``jax.jit`` 's ``static_argnames``)."""
         compiled: dict = {}
 
         def call(*args, **static):
@@ -398,6 +456,24 @@ class _MeshPlan(NamedTuple):
         return call
 
 
+def _predict_fn(
+    model_fn: ModelFn, batch_size: int, constrain_batch: Callable[[Batch], Batch] | None
+) -> Callable:
+    """The traceable ``predict(trainable, frozen, data, pack_length) -> [N, K]`` of one member."""
+
+    def predict(trainable, frozen, data, pack_length):
+        def run_block(b):
+            if pack_length:
+                b = packing.pack(b, pack_length)
+            if constrain_batch is not None:
+                b = constrain_batch(b)
+            return model_fn(trainable, frozen, b, None)
+
+        return map_rows(run_block, data, batch_size)
+
+    return predict
+
+
 def make_predict(
     model_fn: ModelFn,
     batch_size: int,
@@ -405,46 +481,43 @@ def make_predict(
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules | None = None,
     by_length: bool = False,
-) -> Callable[[PyTree, PyTree, Batch], jax.Array]:
-    """Returns jitted ``predict(trainable, frozen, data, pack=0) -> outputs [N, K]`` in batches.
+) -> Callable[..., jax.Array]:
+    """Returns jitted ``predict(trainable, frozen, data, pack_length=None) -> outputs [N, K]`` of
+    one run (no member axis), in batches.
 
     ``data`` (a dict of ``[N, ...]`` arrays) is split into ``ceil(N / batch_size)`` batches of
     one static size, as even as possible (so 32 rows run as one batch of 32, not one of 64, and
     1000 as 16 of 63), and mapped over with ``lax.map``; padding rows are dropped from the
-    result. With a ``mesh`` the parameters are placed by ``rules``, each block is split over the
-    batch axes when its row count is a multiple of their shard count, and the outputs are
-    replicated.
+    result. ``pack_length`` (static): each block packed into one row of that many tokens
+    (:func:`lora_jax.packing.block_length`). With a ``mesh`` the parameters are placed by
+    ``rules``, each block is split over the batch axes when its row count is a multiple of
+    their shard count, and the outputs are replicated.
 
-    With ``by_length`` (one device only) the rows of data with an ``attention_mask`` run sorted
-    by token length, each group of blocks cut to its own longest row, and the outputs come back
-    in order (:func:`lora_jax.rows.by_length`): the same outputs, with less padding computed
-    when lengths vary (a few shapes, each compiled once). That ``predict`` runs on the host
-    side and cannot be traced (no ``jax.vmap`` / ``jax.jit`` around it); its ``pack=True``
-    packs each block instead (:mod:`lora_jax.packing`, for a ``model_fn`` that reads packed
-    rows): one shape, the padding left out of the dense layers. The traceable ``predict``'s
-    ``pack`` (static) is the packed length itself (:func:`lora_jax.packing.block_length`).
+    With ``by_length`` (one device only) the returned ``predict(trainable, frozen, data, *,
+    packed=False)`` runs on the host side (no ``jax.vmap`` / ``jax.jit`` around it): rows of
+    data with an ``attention_mask`` run sorted by token length, each group of blocks cut to its
+    own longest row (:func:`lora_jax.rows.by_length`), outputs back in order: the same outputs
+    with less padding computed. ``packed=True`` packs each block instead (for a ``model_fn``
+    that reads packed rows): one shape, the padding left out of the dense layers.
     """
     on_mesh = _MeshPlan.make(mesh, rules, None)
-    ways = 1 if on_mesh is None else sharding_lib.batch_ways(on_mesh.mesh, on_mesh.rules)
+    fn = _predict_fn(model_fn, batch_size, on_mesh and on_mesh.constrain_batch)
 
-    def predict(trainable, frozen, data, pack=0):
-        _check_length(pack, "packing.block_length", "make_predict(by_length=True)'s predict")
-
-        def run_block(b):
-            if pack:
-                b = packing.pack(b, pack)
-            if on_mesh is not None and num_rows(b) % ways == 0:
-                b = on_mesh.constrain_batch(b)
-            return model_fn(trainable, frozen, b, None)
-
-        return map_rows(run_block, data, batch_size)
+    def predict(trainable, frozen, data, pack_length=None):
+        return fn(trainable, frozen, data, pack_length)
 
     if on_mesh is None:
-        jitted = jax.jit(predict, static_argnames="pack")
-        return _host_predict(jitted, model_fn, batch_size) if by_length else jitted
+        jitted = jax.jit(predict, static_argnames="pack_length")
+        if not by_length:
+            return jitted
+        return _host_predict(
+            lambda *args, pack_length=None: jitted(*args, pack_length=pack_length),
+            model_fn,
+            batch_size,
+        )
     if by_length:
         raise ConfigError("make_predict(by_length=True) runs on one device; pass mesh=None.")
-    return on_mesh.jit(
+    sharded = on_mesh.jit(
         predict,
         lambda trainable, frozen, data: (
             on_mesh.tree(trainable),
@@ -454,68 +527,404 @@ def make_predict(
         lambda ins: on_mesh.replicated,
     )
 
+    def on_mesh_predict(trainable, frozen, data, pack_length=None):
+        _refuse_packing_on_mesh(pack_length)
+        return sharded(trainable, frozen, data)
 
-def _host_predict(jitted: Callable, model_fn: ModelFn, batch_size: int) -> Callable:
-    """``predict(trainable, frozen, data, *, pack=False)``: sorted by length, or packed."""
-    sorted_predict = by_length_fn(jitted, batch_size)
+    return on_mesh_predict
 
-    def predict(trainable, frozen, data, *, pack: bool = False):
-        if not pack or "attention_mask" not in data:
-            return sorted_predict(trainable, frozen, data)
-        check_packs_rows(model_fn)
-        length = packing.block_length(data["attention_mask"], batch_size)
-        return jitted(trainable, frozen, data, pack=length)
+
+def _host_predict(
+    jitted: Callable, model_fn: ModelFn, batch_size: int, *, members_axis: bool = False
+) -> Callable:
+    """``predict(trainable, frozen, data, *, packed=False)`` around a jitted
+    ``jitted(trainable, frozen, data, pack_length=...)``: rows sorted by length, or each block
+    packed. With ``members_axis``, outputs are ``[n, N, K]`` and ``data`` is shared (rows
+    ``[N, ...]``) or per member (``[n, N, ...]``)."""
+
+    def predict(trainable, frozen, data, *, packed: bool = False):
+        if "attention_mask" not in data:
+            return jitted(trainable, frozen, data)
+        if packed:
+            check_packs_rows(model_fn)
+            length = packing.block_length(data["attention_mask"], batch_size)
+            return jitted(trainable, frozen, data, pack_length=length)
+        per_member = members_axis and np.ndim(data["attention_mask"]) == 3
+        copies = members.count(trainable) if members_axis and not per_member else 1
+        return rows.by_length(
+            lambda part: jitted(trainable, frozen, part),
+            data,
+            batch_size,
+            members=per_member,
+            out_axis=1 if members_axis else 0,
+            copies=copies,  # a shared row runs once per member
+        )
 
     return predict
 
 
 def evaluate(
     predict: Callable, trainable: PyTree, frozen: PyTree, data: Batch, loss: Loss | str = Loss.CE
-) -> dict[str, float]:
-    """Accuracy and loss of ``predict`` 's outputs on ``data`` (a dict with ``labels``)."""
-    outputs = predict(trainable, frozen, data)
-    labels = data["labels"]
+) -> dict[str, Any]:
+    """Accuracy and loss of ``predict`` 's outputs on ``data`` (a dict with ``labels``).
+
+    Outputs ``[N, K]`` give floats; outputs of a job ``[n, N, K]`` give arrays ``[n]`` (labels
+    ``[N]`` shared by the members, or ``[n, N]``).
+    """
+    outputs = predict(trainable, frozen, data)  # (N, K) or (n, N, K)
+    labels = jnp.broadcast_to(data["labels"], outputs.shape[:-1])
+    loss_fn = get_loss(loss)
+    if outputs.ndim == 2:
+        return {
+            "accuracy": float(jnp.mean(jnp.argmax(outputs, -1) == labels)),
+            "loss": float(loss_fn(outputs, labels)),
+        }
     return {
-        "accuracy": float(jnp.mean(jnp.argmax(outputs, -1) == labels)),
-        "loss": float(get_loss(loss)(outputs, labels)),
+        "accuracy": np.asarray(jnp.mean(jnp.argmax(outputs, -1) == labels, axis=-1)),
+        "loss": np.asarray(jax.vmap(loss_fn)(outputs, labels)),
     }
 
 
-class Programs(NamedTuple):
-    """The optimizer and compiled programs of one (model_fn, config)."""
-
-    optimizer: optax.GradientTransformation
-    chunk: Callable  # see make_train_chunk
-    predict: Callable  # see make_predict (by_length on one device)
+# -- a job's programs -----------------------------------------------------------------------------
 
 
-def programs(
+class JobPrograms(NamedTuple):
+    """The compiled programs of a job (:func:`job_programs`); every leaf of ``state`` /
+    ``trainable`` has the member axis ``[n, ...]``."""
+
+    # chunk(state, frozen, data, length, *, shared, pack_length=None) -> (state, losses [n, length])
+    chunk: Callable
+    # predict(trainable, frozen, data, *, packed=False) -> outputs [n, N, K]
+    predict: Callable
+
+
+def job_programs(
     model_fn: ModelFn,
     cfg: TrainConfig,
     *,
+    member_inputs: bool = False,
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules | None = None,
-) -> Programs:
-    """Optimizer, train chunk and predict for ``model_fn`` and ``cfg``, built once and reused.
+) -> JobPrograms:
+    """The training chunk and predict of ``model_fn`` vmapped over a job's members; cached.
 
-    Runs that differ only in ``cfg.seed`` (the seeds of a sweep) share the compiled programs,
-    since the seed lives in the state, not in the program. ``mesh`` and ``rules`` as in
-    :func:`make_train_chunk`; without a mesh, ``predict`` sorts rows by length
-    (``make_predict(by_length=True)``).
+    This is the project's one compile cache. Its key is what determines the programs:
+    ``model_fn`` (the function object itself: build it once and reuse it), ``cfg`` without its
+    ``seed`` and ``learning_rate`` (they live in the state), whether ``frozen`` carries
+    per-member inputs (``(frozen, member_inputs)``, batched on their leading axis, e.g.
+    ``lora.StackPlan.factors``), the mesh and the rule table. Under each entry ``jax.jit``
+    compiles once per distinct argument shapes, dtypes and shardings (the member count ``n``, the
+    data's row and token counts) and static arguments (chunk length, ``shared``, packed
+    length). So a run recompiles when any of these differ from an earlier run of the process,
+    and never for a new seed or learning rate.
+
+    ``shared`` (static) says whether ``data`` is one dict for all members (unbatched) or one
+    per member (leading axis ``[n, ...]``); ``predict`` tells by the rank of
+    ``attention_mask`` / ``labels``. On a mesh the members of a job of n > 1 are split over the
+    mesh axes of the ``adapter`` rule and each member's batch is left whole; a job of one is
+    data parallel (each batch over the ``batch`` axes).
     """
-    frozen_rules = None if rules is None else tuple(sorted((k, tuple(v)) for k, v in rules.items()))
-    return _programs(model_fn, dataclasses.replace(cfg, seed=0), mesh, frozen_rules)
+    cfg = dataclasses.replace(cfg, seed=0, learning_rate=1.0)
+    table = None
+    if mesh is not None:
+        table = sharding_lib.rules_for_mesh(mesh) if rules is None else rules
+        sharding_lib.check_rules(table, mesh)
+        table = tuple(sorted((k, tuple(v)) for k, v in table.items()))
+    return _job_programs(model_fn, cfg, member_inputs, mesh, table)
+
+
+def _job_rules(mesh: Mesh, rules: sharding_lib.Rules | None, n: int) -> dict:
+    """The rule table of a job of ``n`` on ``mesh``: members over the ``adapter`` axes (unless
+    n = 1), default :func:`lora_jax.sharding.rules_for_mesh`."""
+    table = dict(sharding_lib.rules_for_mesh(mesh) if rules is None else rules)
+    if n == 1:
+        table["adapter"] = ()
+    return table
 
 
 @functools.lru_cache(maxsize=32)
-def _programs(model_fn: ModelFn, cfg: TrainConfig, mesh, rules) -> Programs:
-    rules = None if rules is None else dict(rules)
+def _job_programs(model_fn, cfg, member_inputs: bool, mesh, table) -> JobPrograms:
+    frozen_axes = (None, 0) if member_inputs else None
     optimizer = make_optimizer(cfg)
-    return Programs(
-        optimizer,
-        make_train_chunk(model_fn, optimizer, cfg, mesh=mesh, rules=rules),
-        make_predict(model_fn, cfg.eval_batch_size, mesh=mesh, rules=rules, by_length=mesh is None),
+
+    def on_mesh(n: int) -> _MeshPlan | None:
+        """The mesh plan of a job of n, with the batch split only when members are not."""
+        if mesh is None:
+            return None
+        rules = dict(table)
+        if n > 1:
+            rules["batch"] = ()
+        else:
+            rules["adapter"] = ()
+        return _MeshPlan(mesh, rules)
+
+    def chunk(state, frozen, data, length, shared, pack_length=None):
+        plan = on_mesh(int(state.step.shape[0]))
+        one = _chunk_fn(model_fn, optimizer, cfg, plan and plan.constrain_batch)
+        one = functools.partial(one, length=length, pack_length=pack_length)
+        state, losses = jax.vmap(one, in_axes=(0, frozen_axes, None if shared else 0))(
+            state, frozen, data
+        )
+        if plan is not None:
+            state = jax.lax.with_sharding_constraint(state, plan.tree(state))
+        return state, losses
+
+    def vpredict(trainable, frozen, data, shared, pack_length=None):
+        plan = on_mesh(members.count(trainable))
+        one = _predict_fn(model_fn, cfg.eval_batch_size, plan and plan.constrain_batch)
+        one = functools.partial(one, pack_length=pack_length)
+        out = jax.vmap(one, in_axes=(0, frozen_axes, None if shared else 0))(
+            trainable, frozen, data
+        )
+        return out if plan is None else jax.lax.with_sharding_constraint(out, plan.replicated)
+
+    jitted = jax.jit(vpredict, static_argnames=("shared", "pack_length"))
+
+    def predict(trainable, frozen, data, pack_length=None):
+        shared = np.ndim(data["labels"]) == 1
+        return jitted(trainable, frozen, data, shared, pack_length=pack_length)
+
+    if mesh is not None:
+
+        def host_predict(trainable, frozen, data, *, packed=False):
+            _refuse_packing_on_mesh(packed)
+            return predict(trainable, frozen, data)
+
+    else:
+        host_predict = _host_predict(predict, model_fn, cfg.eval_batch_size, members_axis=True)
+    return JobPrograms(
+        jax.jit(chunk, donate_argnums=0, static_argnames=("length", "shared", "pack_length")),
+        host_predict,
     )
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def write_metrics(paths: Sequence[str | os.PathLike]) -> Callable[[Evaluation], None]:
+    """A :func:`fit_job` callback appending member i's records to the JSONL file ``paths[i]``
+    (on process 0 only)."""
+
+    def callback(evaluation: Evaluation) -> None:
+        if jax.process_index() != 0:
+            return
+        for path, record in zip(paths, evaluation.records, strict=True):
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    return callback
+
+
+def _member_data(
+    data: Batch | Sequence[Batch], n: int, split: str, names: Sequence[str], batch_size: int = 0
+) -> tuple[dict, bool]:
+    """``(arrays, shared)``: one dict for all members, or the members' dicts stacked."""
+    datas = [data] if isinstance(data, Mapping) else list(data)
+    if not isinstance(data, Mapping) and len(datas) != n:
+        raise ConfigError(f"fit_job got {len(datas)} {split} sets for {n} members; one each.")
+    for i, d in enumerate(datas):
+        size = int(np.shape(d["labels"])[0])
+        if size < batch_size:
+            who = names[i] if not isinstance(data, Mapping) else " / ".join(names)
+            raise ConfigError(
+                f"{who}: the training set has {size} examples, fewer than the batch size "
+                f"{batch_size}; lower the batch size (TrainConfig.batch_size, --batch-size) to "
+                f"{size} or less, or give it more examples."
+            )
+    if isinstance(data, Mapping):
+        return {k: jnp.asarray(v) for k, v in data.items()}, True
+    shapes = [{k: tuple(np.shape(v)) for k, v in d.items()} for d in datas]
+    for i, s in enumerate(shapes):
+        if s != shapes[0]:
+            raise ConfigError(
+                f"The {split} sets of {names[0]} and {names[i]} differ in shape ({shapes[0]} vs "
+                f"{s}); the members of one job need equally many examples of one length. Fix: "
+                "pad the sequences to one length, or run them in separate jobs."
+            )
+    return members.stack([{k: jnp.asarray(v) for k, v in d.items()} for d in datas]), False
+
+
+def _place(tree: PyTree, mesh: Mesh | None, table: dict, *, data: bool = False, shared=True):
+    """Puts ``tree`` on the mesh: parameter trees by their logical axes, shared data over the
+    batch axes, per-member data over the ``adapter`` axes."""
+    if mesh is None or tree is None:
+        return tree
+    if not data:
+        return sharding_lib.place(tree, sharding_lib.tree_shardings(tree, mesh, table))
+    if shared:
+        if table["batch"]:
+            return sharding_lib.place_data(dict(tree), mesh, table)
+        return sharding_lib.place(tree, jax.tree.map(lambda _: sharding_lib.replicated(mesh), tree))
+    axes = lambda x: ("adapter",) + (None,) * (np.ndim(x) - 1)  # noqa: E731
+    return sharding_lib.place(
+        tree,
+        jax.tree.map(
+            lambda x: NamedSharding(
+                mesh, sharding_lib.spec(axes(x), np.shape(x), mesh, table, where="job members")
+            ),
+            tree,
+        ),
+    )
+
+
+def fit_job(
+    model_fn: ModelFn,
+    state: TrainState,
+    frozen: PyTree,
+    train_data: Batch | Sequence[Batch],
+    dev_data: Batch | Sequence[Batch],
+    cfg: TrainConfig,
+    *,
+    member_inputs: PyTree | None = None,
+    test_data: Batch | None = None,
+    names: Sequence[str] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    callbacks: Sequence[Callable[[Evaluation], None]] = (),
+    progress: bool | str = True,
+    mesh: Mesh | None = None,
+    rules: sharding_lib.Rules | None = None,
+    pack_length: int | None = None,
+) -> list[FitResult]:
+    """Trains the ``n`` members of a job for ``cfg.steps``, evaluating on dev every
+    ``cfg.eval_every`` steps and after the last one (see :func:`chunk_lengths`).
+
+    Each member keeps its parameters of best dev accuracy (ties: the earlier step, as in
+    LM-BFF). Member i's losses, best step and parameters are those of :func:`fit` on member i
+    alone (to float rounding). With ``checkpoint_dir`` the stacked state and best parameters are
+    saved with orbax at every evaluation, and a later call with the same directory resumes from
+    the last one, identical to an uninterrupted run.
+
+    Args:
+      model_fn: ``(trainable, frozen, batch, dropout_rng) -> [B, K]`` of one member; with
+        ``member_inputs`` it receives ``frozen`` as ``(frozen, member_inputs[i])``.
+      state: stacked initial state (:func:`init_states`); ignored when resuming.
+      frozen: parameters shared by all members, passed once and unbatched.
+      train_data: a dict of ``[N_train, ...]`` arrays (with ``labels``) shared by all members,
+        or one such dict per member (all of one shape).
+      dev_data: as ``train_data``, for dev.
+      cfg: shared hyperparameters (``learning_rate`` and ``seed`` are per member, in ``state``).
+      member_inputs: per-member inputs that are not trained, leaves ``[n, ...]``.
+      test_data: evaluated with each member's best parameters at the end (``FitResult.test``).
+      names: a name per member for messages (e.g. ``mr/lora-r1/seed13``).
+      checkpoint_dir: where to save / resume; None disables checkpoints.
+      callbacks: called with an :class:`Evaluation` after each dev evaluation (e.g.
+        :func:`write_metrics`).
+      progress: show a tqdm bar over member-steps (a string is used as its description).
+      mesh: run on this mesh (see :mod:`lora_jax.sharding`), placed by ``rules`` (default
+        ``rules_for_mesh(mesh)``): a job of one is data parallel (each batch over the ``batch``
+        axes, parameters by their logical axes); a larger job splits its members over the
+        ``adapter`` axes with the base placed by its logical axes. On several processes every
+        process calls with the same arguments and contributes its own rows (jobs of one only).
+      rules: the logical-axis rule table.
+      pack_length: train on packed batches of this many tokens (:mod:`lora_jax.packing`; at
+        least :func:`pack_length` of every member), so padding costs no compute; dev and test
+        are evaluated packed too. Needs a ``model_fn`` that reads packed batches and one device.
+        None: padded batches.
+
+    Returns:
+      One :class:`FitResult` per member.
+
+    Raises:
+      ConfigError: a training set smaller than the batch, members' data that differ in shape
+        or number, packing on a mesh, or a job of several members on several processes.
+    """
+    n = int(state.step.shape[0])
+    names = list(names) if names is not None else [f"member {i}" for i in range(n)]
+    train_arrays, shared_train = _member_data(train_data, n, "training", names, cfg.batch_size)
+    dev_arrays, _ = _member_data(dev_data, n, "dev", names)
+    if pack_length is not None:
+        if mesh is not None:
+            _refuse_packing_on_mesh(pack_length)
+        check_packs_rows(model_fn)
+    if mesh is not None and n > 1 and jax.process_count() > 1:
+        raise ConfigError(
+            f"A job of {n} members runs on one process; on several processes train one member "
+            "per job."
+        )
+    programs = job_programs(
+        model_fn, cfg, member_inputs=member_inputs is not None, mesh=mesh, rules=rules
+    )
+    table = None if mesh is None else _job_rules(mesh, rules, n)
+    if mesh is not None and n == 1:
+        _MeshPlan.make(mesh, table, cfg.batch_size)  # each batch splits over the batch axes
+    place = functools.partial(_place, mesh=mesh, table=table)
+    state = jax.tree.map(jnp.copy, place(state))  # the chunks donate their state
+    best = jax.tree.map(jnp.copy, state.trainable)
+    log = {"best_accuracy": [-1.0] * n, "best_step": [0] * n, "history": [[] for _ in range(n)]}
+    if checkpoint_dir is not None:
+        restored = checkpoint.restore(checkpoint_dir, {"state": state, "best": best})
+        if restored is not None:
+            state, best, log = restored.tree["state"], restored.tree["best"], restored.meta
+    base = place(frozen)
+    args = base if member_inputs is None else (base, place(member_inputs))
+    train_arrays = place(train_arrays, data=True, shared=shared_train)
+    dev_arrays = place(dev_arrays, data=True, shared=np.ndim(dev_arrays["labels"]) == 1)
+    predict = functools.partial(programs.predict, packed=pack_length is not None)
+
+    start = int(state.step[0])
+    bar = tqdm(
+        total=n * cfg.steps,
+        initial=n * start,
+        desc=progress if isinstance(progress, str) else "train",
+        disable=not progress,
+        unit="member-step" if n > 1 else "step",
+        leave=False,
+    )
+    for length in chunk_lengths(cfg.steps, cfg.eval_every, start):
+        state, losses = programs.chunk(
+            state, args, train_arrays, length, shared=shared_train, pack_length=pack_length
+        )
+        step = int(state.step[0])
+        dev = evaluate(predict, state.trainable, args, dev_arrays, cfg.loss)
+        evaluation = _evaluation(step, np.asarray(jnp.mean(losses, axis=1)), dev, log)
+        if any(evaluation.improved):
+            # Copy: the next chunk donates (and so invalidates) the state's buffers.
+            best = members.select(jnp.asarray(evaluation.improved), state.trainable, best)
+            best = jax.tree.map(jnp.copy, best)
+        for callback in callbacks:
+            callback(evaluation)
+        if checkpoint_dir is not None:
+            checkpoint.save(checkpoint_dir, step, {"state": state, "best": best}, log)
+        bar.update(n * length)
+        bar.set_postfix(
+            loss=f"{np.mean([r['train_loss'] for r in evaluation.records]):.3f}",
+            dev=f"{np.mean(dev['accuracy']):.3f}",
+        )
+    bar.close()
+    test = None
+    if test_data is not None:
+        test_arrays, _ = _member_data(test_data, n, "test", names)
+        test_arrays = place(test_arrays, data=True, shared=True)
+        test = evaluate(predict, best, args, test_arrays, cfg.loss)
+    return [
+        FitResult(
+            members.member(state, i),
+            members.member(best, i),
+            log["best_step"][i],
+            log["best_accuracy"][i],
+            log["history"][i],
+            None if test is None else {k: float(v[i]) for k, v in test.items()},
+        )
+        for i in range(n)
+    ]
+
+
+def _evaluation(step: int, train_loss: np.ndarray, dev: dict, log: dict) -> Evaluation:
+    """The records of one evaluation; updates ``log`` 's best accuracy and step per member."""
+    records, improved = [], []
+    for i, loss in enumerate(train_loss):
+        record = {
+            "step": step,
+            "train_loss": float(loss),
+            "dev_accuracy": float(dev["accuracy"][i]),
+            "dev_loss": float(dev["loss"][i]),
+        }
+        improved.append(record["dev_accuracy"] > log["best_accuracy"][i])
+        if improved[-1]:
+            log["best_accuracy"][i], log["best_step"][i] = record["dev_accuracy"], step
+        log["history"][i].append(record)
+        records.append(record)
+    return Evaluation(step, records, improved)
 
 
 def fit(
@@ -526,22 +935,15 @@ def fit(
     dev_data: Batch,
     cfg: TrainConfig,
     *,
-    optimizer: optax.GradientTransformation | None = None,
+    test_data: Batch | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     metrics_path: str | os.PathLike | None = None,
     progress: bool | str = True,
     mesh: Mesh | None = None,
     rules: sharding_lib.Rules | None = None,
-    pack: bool | int = False,
+    pack_length: int | None = None,
 ) -> FitResult:
-    """Trains for ``cfg.steps``, evaluating on ``dev_data`` every ``cfg.eval_every`` steps and
-    after the last one (see :func:`chunk_lengths`).
-
-    Keeps the trainable parameters of the best dev accuracy (ties: the earlier step, as in
-    LM-BFF). With ``checkpoint_dir`` the state and the best parameters are saved with orbax at
-    every evaluation, and a later call with the same directory resumes from the last one; the
-    result is then identical to an uninterrupted run. With ``metrics_path`` each evaluation is
-    appended to that JSONL file.
+    """Trains one run: :func:`fit_job` with a job of one member.
 
     Args:
       model_fn: ``(trainable, frozen, batch, dropout_rng) -> outputs [B, K]``.
@@ -550,101 +952,33 @@ def fit(
       train_data: dict of ``[N_train, ...]`` arrays with ``labels``.
       dev_data: dict of ``[N_dev, ...]`` arrays with ``labels``.
       cfg: hyperparameters.
-      optimizer: defaults to :func:`make_optimizer` (cfg), compiled once per (model_fn, cfg)
-        (see :func:`programs`); must match the one ``state`` was built with.
+      test_data: evaluated with the best parameters at the end (``FitResult.test``).
       checkpoint_dir: where to save / resume; None disables checkpoints.
-      metrics_path: JSONL file to append evaluation records to.
+      metrics_path: JSONL file to append evaluation records to (process 0 only).
       progress: show a tqdm bar (a string is used as its description).
-      mesh: run on this mesh (see :mod:`lora_jax.sharding`): ``frozen``, the state and the data
-        are placed by ``rules`` (default ``rules_for_mesh(mesh)``), and the state stays sharded.
-        On several processes every process calls ``fit`` with the same arguments; each
-        contributes its own rows of the data, checkpoints are written collectively, and only
-        process 0 appends to ``metrics_path``.
+      mesh: run data parallel on this mesh (see :func:`fit_job`); on several processes every
+        process calls ``fit`` with the same arguments and contributes its own rows of the data.
       rules: the logical-axis rule table.
-      pack: train on packed batches (:mod:`lora_jax.packing`): each step's rows laid end to
-        end in one row, as long as the run's largest batch of real tokens (True), or of this
-        many tokens (an int at least that large: runs that share one length share one
-        compiled chunk), so padding costs no compute; the dev set is evaluated packed too.
-        Same model, same batches, same results to float rounding (dropout: the same rates on
-        other random masks). Needs a ``model_fn`` that reads packed batches (``packs_rows``)
-        and one device.
+      pack_length: train (and evaluate) on packed batches of this many tokens; at least
+        :func:`pack_length` (``model_fn, state.rng, cfg.steps, train_data, cfg.batch_size``).
 
     Returns:
       A :class:`FitResult`.
     """
-    if pack and mesh is not None:
-        raise ConfigError(
-            "pack=True runs on one device (a packed row cannot be split over the batch axes); "
-            "train on a mesh with pack=False."
-        )
-    packed = 0
-    if pack:
-        packed = pack_length(model_fn, state.rng, cfg.steps, train_data, cfg.batch_size)
-        if pack is not True:
-            if pack < packed:
-                raise ConfigError(
-                    f"pack={pack} tokens cannot hold this run's largest batch ({packed} tokens); "
-                    "pass pack=True to size it, or a length >= that."
-                )
-            packed = int(pack)
-    if optimizer is None:
-        _, chunk, predict = programs(model_fn, cfg, mesh=mesh, rules=rules)
-    else:
-        chunk = make_train_chunk(model_fn, optimizer, cfg, mesh=mesh, rules=rules)
-        predict = make_predict(
-            model_fn, cfg.eval_batch_size, mesh=mesh, rules=rules, by_length=mesh is None
-        )
-    if mesh is None:
-        train_data = jax.tree.map(jnp.asarray, dict(train_data))
-        dev_data = jax.tree.map(jnp.asarray, dict(dev_data))
-        # fit() donates its state to the compiled chunks; copy so the caller's arrays stay valid.
-        state = jax.tree.map(jnp.copy, state)
-    else:
-        table = sharding_lib.rules_for_mesh(mesh) if rules is None else rules
-        train_data = sharding_lib.place_data(dict(train_data), mesh, table)
-        dev_data = sharding_lib.place_data(dict(dev_data), mesh, table)
-        frozen = sharding_lib.place(frozen, sharding_lib.tree_shardings(frozen, mesh, table))
-        shardings = sharding_lib.tree_shardings(state, mesh, table)
-        state = jax.tree.map(jnp.copy, sharding_lib.place(state, shardings))
-    best_trainable = state.trainable
-    log = {"best_accuracy": -1.0, "best_step": 0, "history": []}  # saved as checkpoint metadata
-    if checkpoint_dir is not None:
-        restored = checkpoint.restore(checkpoint_dir, {"state": state, "best": best_trainable})
-        if restored is not None:
-            state, best_trainable = restored.tree["state"], restored.tree["best"]
-            log = restored.meta
-
-    dev_predict = functools.partial(predict, pack=True) if pack else predict
-    start = int(state.step)
-    bar = tqdm(
-        total=cfg.steps,
-        initial=start,
-        desc=progress if isinstance(progress, str) else "train",
-        disable=not progress,
-        unit="step",
-        leave=False,
+    callbacks = () if metrics_path is None else (write_metrics([metrics_path]),)
+    (result,) = fit_job(
+        model_fn,
+        members.stack([state]),
+        frozen,
+        train_data,
+        dev_data,
+        cfg,
+        test_data=test_data,
+        checkpoint_dir=checkpoint_dir,
+        callbacks=callbacks,
+        progress=progress,
+        mesh=mesh,
+        rules=rules,
+        pack_length=pack_length,
     )
-    for length in chunk_lengths(cfg.steps, cfg.eval_every, start):
-        state, losses = chunk(state, frozen, train_data, length, packed)
-        step = int(state.step)
-        dev = evaluate(dev_predict, state.trainable, frozen, dev_data, cfg.loss)
-        record = {
-            "step": step,
-            "train_loss": float(jnp.mean(losses)),
-            "dev_accuracy": dev["accuracy"],
-            "dev_loss": dev["loss"],
-        }
-        if dev["accuracy"] > log["best_accuracy"]:
-            # Copy: the next chunk donates (and so invalidates) the state's buffers.
-            best_trainable = jax.tree.map(jnp.copy, state.trainable)
-            log.update(best_accuracy=dev["accuracy"], best_step=step)
-        log["history"].append(record)
-        if metrics_path is not None and jax.process_index() == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if checkpoint_dir is not None:
-            checkpoint.save(checkpoint_dir, step, {"state": state, "best": best_trainable}, log)
-        bar.update(length)
-        bar.set_postfix(loss=f"{record['train_loss']:.3f}", dev=f"{dev['accuracy']:.3f}")
-    bar.close()
-    return FitResult(state, best_trainable, log["best_step"], log["best_accuracy"], log["history"])
+    return result

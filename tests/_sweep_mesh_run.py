@@ -1,4 +1,4 @@
-"""Subprocess body of tests/test_sweep.py's mesh test: 4 sweep members on a data=4 mesh of
+"""Subprocess body of tests/test_sweep.py's mesh test: a job of 4 members on a data=4 mesh of
 simulated CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``) vs one device.
 Prints one JSON object."""
 
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from _mesh_runs import tiny_config  # the script's directory is on sys.path
 
-from lora_jax import lora, models, sweep, train
+from lora_jax import lora, models, train
 from lora_jax import sharding as sh
 from lora_jax.readout import make_output_fn
 from lora_jax.trainable import Method, make_model_fn
@@ -29,20 +29,20 @@ def main():
             }
         )
     configs = [lora.LoraConfig(r=r, alpha=2.0 * r, targets="query|value") for r in (1, 2, 1, 2)]
-    plan = sweep.plan_lora(params, configs)
+    plan = lora.plan_stack(params, configs)
     tcfg = train.TrainConfig(steps=4, eval_every=2, batch_size=4, eval_batch_size=12)
     seeds = [0, 1, 2, 3]
-    fn = sweep.lora_model_fn(
+    fn = lora.with_member_factors(
         make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
     )
 
     def fresh():
-        return sweep.init_states(sweep.init_lora(params, plan, seeds), tcfg, [3e-2] * 4, seeds)
+        return train.init_states(lora.init_stack(params, plan, seeds), tcfg, [3e-2] * 4, seeds)
 
     mesh = sh.make_mesh("data=4", jax.devices()[:4])
     out = {}
     for name, m in (("one", None), ("mesh", mesh)):
-        res = sweep.fit(
+        res = train.fit_job(
             fn,
             fresh(),
             params,
@@ -50,29 +50,34 @@ def main():
             datas,
             tcfg,
             member_inputs=plan.factors,
+            test_data=datas[0],
             progress=False,
             mesh=m,
         )
         out[name] = {
             "losses": [[h["train_loss"] for h in r.history] for r in res],
             "best_step": [r.best_step for r in res],
+            "test": [r.test["accuracy"] for r in res],
             "b": [
                 np.asarray(next(iter(r.state.trainable.values()))["lora_b"]).tolist() for r in res
             ],
         }
-    # Where the stacked state lives after a chunk on the mesh.
-    table = sh.rules("adapter")
-    state = sweep._along_members(fresh(), mesh, table)
-    frozen = (
-        jax.device_put(params, sh.replicated(mesh)),
-        sweep._along_members(plan.factors, mesh, table),
+        # Where the job's state lives after training on the mesh (default rule table).
+        leaf = next(iter(res[0].state.trainable.values()))["lora_a"]
+        out[name]["devices"] = len(leaf.sharding.device_set)
+    # The members split over the data axis inside the loop: a chunk's output state.
+    programs = train.job_programs(fn, tcfg, member_inputs=True, mesh=mesh)
+    table = sh.rules_for_mesh(mesh)
+    state = sh.place(fresh(), sh.tree_shardings(fresh(), mesh, table))
+    frozen = (sh.place(params, sh.tree_shardings(params, mesh, table)), plan.factors)
+    data = jax.device_put(
+        jax.tree.map(lambda *xs: np.stack(xs), *datas),
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
     )
-    data = sweep._along_members(sweep.stack(datas), mesh, table)
-    chunk = sweep.programs(fn, tcfg, member_inputs=True, shared_data=False).chunk
-    state, _ = chunk(state, frozen, data, 2)
+    state, _ = programs.chunk(state, frozen, data, 2, shared=False)
     leaf = next(iter(state.trainable.values()))["lora_a"]
     out["spec"] = str(leaf.sharding.spec)
-    out["devices"] = len(leaf.sharding.device_set)
+    out["chunk_devices"] = len(leaf.sharding.device_set)
     print(json.dumps(out))
 
 

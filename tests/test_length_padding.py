@@ -112,13 +112,13 @@ def test_vectorized_job_of_members_with_different_lengths_equals_each_member_alo
     assert all(d.test is own[0].test for d in job)
 
     configs = [lora.LoraConfig(r=r, alpha=2.0 * r, targets="query|value") for r in (1, 2, 1)]
-    plan = sweep.plan_lora(params, configs)
-    state = sweep.init_states(
-        sweep.init_lora(params, plan, seeds), TCFG, [TCFG.learning_rate] * 3, seeds
+    plan = lora.plan_stack(params, configs)
+    state = train.init_states(
+        lora.init_stack(params, plan, seeds), TCFG, [TCFG.learning_rate] * 3, seeds
     )
     fused = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
-    vec_fn = sweep.lora_model_fn(fused)
-    vec = sweep.fit(
+    vec_fn = lora.with_member_factors(fused)
+    vec = train.fit_job(
         vec_fn,
         state,
         params,
@@ -136,7 +136,7 @@ def test_vectorized_job_of_members_with_different_lengths_equals_each_member_alo
     _assert_same(vec, plan, seq, rtol=1e-5, atol=1e-6)
 
     # The job's test predictions (shared test set, sorted by length) are each member's own.
-    best = sweep.stack([r.best_trainable for r in vec])
+    best = members.stack([r.best_trainable for r in vec])
     predict = sweep.programs(vec_fn, TCFG, member_inputs=True, shared_data=True).predict
     outputs = predict(best, (params, plan.factors), own[0].test)  # (3, N, K)
     for i, (f, s) in enumerate(zip(seq_fns, seq, strict=True)):
@@ -198,12 +198,12 @@ def test_sorted_evaluation_equals_unsorted_evaluation(bench):
     )
 
     # Vectorized: stacked data whose members' rows are in different orders, and shared data.
-    plan = sweep.plan_lora(params, [LORA, LORA])
-    stacked_adapters = jax.tree.map(lambda x: x + 0.05, sweep.init_lora(params, plan, [0, 1]))
-    fn = sweep.lora_model_fn(
+    plan = lora.plan_stack(params, [LORA, LORA])
+    stacked_adapters = jax.tree.map(lambda x: x + 0.05, lora.init_stack(params, plan, [0, 1]))
+    fn = lora.with_member_factors(
         make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
     )
-    member_data = sweep.stack([test, jax.tree.map(lambda x: x[::-1], test)])
+    member_data = members.stack([test, jax.tree.map(lambda x: x[::-1], test)])
     frozen = (params, plan.factors)
     for shared, data in ((False, member_data), (True, test)):
         got, want = (

@@ -161,17 +161,17 @@ def test_packed_training_equals_padded_training(model_type):
 def test_packed_sweep_equals_padded_sweep():
     output_fn, params, datas = _lora_setup("roberta")
     configs = [lora.LoraConfig(r=r, alpha=2.0 * r, targets="query|value") for r in (1, 2)]
-    plan = sweep.plan_lora(params, configs)
-    fn = sweep.lora_model_fn(
+    plan = lora.plan_stack(params, configs)
+    fn = lora.with_member_factors(
         make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
     )
     assert fn.packs_rows
 
     def fit(pack):
-        state = sweep.init_states(
-            sweep.init_lora(params, plan, [3, 4]), TCFG, [TCFG.learning_rate] * 2, [3, 4]
+        state = train.init_states(
+            lora.init_stack(params, plan, [3, 4]), TCFG, [TCFG.learning_rate] * 2, [3, 4]
         )
-        return sweep.fit(
+        return train.fit_job(
             fn,
             state,
             params,
@@ -241,10 +241,10 @@ def test_packed_evaluation_equals_padded_evaluation():
             predict(adapters, params, data, pack=True), want, rtol=1e-12, atol=1e-12
         )
 
-        plan = sweep.plan_lora(params, [config, config])
-        stacked = sweep.stack([adapters, jax.tree.map(lambda x: -x, adapters)])
+        plan = lora.plan_stack(params, [config, config])
+        stacked = members.stack([adapters, jax.tree.map(lambda x: -x, adapters)])
         vpredict = sweep.programs(
-            sweep.lora_model_fn(
+            lora.with_member_factors(
                 make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
             ),
             train.TrainConfig(eval_batch_size=4),
@@ -270,13 +270,13 @@ def test_pack_refused_on_a_mesh():
     state = train.init_state(adapters, train.make_optimizer(TCFG), 7)
     with pytest.raises(ConfigError, match="one device"):
         train.fit(model_fn, state, params, train_data, dev_data, TCFG, mesh=mesh, pack=True)
-    plan = sweep.plan_lora(params, [config])
-    fn = sweep.lora_model_fn(
+    plan = lora.plan_stack(params, [config])
+    fn = lora.with_member_factors(
         make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
     )
-    states = sweep.init_states(sweep.init_lora(params, plan, [3]), TCFG, [0.1], [3])
+    states = train.init_states(lora.init_stack(params, plan, [3]), TCFG, [0.1], [3])
     with pytest.raises(ConfigError, match="one device"):
-        sweep.fit(
+        train.fit_job(
             fn,
             states,
             params,

@@ -1,4 +1,5 @@
-"""lora_jax.sweep: a vectorized job of LoRA members equals the members trained one at a time.
+"""lora_jax.train.fit_job: a vectorized job of LoRA members equals the members trained one at a
+time.
 
 The oracle is ``train.fit`` on each member alone, with its own unpadded LoraConfig, learning
 rate, seed and data (fused LoRA, fp32).
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import lora, sweep, train
+from lora_jax import lora, members, train
 from lora_jax.models import create, split
 from lora_jax.readout import make_output_fn
 from lora_jax.trainable import Method, make_model_fn
@@ -44,23 +45,23 @@ MEMBERS = [
 ]
 
 
-def _run_both(tiny, tcfg, members, model_fn_for=None):
-    """(vectorized results, sweep plan, sequential results) for ``members``."""
+def _run_both(tiny, tcfg, job, model_fn_for=None):
+    """(vectorized results, sweep plan, sequential results) for ``job``."""
     output_fn, params = tiny
     if model_fn_for is None:
 
         def model_fn_for(cfg):
             return make_model_fn(output_fn, Method.LORA, lora_config=cfg, fused=True)
 
-    trains = [_data(100 + i, N_TRAIN) for i in range(len(members))]
-    devs = [_data(200 + i, N_DEV) for i in range(len(members))]
-    plan = sweep.plan_lora(params, [m["cfg"] for m in members])
-    seeds = [m["seed"] for m in members]
-    state = sweep.init_states(
-        sweep.init_lora(params, plan, seeds), tcfg, [m["lr"] for m in members], seeds
+    trains = [_data(100 + i, N_TRAIN) for i in range(len(job))]
+    devs = [_data(200 + i, N_DEV) for i in range(len(job))]
+    plan = lora.plan_stack(params, [m["cfg"] for m in job])
+    seeds = [m["seed"] for m in job]
+    state = train.init_states(
+        lora.init_stack(params, plan, seeds), tcfg, [m["lr"] for m in job], seeds
     )
-    vec = sweep.fit(
-        sweep.lora_model_fn(model_fn_for(plan.config)),
+    vec = train.fit_job(
+        lora.with_member_factors(model_fn_for(plan.config)),
         state,
         params,
         trains,
@@ -70,7 +71,7 @@ def _run_both(tiny, tcfg, members, model_fn_for=None):
         progress=False,
     )
     seq = []
-    for m, tr, dv in zip(members, trains, devs, strict=True):
+    for m, tr, dv in zip(job, trains, devs, strict=True):
         cfg = train.TrainConfig(**{**tcfg.__dict__, "learning_rate": m["lr"], "seed": m["seed"]})
         adapters = lora.init(jax.random.key(m["seed"]), params, m["cfg"])
         st = train.init_state(adapters, train.make_optimizer(cfg), cfg.seed)
@@ -92,7 +93,7 @@ def _assert_same(vec, plan, seq, rtol=2e-5, atol=2e-6):
         ]:
             jax.tree.map(
                 lambda g, w: np.testing.assert_allclose(g, w, rtol=rtol, atol=atol),
-                sweep.unpad(plan, got, i),
+                lora.unpad(plan, got, i),
                 want,
             )
 
@@ -112,8 +113,8 @@ def _assert_same_fit(got, want, *, rtol, param_rtol, atol=1e-6):
     )
 
 
-def _assert_padding_stayed_zero(results, members, r_pad):
-    for res, m in zip(results, members, strict=True):
+def _assert_padding_stayed_zero(results, job, r_pad):
+    for res, m in zip(results, job, strict=True):
         for leaves in res.state.trainable.values():
             a, b = np.asarray(leaves["lora_a"]), np.asarray(leaves["lora_b"])
             assert a.shape[1] == b.shape[0] == r_pad
@@ -144,10 +145,10 @@ def test_per_member_clipping_and_sgd_equal_sequential(tiny):
         momentum=0.9,
         max_grad_norm=1e-4,
     )
-    members = [dict(MEMBERS[0], lr=50.0), dict(MEMBERS[1], lr=20.0)]
-    vec, plan, seq = _run_both(tiny, tcfg, members)
+    job = [dict(MEMBERS[0], lr=50.0), dict(MEMBERS[1], lr=20.0)]
+    vec, plan, seq = _run_both(tiny, tcfg, job)
     _assert_same(vec, plan, seq)
-    _assert_padding_stayed_zero(vec, members, 4)
+    _assert_padding_stayed_zero(vec, job, 4)
 
 
 def test_linearized_lora_members_equal_sequential(tiny):
@@ -155,9 +156,8 @@ def test_linearized_lora_members_equal_sequential(tiny):
 
     output_fn, _ = tiny
     tcfg = train.TrainConfig(steps=4, eval_every=2, batch_size=4, eval_batch_size=8)
-    members = MEMBERS[:2]
     vec, plan, seq = _run_both(
-        tiny, tcfg, members, lambda cfg: ntk.lora_linearized_model_fn(output_fn, cfg)
+        tiny, tcfg, MEMBERS[:2], lambda cfg: ntk.lora_linearized_model_fn(output_fn, cfg)
     )
     _assert_same(vec, plan, seq)
 
@@ -171,17 +171,18 @@ def test_base_gemms_run_once_for_all_members(tiny):
     """
     output_fn, params = tiny
     n = 3
-    plan = sweep.plan_lora(params, [m["cfg"] for m in MEMBERS])
+    plan = lora.plan_stack(params, [m["cfg"] for m in MEMBERS])
     tcfg = train.TrainConfig(steps=2, eval_every=2, batch_size=4)
-    state = sweep.init_states(sweep.init_lora(params, plan, [0, 1, 2]), tcfg, [1e-3] * n, [0, 1, 2])
-    data = sweep.stack([_data(i, N_TRAIN) for i in range(n)])
+    state = train.init_states(lora.init_stack(params, plan, [0, 1, 2]), tcfg, [1e-3] * n, [0, 1, 2])
+    data = members.stack([_data(i, N_TRAIN) for i in range(n)])
 
     def dot_shapes(fused):
         model_fn = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=fused)
-        chunk = sweep.programs(
-            sweep.lora_model_fn(model_fn), tcfg, member_inputs=True, shared_data=False
+        chunk = train.job_programs(
+            lora.with_member_factors(model_fn), tcfg, member_inputs=True
         ).chunk
-        hlo = chunk.lower(state, (params, plan.factors), data).compile().as_text()
+        lowered = chunk.lower(state, (params, plan.factors), data, length=2, shared=False)
+        hlo = lowered.compile().as_text()
         shapes = re.findall(r"= (f32\[[\d,]*\])\{[\d,]*\} dot\(", hlo)
         assert shapes, "no dots found in the compiled HLO; the regex no longer matches"
         return shapes
@@ -195,15 +196,15 @@ def test_base_gemms_run_once_for_all_members(tiny):
 
 def test_member_data_smaller_than_batch_is_a_clear_error(tiny):
     output_fn, params = tiny
-    plan = sweep.plan_lora(params, [m["cfg"] for m in MEMBERS[:2]])
+    plan = lora.plan_stack(params, [m["cfg"] for m in MEMBERS[:2]])
     tcfg = train.TrainConfig(steps=2, eval_every=2, batch_size=4)
-    state = sweep.init_states(sweep.init_lora(params, plan, [0, 1]), tcfg, [1e-3] * 2, [0, 1])
-    model_fn = sweep.lora_model_fn(
+    state = train.init_states(lora.init_stack(params, plan, [0, 1]), tcfg, [1e-3] * 2, [0, 1])
+    model_fn = lora.with_member_factors(
         make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
     )
     dev = [_data(0, N_DEV)] * 2
-    with pytest.raises(ValueError, match="Member 1's training set has 3 examples, fewer than "):
-        sweep.fit(
+    with pytest.raises(ValueError, match="member 1: the training set has 3 examples, fewer than the batch size 4"):
+        train.fit_job(
             model_fn,
             state,
             params,
@@ -213,8 +214,8 @@ def test_member_data_smaller_than_batch_is_a_clear_error(tiny):
             member_inputs=plan.factors,
             progress=False,
         )
-    with pytest.raises(ValueError, match="Members' training sets differ in shape"):
-        sweep.fit(
+    with pytest.raises(ValueError, match="training sets of member 0 and member 1 differ in shape"):
+        train.fit_job(
             model_fn,
             state,
             params,
@@ -225,7 +226,7 @@ def test_member_data_smaller_than_batch_is_a_clear_error(tiny):
             progress=False,
         )
     with pytest.raises(ValueError, match="member 1 differs from member 0 in .'targets'."):
-        sweep.plan_lora(params, [MEMBERS[0]["cfg"], lora.LoraConfig(r=2, targets="query")])
+        lora.plan_stack(params, [MEMBERS[0]["cfg"], lora.LoraConfig(r=2, targets="query")])
 
 
 def test_members_along_an_adapter_mesh_axis_equal_one_device():
@@ -246,7 +247,8 @@ def test_members_along_an_adapter_mesh_axis_equal_one_device():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["spec"].startswith("PartitionSpec('data'") and out["devices"] == 4
+    assert out["spec"].startswith("PartitionSpec('data'") and out["chunk_devices"] == 4
     assert out["mesh"]["best_step"] == out["one"]["best_step"]
+    assert out["mesh"]["test"] == out["one"]["test"]
     np.testing.assert_allclose(out["mesh"]["losses"], out["one"]["losses"], rtol=1e-5)
     np.testing.assert_allclose(out["mesh"]["b"], out["one"]["b"], rtol=1e-4, atol=1e-6)

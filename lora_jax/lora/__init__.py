@@ -30,6 +30,7 @@ from lora_jax.lora.peft import (
     save_peft,
     to_peft_config,
 )
+from lora_jax.lora.stack import StackPlan, init_stack, plan_stack, unpad, with_member_factors
 from lora_jax.lora.targets import DEFAULT_TARGETS, LoraTarget, Plan, default_targets, resolve
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "LoraInit",
     "LoraTarget",
     "Plan",
+    "StackPlan",
     "apply",
     "apply_named",
     "check_fits",
@@ -52,15 +54,19 @@ __all__ = [
     "from_peft_config",
     "init",
     "init_pissa",
+    "init_stack",
     "load",
     "load_peft",
     "logical_axes",
     "merge",
     "merge_named",
+    "plan_stack",
     "resolve",
     "save",
     "save_peft",
     "to_peft_config",
     "trainable_mask",
     "unmerge",
+    "unpad",
+    "with_member_factors",
 ]

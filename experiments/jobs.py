@@ -1,0 +1,342 @@
+"""The cells of an experiment and the one function that runs them: a job of cells.
+
+A cell is one results line (task x method x rank x seed). Cells run in jobs: the LoRA cells of
+a task (ranks x seeds) form one job of up to ``ExperimentConfig.members`` members, trained as
+one vectorized program (``lora_jax.train.fit_job``; fused LoRA path: each base GEMM runs once
+for all members' rows); every other cell is a job of one. :func:`run_job` trains a job, tests
+each member's best parameters, and writes the same results record per cell whatever the job's
+size (:func:`cell_record`). A stopped job resumes from its orbax checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from experiments import ntk_analysis, outputs
+from experiments.config import ExperimentConfig
+from experiments.workbench import TaskData, Workbench
+from lora_jax import distributed, lora, members, train
+from lora_jax.trainable import Method, make_model_fn, split_params
+
+PyTree = Any
+
+
+class Cell(NamedTuple):
+    """One unit of work: one training run (or one evaluation) and one results line."""
+
+    task: str
+    method: str
+    rank: int | None
+    seed: int
+
+    @property
+    def key(self) -> str:
+        label = f"{self.method}-r{self.rank}" if self.rank else self.method
+        return f"{self.task}/{label}/seed{self.seed}"
+
+
+def cells(cfg: ExperimentConfig, task_names: tuple[str, ...] | None = None) -> list[Cell]:
+    """All cells, grouped so that cells sharing a compiled program run back to back.
+
+    ``task_names`` default to ``cfg.tasks``; ``run`` passes those of the task files too.
+    """
+    return [
+        Cell(task, method, rank, seed)
+        for task in (cfg.tasks if task_names is None else task_names)
+        for method in cfg.methods
+        for rank in (cfg.ranks if method == "lora" else (None,))
+        for seed in cfg.seeds
+    ]
+
+
+def train_config(cfg: ExperimentConfig, cell: Cell) -> train.TrainConfig:
+    """The training hyperparameters of ``cell``."""
+    lr = cfg.head_lr if cell.method == "head" else cfg.lr
+    return train.TrainConfig(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        learning_rate=lr,
+        loss=cfg.loss,
+        eval_every=cfg.eval_every,
+        grad_accum=cfg.grad_accum,
+        dropout=cfg.dropout,
+        seed=cell.seed,
+    )
+
+
+def lora_config(cfg: ExperimentConfig, rank: int, model_type: str) -> lora.LoraConfig:
+    """The LoRA config of a cell of rank ``rank`` on an encoder of ``model_type``."""
+    alpha = cfg.alpha if cfg.alpha is not None else 2.0 * rank
+    targets = lora.default_targets(model_type) if cfg.targets == "auto" else cfg.targets
+    return lora.LoraConfig(r=rank, alpha=alpha, targets=targets, dropout=cfg.lora_dropout)
+
+
+def members_per_job(cfg: ExperimentConfig, mesh: Any = None) -> int:
+    """The ``members`` cap of LoRA jobs for this run, or 0 (every cell a job of one).
+
+    Jobs of several members run on one process without a mesh, so runs on a mesh or on several
+    processes train one cell per job (and say so).
+    """
+    if not cfg.vectorize:
+        return 0
+    reasons = [
+        why
+        for why, on in (
+            ("a mesh", mesh is not None),
+            ("several processes", jax.process_count() > 1),
+        )
+        if on
+    ]
+    if reasons:
+        print(
+            f"note: LoRA cells train one per job (jobs of several cells do not run on "
+            f"{' or '.join(reasons)} yet).",
+            file=sys.stderr,
+        )
+        return 0
+    return cfg.members
+
+
+def plan_jobs(cells: Sequence[Cell], members: int) -> list[list[Cell]]:
+    """Groups ``cells`` (in order) into jobs: the LoRA cells of one task, at most ``members``
+    per job, and every other cell on its own. ``members=0``: every cell on its own.
+
+    A task's LoRA cells are split into as few jobs as the cap allows, of sizes as even as
+    possible (30 cells under a cap of 16 run as two jobs of 15, which share one program).
+    """
+    jobs: list[list[Cell]] = []
+    lora_jobs: dict[str, list] = {}  # task -> its LoRA cells (one entry of ``jobs``)
+    for cell in cells:
+        if members and cell.method == "lora":
+            if cell.task not in lora_jobs:
+                lora_jobs[cell.task] = []
+                jobs.append(lora_jobs[cell.task])
+            lora_jobs[cell.task].append(cell)
+        else:
+            jobs.append([cell])
+    return [part for job in jobs for part in _split(job, members)]
+
+
+def _split(job: list, members: int) -> list[list]:
+    if not members or job[0].method != "lora":
+        return [job]
+    size = -(-len(job) // -(-len(job) // members))  # ceil(len / number of jobs)
+    return [job[i : i + size] for i in range(0, len(job), size)]
+
+
+class Job(NamedTuple):
+    """What :func:`run_job` trains: a model over stacked members and their data."""
+
+    model_fn: train.ModelFn
+    output_fn: Any  # the readout the model is built on (ntk analysis)
+    params: PyTree  # the whole pretrained model
+    frozen: PyTree
+    member_inputs: PyTree | None  # lora.StackPlan.factors, or None
+    trainables: PyTree  # initial trainable parameters, leaves [n, ...]
+    initial: list[PyTree]  # per member, its own initial trainable parameters (unpadded)
+    lora_configs: list[lora.LoraConfig | None]
+    plan: lora.StackPlan | None
+    datas: list[TaskData]  # per member; train / dev of one shape, the test split shared
+
+
+def build_job(bench: Workbench, cfg: ExperimentConfig, job: Sequence[Cell]) -> Job:
+    """The model, initial parameters and data of ``job`` (cells of one task and method)."""
+    cell = job[0]
+    method = Method(cell.method)
+    if method == Method.HEAD:  # a job of one: the head over cached features
+        output_fn, params, data = bench.cls_head_model(cell.task, cell.seed)
+        datas = [data]
+    else:
+        output_fn, params = bench.prompt_model(cell.task)
+        datas = bench.job_data(cell.task, [c.seed for c in job], mode="prompt")
+    if method != Method.LORA:
+        (only,) = job
+        model_fn = bench.memo(
+            ("model_fn", cell.task, method), lambda: make_model_fn(output_fn, method)
+        )
+        trainable, frozen = split_params(params, method)
+        return Job(
+            model_fn, output_fn, params, frozen, None, members.stack([trainable]), [trainable],
+            [None], None, datas,
+        )  # fmt: skip
+    configs = [lora_config(cfg, c.rank, bench.model_type) for c in job]
+    plan = lora.plan_stack(params, configs)
+    fused = True if len(job) > 1 else None  # several members share each base GEMM
+
+    def build():
+        fn = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=fused)
+        return fn if plan.factors is None else lora.with_member_factors(fn)
+
+    model_fn = bench.memo(("model_fn", cell.task, method, plan.config, fused), build)
+    trainables = lora.init_stack(params, plan, [c.seed for c in job])
+    initial = [lora.unpad(plan, members.member(trainables, i), i) for i in range(len(job))]
+    return Job(
+        model_fn, output_fn, params, params, plan.factors, trainables, initial, configs, plan,
+        datas,
+    )  # fmt: skip
+
+
+def task_pack_length(bench: Workbench, cfg: ExperimentConfig, task: str, model_fn) -> int | None:
+    """The packed length of ``task`` 's training batches (``lora_jax.packing``), or None.
+
+    The longest batch any seed of the task draws, so that the task's jobs share one compiled
+    chunk, as they do unpacked.
+    """
+    if not (cfg.pack and getattr(model_fn, "packs_rows", False)):
+        return None
+
+    def longest() -> int:
+        return max(
+            train.pack_length(
+                model_fn,
+                jax.random.key_data(jax.random.key(seed)),  # train.init_state's rng
+                cfg.steps,
+                bench.data(task, seed, mode="prompt").train,
+                cfg.batch_size,
+            )
+            for seed in cfg.seeds
+        )
+
+    return bench.memo(("pack_length", task), longest)
+
+
+def job_name(job: Sequence[Cell]) -> str:
+    """The file name of a job (its checkpoint directory): the cell's, or the cells' digest."""
+    names = [outputs.cell_dir_name(c.key) for c in job]
+    if len(names) == 1:
+        return names[0]
+    digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]
+    return f"{job[0].task}_{job[0].method}_job_{digest}"
+
+
+def run_job(
+    bench: Workbench,
+    cfg: ExperimentConfig,
+    job: Sequence[Cell],
+    run_dir: str,
+    mesh=None,
+    rules=None,
+) -> list[dict]:
+    """Trains (unless zero-shot) and tests the cells of ``job``; returns one record per cell.
+
+    With a ``mesh`` (see :mod:`experiments.launch`) training and testing run on it.
+    """
+    start = time.time()
+    if job[0].method == "zero_shot":
+        return [zero_shot_record(bench, cell, start) for cell in job]
+    spec = build_job(bench, cfg, job)
+    tcfgs = [train_config(cfg, c) for c in job]
+    state = train.init_states(
+        spec.trainables, tcfgs[0], [t.learning_rate for t in tcfgs], [t.seed for t in tcfgs]
+    )
+    ckpt_dir = os.path.join(run_dir, "ckpt", job_name(job))
+    metrics = [
+        os.path.join(run_dir, "metrics", outputs.cell_dir_name(c.key) + ".jsonl") for c in job
+    ]
+    os.makedirs(os.path.dirname(metrics[0]), exist_ok=True)
+    packed = None if mesh is not None else task_pack_length(bench, cfg, job[0].task, spec.model_fn)
+    results = train.fit_job(
+        spec.model_fn,
+        state,
+        spec.frozen,
+        [d.train for d in spec.datas],
+        [d.dev for d in spec.datas],
+        tcfgs[0],
+        member_inputs=spec.member_inputs,
+        test_data=spec.datas[0].test,
+        names=[c.key for c in job],
+        checkpoint_dir=ckpt_dir,
+        callbacks=[train.write_metrics(metrics)],
+        progress=job[0].key if len(job) == 1 else f"{job[0].task} {job[0].method} x{len(job)}",
+        mesh=mesh,
+        rules=rules,
+        pack_length=packed,
+    )
+    records = []
+    for i, (cell, result) in enumerate(zip(job, results, strict=True)):
+        best = result.best_trainable
+        if spec.plan is not None:
+            best = distributed.to_host(lora.unpad(spec.plan, best, i))  # collective
+        record = cell_record(bench, cfg, cell, spec, i, best, result, tcfgs[i], run_dir)
+        record["seconds"] = (time.time() - start) / len(job)  # the job's time, shared out
+        records.append(record)
+    distributed.barrier(f"done {job_name(job)}")
+    if distributed.is_primary():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return records
+
+
+def zero_shot_record(bench: Workbench, cell: Cell, start: float) -> dict:
+    """The record of a zero-shot cell: the untrained prompt model on dev and test."""
+    output_fn, params = bench.prompt_model(cell.task)
+    data = bench.data(cell.task, cell.seed, mode="prompt")
+    predict = bench.predict(cell.task)
+    record = {"task": cell.task, "method": cell.method, "rank": cell.rank, "seed": cell.seed}
+    record["dev_accuracy"] = train.evaluate(predict, params, {}, data.dev)["accuracy"]
+    # The test set and the untrained model are the same for every seed: evaluate once.
+    record["test_accuracy"] = bench.memo(
+        ("zero_shot_test", cell.task),
+        lambda: train.evaluate(predict, params, {}, data.test)["accuracy"],
+    )
+    record.update(best_step=0, trainable_params=0, seconds=time.time() - start)
+    return record
+
+
+def cell_record(
+    bench: Workbench,
+    cfg: ExperimentConfig,
+    cell: Cell,
+    spec: Job,
+    i: int,
+    best: PyTree,
+    result: train.FitResult,
+    tcfg: train.TrainConfig,
+    run_dir: str,
+) -> dict:
+    """The results record of member ``i`` of a trained job (``best``: its best parameters);
+    with ``--ntk`` its NTK analysis and with ``--save-adapters`` its adapter are written too."""
+    record = {"task": cell.task, "method": cell.method, "rank": cell.rank, "seed": cell.seed}
+    lcfg = spec.lora_configs[i]
+    if cfg.ntk and lcfg is not None:
+        record.update(
+            ntk_analysis.analyze(
+                cell=cell,
+                output_fn=spec.output_fn,
+                params=spec.params,
+                lora_config=lcfg,
+                adapters0=spec.initial[i],
+                adapters=best,
+                data=spec.datas[i],
+                tcfg=tcfg,
+                model_fn_cache=bench.memo,
+                run_dir=run_dir,
+            )
+        )
+    record.update(
+        dev_accuracy=result.best_dev_accuracy,
+        test_accuracy=result.test["accuracy"],
+        best_step=result.best_step,
+        trainable_params=int(sum(np.size(x) for x in jax.tree.leaves(spec.initial[i]))),
+    )
+    if cfg.save_adapters and lcfg is not None and distributed.is_primary():
+        info = {
+            **outputs.task_info(bench.task(cell.task), bench.word_style),
+            **record,
+            "model": cfg.model,
+            "base_model": str(bench.path),  # what from_pretrained / PEFT load it onto
+            "head": bench.prompt_head,
+            "readout": bench.readout.value,
+            "label_word_ids": [int(w) for w in bench.label_word_ids(cell.task)],
+            "max_length": cfg.max_length,
+        }
+        outputs.save_adapter(run_dir, cell.key, best, lcfg, info, base_model=str(bench.path))
+    return record
