@@ -104,7 +104,7 @@ def main() -> None:
     import numpy as np
 
     from experiments.config import get_config
-    from experiments.run import Cell, lora_config, train_config
+    from experiments.jobs import Cell, lora_config, train_config
     from experiments.workbench import Workbench
     from lora_jax import lora, tasks, train
     from lora_jax.models import minilm_path
@@ -149,7 +149,7 @@ def main() -> None:
         ours = {}
         for name, pack in (("packed", packed), ("padded", 0)):
             t0 = time.perf_counter()
-            _, losses = chunk(fresh(), params, data, args.steps, pack)
+            _, losses = chunk(fresh(), params, data, args.steps, pack or None)
             losses.block_until_ready()
             ours[name] = {"compile": time.perf_counter() - t0, "loss0": float(losses[0]), "t": []}
         torch_t = []
@@ -157,7 +157,7 @@ def main() -> None:
             for name in ours:
                 state = fresh()
                 t0 = time.perf_counter()
-                chunk(state, params, data, args.steps, packed if name == "packed" else 0)[
+                chunk(state, params, data, args.steps, packed if name == "packed" else None)[
                     1
                 ].block_until_ready()
                 ours[name]["t"].append(time.perf_counter() - t0)

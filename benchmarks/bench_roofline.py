@@ -24,7 +24,7 @@ Workloads:
                   packed batches), as ``experiments.run --no-vectorize`` trains it (TASK: mr,
                   trec).
   job:TASK:N      N such cells (ranks 1 and 12 alternating, one seed each) as one vectorized
-                  job (``lora_jax.sweep``), as ``experiments.run`` trains them.
+                  job (``lora_jax.train.fit_job``), as ``experiments.run`` trains them.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ def cell_workloads(task: str, sizes: list[int], steps: int, repeats: int):
     import bench_sweep  # benchmarks/, next to this script
 
     from experiments.config import get_config
-    from experiments.run import Cell, lora_config, train_config
+    from experiments.jobs import Cell, lora_config, train_config
     from experiments.workbench import Workbench
     from lora_jax import tasks, train
     from lora_jax.trainable import Method, make_model_fn
@@ -263,11 +263,11 @@ def cell_workloads(task: str, sizes: list[int], steps: int, repeats: int):
 
 
 def _job(cells, configs, datas, params, output_fn, fn, tcfg, steps: int, repeats: int):
-    """``cells`` as one vectorized job (``lora_jax.sweep``), as ``experiments.run`` trains them:
-    (compiled chunk, seconds per call, steps per call)."""
+    """``cells`` as one vectorized job (``lora_jax.train.fit_job``), as ``experiments.run``
+    trains them: (compiled chunk, seconds per call, steps per call)."""
     import bench_sweep
 
-    from lora_jax import sweep, train
+    from lora_jax import lora, members, train
     from lora_jax.trainable import Method, make_model_fn
 
     seeds = [c.seed for c in cells]
@@ -275,7 +275,7 @@ def _job(cells, configs, datas, params, output_fn, fn, tcfg, steps: int, repeats
     vfn = lora.with_member_factors(
         make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
     )
-    vchunk = sweep.programs(vfn, tcfg, member_inputs=True, shared_data=False).chunk
+    vchunk = train.job_programs(vfn, tcfg, member_inputs=True).chunk
     stacked, frozen = members.stack(datas), (params, plan.factors)
     states = bench_sweep.seq_states(params, cells, configs, tcfg)
     length = max(
@@ -286,8 +286,8 @@ def _job(cells, configs, datas, params, output_fn, fn, tcfg, steps: int, repeats
     def vstate():
         return bench_sweep.vec_state(params, plan, seeds, tcfg)
 
-    seconds = _best(lambda s: vchunk(s, frozen, stacked, steps, length), vstate, repeats)
-    return vchunk.lower(vstate(), frozen, stacked, steps, length).compile(), seconds, steps
+    seconds = _best(lambda s: vchunk(s, frozen, stacked, steps, False, length), vstate, repeats)
+    return vchunk.lower(vstate(), frozen, stacked, steps, False, length).compile(), seconds, steps
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""n LoRA cells one after another vs the same n cells as one vectorized job (lora_jax.sweep).
+"""n LoRA cells one after another vs the same n cells as one vectorized job (train.fit_job).
 
   uv run python benchmarks/bench_sweep.py                      # n = 2, 6, 12, 30
   uv run python benchmarks/bench_sweep.py --n 2 6 --steps 10 --reps 2
@@ -13,7 +13,8 @@ each cell packed to its own schedule's longest batch, the job to its members' lo
 ``--no-pack``.
 Sequential: each cell's own compiled chunk (``train.make_train_chunk`` over
 ``trainable.make_model_fn``'s default LoRA path, what ``experiments.run --no-vectorize``
-trains); vectorized: one ``sweep`` chunk for all n (ranks padded to 12, fused path). Timed:
+trains); vectorized: one ``train.job_programs`` chunk for all n (ranks padded to 12, fused
+path). Timed:
 ``--steps`` training steps per cell, after a warm-up call (compiles excluded), best of
 ``--reps``; the two sides alternate in each rep so both see the same background load.
 Memory: XLA's ``memory_analysis()`` of the compiled vectorized chunk (temporaries + arguments +
@@ -29,9 +30,9 @@ import time
 import jax
 
 from experiments.config import get_config
-from experiments.run import Cell, lora_config, train_config
+from experiments.jobs import Cell, lora_config, train_config
 from experiments.workbench import Workbench
-from lora_jax import lora, sweep, tasks, train
+from lora_jax import lora, members, tasks, train
 from lora_jax.trainable import Method, make_model_fn
 
 
@@ -89,7 +90,7 @@ def main() -> None:
         vec_fn = lora.with_member_factors(
             make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
         )
-        vchunk = sweep.programs(vec_fn, tcfg, member_inputs=True, shared_data=False).chunk
+        vchunk = train.job_programs(vec_fn, tcfg, member_inputs=True).chunk
         stacked = members.stack(datas)
         frozen = (params, plan.factors)
         states = seq_states(params, cells, configs, tcfg)
@@ -102,7 +103,7 @@ def main() -> None:
         vpack = max(packs)
 
         compiled = vchunk.lower(
-            vec_state(params, plan, seeds, tcfg), frozen, stacked, args.steps, vpack
+            vec_state(params, plan, seeds, tcfg), frozen, stacked, args.steps, False, vpack or None
         ).compile()
         m = compiled.memory_analysis()
         mem[n] = m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
@@ -112,19 +113,28 @@ def main() -> None:
             (c.rank, p): (st, d) for c, st, d, p in zip(cells, states, datas, packs, strict=True)
         }
         for (rank, p), (st, d) in first.items():
-            _block(seq_chunks[rank](st, params, d, args.steps, p))
-        _block(vchunk(vec_state(params, plan, seeds, tcfg), frozen, stacked, args.steps, vpack))
+            _block(seq_chunks[rank](st, params, d, args.steps, p or None))
+        _block(
+            vchunk(
+                vec_state(params, plan, seeds, tcfg),
+                frozen,
+                stacked,
+                args.steps,
+                False,
+                vpack or None,
+            )
+        )
 
         seq_t, vec_t = [], []
         for _ in range(args.reps):
             states = seq_states(params, cells, configs, tcfg)
             t0 = time.perf_counter()
             for st, c, d, p in zip(states, cells, datas, packs, strict=True):
-                _block(seq_chunks[c.rank](st, params, d, args.steps, p))
+                _block(seq_chunks[c.rank](st, params, d, args.steps, p or None))
             seq_t.append(time.perf_counter() - t0)
             state = vec_state(params, plan, seeds, tcfg)
             t0 = time.perf_counter()
-            _block(vchunk(state, frozen, stacked, args.steps, vpack))
+            _block(vchunk(state, frozen, stacked, args.steps, False, vpack or None))
             vec_t.append(time.perf_counter() - t0)
         rows.append((n, min(seq_t), min(vec_t), os.getloadavg()[0]))
         print(f"n={n}: sequential {min(seq_t):.2f} s, vectorized {min(vec_t):.2f} s", flush=True)

@@ -350,6 +350,9 @@ def place_data(data: Mapping[str, Any], mesh: Mesh, table: Rules) -> dict:
         return {k: jax.device_put(x, shardings[k]) for k, x in data.items()}
     out = {}
     for k, x in data.items():
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
+            out[k] = x if x.sharding == shardings[k] else jax.device_put(x, shardings[k])
+            continue
         host, s = np.asarray(x), shardings[k]
         rows = sorted(
             {(i[0].start or 0, i[0].stop or host.shape[0]) for i in _local_indices(s, host.shape)}

@@ -302,6 +302,9 @@ def pack_length(
     )
 
 
+_least_pack_length = pack_length  # fit_job's argument of that name shadows it
+
+
 def _chunk_fn(
     model_fn: ModelFn,
     optimizer: optax.GradientTransformation,
@@ -366,22 +369,36 @@ def make_train_chunk(
     fn = _chunk_fn(model_fn, optimizer, cfg, on_mesh and on_mesh.constrain_batch)
 
     def chunk(state, frozen, data, length=None, pack_length=None):
+        _check_length(pack_length)
         return fn(state, frozen, data, length or cfg.eval_every, pack_length)
 
     if on_mesh is None:
         return jax.jit(chunk, donate_argnums=0, static_argnames=("length", "pack_length"))
-    sharded = on_mesh.jit(
-        chunk,
-        lambda state, frozen, data: (on_mesh.tree(state), on_mesh.tree(frozen), on_mesh.data(data)),
-        lambda ins: (ins[0], on_mesh.replicated),
-        donate_argnums=0,
-    )
+
+    def constrained(state, frozen, data, length=None):
+        state, losses = chunk(state, frozen, data, length)
+        return jax.lax.with_sharding_constraint(state, on_mesh.tree(state)), losses
+
+    jitted = jax.jit(constrained, donate_argnums=0, static_argnames="length")
 
     def on_mesh_chunk(state, frozen, data, length=None, pack_length=None):
         _refuse_packing_on_mesh(pack_length)
-        return sharded(state, frozen, data, length=length)
+        state, frozen, data = on_mesh.place(state, frozen, data)
+        return jitted(state, frozen, data, length=length)
 
     return on_mesh_chunk
+
+
+def _check_length(pack_length: Any) -> None:
+    """A compiled program's ``pack_length`` is a length in tokens (or None), not a switch."""
+    if pack_length is None:
+        return
+    if isinstance(pack_length, bool) or not isinstance(pack_length, int) or pack_length < 1:
+        raise ConfigError(
+            f"pack_length={pack_length!r}: pack_length is the packed length in tokens (None = "
+            "padded batches); size it with train.pack_length (training) or "
+            "packing.block_length (prediction), or use the host predict's packed=True."
+        )
 
 
 def _refuse_packing_on_mesh(pack_length: int | None) -> None:
@@ -420,9 +437,6 @@ class _MeshPlan(NamedTuple):
     def tree(self, tree: PyTree) -> PyTree:
         return sharding_lib.tree_shardings(tree, self.mesh, self.rules)
 
-    def data(self, data: Batch) -> dict:
-        return sharding_lib.data_shardings(data, self.mesh, self.rules)
-
     def constrain_batch(self, batch: Batch) -> dict:
         """Splits the first dimension of every array of ``batch`` over the batch mesh axes
         (where they divide it)."""
@@ -435,25 +449,14 @@ class _MeshPlan(NamedTuple):
             for k, x in batch.items()
         }
 
-    def jit(self, fn, in_shardings_fn, out_shardings_fn, donate_argnums=()):
-        """``jax.jit(fn)`` with in / out shardings derived from the arguments' paths and shapes:
-        one ``jax.jit`` per argument sharding structure, and per value of the keyword arguments
-        (static, like ``jax.jit`` 's ``static_argnames``)."""
-        compiled: dict = {}
-
-        def call(*args, **static):
-            ins = in_shardings_fn(*args)
-            key = (jax.tree.structure(ins), tuple(jax.tree.leaves(ins)), tuple(static.items()))
-            if key not in compiled:
-                compiled[key] = jax.jit(
-                    functools.partial(fn, **static),
-                    in_shardings=ins,
-                    out_shardings=out_shardings_fn(ins),
-                    donate_argnums=donate_argnums,
-                )
-            return compiled[key](*args)
-
-        return call
+    def place(self, params: PyTree, frozen: PyTree, data: Batch) -> tuple:
+        """Puts a program's arguments on the mesh (no copy for those already there): parameter
+        trees by their logical axes, data over the batch axes (each process its own rows)."""
+        return (
+            sharding_lib.place(params, self.tree(params)),
+            sharding_lib.place(frozen, self.tree(frozen)),
+            sharding_lib.place_data(dict(data), self.mesh, self.rules),
+        )
 
 
 def _predict_fn(
@@ -504,6 +507,7 @@ def make_predict(
     fn = _predict_fn(model_fn, batch_size, on_mesh and on_mesh.constrain_batch)
 
     def predict(trainable, frozen, data, pack_length=None):
+        _check_length(pack_length)
         return fn(trainable, frozen, data, pack_length)
 
     if on_mesh is None:
@@ -517,19 +521,17 @@ def make_predict(
         )
     if by_length:
         raise ConfigError("make_predict(by_length=True) runs on one device; pass mesh=None.")
-    sharded = on_mesh.jit(
-        predict,
-        lambda trainable, frozen, data: (
-            on_mesh.tree(trainable),
-            on_mesh.tree(frozen),
-            on_mesh.data(data),
-        ),
-        lambda ins: on_mesh.replicated,
-    )
+
+    def replicated(trainable, frozen, data):
+        return jax.lax.with_sharding_constraint(
+            predict(trainable, frozen, data), on_mesh.replicated
+        )
+
+    jitted = jax.jit(replicated)
 
     def on_mesh_predict(trainable, frozen, data, pack_length=None):
         _refuse_packing_on_mesh(pack_length)
-        return sharded(trainable, frozen, data)
+        return jitted(*on_mesh.place(trainable, frozen, data))
 
     return on_mesh_predict
 
@@ -727,7 +729,8 @@ def _member_data(
         if size < batch_size:
             who = names[i] if not isinstance(data, Mapping) else " / ".join(names)
             raise ConfigError(
-                f"{who}: the training set has {size} examples, fewer than the batch size "
+                f"{who + ': t' if who else 'T'}he training set has {size} examples, fewer than "
+                f"the batch size "
                 f"{batch_size}; lower the batch size (TrainConfig.batch_size, --batch-size) to "
                 f"{size} or less, or give it more examples."
             )
@@ -829,13 +832,25 @@ def fit_job(
         or number, packing on a mesh, or a job of several members on several processes.
     """
     n = int(state.step.shape[0])
-    names = list(names) if names is not None else [f"member {i}" for i in range(n)]
+    if names is None:
+        names = [""] if n == 1 else [f"member {i}" for i in range(n)]
     train_arrays, shared_train = _member_data(train_data, n, "training", names, cfg.batch_size)
     dev_arrays, _ = _member_data(dev_data, n, "dev", names)
     if pack_length is not None:
+        _check_length(pack_length)
         if mesh is not None:
             _refuse_packing_on_mesh(pack_length)
-        check_packs_rows(model_fn)
+        needed = max(
+            _least_pack_length(model_fn, state.rng[i], cfg.steps, data, cfg.batch_size)
+            for i, data in enumerate(
+                [train_data] * n if isinstance(train_data, Mapping) else train_data
+            )
+        )
+        if pack_length < needed:
+            raise ConfigError(
+                f"pack_length={pack_length} tokens cannot hold this run's largest batch "
+                f"({needed} tokens); pass train.pack_length(...) of every member, or more."
+            )
     if mesh is not None and n > 1 and jax.process_count() > 1:
         raise ConfigError(
             f"A job of {n} members runs on one process; on several processes train one member "

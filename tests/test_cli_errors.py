@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from experiments import report, run
+from experiments import jobs, report, run
 from experiments.cli import add_dataclass_arguments, field_docs
 from experiments.config import ExperimentConfig
 from lora_jax import models
@@ -63,7 +63,7 @@ def test_a_bug_keeps_its_traceback(tiny_roberta, tmp_path, monkeypatch, bug):
     def broken(*args, **kwargs):
         raise bug
 
-    monkeypatch.setattr(run, "run_cell", broken)
+    monkeypatch.setattr(run.jobs, "run_job", broken)
     with pytest.raises(type(bug)):
         run.main(zero_shot_args(tiny_roberta, tmp_path))
 
@@ -206,7 +206,7 @@ def test_steps_20_and_dropout_reach_the_training_config():
     """``--steps 20`` was refused (default eval_every=25 did not divide it); --dropout is new."""
     cfg = run.parse_args(["--steps", "20", "--dropout", "--lora-dropout", "0.1"])
     cell = run.Cell("mr", "lora", 4, 13)
-    tcfg = run.train_config(cfg, cell)
+    tcfg = jobs.train_config(cfg, cell)
     assert (tcfg.steps, tcfg.eval_every, tcfg.dropout) == (20, 25, True)
-    assert run.lora_config(cfg, 4, "roberta").dropout == 0.1
-    assert run.train_config(run.parse_args([]), cell).dropout is False
+    assert jobs.lora_config(cfg, 4, "roberta").dropout == 0.1
+    assert jobs.train_config(run.parse_args([]), cell).dropout is False

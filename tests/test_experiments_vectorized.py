@@ -5,8 +5,8 @@ import pytest
 from test_experiments import smoke_args
 
 from experiments import report
+from experiments.jobs import plan_jobs
 from experiments.run import main
-from experiments.vectorized import plan_jobs
 from lora_jax import checkpoint
 from lora_jax.testing import make_tiny_checkpoint
 

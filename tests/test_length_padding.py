@@ -17,7 +17,7 @@ from test_sweep import _assert_same, _assert_same_fit
 
 from experiments.config import ExperimentConfig
 from experiments.workbench import TaskData, Workbench
-from lora_jax import lora, rows, sweep, tasks, train
+from lora_jax import lora, members, rows, tasks, train
 from lora_jax.testing import make_tiny_checkpoint
 from lora_jax.trainable import Method, make_model_fn
 
@@ -137,7 +137,7 @@ def test_vectorized_job_of_members_with_different_lengths_equals_each_member_alo
 
     # The job's test predictions (shared test set, sorted by length) are each member's own.
     best = members.stack([r.best_trainable for r in vec])
-    predict = sweep.programs(vec_fn, TCFG, member_inputs=True, shared_data=True).predict
+    predict = train.job_programs(vec_fn, TCFG, member_inputs=True).predict
     outputs = predict(best, (params, plan.factors), own[0].test)  # (3, N, K)
     for i, (f, s) in enumerate(zip(seq_fns, seq, strict=True)):
         want = train.make_predict(f, 8)(s.best_trainable, params, _full_padding(bench, 13).test)
@@ -197,19 +197,15 @@ def test_sorted_evaluation_equals_unsorted_evaluation(bench):
         atol=1e-6,
     )
 
-    # Vectorized: stacked data whose members' rows are in different orders, and shared data.
+    # Vectorized (sorted per member): stacked data whose members' rows are in different orders,
+    # and shared data, against each member's unsorted one-run predict.
     plan = lora.plan_stack(params, [LORA, LORA])
     stacked_adapters = jax.tree.map(lambda x: x + 0.05, lora.init_stack(params, plan, [0, 1]))
-    fn = lora.with_member_factors(
-        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
-    )
-    member_data = members.stack([test, jax.tree.map(lambda x: x[::-1], test)])
-    frozen = (params, plan.factors)
-    for shared, data in ((False, member_data), (True, test)):
-        got, want = (
-            sweep.programs(fn, TCFG, member_inputs=True, shared_data=shared, by_length=s).predict(
-                stacked_adapters, frozen, data
-            )
-            for s in (True, False)
-        )
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    fn = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+    member_datas = [test, jax.tree.map(lambda x: x[::-1], test)]
+    unsorted = train.make_predict(fn, 8)
+    for data, datas in ((members.stack(member_datas), member_datas), (test, [test, test])):
+        got = train.job_programs(fn, TCFG).predict(stacked_adapters, params, data)
+        for i, d in enumerate(datas):
+            want = unsorted(members.member(stacked_adapters, i), params, d)
+            np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)

@@ -2,7 +2,7 @@
 
 Oracles: a hand-packed batch; the padded forward pass (itself checked against PyTorch in
 ``test_models_golden.py``) row by row, in float64; training on padded batches (losses, best
-step, adapters), for ``train.fit`` and a vectorized ``sweep.fit``; a Python loop over
+step, adapters), for ``train.fit`` and a vectorized ``train.fit_job``; a Python loop over
 ``train.batch_indices`` for the packed length.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_sweep import _assert_same_fit as assert_same_fit
 
-from lora_jax import lora, models, packing, sweep, train
+from lora_jax import lora, members, models, packing, train
 from lora_jax.errors import ConfigError
 from lora_jax.readout import make_output_fn
 from lora_jax.trainable import Method, make_model_fn
@@ -149,8 +149,16 @@ def test_packed_training_equals_padded_training(model_type):
 
     def fit(pack):
         state = train.init_state(adapters, train.make_optimizer(TCFG), 7)
+        length = train.pack_length(model_fn, state.rng, TCFG.steps, train_data, TCFG.batch_size)
         return train.fit(
-            model_fn, state, params, train_data, dev_data, TCFG, progress=False, pack=pack
+            model_fn,
+            state,
+            params,
+            train_data,
+            dev_data,
+            TCFG,
+            progress=False,
+            pack_length=length if pack else None,
         )
 
     got, want = fit(True), fit(False)
@@ -171,6 +179,10 @@ def test_packed_sweep_equals_padded_sweep():
         state = train.init_states(
             lora.init_stack(params, plan, [3, 4]), TCFG, [TCFG.learning_rate] * 2, [3, 4]
         )
+        length = max(
+            train.pack_length(fn, state.rng[i], TCFG.steps, data, TCFG.batch_size)
+            for i, data in enumerate(datas)
+        )
         return train.fit_job(
             fn,
             state,
@@ -180,7 +192,7 @@ def test_packed_sweep_equals_padded_sweep():
             TCFG,
             member_inputs=plan.factors,
             progress=False,
-            pack=pack,
+            pack_length=length if pack else None,
         )
 
     for got, want in zip(fit(True), fit(False), strict=True):
@@ -196,7 +208,7 @@ def test_pack_refused_for_a_model_that_does_not_read_packed_rows():
     data = {k: v for k, v in _rows(8, 0, 0).items() if k != "mask_pos"}
     state = train.init_state(params, train.make_optimizer(TCFG), 0)
     with pytest.raises(ConfigError, match="packs_rows"):
-        train.fit(cls_fn, state, {}, data, data, TCFG, progress=False, pack=True)
+        train.fit(cls_fn, state, {}, data, data, TCFG, progress=False, pack_length=64)
 
 
 def test_an_explicit_packed_length_too_short_for_a_batch_is_refused():
@@ -209,7 +221,14 @@ def test_an_explicit_packed_length_too_short_for_a_batch_is_refused():
     needed = train.pack_length(model_fn, state.rng, TCFG.steps, train_data, TCFG.batch_size)
     with pytest.raises(ConfigError, match=f"cannot hold this run's largest batch \\({needed}"):
         train.fit(
-            model_fn, state, params, train_data, dev_data, TCFG, progress=False, pack=needed - 1
+            model_fn,
+            state,
+            params,
+            train_data,
+            dev_data,
+            TCFG,
+            progress=False,
+            pack_length=needed - 1,
         )
 
 
@@ -236,29 +255,27 @@ def test_packed_evaluation_equals_padded_evaluation():
         predict = train.make_predict(model_fn, 4, by_length=True)
         want = predict(adapters, params, data)
         with pytest.raises(ConfigError, match="packed length in tokens"):
-            train.make_predict(model_fn, 4)(adapters, params, data, pack=True)
+            train.make_predict(model_fn, 4)(adapters, params, data, pack_length=True)
         np.testing.assert_allclose(
-            predict(adapters, params, data, pack=True), want, rtol=1e-12, atol=1e-12
+            predict(adapters, params, data, packed=True), want, rtol=1e-12, atol=1e-12
         )
 
         plan = lora.plan_stack(params, [config, config])
         stacked = members.stack([adapters, jax.tree.map(lambda x: -x, adapters)])
-        vpredict = sweep.programs(
-            lora.with_member_factors(
-                make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
-            ),
+        assert plan.factors is None  # two members of one config: nothing to pad
+        vpredict = train.job_programs(
+            make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True),
             train.TrainConfig(eval_batch_size=4),
-            member_inputs=True,
-            shared_data=True,
         ).predict
-        frozen = (params, plan.factors)
         np.testing.assert_allclose(
-            vpredict(stacked, frozen, data, pack=True),
-            vpredict(stacked, frozen, data),
+            vpredict(stacked, params, data, packed=True),
+            vpredict(stacked, params, data),
             rtol=1e-12,
             atol=1e-12,
         )
-        np.testing.assert_allclose(vpredict(stacked, frozen, data, pack=True)[0], want, rtol=1e-10)
+        np.testing.assert_allclose(
+            vpredict(stacked, params, data, packed=True)[0], want, rtol=1e-10
+        )
 
 
 def test_pack_refused_on_a_mesh():
@@ -269,22 +286,23 @@ def test_pack_refused_on_a_mesh():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     state = train.init_state(adapters, train.make_optimizer(TCFG), 7)
     with pytest.raises(ConfigError, match="one device"):
-        train.fit(model_fn, state, params, train_data, dev_data, TCFG, mesh=mesh, pack=True)
-    plan = lora.plan_stack(params, [config])
+        train.fit(model_fn, state, params, train_data, dev_data, TCFG, mesh=mesh, pack_length=64)
+    configs = [config, lora.LoraConfig(r=2, alpha=4.0, targets="query|value")]
+    plan = lora.plan_stack(params, configs)
     fn = lora.with_member_factors(
         make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
     )
-    states = train.init_states(lora.init_stack(params, plan, [3]), TCFG, [0.1], [3])
+    states = train.init_states(lora.init_stack(params, plan, [3, 4]), TCFG, [0.1] * 2, [3, 4])
     with pytest.raises(ConfigError, match="one device"):
         train.fit_job(
             fn,
             states,
             params,
-            [train_data],
-            [dev_data],
+            [train_data] * 2,
+            [dev_data] * 2,
             TCFG,
             member_inputs=plan.factors,
             mesh=mesh,
             progress=False,
-            pack=True,
+            pack_length=64,
         )

@@ -203,7 +203,9 @@ def test_member_data_smaller_than_batch_is_a_clear_error(tiny):
         make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
     )
     dev = [_data(0, N_DEV)] * 2
-    with pytest.raises(ValueError, match="member 1: the training set has 3 examples, fewer than the batch size 4"):
+    with pytest.raises(
+        ValueError, match="member 1: the training set has 3 examples, fewer than the batch size 4"
+    ):
         train.fit_job(
             model_fn,
             state,

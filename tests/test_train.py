@@ -182,7 +182,7 @@ def test_batch_larger_than_training_set_is_a_clear_error():
     data = toy_data(n=4)
     cfg = train.TrainConfig(steps=10, batch_size=8, eval_every=10)
     state = train.init_state(zeros_params(), train.make_optimizer(cfg), cfg.seed)
-    with pytest.raises(ValueError, match="fewer than batch_size=8"):
+    with pytest.raises(ValueError, match="has 4 examples, fewer than the batch size 8"):
         train.fit(linear_model_fn, state, {}, data, data, cfg, progress=False)
 
 
