@@ -6,9 +6,10 @@
 Both sides train the embedded MiniLM-L6 (real weights) with the default experiment's prompt and
 readout (TIED_MEAN: the mean of the final token states times the label words' embeddings),
 LoRA on query/value (alpha = 2 r), AdamW at 3e-4 with gradient clipping at 1.0, batch 8, on the
-task's k = 16 training set for seed 13, and each step on the same batch (``train.batch_schedule``).
+task's k = 16 training set for seed 13, and each step on the same batch
+(``programs.batch_schedule``).
 
-- ours: ``train.make_train_chunk`` over ``trainable.make_model_fn``'s default LoRA path, on
+- ours: ``programs.make_train_chunk`` over ``trainable.make_model_fn``'s default LoRA path, on
   packed batches (``lora_jax.packing``, what ``experiments.run`` trains) and, for reference, on
   padded ones (every batch at the split's longest row);
 - PyTorch + PEFT: ``get_peft_model`` on transformers' ``BertModel``, each batch padded to its
@@ -106,7 +107,7 @@ def main() -> None:
     from experiments.config import get_config
     from experiments.jobs import Cell, lora_config, train_config
     from experiments.workbench import Workbench
-    from lora_jax import lora, tasks, train
+    from lora_jax import lora, programs, tasks, train
     from lora_jax.models import minilm_path
     from lora_jax.trainable import Method, make_model_fn
 
@@ -118,14 +119,14 @@ def main() -> None:
     tcfg = train_config(cfg, Cell(args.task, "lora", args.rank, 13))
     model_fn = make_model_fn(output_fn, Method.LORA, lora_config=lcfg)
     optimizer = train.make_optimizer(tcfg)
-    chunk = train.make_train_chunk(model_fn, optimizer, tcfg)
+    chunk = programs.make_train_chunk(model_fn, optimizer, tcfg)
 
     def fresh():
         return train.init_state(lora.init(jax.random.key(13), params, lcfg), optimizer, 13)
 
     n = len(data["labels"])
-    schedule = train.batch_schedule(fresh().rng, args.steps, n, tcfg.batch_size)
-    packed = train.pack_length(model_fn, fresh().rng, args.steps, data, tcfg.batch_size)
+    schedule = programs.batch_schedule(fresh().rng, args.steps, n, tcfg.batch_size)
+    packed = programs.pack_length_needed(model_fn, fresh().rng, args.steps, data, tcfg.batch_size)
     lengths = np.asarray(data["attention_mask"]).sum(1)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "batches.npz")

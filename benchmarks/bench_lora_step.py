@@ -5,7 +5,7 @@ PyTorch + PEFT, on the same model shape, batch and sequence length.
   uv run python benchmarks/bench_lora_step.py --compare --models minilm --steps 5 --reps 6 \
       --torch-python PATH   # or set LORA_JAX_TORCH_PYTHON=PATH
 
-The train-loop row times what `experiments.run` trains: `train.make_train_chunk` over
+The train-loop row times what `experiments.run` trains: `programs.make_train_chunk` over
 `trainable.make_model_fn`'s default LoRA path (`--fused auto`: per module fused where
 3 r (in + out) < in * out, which is every module of these shapes at r=8).
 
@@ -164,9 +164,9 @@ def run_jax(args) -> None:
 
     steps_per_call = 1
     if args.loop:
-        # The real training loop: `lora_jax.train.make_train_chunk`, a jitted lax.scan of
+        # The real training loop: `lora_jax.programs.make_train_chunk`, a jitted lax.scan of
         # `--steps` steps that gathers each batch on the device (here from the one batch).
-        from lora_jax import train
+        from lora_jax import programs, train
 
         steps_per_call = args.steps
         tcfg = train.TrainConfig(
@@ -188,7 +188,7 @@ def run_jax(args) -> None:
         method = Method.LORA if args.mode == "lora" else Method.FULL
         model_fn = make_model_fn(output_fn, method, lora_config=cfg, fused=fused)
 
-        chunk = train.make_train_chunk(model_fn, train.make_optimizer(tcfg), tcfg)
+        chunk = programs.make_train_chunk(model_fn, train.make_optimizer(tcfg), tcfg)
         tstate = {"s": train.init_state(trainable, train.make_optimizer(tcfg), 0)}
 
         def one():

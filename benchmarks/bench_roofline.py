@@ -177,7 +177,7 @@ def step_workload(model: str, steps: int, repeats: int):
     """bench_lora_step's training loop: (compiled chunk, seconds per call, steps per call)."""
     import bench_lora_step as bls  # benchmarks/, next to this script
 
-    from lora_jax import lora, train
+    from lora_jax import lora, programs, train
     from lora_jax.models import EncoderConfig, create, from_pretrained, minilm_path, split
     from lora_jax.trainable import Method, make_model_fn
 
@@ -207,7 +207,7 @@ def step_workload(model: str, steps: int, repeats: int):
     def output_fn(p, batch, dropout_rng=None):
         return apply_fn(p, batch["input_ids"], batch["attention_mask"])
 
-    chunk = train.make_train_chunk(
+    chunk = programs.make_train_chunk(
         make_model_fn(output_fn, Method.LORA, lora_config=cfg), train.make_optimizer(tcfg), tcfg
     )
 
@@ -228,7 +228,7 @@ def cell_workloads(task: str, sizes: list[int], steps: int, repeats: int):
     from experiments.config import get_config
     from experiments.jobs import Cell, lora_config, train_config
     from experiments.workbench import Workbench
-    from lora_jax import tasks, train
+    from lora_jax import programs, tasks, train
     from lora_jax.trainable import Method, make_model_fn
 
     cfg = get_config("default", steps=steps, eval_every=steps)
@@ -241,12 +241,12 @@ def cell_workloads(task: str, sizes: list[int], steps: int, repeats: int):
 
     cell, config, data = cells[1], configs[1], datas[1]  # rank 12
     fn = make_model_fn(output_fn, Method.LORA, lora_config=config)
-    chunk = train.make_train_chunk(fn, train.make_optimizer(tcfg), tcfg)
+    chunk = programs.make_train_chunk(fn, train.make_optimizer(tcfg), tcfg)
 
     def state():
         return bench_sweep.seq_states(params, [cell], [config], tcfg)[0]
 
-    length = train.pack_length(fn, state().rng, steps, data, tcfg.batch_size)
+    length = programs.pack_length_needed(fn, state().rng, steps, data, tcfg.batch_size)
     seconds = _best(lambda s: chunk(s, params, data, steps, length), state, repeats)
     out = {
         f"cell:{task}": (
@@ -267,7 +267,7 @@ def _job(cells, configs, datas, params, output_fn, fn, tcfg, steps: int, repeats
     trains them: (compiled chunk, seconds per call, steps per call)."""
     import bench_sweep
 
-    from lora_jax import lora, members, train
+    from lora_jax import lora, members, programs
     from lora_jax.trainable import Method, make_model_fn
 
     seeds = [c.seed for c in cells]
@@ -275,11 +275,11 @@ def _job(cells, configs, datas, params, output_fn, fn, tcfg, steps: int, repeats
     vfn = lora.with_member_factors(
         make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
     )
-    vchunk = train.job_programs(vfn, tcfg, member_inputs=True).chunk
+    vchunk = programs.job_programs(vfn, tcfg, member_inputs=True).chunk
     stacked, frozen = members.stack(datas), (params, plan.factors)
     states = bench_sweep.seq_states(params, cells, configs, tcfg)
     length = max(
-        train.pack_length(fn, s.rng, steps, d, tcfg.batch_size)
+        programs.pack_length_needed(fn, s.rng, steps, d, tcfg.batch_size)
         for s, d in zip(states, datas, strict=True)
     )
 

@@ -56,7 +56,7 @@ def worker(a) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from lora_jax import lora, models, train
+    from lora_jax import lora, models, programs, train
     from lora_jax import sharding as sh
     from lora_jax.losses import get_loss
     from lora_jax.readout import make_output_fn
@@ -90,7 +90,7 @@ def worker(a) -> None:
     opt = train.make_optimizer(cfg)
     mesh = sh.make_mesh(f"data={n}")
     rules = sh.rules_for_mesh(mesh)
-    chunk = train.make_train_chunk(model_fn, opt, cfg, mesh=mesh, rules=rules)
+    chunk = programs.make_train_chunk(model_fn, opt, cfg, mesh=mesh, rules=rules)
     state = train.init_state(adapters, opt, 0)
     state = sh.place(state, sh.tree_shardings(state, mesh, rules))
     frozen = sh.place(params, sh.tree_shardings(params, mesh, rules))

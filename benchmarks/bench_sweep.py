@@ -11,9 +11,9 @@ LoRA on query/value, ranks alternating 1 and 12 (alpha = 2 r), one few-shot samp
 cell. Both sides train on packed batches (``lora_jax.packing``, as ``experiments.run`` does;
 each cell packed to its own schedule's longest batch, the job to its members' longest) unless
 ``--no-pack``.
-Sequential: each cell's own compiled chunk (``train.make_train_chunk`` over
+Sequential: each cell's own compiled chunk (``programs.make_train_chunk`` over
 ``trainable.make_model_fn``'s default LoRA path, what ``experiments.run --no-vectorize``
-trains); vectorized: one ``train.job_programs`` chunk for all n (ranks padded to 12, fused
+trains); vectorized: one ``programs.job_programs`` chunk for all n (ranks padded to 12, fused
 path). Timed:
 ``--steps`` training steps per cell, after a warm-up call (compiles excluded), best of
 ``--reps``; the two sides alternate in each rep so both see the same background load.
@@ -32,7 +32,7 @@ import jax
 from experiments.config import get_config
 from experiments.jobs import Cell, lora_config, train_config
 from experiments.workbench import Workbench
-from lora_jax import lora, members, tasks, train
+from lora_jax import lora, members, programs, tasks, train
 from lora_jax.trainable import Method, make_model_fn
 
 
@@ -76,7 +76,8 @@ def main() -> None:
         for r in args.ranks
     }
     seq_chunks = {
-        r: train.make_train_chunk(f, train.make_optimizer(tcfg), tcfg) for r, f in seq_fns.items()
+        r: programs.make_train_chunk(f, train.make_optimizer(tcfg), tcfg)
+        for r, f in seq_fns.items()
     }
 
     rows, mem = [], {}
@@ -90,12 +91,12 @@ def main() -> None:
         vec_fn = lora.with_member_factors(
             make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
         )
-        vchunk = train.job_programs(vec_fn, tcfg, member_inputs=True).chunk
+        vchunk = programs.job_programs(vec_fn, tcfg, member_inputs=True).chunk
         stacked = members.stack(datas)
         frozen = (params, plan.factors)
         states = seq_states(params, cells, configs, tcfg)
         packs = [  # each cell's packed length, and the job's (0: padded batches)
-            train.pack_length(seq_fns[c.rank], st.rng, args.steps, d, tcfg.batch_size)
+            programs.pack_length_needed(seq_fns[c.rank], st.rng, args.steps, d, tcfg.batch_size)
             if args.pack
             else 0
             for c, st, d in zip(cells, states, datas, strict=True)

@@ -24,7 +24,7 @@ import numpy as np
 from experiments import ntk_analysis, outputs
 from experiments.config import ExperimentConfig
 from experiments.workbench import TaskData, Workbench
-from lora_jax import distributed, lora, members, train
+from lora_jax import distributed, lora, members, programs, train
 from lora_jax.trainable import Method, make_model_fn, split_params
 
 PyTree = Any
@@ -196,7 +196,7 @@ def task_pack_length(bench: Workbench, cfg: ExperimentConfig, task: str, model_f
 
     def longest() -> int:
         return max(
-            train.pack_length(
+            programs.pack_length_needed(
                 model_fn,
                 jax.random.key_data(jax.random.key(seed)),  # train.init_state's rng
                 cfg.steps,
@@ -281,11 +281,11 @@ def zero_shot_record(bench: Workbench, cell: Cell, start: float) -> dict:
     data = bench.data(cell.task, cell.seed, mode="prompt")
     predict = bench.predict(cell.task)
     record = {"task": cell.task, "method": cell.method, "rank": cell.rank, "seed": cell.seed}
-    record["dev_accuracy"] = train.evaluate(predict, params, {}, data.dev)["accuracy"]
+    record["dev_accuracy"] = programs.evaluate(predict, params, {}, data.dev)["accuracy"]
     # The test set and the untrained model are the same for every seed: evaluate once.
     record["test_accuracy"] = bench.memo(
         ("zero_shot_test", cell.task),
-        lambda: train.evaluate(predict, params, {}, data.test)["accuracy"],
+        lambda: programs.evaluate(predict, params, {}, data.test)["accuracy"],
     )
     record.update(best_step=0, trainable_params=0, seconds=time.time() - start)
     return record

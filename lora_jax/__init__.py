@@ -14,6 +14,7 @@ Subpackages and modules, each one idea:
 - :mod:`lora_jax.train`: the optax training loop over a job of runs (a single run is a job of
   one; a rank x seed sweep on one frozen base is a job of many), with :mod:`lora_jax.optim`,
   :mod:`lora_jax.losses` and :mod:`lora_jax.checkpoint`.
+- :mod:`lora_jax.programs`: the compiled training and prediction programs and their one cache.
 - :mod:`lora_jax.members`: the leading member axis of a job's pytrees.
 - :mod:`lora_jax.sharding`: logical axes, rule tables and meshes (data / fsdp / tensor).
 - :mod:`lora_jax.distributed`: several processes (``jax.distributed``), process 0 writes.
@@ -32,6 +33,7 @@ from lora_jax import (
     optim,
     packing,
     params,
+    programs,
     readout,
     rows,
     tasks,
@@ -65,6 +67,7 @@ __all__ = [
     "optim",
     "packing",
     "params",
+    "programs",
     "split",
     "readout",
     "rows",

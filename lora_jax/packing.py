@@ -13,7 +13,7 @@ static-shape step). Attention keeps its padded cost, ``B T^2``, instead of ``len
 
 ``length`` must be static. :func:`packed_length` finds the smallest one that holds every batch
 a run draws: the training loop's batch schedule is a pure function of the seed, so the host
-knows each step's rows before training starts (``train.batch_schedule``).
+knows each step's rows before training starts (``programs.batch_schedule``).
 
 Example::
 
@@ -117,7 +117,7 @@ def packed_length(attention_mask: np.ndarray, schedule: np.ndarray, multiple: in
     Args:
       attention_mask: ``[N, T]`` of the training set (or ``[n, N, T]``: members of a sweep).
       schedule: ``[steps, B]`` row indices of each step's batch (or ``[n, steps, B]``), as
-        :func:`lora_jax.train.batch_schedule` gives them.
+        :func:`lora_jax.programs.batch_schedule` gives them.
       multiple: round up to this (fewer distinct compiled shapes); never past ``B * T``.
 
     Returns:

@@ -172,7 +172,7 @@ def by_length(
 
     Args:
       fn: ``batch -> outputs``, the rows of ``outputs`` on ``out_axis`` (e.g. a jitted
-        ``train.make_predict`` with its parameters bound).
+        ``programs.make_predict`` with its parameters bound).
       data: a batch dict with ``attention_mask`` ``[N, T]``; with ``members``, every array has
         a leading member axis (``[n, N, T]``) and each member's rows are sorted on their own
         (a block's length is then its longest over the members).
@@ -234,7 +234,7 @@ def by_length_fn(
     """``call(*args, data)``: ``fn(*args, data)`` computed by :func:`by_length` (its keyword
     arguments as there) when ``data`` has an ``attention_mask``, else called as is.
 
-    Host-side (not traceable): wrap a jitted ``fn``, e.g. ``train.make_predict`` 's.
+    Host-side (not traceable): wrap a jitted ``fn``, e.g. ``programs.make_predict`` 's.
     """
 
     def call(*args):

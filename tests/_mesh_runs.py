@@ -12,7 +12,7 @@ import tempfile
 import jax
 import numpy as np
 
-from lora_jax import lora, models, train
+from lora_jax import lora, models, programs, train
 from lora_jax import sharding as sh
 from lora_jax.readout import make_output_fn
 from lora_jax.trainable import Method, make_model_fn, split_params
@@ -99,13 +99,13 @@ def run(method, mesh_spec, ntk=False):
         out["frozen_specs"] = specs(placed)
         if method == Method.LORA and not ntk:
             # Sharded adapters -> PEFT files -> loaded on one device: the same logits.
-            predict = train.make_predict(model_fn, 16, mesh=mesh)
+            predict = programs.make_predict(model_fn, 16, mesh=mesh)
             out["mesh_logits"] = np.asarray(predict(result.state.trainable, placed, data)).tolist()
             with tempfile.TemporaryDirectory() as d:
                 lora.save_peft(d, result.state.trainable, lcfg)
                 loaded, cfg_back = lora.load_peft(d)
             plain = make_model_fn(output_fn, method, lora_config=cfg_back)
-            logits = train.make_predict(plain, 16)(loaded, frozen, data)
+            logits = programs.make_predict(plain, 16)(loaded, frozen, data)
             out["peft_logits"] = np.asarray(logits).tolist()
             out["peft_keys"] = sorted(f"{p}.{k}" for p, v in loaded.items() for k in v)
     return out
@@ -122,7 +122,7 @@ def main():
         runs[f"ntk/{mesh_spec}"] = run(Method.LORA, mesh_spec, ntk=True)
     try:
         cfg = train.TrainConfig(steps=2, batch_size=6, eval_every=2)
-        train.make_train_chunk(None, None, cfg, mesh=sh.make_mesh("data=4,fsdp=2"))
+        programs.make_train_chunk(None, None, cfg, mesh=sh.make_mesh("data=4,fsdp=2"))
     except ValueError as err:
         runs["batch_error"] = str(err)
     json.dump(runs, sys.stdout)

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from _mesh_runs import tiny_problem  # noqa: E402
 
-from lora_jax import distributed, lora, train  # noqa: E402
+from lora_jax import distributed, lora, programs, train  # noqa: E402
 from lora_jax import sharding as sh  # noqa: E402
 from lora_jax.trainable import make_model_fn, split_params  # noqa: E402
 
@@ -51,7 +51,7 @@ def main():
     trained = distributed.to_host(result.state.trainable)  # collective: every process gathers
     if distributed.is_primary():
         lora.save_peft(os.path.join(out, "peft"), trained, lcfg)
-        logits = train.make_predict(model_fn, 16)(trained, frozen, data)
+        logits = programs.make_predict(model_fn, 16)(trained, frozen, data)
         record = {
             "losses": [r["train_loss"] for r in result.history],
             "dev_loss": [r["dev_loss"] for r in result.history],

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from _mesh_runs import tiny_config  # the script's directory is on sys.path
 
-from lora_jax import lora, models, train
+from lora_jax import lora, models, programs, train
 from lora_jax import sharding as sh
 from lora_jax.readout import make_output_fn
 from lora_jax.trainable import Method, make_model_fn
@@ -66,7 +66,7 @@ def main():
         leaf = next(iter(res[0].state.trainable.values()))["lora_a"]
         out[name]["devices"] = len(leaf.sharding.device_set)
     # The members split over the data axis inside the loop: a chunk's output state.
-    programs = train.job_programs(fn, tcfg, member_inputs=True, mesh=mesh)
+    compiled = programs.job_programs(fn, tcfg, member_inputs=True, mesh=mesh)
     table = sh.rules_for_mesh(mesh)
     state = sh.place(fresh(), sh.tree_shardings(fresh(), mesh, table))
     frozen = (sh.place(params, sh.tree_shardings(params, mesh, table)), plan.factors)
@@ -74,7 +74,7 @@ def main():
         jax.tree.map(lambda *xs: np.stack(xs), *datas),
         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
     )
-    state, _ = programs.chunk(state, frozen, data, 2, shared=False)
+    state, _ = compiled.chunk(state, frozen, data, 2, shared=False)
     leaf = next(iter(state.trainable.values()))["lora_a"]
     out["spec"] = str(leaf.sharding.spec)
     out["chunk_devices"] = len(leaf.sharding.device_set)

@@ -105,14 +105,14 @@ def test_adapters_saved_from_the_sharded_run_load_with_the_same_logits(runs):
     sys.path.insert(0, HERE)
     from _mesh_runs import tiny_problem
 
-    from lora_jax import train
+    from lora_jax import programs
     from lora_jax.trainable import make_model_fn
 
     _, two = runs
     adapters, cfg = lora.load_peft(os.path.join(two, "peft"))
     output_fn, params, data = tiny_problem()
     assert len(adapters) == 2  # query and value of the one layer: no key lost
-    logits = train.make_predict(make_model_fn(output_fn, "lora", lora_config=cfg), 16)(
+    logits = programs.make_predict(make_model_fn(output_fn, "lora", lora_config=cfg), 16)(
         adapters, params, data
     )
     np.testing.assert_allclose(logits, _result(two)["logits"], rtol=1e-5, atol=1e-6)

@@ -17,7 +17,7 @@ from test_sweep import _assert_same, _assert_same_fit
 
 from experiments.config import ExperimentConfig
 from experiments.workbench import TaskData, Workbench
-from lora_jax import lora, members, rows, tasks, train
+from lora_jax import lora, members, programs, rows, tasks, train
 from lora_jax.testing import make_tiny_checkpoint
 from lora_jax.trainable import Method, make_model_fn
 
@@ -91,7 +91,7 @@ def test_splits_padded_to_their_longest_row_train_and_predict_as_at_full_padding
     got, want = (_fit(model_fn, adapters, params, d, 42) for d in (short, full))
     assert len({h["dev_loss"] for h in want.history}) == 3  # the adapters did change
     _assert_same_fit(got, want, rtol=1e-5, param_rtol=1e-5)
-    plain = train.make_predict(model_fn, 8)
+    plain = programs.make_predict(model_fn, 8)
     np.testing.assert_allclose(
         plain(want.best_trainable, params, short.test),
         plain(want.best_trainable, params, full.test),
@@ -137,10 +137,10 @@ def test_vectorized_job_of_members_with_different_lengths_equals_each_member_alo
 
     # The job's test predictions (shared test set, sorted by length) are each member's own.
     best = members.stack([r.best_trainable for r in vec])
-    predict = train.job_programs(vec_fn, TCFG, member_inputs=True).predict
+    predict = programs.job_programs(vec_fn, TCFG, member_inputs=True).predict
     outputs = predict(best, (params, plan.factors), own[0].test)  # (3, N, K)
     for i, (f, s) in enumerate(zip(seq_fns, seq, strict=True)):
-        want = train.make_predict(f, 8)(s.best_trainable, params, _full_padding(bench, 13).test)
+        want = programs.make_predict(f, 8)(s.best_trainable, params, _full_padding(bench, 13).test)
         np.testing.assert_allclose(outputs[i], want, rtol=1e-5, atol=1e-6)
 
 
@@ -189,10 +189,10 @@ def test_sorted_evaluation_equals_unsorted_evaluation(bench):
     assert len(rows.length_groups(lengths, 8, _width(test))) > 1  # blocks of 8 rows, 2+ lengths
     model_fn = make_model_fn(output_fn, Method.LORA, lora_config=LORA)
     adapters = jax.tree.map(lambda x: x + 0.05, lora.init(jax.random.key(0), params, LORA))
-    sorted_predict = train.make_predict(model_fn, 8, by_length=True)
+    sorted_predict = programs.make_predict(model_fn, 8, by_length=True)
     np.testing.assert_allclose(
         sorted_predict(adapters, params, test),
-        train.make_predict(model_fn, 8)(adapters, params, test),
+        programs.make_predict(model_fn, 8)(adapters, params, test),
         rtol=1e-5,
         atol=1e-6,
     )
@@ -203,9 +203,9 @@ def test_sorted_evaluation_equals_unsorted_evaluation(bench):
     stacked_adapters = jax.tree.map(lambda x: x + 0.05, lora.init_stack(params, plan, [0, 1]))
     fn = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
     member_datas = [test, jax.tree.map(lambda x: x[::-1], test)]
-    unsorted = train.make_predict(fn, 8)
+    unsorted = programs.make_predict(fn, 8)
     for data, datas in ((members.stack(member_datas), member_datas), (test, [test, test])):
-        got = train.job_programs(fn, TCFG).predict(stacked_adapters, params, data)
+        got = programs.job_programs(fn, TCFG).predict(stacked_adapters, params, data)
         for i, d in enumerate(datas):
             want = unsorted(members.member(stacked_adapters, i), params, d)
             np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import ntk
-from lora_jax import lora, train
+from lora_jax import lora, programs, train
 from ntk import _testing
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -51,7 +51,7 @@ def _cfg(**kw):
 
 def _run(model_fn, trainable0, frozen, data, cfg):
     opt = train.make_optimizer(cfg)
-    chunk = train.make_train_chunk(model_fn, opt, cfg)
+    chunk = programs.make_train_chunk(model_fn, opt, cfg)
     # The chunk donates its state: train a copy, so trainable0 (inside frozen) stays alive.
     state0 = train.init_state(jax.tree.map(jnp.copy, trainable0), opt, seed=3)
     state, losses = chunk(state0, frozen, data)

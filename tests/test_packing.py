@@ -3,7 +3,7 @@
 Oracles: a hand-packed batch; the padded forward pass (itself checked against PyTorch in
 ``test_models_golden.py``) row by row, in float64; training on padded batches (losses, best
 step, adapters), for ``train.fit`` and a vectorized ``train.fit_job``; a Python loop over
-``train.batch_indices`` for the packed length.
+``programs.batch_indices`` for the packed length.
 """
 
 import jax
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from test_sweep import _assert_same_fit as assert_same_fit
 
-from lora_jax import lora, members, models, packing, train
+from lora_jax import lora, members, models, packing, programs, train
 from lora_jax.errors import ConfigError
 from lora_jax.readout import make_output_fn
 from lora_jax.trainable import Method, make_model_fn
@@ -114,11 +114,11 @@ def test_packed_forward_equals_each_padded_row(model_type, head):
 def test_packed_length_is_the_largest_scheduled_batch():
     batch = _rows(13, seed=1, pad_id=0)
     rng = train.init_state({}, train.make_optimizer(train.TrainConfig()), seed=5).rng
-    schedule = train.batch_schedule(rng, 20, 13, 4)
+    schedule = programs.batch_schedule(rng, 20, 13, 4)
     lengths = batch["attention_mask"].sum(1)
     most = 0
     for step in range(20):
-        idx = np.asarray(train.batch_indices(rng, jnp.int32(step), 13, 4))
+        idx = np.asarray(programs.batch_indices(rng, jnp.int32(step), 13, 4))
         np.testing.assert_array_equal(schedule[step], idx)
         most = max(most, int(lengths[idx].sum()))
     assert packing.packed_length(batch["attention_mask"], schedule, multiple=1) == most
@@ -149,7 +149,9 @@ def test_packed_training_equals_padded_training(model_type):
 
     def fit(pack):
         state = train.init_state(adapters, train.make_optimizer(TCFG), 7)
-        length = train.pack_length(model_fn, state.rng, TCFG.steps, train_data, TCFG.batch_size)
+        length = programs.pack_length_needed(
+            model_fn, state.rng, TCFG.steps, train_data, TCFG.batch_size
+        )
         return train.fit(
             model_fn,
             state,
@@ -180,7 +182,7 @@ def test_packed_sweep_equals_padded_sweep():
             lora.init_stack(params, plan, [3, 4]), TCFG, [TCFG.learning_rate] * 2, [3, 4]
         )
         length = max(
-            train.pack_length(fn, state.rng[i], TCFG.steps, data, TCFG.batch_size)
+            programs.pack_length_needed(fn, state.rng[i], TCFG.steps, data, TCFG.batch_size)
             for i, data in enumerate(datas)
         )
         return train.fit_job(
@@ -218,7 +220,9 @@ def test_an_explicit_packed_length_too_short_for_a_batch_is_refused():
     state = train.init_state(
         lora.init(jax.random.key(0), params, config), train.make_optimizer(TCFG), 7
     )
-    needed = train.pack_length(model_fn, state.rng, TCFG.steps, train_data, TCFG.batch_size)
+    needed = programs.pack_length_needed(
+        model_fn, state.rng, TCFG.steps, train_data, TCFG.batch_size
+    )
     with pytest.raises(ConfigError, match=f"cannot hold this run's largest batch \\({needed}"):
         train.fit(
             model_fn,
@@ -252,10 +256,10 @@ def test_packed_evaluation_equals_padded_evaluation():
             lambda x: x + 0.1, lora.init(jax.random.key(1), params, config)
         )
         data = _rows(11, seed=6, pad_id=cfg.pad_token_id)
-        predict = train.make_predict(model_fn, 4, by_length=True)
+        predict = programs.make_predict(model_fn, 4, by_length=True)
         want = predict(adapters, params, data)
         with pytest.raises(ConfigError, match="packed length in tokens"):
-            train.make_predict(model_fn, 4)(adapters, params, data, pack_length=True)
+            programs.make_predict(model_fn, 4)(adapters, params, data, pack_length=True)
         np.testing.assert_allclose(
             predict(adapters, params, data, packed=True), want, rtol=1e-12, atol=1e-12
         )
@@ -263,7 +267,7 @@ def test_packed_evaluation_equals_padded_evaluation():
         plan = lora.plan_stack(params, [config, config])
         stacked = members.stack([adapters, jax.tree.map(lambda x: -x, adapters)])
         assert plan.factors is None  # two members of one config: nothing to pad
-        vpredict = train.job_programs(
+        vpredict = programs.job_programs(
             make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True),
             train.TrainConfig(eval_batch_size=4),
         ).predict

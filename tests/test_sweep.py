@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import lora, members, train
+from lora_jax import lora, members, programs, train
 from lora_jax.models import create, split
 from lora_jax.readout import make_output_fn
 from lora_jax.trainable import Method, make_model_fn
@@ -178,7 +178,7 @@ def test_base_gemms_run_once_for_all_members(tiny):
 
     def dot_shapes(fused):
         model_fn = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=fused)
-        chunk = train.job_programs(
+        chunk = programs.job_programs(
             lora.with_member_factors(model_fn), tcfg, member_inputs=True
         ).chunk
         lowered = chunk.lower(state, (params, plan.factors), data, length=2, shared=False)

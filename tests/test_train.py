@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import checkpoint, losses, train
+from lora_jax import checkpoint, losses, programs, train
 
 
 def linear_model_fn(trainable, frozen, batch, dropout_rng):
@@ -45,7 +45,7 @@ def test_batch_indices_cover_each_epoch_once():
     rng = jax.random.key_data(jax.random.key(3))
     for epoch in range(3):
         seen = np.concatenate(
-            [np.asarray(train.batch_indices(rng, epoch * 4 + s, 32, 8)) for s in range(4)]
+            [np.asarray(programs.batch_indices(rng, epoch * 4 + s, 32, 8)) for s in range(4)]
         )
         assert sorted(seen.tolist()) == list(range(32))
 
@@ -61,7 +61,7 @@ def test_predict_covers_every_row_in_even_batches(n):
         shapes.append(batch["x"].shape)  # recorded at trace time
         return linear_model_fn(trainable, frozen, batch, dropout_rng)
 
-    out = train.make_predict(model_fn, 8)(params, {}, {"x": x, "labels": np.zeros(n, np.int32)})
+    out = programs.make_predict(model_fn, 8)(params, {}, {"x": x, "labels": np.zeros(n, np.int32)})
     np.testing.assert_allclose(out, x @ params["w"] + params["b"], rtol=1e-5, atol=1e-5)
     batches = -(-n // 8)
     assert shapes[-1] == (-(-n // batches), 5)  # e.g. 9 rows: 2 batches of 5, not 2 of 8
@@ -157,7 +157,7 @@ def test_grad_accumulation_updates_every_k_steps():
     data = jax.tree.map(jnp.asarray, toy_data())
     cfg = train.TrainConfig(steps=6, batch_size=8, grad_accum=4, eval_every=3, learning_rate=0.1)
     opt = train.make_optimizer(cfg)
-    chunk = train.make_train_chunk(linear_model_fn, opt, cfg)
+    chunk = programs.make_train_chunk(linear_model_fn, opt, cfg)
     state, _ = chunk(train.init_state(zeros_params(), opt, cfg.seed), {}, data)
     assert float(jnp.abs(state.trainable["w"]).sum()) == 0.0  # 3 micro-steps: no update yet
     state, _ = chunk(state, {}, data)
@@ -286,8 +286,8 @@ def test_fit_with_dropout_masks_differ_per_step_resume_exactly_and_stop_at_evalu
     )
     assert not np.allclose(plain.state.trainable["w"], full.state.trainable["w"])
     # Off at evaluation: the recorded dev metrics are those of the deterministic model.
-    dev = train.evaluate(
-        train.make_predict(linear_model_fn, 64), full.state.trainable, {}, toy_data()
+    dev = programs.evaluate(
+        programs.make_predict(linear_model_fn, 64), full.state.trainable, {}, toy_data()
     )
     assert full.history[-1]["dev_accuracy"] == dev["accuracy"]
     np.testing.assert_allclose(full.history[-1]["dev_loss"], dev["loss"], rtol=1e-6)
@@ -304,7 +304,7 @@ def test_fit_with_dropout_masks_differ_per_step_resume_exactly_and_stop_at_evalu
 
 def test_dropout_key_is_apart_from_the_batch_order_keys():
     rng = jax.random.key_data(jax.random.key(0))
-    keys = {tuple(np.asarray(jax.random.key_data(train.dropout_key(rng, t)))) for t in range(50)}
+    keys = {tuple(np.asarray(jax.random.key_data(programs.dropout_key(rng, t)))) for t in range(50)}
     assert len(keys) == 50
     batch_keys = {
         tuple(np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(rng), e))))
