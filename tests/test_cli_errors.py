@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,10 @@ from experiments.cli import add_dataclass_arguments, field_docs
 from experiments.config import ExperimentConfig
 from lora_jax import models
 from lora_jax.errors import ConfigError, InputFileError, MissingFileError, UserError
+from lora_jax.models.pretrained import read_torch_bin
 from lora_jax.testing import make_tiny_checkpoint
+
+GOLDEN = Path(__file__).parent / "golden"
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +172,26 @@ def test_truncated_safetensors_names_the_file_and_the_fix(tiny_roberta, tmp_path
         models.from_pretrained(broken)
     msg = one_line_error(capsys, zero_shot_args(str(broken), tmp_path))
     assert str(weights) in msg and "download or save the model again" in msg
+
+
+def test_truncated_torch_bin_is_reported_as_truncated_not_legacy(tiny_roberta, tmp_path, capsys):
+    """A cut-short pytorch_model.bin used to be called a legacy (pre-zip) torch file."""
+    broken = tmp_path / "broken_bin"
+    shutil.copytree(tiny_roberta, broken)
+    (broken / "model.safetensors").unlink()
+    weights = broken / "pytorch_model.bin"
+    whole = (GOLDEN / "bert_bin" / "pytorch_model.bin").read_bytes()
+    for cut in (whole[:1000], whole[:-100], b""):  # an interrupted download; an empty file
+        weights.write_bytes(cut)
+        with pytest.raises(models.CheckpointError, match="truncated or corrupt") as info:
+            models.from_pretrained(broken)
+        assert "legacy" not in str(info.value)
+    msg = one_line_error(capsys, zero_shot_args(str(broken), tmp_path))
+    assert str(weights) in msg and "truncated" in msg and "download or save the model again" in msg
+    legacy = tmp_path / "legacy.bin"  # torch.save before torch 1.6 wrote a bare pickle
+    legacy.write_bytes(pickle.dumps({"w": [0.0]}, protocol=2))
+    with pytest.raises(models.CheckpointError, match="legacy"):
+        read_torch_bin(legacy)
 
 
 def test_unwritable_out_names_the_directory(tiny_roberta, tmp_path, capsys):

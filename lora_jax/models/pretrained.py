@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -188,22 +189,39 @@ class _TorchUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
+def _truncated(path: Path, cause: object) -> CheckpointError:
+    return CheckpointError(
+        f"{path} cannot be read ({cause}): the file is truncated or corrupt (an interrupted "
+        "download or copy). Fix: download or save the model again (delete the file first)."
+    )
+
+
 def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     """A torch ``state_dict`` file (zip format, torch >= 1.6) as numpy arrays, without torch.
 
     Raises:
-      CheckpointError: legacy (non-zip) files or pickles holding anything but tensors.
+      CheckpointError: a truncated or corrupt file (a zip without its end, a short member),
+        a legacy (pre-zip pickle) file, or a pickle holding anything but tensors.
     """
+    with open(path, "rb") as f:
+        head = f.read(4)
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path} is a legacy (pre-zip) torch file, which cannot be read without torch. "
-            "Convert it to model.safetensors (e.g. with transformers' save_pretrained)."
-        )
-    with zipfile.ZipFile(path) as archive:
-        pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-        root = pkl[: -len("/data.pkl")]
-        with archive.open(pkl) as f:
-            state = _TorchUnpickler(f, archive, root).load()
+        if head.startswith(b"\x80"):  # a pickle: torch.save before torch 1.6
+            raise CheckpointError(
+                f"{path} is a legacy (pre-zip) torch file, which cannot be read without torch. "
+                "Convert it to model.safetensors (e.g. with transformers' save_pretrained)."
+            )
+        # A zip (b"PK\x03\x04") whose end is missing, an empty file, or bytes of no format.
+        what = "a zip archive without its end" if head == b"PK\x03\x04" else "not a torch file"
+        raise _truncated(path, what)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            root = pkl[: -len("/data.pkl")]
+            with archive.open(pkl) as f:
+                state = _TorchUnpickler(f, archive, root).load()
+    except (zipfile.BadZipFile, EOFError, StopIteration, zlib.error) as err:
+        raise _truncated(path, f"{type(err).__name__}: {err}") from err
     return {k: np.asarray(v) for k, v in state.items()}
 
 
@@ -214,10 +232,7 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
         return load_file(str(path))
     except SafetensorError as err:
-        raise CheckpointError(
-            f"{path} cannot be read ({err}): the file is truncated or corrupt (an interrupted "
-            "download or copy). Fix: download or save the model again (delete the file first)."
-        ) from err
+        raise _truncated(path, err) from err
 
 
 def read_weights(directory: Path) -> dict[str, np.ndarray]:
