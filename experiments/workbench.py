@@ -16,7 +16,8 @@ import jax.numpy as jnp
 
 from experiments.config import ExperimentConfig
 from lora_jax import models, tasks
-from lora_jax.models.pretrained import resolve
+from lora_jax.errors import ConfigError
+from lora_jax.models.pretrained import read_encoder_config, resolve, weights_file
 from lora_jax.pooling import Pooling, PoolingSpec, detect_pooling, make_pooled_feature_fns
 from lora_jax.readout import Readout, load_prompt_encoder, make_output_fn
 from lora_jax.rows import map_rows_fn
@@ -35,6 +36,30 @@ class TaskData(NamedTuple):
 def resolve_model(name: str) -> str:
     """``minilm`` names the embedded MiniLM-L6; anything else is a path or a hub id."""
     return models.minilm_path() if name == "minilm" else name
+
+
+def check_model(cfg: ExperimentConfig) -> None:
+    """Fails fast on a ``--model`` that cannot run ``cfg``, before a run directory is made.
+
+    Checks that ``cfg.model`` is a model directory (or hub id) with a tokenizer, a config.json
+    this library runs and a weight file (not read here), and that ``--max-length`` fits the
+    model's position table.
+
+    Raises:
+      MissingFileError: no such directory or hub id, or no config.json or weight file in it.
+      InputFileError: no usable tokenizer, or a config.json of an unsupported model
+        (``CheckpointError``).
+      ConfigError: ``cfg.max_length`` exceeds the model's positions.
+    """
+    path = resolve(resolve_model(cfg.model))
+    models.load_tokenizer(path)
+    limit = read_encoder_config(path).max_tokens
+    weights_file(path)
+    if limit is not None and cfg.max_length > limit:
+        raise ConfigError(
+            f"--max-length {cfg.max_length} exceeds {cfg.model}'s {limit} positions; use "
+            f"--max-length {limit} or less."
+        )
 
 
 class Workbench:

@@ -87,6 +87,43 @@ def test_user_errors_are_one_line(tiny_roberta, tmp_path, capsys):
     assert str(bare) in msg and "tokenizer" in msg
 
 
+def test_a_bad_model_leaves_no_run_directory(tiny_roberta, tmp_path, capsys):
+    """A bad --model used to fail after runs/<name>/config.json was written."""
+    out = tmp_path / "runs"
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny_roberta, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    for model, needle in [
+        (str(tmp_path / "missing"), "No such model directory"),
+        (str(not_a_model), "tokenizer"),
+        (str(no_weights), "has no weights"),
+    ]:
+        msg = one_line_error(capsys, zero_shot_args(model, out, "--name", "bad"))
+        assert needle in msg, msg
+        assert not (out / "bad").exists(), model
+    # Several encoders: the bad one is refused before the first encoder's run.
+    two = ["--models", tiny_roberta, str(not_a_model), "--out", str(out), "--name", "two",
+           "--tasks", "mr", "--methods", "zero_shot", "--seeds", "13", "--k", "4"]  # fmt: skip
+    assert "tokenizer" in one_line_error(capsys, two)
+    assert not (out / "two").exists()
+
+
+def test_max_length_beyond_the_position_table_is_refused_in_cli_words(tmp_path, capsys):
+    """--max-length 600 used to fail in training with "tokenize with truncation=True"."""
+    argv = ["--out", str(tmp_path), "--name", "long", "--tasks", "mr", "--methods", "zero_shot",
+            "--seeds", "13", "--k", "4", "--test-cap", "8", "--max-length", "600"]  # fmt: skip
+    msg = one_line_error(capsys, argv)
+    assert msg == (
+        "error: --max-length 600 exceeds minilm's 512 positions; use --max-length 512 or less."
+    )
+    assert not (tmp_path / "long").exists()
+    assert models.EncoderConfig(model_type="roberta", max_position_embeddings=514).max_tokens == 512
+    relative = models.EncoderConfig(model_type="deberta-v2", position_biased_input=False)
+    assert relative.max_tokens is None  # relative positions only: no table to exceed
+
+
 # -- CLI flags from the dataclass fields (item 10) ----------------------------------------------
 
 

@@ -235,32 +235,40 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise _truncated(path, err) from err
 
 
+def weights_file(directory: Path) -> Path:
+    """The weight file `read_weights` reads: ``model.safetensors`` (or its sharded
+    ``.index.json``) first, else ``pytorch_model.bin`` (or its index). Reads no weights.
+
+    Raises:
+      FileNotFoundError: the directory holds no weight file.
+    """
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        for path in (directory / name, directory / f"{name}.index.json"):
+            if path.is_file():
+                return path
+    raise MissingFileError(
+        f"{directory} has no weights: expected model.safetensors or pytorch_model.bin (or their "
+        "sharded .index.json). Save the model with save_pretrained, or point at the directory "
+        "that holds the weights."
+    )
+
+
 def read_weights(directory: Path) -> dict[str, np.ndarray]:
     """All tensors of a model directory: (sharded) safetensors first, else (sharded) ``.bin``.
 
     Raises:
       FileNotFoundError: the directory holds no weight file.
     """
-    for name, reader in (
-        ("model.safetensors", _read_safetensors),
-        ("pytorch_model.bin", read_torch_bin),
-    ):
-        single = directory / name
-        if single.is_file():
-            return reader(single)
-        index = directory / f"{name}.index.json"
-        if index.is_file():
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            state: dict[str, np.ndarray] = {}
-            for shard in shards:
-                state.update(reader(directory / shard))
-            return state
-    raise MissingFileError(
-        f"{directory} has no weights: expected model.safetensors or pytorch_model.bin (or their "
-        "sharded .index.json). Save the model with save_pretrained, or point at the directory "
-        "that holds the weights."
-    )
+    path = weights_file(directory)
+    reader = _read_safetensors if ".safetensors" in path.name else read_torch_bin
+    if not path.name.endswith(".index.json"):
+        return reader(path)
+    with open(path) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    state: dict[str, np.ndarray] = {}
+    for shard in shards:
+        state.update(reader(directory / shard))
+    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -314,11 +322,7 @@ def from_pretrained(
     if not (head == "cls" and num_labels is None):  # that case may take the checkpoint's size
         _check_head(head, num_labels)
     directory = resolve(name_or_path)
-    hf_config = _read_config(directory)
-    try:
-        config = EncoderConfig.from_hf(hf_config)
-    except ValueError as err:
-        raise CheckpointError(f"{directory}/config.json: {err}") from err
+    config = read_encoder_config(directory)
     flat, unexpected = hf_to_flat(read_weights(directory), config)
     b = config.base_prefix
 
@@ -417,6 +421,20 @@ def available_heads(flat: Mapping[str, Any], config: EncoderConfig) -> set[str]:
     if "classifier" in roots:
         found.add("cls")
     return found
+
+
+def read_encoder_config(name_or_path: str | os.PathLike) -> EncoderConfig:
+    """The `EncoderConfig` of a model directory's (or hub id's) ``config.json``, without weights.
+
+    Raises:
+      FileNotFoundError: no such directory, or no config.json in it.
+      CheckpointError: a config.json this library cannot run (e.g. an unsupported model_type).
+    """
+    directory = resolve(name_or_path)
+    try:
+        return EncoderConfig.from_hf(_read_config(directory))
+    except ValueError as err:
+        raise CheckpointError(f"{directory}/config.json: {err}") from err
 
 
 def read_model_type(name_or_path: str | os.PathLike) -> str | None:
