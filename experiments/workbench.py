@@ -6,8 +6,10 @@ per (task, method, rank), so the compiled training programs are reused across se
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -60,6 +62,28 @@ def check_model(cfg: ExperimentConfig) -> None:
             f"--max-length {cfg.max_length} exceeds {cfg.model}'s {limit} positions; use "
             f"--max-length {limit} or less."
         )
+
+
+class _NewHeadFilter(logging.Filter):
+    """Drops `models.from_pretrained` 's "Newly initialized" warning when only the new head is
+    new: the classifier (and DeBERTa's ContextPooler, ``pooler.*``), which the head-only
+    baseline creates on purpose and trains. A new encoder weight (e.g. a BERT pooler missing
+    from the checkpoint, ``bert.pooler.*``) is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        new = getattr(record, "newly_initialized", ())
+        return not (new and all(p.startswith(("classifier.", "pooler.")) for p in new))
+
+
+@contextlib.contextmanager
+def _quiet_new_head():
+    logger = logging.getLogger(models.from_pretrained.__module__)
+    quiet = _NewHeadFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class Workbench:
@@ -145,9 +169,10 @@ class Workbench:
         and ``labels``; the test split's features are the same for every seed and computed once.
         """
         num_labels = self.task(task).num_labels
-        model = models.from_pretrained(
-            self.path, head="cls", num_labels=num_labels, seed=seed, dtype=self.cfg.dtype
-        )
+        with _quiet_new_head():  # the new classifier is the point of this baseline
+            model = models.from_pretrained(
+                self.path, head="cls", num_labels=num_labels, seed=seed, dtype=self.cfg.dtype
+            )
         _, params = models.split(model)
         # One program per task, reused across seeds (the seed only changes the head's weights).
         feature_fn, output_fn = self.memo(

@@ -39,6 +39,19 @@ from lora_jax.params import flatten, unflatten
 
 log = logging.getLogger(__name__)
 
+
+class _TorchAdvisoryFilter(logging.Filter):
+    """Drops transformers' "PyTorch was not found" advisory, printed when transformers is
+    imported: lora-jax uses transformers without torch by design (tokenizers, configs and hub
+    downloads only), so the line tells its users nothing. Every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+# Set before transformers is first imported (it is imported lazily, by load_tokenizer).
+logging.getLogger("transformers").addFilter(_TorchAdvisoryFilter())
+
 _ARCH_SUFFIX = {"mlm": "ForMaskedLM", "cls": "ForSequenceClassification", None: "Model"}
 _ARCH_SUFFIX["rtd"] = "ForPreTraining"  # ELECTRA's discriminator
 _ARCH_PREFIX = {
@@ -387,7 +400,11 @@ def from_pretrained(
         )
     param_dtype = np.float64 if dt == jnp.float64 else np.float32
     if missing:
-        log.warning("Newly initialized (not in the checkpoint): %s", ", ".join(missing))
+        log.warning(
+            "Newly initialized (not in the checkpoint): %s",
+            ", ".join(missing),
+            extra={"newly_initialized": tuple(missing)},  # for filters (experiments.workbench)
+        )
         new = init_params(
             config,
             head=head,
