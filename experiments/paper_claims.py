@@ -9,9 +9,8 @@ not supported / inconclusive). Each part resumes or is cheap to redo.
 
 The sweep (MR and TREC, ranks 1, 4, 12, 3 seeds, 200 steps: 18 real LoRA cells) runs before
 the bias / variance curves, whose plot and table show its measured test error beside the bound.
-Wall time with the defaults on 2 quiet CPU cores, estimated from CPU seconds measured per part
-on a loaded machine: thresholds ~0.1 min, C* ~6 min, PL ~3-4 min, sweep ~13-14 min (45 s a
-cell), bias / variance ~1.5 min; about 25-30 min in all (``timings.json`` has the real figures).
+With the defaults it takes about half an hour on 2 CPU cores, most of it the sweep; each
+part's wall time is written to ``runs/<name>/timings.json``.
 """
 
 from __future__ import annotations

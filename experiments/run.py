@@ -31,7 +31,7 @@ from experiments.config import (
     per_encoder,
 )
 from experiments.jobs import Cell, cells
-from experiments.workbench import Workbench
+from experiments.workbench import Workbench, check_model
 from lora_jax import distributed, tasks
 from lora_jax.errors import ConfigError, UserError, user_message
 
@@ -87,7 +87,9 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) 
     """
     if cfg.models:
         return run_encoders(cfg, progress=progress, mesh=mesh, rules=rules)
-    # Fail fast on an unknown task or a bad task file, before any directory is made.
+    # Fail fast on a bad --model or --max-length, an unknown task or a bad task file, before
+    # any directory is made.
+    check_model(cfg)
     named = tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k)
     if cfg.tensorboard:
         outputs.summary_writer_class()  # a missing tensorboardX fails now, not after a cell
@@ -143,6 +145,8 @@ def run_encoders(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rul
     ``report.md`` / ``plots/`` of all encoders' records, each tagged with its ``model``.
     """
     tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k)  # fail before making directories
+    for one in per_encoder(cfg):
+        check_model(one)
     run_dir = prepare_run_dir(cfg)
     distributed.barrier("run dir")
     records = []

@@ -6,8 +6,10 @@ per (task, method, rank), so the compiled training programs are reused across se
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -16,7 +18,8 @@ import jax.numpy as jnp
 
 from experiments.config import ExperimentConfig
 from lora_jax import models, tasks
-from lora_jax.models.pretrained import resolve
+from lora_jax.errors import ConfigError
+from lora_jax.models.pretrained import read_encoder_config, resolve, weights_file
 from lora_jax.pooling import Pooling, PoolingSpec, detect_pooling, make_pooled_feature_fns
 from lora_jax.readout import Readout, load_prompt_encoder, make_output_fn
 from lora_jax.rows import map_rows_fn
@@ -35,6 +38,52 @@ class TaskData(NamedTuple):
 def resolve_model(name: str) -> str:
     """``minilm`` names the embedded MiniLM-L6; anything else is a path or a hub id."""
     return models.minilm_path() if name == "minilm" else name
+
+
+def check_model(cfg: ExperimentConfig) -> None:
+    """Fails fast on a ``--model`` that cannot run ``cfg``, before a run directory is made.
+
+    Checks that ``cfg.model`` is a model directory (or hub id) with a tokenizer, a config.json
+    this library runs and a weight file (not read here), and that ``--max-length`` fits the
+    model's position table.
+
+    Raises:
+      MissingFileError: no such directory or hub id, or no config.json or weight file in it.
+      InputFileError: no usable tokenizer, or a config.json of an unsupported model
+        (``CheckpointError``).
+      ConfigError: ``cfg.max_length`` exceeds the model's positions.
+    """
+    path = resolve(resolve_model(cfg.model))
+    models.load_tokenizer(path)
+    limit = read_encoder_config(path).max_tokens
+    weights_file(path)
+    if limit is not None and cfg.max_length > limit:
+        raise ConfigError(
+            f"--max-length {cfg.max_length} exceeds {cfg.model}'s {limit} positions; use "
+            f"--max-length {limit} or less."
+        )
+
+
+class _NewHeadFilter(logging.Filter):
+    """Drops `models.from_pretrained` 's "Newly initialized" warning when only the new head is
+    new: the classifier (and DeBERTa's ContextPooler, ``pooler.*``), which the head-only
+    baseline creates on purpose and trains. A new encoder weight (e.g. a BERT pooler missing
+    from the checkpoint, ``bert.pooler.*``) is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        new = getattr(record, "newly_initialized", ())
+        return not (new and all(p.startswith(("classifier.", "pooler.")) for p in new))
+
+
+@contextlib.contextmanager
+def _quiet_new_head():
+    logger = logging.getLogger(models.from_pretrained.__module__)
+    quiet = _NewHeadFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 class Workbench:
@@ -120,9 +169,10 @@ class Workbench:
         and ``labels``; the test split's features are the same for every seed and computed once.
         """
         num_labels = self.task(task).num_labels
-        model = models.from_pretrained(
-            self.path, head="cls", num_labels=num_labels, seed=seed, dtype=self.cfg.dtype
-        )
+        with _quiet_new_head():  # the new classifier is the point of this baseline
+            model = models.from_pretrained(
+                self.path, head="cls", num_labels=num_labels, seed=seed, dtype=self.cfg.dtype
+            )
         _, params = models.split(model)
         # One program per task, reused across seeds (the seed only changes the head's weights).
         feature_fn, output_fn = self.memo(

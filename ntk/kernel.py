@@ -111,11 +111,10 @@ class NtkImplementation(enum.IntEnum):
         weights gets the dense Jacobian of its lookup, ``(T*H) x (V*H)`` floats per example
         (MiniLM, T = 64: 1,073 GiB): use JACOBIAN_CONTRACTION for all-weights kernels.
 
-    Measured (benchmarks/bench_ntk.py, MiniLM-L6, K = 2, T = 64, 8 x 8 block, shared 2-core
-    CPU): with ``vmap_axes=0`` the LoRA-adapter kernels (r = 1 / 8 on query, value) took
-    STRUCTURED_DERIVATIVES 2.2 / 1.8 s, JACOBIAN_CONTRACTION 3.7 / 2.6 s, NTK_VECTOR_PRODUCTS
-    6.8 / 8.1 s, against 15.6 / 9.9 s for a direct ``jax.jacrev`` + einsum; without
-    ``vmap_axes`` all three were 12-16 s. All agree to float32 rounding.
+    On LoRA-adapter kernels of an encoder all three agree to float32 rounding, and with
+    ``vmap_axes=0`` each is faster than a direct ``jax.jacrev`` + einsum (STRUCTURED_DERIVATIVES
+    the most); without ``vmap_axes`` they lose most of that. Timings: ``benchmarks/README.md``
+    ("eNTK implementations on LoRA adapters"), from ``benchmarks/bench_ntk.py``.
     """
 
     AUTO = 0

@@ -6,7 +6,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +17,10 @@ from experiments.cli import add_dataclass_arguments, field_docs
 from experiments.config import ExperimentConfig
 from lora_jax import models
 from lora_jax.errors import ConfigError, InputFileError, MissingFileError, UserError
+from lora_jax.models.pretrained import read_torch_bin
 from lora_jax.testing import make_tiny_checkpoint
+
+GOLDEN = Path(__file__).parent / "golden"
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +85,43 @@ def test_user_errors_are_one_line(tiny_roberta, tmp_path, capsys):
     (bare / "config.json").write_text("{}")
     msg = error(str(bare), "--name", "c")
     assert str(bare) in msg and "tokenizer" in msg
+
+
+def test_a_bad_model_leaves_no_run_directory(tiny_roberta, tmp_path, capsys):
+    """A bad --model used to fail after runs/<name>/config.json was written."""
+    out = tmp_path / "runs"
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    no_weights = tmp_path / "no_weights"
+    shutil.copytree(tiny_roberta, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    for model, needle in [
+        (str(tmp_path / "missing"), "No such model directory"),
+        (str(not_a_model), "tokenizer"),
+        (str(no_weights), "has no weights"),
+    ]:
+        msg = one_line_error(capsys, zero_shot_args(model, out, "--name", "bad"))
+        assert needle in msg, msg
+        assert not (out / "bad").exists(), model
+    # Several encoders: the bad one is refused before the first encoder's run.
+    two = ["--models", tiny_roberta, str(not_a_model), "--out", str(out), "--name", "two",
+           "--tasks", "mr", "--methods", "zero_shot", "--seeds", "13", "--k", "4"]  # fmt: skip
+    assert "tokenizer" in one_line_error(capsys, two)
+    assert not (out / "two").exists()
+
+
+def test_max_length_beyond_the_position_table_is_refused_in_cli_words(tmp_path, capsys):
+    """--max-length 600 used to fail in training with "tokenize with truncation=True"."""
+    argv = ["--out", str(tmp_path), "--name", "long", "--tasks", "mr", "--methods", "zero_shot",
+            "--seeds", "13", "--k", "4", "--test-cap", "8", "--max-length", "600"]  # fmt: skip
+    msg = one_line_error(capsys, argv)
+    assert msg == (
+        "error: --max-length 600 exceeds minilm's 512 positions; use --max-length 512 or less."
+    )
+    assert not (tmp_path / "long").exists()
+    assert models.EncoderConfig(model_type="roberta", max_position_embeddings=514).max_tokens == 512
+    relative = models.EncoderConfig(model_type="deberta-v2", position_biased_input=False)
+    assert relative.max_tokens is None  # relative positions only: no table to exceed
 
 
 # -- CLI flags from the dataclass fields (item 10) ----------------------------------------------
@@ -167,6 +209,26 @@ def test_truncated_safetensors_names_the_file_and_the_fix(tiny_roberta, tmp_path
         models.from_pretrained(broken)
     msg = one_line_error(capsys, zero_shot_args(str(broken), tmp_path))
     assert str(weights) in msg and "download or save the model again" in msg
+
+
+def test_truncated_torch_bin_is_reported_as_truncated_not_legacy(tiny_roberta, tmp_path, capsys):
+    """A cut-short pytorch_model.bin used to be called a legacy (pre-zip) torch file."""
+    broken = tmp_path / "broken_bin"
+    shutil.copytree(tiny_roberta, broken)
+    (broken / "model.safetensors").unlink()
+    weights = broken / "pytorch_model.bin"
+    whole = (GOLDEN / "bert_bin" / "pytorch_model.bin").read_bytes()
+    for cut in (whole[:1000], whole[:-100], b""):  # an interrupted download; an empty file
+        weights.write_bytes(cut)
+        with pytest.raises(models.CheckpointError, match="truncated or corrupt") as info:
+            models.from_pretrained(broken)
+        assert "legacy" not in str(info.value)
+    msg = one_line_error(capsys, zero_shot_args(str(broken), tmp_path))
+    assert str(weights) in msg and "truncated" in msg and "download or save the model again" in msg
+    legacy = tmp_path / "legacy.bin"  # torch.save before torch 1.6 wrote a bare pickle
+    legacy.write_bytes(pickle.dumps({"w": [0.0]}, protocol=2))
+    with pytest.raises(models.CheckpointError, match="legacy"):
+        read_torch_bin(legacy)
 
 
 def test_unwritable_out_names_the_directory(tiny_roberta, tmp_path, capsys):

@@ -256,3 +256,21 @@ def test_tensorboard_without_tensorboardx_is_one_clear_line(own_data, tmp_path, 
 def test_missing_task_file_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match=r"error: task file '.*nope\.json': no such file; fix:"):
         main(["--task-file", str(tmp_path / "nope.json"), "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize("data", ["reviews_train.csv", "data/pairs.jsonl"])
+def test_data_file_not_in_utf8_is_one_line_naming_it_and_the_fix(own_data, tmp_path, data):
+    """A CSV saved as Latin-1 (Excel's default "CSV") used to end in a UnicodeDecodeError."""
+    d, reviews, pairs = own_data
+    path = d / data
+    lines = path.read_text().splitlines(keepends=True)
+    lines[3] = lines[3].replace("a", "caf\u00e9", 1)
+    path.write_bytes("".join(lines).encode("latin-1"))
+    with pytest.raises(SystemExit) as info:
+        main(["--task-file", str(reviews if data.endswith(".csv") else pairs),
+              "--out", str(tmp_path), "--name", "latin1"])  # fmt: skip
+    message = str(info.value)
+    assert message.startswith("error: task file ") and "\n" not in message, message
+    assert f"file {str(path)!r} is not UTF-8 text (line 4 has the byte b'\\xe9')" in message
+    assert "fix: re-save it as UTF-8" in message
+    assert not (tmp_path / "latin1").exists()

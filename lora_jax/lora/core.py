@@ -287,10 +287,9 @@ def apply(
         merged elsewhere. Same function either way (to float rounding).
         Why: differentiating the merged path w.r.t. A and B forms the full (in, out) gradient
         x^T dy of the merged kernel, one extra big matmul per targeted Linear per step; the
-        fused path needs only rank-r products. Measured (2 shared CPU threads, 2-layer
-        encoders, batch 8 x seq 128, r=8, query/value targets; merged / fused step time):
-        hidden 64: 0.94-0.97, hidden 384: 1.03, hidden 768: 1.07-1.17. Use `fused=None` (or
-        True) for training; for inference `merge` once and run the plain params.
+        fused path needs only rank-r products, which pays from a width of a few hundred
+        (``benchmarks/README.md``, "Merged or fused LoRA"). Use `fused=None` (or True) for
+        training; for inference `merge` once and run the plain params.
       dropout_rng: a PRNG key to run `cfg.dropout` (PEFT's `lora_dropout`) on the input of each
         LoRA branch, `x W + scale * dropout(x) A B`; every LoRA module is then fused whatever
         `fused` says. None (default), or `cfg.dropout == 0`: no dropout (evaluation).

@@ -178,6 +178,16 @@ class EncoderConfig:
         return self.hidden_size if self.embedding_size is None else self.embedding_size
 
     @property
+    def max_tokens(self) -> int | None:
+        """The most tokens a row may have: the rows of the absolute position table (RoBERTa:
+        less its ``pad_token_id + 1`` offset, so 512 of 514), or None where positions are only
+        relative (DeBERTa-v3, ``position_biased_input=False``)."""
+        if self.model_type == "deberta-v2" and not self.position_biased_input:
+            return None
+        offset = self.pad_token_id + 1 if self.model_type == "roberta" else 0
+        return self.max_position_embeddings - offset
+
+    @property
     def attention_span(self) -> int:
         """DeBERTa's relative span S: the relative embedding table has 2 S rows."""
         if self.position_buckets > 0:

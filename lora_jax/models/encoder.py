@@ -329,13 +329,12 @@ def forward(
         )
     input_ids = jnp.asarray(input_ids, jnp.int32)
     B, T = input_ids.shape
-    offset = config.pad_token_id + 1 if config.model_type == "roberta" else 0
-    absolute = config.model_type != "deberta-v2" or config.position_biased_input
+    limit = config.max_tokens
     # Packed rows restart their positions: each row is as long as it was before packing.
-    if absolute and not packed and T + offset > config.max_position_embeddings:
+    if limit is not None and not packed and T > limit:
         raise ConfigError(
             f"Sequence length {T} exceeds what the position table allows "
-            f"({config.max_position_embeddings - offset} tokens for this {config.model_type}); "
+            f"({limit} tokens for this {config.model_type}); "
             "tokenize with truncation=True and a smaller max_length."
         )
     if attention_mask is None:

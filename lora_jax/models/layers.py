@@ -58,12 +58,10 @@ def dense_stack(ps: Sequence[Params], x: jax.Array) -> list[jax.Array]:
 
     Equal to ``[dense(p, x) for p in ps]`` (same products, same sums per output element), but
     the kernels are stacked to ``(in, n, out)`` so that the forward pass and the backward input
-    gradient are one GEMM each instead of n. On XLA:CPU (2 cores) a 1024x384x384 GEMM runs at
-    about 120 GFLOP/s against 150 for 1024x384x1152. In whole LoRA steps (interleaved A/B,
-    steps/s, best / median window) the gain is small: MiniLM at batch 8 x 48 tokens 7.07 / 6.54
-    stacked vs 6.98 / 6.30 unstacked, and none at RoBERTa-base, 8 x 128 tokens (0.386 / 0.373 vs
-    0.395 / 0.379), where 768-wide GEMMs already run at full rate. Stacking on a new axis keeps
-    each kernel's ``out`` axis, and so its sharding, unchanged.
+    gradient are one GEMM each instead of n: narrow GEMMs (MiniLM's 384 wide) run below the
+    rate of a wider one, while 768-wide ones already run at full rate (figures:
+    ``benchmarks/README.md``, "Measurements behind the layer functions"). Stacking on a new
+    axis keeps each kernel's ``out`` axis, and so its sharding, unchanged.
 
     Args:
       ps: Linear parameter dicts as for :func:`dense`, all with kernels of one shape (in, out).
@@ -137,10 +135,10 @@ def _layer_norm_jvp(eps, primals, tangents):
     pass duplicates chains of cheap elementwise ops into every consumer. With a multiplication,
     the backward residual-stream cotangent of layer ``l`` stayed an unmaterialized expression of
     all the GEMM outputs above it, and was recomputed inside each of its consumer fusions. That
-    made the backward pass quadratic in depth: in a RoBERTa-base LoRA step, three such fusions
-    per layer took 0.3 ms at the top layer and 45 ms at the bottom (1 core). XLA does not
-    duplicate a divide (an "expensive" op), so each LayerNorm now ends the chain. On 2 cores,
-    interleaved A/B, that step went from 0.307 to 0.361 steps/s.
+    made the backward pass quadratic in depth: the fusions of the bottom layer cost over a
+    hundred times those of the top one. XLA does not duplicate a divide (an "expensive" op), so
+    each LayerNorm ends the chain (`tests/test_compiled_graph.py` guards it; figures:
+    ``benchmarks/README.md``, "Measurements behind the layer functions").
     """
     (x,), (dx,) = primals, tangents
     xhat, std = _normalize(x, eps)
@@ -155,8 +153,8 @@ def gelu_exact(x: jax.Array) -> jax.Array:
 
     Written out, with its derivative ``Phi(x) + x phi(x)`` by hand (a custom JVP, so forward
     mode works too), rather than ``jax.nn.gelu(approximate=False)``: same values, and XLA:CPU
-    compiles this form's forward + backward about 1.8x faster (1.1 vs 2.0 ms on a 1024x1536
-    block, 2 cores).
+    compiles this form's forward + backward to faster code (figures: ``benchmarks/README.md``,
+    "Measurements behind the layer functions").
     """
     return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
 
@@ -210,8 +208,9 @@ def attention(
 
     Written with two einsums and a softmax computed in at least float32 (so bfloat16 inputs get
     float32 statistics and float64 stays float64). This is deliberately not
-    ``jax.nn.dot_product_attention``, whose forward + backward on XLA:CPU measured 27 ms against
-    12 ms for this form (in isolation, B=8, T=128, 12 heads of 32, 2 cores). Masked keys get
+    ``jax.nn.dot_product_attention``, whose forward + backward on XLA:CPU is slower than this
+    form's (figures: ``benchmarks/README.md``, "Measurements behind the layer functions"), and
+    which computes its softmax in float32 even for float64 inputs. Masked keys get
     the dtype's most negative value, so they receive exactly zero weight whenever a row has at
     least one real key.
 

@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,19 @@ from lora_jax.models.encoder import (
 from lora_jax.params import flatten, unflatten
 
 log = logging.getLogger(__name__)
+
+
+class _TorchAdvisoryFilter(logging.Filter):
+    """Drops transformers' "PyTorch was not found" advisory, printed when transformers is
+    imported: lora-jax uses transformers without torch by design (tokenizers, configs and hub
+    downloads only), so the line tells its users nothing. Every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found")
+
+
+# Set before transformers is first imported (it is imported lazily, by load_tokenizer).
+logging.getLogger("transformers").addFilter(_TorchAdvisoryFilter())
 
 _ARCH_SUFFIX = {"mlm": "ForMaskedLM", "cls": "ForSequenceClassification", None: "Model"}
 _ARCH_SUFFIX["rtd"] = "ForPreTraining"  # ELECTRA's discriminator
@@ -188,22 +202,39 @@ class _TorchUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
+def _truncated(path: Path, cause: object) -> CheckpointError:
+    return CheckpointError(
+        f"{path} cannot be read ({cause}): the file is truncated or corrupt (an interrupted "
+        "download or copy). Fix: download or save the model again (delete the file first)."
+    )
+
+
 def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     """A torch ``state_dict`` file (zip format, torch >= 1.6) as numpy arrays, without torch.
 
     Raises:
-      CheckpointError: legacy (non-zip) files or pickles holding anything but tensors.
+      CheckpointError: a truncated or corrupt file (a zip without its end, a short member),
+        a legacy (pre-zip pickle) file, or a pickle holding anything but tensors.
     """
+    with open(path, "rb") as f:
+        head = f.read(4)
     if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"{path} is a legacy (pre-zip) torch file, which cannot be read without torch. "
-            "Convert it to model.safetensors (e.g. with transformers' save_pretrained)."
-        )
-    with zipfile.ZipFile(path) as archive:
-        pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-        root = pkl[: -len("/data.pkl")]
-        with archive.open(pkl) as f:
-            state = _TorchUnpickler(f, archive, root).load()
+        if head.startswith(b"\x80"):  # a pickle: torch.save before torch 1.6
+            raise CheckpointError(
+                f"{path} is a legacy (pre-zip) torch file, which cannot be read without torch. "
+                "Convert it to model.safetensors (e.g. with transformers' save_pretrained)."
+            )
+        # A zip (b"PK\x03\x04") whose end is missing, an empty file, or bytes of no format.
+        what = "a zip archive without its end" if head == b"PK\x03\x04" else "not a torch file"
+        raise _truncated(path, what)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+            root = pkl[: -len("/data.pkl")]
+            with archive.open(pkl) as f:
+                state = _TorchUnpickler(f, archive, root).load()
+    except (zipfile.BadZipFile, EOFError, StopIteration, zlib.error) as err:
+        raise _truncated(path, f"{type(err).__name__}: {err}") from err
     return {k: np.asarray(v) for k, v in state.items()}
 
 
@@ -214,10 +245,25 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
     try:
         return load_file(str(path))
     except SafetensorError as err:
-        raise CheckpointError(
-            f"{path} cannot be read ({err}): the file is truncated or corrupt (an interrupted "
-            "download or copy). Fix: download or save the model again (delete the file first)."
-        ) from err
+        raise _truncated(path, err) from err
+
+
+def weights_file(directory: Path) -> Path:
+    """The weight file `read_weights` reads: ``model.safetensors`` (or its sharded
+    ``.index.json``) first, else ``pytorch_model.bin`` (or its index). Reads no weights.
+
+    Raises:
+      FileNotFoundError: the directory holds no weight file.
+    """
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        for path in (directory / name, directory / f"{name}.index.json"):
+            if path.is_file():
+                return path
+    raise MissingFileError(
+        f"{directory} has no weights: expected model.safetensors or pytorch_model.bin (or their "
+        "sharded .index.json). Save the model with save_pretrained, or point at the directory "
+        "that holds the weights."
+    )
 
 
 def read_weights(directory: Path) -> dict[str, np.ndarray]:
@@ -226,26 +272,16 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
     Raises:
       FileNotFoundError: the directory holds no weight file.
     """
-    for name, reader in (
-        ("model.safetensors", _read_safetensors),
-        ("pytorch_model.bin", read_torch_bin),
-    ):
-        single = directory / name
-        if single.is_file():
-            return reader(single)
-        index = directory / f"{name}.index.json"
-        if index.is_file():
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            state: dict[str, np.ndarray] = {}
-            for shard in shards:
-                state.update(reader(directory / shard))
-            return state
-    raise MissingFileError(
-        f"{directory} has no weights: expected model.safetensors or pytorch_model.bin (or their "
-        "sharded .index.json). Save the model with save_pretrained, or point at the directory "
-        "that holds the weights."
-    )
+    path = weights_file(directory)
+    reader = _read_safetensors if ".safetensors" in path.name else read_torch_bin
+    if not path.name.endswith(".index.json"):
+        return reader(path)
+    with open(path) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    state: dict[str, np.ndarray] = {}
+    for shard in shards:
+        state.update(reader(directory / shard))
+    return state
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,11 +335,7 @@ def from_pretrained(
     if not (head == "cls" and num_labels is None):  # that case may take the checkpoint's size
         _check_head(head, num_labels)
     directory = resolve(name_or_path)
-    hf_config = _read_config(directory)
-    try:
-        config = EncoderConfig.from_hf(hf_config)
-    except ValueError as err:
-        raise CheckpointError(f"{directory}/config.json: {err}") from err
+    config = read_encoder_config(directory)
     flat, unexpected = hf_to_flat(read_weights(directory), config)
     b = config.base_prefix
 
@@ -368,7 +400,11 @@ def from_pretrained(
         )
     param_dtype = np.float64 if dt == jnp.float64 else np.float32
     if missing:
-        log.warning("Newly initialized (not in the checkpoint): %s", ", ".join(missing))
+        log.warning(
+            "Newly initialized (not in the checkpoint): %s",
+            ", ".join(missing),
+            extra={"newly_initialized": tuple(missing)},  # for filters (experiments.workbench)
+        )
         new = init_params(
             config,
             head=head,
@@ -402,6 +438,20 @@ def available_heads(flat: Mapping[str, Any], config: EncoderConfig) -> set[str]:
     if "classifier" in roots:
         found.add("cls")
     return found
+
+
+def read_encoder_config(name_or_path: str | os.PathLike) -> EncoderConfig:
+    """The `EncoderConfig` of a model directory's (or hub id's) ``config.json``, without weights.
+
+    Raises:
+      FileNotFoundError: no such directory, or no config.json in it.
+      CheckpointError: a config.json this library cannot run (e.g. an unsupported model_type).
+    """
+    directory = resolve(name_or_path)
+    try:
+        return EncoderConfig.from_hf(_read_config(directory))
+    except ValueError as err:
+        raise CheckpointError(f"{directory}/config.json: {err}") from err
 
 
 def read_model_type(name_or_path: str | os.PathLike) -> str | None:

@@ -187,6 +187,26 @@ def _read_rows(path: Path, key: str, data: Path) -> list[dict[str, Any]]:
             f"{key!r} file {str(data)!r} does not exist; fix: give a path relative "
             "to the task file",
         )
+    try:
+        return _parse_rows(path, key, data, fmt)
+    except UnicodeDecodeError:
+        opener = gzip.open if data.name.lower().endswith(".gz") else open
+        with opener(data, "rb") as f:
+            raw = f.read()
+        try:
+            raw.decode("utf-8")
+            where = ""
+        except UnicodeDecodeError as err:  # the first byte that is not UTF-8, in the whole file
+            line = raw[: err.start].count(b"\n") + 1
+            where = f" (line {line} has the byte {raw[err.start : err.start + 1]!r})"
+        raise _fail(
+            path,
+            f"{key!r} file {str(data)!r} is not UTF-8 text{where}; fix: re-save it as UTF-8 "
+            "(e.g. from a spreadsheet: Save As, CSV UTF-8)",
+        ) from None
+
+
+def _parse_rows(path: Path, key: str, data: Path, fmt: str) -> list[dict[str, Any]]:
     if fmt == "csv":
         with open(data, newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
