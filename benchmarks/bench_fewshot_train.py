@@ -108,6 +108,7 @@ def main() -> None:
     from experiments.jobs import Cell, lora_config, train_config
     from experiments.workbench import Workbench
     from lora_jax import lora, programs, tasks, train
+    from lora_jax.capabilities import capabilities_of
     from lora_jax.models import minilm_path
     from lora_jax.trainable import Method, make_model_fn
 
@@ -133,7 +134,7 @@ def main() -> None:
         np.savez(
             path,
             path=str(minilm_path()),
-            label_ids=np.asarray(output_fn.embedding_rows),
+            label_ids=np.asarray(capabilities_of(output_fn).embedding_rows),
             ids=np.asarray(data["input_ids"]).astype(np.int64),
             mask=np.asarray(data["attention_mask"]).astype(np.int64),
             types=np.asarray(data["token_type_ids"]).astype(np.int64),

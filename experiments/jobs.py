@@ -25,6 +25,7 @@ from experiments import ntk_analysis, outputs
 from experiments.config import ExperimentConfig
 from experiments.workbench import TaskData, Workbench
 from lora_jax import distributed, lora, members, programs, train
+from lora_jax.capabilities import capabilities_of
 from lora_jax.trainable import Method, make_model_fn, split_params
 
 PyTree = Any
@@ -191,7 +192,7 @@ def task_pack_length(bench: Workbench, cfg: ExperimentConfig, task: str, model_f
     The longest batch any seed of the task draws, so that the task's jobs share one compiled
     chunk, as they do unpacked.
     """
-    if not (cfg.pack and getattr(model_fn, "packs_rows", False)):
+    if not (cfg.pack and capabilities_of(model_fn).packs_rows):
         return None
 
     def longest() -> int:

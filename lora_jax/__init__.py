@@ -8,6 +8,7 @@ Subpackages and modules, each one idea:
 - :mod:`lora_jax.lora`: LoRA as a pure transform of parameter pytrees (PEFT semantics and files).
 - :mod:`lora_jax.tasks`: few-shot prompt-based tasks (templates, label words, k-shot sampling).
 - :mod:`lora_jax.readout`: how the K outputs of a task are read from an encoder.
+- :mod:`lora_jax.capabilities`: what an output or model function can do, declared beside it.
 - :mod:`lora_jax.trainable`: what is trained (LoRA, all weights, head) and the split.
 - :mod:`lora_jax.rows`: evaluating a function over N rows in fixed, padded blocks.
 - :mod:`lora_jax.packing`: padding-free training batches (rows packed end to end).
@@ -25,6 +26,7 @@ Subpackages and modules, each one idea:
 """
 
 from lora_jax import (
+    capabilities,
     checkpoint,
     lora,
     losses,
@@ -54,6 +56,7 @@ __all__ = [
     "Readout",
     "TrainConfig",
     "TrainState",
+    "capabilities",
     "checkpoint",
     "fit",
     "fit_job",

@@ -25,6 +25,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from lora_jax import members, packing, rows
 from lora_jax import sharding as sharding_lib
+from lora_jax.capabilities import capabilities_of
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss, get_loss
 from lora_jax.optim import make_optimizer
@@ -100,13 +101,14 @@ _draw_batches = jax.jit(
 
 
 def check_packs_rows(model_fn: ModelFn) -> None:
-    """ConfigError unless ``model_fn`` reads packed batches (sets ``packs_rows``)."""
-    if not getattr(model_fn, "packs_rows", False):
+    """ConfigError unless ``model_fn`` declares that it reads packed batches."""
+    if not capabilities_of(model_fn).packs_rows:
         raise ConfigError(
-            "packed batches need a model_fn that reads them (model_fn.packs_rows; "
-            "make_model_fn over make_output_fn's MLM / TIED / TIED_MEAN readouts of this "
-            "library's encoders, DeBERTa excepted, sets it). Train on padded batches "
-            "(pack_length=None)."
+            "packed batches need a model_fn that reads them, and this one does not declare "
+            "packs_rows (lora_jax.capabilities: make_model_fn over make_output_fn's MLM / TIED / "
+            "TIED_MEAN readouts of this library's encoders, DeBERTa excepted, declare it; a "
+            "wrapper of such a function keeps it as Declared(wrapper, capabilities_of(fn))). "
+            "Train on padded batches (pack_length=None)."
         )
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from lora_jax import models
 from lora_jax import params as params_lib
+from lora_jax.capabilities import Capabilities, Declared
 from lora_jax.errors import ConfigError
 from lora_jax.models import EncoderConfig, cls_head, embed, forward
 
@@ -99,8 +100,8 @@ def load_prompt_encoder(
 
 def make_output_fn(
     apply_fn: Callable, readout: Readout | str, label_word_ids: jax.Array | None = None
-) -> OutputFn:
-    """Returns ``output_fn(params, batch, dropout_rng=None) -> [B, K]``.
+) -> Declared:
+    """Returns ``output_fn(params, batch, dropout_rng=None) -> [B, K]`` with its capabilities.
 
     Args:
       apply_fn: a model's pure function (``lora_jax.models.split``), with the head that
@@ -112,8 +113,9 @@ def make_output_fn(
     The batch is a dict with ``input_ids`` [B, T], ``attention_mask`` [B, T], optionally
     ``token_type_ids`` [B, T], and ``mask_pos`` [B] (the ``<mask>`` position; prompt modes).
     Or a packed batch (:func:`lora_jax.packing.pack`: ``segment_ids`` [1, P], ``token_index``
-    [B, T] and ``row_starts`` [B] beside the token arrays [1, P]) where ``output_fn.packs_rows``
-    says so: MLM, TIED and TIED_MEAN on this library's encoders other than DeBERTa. Same [B, K].
+    [B, T] and ``row_starts`` [B] beside the token arrays [1, P]) where its capabilities
+    (:mod:`lora_jax.capabilities`) say ``packs_rows``: MLM, TIED and TIED_MEAN on this library's
+    encoders other than DeBERTa. Same [B, K].
     """
     readout = Readout(readout)
     if readout != Readout.CLS and label_word_ids is None:
@@ -151,18 +153,22 @@ def make_output_fn(
                 hidden = states.sum(1, where=mask > 0) / mask.sum(1)  # (B, H)
         return hidden @ _word_rows(params, ids).T.astype(hidden.dtype)  # (B, K)
 
-    if getattr(apply_fn, "func", None) is forward:
-        # Our encoder reads its tables through `embed`, so the eNTK may compact them to the rows
-        # a batch reads (ntk.compact); besides the input ids, this readout reads these rows.
-        output_fn.embedding_rows = np.zeros(0, np.int32) if ids is None else np.asarray(ids)
-        # Masked keys get exactly zero attention weight, so trailing padding changes nothing:
-        # the eNTK may cut it (ntk._padding).
-        output_fn.ignores_padding = True
-        # It reads packed batches (lora_jax.packing) where the encoder's attention does.
-        output_fn.packs_rows = readout in (Readout.MLM, Readout.TIED, Readout.TIED_MEAN) and (
-            apply_fn.keywords["config"].model_type != "deberta-v2"
-        )
-    return output_fn
+    if getattr(apply_fn, "func", None) is not forward:
+        return Declared(output_fn)  # someone else's model: nothing is known about it
+    return Declared(
+        output_fn,
+        Capabilities(
+            # It reads packed batches (lora_jax.packing) where the encoder's attention does.
+            packs_rows=readout in (Readout.MLM, Readout.TIED, Readout.TIED_MEAN)
+            and apply_fn.keywords["config"].model_type != "deberta-v2",
+            # Masked keys get exactly zero attention weight, so trailing padding changes
+            # nothing: the eNTK may cut it.
+            ignores_padding=True,
+            # Our encoder reads its tables through `embed`, so the eNTK may compact them to the
+            # rows a batch reads (ntk.compact); besides the input ids, this readout reads these.
+            embedding_rows=() if ids is None else tuple(int(i) for i in np.asarray(ids)),
+        ),
+    )
 
 
 def _rtd_scores(apply_fn, params, batch, ids, dropout_rng) -> jax.Array:

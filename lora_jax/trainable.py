@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from typing import Any
 
 import jax
 
 from lora_jax import lora
 from lora_jax import params as params_lib
+from lora_jax.capabilities import Declared, capabilities_of
 from lora_jax.errors import ConfigError
 from lora_jax.readout import OutputFn
 
@@ -42,8 +42,9 @@ def make_model_fn(
     *,
     lora_config: lora.LoraConfig | None = None,
     fused: bool | None = None,
-) -> Callable:
-    """Returns ``model_fn(trainable, frozen, batch, dropout_rng) -> [B, K]`` for ``method``.
+) -> Declared:
+    """Returns ``model_fn(trainable, frozen, batch, dropout_rng) -> [B, K]`` for ``method``, with
+    ``output_fn`` 's capabilities (:mod:`lora_jax.capabilities`).
 
     LORA: ``trainable`` is the adapters pytree, ``frozen`` the base params, applied as
     ``lora.apply(..., fused=fused)``: None (default) picks per module the path that is faster
@@ -76,8 +77,7 @@ def make_model_fn(
         def model_fn(trainable, frozen, batch, dropout_rng):
             return output_fn(params_lib.combine(trainable, frozen), batch, dropout_rng)
 
-    model_fn.packs_rows = getattr(output_fn, "packs_rows", False)  # see lora_jax.packing
-    return model_fn
+    return Declared(model_fn, capabilities_of(output_fn))
 
 
 def split_params(

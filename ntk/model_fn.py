@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import params as params_lib
+from lora_jax.capabilities import capabilities_of
 from lora_jax.errors import ConfigError
 
 PyTree = Any
@@ -274,14 +275,14 @@ def model_fn(
 def _declare_rows(f: Callable, output_fn: Callable) -> None:
     """Passes on the embedding rows ``output_fn`` reads besides its input ids (ntk.compact)
     and whether its outputs ignore trailing padding (ntk._padding)."""
-    rows = getattr(output_fn, "embedding_rows", None)
+    rows = capabilities_of(output_fn).embedding_rows
     if rows is not None:
         f.__ntk_embedding_rows__ = np.asarray(rows, np.int32)
     _declare_padding(f, output_fn)
 
 
 def _declare_padding(f: Callable, output_fn: Callable) -> None:
-    if getattr(output_fn, "ignores_padding", False):
+    if capabilities_of(output_fn).ignores_padding:
         f.__ntk_ignores_padding__ = True
 
 

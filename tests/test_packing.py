@@ -13,6 +13,7 @@ import pytest
 from test_sweep import _assert_same_fit as assert_same_fit
 
 from lora_jax import lora, members, models, packing, programs, train
+from lora_jax.capabilities import capabilities_of
 from lora_jax.errors import ConfigError
 from lora_jax.readout import make_output_fn
 from lora_jax.trainable import Method, make_model_fn
@@ -105,7 +106,7 @@ def test_packed_forward_equals_each_padded_row(model_type, head):
         # The readouts that declare packed batches: the same (B, K).
         for readout in ("mlm",) if head == "mlm" else ("tied", "tied_mean"):
             output_fn = make_output_fn(apply_fn, readout, label_word_ids=WORDS)
-            assert output_fn.packs_rows
+            assert capabilities_of(output_fn).packs_rows
             np.testing.assert_allclose(
                 output_fn(params, packed), output_fn(params, batch), rtol=1e-12, atol=1e-12
             )
@@ -175,7 +176,7 @@ def test_packed_sweep_equals_padded_sweep():
     fn = lora.with_member_factors(
         make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
     )
-    assert fn.packs_rows
+    assert capabilities_of(fn).packs_rows
 
     def fit(pack):
         state = train.init_states(
@@ -206,7 +207,7 @@ def test_pack_refused_for_a_model_that_does_not_read_packed_rows():
     cls_fn = make_model_fn(
         make_output_fn(apply_fn, "cls"), Method.FULL
     )  # the classification head reads [CLS]: no packed rows
-    assert not cls_fn.packs_rows
+    assert not capabilities_of(cls_fn).packs_rows
     data = {k: v for k, v in _rows(8, 0, 0).items() if k != "mask_pos"}
     state = train.init_state(params, train.make_optimizer(TCFG), 0)
     with pytest.raises(ConfigError, match="packs_rows"):

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax import members
+from lora_jax.capabilities import Declared, capabilities_of
 from lora_jax.errors import ConfigError
 from lora_jax.lora.config import LoraConfig
 from lora_jax.lora.core import Adapters, init
@@ -145,7 +146,7 @@ def unpad(plan: StackPlan, adapters: Adapters, i: int) -> Adapters:
     return out
 
 
-def with_member_factors(model_fn: Callable) -> Callable:
+def with_member_factors(model_fn: Callable) -> Declared:
     """Wraps a ``model_fn`` over adapters of ``plan.config`` for padded LoRA members.
 
     Returns ``fn(adapters, (base, factors), batch, dropout_rng)`` that multiplies each
@@ -153,7 +154,7 @@ def with_member_factors(model_fn: Callable) -> Callable:
     ``StackPlan.factors``) and calls ``model_fn(adapters, base, batch, dropout_rng)``.
     ``model_fn`` may be any model over the padded config: the fused LoRA model of
     ``trainable.make_model_fn(..., fused=True)`` (which shares the base GEMMs across members)
-    or ntk's linearized LoRA model.
+    or ntk's linearized LoRA model. It keeps ``model_fn`` 's capabilities.
     """
 
     def fn(adapters, frozen, batch, dropout_rng):
@@ -168,5 +169,4 @@ def with_member_factors(model_fn: Callable) -> Callable:
         }
         return model_fn(folded, base, batch, dropout_rng)
 
-    fn.packs_rows = getattr(model_fn, "packs_rows", False)
-    return fn
+    return Declared(fn, capabilities_of(model_fn))
