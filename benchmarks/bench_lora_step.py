@@ -130,7 +130,7 @@ def run_jax(args) -> None:
     cfg = lora.LoraConfig(
         r=args.r, alpha=2 * args.r, targets=("query", "value"), modules_to_save=("classifier",)
     )
-    fused = None if args.fused == "auto" else bool(int(args.fused))
+    fusion = {"auto": "auto", "1": "fused", "0": "merged"}[args.fused]
 
     def xent(logits):
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -139,7 +139,7 @@ def run_jax(args) -> None:
         trainable = lora.init(jax.random.key(0), params, cfg)
 
         def loss_fn(adapters, base):
-            return xent(apply_fn(lora.apply(base, adapters, cfg, fused=fused), ids, mask))
+            return xent(apply_fn(lora.apply(base, adapters, cfg, fusion=fusion), ids, mask))
 
     else:
         trainable = params
@@ -186,7 +186,7 @@ def run_jax(args) -> None:
 
         # The model function experiments train (`--fused auto`: its default LoRA path).
         method = Method.LORA if args.mode == "lora" else Method.FULL
-        model_fn = make_model_fn(output_fn, method, lora_config=cfg, fused=fused)
+        model_fn = make_model_fn(output_fn, method, lora_config=cfg, fusion=fusion)
 
         chunk = programs.make_train_chunk(model_fn, train.make_optimizer(tcfg), tcfg)
         tstate = {"s": train.init_state(trainable, train.make_optimizer(tcfg), 0)}
@@ -200,7 +200,7 @@ def run_jax(args) -> None:
         impl="jax",
         model=args.model,
         mode=args.mode,
-        fused=fused,
+        fusion=fusion,
         loop=bool(args.loop),
         batch=args.batch,
         seq=args.seq,
@@ -267,7 +267,7 @@ def run_torch(args) -> None:
         impl="torch",
         model=args.model,
         mode=args.mode,
-        fused=None,
+        fusion="auto",
         batch=args.batch,
         seq=args.seq,
         r=args.r,

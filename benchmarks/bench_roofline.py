@@ -273,7 +273,7 @@ def _job(cells, configs, datas, params, output_fn, fn, tcfg, steps: int, repeats
     seeds = [c.seed for c in cells]
     plan = lora.plan_stack(params, configs)
     vfn = lora.with_member_factors(
-        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion="fused")
     )
     vchunk = programs.job_programs(vfn, tcfg, member_inputs=True).chunk
     stacked, frozen = members.stack(datas), (params, plan.factors)

@@ -78,7 +78,7 @@ def worker(a) -> None:
     output_fn = make_output_fn(apply_fn, "tied_mean", np.array([5, 6], np.int32))
     lcfg = lora.LoraConfig(r=a.rank, alpha=2 * a.rank, targets="query|value")
     adapters = lora.init(jax.random.key(0), params, lcfg)
-    model_fn = make_model_fn(output_fn, "lora", lora_config=lcfg, fused=True)
+    model_fn = make_model_fn(output_fn, "lora", lora_config=lcfg, fusion="fused")
     batch = a.batch_per_device * n
     rng = np.random.default_rng(0)
     data = {

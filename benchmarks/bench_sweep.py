@@ -89,7 +89,7 @@ def main() -> None:
 
         plan = lora.plan_stack(params, configs)
         vec_fn = lora.with_member_factors(
-            make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+            make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion="fused")
         )
         vchunk = programs.job_programs(vec_fn, tcfg, member_inputs=True).chunk
         stacked = members.stack(datas)

@@ -171,13 +171,14 @@ def build_job(bench: Workbench, cfg: ExperimentConfig, job: Sequence[Cell]) -> J
         )  # fmt: skip
     configs = [lora_config(cfg, c.rank, bench.model_type) for c in job]
     plan = lora.plan_stack(params, configs)
-    fused = True if len(job) > 1 else None  # several members share each base GEMM
+    # Several members share each base GEMM on the fused path; one alone takes the faster path.
+    fusion = lora.Fusion.FUSED if len(job) > 1 else lora.Fusion.AUTO
 
     def build():
-        fn = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=fused)
+        fn = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion=fusion)
         return fn if plan.factors is None else lora.with_member_factors(fn)
 
-    model_fn = bench.memo(("model_fn", cell.task, method, plan.config, fused), build)
+    model_fn = bench.memo(("model_fn", cell.task, method, plan.config, fusion), build)
     trainables = lora.init_stack(params, plan, [c.seed for c in job])
     initial = [lora.unpad(plan, members.member(trainables, i), i) for i in range(len(job))]
     return Job(

@@ -41,16 +41,16 @@ def make_model_fn(
     method: Method | str,
     *,
     lora_config: lora.LoraConfig | None = None,
-    fused: bool | None = None,
+    fusion: lora.Fusion | str = lora.Fusion.AUTO,
 ) -> Declared:
     """Returns ``model_fn(trainable, frozen, batch, dropout_rng) -> [B, K]`` for ``method``, with
     ``output_fn`` 's capabilities (:mod:`lora_jax.capabilities`).
 
     LORA: ``trainable`` is the adapters pytree, ``frozen`` the base params, applied as
-    ``lora.apply(..., fused=fused)``: None (default) picks per module the path that is faster
-    for a training step at its shapes (fused where ``3 r (in + out) < in * out``, see
-    ``lora.apply``), True fuses every module (what a vectorized sweep needs, so that the base
-    GEMMs are shared across members), False merges every kernel. With a ``dropout_rng``,
+    ``lora.apply(..., fusion=fusion)`` (:class:`lora_jax.lora.Fusion`): ``auto`` (default) picks
+    per module the path that is faster for a training step at its shapes, ``fused`` fuses every
+    module (what a job of several members needs, so that the base GEMMs are shared across
+    members), ``merged`` merges every kernel. With a ``dropout_rng``,
     ``lora_config.dropout`` runs on the LoRA branches (its key is
     ``fold_in(dropout_rng, 0x10AA)``, so the model's own dropout masks are the same with or
     without it). FULL: ``trainable`` is all params. HEAD: ``trainable`` is the
@@ -63,7 +63,7 @@ def make_model_fn(
 
         def model_fn(trainable, frozen, batch, dropout_rng):
             lora_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, _LORA_RNG)
-            merged = lora.apply(frozen, trainable, lora_config, fused=fused, dropout_rng=lora_rng)
+            merged = lora.apply(frozen, trainable, lora_config, fusion=fusion, dropout_rng=lora_rng)
             return output_fn(merged, batch, dropout_rng)
 
     elif method == Method.FULL:

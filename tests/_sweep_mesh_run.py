@@ -33,7 +33,7 @@ def main():
     tcfg = train.TrainConfig(steps=4, eval_every=2, batch_size=4, eval_batch_size=12)
     seeds = [0, 1, 2, 3]
     fn = lora.with_member_factors(
-        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion="fused")
     )
 
     def fresh():

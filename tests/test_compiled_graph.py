@@ -31,7 +31,7 @@ def _largest_fusion_operands(config, layers: int) -> int:
     mask = jnp.ones((2, 8), jnp.int32)
 
     def loss(a):
-        return apply_fn(lora.apply(params, a, lcfg, fused=True), ids, mask).sum()
+        return apply_fn(lora.apply(params, a, lcfg, fusion="fused"), ids, mask).sum()
 
     hlo = jax.jit(jax.grad(loss)).lower(adapters).compile().as_text()
     fusions = re.findall(r"= \S+ fusion\((.*?)\), kind=", hlo)

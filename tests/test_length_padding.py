@@ -116,7 +116,7 @@ def test_vectorized_job_of_members_with_different_lengths_equals_each_member_alo
     state = train.init_states(
         lora.init_stack(params, plan, seeds), TCFG, [TCFG.learning_rate] * 3, seeds
     )
-    fused = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+    fused = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion="fused")
     vec_fn = lora.with_member_factors(fused)
     vec = train.fit_job(
         vec_fn,
@@ -128,7 +128,9 @@ def test_vectorized_job_of_members_with_different_lengths_equals_each_member_alo
         member_inputs=plan.factors,
         progress=False,
     )
-    seq_fns = [make_model_fn(output_fn, Method.LORA, lora_config=c, fused=True) for c in configs]
+    seq_fns = [
+        make_model_fn(output_fn, Method.LORA, lora_config=c, fusion="fused") for c in configs
+    ]
     seq = [
         _fit(f, lora.init(jax.random.key(s), params, c), params, d, s)
         for f, c, s, d in zip(seq_fns, configs, seeds, own, strict=True)
@@ -201,7 +203,7 @@ def test_sorted_evaluation_equals_unsorted_evaluation(bench):
     # and shared data, against each member's unsorted one-run predict.
     plan = lora.plan_stack(params, [LORA, LORA])
     stacked_adapters = jax.tree.map(lambda x: x + 0.05, lora.init_stack(params, plan, [0, 1]))
-    fn = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+    fn = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion="fused")
     member_datas = [test, jax.tree.map(lambda x: x[::-1], test)]
     unsorted = programs.make_predict(fn, 8)
     for data, datas in ((members.stack(member_datas), member_datas), (test, [test, test])):

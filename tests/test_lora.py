@@ -317,7 +317,7 @@ def test_zero_b_init_leaves_function_unchanged():
 
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
 def test_fused_and_merged_paths_agree_on_dense_network(bias):
-    # A wide intermediate layer so that fused=None (auto) fuses some modules but not others.
+    # A wide intermediate layer so that fusion="auto" (auto) fuses some modules but not others.
     params = toy_params(inter=40)
     cfg = lora.LoraConfig(
         r=2, alpha=4, targets="query|value|dense", bias=bias, modules_to_save=("classifier",)
@@ -325,10 +325,10 @@ def test_fused_and_merged_paths_agree_on_dense_network(bias):
     adapters = randomize(lora.init(jax.random.key(0), params, cfg))
     x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 8)), jnp.float32)
     merged = toy_forward(lora.apply(params, adapters, cfg), x)
-    fused_params = lora.apply(params, adapters, cfg, fused=True)
+    fused_params = lora.apply(params, adapters, cfg, fusion="fused")
     fused = toy_forward(fused_params, x)
     np.testing.assert_allclose(fused, merged, rtol=1e-4, atol=1e-4)
-    auto_params = lora.apply(params, adapters, cfg, fused=None)
+    auto_params = lora.apply(params, adapters, cfg, fusion="auto")
     layer0 = auto_params["bert"]["encoder"]["layer"][0]
     assert "lora_a" not in layer0["attention"]["self"]["query"]  # 3*2*(8+8)=96 >= 64: merged
     assert "lora_a" in layer0["intermediate"]["dense"]  # 3*2*(8+40)=288 < 320: fused
@@ -360,10 +360,10 @@ def test_gradients_flow_only_into_adapters():
     adapters = lora.init(jax.random.key(0), params, cfg)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 8)), jnp.float32)
 
-    for fused in (False, True):
+    for fusion in ("merged", "fused"):
 
-        def loss(a, p=params, fused=fused):
-            return jnp.sum(toy_forward(lora.apply(p, a, cfg, fused=fused), x) ** 2)
+        def loss(a, p=params, fusion=fusion):
+            return jnp.sum(toy_forward(lora.apply(p, a, cfg, fusion=fusion), x) ** 2)
 
         g = jax.grad(loss)(adapters)
         # With B = 0: dL/dA = s * x^T dY B^T = 0, dL/dB = s * (xA)^T dY != 0 (LoRA's start).
@@ -496,7 +496,7 @@ def test_combine_cat_is_exact_weighted_sum_of_deltas():
     seq = lora.apply(lora.merge_named(params, named, "a"), b, cfg_b)
     for x, y in zip(jax.tree.leaves(both), jax.tree.leaves(seq), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
-    only_b = lora.apply_named(params, named, "b", fused=True)
+    only_b = lora.apply_named(params, named, "b", fusion="fused")
     assert "lora_a" in only_b["bert"]["encoder"]["layer"][0]["intermediate"]["dense"]
 
 
@@ -579,7 +579,7 @@ def test_fused_and_merged_agree_through_the_real_model(tiny_roberta):
     fwd = jax.jit(apply_fn)
     base = fwd(params, ids)
     merged = fwd(lora.apply(params, adapters, cfg), ids)
-    fused = fwd(lora.apply(params, adapters, cfg, fused=True), ids)
+    fused = fwd(lora.apply(params, adapters, cfg, fusion="fused"), ids)
     assert np.abs(np.asarray(merged - base)).max() > 1e-2
     np.testing.assert_allclose(fused, merged, rtol=1e-5, atol=1e-5)
     axes = lora.logical_axes(adapters)

@@ -63,7 +63,7 @@ def test_no_rng_or_zero_rate_is_the_plain_lora_layer():
     oracle = x @ w + b + x @ a @ bb
     for p in (
         lora.apply(params, adapters, cfg)["enc"]["query"],  # eval: no key
-        lora.apply(params, adapters, cfg, fused=True)["enc"]["query"],
+        lora.apply(params, adapters, cfg, fusion="fused")["enc"]["query"],
         lora.apply(
             params,
             adapters,
@@ -99,7 +99,7 @@ def test_masks_are_deterministic_per_key_and_independent_per_module():
 
 def test_dropout_forces_the_fused_path_and_gradients_see_the_mask():
     params, adapters, cfg, x, _ = _square_setup(0.5)
-    p = lora.apply(params, adapters, cfg, fused=False, dropout_rng=jax.random.key(3))
+    p = lora.apply(params, adapters, cfg, fusion="merged", dropout_rng=jax.random.key(3))
     assert "lora_a" in p["enc"]["query"]  # not merged: a merged kernel cannot drop inputs
     np.testing.assert_array_equal(p["enc"]["query"]["kernel"], params["enc"]["query"]["kernel"])
 

@@ -51,12 +51,12 @@ def _run(fwd, params, io):
     )
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["merged", "fused"])
-def test_peft_adapter_outputs_match_peft(case, fused):
+@pytest.mark.parametrize("fusion", ["merged", "fused"])
+def test_peft_adapter_outputs_match_peft(case, fusion):
     fwd, params, io, d = case
     np.testing.assert_allclose(_run(fwd, params, io), io["base_logits"], atol=TOL)
     adapters, cfg = lora.load_peft(os.path.join(d, "adapter"))
-    out = _run(fwd, lora.apply(params, adapters, cfg, fused=fused), io)
+    out = _run(fwd, lora.apply(params, adapters, cfg, fusion=fusion), io)
     assert np.abs(io["peft_logits"] - io["base_logits"]).max() > 0.1  # the adapter matters
     assert np.abs(out - io["peft_logits"]).max() <= TOL
 

@@ -44,9 +44,9 @@ def test_peft_adapter_gives_peft_logits(name, tmp_path):
     np.testing.assert_allclose(_run(fwd, params, io), io["base_logits"], atol=TOL)
     adapters, cfg = lora.load_peft(os.path.join(d, "adapter"))
     assert np.abs(io["peft_logits"] - io["base_logits"]).max() > 0.01  # the adapter matters
-    for fused in (False, True):
-        out = _run(fwd, lora.apply(params, adapters, cfg, fused=fused), io)
-        assert np.abs(out - io["peft_logits"]).max() <= TOL, fused
+    for fusion in ("merged", "fused"):
+        out = _run(fwd, lora.apply(params, adapters, cfg, fusion=fusion), io)
+        assert np.abs(out - io["peft_logits"]).max() <= TOL, fusion
     # Re-export: PEFT's tensors and key names exactly.
     theirs = load_file(os.path.join(d, "adapter", "adapter_model.safetensors"))
     lora.save_peft(tmp_path, adapters, cfg)

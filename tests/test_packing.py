@@ -174,7 +174,7 @@ def test_packed_sweep_equals_padded_sweep():
     configs = [lora.LoraConfig(r=r, alpha=2.0 * r, targets="query|value") for r in (1, 2)]
     plan = lora.plan_stack(params, configs)
     fn = lora.with_member_factors(
-        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion="fused")
     )
     assert capabilities_of(fn).packs_rows
 
@@ -269,7 +269,7 @@ def test_packed_evaluation_equals_padded_evaluation():
         stacked = members.stack([adapters, jax.tree.map(lambda x: -x, adapters)])
         assert plan.factors is None  # two members of one config: nothing to pad
         vpredict = programs.job_programs(
-            make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True),
+            make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion="fused"),
             train.TrainConfig(eval_batch_size=4),
         ).predict
         np.testing.assert_allclose(
@@ -295,7 +295,7 @@ def test_pack_refused_on_a_mesh():
     configs = [config, lora.LoraConfig(r=2, alpha=4.0, targets="query|value")]
     plan = lora.plan_stack(params, configs)
     fn = lora.with_member_factors(
-        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion="fused")
     )
     states = train.init_states(lora.init_stack(params, plan, [3, 4]), TCFG, [0.1] * 2, [3, 4])
     with pytest.raises(ConfigError, match="one device"):

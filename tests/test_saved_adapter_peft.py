@@ -49,7 +49,7 @@ def test_saved_adapter_in_peft_gives_our_logits(golden):
     apply_fn, base = models.split(models.from_pretrained(BASE, head=info["head"]))
     np.testing.assert_allclose(_label_logits(base, apply_fn, info, io), io["base_logits"], atol=TOL)
     adapters, cfg = lora.load_peft(ADAPTER)
-    fused = lora.apply(base, adapters, cfg, fused=True)
+    fused = lora.apply(base, adapters, cfg, fusion="fused")
     np.testing.assert_allclose(
         _label_logits(fused, apply_fn, info, io), io["peft_logits"], atol=TOL
     )

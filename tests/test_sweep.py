@@ -51,7 +51,7 @@ def _run_both(tiny, tcfg, job, model_fn_for=None):
     if model_fn_for is None:
 
         def model_fn_for(cfg):
-            return make_model_fn(output_fn, Method.LORA, lora_config=cfg, fused=True)
+            return make_model_fn(output_fn, Method.LORA, lora_config=cfg, fusion="fused")
 
     trains = [_data(100 + i, N_TRAIN) for i in range(len(job))]
     devs = [_data(200 + i, N_DEV) for i in range(len(job))]
@@ -176,8 +176,8 @@ def test_base_gemms_run_once_for_all_members(tiny):
     state = train.init_states(lora.init_stack(params, plan, [0, 1, 2]), tcfg, [1e-3] * n, [0, 1, 2])
     data = members.stack([_data(i, N_TRAIN) for i in range(n)])
 
-    def dot_shapes(fused):
-        model_fn = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=fused)
+    def dot_shapes(fusion):
+        model_fn = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion=fusion)
         chunk = programs.job_programs(
             lora.with_member_factors(model_fn), tcfg, member_inputs=True
         ).chunk
@@ -188,10 +188,10 @@ def test_base_gemms_run_once_for_all_members(tiny):
         return shapes
 
     per_member_kernels = {"f32[3,16,16]", "f32[3,16,24]", "f32[3,24,16]"}
-    fused = dot_shapes(fused=True)
+    fused = dot_shapes(fusion="fused")
     assert not per_member_kernels & set(fused)
     assert any(s.startswith("f32[96,") for s in fused)  # (n B T, out): members in the rows
-    assert per_member_kernels & set(dot_shapes(fused=False))
+    assert per_member_kernels & set(dot_shapes(fusion="merged"))
 
 
 def test_member_data_smaller_than_batch_is_a_clear_error(tiny):
@@ -200,7 +200,7 @@ def test_member_data_smaller_than_batch_is_a_clear_error(tiny):
     tcfg = train.TrainConfig(steps=2, eval_every=2, batch_size=4)
     state = train.init_states(lora.init_stack(params, plan, [0, 1]), tcfg, [1e-3] * 2, [0, 1])
     model_fn = lora.with_member_factors(
-        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fused=True)
+        make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion="fused")
     )
     dev = [_data(0, N_DEV)] * 2
     with pytest.raises(

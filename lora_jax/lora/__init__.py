@@ -8,7 +8,7 @@ Example:
   >>> logits = apply_fn(lora.apply(params, adapters, cfg), input_ids)  # doctest: +SKIP
 """
 
-from lora_jax.lora.config import LoraBias, LoraConfig, LoraInit
+from lora_jax.lora.config import Fusion, LoraBias, LoraConfig, LoraInit
 from lora_jax.lora.core import (
     Adapters,
     LoraCount,
@@ -36,6 +36,7 @@ from lora_jax.lora.targets import DEFAULT_TARGETS, LoraTarget, Plan, default_tar
 __all__ = [
     "DEFAULT_TARGETS",
     "Adapters",
+    "Fusion",
     "LoraBias",
     "LoraConfig",
     "LoraCount",

@@ -42,6 +42,27 @@ class LoraInit(enum.StrEnum):
     PISSA = "pissa"
 
 
+class Fusion(enum.StrEnum):
+    """How `apply` computes a LoRA module: the merged kernel or the fused low-rank branch.
+
+    Members:
+      MERGED: the kernel becomes W + scale * A @ B (materialized); the params keep their plain
+        structure, so any model's `apply_fn` runs them. The default of `lora.apply`, for that
+        reason; for inference, `merge` once and run the plain params.
+      FUSED: the Linear dict gets `lora_a`, `lora_b`, `lora_scale`, and this library's `dense`
+        computes x @ W + scale * (x @ A) @ B: no (in, out) weight gradient per step, and the
+        base GEMM shared by the members of a job (`lora.with_member_factors`).
+      AUTO: per module, FUSED where that is cheaper for a training step, i.e. where
+        3 r (in + out) < in * out (r well below the layer width), MERGED elsewhere. The default
+        of `trainable.make_model_fn`, which builds training models of this library's encoders.
+    All three compute the same function (to float rounding).
+    """
+
+    MERGED = "merged"
+    FUSED = "fused"
+    AUTO = "auto"
+
+
 class LoraBias(enum.StrEnum):
     """Which biases train alongside the LoRA factors (PEFT's `bias`).
 

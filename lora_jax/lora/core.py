@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from lora_jax import sharding
 from lora_jax.errors import ConfigError
-from lora_jax.lora.config import LoraConfig, LoraInit
+from lora_jax.lora.config import Fusion, LoraConfig, LoraInit
 from lora_jax.lora.targets import Plan, get_module, resolve
 
 __all__ = [
@@ -270,7 +270,7 @@ def apply(
     adapters: Mapping,
     cfg: LoraConfig,
     *,
-    fused: bool | None = False,
+    fusion: Fusion | str = Fusion.MERGED,
     dropout_rng: jax.Array | None = None,
 ) -> dict:
     """Returns the adapted params; pure, jittable, differentiable with respect to `adapters`.
@@ -279,20 +279,15 @@ def apply(
       params: base params (not modified).
       adapters: from `init`, `init_pissa`, `load` or `load_peft`, for this base and config.
       cfg: the configuration the adapters were made with.
-      fused: False (default): targeted kernels become W + scale * A @ B (materialized; the
-        params keep their plain structure). True: the targeted Linear dicts instead get
-        `lora_a`, `lora_b`, `lora_scale`, and the model's `dense` computes
-        x @ W + scale * (x @ A) @ B. None: per module, fused where that is cheaper for a
-        training step, i.e. where 3 r (in + out) < in * out (r well below the layer width),
-        merged elsewhere. Same function either way (to float rounding).
-        Why: differentiating the merged path w.r.t. A and B forms the full (in, out) gradient
-        x^T dy of the merged kernel, one extra big matmul per targeted Linear per step; the
-        fused path needs only rank-r products, which pays from a width of a few hundred
-        (``benchmarks/README.md``, "Merged or fused LoRA"). Use `fused=None` (or True) for
-        training; for inference `merge` once and run the plain params.
+      fusion: how each LoRA module is computed (:class:`Fusion`: `merged`, the default, `fused`
+        or `auto`). Why it matters: differentiating the merged path w.r.t. A and B forms the
+        full (in, out) gradient x^T dy of the merged kernel, one extra big matmul per targeted
+        Linear per step; the fused path needs only rank-r products, which pays from a width of
+        a few hundred (``benchmarks/README.md``, "Merged or fused LoRA"). Use `auto` (or
+        `fused`) for training this library's encoders.
       dropout_rng: a PRNG key to run `cfg.dropout` (PEFT's `lora_dropout`) on the input of each
         LoRA branch, `x W + scale * dropout(x) A B`; every LoRA module is then fused whatever
-        `fused` says. None (default), or `cfg.dropout == 0`: no dropout (evaluation).
+        `fusion` says. None (default), or `cfg.dropout == 0`: no dropout (evaluation).
 
     Returns:
       A params pytree for the model's `apply_fn`; leaves of trainable biases and
@@ -302,14 +297,22 @@ def apply(
       ValueError: the adapters do not fit (missing / unexpected leaves, wrong shapes).
     """
     plan = check_fits(params, adapters, cfg)
-    mode = "auto" if fused is None else "fused" if fused else "merge"
+    mode = {Fusion.AUTO: "auto", Fusion.FUSED: "fused", Fusion.MERGED: "merge"}[_fusion(fusion)]
     return _fold(params, adapters, plan, mode, cfg.dropout, dropout_rng)
+
+
+def _fusion(value: Fusion | str) -> Fusion:
+    try:
+        return Fusion(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in Fusion)
+        raise ConfigError(f"fusion={value!r} is not one of {allowed}.") from None
 
 
 def merge(params: Mapping, adapters: Mapping, cfg: LoraConfig) -> dict:
     """Folds the adapters into a new base (W + scale * A @ B; biases and saved modules copied).
 
-    Numerically the same as `apply(..., fused=False)`; named for the intent of producing a plain
+    Numerically the same as `apply(..., fusion='merged')`; named for the intent of producing a plain
     model (PEFT's `merge_and_unload`).
     """
     return apply(params, adapters, cfg)

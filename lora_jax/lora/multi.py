@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 
 from lora_jax.errors import ConfigError
-from lora_jax.lora.config import LoraConfig
+from lora_jax.lora.config import Fusion, LoraConfig
 from lora_jax.lora.core import Adapters, apply, merge
 
 __all__ = ["apply_named", "combine", "merge_named"]
@@ -122,7 +122,11 @@ def _unit_scale_config(ranks: dict[str, int]) -> LoraConfig:
 
 
 def apply_named(
-    params: Mapping, named: Named, active: str | Sequence[str], *, fused: bool | None = False
+    params: Mapping,
+    named: Named,
+    active: str | Sequence[str],
+    *,
+    fusion: Fusion | str = Fusion.MERGED,
 ) -> dict:
     """Params with the named adapter(s) active.
 
@@ -131,13 +135,13 @@ def apply_named(
       named: `{name: (adapters, cfg)}`.
       active: one name, or several whose deltas add up (PEFT's multiple active adapters; done
         exactly through `combine(..., method="cat")` with unit weights).
-      fused: as in `apply`.
+      fusion: as in `apply`.
     """
     if isinstance(active, str):
         adapters, cfg = _get(named, active)
-        return apply(params, adapters, cfg, fused=fused)
+        return apply(params, adapters, cfg, fusion=fusion)
     adapters, cfg = combine(named, dict.fromkeys(active, 1.0), method="cat")
-    return apply(params, adapters, cfg, fused=fused)
+    return apply(params, adapters, cfg, fusion=fusion)
 
 
 def merge_named(params: Mapping, named: Named, name: str) -> dict:

@@ -10,7 +10,7 @@ Example (ranks 1 and 12 on one encoder)::
 
     plan = lora.plan_stack(params, [LoraConfig(r=1, alpha=2), LoraConfig(r=12, alpha=24)])
     adapters = lora.init_stack(params, plan, seeds=[13, 21])          # leaves (2, ...)
-    fn = make_model_fn(output_fn, "lora", lora_config=plan.config, fused=True)
+    fn = make_model_fn(output_fn, "lora", lora_config=plan.config, fusion="fused")
     fn = lora.with_member_factors(fn)            # frozen is (base, plan.factors)
     best = [lora.unpad(plan, results[i].best_trainable, i) for i in range(2)]
 """
@@ -153,7 +153,7 @@ def with_member_factors(model_fn: Callable) -> Declared:
     ``lora_a`` (in, r_pad) by the member's factor [r_pad] (one member's row of
     ``StackPlan.factors``) and calls ``model_fn(adapters, base, batch, dropout_rng)``.
     ``model_fn`` may be any model over the padded config: the fused LoRA model of
-    ``trainable.make_model_fn(..., fused=True)`` (which shares the base GEMMs across members)
+    ``trainable.make_model_fn(..., fusion="fused")`` (which shares the base GEMMs across members)
     or ntk's linearized LoRA model. It keeps ``model_fn`` 's capabilities.
     """
 

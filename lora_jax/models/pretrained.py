@@ -529,7 +529,7 @@ def load_peft_model(
     *,
     head: str | None = "mlm",
     num_labels: int | None = None,
-    fused: bool = False,
+    fusion: lora.Fusion | str = lora.Fusion.MERGED,
     dtype: Any = jnp.float32,
 ) -> tuple[Callable[..., jax.Array], dict]:
     """A base HF checkpoint with a PEFT LoRA adapter applied, ready to run.
@@ -539,7 +539,7 @@ def load_peft_model(
       adapter_dir: PEFT adapter directory.
       head: 'mlm', 'cls' or None (as in `from_pretrained`).
       num_labels: for head='cls'.
-      fused: keep LoRA factors separate (see `apply`) instead of merging them into the kernels.
+      fusion: how LoRA modules are computed (`lora.Fusion`; default: merged into the kernels).
       dtype: parameter dtype of the base model.
 
     Returns:
@@ -547,4 +547,4 @@ def load_peft_model(
     """
     apply_fn, params = split(from_pretrained(base, head=head, num_labels=num_labels, dtype=dtype))
     adapters, cfg = lora.load_peft(adapter_dir, dtype=dtype)
-    return apply_fn, lora.apply(params, adapters, cfg, fused=fused)
+    return apply_fn, lora.apply(params, adapters, cfg, fusion=fusion)
