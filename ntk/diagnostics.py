@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from lora_jax.errors import ConfigError
 from lora_jax.rows import map_rows_fn
-from ntk.kernel import NtkImplementation, empirical_ntk_fn
+from ntk.kernel import Axes, NtkImplementation, empirical_ntk_fn
 from ntk.linearize import linearize, lora_linearized_model_fn
 from ntk.models import lora_kernel_model
 from ntk.solvers import kernel_logistic_regression, mse_predict
@@ -170,7 +171,7 @@ def linearization_error(
     checkpoints: Sequence[PyTree],
     batch: Batch,
     *,
-    batch_size: int = 64,
+    eval_batch_size: int = 64,
 ) -> np.ndarray:
     """Relative linearization error along training, one value per checkpoint.
 
@@ -182,16 +183,17 @@ def linearization_error(
       params0: w_0, the expansion point.
       checkpoints: parameters w_t along training (same structure as params0).
       batch: examples to evaluate on.
+      eval_batch_size: rows per forward-pass chunk (as in :func:`ntk_regime_report`).
 
     Returns:
       ``[len(checkpoints)]`` float64.
     """
     f, f_lin = jax.jit(f), jax.jit(linearize(f, params0))
-    y0 = batched_outputs(f, params0, batch, batch_size)
+    y0 = batched_outputs(f, params0, batch, eval_batch_size)
     errors = []
     for w in checkpoints:
-        y = batched_outputs(f, w, batch, batch_size)
-        y_lin = batched_outputs(f_lin, w, batch, batch_size)
+        y = batched_outputs(f, w, batch, eval_batch_size)
+        y_lin = batched_outputs(f_lin, w, batch, eval_batch_size)
         errors.append(_safe_ratio(float(np.linalg.norm(y - y_lin)), float(np.linalg.norm(y - y0))))
     return np.asarray(errors)
 
@@ -216,12 +218,12 @@ def ntk_regime_report(
     linearization: Linearization | str = Linearization.WEIGHTS,
     kernel_solver: KernelSolver | str = KernelSolver.MSE,
     diag_reg: float = 1e-6,
-    trace_axes: tuple[int, ...] = (-1,),
+    trace_axes: Axes = (-1,),
     vmap_axes: Any = 0,
     implementation: NtkImplementation | int = NtkImplementation.JACOBIAN_CONTRACTION,
     kernel_batch_size: int | tuple[int, int] = (128, 64),
     eval_batch_size: int = 64,
-    cache_dir: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> dict[str, float | None]:
     """All NTK-regime diagnostics of one LoRA run, as a flat dict.

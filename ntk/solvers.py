@@ -40,6 +40,7 @@ from lora_jax.losses import Loss
 from ntk._compat import nt
 
 Array = Any
+Axes = int | tuple[int, ...]
 
 __all__ = [
     "LogisticFit",
@@ -151,7 +152,7 @@ def mse_predict(
     learning_rate: float = 1.0,
     diag_reg: float = 0.0,
     diag_reg_absolute_scale: bool = False,
-    trace_axes: tuple[int, ...] = (-1,),
+    trace_axes: Axes = (-1,),
 ) -> Predictions:
     """Gradient-flow predictions on squared error, in closed form (``nt.predict``).
 
@@ -179,7 +180,8 @@ def mse_predict(
       ``Predictions(train [..., N, K], test [..., M, K])``.
     """
     n, full = _check_kernels(k_train_train, k_test_train)
-    if full == (tuple(trace_axes) != ()):
+    trace_axes = (trace_axes,) if isinstance(trace_axes, int) else tuple(trace_axes)
+    if full == (trace_axes != ()):
         raise ConfigError(
             f"trace_axes={trace_axes} does not match a kernel of shape {k_train_train.shape}: "
             "use trace_axes=() with [N, N, K, K] kernels and (-1,) with [N, N] ones."
@@ -223,7 +225,7 @@ def ce_gradient_flow(
     *,
     t: float,
     learning_rate: float = 1.0,
-    trace_axes: tuple[int, ...] = (-1,),
+    trace_axes: Axes = (-1,),
 ) -> Predictions:
     """Function-space gradient flow on cross-entropy: the linearized model trained to time t.
 
@@ -258,7 +260,7 @@ def function_space_gd(
     fx_test_0: Array = 0.0,
     *,
     steps: int,
-    learning_rate: float,
+    learning_rate: float = 1.0,
     loss: Loss | str = Loss.CE,
 ) -> Predictions:
     """Discrete full-batch gradient descent in function space (exact for a linear model).

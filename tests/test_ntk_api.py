@@ -32,21 +32,41 @@ def test_all_is_sorted_and_importable():
         assert getattr(ntk, name) is not None
 
 
-def test_one_default_per_option_across_entry_points():
-    """neural-tangents' names and defaults: ``trace_axes=(-1,)``, ``diagonal_axes=()``; one
-    regulariser name ``diag_reg``; ``loss`` a ``Loss``."""
-    defaults: dict[str, set] = {}
+#: Options shared by several entry points: one annotation and one default each. (``diag_reg``
+#: is one name with a per-solver scale and default, see ntk.solvers; ``vmap_axes`` defaults to
+#: nt's None except in ntk_regime_report, whose LoRA encoders are per-example: 0.)
+SHARED = (
+    "trace_axes",
+    "diagonal_axes",
+    "implementation",
+    "dtype",
+    "memory_limit_bytes",
+    "cache_dir",
+    "progress",
+    "model_info",
+    "learning_rate",
+    "fx_train_0",
+    "fx_test_0",
+    "eval_batch_size",
+    "loss",
+)
+
+
+def test_one_name_type_and_default_per_option_across_entry_points():
+    """neural-tangents' names and defaults (``trace_axes=(-1,)``, ``diagonal_axes=()``), one
+    regulariser name ``diag_reg``, ``loss`` a ``Loss``; each shared option typed alike."""
+    seen: dict[str, set] = {}
     for name, fn in _entry_points().items():
         for p in inspect.signature(fn).parameters.values():
             assert p.name not in ("reg", "c", "ridge", "l2"), f"{name}({p.name}=): use diag_reg"
-            if p.default is not inspect.Parameter.empty and p.name in (
-                "trace_axes",
-                "diagonal_axes",
-            ):
-                defaults.setdefault(p.name, set()).add(p.default)
-            if p.name == "loss":
-                assert isinstance(p.default, Loss), name
-    assert defaults == {"trace_axes": {(-1,)}, "diagonal_axes": {()}}
+            if p.name in SHARED:
+                seen.setdefault(p.name, set()).add((str(p.annotation), repr(p.default)))
+    assert seen["trace_axes"] == {("Axes", "(-1,)")}
+    assert seen["diagonal_axes"] == {("Axes", "()")}
+    assert seen["loss"] == {("Loss | str", repr(Loss.CE))}
+    for option in SHARED:
+        if option in seen:
+            assert len(seen[option]) == 1, f"{option}: {seen[option]}"
     with_reg = [
         n for n, fn in _entry_points().items() if "diag_reg" in inspect.signature(fn).parameters
     ]

@@ -51,7 +51,7 @@ def test_linear_model_has_zero_linearization_error_and_constant_kernel():
         f = lambda p, b: b["x"] @ p["w"] + p["b"]  # noqa: E731
         w0 = {"w": jnp.asarray(rng.normal(size=(4, 3))), "b": jnp.zeros(3)}
         steps = [jax.tree.map(lambda a, s=s: a + s, w0) for s in (0.1, 1.0, 5.0)]
-        errors = ntk.linearization_error(f, w0, [w0, *steps], batch, batch_size=2)
+        errors = ntk.linearization_error(f, w0, [w0, *steps], batch, eval_batch_size=2)
         assert errors.shape == (4,) and errors[0] == 0.0  # 0 / 0 at w0 reads 0
         np.testing.assert_allclose(errors, 0.0, atol=1e-14)
         ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=())
