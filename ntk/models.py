@@ -60,7 +60,7 @@ class ModelInfo(NamedTuple):
     """
 
     # What f computes, for the kernel and program caches (a string naming everything f depends
-    # on); None: the content hash of f's code and closure (ntk.fn_fingerprint).
+    # on); None: the content hash of f's code and closure (fn_fingerprint).
     fingerprint: str | None = None
     # shape=(E,), int32: the embedding rows f reads besides its input ids (e.g. label words);
     # None: f's embedding tables are not compacted (ntk.compact).
