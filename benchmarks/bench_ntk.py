@@ -80,7 +80,7 @@ def load(n_train: int, n_test: int, max_length: int):
 
 
 def subset_fn(name: str, output_fn, params):
-    """``(f, sub_params)`` for a subset name."""
+    """``ntk.KernelModel(f, sub_params, info)`` for a subset name."""
     import jax
 
     import ntk
@@ -96,11 +96,11 @@ def subset_fn(name: str, output_fn, params):
             lambda a: a + 0.01 * jax.random.normal(jax.random.PRNGKey(1), a.shape, a.dtype),
             adapters,
         )
-        return ntk.lora_model_fn(output_fn, params, adapters, cfg)
+        return ntk.lora_kernel_model(output_fn, params, adapters, cfg)
     if name == "layer5":
-        return ntk.model_fn(output_fn, params, r"encoder\.layer\.5\.")
+        return ntk.kernel_model(output_fn, params, r"encoder\.layer\.5\.")
     if name == "all":
-        return ntk.model_fn(output_fn, params, "all")
+        return ntk.kernel_model(output_fn, params, "all")
     raise ValueError(f"unknown subset {name!r}; expected one of {SUBSETS}")
 
 
@@ -129,7 +129,7 @@ def worker(args) -> dict:
     import ntk
 
     output_fn, params, train, _ = load(2 * args.n, 1, args.max_length)
-    f, sub = subset_fn(args.subset, output_fn, params)
+    f, sub, info = subset_fn(args.subset, output_fn, params)
     n_params = int(sum(np.size(x) for x in jax.tree.leaves(sub)))
     x1 = {k: v[: args.n] for k, v in train.items()}
     x2 = {k: v[args.n : 2 * args.n] for k, v in train.items()}
@@ -145,6 +145,7 @@ def worker(args) -> dict:
             implementation=ntk.NtkImplementation[name],
             batch_size=args.n,
             vmap_axes=0 if vmap == "vmap0" else None,
+            model_info=info,
         )
         run = lambda: ntk_fn(x1, x2, sub)  # noqa: E731
     t = time.perf_counter()
@@ -178,7 +179,7 @@ def big(args) -> dict:
     import ntk
 
     output_fn, params, train, test = load(64, 1000, args.max_length)
-    f, sub = subset_fn("lora_r8", output_fn, params)
+    f, sub, info = subset_fn("lora_r8", output_fn, params)
     name, _, vmap = args.big_impl.partition(":")
     batch = tuple(int(b) for b in args.big_batch.split(","))
     ntk_fn = ntk.empirical_ntk_fn(
@@ -188,6 +189,7 @@ def big(args) -> dict:
         batch_size=batch,
         vmap_axes=0 if vmap == "vmap0" else None,
         progress=True,
+        model_info=info,
     )
     rss_loaded = _rss_mib()
     t = time.perf_counter()
@@ -214,14 +216,19 @@ def ours_all(args) -> dict:
     import ntk
 
     output_fn, params, train, test = load(args.n, args.test_rows, args.max_length)
-    f, sub = subset_fn("all", output_fn, params)
+    f, sub, info = subset_fn("all", output_fn, params)
     sizes = tuple(int(b) for b in args.batch.split(","))
     batch = sizes[0] if len(sizes) == 1 else sizes
     x, out = (train, None) if not args.test_rows else (test, train)
 
     def run():  # a new ntk_fn per call: the second call shows the session's program cache
         fn = ntk.empirical_ntk_fn(
-            f, trace_axes=(), vmap_axes=0, batch_size=batch, progress=bool(args.test_rows)
+            f,
+            trace_axes=(),
+            vmap_axes=0,
+            batch_size=batch,
+            progress=bool(args.test_rows),
+            model_info=info,
         )
         return fn(x, out, sub)
 

@@ -82,7 +82,8 @@ def analyze(
         data.train,
         data.test,
         linearized_adapters=linearized.best_trainable,
-        kernel_solver="mse" if tcfg.loss == Loss.MSE else "logistic",
+        kernel_solver=ntk.KernelSolver.MSE if tcfg.loss == Loss.MSE else ntk.KernelSolver.LOGISTIC,
+        trace_axes=(),  # the full [N, N, K, K] kernel: exact linearized dynamics
         implementation=ntk.NtkImplementation.STRUCTURED_DERIVATIVES,
         cache_dir=os.path.join(run_dir, "kernel_cache"),
         progress=True,

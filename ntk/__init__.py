@@ -5,10 +5,22 @@ its empirical NTK on the K outputs (blocked, memory-checked, cached; embedding t
 compacted to the rows read, :mod:`ntk.compact`), predict with kernel
 solvers, and measure how close real fine-tuning stayed to the NTK regime. neural-tangents is
 imported only through :mod:`ntk._compat` (``from ntk._compat import nt``).
+
+One option vocabulary across entry points, as in neural-tangents: ``trace_axes=(-1,)`` and
+``diagonal_axes=()`` by default everywhere, one regulariser name ``diag_reg`` (its scale per
+solver: :mod:`ntk.solvers`), enums for choices (:class:`NtkImplementation`,
+:class:`KernelSolver`, :class:`Linearization`, ``lora_jax.losses.Loss``; each also accepts
+its value). What a kernel may exploit about a model function travels as data
+(:class:`ModelInfo`, returned by :func:`kernel_model` / :func:`lora_kernel_model` and passed as
+``empirical_ntk_fn(..., model_info=)``), never as attributes of the function.
+
+Helpers outside this list (``fingerprint``, ``cast_floating``, ``check_outputs``,
+``batched_outputs``, ``available_memory``, ``targets``) stay importable from their modules.
 """
 
 from ntk.diagnostics import (
-    batched_outputs,
+    KernelSolver,
+    Linearization,
     kernel_distance,
     linearization_error,
     ntk_regime_report,
@@ -18,7 +30,7 @@ from ntk.diagnostics import (
 from ntk.kernel import (
     KernelMemoryError,
     NtkImplementation,
-    available_memory,
+    auto_implementation,
     empirical_ntk_fn,
     kernel_matrix,
 )
@@ -28,15 +40,12 @@ from ntk.linearize import (
     lora_linearized_model_fn,
     lora_weight_delta,
 )
-from ntk.model_fn import (
+from ntk.models import (
     FingerprintError,
-    ModelFn,
-    cast_floating,
-    check_outputs,
-    fingerprint,
-    fn_fingerprint,
-    lora_model_fn,
-    model_fn,
+    KernelModel,
+    ModelInfo,
+    kernel_model,
+    lora_kernel_model,
 )
 from ntk.solvers import (
     LogisticFit,
@@ -47,40 +56,36 @@ from ntk.solvers import (
     kernel_logistic_regression,
     kernel_svm,
     mse_predict,
-    targets,
 )
 
 __all__ = [
     "FingerprintError",
     "KernelMemoryError",
+    "KernelModel",
+    "KernelSolver",
+    "Linearization",
     "LogisticFit",
-    "ModelFn",
+    "ModelInfo",
     "NtkImplementation",
     "Predictions",
     "SvmFit",
-    "available_memory",
-    "batched_outputs",
-    "cast_floating",
+    "auto_implementation",
     "ce_gradient_flow",
-    "check_outputs",
     "empirical_ntk_fn",
-    "fingerprint",
-    "fn_fingerprint",
     "function_space_gd",
     "kernel_distance",
     "kernel_logistic_regression",
     "kernel_matrix",
+    "kernel_model",
     "kernel_svm",
     "linearization_error",
     "linearize",
     "linearized_model_fn",
+    "lora_kernel_model",
     "lora_linearized_model_fn",
-    "lora_model_fn",
     "lora_weight_delta",
-    "model_fn",
     "mse_predict",
     "ntk_regime_report",
     "prediction_agreement",
     "relative_weight_change",
-    "targets",
 ]

@@ -29,7 +29,7 @@ import numpy as np
 
 from lora_jax.rows import num_rows, take_rows
 from ntk._programs import compiled
-from ntk.model_fn import check_outputs
+from ntk.models import check_outputs
 
 PyTree = Any
 

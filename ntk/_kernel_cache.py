@@ -10,38 +10,44 @@ from typing import Any
 
 import numpy as np
 
-from ntk.model_fn import fingerprint, fn_fingerprint
+from ntk.models import ModelInfo, fingerprint, fn_fingerprint
 
 PyTree = Any
 
-__all__ = ["cache_path", "function_key", "load", "save"]
+__all__ = ["cache_path", "function_key", "load_kernel", "save_kernel"]
 
 
-def function_key(f: Callable) -> str:
-    """What ``f`` computes: its ``__ntk_fingerprint__`` if set, else :func:`fn_fingerprint`.
+def function_key(f: Callable, info: ModelInfo) -> str:
+    """What ``f`` computes: ``info.fingerprint`` if set, else :func:`fn_fingerprint` of ``f``.
 
     Raises:
-      ntk.model_fn.FingerprintError: if ``f`` depends on an object with no content to hash.
+      ntk.FingerprintError: if ``f`` depends on an object with no content to hash.
     """
-    tag = getattr(f, "__ntk_fingerprint__", None)
-    return str(tag) if tag is not None else fn_fingerprint(f)
+    return str(info.fingerprint) if info.fingerprint is not None else fn_fingerprint(f)
 
 
 def cache_path(
-    cache_dir: str | os.PathLike, f: Callable, options: tuple, x1: PyTree, x2: PyTree, params
+    cache_dir: str | os.PathLike,
+    f: Callable,
+    info: ModelInfo,
+    options: tuple,
+    x1: PyTree,
+    x2: PyTree,
+    params,
 ) -> Path:
-    """``cache_dir/ntk-<hash>.npy``: the hash covers f (code, closure), params, inputs, options."""
+    """``cache_dir/ntk-<hash>.npy``: the hash covers f (code, closure, or ``info.fingerprint``),
+    params, inputs, options."""
     key = fingerprint(
-        {"params": params, "x1": x1, "x2": x2 or {}}, function_key(f), options, x2 is None
+        {"params": params, "x1": x1, "x2": x2 or {}}, function_key(f, info), options, x2 is None
     )
     return Path(cache_dir) / f"ntk-{key[:40]}.npy"
 
 
-def load(path: Path) -> np.ndarray | None:
+def load_kernel(path: Path) -> np.ndarray | None:
     return np.load(path) if path.exists() else None
 
 
-def save(path: Path, kernel: np.ndarray) -> None:
+def save_kernel(path: Path, kernel: np.ndarray) -> None:
     """Writes atomically (a temporary file, then a rename): no half-written kernel is read."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as fh:

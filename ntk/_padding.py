@@ -7,15 +7,14 @@ may be computed on its rows cut to the longest of them (rounded up to ``LENGTH_M
 bound the number of compiled shapes), and rows sorted by length first make the blocks of a
 large kernel short: a 1,000-row MR test set padded to 64 tokens has a median length of 31.
 
-Only functions that declare it are cut (``f.__ntk_ignores_padding__``, set by
-:func:`ntk.model_fn` / :func:`ntk.lora_model_fn` from the ``ignores_padding`` flag of
+Only functions whose :class:`ntk.ModelInfo` says so are cut (``ignores_padding``, set by
+:func:`ntk.kernel_model` / :func:`ntk.lora_kernel_model` from the ``ignores_padding`` flag of
 :func:`lora_jax.readout.make_output_fn` for this library's encoders); the batch must hold an
 ``attention_mask`` ``[N, T]`` and its token-level arrays are the ``[N, T]`` leaves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,16 +23,15 @@ from lora_jax.rows import token_lengths
 
 PyTree = Any
 
-__all__ = ["LENGTH_MULTIPLE", "by_length", "cut", "ignores_padding", "lengths"]
+__all__ = ["LENGTH_MULTIPLE", "cut", "cuts", "lengths", "sort_by_length"]
 
 LENGTH_MULTIPLE = 8
 
 
-def ignores_padding(f: Callable, x: PyTree) -> bool:
-    """Whether ``f`` declares padding-free outputs and ``x`` is a batch dict with a mask."""
-    return bool(getattr(f, "__ntk_ignores_padding__", False)) and (
-        isinstance(x, dict) and np.ndim(x.get("attention_mask")) == 2
-    )
+def cuts(ignores_padding: bool, x: PyTree) -> bool:
+    """Whether blocks of ``x`` are cut: the model ignores padding (:class:`ntk.ModelInfo`) and
+    ``x`` is a batch dict with an ``attention_mask`` ``[N, T]``."""
+    return ignores_padding and isinstance(x, dict) and np.ndim(x.get("attention_mask")) == 2
 
 
 def lengths(x: dict) -> np.ndarray:
@@ -57,7 +55,7 @@ def cut(x: dict, skip_prefix: str = "") -> dict:
     return {key: one(key, a) for key, a in x.items()}
 
 
-def by_length(x: dict) -> tuple[np.ndarray, dict]:
+def sort_by_length(x: dict) -> tuple[np.ndarray, dict]:
     """``(order, x[order])``: rows sorted by length, shortest first (a stable sort)."""
     order = np.argsort(lengths(x), kind="stable")
     return order, {key: np.asarray(a)[order] if np.ndim(a) >= 1 else a for key, a in x.items()}

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from ntk import _kernel_cache
-from ntk.model_fn import FingerprintError
+from ntk.models import FingerprintError, ModelInfo
 
 __all__ = ["compiled", "program_fn_key"]
 
@@ -20,10 +20,10 @@ _PROGRAMS: collections.OrderedDict[tuple, tuple[Callable, Any]] = collections.Or
 MAX_PROGRAMS = 32
 
 
-def program_fn_key(f: Callable) -> tuple:
+def program_fn_key(f: Callable, info: ModelInfo) -> tuple:
     """A key for ``f`` across ``ntk_fn`` s: its content fingerprint, else its identity."""
     try:
-        return ("content", _kernel_cache.function_key(f))
+        return ("content", _kernel_cache.function_key(f, info))
     except FingerprintError:
         return ("id", id(f))  # the cache entry holds f, so the id is not reused meanwhile
 

@@ -13,9 +13,10 @@ The compacted table is ``{'embedding': [U, H], 'rows': [U]}`` (sorted ids; read 
 cannot pass unnoticed). ``rows`` travels in the batch (one copy per example, so that vmapping
 over examples works) and is put back into the parameters inside the differentiated function.
 
-Only functions that declare the rows they read besides their input ids are compacted
-(``f.__ntk_embedding_rows__``: set by :func:`ntk.model_fn` from the ``embedding_rows`` of
-:func:`lora_jax.readout.make_output_fn` for this library's encoders); others keep dense tables.
+Only functions whose :class:`ntk.ModelInfo` names the rows they read besides their input ids
+are compacted (``embedding_rows``: set by :func:`ntk.kernel_model` from the ``embedding_rows``
+of :func:`lora_jax.readout.make_output_fn` for this library's encoders); others keep dense
+tables.
 """
 
 from __future__ import annotations
@@ -38,13 +39,14 @@ ROW_BUCKET = 512  # compacted word tables have a multiple of this many rows: few
 ROWS_PREFIX = "__ntk_rows__:"  # batch-key prefix of a table's rows
 
 
-def compactable_tables(f: Callable, params: PyTree) -> tuple[str, ...]:
-    """Dotted paths of the embedding tables in ``params`` that ``f``'s kernel may compact.
+def compactable_tables(embedding_rows: np.ndarray | None, params: PyTree) -> tuple[str, ...]:
+    """Dotted paths of the embedding tables in ``params`` that a kernel may compact.
 
-    Empty unless ``f`` declares ``__ntk_embedding_rows__`` and ``params`` is a nested dict
-    holding a word or position table.
+    Empty unless ``embedding_rows`` (the rows the model reads besides its input ids,
+    :class:`ntk.ModelInfo`) is given and ``params`` is a nested dict holding a word or
+    position table.
     """
-    if getattr(f, "__ntk_embedding_rows__", None) is None or not isinstance(params, dict):
+    if embedding_rows is None or not isinstance(params, dict):
         return ()
     paths = params_lib.flatten(params)
     return tuple(p for p in paths if re.search(WORD_TABLE, p) or re.search(POSITION_TABLE, p))
@@ -65,15 +67,17 @@ def _rows_of(path: str, table_rows: int, blocks: Sequence[PyTree], extra: np.nda
 
 
 def compact_block(
-    f: Callable, params: PyTree, blocks: Sequence[PyTree], paths: Sequence[str]
+    embedding_rows: np.ndarray, params: PyTree, blocks: Sequence[PyTree], paths: Sequence[str]
 ) -> tuple[PyTree, list[PyTree]]:
     """Params with tables ``paths`` cut to the rows ``blocks`` read, and the blocks with rows.
+
+    ``embedding_rows``: the rows the model ``f`` reads besides its input ids.
 
     Returns ``(params_c, blocks_c)``: ``compact_fn(f, paths)(params_c, block_c)`` equals
     ``f(params, block)`` for each block, and its eNTK over ``params_c`` equals ``f`` 's over
     ``params`` (rows outside the compacted table have zero derivative for these blocks).
     """
-    extra = np.asarray(f.__ntk_embedding_rows__, np.int32)
+    extra = np.asarray(embedding_rows, np.int32)
     flat = params_lib.flatten(params)
     blocks_c = [dict(b) for b in blocks]
     for path in paths:

@@ -12,7 +12,9 @@ the linearization error ``||f(w_t) - f_lin(w_t)|| / ||f(w_t) - f(w_0)||`` stays 
 
 from __future__ import annotations
 
+import enum
 import functools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,16 +22,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import ConfigError
 from lora_jax.rows import map_rows_fn
-from ntk.kernel import NtkImplementation, empirical_ntk_fn
+from ntk.kernel import Axes, NtkImplementation, empirical_ntk_fn
 from ntk.linearize import linearize, lora_linearized_model_fn
-from ntk.model_fn import lora_model_fn
+from ntk.models import lora_kernel_model
 from ntk.solvers import kernel_logistic_regression, mse_predict
 
 PyTree = Any
 Batch = Mapping[str, Any]
 
 __all__ = [
+    "KernelSolver",
+    "Linearization",
     "batched_outputs",
     "kernel_distance",
     "linearization_error",
@@ -37,6 +42,55 @@ __all__ = [
     "prediction_agreement",
     "relative_weight_change",
 ]
+
+
+class Linearization(enum.StrEnum):
+    """The linearized model :func:`ntk_regime_report` compares real fine-tuning with.
+
+    Attributes:
+      WEIGHTS: (``'weights'``, default) Jang et al.'s linearized LoRA model: linear in the base
+        weights W at W0, with the LoRA update ``scale * A @ B`` plugged in
+        (:func:`ntk.lora_linearized_model_fn`). Bilinear in (A, B), so it keeps LoRA's
+        factorization: the model of the rank-threshold analysis. Each call is a forward pass
+        plus a JVP over the adapted base weights.
+      ADAPTERS: (``'adapters'``) the first-order expansion in the adapters at ``adapters0``
+        (:func:`ntk.linearize`): linear in (A, B), so at B = 0 only B moves to first order,
+        and its tangent kernel is exactly the eNTK the report computes. Each call is a forward
+        pass plus a JVP over the adapters only (cheaper), but it is not the model whose rank
+        threshold the paper studies.
+    """
+
+    WEIGHTS = "weights"
+    ADAPTERS = "adapters"
+
+
+class KernelSolver(enum.StrEnum):
+    """The kernel predictor :func:`ntk_regime_report` runs with the initial eNTK.
+
+    Attributes:
+      MSE: (``'mse'``, default) kernel regression, the squared-error gradient flow at
+        t = infinity (:func:`ntk.mse_predict`; ``diag_reg`` relative to the mean kernel trace):
+        one Cholesky solve in float64, the fastest and the exact limit of the linearized model
+        trained on squared error.
+      LOGISTIC: (``'logistic'``) kernel logistic regression (:func:`ntk.kernel_logistic_regression`;
+        ``diag_reg`` absolute, must be > 0): the cross-entropy counterpart, for runs trained on
+        CE. Newton's method on ``[N K, N K]`` matrices in numpy, ``O((N K)^3)`` per
+        iteration: slower, and regularized (CE has no finite optimum on separable data).
+    """
+
+    MSE = "mse"
+    LOGISTIC = "logistic"
+
+
+def _member(cls: type[enum.Enum], name: str, value: Any) -> Any:
+    """``cls(value)`` (a member or its value), or a ConfigError naming the allowed values."""
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in cls)
+        raise ConfigError(
+            f"{name}={value!r} is not a {cls.__name__}; pass one of {allowed}."
+        ) from None
 
 
 def _norm(tree: PyTree) -> float:
@@ -60,7 +114,10 @@ def prediction_agreement(outputs: Any, reference: Any) -> dict[str, float]:
     """
     a, b = np.asarray(outputs, np.float64), np.asarray(reference, np.float64)
     if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"Expected two [N, K] outputs of one shape; got {a.shape} and {b.shape}.")
+        raise ConfigError(
+            f"prediction_agreement expects two [N, K] outputs of one shape; got {a.shape} and "
+            f"{b.shape}: pass both models' outputs on the same examples."
+        )
     return {
         "argmax_agreement": float(np.mean(a.argmax(-1) == b.argmax(-1))),
         "relative_distance": _safe_ratio(float(np.linalg.norm(a - b)), float(np.linalg.norm(b))),
@@ -77,7 +134,10 @@ def kernel_distance(k0: Any, k1: Any) -> dict[str, float]:
     """
     a, b = np.asarray(k0, np.float64).ravel(), np.asarray(k1, np.float64).ravel()
     if a.shape != b.shape:
-        raise ValueError(f"Kernels differ in shape: {np.shape(k0)} vs {np.shape(k1)}.")
+        raise ConfigError(
+            f"kernel_distance expects kernels of one shape; got {np.shape(k0)} vs "
+            f"{np.shape(k1)}: compute both on the same inputs with the same trace_axes."
+        )
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     return {
         "relative_change": _safe_ratio(float(np.linalg.norm(b - a)), float(na)),
@@ -111,7 +171,7 @@ def linearization_error(
     checkpoints: Sequence[PyTree],
     batch: Batch,
     *,
-    batch_size: int = 64,
+    eval_batch_size: int = 64,
 ) -> np.ndarray:
     """Relative linearization error along training, one value per checkpoint.
 
@@ -123,16 +183,17 @@ def linearization_error(
       params0: w_0, the expansion point.
       checkpoints: parameters w_t along training (same structure as params0).
       batch: examples to evaluate on.
+      eval_batch_size: rows per forward-pass chunk (as in :func:`ntk_regime_report`).
 
     Returns:
       ``[len(checkpoints)]`` float64.
     """
     f, f_lin = jax.jit(f), jax.jit(linearize(f, params0))
-    y0 = batched_outputs(f, params0, batch, batch_size)
+    y0 = batched_outputs(f, params0, batch, eval_batch_size)
     errors = []
     for w in checkpoints:
-        y = batched_outputs(f, w, batch, batch_size)
-        y_lin = batched_outputs(f_lin, w, batch, batch_size)
+        y = batched_outputs(f, w, batch, eval_batch_size)
+        y_lin = batched_outputs(f_lin, w, batch, eval_batch_size)
         errors.append(_safe_ratio(float(np.linalg.norm(y - y_lin)), float(np.linalg.norm(y - y0))))
     return np.asarray(errors)
 
@@ -154,24 +215,24 @@ def ntk_regime_report(
     *,
     linearized_adapters: PyTree | None = None,
     checkpoints: Sequence[PyTree] = (),
-    linearization: str = "weights",
-    kernel_solver: str = "mse",
+    linearization: Linearization | str = Linearization.WEIGHTS,
+    kernel_solver: KernelSolver | str = KernelSolver.MSE,
     diag_reg: float = 1e-6,
-    trace_axes: tuple[int, ...] = (),
+    trace_axes: Axes = (-1,),
     vmap_axes: Any = 0,
     implementation: NtkImplementation | int = NtkImplementation.JACOBIAN_CONTRACTION,
     kernel_batch_size: int | tuple[int, int] = (128, 64),
     eval_batch_size: int = 64,
-    cache_dir: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> dict[str, float | None]:
     """All NTK-regime diagnostics of one LoRA run, as a flat dict.
 
     The kernel is the eNTK of the K outputs with respect to the adapters (the trained
     parameters), at ``adapters0`` and at ``adapters``. The linearized model is, by default,
-    Jang et al.'s (``linearization='weights'``: linear in the base weights at W0, the
+    Jang et al.'s (``Linearization.WEIGHTS``: linear in the base weights at W0, the
     LoRA update ``scale * A @ B`` plugged in; :func:`ntk.lora_linearized_model_fn`), or the
-    first-order expansion in the adapters at ``adapters0`` (``'adapters'``;
+    first-order expansion in the adapters at ``adapters0`` (``Linearization.ADAPTERS``;
     :func:`ntk.linearize`).
 
     Args:
@@ -181,13 +242,18 @@ def ntk_regime_report(
       adapters0: adapters at initialization; adapters: after real fine-tuning.
       train: training batch dict (with ``labels`` [N]); test: test batch dict.
       linearized_adapters: adapters after training the *linearized* model of the same kind
-        (``lora_linearized_model_fn`` for ``'weights'``, ``linearized_model_fn`` for
-        ``'adapters'``) with the same loop; adds its agreement with the real model.
+        (``lora_linearized_model_fn`` for WEIGHTS, ``linearized_model_fn`` for ADAPTERS) with
+        the same loop; adds its agreement with the real model.
       checkpoints: adapters along real training, for the linearization-error curve.
-      linearization: ``'weights'`` (Jang et al.) or ``'adapters'``.
-      kernel_solver: ``'mse'`` (kernel regression, t = infinity, ``diag_reg`` relative to the
-        mean trace) or ``'logistic'`` (kernel logistic regression, ``reg=diag_reg``).
-      trace_axes, implementation, kernel_batch_size, cache_dir, progress: passed to
+      linearization: a :class:`Linearization` (or its value, ``'weights'`` / ``'adapters'``).
+      kernel_solver: a :class:`KernelSolver` (or its value, ``'mse'`` / ``'logistic'``).
+      diag_reg: the kernel solver's regulariser: relative to the mean kernel trace for MSE,
+        absolute for LOGISTIC (see :mod:`ntk.solvers`).
+      trace_axes: as :func:`ntk.empirical_ntk_fn` (default ``(-1,)``: the traced ``[N, N]``
+        kernel, read as ``Theta (x) I_K`` by the solvers); ``()`` keeps the full
+        ``[N, N, K, K]`` kernel, whose kernel regression is the exact linearized model at
+        K times the memory.
+      implementation, kernel_batch_size, cache_dir, progress: passed to
         :func:`ntk.empirical_ntk_fn`.
       vmap_axes: passed to :func:`ntk.empirical_ntk_fn`; the default 0 declares the model
         independent per example (true for the encoders without dropout), which makes the
@@ -204,18 +270,21 @@ def ntk_regime_report(
       (``||a - a0|| / ||a0||``), ``weight_change_merged`` (over all base weights),
       ``weight_change_adapted`` (over the adapted leaves only); ``linearization_error_end``
       and ``linearization_error`` (list over ``checkpoints``).
+
+    Raises:
+      ConfigError: on an unknown ``linearization`` or ``kernel_solver``.
     """
     from lora_jax import lora
     from lora_jax import params as params_lib
 
-    f, _ = lora_model_fn(output_fn, params, adapters0, lora_config)
-    if linearization == "adapters":
+    linearization = _member(Linearization, "linearization", linearization)
+    kernel_solver = _member(KernelSolver, "kernel_solver", kernel_solver)
+    f, _, info = lora_kernel_model(output_fn, params, adapters0, lora_config)
+    if linearization == Linearization.ADAPTERS:
         f_lin = linearize(f, adapters0)
-    elif linearization == "weights":
+    else:
         lin_w = lora_linearized_model_fn(output_fn, lora_config)
         f_lin = lambda a, batch: lin_w(a, params, batch)  # noqa: E731
-    else:
-        raise ValueError(f"linearization={linearization!r} is not one of 'weights', 'adapters'.")
     f_jit, f_lin = jax.jit(f), jax.jit(f_lin)
     out = lambda fn, a, b: batched_outputs(fn, a, b, eval_batch_size)  # noqa: E731
     y_init_test = out(f_jit, adapters0, test)
@@ -246,6 +315,7 @@ def ntk_regime_report(
         batch_size=kernel_batch_size,
         cache_dir=cache_dir,
         progress=progress,
+        model_info=info,
     )
     n_train = int(np.shape(train["labels"])[0])
     same_shapes = jax.tree.structure(train) == jax.tree.structure(test) and all(
@@ -264,7 +334,7 @@ def ntk_regime_report(
         k_tt1 = ntk_fn(train, None, adapters)
     y_init_train = out(f_jit, adapters0, train)
     labels = np.asarray(train["labels"])
-    if kernel_solver == "mse":
+    if kernel_solver == KernelSolver.MSE:
         with jax.enable_x64():
             preds = mse_predict(
                 jnp.asarray(k_tt0, jnp.float64),
@@ -277,12 +347,10 @@ def ntk_regime_report(
                 trace_axes=trace_axes,
             )
             y_kernel = np.asarray(preds.test)
-    elif kernel_solver == "logistic":
-        y_kernel = kernel_logistic_regression(
-            k_tt0, labels, k_st0, y_init_train, y_init_test, reg=diag_reg
-        ).test
     else:
-        raise ValueError(f"kernel_solver={kernel_solver!r} is not one of 'mse', 'logistic'.")
+        y_kernel = kernel_logistic_regression(
+            k_tt0, labels, k_st0, y_init_train, y_init_test, diag_reg=diag_reg
+        ).test
     agree = prediction_agreement(y_kernel, y_trained)
     report["acc_kernel"] = _accuracy(y_kernel, test)
     report["agree_trained_vs_kernel"] = agree["argmax_agreement"]

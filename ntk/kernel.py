@@ -11,25 +11,30 @@ meaning) and returns ``ntk_fn(x1, x2, params)``; the differences are for fine-tu
   the memory available (or ``memory_limit_bytes``); a block that would not fit raises
   :class:`KernelMemoryError` naming an implementation or ``batch_size`` checked to fit.
 * ``cache_dir``: kernels are saved as ``.npy`` named by a content hash of (f's code and every
-  value it closes over, e.g. the label words; params, inputs, options) and returned from disk
-  when present (:mod:`ntk._kernel_cache`).
+  value it closes over, e.g. the label words, or ``model_info.fingerprint``; params, inputs,
+  options) and returned from disk when present (:mod:`ntk._kernel_cache`).
 * Compiled block programs are kept for the session (keyed by f's fingerprint, options and
   shapes), so a second ``ntk_fn`` of the same model and shapes compiles nothing. Across
   processes, JAX's own persistent cache applies to them: set ``JAX_COMPILATION_CACHE_DIR``
   (or ``jax.config.update("jax_compilation_cache_dir", path)``) and a later process loads the
   programs instead of compiling them.
+* ``model_info`` (:class:`ntk.ModelInfo`, from :func:`ntk.kernel_model`) says what else the
+  kernel may exploit about ``f``; it is passed explicitly, never read from attributes of ``f``.
 * Embedding tables among the differentiated weights are cut to the rows each block reads
-  (:mod:`ntk.compact`): exact, and the all-weights kernel of an encoder no longer carries the
-  dense ``[V, H]`` Jacobian of its word embeddings.
+  (:mod:`ntk.compact`, when ``model_info.embedding_rows`` is given): exact, and the
+  all-weights kernel of an encoder no longer carries the dense ``[V, H]`` Jacobian of its
+  word embeddings.
 * With JACOBIAN_CONTRACTION and ``vmap_axes=0``, per-example Jacobians are computed once per
   row and kept across blocks (:mod:`ntk._jacobians`); a symmetric kernel with ``batch_size``
   >= N is one fused program that never holds the whole ``[N K, P]`` Jacobian (the fastest
   and leanest way to an all-weights train kernel: ``batch_size=N``), and an ``x1`` x ``x2``
   kernel whose sides fit one block each is one program on their joined rows. For this library's
-  encoders, rows are sorted by length and each block is cut to its longest row
-  (:mod:`ntk._padding`): exact, since padded positions have zero weight and derivative.
+  encoders (``model_info.ignores_padding``), rows are sorted by length and each block is cut to
+  its longest row (:mod:`ntk._padding`): exact, since padded positions have zero weight and
+  derivative.
 * ``implementation=AUTO`` is our memory-aware choice (``nt``'s own AUTO is broken on current
-  jax: it indexes ``cost_analysis()`` as a list).
+  jax: it indexes ``cost_analysis()`` as a list); :func:`auto_implementation` tells which
+  implementation it takes.
 
 Kernel layout (``f(params, x) -> [N, K]``), as in neural-tangents: ``trace_axes=()`` gives
 ``[N1, N2, K, K]``; the default ``trace_axes=(-1,)`` gives ``[N1, N2]`` holding the *mean*
@@ -38,9 +43,9 @@ over k of ``Theta[:, :, k, k]`` (nt normalizes traces by the traced size);
 kernel ``[N, ...]`` (then ``x2`` must be None).
 
 Example (a sketch: ``output_fn``, ``params``, ``train`` and ``test`` are the caller's):
-  >>> f, adapters = ntk.lora_model_fn(output_fn, params, adapters, cfg)  # doctest: +SKIP
+  >>> f, adapters, info = ntk.lora_kernel_model(output_fn, params, adapters, cfg)  # doctest: +SKIP
   >>> ntk_fn = ntk.empirical_ntk_fn(  # doctest: +SKIP
-  ...     f, trace_axes=(), batch_size=32, cache_dir="runs/k"
+  ...     f, trace_axes=(), batch_size=32, cache_dir="runs/k", model_info=info
   ... )
   >>> k_train_train = ntk_fn(train, None, adapters)  # (N, N, K, K)  # doctest: +SKIP
   >>> k_test_train = ntk_fn(test, train, adapters)  # (M, N, K, K)  # doctest: +SKIP
@@ -52,12 +57,13 @@ import dataclasses
 import enum
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.errors import ConfigError, UserError
 from lora_jax.rows import num_rows, take_rows
 from ntk import _kernel_cache, _padding
 from ntk._compat import nt
@@ -73,7 +79,7 @@ from ntk._jacobians import (
 from ntk._memory import available_memory, gib, required_bytes
 from ntk._programs import compiled, program_fn_key
 from ntk.compact import ROWS_PREFIX, compact_block, compact_fn, compactable_tables
-from ntk.model_fn import cast_floating, check_outputs
+from ntk.models import ModelInfo, cast_floating, check_outputs
 
 PyTree = Any
 Axes = int | tuple[int, ...]
@@ -82,6 +88,7 @@ __all__ = [
     "KernelMemoryError",
     "KernelOptions",
     "NtkImplementation",
+    "auto_implementation",
     "available_memory",
     "empirical_ntk_fn",
     "kernel_matrix",
@@ -131,8 +138,9 @@ _RELIABILITY = (
 )
 
 
-class KernelMemoryError(MemoryError):
-    """A kernel block would not fit in the memory available."""
+class KernelMemoryError(UserError, MemoryError):
+    """A kernel block would not fit in the memory available; the message names an
+    implementation or ``batch_size`` checked to fit (one ``error:`` line from the CLI)."""
 
 
 def _canon(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
@@ -140,7 +148,10 @@ def _canon(axes: Axes, ndim: int, name: str) -> tuple[int, ...]:
     out = []
     for a in axes:
         if not -ndim <= a < ndim:
-            raise ValueError(f"{name}={axes} has axis {a} out of range for outputs of ndim {ndim}.")
+            raise ConfigError(
+                f"{name}={axes} has axis {a}, out of range for outputs [N, K] (ndim {ndim}): "
+                "use -1 (or 1) for the K outputs, 0 for the batch."
+            )
         out.append(a % ndim)
     return tuple(sorted(set(out)))
 
@@ -200,22 +211,30 @@ def kernel_options(
     """Checks :func:`empirical_ntk_fn` 's options.
 
     Raises:
-      ValueError: naming the bad option and what is allowed.
+      ConfigError: naming the bad option and what is allowed.
     """
     try:
         implementation = NtkImplementation(implementation)
     except ValueError:
-        allowed = ", ".join(m.name for m in NtkImplementation)
-        raise ValueError(f"implementation={implementation!r} is not one of {allowed}.") from None
+        allowed = ", ".join(f"NtkImplementation.{m.name}" for m in NtkImplementation)
+        raise ConfigError(
+            f"implementation={implementation!r} is not one of {allowed}: pass one of them."
+        ) from None
     sizes = (batch_size, batch_size) if isinstance(batch_size, int) else tuple(batch_size)
     if len(sizes) != 2 or min(sizes) < 1:
-        raise ValueError(f"batch_size must be an int >= 1 or a pair of them, got {batch_size}.")
+        raise ConfigError(
+            f"batch_size must be an int >= 1 or a pair of them (rows of x1, rows of x2), "
+            f"got {batch_size}."
+        )
     trace = _canon(trace_axes, 2, "trace_axes")
     diag = _canon(diagonal_axes, 2, "diagonal_axes")
     if set(trace) & set(diag):
-        raise ValueError(f"trace_axes={trace_axes} and diagonal_axes={diagonal_axes} overlap.")
+        raise ConfigError(
+            f"trace_axes={trace_axes} and diagonal_axes={diagonal_axes} overlap: an output axis "
+            "is either traced or kept diagonal; drop it from one of them."
+        )
     if 0 in trace:
-        raise ValueError(
+        raise ConfigError(
             f"trace_axes={trace_axes} traces the batch axis; only output axes (-1) can be "
             "traced here. Sum the kernel yourself if you need that."
         )
@@ -362,6 +381,97 @@ def place_block(
     return out
 
 
+class _Blocks(NamedTuple):
+    """One kernel's inputs, checked and cast, and how it is cut into blocks."""
+
+    params: PyTree
+    x1: PyTree
+    x2: PyTree | None  # None: x1 with itself (symmetric)
+    n1: int
+    n2: int
+    b1: int  # rows of x1 per block
+    b2: int
+    tables: tuple[str, ...]  # embedding tables compacted (ntk.compact)
+    fn: Callable  # f, on compacted tables if any
+    fn_key: tuple  # the compiled-program key of fn
+    embedding_rows: np.ndarray | None  # ModelInfo.embedding_rows
+
+    def block(self, i: int, j: int) -> tuple[PyTree, PyTree | None, PyTree]:
+        """``(xa, xb, params)`` of the block at rows ``(i, j)`` (``xb`` None on the diagonal of
+        a symmetric kernel), tables compacted to the rows it reads."""
+        symmetric = self.x2 is None
+        xa = take_rows(self.x1, i, self.b1, self.n1)
+        other = self.x1 if symmetric else self.x2
+        xb = None if symmetric and i == j else take_rows(other, j, self.b2, self.n2)
+        if not self.tables:
+            return xa, xb, self.params
+        p, blocks = compact_block(
+            self.embedding_rows, self.params, [x for x in (xa, xb) if x is not None], self.tables
+        )
+        return blocks[0], (None if xb is None else blocks[1]), p
+
+
+def _blocks(
+    f: Callable, info: ModelInfo, opts: KernelOptions, x1: PyTree, x2: PyTree | None, params
+) -> _Blocks:
+    params = cast_floating(params, opts.dtype)
+    x1 = cast_floating(x1, opts.dtype)
+    x2 = None if x2 is None else cast_floating(x2, opts.dtype)
+    n1 = num_rows(x1, "x1")
+    n2 = n1 if x2 is None else num_rows(x2, "x2")
+    if opts.batch_diagonal and x2 is not None:
+        raise ConfigError(
+            "diagonal_axes includes the batch axis 0 (per-example kernels): pass x2=None."
+        )
+    b1 = min(opts.sizes[0], n1)
+    b2 = b1 if x2 is None else min(opts.sizes[1], n2)
+    tables = compactable_tables(info.embedding_rows, params)
+    fn = compact_fn(f, tables) if tables else f
+    fn_key = (*program_fn_key(f, info), tables)
+    return _Blocks(params, x1, x2, n1, n2, b1, b2, tables, fn, fn_key, info.embedding_rows)
+
+
+def auto_implementation(
+    f: Callable[[PyTree, PyTree], jax.Array],
+    x1: PyTree,
+    x2: PyTree | None,
+    params: PyTree,
+    *,
+    trace_axes: Axes = (-1,),
+    diagonal_axes: Axes = (),
+    vmap_axes: Any = None,
+    batch_size: int | tuple[int, int] = 32,
+    dtype: Any = None,
+    memory_limit_bytes: int | None = None,
+    model_info: ModelInfo | None = None,
+) -> NtkImplementation:
+    """The implementation ``empirical_ntk_fn(..., implementation=AUTO)`` takes for these inputs.
+
+    AUTO compiles the first ``(x1, x2)`` block with each implementation, drops those that fail
+    to compile or would not fit in memory, and takes the one with the fewest XLA-estimated FLOPs
+    (see :class:`NtkImplementation`); an ``ntk_fn`` makes this choice on its first block and
+    keeps it. This returns the choice, so that it can be recorded or passed on explicitly.
+    Compiled programs are kept for the session: a kernel computed next with the returned
+    implementation (or with AUTO) compiles nothing new.
+
+    Args: as :func:`empirical_ntk_fn` and its ``ntk_fn(x1, x2, params)``.
+
+    Returns:
+      One of JACOBIAN_CONTRACTION, NTK_VECTOR_PRODUCTS, STRUCTURED_DERIVATIVES.
+
+    Raises:
+      KernelMemoryError: if no implementation fits a block.
+    """
+    auto = NtkImplementation.AUTO
+    opts = kernel_options(trace_axes, diagonal_axes, vmap_axes, auto, batch_size, dtype)
+    blocks = _blocks(f, model_info or ModelInfo(), opts, x1, x2, params)
+    xa, xb, p = blocks.block(0, 0)
+    limit = int(memory_limit_bytes or available_memory())
+    chosen: dict[str, NtkImplementation] = {}
+    select_program(blocks.fn, blocks.fn_key, opts, xa, xb, p, limit, chosen)
+    return chosen["impl"]
+
+
 def empirical_ntk_fn(
     f: Callable[[PyTree, PyTree], jax.Array],
     *,
@@ -374,12 +484,13 @@ def empirical_ntk_fn(
     memory_limit_bytes: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    model_info: ModelInfo | None = None,
 ) -> Callable[..., np.ndarray]:
     """Returns ``ntk_fn(x1, x2, params)``: the empirical NTK of ``f``'s outputs, blocked.
 
     Args:
       f: ``f(params, x) -> [N, K]`` with ``x`` a batch dict (e.g. from
-        :func:`ntk.model_fn` / :func:`ntk.lora_model_fn`).
+        :func:`ntk.kernel_model` / :func:`ntk.lora_kernel_model`).
       trace_axes: output axes to trace the kernel over (nt: the mean over the traced axis),
         saving memory; ``()`` keeps the full ``[N1, N2, K, K]`` kernel, which exact
         finite-width linearized dynamics need.
@@ -392,7 +503,8 @@ def empirical_ntk_fn(
         memory quadratic in b. For a per-example model (the encoders without dropout) pass
         ``vmap_axes=0``: cost linear in b. On MiniLM with LoRA r = 8, a 250 x 64 block was
         estimated at 353 GiB without it; see benchmarks/bench_ntk.py.
-      implementation: see :class:`NtkImplementation`.
+      implementation: see :class:`NtkImplementation`; with AUTO, :func:`auto_implementation`
+        tells which one is taken.
       batch_size: rows of ``x1`` and of ``x2`` per block, or a pair ``(rows of x1, rows of x2)``.
         Each block recomputes the Jacobians of its rows, so for a test x train kernel with a
         small train set, take all of ``x2`` in one block and many ``x1`` rows per block (e.g.
@@ -403,6 +515,9 @@ def empirical_ntk_fn(
       memory_limit_bytes: memory a block may use; None: what :func:`available_memory` reports.
       cache_dir: directory of an on-disk kernel cache (``.npy`` per kernel); None: no cache.
       progress: show a tqdm bar over blocks.
+      model_info: what the kernel may exploit about ``f`` (:class:`ntk.ModelInfo`: its cache
+        fingerprint, the embedding rows it reads, whether it ignores padding), e.g. the
+        ``info`` of :func:`ntk.kernel_model`; None: ``ModelInfo()``, nothing assumed.
 
     Returns:
       ``ntk_fn(x1, x2, params) -> np.ndarray``: x1 ``[N1, ...]`` and x2 ``[N2, ...]`` batch
@@ -414,80 +529,65 @@ def empirical_ntk_fn(
       KernelMemoryError: before computing, if one block's compiled program would need more
         than the memory available; the message names an implementation or ``batch_size``
         checked (compiled and measured) to fit.
-      ValueError: on bad axes, inputs whose arrays disagree on N, or ``f`` not returning
-        ``[N, K]``.
+      ConfigError: on bad options or axes, inputs whose arrays disagree on N, ``f`` not
+        returning ``[N, K]``, or ``model_info.embedding_rows`` missing rows ``f`` reads.
     """
     opts = kernel_options(trace_axes, diagonal_axes, vmap_axes, implementation, batch_size, dtype)
-    chosen: dict[str, NtkImplementation] = {}
+    info = model_info or ModelInfo()
+    chosen: dict[str, NtkImplementation] = {}  # AUTO's choice, made on the first block
     limit_fn = (lambda: memory_limit_bytes) if memory_limit_bytes else available_memory
 
     def ntk_fn(x1: PyTree, x2: PyTree | None, params: PyTree) -> np.ndarray:
         path = None
         if cache_dir is not None:
-            path = _kernel_cache.cache_path(cache_dir, f, opts.key(), x1, x2, params)
-            cached = _kernel_cache.load(path)
+            path = _kernel_cache.cache_path(cache_dir, f, info, opts.key(), x1, x2, params)
+            cached = _kernel_cache.load_kernel(path)
             if cached is not None:
                 return cached
-        params = cast_floating(params, dtype)
-        x1c = cast_floating(x1, dtype)
-        x2c = None if x2 is None else cast_floating(x2, dtype)
-        n1 = num_rows(x1c, "x1")
-        n2 = n1 if x2c is None else num_rows(x2c, "x2")
-        if opts.batch_diagonal and x2c is not None:
-            raise ValueError("diagonal_axes includes the batch axis 0: pass x2=None.")
-        symmetric = x2c is None
-        b1 = min(opts.sizes[0], n1)
-        b2 = b1 if symmetric else min(opts.sizes[1], n2)
+        blk = _blocks(f, info, opts, x1, x2, params)
+        n1, n2, b1, b2, tables = blk.n1, blk.n2, blk.b1, blk.b2, blk.tables
+        symmetric = blk.x2 is None
         jobs = block_jobs(n1, n2, b1, b2, symmetric=symmetric, batch_diagonal=opts.batch_diagonal)
-        tables = compactable_tables(f, params)
-        fn = compact_fn(f, tables) if tables else f
-        fn_key = (*program_fn_key(f), tables)
         limit = int(limit_fn())
         out = None
 
         def place(block, i, j):
             nonlocal out
             if tables and np.isnan(block).any():
-                raise ValueError(
+                raise ConfigError(
                     "The eNTK block is NaN with the embedding tables compacted: f reads rows "
-                    "beyond its input ids that it did not declare (list them in "
-                    "f.__ntk_embedding_rows__), or f's outputs are NaN."
+                    "beyond its input ids that model_info.embedding_rows does not list (add "
+                    "them), or f's outputs are NaN."
                 )
             out = place_block(out, block, i, j, n1, n2, symmetric=symmetric, opts=opts)
 
         if _reuse_jacobians(opts):
             # All rows compacted together: every block's Jacobians share one parametrization.
-            p, xs = params, [x1c] if symmetric else [x1c, x2c]
+            p, xs = blk.params, [blk.x1] if symmetric else [blk.x1, blk.x2]
             if tables:
-                p, xs = compact_block(f, params, xs, tables)
-            trim = _padding.ignores_padding(f, xs[0])
+                p, xs = compact_block(info.embedding_rows, blk.params, xs, tables)
+            trim = _padding.cuts(info.ignores_padding, xs[0])
             orders = None
             if trim and not (symmetric and n1 <= b1):  # several blocks: short rows together
-                orders, xs = zip(*(_padding.by_length(x) for x in xs), strict=True)
+                orders, xs = zip(*(_padding.sort_by_length(x) for x in xs), strict=True)
             prepare = (lambda x: _padding.cut(x, skip_prefix=ROWS_PREFIX)) if trim else None
             if _kept_jacobians_kernel(
-                fn, fn_key, opts, p, xs, (b1, b2), limit, prepare, place, progress
+                blk.fn, blk.fn_key, opts, p, xs, (b1, b2), limit, prepare, place, progress
             ):
                 if orders is not None:  # back to the callers' row order
                     out = _unsort(out, orders[0], orders[-1])
                 if path is not None:
-                    _kernel_cache.save(path, out)
+                    _kernel_cache.save_kernel(path, out)
                 return out
 
         for i, j in _progress(jobs, progress):
-            xa = take_rows(x1c, i, b1, n1)
-            xb = None if symmetric and i == j else take_rows(x1c if symmetric else x2c, j, b2, n2)
-            p = params
-            if tables:
-                p, blocks = compact_block(f, params, [x for x in (xa, xb) if x is not None], tables)
-                xa, xb = blocks[0], (None if xb is None else blocks[1])
-            exe = select_program(fn, fn_key, opts, xa, xb, p, limit, chosen)
+            xa, xb, p = blk.block(i, j)
+            exe = select_program(blk.fn, blk.fn_key, opts, xa, xb, p, limit, chosen)
             place(np.asarray(exe(xa, p) if xb is None else exe(xa, xb, p)), i, j)
         if path is not None:
-            _kernel_cache.save(path, out)
+            _kernel_cache.save_kernel(path, out)
         return out
 
-    ntk_fn.chosen_implementation = lambda: chosen.get("impl", opts.implementation)
     return ntk_fn
 
 
@@ -600,7 +700,10 @@ def kernel_matrix(k: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
     if k.ndim == 2:
         return k
     if k.ndim != 4:
-        raise ValueError(f"Expected a [N1, N2] or [N1, N2, K, K] kernel; got shape {k.shape}.")
+        raise ConfigError(
+            f"kernel_matrix expects a [N1, N2] or [N1, N2, K, K] kernel; got shape {k.shape}: "
+            "pass an empirical_ntk_fn kernel without diagonal_axes."
+        )
     n1, n2, k1, k2 = k.shape
     xp = jnp if isinstance(k, jax.Array) else np
     return xp.transpose(k, (0, 2, 1, 3)).reshape(n1 * k1, n2 * k2)  # (N1 K, N2 K)

@@ -5,6 +5,14 @@ All take kernels in neural-tangents' layout, either full (``k_train_train`` ``[N
 read as ``Theta (x) I_K``), and return predictions ``[M, K]`` on the test set (and ``[N, K]``
 on the training set) in a fixed NamedTuple.
 
+One regulariser name, ``diag_reg``, as in neural-tangents: a ridge term added to the diagonal
+of the kernel system each solver factors. Its scale differs with the objective (each solver's
+docstring says how): :func:`mse_predict` adds ``diag_reg`` (by default times the mean kernel
+trace, nt's ``diag_reg_absolute_scale=False``) to ``Theta``; :func:`kernel_logistic_regression`
+adds it to the Newton system of ``mean_n CE + diag_reg/2 <alpha, Theta alpha>`` (absolute);
+:func:`kernel_svm` minimizes ``sum_n hinge + diag_reg/2 ||w||^2``, i.e. the box constraint
+``C = 1 / diag_reg`` of the SVM dual.
+
 Time and learning-rate units follow ``lora_jax.losses`` (losses are *means over examples*
 and sums over the K outputs): ``t`` counts full-batch gradient steps of size
 ``learning_rate``, so for the linearized model trained by plain gradient descent,
@@ -28,9 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax.errors import ConfigError
+from lora_jax.losses import Loss
 from ntk._compat import nt
 
 Array = Any
+Axes = int | tuple[int, ...]
 
 __all__ = [
     "LogisticFit",
@@ -67,7 +77,7 @@ class SvmFit(NamedTuple):
 
     train: np.ndarray  # shape=(N, K): decision values.
     test: np.ndarray  # shape=(M, K)
-    dual_coef: np.ndarray  # shape=(K, N): alpha_i in [0, C] per class problem.
+    dual_coef: np.ndarray  # shape=(K, N): alpha_i in [0, C = 1 / diag_reg] per class problem.
     signs: np.ndarray  # shape=(K, N): +1 for the class, -1 for the rest.
     max_violation: float  # largest projected-gradient (KKT) violation left.
 
@@ -142,7 +152,7 @@ def mse_predict(
     learning_rate: float = 1.0,
     diag_reg: float = 0.0,
     diag_reg_absolute_scale: bool = False,
-    trace_axes: tuple[int, ...] = (-1,),
+    trace_axes: Axes = (-1,),
 ) -> Predictions:
     """Gradient-flow predictions on squared error, in closed form (``nt.predict``).
 
@@ -150,7 +160,8 @@ def mse_predict(
     ``mean_n 0.5 ||f(x_n) - y_n||^2``, so on the training set
     ``f_t = y + expm(-learning_rate * t * Theta / N) (f_0 - y)`` and at ``t=None`` (infinity)
     the test predictions are kernel regression
-    ``f0_test + K_te,tr (K_tr,tr + reg I)^-1 (y - f0_train)``.
+    ``f0_test + K_te,tr (K_tr,tr + diag_reg * s * I)^-1 (y - f0_train)`` (``s``: the mean
+    kernel trace, or 1 with ``diag_reg_absolute_scale``).
 
     Args:
       k_train_train: ``[N, N, K, K]`` (``trace_axes=()``) or ``[N, N]`` (``trace_axes=(-1,)``).
@@ -169,7 +180,8 @@ def mse_predict(
       ``Predictions(train [..., N, K], test [..., M, K])``.
     """
     n, full = _check_kernels(k_train_train, k_test_train)
-    if full == (tuple(trace_axes) != ()):
+    trace_axes = (trace_axes,) if isinstance(trace_axes, int) else tuple(trace_axes)
+    if full == (trace_axes != ()):
         raise ConfigError(
             f"trace_axes={trace_axes} does not match a kernel of shape {k_train_train.shape}: "
             "use trace_axes=() with [N, N, K, K] kernels and (-1,) with [N, N] ones."
@@ -213,7 +225,7 @@ def ce_gradient_flow(
     *,
     t: float,
     learning_rate: float = 1.0,
-    trace_axes: tuple[int, ...] = (-1,),
+    trace_axes: Axes = (-1,),
 ) -> Predictions:
     """Function-space gradient flow on cross-entropy: the linearized model trained to time t.
 
@@ -248,8 +260,8 @@ def function_space_gd(
     fx_test_0: Array = 0.0,
     *,
     steps: int,
-    learning_rate: float,
-    loss: str = "ce",
+    learning_rate: float = 1.0,
+    loss: Loss | str = Loss.CE,
 ) -> Predictions:
     """Discrete full-batch gradient descent in function space (exact for a linear model).
 
@@ -258,14 +270,20 @@ def function_space_gd(
     with the same learning rate and loss this is exactly its trajectory.
 
     Args:
-      loss: ``'ce'`` or ``'mse'`` (``lora_jax.losses`` conventions).
+      loss: a :class:`lora_jax.losses.Loss` (or its value, ``'ce'`` / ``'mse'``), with
+        ``lora_jax.losses`` conventions.
       Others: as :func:`mse_predict` (the kernel layout decides full vs traced).
+
+    Raises:
+      ConfigError: on an unknown ``loss`` or kernels of mismatched shapes.
     """
     _check_kernels(k_train_train, k_test_train)
-    grads = {"ce": _ce_grad, "mse": _mse_grad}
-    if loss not in grads:
-        raise ConfigError(f"loss={loss!r} is not one of 'ce', 'mse'.")
-    grad = grads[loss]
+    try:
+        loss = Loss(loss)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in Loss)
+        raise ConfigError(f"loss={loss!r} is not a Loss; pass one of {allowed}.") from None
+    grad = {Loss.CE: _ce_grad, Loss.MSE: _mse_grad}[loss]
     ktt, kst = jnp.asarray(k_train_train), jnp.asarray(k_test_train)
     y, f_tr, f_te = _start(ktt, y_train, kst, fx_train_0, fx_test_0)
 
@@ -285,7 +303,7 @@ def kernel_logistic_regression(
     fx_train_0: Array = 0.0,
     fx_test_0: Array = 0.0,
     *,
-    reg: float = 1e-3,
+    diag_reg: float = 1e-3,
     max_iter: int = 100,
     tol: float = 1e-10,
 ) -> LogisticFit:
@@ -293,23 +311,29 @@ def kernel_logistic_regression(
 
     Minimizes over alpha ``[N, K]`` (float64, numpy)::
 
-        mean_n CE(f_n, y_n) + reg/2 * <alpha, Theta alpha>,   f = f0 + Theta alpha
+        mean_n CE(f_n, y_n) + diag_reg/2 * <alpha, Theta alpha>,   f = f0 + Theta alpha
 
-    whose optimality condition is ``(softmax(f) - y) / N + reg * alpha = 0``. Newton steps
-    ``(W Theta + reg I) delta = -(g + reg alpha)`` (W: the softmax Hessian / N) with
+    whose optimality condition is ``(softmax(f) - y) / N + diag_reg * alpha = 0``. Newton steps
+    ``(W Theta + diag_reg I) delta = -(g + diag_reg alpha)`` (W: the softmax Hessian / N) with
     backtracking line search.
 
     Args:
-      reg: ridge strength (> 0).
+      diag_reg: ridge strength (> 0), added to the diagonal of the Newton system as is (no
+        trace scaling). The loss is a mean over the N examples, so with the squared error in
+        place of CE this ridge would be :func:`mse_predict`'s ``diag_reg = N * diag_reg``
+        with ``diag_reg_absolute_scale=True``.
       max_iter: Newton iterations.
-      tol: stop when the max-norm of ``g + reg alpha`` is below it.
+      tol: stop when the max-norm of ``g + diag_reg alpha`` is below it.
       Others: as :func:`mse_predict`.
 
     Returns:
       ``LogisticFit(train, test, coef, grad_norm, iterations)``.
     """
-    if reg <= 0:
-        raise ConfigError(f"reg must be > 0, got {reg}.")
+    if diag_reg <= 0:
+        raise ConfigError(
+            f"diag_reg must be > 0, got {diag_reg}: the unregularized logistic fit has no "
+            "finite solution on separable data."
+        )
     n, _ = _check_kernels(k_train_train, k_test_train)
     num_k = _num_outputs(k_train_train, y_train, fx_train_0)
     y = targets(y_train, num_k).astype(np.float64)
@@ -322,14 +346,14 @@ def kernel_logistic_regression(
         f = (f0 + ktt @ alpha).reshape(n, num_k)
         f = f - f.max(axis=1, keepdims=True)
         logp = f - np.log(np.exp(f).sum(axis=1, keepdims=True))
-        obj = -np.sum(y * logp) / n + 0.5 * reg * alpha @ ktt @ alpha
+        obj = -np.sum(y * logp) / n + 0.5 * diag_reg * alpha @ ktt @ alpha
         return obj, np.exp(logp)
 
     alpha = np.zeros(n * num_k)
     obj, p = parts(alpha)
     it, resid = 0, np.inf
     for it in range(1, max_iter + 1):  # noqa: B007
-        r = ((p - y) / n).reshape(-1) + reg * alpha
+        r = ((p - y) / n).reshape(-1) + diag_reg * alpha
         resid = float(np.abs(r).max())
         if resid < tol:
             break
@@ -337,7 +361,7 @@ def kernel_logistic_regression(
         for i in range(n):
             s = slice(i * num_k, (i + 1) * num_k)
             w[s, s] = (np.diag(p[i]) - np.outer(p[i], p[i])) / n
-        delta = np.linalg.solve(w @ ktt + reg * np.eye(n * num_k), -r)
+        delta = np.linalg.solve(w @ ktt + diag_reg * np.eye(n * num_k), -r)
         step = 1.0
         while step > 1e-10:
             new_obj, new_p = parts(alpha + step * delta)
@@ -345,7 +369,7 @@ def kernel_logistic_regression(
                 break
             step *= 0.5
         alpha, obj, p = alpha + step * delta, new_obj, new_p
-    r = ((p - y) / n).reshape(-1) + reg * alpha
+    r = ((p - y) / n).reshape(-1) + diag_reg * alpha
     resid = float(np.abs(r).max())
     train = (f0 + ktt @ alpha).reshape(n, num_k)
     test = f0_test + (kst @ alpha).reshape(-1, num_k)
@@ -357,7 +381,7 @@ def kernel_svm(
     y_train: Array,
     k_test_train: Array,
     *,
-    c: float = 1.0,
+    diag_reg: float = 1.0,
     num_classes: int | None = None,
     fit_intercept: bool = True,
     tol: float = 1e-6,
@@ -365,8 +389,9 @@ def kernel_svm(
 ) -> SvmFit:
     """Kernel SVM (hinge loss), one-vs-rest over K classes, by dual coordinate ascent.
 
-    For each class k it solves ``max_alpha sum alpha - 1/2 alpha^T Q alpha``,
-    ``0 <= alpha <= c``, ``Q_ij = s_i s_j K_ij`` with ``s = +1`` for class k and -1 otherwise;
+    For each class k it minimizes ``sum_n hinge(s_n f_k(x_n)) + diag_reg/2 ||w||^2`` through its
+    dual ``max_alpha sum alpha - 1/2 alpha^T Q alpha``, ``0 <= alpha <= C = 1 / diag_reg``,
+    ``Q_ij = s_i s_j K_ij`` with ``s = +1`` for class k and -1 otherwise;
     ``K`` is the class's own output kernel ``Theta[:, :, k, k]`` for a full kernel, or the
     traced kernel. With ``fit_intercept`` the kernel is augmented by +1 (a regularized bias,
     as in LIBLINEAR). Decision values ``f_k(x) = sum_i alpha_i s_i K(x, x_i)``.
@@ -375,7 +400,10 @@ def kernel_svm(
       k_train_train: ``[N, N]`` or ``[N, N, K, K]``.
       y_train: integer labels ``[N]``.
       k_test_train: ``[M, N]`` or ``[M, N, K, K]``.
-      c: box constraint (inverse regularization).
+      diag_reg: ridge strength (> 0) on a *sum* of hinge losses (LIBLINEAR's convention, not
+        the mean of the other solvers); the dual's box constraint is ``C = 1 / diag_reg``. The
+        hinge dual has no diagonal term: the name is shared with the other solvers for one
+        vocabulary, the meaning is the SVM's ``1 / C``.
       num_classes: K (default: from the full kernel, else ``max(y) + 1``).
       fit_intercept: augment the kernel with a constant.
       tol: stop when the largest projected gradient is below it.
@@ -384,8 +412,12 @@ def kernel_svm(
     Returns:
       ``SvmFit(train [N, K], test [M, K], dual_coef [K, N], signs [K, N], max_violation)``.
     """
-    if c <= 0:
-        raise ConfigError(f"c must be > 0, got {c}.")
+    if diag_reg <= 0:
+        raise ConfigError(
+            f"diag_reg must be > 0, got {diag_reg}: the box constraint is C = 1 / diag_reg; "
+            "for a hard margin pass a small diag_reg (e.g. 1e-6)."
+        )
+    c = 1.0 / diag_reg
     n, full = _check_kernels(k_train_train, k_test_train)
     labels = np.asarray(y_train)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):

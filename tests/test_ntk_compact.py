@@ -63,27 +63,29 @@ def test_all_weights_kernel_with_compacted_tables_equals_dense_jjt(
     monkeypatch.setattr(compact, "ROW_BUCKET", 32)  # the 48-row word table cut to 32 rows
     with jax.enable_x64():
         output_fn, params = _encoder(model_type, jnp.float64, readout)
-        f, params = ntk.model_fn(output_fn, params, "all")
+        f, params, info = ntk.kernel_model(output_fn, params, "all")
         types = 2 if model_type == "bert" else 1
         x1, x2 = _batch(3, 0, types), _batch(5, 1, types)
-        tables = compact.compactable_tables(f, params)
+        tables = compact.compactable_tables(info.embedding_rows, params)
         assert any("word_embeddings" in p for p in tables)
         assert any("position_embeddings" in p for p in tables)
-        small, _ = compact.compact_block(f, params, [x1, x2], tables)
+        small, _ = compact.compact_block(info.embedding_rows, params, [x1, x2], tables)
         word = [p for p in tables if "word" in p][0].split(".")
         node = small
         for key in word:
             node = node[key]
         assert node.shape[0] == 32  # really compacted (V = 48)
-        ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=vmap_axes, batch_size=(2, 3))
+        ntk_fn = ntk.empirical_ntk_fn(
+            f, trace_axes=(), vmap_axes=vmap_axes, batch_size=(2, 3), model_info=info
+        )
         got = ntk_fn(x1, x2, params)  # 2 x 2 blocks, the last ones padded
         assert got.shape == (3, 5, 2, 2) and got.dtype == np.float64
         dense = _testing.hand_ntk(f, params, x1, x2)  # jacrev over the full [V, H] tables
         np.testing.assert_allclose(got, dense, rtol=1e-10, atol=1e-10)
         if vmap_axes == 0:  # symmetric: the upper triangle of 2 x 2 row blocks, mirrored
-            sym = ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, batch_size=3)(
-                x2, None, params
-            )
+            sym = ntk.empirical_ntk_fn(
+                f, trace_axes=(), vmap_axes=0, batch_size=3, model_info=info
+            )(x2, None, params)
             dense = _testing.hand_ntk(f, params, x2)
             np.testing.assert_allclose(sym, dense, rtol=1e-10, atol=1e-10)
 
@@ -122,7 +124,7 @@ def test_reused_and_fused_kernels_equal_dense_jjt_in_every_layout(
     monkeypatch.setattr(_programs, "_PROGRAMS", collections.OrderedDict())  # a fresh cache
     with jax.enable_x64():
         output_fn, params = _encoder("bert", jnp.float64, words=(5, 9, 12))  # K = 3
-        f, params = ntk.model_fn(output_fn, params, "all")
+        f, params, info = ntk.kernel_model(output_fn, params, "all")
         x1 = _batch(5, 2, 2)
         x2 = None if x2_rows is None else _batch(x2_rows, 3, 2)
         got = ntk.empirical_ntk_fn(
@@ -131,6 +133,7 @@ def test_reused_and_fused_kernels_equal_dense_jjt_in_every_layout(
             diagonal_axes=diagonal_axes,
             vmap_axes=0,
             batch_size=batch_size,
+            model_info=info,
         )(x1, x2, params)
         joined = x2 is not None and batch_size == (5, 4)
         assert joined == any(key[1][:1] == ("pair",) for key in _programs._PROGRAMS)
@@ -144,10 +147,12 @@ def test_reused_and_fused_kernels_equal_dense_jjt_in_every_layout(
 def test_undeclared_embedding_rows_are_caught(monkeypatch):
     monkeypatch.setattr(compact, "ROW_BUCKET", 8)
     output_fn, params = _encoder("bert", jnp.float32, words=(40, 41))  # rows no input reads
-    f, params = ntk.model_fn(output_fn, params, "all")
-    f.__ntk_embedding_rows__ = np.zeros(0, np.int32)  # a wrong declaration: no label rows
-    with pytest.raises(ValueError, match="__ntk_embedding_rows__"):
-        ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0)(_batch(2, 0, 2), None, params)
+    f, params, info = ntk.kernel_model(output_fn, params, "all")
+    info = info._replace(embedding_rows=np.zeros(0, np.int32))  # wrong: no label rows
+    with pytest.raises(ValueError, match="embedding_rows"):
+        ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, model_info=info)(
+            _batch(2, 0, 2), None, params
+        )
 
 
 def test_cache_tells_verbalizers_apart(tmp_path):
@@ -155,8 +160,10 @@ def test_cache_tells_verbalizers_apart(tmp_path):
     kernels = []
     for words in ((5, 9), (7, 11), (5, 9)):
         output_fn, params = _encoder("bert", jnp.float32, words=words)
-        f, sub = ntk.model_fn(output_fn, params, r"encoder\.layer\.0\.output\.dense")
-        ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, cache_dir=tmp_path)
+        f, sub, info = ntk.kernel_model(output_fn, params, r"encoder\.layer\.0\.output\.dense")
+        ntk_fn = ntk.empirical_ntk_fn(
+            f, trace_axes=(), vmap_axes=0, cache_dir=tmp_path, model_info=info
+        )
         kernels.append(ntk_fn(_batch(3, 0, 2), None, sub))
     assert len(list(tmp_path.glob("ntk-*.npy"))) == 2
     assert not np.allclose(kernels[0], kernels[1])
@@ -165,30 +172,33 @@ def test_cache_tells_verbalizers_apart(tmp_path):
 
 def test_compiled_programs_are_reused_across_ntk_fns():
     output_fn, params = _encoder("bert", jnp.float32)
-    f, sub = ntk.model_fn(output_fn, params, r"encoder\.layer\.0\.output\.dense")
+    f, sub, _ = ntk.kernel_model(output_fn, params, r"encoder\.layer\.0\.output\.dense")
     traces = []
 
     def counted(p, b):
         traces.append(1)
         return f(p, b)
 
-    counted.__ntk_fingerprint__ = "test: counted bert"
+    info = ntk.ModelInfo(fingerprint="test: counted bert")  # names what counted computes
     x = _batch(4, 0, 2)
-    first = ntk.empirical_ntk_fn(counted, vmap_axes=0, batch_size=2)(x, None, sub)
+    first = ntk.empirical_ntk_fn(counted, vmap_axes=0, batch_size=2, model_info=info)(x, None, sub)
     n = len(traces)
-    again = ntk.empirical_ntk_fn(counted, vmap_axes=0, batch_size=2)(x, None, sub)  # new ntk_fn
+    again = ntk.empirical_ntk_fn(counted, vmap_axes=0, batch_size=2, model_info=info)(  # new
+        x, None, sub
+    )
     assert len(traces) == n  # nothing traced, nothing compiled
     np.testing.assert_array_equal(first, again)
 
 
 def test_refused_block_names_an_alternative_that_fits():
     output_fn, params = _encoder("bert", jnp.float32)
-    f, params = ntk.model_fn(output_fn, params, "all")
+    f, params, info = ntk.kernel_model(output_fn, params, "all")
     x = _batch(2, 0, 2)
     opts = kernel_lib.kernel_options((), (), 0, 1, 2, None)
-    p, (xc,) = compact.compact_block(f, params, [x], compact.compactable_tables(f, params))
-    fn = compact.compact_fn(f, compact.compactable_tables(f, params))
-    key = (*kernel_lib.program_fn_key(f), compact.compactable_tables(f, params))
+    tables = compact.compactable_tables(info.embedding_rows, params)
+    p, (xc,) = compact.compact_block(info.embedding_rows, params, [x], tables)
+    fn = compact.compact_fn(f, tables)
+    key = (*kernel_lib.program_fn_key(f, info), tables)
     jc = kernel_lib.block_program(fn, key, opts.implementation, opts, xc, None, p)
     limit = ntk.kernel.required_bytes(jc) + 1  # JACOBIAN_CONTRACTION just fits
     structured = ntk.empirical_ntk_fn(
@@ -197,6 +207,7 @@ def test_refused_block_names_an_alternative_that_fits():
         vmap_axes=0,
         memory_limit_bytes=limit,
         implementation=ntk.NtkImplementation.STRUCTURED_DERIVATIVES,
+        model_info=info,
     )
     with pytest.raises(ntk.KernelMemoryError, match="Use implementation=") as err:
         structured(x, None, params)
@@ -208,6 +219,7 @@ def test_refused_block_names_an_alternative_that_fits():
         vmap_axes=0,
         memory_limit_bytes=limit,
         implementation=ntk.NtkImplementation[suggested],
+        model_info=info,
     )(x, None, params)
     assert k.shape == (2, 2, 2, 2) and np.isfinite(k).all()
 
@@ -234,7 +246,7 @@ def test_padding_lengths_and_cut():
     np.testing.assert_array_equal(_padding.lengths(x), [2, 7, 3])
     assert _padding.cut(x)["input_ids"].shape == (3, 8)  # 7 rounded up to 8
     assert _padding.cut(_ragged_batch([9, 2], 0, 2))["input_ids"].shape == (2, 9)
-    order, s = _padding.by_length(x)
+    order, s = _padding.sort_by_length(x)
     np.testing.assert_array_equal(order, [0, 2, 1])
     np.testing.assert_array_equal(s["attention_mask"].sum(1), [2, 3, 7])
 
@@ -259,13 +271,13 @@ def test_cut_padding_gives_the_dense_kernel_of_the_full_rows(
     monkeypatch.setattr(ntk._padding, "cut", lambda x, **kw: seen.append(cut(x, **kw)) or seen[-1])
     with jax.enable_x64():
         output_fn, params = _encoder(model_type, jnp.float64, "tied_mean")
-        f, params = ntk.model_fn(output_fn, params, "all")
+        f, params, info = ntk.kernel_model(output_fn, params, "all")
         types = 2 if model_type == "bert" else 1
         x1 = _ragged_batch([5, 2, 8, 3, 7, 2], 4, types)  # one block cut to 8
         x2 = None if x2_lengths is None else _ragged_batch(x2_lengths, 5, types)
-        got = ntk.empirical_ntk_fn(f, trace_axes=(), vmap_axes=0, batch_size=batch_size)(
-            x1, x2, params
-        )
+        got = ntk.empirical_ntk_fn(
+            f, trace_axes=(), vmap_axes=0, batch_size=batch_size, model_info=info
+        )(x1, x2, params)
         np.testing.assert_allclose(
             got, _testing.hand_ntk(f, params, x1, x2), rtol=1e-10, atol=1e-10
         )
@@ -275,10 +287,6 @@ def test_cut_padding_gives_the_dense_kernel_of_the_full_rows(
 def test_only_declared_functions_are_cut():
     output_fn, params = _encoder("bert", jnp.float32)
     x = _ragged_batch([2, 3], 0, 2)
-    f, _ = ntk.model_fn(output_fn, params, "all")
-    assert _padding.ignores_padding(f, x)
-
-    def plain(p, b):  # same model, no declaration
-        return output_fn(p, b)
-
-    assert not _padding.ignores_padding(plain, x)
+    _, _, info = ntk.kernel_model(output_fn, params, "all")
+    assert _padding.cuts(info.ignores_padding, x)
+    assert not _padding.cuts(ntk.ModelInfo().ignores_padding, x)  # same model, no declaration

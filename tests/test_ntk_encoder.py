@@ -50,7 +50,7 @@ def test_lora_entk_on_encoder_matches_hand_built_all_implementations():
         cfg = lora.LoraConfig(r=2, alpha=4.0, targets=("query", "value"))
         adapters = lora.init(jax.random.PRNGKey(1), params, cfg)
         adapters = jax.tree.map(lambda a: a.astype(jnp.float64) + 0.05, adapters)  # B != 0
-        f, adapters = ntk.lora_model_fn(output_fn, params, adapters, cfg)
+        f, adapters, _ = ntk.lora_kernel_model(output_fn, params, adapters, cfg)
         x1, x2 = _batch(2, 0), _batch(2, 1)
         expected = _testing.hand_ntk(f, adapters, x1, x2)
         for implementation in (

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import ntk
+from lora_jax.errors import ConfigError, UserError, user_message
 from ntk import _testing
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -114,7 +115,7 @@ def test_auto_chooses_a_working_implementation():
     g, params, x1, x2 = _setup(jnp.float32)
     ntk_fn = ntk.empirical_ntk_fn(g, implementation=ntk.NtkImplementation.AUTO, batch_size=4)
     got = ntk_fn(x1, x2, params)
-    assert ntk_fn.chosen_implementation() in IMPLEMENTATIONS
+    assert ntk.auto_implementation(g, x1, x2, params, batch_size=4) in IMPLEMENTATIONS
     expected = np.einsum("abkk->ab", _testing.hand_ntk(g, params, x1, x2)) / 3
     np.testing.assert_allclose(got, expected, **_testing.tolerance(np.float32))
 
@@ -134,9 +135,9 @@ def test_cache_roundtrip_and_key(tmp_path):
         calls.append(1)
         return g(p, b)
 
-    counted.__ntk_fingerprint__ = "g, counted"  # it closes over a growing list: name it
+    info = ntk.ModelInfo(fingerprint="g, counted")  # it closes over a growing list: name it
 
-    ntk_fn = ntk.empirical_ntk_fn(counted, batch_size=8, cache_dir=tmp_path)
+    ntk_fn = ntk.empirical_ntk_fn(counted, batch_size=8, cache_dir=tmp_path, model_info=info)
     first = ntk_fn(x1, x2, params)
     n_calls = len(calls)
     assert len(list(tmp_path.glob("ntk-*.npy"))) == 1
@@ -166,3 +167,78 @@ def test_kernel_matrix_layout():
     m = ntk.kernel_matrix(k)
     assert m.shape == (4, 6)
     assert m[1 * 2 + 1, 2 * 2 + 0] == k[1, 2, 1, 0]
+
+
+def test_auto_implementation_is_returned_not_attached():
+    """The AUTO choice is data (``ntk.auto_implementation``), and the kernel with the chosen
+    implementation is AUTO's kernel."""
+    g, params, x1, x2 = _setup(jnp.float32)
+    chosen = ntk.auto_implementation(g, x1, x2, params, batch_size=4)
+    assert chosen in IMPLEMENTATIONS
+    auto = ntk.empirical_ntk_fn(g, implementation=ntk.NtkImplementation.AUTO, batch_size=4)
+    assert not hasattr(auto, "chosen_implementation")
+    explicit = ntk.empirical_ntk_fn(g, implementation=chosen, batch_size=4)
+    np.testing.assert_array_equal(auto(x1, x2, params), explicit(x1, x2, params))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(trace_axes=(2,)), r"trace_axes=\(2,\) has axis 2, out of range.*use -1"),
+        (dict(trace_axes=(-1,), diagonal_axes=(-1,)), "overlap.*drop it from one of them"),
+        (dict(trace_axes=(0,)), "traces the batch axis"),
+        (dict(batch_size=0), "batch_size must be an int >= 1"),
+        (dict(implementation=7), "implementation=7 is not one of.*JACOBIAN_CONTRACTION"),
+    ],
+)
+def test_bad_options_are_config_errors_naming_the_fix(options, message):
+    g, *_ = _setup(jnp.float32)
+    with pytest.raises(ConfigError, match=message):
+        ntk.empirical_ntk_fn(g, **options)
+
+
+def test_bad_inputs_are_config_errors():
+    g, params, x1, x2 = _setup(jnp.float32)
+    with pytest.raises(ConfigError, match="pass x2=None"):
+        ntk.empirical_ntk_fn(g, diagonal_axes=(0,))(x1, x2, params)
+    with pytest.raises(ConfigError, match=r"got shape \(2, 3, 4\).*without diagonal_axes"):
+        ntk.kernel_matrix(np.zeros((2, 3, 4)))
+
+
+def test_kernel_memory_error_is_a_user_error_on_one_line():
+    """The CLI shows a UserError as one ``error:`` line: the refusal and its fix."""
+    g, params, x1, _ = _setup(jnp.float32)
+    with pytest.raises(ntk.KernelMemoryError) as err:
+        ntk.empirical_ntk_fn(g, batch_size=4, memory_limit_bytes=100)(x1, None, params)
+    assert isinstance(err.value, UserError) and isinstance(err.value, MemoryError)
+    line = user_message(err.value)
+    assert "\n" not in line and "more than the" in line and "use " in line.lower()  # the fix
+
+
+def test_model_info_travels_as_an_argument_not_on_f(tmp_path):
+    """A wrapped f (jit, lambda) keeps what model_info says: the fingerprint names the cache
+    entry whatever function object computes it."""
+    g, params, x1, x2 = _setup(jnp.float32)
+    info = ntk.ModelInfo(fingerprint="test: the MLP g")
+    first = ntk.empirical_ntk_fn(g, cache_dir=tmp_path, model_info=info)(x1, x2, params)
+    wrapped = jax.jit(lambda p, b: g(p, b))
+    again = ntk.empirical_ntk_fn(wrapped, cache_dir=tmp_path, model_info=info)(x1, x2, params)
+    assert len(list(tmp_path.glob("ntk-*.npy"))) == 1  # the same entry: served from disk
+    np.testing.assert_array_equal(first, again)
+    ntk.empirical_ntk_fn(wrapped, cache_dir=tmp_path)(x1, x2, params)  # no info: f's own hash
+    assert len(list(tmp_path.glob("ntk-*.npy"))) == 2
+
+
+def test_unhashable_closure_names_model_info_as_the_fix(tmp_path):
+    g, params, x1, _ = _setup(jnp.float32)
+
+    class Opaque:  # no content to hash: its repr holds an address
+        pass
+
+    thing = Opaque()
+
+    def f(p, b):
+        return g(p, b) if thing is not None else None
+
+    with pytest.raises(ConfigError, match=r"model_info=ntk.ModelInfo\(fingerprint="):
+        ntk.empirical_ntk_fn(f, cache_dir=tmp_path)(x1, None, params)

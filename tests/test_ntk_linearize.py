@@ -154,24 +154,24 @@ def test_lora_linearized_model_is_linear_in_w():
         np.testing.assert_allclose(delta["enc.query.kernel"], dw, **TOL64)
 
 
-def test_model_fn_subsets_and_errors():
+def test_kernel_model_subsets_and_errors():
     with jax.enable_x64():
         params, output_fn, cfg, adapters = _lora_setup()
         batch = _data()
         full = output_fn(params, batch)
-        f, sub = ntk.model_fn(output_fn, params, r"query\.kernel$")
+        f, sub, _ = ntk.kernel_model(output_fn, params, r"query\.kernel$")
         assert list(sub) == ["enc"] and list(sub["enc"]["query"]) == ["kernel"]
         np.testing.assert_allclose(f(sub, batch), full)
-        f, sub = ntk.model_fn(output_fn, params, "all")
+        f, sub, _ = ntk.kernel_model(output_fn, params, "all")
         np.testing.assert_allclose(f(sub, batch), full)
-        f, sub = ntk.lora_model_fn(output_fn, params, adapters, cfg)
+        f, sub, _ = ntk.lora_kernel_model(output_fn, params, adapters, cfg)
         np.testing.assert_allclose(
             f(sub, batch), output_fn(lora.apply(params, adapters, cfg), batch)
         )
         with pytest.raises(ValueError, match="selects no parameter.*enc.query.kernel"):
-            ntk.model_fn(output_fn, params, "attention")
-        bad, sub = ntk.model_fn(lambda p, b: output_fn(p, b)[:, 0], params)
+            ntk.kernel_model(output_fn, params, "attention")
+        bad, sub, _ = ntk.kernel_model(lambda p, b: output_fn(p, b)[:, 0], params)
         with pytest.raises(ValueError, match=r"shape \[N, K\]; got shape \(8,\)"):
             bad(sub, batch)
     with pytest.raises(ValueError, match="enable_x64"):
-        ntk.model_fn(output_fn, params, dtype=jnp.float64)
+        ntk.kernel_model(output_fn, params, dtype=jnp.float64)

@@ -7,6 +7,8 @@ import pytest
 import scipy.linalg
 
 import ntk
+from lora_jax.errors import ConfigError
+from lora_jax.losses import Loss
 from ntk import _testing
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -143,7 +145,7 @@ def test_kernel_logistic_regression_is_optimal(traced):
     if traced:
         k_st, k_tt = np.einsum("abkk->ab", k_st) / 3, np.einsum("abkk->ab", k_tt) / 3
     reg = 1e-2
-    fit = ntk.kernel_logistic_regression(k_tt, labels, k_st, f0, f0_test, reg=reg)
+    fit = ntk.kernel_logistic_regression(k_tt, labels, k_st, f0, f0_test, diag_reg=reg)
     theta = np.kron(k_tt, np.eye(3)) if traced else _mat(k_tt)
     theta_st = np.kron(k_st, np.eye(3)) if traced else _mat(k_st)
 
@@ -172,7 +174,7 @@ def test_kernel_svm_separable_blobs(num_classes):
     test_labels = np.repeat(np.arange(num_classes), 5)
     x_test = centers[test_labels] + 0.5 * rng.normal(size=(test_labels.size, 3))
     c = 10.0
-    fit = ntk.kernel_svm(x @ x.T, labels, x_test @ x.T, c=c, tol=1e-8)
+    fit = ntk.kernel_svm(x @ x.T, labels, x_test @ x.T, diag_reg=1 / c, tol=1e-8)
     assert fit.train.shape == (labels.size, num_classes)
     assert (fit.test.argmax(1) == test_labels).all() and (fit.train.argmax(1) == labels).all()
     assert fit.max_violation < 1e-6
@@ -194,3 +196,51 @@ def test_solver_errors():
         ntk.mse_predict(k_tt, labels, k_st[:, :3], trace_axes=())
     with pytest.raises(ValueError, match="infer K"):
         ntk.kernel_logistic_regression(k_tt[:, :, 0, 0], labels, k_st[:, :, 0, 0])
+
+
+def test_function_space_gd_takes_the_loss_enum_and_its_values():
+    """``loss`` is ``lora_jax.losses.Loss``; its values ('ce', 'mse') name the same loss. The
+    oracle: the recursion written out in numpy."""
+    k_st, k_tt, labels, f0, f0_test = _problem()
+    y = np.eye(3)[labels]
+    f_tr, f_te = f0.copy(), f0_test.copy()
+    for _ in range(5):  # f <- f - lr * Theta grad_f mean_n CE
+        p = np.exp(f_tr - f_tr.max(1, keepdims=True))
+        g = (p / p.sum(1, keepdims=True) - y) / 6
+        f_tr, f_te = (
+            f_tr - 0.5 * np.einsum("mnkl,nl->mk", k_tt, g),
+            f_te - 0.5 * np.einsum("mnkl,nl->mk", k_st, g),
+        )
+    with jax.enable_x64():
+        for loss in (Loss.CE, "ce"):
+            got = ntk.function_space_gd(
+                k_tt, labels, k_st, f0, f0_test, steps=5, learning_rate=0.5, loss=loss
+            )
+            np.testing.assert_allclose(got.train, f_tr, **TOL64)
+            np.testing.assert_allclose(got.test, f_te, **TOL64)
+        mse = ntk.function_space_gd(
+            k_tt, labels, k_st, f0, f0_test, steps=5, learning_rate=0.5, loss=Loss.MSE
+        )
+        assert not np.allclose(mse.train, f_tr)
+    with pytest.raises(ConfigError, match=r"loss='hinge'.*'ce', 'mse'"):
+        ntk.function_space_gd(k_tt, labels, k_st, steps=1, learning_rate=0.1, loss="hinge")
+
+
+def test_kernel_svm_diag_reg_is_the_inverse_box_constraint():
+    """``diag_reg`` is the ridge on a sum of hinge losses: the dual's box is [0, 1 / diag_reg].
+    On overlapping classes some alphas sit at the box exactly."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat([0, 1], 12)
+    x = np.c_[labels - 0.5, np.zeros(24)] + rng.normal(size=(24, 2))  # overlapping blobs
+    for diag_reg in (0.5, 4.0):
+        fit = ntk.kernel_svm(x @ x.T, labels, x @ x.T, diag_reg=diag_reg, tol=1e-9)
+        assert fit.max_violation < 1e-6
+        assert fit.dual_coef.max() == pytest.approx(1 / diag_reg)  # bound active
+        assert (fit.dual_coef >= 0).all() and (fit.dual_coef <= 1 / diag_reg + 1e-12).all()
+
+
+@pytest.mark.parametrize("solver", ["kernel_logistic_regression", "kernel_svm"])
+def test_diag_reg_must_be_positive(solver):
+    k_st, k_tt, labels, _, _ = _problem()
+    with pytest.raises(ConfigError, match=r"diag_reg must be > 0, got 0"):
+        getattr(ntk, solver)(k_tt, labels, k_st, diag_reg=0.0)

@@ -96,7 +96,7 @@ def test_lora_entk_and_linearization(name, config, head, readout, targets):
         lcfg = lora.LoraConfig(r=2, alpha=4.0, targets=targets)
         adapters = lora.init(jax.random.PRNGKey(1), params, lcfg)
         adapters = jax.tree.map(lambda a: a + 0.05, adapters)  # B != 0
-        f, adapters = ntk.lora_model_fn(output_fn, params, adapters, lcfg)
+        f, adapters, _ = ntk.lora_kernel_model(output_fn, params, adapters, lcfg)
         x1, x2 = _batch(2, 0), _batch(3, 1)
         if name == "deberta":  # ELECTRA's body is BERT's, whose eNTK test_ntk_encoder covers
             expected = _testing.hand_ntk(f, adapters, x1, x2)

@@ -1,20 +1,20 @@
-"""Model functions over a parameter subset: ``f(sub_params, batch) -> [N, K]``.
+"""Kernel models: a model as a function of one parameter subset, ``f(sub_params, batch) -> [N, K]``.
 
 The NTK tools differentiate with respect to one pytree. A fine-tuned encoder has many: all
 weights, a regex-chosen subset (``.*attention.*kernel``), or LoRA adapters on a frozen base.
-These builders close over everything that is not differentiated and return a
-:class:`ModelFn` ``(f, params)``: ``f(params, batch) -> [N, K]`` and the subset's current
-values, ready for :func:`ntk.linearize`, :func:`ntk.empirical_ntk_fn` and the solvers.
-
-Each ``f`` carries a ``__ntk_fingerprint__`` attribute (a content hash of what it closes over)
-that the kernel cache uses to tell apart two functions with the same code and different base
-weights.
+:func:`kernel_model` and :func:`lora_kernel_model` close over everything that is not
+differentiated and return a :class:`KernelModel` ``(f, params, info)``: ``f(params, batch) ->
+[N, K]``, the subset's current values, and a :class:`ModelInfo` saying what the kernel may
+exploit about ``f`` (its content hash for the caches, the embedding rows it reads besides its
+input ids, whether it ignores trailing padding). The info is data: pass it to
+:func:`ntk.empirical_ntk_fn` as ``model_info=``; nothing is read from attributes of ``f``, so
+wrapping ``f`` (``jax.jit``, ``functools.partial``, a lambda) loses nothing.
 
 Example (a sketch: ``output_fn``, ``base_params`` and ``train_batch`` are the caller's):
-  >>> f, adapters = ntk.lora_model_fn(  # doctest: +SKIP
+  >>> f, adapters, info = ntk.lora_kernel_model(  # doctest: +SKIP
   ...     output_fn, base_params, adapters, lora_cfg
   ... )
-  >>> ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=())  # doctest: +SKIP
+  >>> ntk_fn = ntk.empirical_ntk_fn(f, trace_axes=(), model_info=info)  # doctest: +SKIP
   >>> k = ntk_fn(train_batch, None, adapters)  # (N, N, K, K)  # doctest: +SKIP
 """
 
@@ -42,21 +42,41 @@ OutputFn = Callable[..., jax.Array]
 
 __all__ = [
     "FingerprintError",
-    "ModelFn",
+    "KernelModel",
+    "ModelInfo",
+    "cast_floating",
     "check_outputs",
     "fingerprint",
     "fn_fingerprint",
-    "lora_model_fn",
-    "model_fn",
-    "cast_floating",
+    "kernel_model",
+    "lora_kernel_model",
 ]
 
 
-class ModelFn(NamedTuple):
-    """A model as a function of one parameter subset."""
+class ModelInfo(NamedTuple):
+    """What the eNTK may exploit about a model function ``f``, passed explicitly.
+
+    The default ``ModelInfo()`` assumes nothing: ``f`` is hashed by its code and closure, its
+    embedding tables are kept dense and its batches are not cut.
+    """
+
+    # What f computes, for the kernel and program caches (a string naming everything f depends
+    # on); None: the content hash of f's code and closure (fn_fingerprint).
+    fingerprint: str | None = None
+    # shape=(E,), int32: the embedding rows f reads besides its input ids (e.g. label words);
+    # None: f's embedding tables are not compacted (ntk.compact).
+    embedding_rows: np.ndarray | None = None
+    # f's outputs do not change with trailing padding, so kernel blocks may be cut to their
+    # longest row (ntk._padding); needs an `attention_mask` [N, T] in the batch.
+    ignores_padding: bool = False
+
+
+class KernelModel(NamedTuple):
+    """A model as a function of one parameter subset, with what its kernel may exploit."""
 
     f: Callable[[PyTree, Batch], jax.Array]  # f(params, batch) -> outputs [N, K].
     params: PyTree  # the subset's values (the point to linearize / take the kernel at).
+    info: ModelInfo  # pass as empirical_ntk_fn(f, model_info=info).
 
 
 def fingerprint(tree: PyTree, *extra: object) -> str:
@@ -78,7 +98,7 @@ def fingerprint(tree: PyTree, *extra: object) -> str:
     return h.hexdigest()
 
 
-class FingerprintError(ValueError):
+class FingerprintError(ConfigError):
     """A function closes over a value whose content cannot be hashed (needed by the cache)."""
 
 
@@ -89,12 +109,11 @@ def fn_fingerprint(fn: Callable) -> str:
     ``functools.partial`` arguments, bound ``self`` and jitted functions' wrapped function,
     recursively; arrays by content, dataclasses / NamedTuples / containers field by field. So two
     readouts with the same code and different label words (a verbalizer ablation) differ.
-    A function's ``__ntk_fingerprint__`` attribute, when set, stands for the whole function.
 
     Raises:
       FingerprintError: if ``fn`` closes over an object with no content to hash (its ``repr``
-        holds a memory address); set ``fn.__ntk_fingerprint__`` to a string naming everything
-        it depends on instead.
+        holds a memory address); pass ``model_info=ntk.ModelInfo(fingerprint=...)``, a string
+        naming everything it depends on, to :func:`ntk.empirical_ntk_fn` instead.
     """
     h = hashlib.sha256()
     _hash_value(h, fn, set(), "fn")
@@ -111,10 +130,7 @@ def _hash_value(h, value: Any, seen: set[int], where: str) -> None:  # noqa: C90
         update("seen", type(value).__name__)
         return
     seen.add(id(value))
-    tag = getattr(value, "__ntk_fingerprint__", None)
-    if tag is not None:
-        update("tag", tag)
-    elif isinstance(value, np.ndarray | jax.Array | np.generic):
+    if isinstance(value, np.ndarray | jax.Array | np.generic):
         h.update(fingerprint(value).encode())
     elif isinstance(value, types.FunctionType):
         update("fn", value.__module__, value.__qualname__)
@@ -166,9 +182,9 @@ def _hash_value(h, value: Any, seen: set[int], where: str) -> None:  # noqa: C90
     else:
         raise FingerprintError(
             f"The kernel cache cannot hash what the function depends on: {where} is a "
-            f"{type(value).__qualname__} with no content to hash. Set "
-            "f.__ntk_fingerprint__ = '<a string naming everything f depends on>' or drop "
-            "cache_dir."
+            f"{type(value).__qualname__} with no content to hash. Pass "
+            "empirical_ntk_fn(f, model_info=ntk.ModelInfo(fingerprint='<a string naming "
+            "everything f depends on>')), or drop cache_dir."
         )
 
 
@@ -176,7 +192,7 @@ def cast_floating(tree: PyTree, dtype: Any) -> PyTree:
     """Casts the floating-point leaves of ``tree`` to ``dtype`` (None: unchanged).
 
     Raises:
-      ValueError: if ``dtype`` is float64 while ``jax_enable_x64`` is off (jax would silently
+      ConfigError: if ``dtype`` is float64 while ``jax_enable_x64`` is off (jax would silently
         keep float32).
     """
     if dtype is None:
@@ -200,7 +216,7 @@ def check_outputs(outputs: Any, batch: Batch | None = None, *, where: str = "f")
     """Checks that ``outputs`` is one ``[N, K]`` array (N = the batch's leading size).
 
     Raises:
-      ValueError: naming what was got and what is expected.
+      ConfigError: naming what was got and what is expected.
     """
     if not hasattr(outputs, "shape") or not hasattr(outputs, "ndim"):
         raise ConfigError(
@@ -229,13 +245,30 @@ def _checked(f: Callable, where: str) -> Callable:
     return checked
 
 
-def model_fn(
+def _output_info(output_fn: Callable, fingerprint_: str, *, tables: bool) -> ModelInfo:
+    """The :class:`ModelInfo` of a kernel model of ``output_fn``.
+
+    From the capabilities ``output_fn`` declares (:mod:`lora_jax.capabilities`;
+    :func:`lora_jax.readout.make_output_fn` declares them for this library's encoders):
+    ``embedding_rows`` (when ``tables``: the subset can hold embedding tables, so the rows
+    matter) and ``ignores_padding``.
+    """
+    declared = capabilities_of(output_fn)
+    rows = declared.embedding_rows if tables else None
+    return ModelInfo(
+        fingerprint=fingerprint_,
+        embedding_rows=None if rows is None else np.asarray(rows, np.int32),
+        ignores_padding=declared.ignores_padding,
+    )
+
+
+def kernel_model(
     output_fn: OutputFn,
     params: PyTree,
     subset: str | Callable[[str], bool] = "all",
     *,
     dtype: Any = None,
-) -> ModelFn:
+) -> KernelModel:
     """Restricts ``output_fn(params, batch) -> [N, K]`` to a subset of its parameters.
 
     Args:
@@ -248,52 +281,37 @@ def model_fn(
       dtype: if given (e.g. ``jnp.float64``), floating leaves of every parameter are cast.
 
     Returns:
-      ``ModelFn(f, sub_params)``: ``f(sub_params, batch) -> [N, K]`` with the other leaves
-      closed over.
+      ``KernelModel(f, sub_params, info)``: ``f(sub_params, batch) -> [N, K]`` with the other
+      leaves closed over; ``info`` its content hash, the embedding rows and padding behaviour
+      ``output_fn`` declares (see :class:`ModelInfo`).
 
     Raises:
-      ValueError: if the pattern selects nothing (the message lists real paths), or if
+      ConfigError: if the pattern selects nothing (the message lists real paths), or if
         ``output_fn`` does not return ``[N, K]``.
     """
     params = cast_floating(params, dtype)
     if isinstance(subset, str) and subset == "all":
         f = _checked(output_fn, "output_fn")
-        f.__ntk_fingerprint__ = fingerprint({}, fn_fingerprint(output_fn), "all")
-        _declare_rows(f, output_fn)
-        return ModelFn(f, params)
+        key = fingerprint({}, fn_fingerprint(output_fn), "all")
+        return KernelModel(f, params, _output_info(output_fn, key, tables=True))
     selected, rest = params_lib.partition(params, subset)
 
     def f(sub_params, batch):
         return output_fn(params_lib.combine(sub_params, rest), batch)
 
-    f = _checked(f, "output_fn")
-    f.__ntk_fingerprint__ = fingerprint(rest, fn_fingerprint(output_fn), "subset")
-    _declare_rows(f, output_fn)
-    return ModelFn(f, selected)
+    key = fingerprint(rest, fn_fingerprint(output_fn), "subset")
+    info = _output_info(output_fn, key, tables=True)
+    return KernelModel(_checked(f, "output_fn"), selected, info)
 
 
-def _declare_rows(f: Callable, output_fn: Callable) -> None:
-    """Passes on the embedding rows ``output_fn`` reads besides its input ids (ntk.compact)
-    and whether its outputs ignore trailing padding (ntk._padding)."""
-    rows = capabilities_of(output_fn).embedding_rows
-    if rows is not None:
-        f.__ntk_embedding_rows__ = np.asarray(rows, np.int32)
-    _declare_padding(f, output_fn)
-
-
-def _declare_padding(f: Callable, output_fn: Callable) -> None:
-    if capabilities_of(output_fn).ignores_padding:
-        f.__ntk_ignores_padding__ = True
-
-
-def lora_model_fn(
+def lora_kernel_model(
     output_fn: OutputFn,
     params: PyTree,
     adapters: PyTree,
     lora_config: Any,
     *,
     dtype: Any = None,
-) -> ModelFn:
+) -> KernelModel:
     """The model as a function of its LoRA adapters: ``f(a, x) = output_fn(apply(W, a), x)``.
 
     Args:
@@ -304,7 +322,8 @@ def lora_model_fn(
       dtype: if given, floating leaves of base params and adapters are cast.
 
     Returns:
-      ``ModelFn(f, adapters)``.
+      ``KernelModel(f, adapters, info)`` (no embedding rows in ``info``: adapters hold no
+      embedding table).
     """
     from lora_jax import lora  # lazy: ntk's generic parts work without the LoRA module
 
@@ -314,9 +333,6 @@ def lora_model_fn(
     def f(adapters, batch):
         return output_fn(lora.apply(params, adapters, lora_config), batch)
 
-    f = _checked(f, "output_fn")
-    f.__ntk_fingerprint__ = fingerprint(
-        params, fn_fingerprint(output_fn), "lora", repr(lora_config)
-    )
-    _declare_padding(f, output_fn)
-    return ModelFn(f, adapters)
+    key = fingerprint(params, fn_fingerprint(output_fn), "lora", repr(lora_config))
+    info = _output_info(output_fn, key, tables=False)
+    return KernelModel(_checked(f, "output_fn"), adapters, info)
