@@ -21,11 +21,12 @@ MAX_PROGRAMS = 32
 
 
 def program_fn_key(f: Callable, info: ModelInfo) -> tuple:
-    """A key for ``f`` across ``ntk_fn`` s: its content fingerprint, else its identity."""
+    """A key for ``f`` across ``ntk_fn`` s: its content fingerprint, else ``f`` itself (equal
+    only to itself, unless its type defines equality by content)."""
     try:
         return ("content", _kernel_cache.function_key(f, info))
     except FingerprintError:
-        return ("id", id(f))  # the cache entry holds f, so the id is not reused meanwhile
+        return ("object", f)
 
 
 def _spec(a: Any) -> tuple:
@@ -37,7 +38,7 @@ def compiled(f: Callable, fn_key: tuple, what: tuple, lower: Callable[[], Any], 
     ``args``), compiled on first use and kept (the 32 most recently used)."""
     key = (fn_key, what, str(jax.tree.structure(args)), str(jax.tree.map(_spec, args)))
     hit = _PROGRAMS.get(key)
-    if hit is not None and (fn_key[0] == "content" or hit[0] is f):
+    if hit is not None:
         _PROGRAMS.move_to_end(key)
         return hit[1]
     _PROGRAMS[key] = (f, lower().compile())
