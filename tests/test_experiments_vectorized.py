@@ -84,3 +84,33 @@ def test_plan_jobs_groups_lora_cells_per_task_under_the_cap():
     ]
     assert [len(j) for j in plan_jobs(grid, members=4)] == [1, 3, 2, 1, 3, 2]
     assert all(len(j) == 1 for j in plan_jobs(grid, members=0))
+
+
+def test_save_adapters_are_the_same_for_a_job_and_for_its_cells_alone(
+    tiny_roberta, tmp_path, capsys
+):
+    """--save-adapters used to turn vectorized jobs off; now a job saves each member's adapter,
+    cut to its own rank, as the cell trained alone saves it (PEFT files, task.json)."""
+    import json
+    import os
+
+    from lora_jax import lora
+
+    grid = ("--methods", "lora", "--steps", "4", "--lr", "3e-2", "--save-adapters")
+    for name, flag in (("seq", "--no-vectorize"), ("vec", "--vectorize")):
+        main(smoke_args(tiny_roberta, tmp_path / name, *grid, flag))
+    assert "mr lora x4" in capsys.readouterr().err  # the vectorized run trained one job of 4
+    for r in (1, 2):
+        for s in (13, 21):
+            cell = f"mr_lora-r{r}_seed{s}"
+            dirs = [tmp_path / d / "smoke" / "adapters" / cell for d in ("seq", "vec")]
+            (seq, seq_cfg), (vec, vec_cfg) = (lora.load_peft(d) for d in dirs)
+            assert seq_cfg == vec_cfg and vec_cfg.r == r
+            assert seq.keys() == vec.keys()
+            for path in seq:
+                for leaf in seq[path]:
+                    assert vec[path][leaf].shape == seq[path][leaf].shape
+                    # Adam divides by sqrt(v): float rounding of tiny gradients shows at ~1e-5.
+                    np.testing.assert_allclose(vec[path][leaf], seq[path][leaf], atol=1e-4)
+            infos = [json.load(open(os.path.join(d, "task.json"))) for d in dirs]
+            assert {k: infos[1][k] for k in COMPARED} == {k: infos[0][k] for k in COMPARED}
