@@ -66,8 +66,8 @@ class ExperimentConfig:
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
       vectorize: train the LoRA cells of a task (ranks x seeds) as one vectorized job
-        (``lora_jax.sweep``) instead of one after another; same records. Runs on a mesh, on
-        several processes or with ``save_adapters`` train one cell at a time for now.
+        (``lora_jax.train.fit_job``) instead of one job per cell; same records. Runs on a mesh
+        or on several processes train one cell per job for now.
       members: at most this many LoRA cells per vectorized job (bounds its memory).
       pack: train and test on packed batches (``lora_jax.packing``): each batch's rows laid
         end to end, so padding costs no compute; the same results to float rounding (with
