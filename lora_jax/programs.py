@@ -512,11 +512,9 @@ def _job_programs(model_fn, cfg, member_inputs: bool, mesh, table) -> JobProgram
         """The mesh plan of a job of n, with the batch split only when members are not."""
         if mesh is None:
             return None
-        rules = dict(table)
+        rules = job_rules(mesh, dict(table), n)
         if n > 1:
-            rules["batch"] = ()
-        else:
-            rules["adapter"] = ()
+            rules["batch"] = ()  # the members are split; each member's batch stays whole
         return _MeshPlan(mesh, rules)
 
     def chunk(state, frozen, data, length, shared, pack_length=None):
