@@ -112,9 +112,10 @@ def parse_mesh(spec: str) -> dict[str, int]:
 def make_mesh(spec: str | Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over all devices (of every process) from ``"data=4,fsdp=2"`` or a dict.
 
-    Axes are laid out in the order of :data:`MESH_AXES` (``data`` outermost, so each process's
-    devices hold contiguous rows of the batch), with ``AxisType.Auto`` (XLA propagates shardings
-    between the annotated inputs and outputs).
+    Axes are laid out in the order of :data:`MESH_AXES` (``data`` outermost), with
+    ``AxisType.Auto`` (XLA propagates shardings between the annotated inputs and outputs).
+    ``jax.make_mesh`` may order the devices physically (TPU slices), so a process's devices need
+    not hold contiguous rows of the batch; :func:`place_data` does not assume they do.
 
     Raises:
       ValueError: an unknown axis name, or sizes whose product is not the device count.
@@ -341,30 +342,13 @@ def place(tree: PyTree, shardings: PyTree) -> PyTree:
 def place_data(data: Mapping[str, Any], mesh: Mesh, table: Rules) -> dict:
     """Puts a dict of ``[N, ...]`` arrays on the mesh, split over the batch axes.
 
-    On several processes each process contributes only its own rows (the shards of its devices,
-    via ``jax.make_array_from_process_local_data``); ``data`` is this process's copy of the
-    whole set (the few-shot sets are sampled deterministically, so every process has it).
+    ``data`` is this process's copy of the whole set (the few-shot sets are sampled
+    deterministically, so every process has it); on several processes each process fills the
+    shards of its own devices from it (:func:`place`), whatever rows those are. A mesh need not
+    give each process one contiguous block of rows: on TPU slices ``jax.make_mesh`` orders the
+    devices physically (on a v4-32 the data axis runs over processes 0, 1, 2, 3, 0, 1, ...).
     """
-    shardings = data_shardings(data, mesh, table)
-    if jax.process_count() == 1:
-        return {k: jax.device_put(x, shardings[k]) for k, x in data.items()}
-    out = {}
-    for k, x in data.items():
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already global
-            out[k] = x if x.sharding == shardings[k] else jax.device_put(x, shardings[k])
-            continue
-        host, s = np.asarray(x), shardings[k]
-        rows = sorted(
-            {(i[0].start or 0, i[0].stop or host.shape[0]) for i in _local_indices(s, host.shape)}
-        )
-        lo, hi = rows[0][0], rows[-1][1]
-        out[k] = jax.make_array_from_process_local_data(s, host[lo:hi], host.shape)
-    return out
-
-
-def _local_indices(s: NamedSharding, shape: tuple[int, ...]) -> list[tuple]:
-    index_map = s.addressable_devices_indices_map(shape)
-    return [idx if idx else (slice(None),) for idx in index_map.values()]
+    return place(dict(data), data_shardings(data, mesh, table))
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """Subprocess body of tests/test_distributed.py: one process of a short multi-process LoRA run.
 
-``python tests/_multihost_run.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR STEPS``: with
+``python tests/_multihost_run.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR STEPS [interleaved]``: with
 NUM_PROCESSES > 1 it joins ``jax.distributed`` on 127.0.0.1:PORT. Trains the tiny encoder of
 ``_mesh_runs.py`` with LoRA on a mesh over every process's devices (data parallel), with orbax
 checkpoints in OUT_DIR/ckpt (so a second call with more STEPS resumes), metrics in
 OUT_DIR/metrics_<process>.jsonl (only process 0 writes), and, on process 0, the adapters in PEFT
-format under OUT_DIR/peft plus OUT_DIR/result.json (losses and dev logits).
+format under OUT_DIR/peft plus OUT_DIR/result.json (losses and dev logits). ``interleaved``
+orders the mesh's devices process 0, 1, 0, 1, ... (as ``jax.make_mesh`` does on TPU slices), so
+no process owns a contiguous block of the batch's rows.
 """
 
 import json
@@ -25,7 +27,7 @@ from lora_jax.trainable import make_model_fn, split_params  # noqa: E402
 
 
 def main():
-    pid, nproc, port, out, steps = sys.argv[1:]
+    pid, nproc, port, out, steps, *order = sys.argv[1:]
     pid, nproc, steps = int(pid), int(nproc), int(steps)
     if nproc > 1:
         distributed.initialize(f"127.0.0.1:{port}", nproc, pid)
@@ -35,7 +37,13 @@ def main():
     model_fn = make_model_fn(output_fn, "lora", lora_config=lcfg)
     cfg = train.TrainConfig(steps=steps, batch_size=8, learning_rate=1e-2, eval_every=2)
     state = train.init_state(adapters, train.make_optimizer(cfg), cfg.seed)
-    mesh = sh.make_mesh(f"data={jax.device_count()}")
+    devices = jax.devices()
+    if order == ["interleaved"]:  # local device j of every process, then j + 1, ...
+        by_process = [[d for d in devices if d.process_index == p] for p in range(nproc)]
+        devices = [group[j] for j in range(len(by_process[0])) for group in by_process]
+    mesh = sh.make_mesh(f"data={jax.device_count()}", devices)
+    owners = [d.process_index for d in mesh.devices.flat]
+    assert order != ["interleaved"] or owners[:2] == [0, 1], owners
     result = train.fit(
         model_fn,
         state,
@@ -57,6 +65,7 @@ def main():
             "dev_loss": [r["dev_loss"] for r in result.history],
             "logits": np.asarray(logits).tolist(),
             "devices": jax.device_count(),
+            "owners": owners,
         }
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(record, f)

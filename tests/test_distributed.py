@@ -44,7 +44,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(nproc: int, devices: int, out: str, steps: int) -> None:
+def _launch(nproc: int, devices: int, out: str, steps: int, *order: str) -> None:
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
@@ -53,7 +53,7 @@ def _launch(nproc: int, devices: int, out: str, steps: int) -> None:
     port = str(_free_port())
     procs = [
         subprocess.Popen(
-            [sys.executable, WORKER, str(i), str(nproc), port, out, str(steps)],
+            [sys.executable, WORKER, str(i), str(nproc), port, out, str(steps), *order],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -73,7 +73,9 @@ def runs(tmp_path_factory):
     _launch(1, 4, one, steps=4)
     _launch(2, 2, two, steps=2)  # stopped after 2 steps ...
     _launch(2, 2, two, steps=4)  # ... and resumed to 4
-    return one, two
+    interleaved = str(tmp_path_factory.mktemp("interleaved"))
+    _launch(2, 2, interleaved, 4, "interleaved")
+    return one, two, interleaved
 
 
 def _result(directory):
@@ -83,7 +85,7 @@ def _result(directory):
 
 @pytest.mark.slow
 def test_two_processes_resumed_equal_one_process(runs):
-    one, two = map(_result, runs)
+    one, two, _ = map(_result, runs)
     assert one["devices"] == two["devices"] == 4
     assert len(two["losses"]) == 2  # the step-2 record came back with the checkpoint
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-6)
@@ -92,8 +94,18 @@ def test_two_processes_resumed_equal_one_process(runs):
 
 
 @pytest.mark.slow
+def test_processes_whose_rows_interleave_equal_one_process(runs):
+    """A mesh ordered process 0, 1, 0, 1 (TPU slices order devices physically): each process
+    owns rows 0-1 and 4-5, or 2-3 and 6-7, of a batch of 8; the data are still placed right."""
+    one, _, interleaved = map(_result, runs)
+    assert interleaved["owners"] == [0, 1, 0, 1]
+    np.testing.assert_allclose(interleaved["losses"], one["losses"], rtol=1e-6)
+    np.testing.assert_allclose(interleaved["logits"], one["logits"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
 def test_only_process_zero_writes(runs):
-    _, two = runs
+    _, two, _ = runs
     assert os.path.exists(os.path.join(two, "metrics_0.jsonl"))
     assert not os.path.exists(os.path.join(two, "metrics_1.jsonl"))
     with open(os.path.join(two, "metrics_0.jsonl")) as f:
@@ -108,7 +120,7 @@ def test_adapters_saved_from_the_sharded_run_load_with_the_same_logits(runs):
     from lora_jax import programs
     from lora_jax.trainable import make_model_fn
 
-    _, two = runs
+    _, two, _ = runs
     adapters, cfg = lora.load_peft(os.path.join(two, "peft"))
     output_fn, params, data = tiny_problem()
     assert len(adapters) == 2  # query and value of the one layer: no key lost
