@@ -406,9 +406,8 @@ def fit_job(
         dev = programs.evaluate(predict, state.trainable, args, dev_arrays, cfg.loss)
         evaluation = _evaluation(step, np.asarray(jnp.mean(losses, axis=1)), dev, log)
         if any(evaluation.improved):
-            # Copy: the next chunk donates (and so invalidates) the state's buffers.
+            # New arrays (jnp.where), so the next chunk's donation of the state leaves them.
             best = members.select(jnp.asarray(evaluation.improved), state.trainable, best)
-            best = jax.tree.map(jnp.copy, best)
         for callback in callbacks:
             callback(evaluation)
         if checkpoint_dir is not None:
