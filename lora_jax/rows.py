@@ -47,13 +47,16 @@ def num_rows(tree: PyTree, name: str = "data") -> int:
     return sizes.pop()
 
 
-def even_blocks(n: int, batch_size: int) -> tuple[int, int]:
+def even_blocks(n: int, batch_size: int, multiple: int = 1) -> tuple[int, int]:
     """``(num_blocks, rows)``: ``ceil(n / batch_size)`` blocks of ``rows <= batch_size``, as even
-    as possible (32 rows at ``batch_size=64`` are one block of 32; 1000 are 16 of 63)."""
+    as possible (32 rows at ``batch_size=64`` are one block of 32; 1000 are 16 of 63), with
+    ``rows`` rounded up to a multiple of ``multiple`` (e.g. the devices a block is split over:
+    1000 rows at ``batch_size=64, multiple=8`` are 16 blocks of 64)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     num_blocks = max(1, -(-n // batch_size))
-    return num_blocks, -(-n // num_blocks)
+    rows = -(-n // num_blocks)
+    return num_blocks, -(-rows // multiple) * multiple
 
 
 def take_rows(tree: PyTree, start: int, size: int, n: int | None = None) -> PyTree:
@@ -66,11 +69,14 @@ def take_rows(tree: PyTree, start: int, size: int, n: int | None = None) -> PyTr
     return jax.tree.map(lambda a: a[idx] if np.ndim(a) >= 1 else a, tree)
 
 
-def map_rows(fn: Callable[[PyTree], jax.Array], data: Mapping, batch_size: int) -> jax.Array:
+def map_rows(
+    fn: Callable[[PyTree], jax.Array], data: Mapping, batch_size: int, multiple: int = 1
+) -> jax.Array:
     """``fn`` over the rows of ``data`` in even padded blocks (``lax.map``), ``[N, ...]``.
 
     Traceable (call it inside ``jax.jit``): the blocks run one after another in one program, so
-    memory is one block's. ``fn(block) -> [rows, ...]`` maps a batch dict of ``rows`` rows.
+    memory is one block's. ``fn(block) -> [rows, ...]`` maps a batch dict of ``rows`` rows, a
+    multiple of ``multiple`` (:func:`even_blocks`).
 
     Example (5 rows, blocks of at most 2: 3 blocks of 2, the last padded with row 4):
       >>> import jax.numpy as jnp
@@ -78,7 +84,7 @@ def map_rows(fn: Callable[[PyTree], jax.Array], data: Mapping, batch_size: int) 
       [0.0, 2.0, 4.0, 6.0, 8.0]
     """
     n = num_rows(data)
-    num_blocks, rows = even_blocks(n, batch_size)
+    num_blocks, rows = even_blocks(n, batch_size, multiple)
     idx = np.minimum(np.arange(num_blocks * rows), n - 1)
 
     def blocks(x):

@@ -62,8 +62,12 @@ def flat(tree):
 
 
 def specs(tree):
+    """Each leaf's PartitionSpec, one entry per dimension (a trailing None is kept: specs that
+    differ only in those are the same sharding)."""
     return {
-        jax.tree_util.keystr(kp): str(tuple(x.sharding.spec))
+        jax.tree_util.keystr(kp): str(
+            tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+        )
         for kp, x in jax.tree_util.tree_leaves_with_path(tree)
     }
 
@@ -101,6 +105,14 @@ def run(method, mesh_spec, ntk=False):
             # Sharded adapters -> PEFT files -> loaded on one device: the same logits.
             predict = programs.make_predict(model_fn, 16, mesh=mesh)
             out["mesh_logits"] = np.asarray(predict(result.state.trainable, placed, data)).tolist()
+            # 13 rows, which no mesh here divides: the block is padded to a multiple of the
+            # batch shards and split over them (not replicated), with one device's outputs.
+            odd = {k: np.asarray(v)[:13] for k, v in data.items()}
+            host = jax.tree.map(np.asarray, result.state.trainable)
+            out["odd_mesh_logits"] = np.asarray(predict(host, placed, odd)).tolist()
+            out["odd_logits"] = np.asarray(
+                programs.make_predict(model_fn, 16)(host, frozen, odd)
+            ).tolist()
             with tempfile.TemporaryDirectory() as d:
                 lora.save_peft(d, result.state.trainable, lcfg)
                 loaded, cfg_back = lora.load_peft(d)

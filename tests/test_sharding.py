@@ -223,6 +223,23 @@ def test_sharded_adapters_saved_as_peft_load_with_the_same_logits(mesh_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mesh", ["data=8", "data=4,fsdp=2", "data=2,fsdp=2,tensor=2"])
+def test_rows_the_mesh_does_not_divide_are_split_not_replicated(mesh_runs, mesh):
+    run = mesh_runs[f"lora/{mesh}"]
+    np.testing.assert_allclose(run["odd_mesh_logits"], run["odd_logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_blocks_round_up_to_the_devices_they_are_split_over():
+    from lora_jax.rows import even_blocks
+
+    assert even_blocks(1000, 64) == (16, 63)
+    assert even_blocks(1000, 64, multiple=8) == (16, 64)  # 8 rows per device of data=8
+    assert even_blocks(13, 16, multiple=8) == (1, 16)
+    assert even_blocks(13, 16, multiple=4) == (1, 16)
+    assert even_blocks(9, 4, multiple=2) == (3, 4)
+
+
+@pytest.mark.slow
 def test_batch_not_divisible_by_the_data_axes_is_an_error(mesh_runs):
     assert mesh_runs["batch_error"] == (
         "batch_size=6 is not divisible by the 8 batch shards of the mesh (data x fsdp=8); "
