@@ -151,7 +151,7 @@ def _chunk_fn(
             batch = packing.pack(batch, pack_length)
         if constrain_batch is not None:
             batch = constrain_batch(batch)
-        dropout_rng = dropout_key(state.rng, state.step) if cfg.dropout else None
+        dropout_rng = dropout_key(state.rng, state.step) if cfg.train_dropout else None
         loss, grads = jax.value_and_grad(objective)(state.trainable, frozen, batch, dropout_rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)

@@ -108,7 +108,9 @@ class TrainConfig:
         step (any value: with ``steps % eval_every`` left over, the last interval is shorter;
         ``eval_every > steps`` evaluates once, at the end).
       eval_batch_size: batch size for evaluation.
-      dropout: whether to run the model's dropout during training.
+      train_dropout: run dropout during training: the model's own (at its checkpoint's
+        rates) and, for LoRA, ``LoraConfig.dropout`` on the LoRA branches (a rate: another idea,
+        hence another name).
       seed: seeds batch order and dropout.
     """
 
@@ -125,7 +127,7 @@ class TrainConfig:
     loss: Loss = Loss.CE
     eval_every: int = 100
     eval_batch_size: int = 64
-    dropout: bool = False
+    train_dropout: bool = False
     seed: int = 0
 
     def __post_init__(self):

@@ -269,6 +269,6 @@ def test_steps_20_and_dropout_reach_the_training_config():
     cfg = run.parse_args(["--steps", "20", "--dropout", "--lora-dropout", "0.1"])
     cell = run.Cell("mr", "lora", 4, 13)
     tcfg = jobs.train_config(cfg, cell)
-    assert (tcfg.steps, tcfg.eval_every, tcfg.dropout) == (20, 25, True)
+    assert (tcfg.steps, tcfg.eval_every, tcfg.train_dropout) == (20, 25, True)
     assert jobs.lora_config(cfg, 4, "roberta").dropout == 0.1
-    assert jobs.train_config(run.parse_args([]), cell).dropout is False
+    assert jobs.train_config(run.parse_args([]), cell).train_dropout is False

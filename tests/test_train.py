@@ -265,7 +265,7 @@ def test_fit_with_dropout_masks_differ_per_step_resume_exactly_and_stop_at_evalu
     tmp_path, monkeypatch
 ):
     cfg = train.TrainConfig(
-        steps=6, batch_size=8, learning_rate=0.05, eval_every=3, dropout=True, seed=5
+        steps=6, batch_size=8, learning_rate=0.05, eval_every=3, train_dropout=True, seed=5
     )
 
     def fresh():
@@ -338,7 +338,9 @@ def test_fit_with_encoder_and_lora_dropout(tiny_encoder_config):
         "attention_mask": np.ones((16, 6), np.int32),
         "labels": (np.arange(16) % 2).astype(np.int32),
     }
-    cfg = train.TrainConfig(steps=2, batch_size=8, learning_rate=1e-2, eval_every=2, dropout=True)
+    cfg = train.TrainConfig(
+        steps=2, batch_size=8, learning_rate=1e-2, eval_every=2, train_dropout=True
+    )
     adapters, frozen = split_params(params, Method.LORA, key=jax.random.key(0), lora_config=lcfg)
     state = train.init_state(adapters, train.make_optimizer(cfg), cfg.seed)
     result = train.fit(model_fn, state, frozen, data, data, cfg, progress=False)

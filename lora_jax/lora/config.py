@@ -169,9 +169,9 @@ class LoraConfig:
 
       dropout: PEFT's `lora_dropout`: inverted dropout on the input of the LoRA branch only,
         `x W + scale * dropout(x) A B`, with an independent mask per module. It runs only when
-        `apply` gets a `dropout_rng` (in `lora_jax.train`, when `TrainConfig.dropout` is on, as
-        PEFT's runs only in `model.train()`); modules with dropout then use the fused path, since
-        the merged weight cannot express it. Must be in [0, 1).
+        `apply` gets a `dropout_rng` (in `lora_jax.train`, when `TrainConfig.train_dropout` is
+        on, as PEFT's runs only in `model.train()`); modules with dropout then use the fused
+        path, since the merged weight cannot express it. Must be in [0, 1).
 
     Example:
       >>> cfg = LoraConfig(r=4, alpha=8, targets="query|value")
