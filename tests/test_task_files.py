@@ -108,14 +108,16 @@ def test_task_files_run_end_to_end_with_saved_adapters_and_tensorboard(
 
     d, reviews, pairs = own_data
     best = {}  # cell key -> (model_fn, frozen, best adapters): the in-memory result of the run
-    real_fit = train.fit
+    real_fit = train.fit_job
 
     def spy_fit(model_fn, state, frozen, *args, **kwargs):
-        result = real_fit(model_fn, state, frozen, *args, **kwargs)
-        best[kwargs["progress"]] = (model_fn, frozen, result.best_trainable)
-        return result
+        results = real_fit(model_fn, state, frozen, *args, **kwargs)
+        assert kwargs["member_inputs"] is None  # a job of one rank: nothing padded
+        for name, result in zip(kwargs["names"], results, strict=True):
+            best[name] = (model_fn, frozen, result.best_trainable)
+        return results
 
-    monkeypatch.setattr(train, "fit", spy_fit)
+    monkeypatch.setattr(train, "fit_job", spy_fit)
     flags = ["--task-file", str(reviews), "--task-file", str(pairs)]
     main(_args(tiny, tmp_path, *flags, "--save-adapters", "--tensorboard"))
     run_dir = tmp_path / "own"
