@@ -1,7 +1,9 @@
 """Losses on the K outputs of a few-shot classifier: cross-entropy and squared error.
 
 Both take ``outputs`` of shape ``[B, K]`` (label-word logits at ``<mask>``, or class logits)
-and integer ``labels`` of shape ``[B]``, and return a scalar mean over the batch. The paper
+and integer ``labels`` of shape ``[B]``, and return a scalar mean over the batch, computed in at
+least float32 (bfloat16 logits are upcast first: a bfloat16 softmax keeps 8 bits of mantissa,
+too few for the small losses of a fitted few-shot set). The paper
 needs both: squared error is the setting of the rank threshold r(r+1)/2 > KN (Jang et al.,
 2024), cross-entropy the one with no threshold.
 """
@@ -30,13 +32,19 @@ class Loss(enum.StrEnum):
     MSE = "mse"
 
 
+def _at_least_f32(outputs: jax.Array) -> jax.Array:
+    return outputs.astype(jnp.promote_types(outputs.dtype, jnp.float32))
+
+
 def cross_entropy(outputs: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy. outputs: [B, K]; labels: [B] int. Returns a scalar."""
+    outputs = _at_least_f32(outputs)
     return optax.softmax_cross_entropy_with_integer_labels(outputs, labels).mean()
 
 
 def squared_error(outputs: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean over the batch of ``0.5 * sum_k (outputs[b, k] - onehot(labels)[b, k])^2``."""
+    outputs = _at_least_f32(outputs)
     targets = jax.nn.one_hot(labels, outputs.shape[-1], dtype=outputs.dtype)
     return 0.5 * jnp.sum((outputs - targets) ** 2, axis=-1).mean()
 
