@@ -254,3 +254,24 @@ def test_rank_comparison_equivalence_edge_is_the_t_quantile(x, verdict):
         _by_rank(r1=r1, r12=[80, 80, 80]), multiclass=False, margin=2.0, compare_rank=12
     )
     assert out["verdict"] == verdict, out["reason"]
+
+
+@pytest.mark.parametrize("x, verdict", [(1.68, I), (1.69, S)])
+def test_rank_comparison_rise_edge_is_the_one_sided_t_quantile(x, verdict):
+    # d = (-x - 1, -x, -x + 1): t = -x sqrt 3; a rise at 5% one-sided needs x sqrt 3 >
+    # t_{0.95, 2} = 0.9 / sqrt(0.095) = 2.91999, i.e. x > 1.68586.
+    assert 0.9 / math.sqrt(0.095) / math.sqrt(3) == pytest.approx(1.68586, abs=1e-5)
+    r1 = [80 - x - 1, 80 - x, 80 - x + 1]
+    out = v.rank_comparison(
+        _by_rank(r1=r1, r12=[80, 80, 80]), multiclass=True, margin=2.0, compare_rank=12
+    )
+    assert out["p_rise"] == pytest.approx(sf_df2(x * math.sqrt(3)), rel=1e-6)
+    assert out["verdict"] == verdict, out["reason"]
+
+
+@pytest.mark.parametrize("bound_min, verdict", [(0.99, S), (1.01, I)])
+def test_bias_variance_vacuous_edge_is_the_loss_range(bound_min, verdict):
+    out = v.bias_variance_task(
+        2, 0.0, saturation=0.01, bound_min=bound_min, loss_bound=1.0, bound_argmin=1
+    )
+    assert out["verdict"] == verdict
