@@ -262,3 +262,18 @@ def test_rank_one_lines_use_the_paper_case():
     )
     assert paper_claims.rank_one_lines(records, (40.0, 50.0))[0]["verdict"] == "not supported"
     assert paper_claims.rank_one_lines(records, None)[0]["verdict"] == "inconclusive"
+
+
+def test_pl_seed_numbers_after_the_detected_plateau():
+    # log 2 for 200 steps, then log 2 / (1 + (t - 200) / 2); ||grad L|| = 0.8 L after the
+    # plateau (the Lojasiewicz form with c = 0.8) and 0.01 on it (a slow escape, not a saddle).
+    t = np.arange(3001.0)
+    loss = np.where(t < 200, np.log(2), np.log(2) / (1 + 0.5 * np.maximum(t - 200, 0)))
+    grad = np.where(t < 200, 0.01, 0.8 * loss)
+    out = pl.seed_numbers(loss, grad**2, target=1e-3)
+    assert 200 <= out["plateau_end"] <= 205 and out["steps"] == 3000
+    assert out["exponent"] == pytest.approx(1.0, abs=1e-9)
+    assert out["c_min"] == pytest.approx(0.8) and out["c_end"] == pytest.approx(0.8)
+    assert out["reached"] and not out["stalled"]  # log 2 / 1401 = 4.9e-4
+    # Measured from the start instead, the plateau's tiny gradients would give c_min = 0.014.
+    assert np.min(grad / loss) == pytest.approx(0.01 / np.log(2))
