@@ -67,6 +67,8 @@ class ClaimsConfig:
       pl_seeds: seeds of the PL check (few-shot split and adapter init).
       pl_max_steps: the most GD steps per PL run.
       pl_target_loss: a PL run stops once its cross-entropy is at most this.
+      bv_tasks: tasks of the bias / variance curves (a binary and a multi-class one; each
+        task's Jacobians are computed once more there).
       bv_steps: Adam steps of the fit term.
       bv_ranks: ranks of the bias / variance curves (they must include the sweep's ranks, so
         that the measured test errors stand beside the bound at the same ranks).
@@ -98,6 +100,7 @@ class ClaimsConfig:
     pl_seeds: tuple[int, ...] = pl.PLConfig.seeds
     pl_max_steps: int = pl.PLConfig.max_steps
     pl_target_loss: float = pl.PLConfig.target_loss
+    bv_tasks: tuple[str, ...] = ("mr", "trec")
     bv_k: int = 4
     bv_steps: int = 100
     bv_ranks: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
@@ -125,6 +128,12 @@ class ClaimsConfig:
             raise ConfigError(
                 f"--sweep-ranks {missing} are not in --bv-ranks {list(self.bv_ranks)}; fix: add "
                 "them to --bv-ranks so the measured errors stand beside the bound."
+            )
+        extra = sorted(set(self.bv_tasks) - set(self.tasks))
+        if self.sweep and extra:
+            raise ConfigError(
+                f"--bv-tasks {extra} are not in --tasks {list(self.tasks)}; fix: add them to "
+                "--tasks so the sweep's errors stand beside their bound (or drop them)."
             )
         if not self.sweep_margin > 0 or not self.sweep_seeds or self.sweep_steps < 1:
             raise ConfigError(
@@ -365,7 +374,7 @@ def claim_bias_variance(cfg: ClaimsConfig, results_path: str | None) -> dict:
     when ``results_path`` (its ``results.jsonl``) is given."""
     bcfg = bias_variance.BiasVarianceConfig(
         name=f"{cfg.name}/bias_variance",
-        tasks=cfg.tasks,
+        tasks=cfg.bv_tasks,
         k=cfg.bv_k,
         steps=cfg.bv_steps,
         ranks=cfg.bv_ranks,
@@ -379,7 +388,7 @@ def claim_bias_variance(cfg: ClaimsConfig, results_path: str | None) -> dict:
         "title": "3. Why rank one generalizes (bias / variance over rank)",
         "claim": "Binary (K = 2): the bias is saturated at r = 1, so rank one minimizes bias + "
         "variance; K > 2: the bias keeps falling, so the best rank is above one.",
-        "command": f"python -m experiments.bias_variance --tasks {' '.join(cfg.tasks)} "
+        "command": f"python -m experiments.bias_variance --tasks {' '.join(cfg.bv_tasks)} "
         f"--k {cfg.bv_k} --steps {cfg.bv_steps} --draws {cfg.bv_draws} --ranks "
         f"{' '.join(map(str, cfg.bv_ranks))}"
         + (f" --finetune-results {results_path}" if results_path else ""),

@@ -106,6 +106,8 @@ def test_claims_config_refuses_sweeps_without_rank_one_or_off_the_bound():
         paper_claims.ClaimsConfig(sweep_ranks=(1, 4))
     with pytest.raises(ConfigError, match="sweep-margin > 0"):
         paper_claims.ClaimsConfig(sweep_margin=0.0)
+    with pytest.raises(ConfigError, match=r"--bv-tasks \['trec'\] are not in --tasks"):
+        paper_claims.ClaimsConfig(tasks=("mr",))
     with pytest.raises(ConfigError, match="not in --bv-ranks"):
         paper_claims.ClaimsConfig(sweep_ranks=(1, 12, 32))
     assert paper_claims.ClaimsConfig(sweep_ranks=(1, 12, 32), sweep=False).sweep_ranks[-1] == 32
