@@ -58,6 +58,7 @@ class PLConfig:
       max_steps: the most full-batch gradient-descent steps per run.
       lr_ce: step size for cross-entropy.
       lr_mse: step size for the squared-error control.
+      mse_steps: the most steps of the squared-error control (first seed; 0: not run).
       exponent_tol: the form ``||grad L|| >= c L`` counts as holding when the exponent q of
         ``||grad L|| ~ L^q`` after the plateau is at most ``1 + exponent_tol``.
       max_length: token length.
@@ -73,18 +74,25 @@ class PLConfig:
     targets: str = "query|value"
     layers: tuple[int, ...] = (4, 5)
     target_loss: float = 1e-3
-    max_steps: int = 20000
+    max_steps: int = 8000
     lr_ce: float = 0.05
     lr_mse: float = 0.02
+    mse_steps: int = 2000
     exponent_tol: float = 0.1
     max_length: int = 48
     out: str = "runs"
 
     def __post_init__(self):
-        if self.rank < 1 or self.max_steps < 1 or self.k < 1 or not self.seeds:
+        if (
+            self.rank < 1
+            or self.max_steps < 1
+            or self.k < 1
+            or not self.seeds
+            or self.mse_steps < 0
+        ):
             raise ConfigError(
-                f"rank, max_steps and k must be >= 1 and seeds non-empty; got {self.rank}, "
-                f"{self.max_steps}, {self.k}, {list(self.seeds)}."
+                f"rank, max_steps and k must be >= 1, mse_steps >= 0 and seeds non-empty; got "
+                f"{self.rank}, {self.max_steps}, {self.k}, {self.mse_steps}, {list(self.seeds)}."
             )
         if self.lr_ce <= 0 or self.lr_mse <= 0 or self.target_loss <= 0:
             raise ConfigError(
@@ -104,17 +112,17 @@ def load_problem(
     return problem, data.train["labels"], output_fn, params
 
 
-def _gd(problem, labels, adapters0, loss_name: str, lr: float, cfg: PLConfig):
-    """GD on the linearized model until ``target_loss``; a diverged run is retried at lr / 4."""
+def _gd(problem, labels, adapters0, loss_name: str, lr: float, steps: int, target: float):
+    """GD on the linearized model until ``target``; a diverged run is retried at lr / 4."""
     loss = get_loss(loss_name)
     for _ in range(4):
         traj = pl.trajectory(
             lambda a, data, loss=loss: loss(sensing.outputs(data[0], a), data[1]),
             adapters0,
             (problem, labels),
-            steps=cfg.max_steps,
+            steps=steps,
             learning_rate=lr,
-            stop_below=cfg.target_loss,
+            stop_below=target,
         )
         if np.isfinite(traj.loss).all():
             break
@@ -179,7 +187,7 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
         results["jacobian_seconds"] += time.time() - t0
         adapters0 = lora.init(jax.random.key(seed), params, lcfg)
         t1 = time.time()
-        traj, lr = _gd(problem, labels, adapters0, "ce", cfg.lr_ce, cfg)
+        traj, lr = _gd(problem, labels, adapters0, "ce", cfg.lr_ce, cfg.max_steps, cfg.target_loss)
         outputs = sensing.outputs(problem, traj.params)
         rec = {
             "seed": seed,
@@ -193,9 +201,11 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
             "seconds": time.time() - t1,
         }
         results["seeds"].append(rec)
-        if i == 0:  # the squared-error control on the first seed
+        if i == 0 and cfg.mse_steps:  # the squared-error control on the first seed
             t1 = time.time()
-            mse, lr = _gd(problem, labels, adapters0, "mse", cfg.lr_mse, cfg)
+            mse, lr = _gd(
+                problem, labels, adapters0, "mse", cfg.lr_mse, cfg.mse_steps, cfg.target_loss
+            )
             results["mse"] = {
                 "seed": seed,
                 "lr": lr,
