@@ -7,9 +7,11 @@ and to the two bounds on the capacity constant (1 below; ``dim / (r max(m, n))``
 the problem becomes linear in one factor). Writes ``runs/<name>/points.jsonl`` (one line per
 (shape, solver, KN): resumes), ``report.md`` and ``plots/cstar.png``.
 
-The capacity constant is what the strongest solver (Levenberg-Marquardt) reports at a strict
-threshold; the excess of gradient descent over it, shrinking as its budget grows, is an
-optimization effect.
+The paper's constant is gradient descent's transition (GD reaching zero loss), read here at
+GD's longest budget; the capacity point is what the strongest solver (Levenberg-Marquardt)
+reports at a strict threshold (below rho = 1 generic targets have no exact solution, so a
+strong solver lands near the dimension count). The excess of GD over it, shrinking as its
+budget grows, is an optimization effect. :func:`conclusion` reports both.
 """
 
 from __future__ import annotations
@@ -218,7 +220,8 @@ def conclusion(rows: list[dict], tol: float) -> dict:
 def markdown(rows: list[dict], cfg: CStarConfig) -> str:
     lines = [
         f"Success: L_end / L_start <= tol; rho = (r(m+n) - r^2) / KN; {cfg.draws} draws per "
-        f"point; rho_50 = 50% crossing of the isotonic success curve, [95% bootstrap interval]. "
+        f"point; rho_50 = 50% crossing of the isotonic success curve, [95% bootstrap interval, "
+        f"widened to the grid cell the crossing falls in; n/a where undefined]. "
         f"Paper: C* = {PAPER_C_STAR}. Capacity bounds: 1 <= C* <= dim / (r max(m, n)).",
         "",
         f"### Headline threshold tol = {cfg.tol:g}",
