@@ -187,3 +187,29 @@ def test_fit_with_norms_reaches_eckart_young_and_reports_its_norm():
     top = np.sqrt(np.cumsum(s**2))
     np.testing.assert_allclose(out.norms["w"], top, rtol=2e-3)
     np.testing.assert_allclose(out.loss, 0.5 * (np.sum(s**2) - top**2) / 12, atol=5e-4)
+
+
+def test_levenberg_marquardt_jacobian_and_the_eckart_young_minimum():
+    # The 12 entries of a 4 x 3 matrix are the measurements (K = 1): at rank 1 the minimum of
+    # 0.5 ||X - Y||^2 / 12 is Eckart-Young's 0.5 (s_2^2 + s_3^2) / 12; a rank-1 Y is fit exactly.
+    problem, s, _ = _synthetic()
+    targets = jnp.ones((12, 1))  # f0 = 1 - Y: the residual of X is X - Y
+    rng = np.random.default_rng(0)
+    start = {"w": {"lora_a": jnp.asarray(rng.normal(size=(4, 1)) * 0.1),
+                   "lora_b": jnp.asarray(rng.normal(size=(1, 3)) * 0.1)}}  # fmt: skip
+    # The hand Jacobian equals reverse mode.
+    x = jnp.concatenate([start["w"]["lora_a"].ravel(), start["w"]["lora_b"].ravel()])
+
+    def f(x):
+        ad = {"w": {"lora_a": x[:4].reshape(4, 1), "lora_b": x[4:].reshape(1, 3)}}
+        return sensing.outputs(problem, ad).reshape(-1)
+
+    np.testing.assert_allclose(
+        sensing._residual_jacobian(problem, start), jax.jacrev(f)(x), rtol=1e-5, atol=1e-7
+    )
+    losses, end = sensing.levenberg_marquardt(problem, targets, start, iters=60)
+    assert np.all(np.diff(losses) <= 0)  # steps are kept only when the loss falls
+    assert losses[-1] == pytest.approx(0.5 * (s[1] ** 2 + s[2] ** 2) / 12, rel=1e-4)
+    rank_one, _, _ = _synthetic(s=(2.0, 0.0, 0.0))
+    losses, _ = sensing.levenberg_marquardt(rank_one, targets, start, iters=60)
+    assert losses[-1] < 1e-8 * losses[0]
