@@ -197,15 +197,16 @@ def test_levenberg_marquardt_jacobian_and_the_eckart_young_minimum():
     rng = np.random.default_rng(0)
     start = {"w": {"lora_a": jnp.asarray(rng.normal(size=(4, 1)) * 0.1),
                    "lora_b": jnp.asarray(rng.normal(size=(1, 3)) * 0.1)}}  # fmt: skip
-    # The hand Jacobian equals reverse mode.
+    # The hand Jacobian equals reverse mode (with a LoRA scale of 2.5).
     x = jnp.concatenate([start["w"]["lora_a"].ravel(), start["w"]["lora_b"].ravel()])
+    scaled = problem._replace(scale={"w": 2.5})
 
     def f(x):
         ad = {"w": {"lora_a": x[:4].reshape(4, 1), "lora_b": x[4:].reshape(1, 3)}}
-        return sensing.outputs(problem, ad).reshape(-1)
+        return sensing.outputs(scaled, ad).reshape(-1)
 
     np.testing.assert_allclose(
-        sensing._residual_jacobian(problem, start), jax.jacrev(f)(x), rtol=1e-5, atol=1e-7
+        sensing._residual_jacobian(scaled, start), jax.jacrev(f)(x), rtol=1e-5, atol=1e-7
     )
     losses, end = sensing.levenberg_marquardt(problem, targets, start, iters=60)
     assert np.all(np.diff(losses) <= 0)  # steps are kept only when the loss falls
