@@ -16,7 +16,10 @@ while: the plateau's end is detected from each loss curve
 (:func:`experiments.verdicts.plateau_end`) and the numbers are measured after it: the exponent
 q of ``||grad L|| ~ L^q`` (the form holds with one c > 0 when q <= 1) and the smallest ratio
 ``c = ||grad L|| / L``. A squared-error run of the first seed (its own step size) is kept
-as a control. Writes ``runs/<name>/pl.json`` and ``plots/pl.png``.
+as a control, and the same squared-error problem solved to convergence by Levenberg-Marquardt
+(:func:`ntk.theory.sensing.levenberg_marquardt`; at r = 1 the manifold dimension of the adapted
+matrices is far above KN, so no threshold can show there). Writes ``runs/<name>/pl.json`` and
+``plots/pl.png``.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ class PLConfig:
       lr_ce: step size for cross-entropy.
       lr_mse: step size for the squared-error control.
       mse_steps: the most steps of the squared-error control (first seed; 0: not run).
+      lm_iters: Levenberg-Marquardt iterations of the squared-error control solved to
+        convergence on the linearized model (first seed, same start; 0: not run).
       exponent_tol: the form ``||grad L|| >= c L`` counts as holding when the exponent q of
         ``||grad L|| ~ L^q`` after the plateau is at most ``1 + exponent_tol``.
       max_length: token length.
@@ -78,6 +83,7 @@ class PLConfig:
     lr_ce: float = 0.05
     lr_mse: float = 0.02
     mse_steps: int = 2000
+    lm_iters: int = 40
     exponent_tol: float = 0.1
     max_length: int = 48
     out: str = "runs"
@@ -89,10 +95,12 @@ class PLConfig:
             or self.k < 1
             or not self.seeds
             or self.mse_steps < 0
+            or self.lm_iters < 0
         ):
             raise ConfigError(
-                f"rank, max_steps and k must be >= 1, mse_steps >= 0 and seeds non-empty; got "
-                f"{self.rank}, {self.max_steps}, {self.k}, {self.mse_steps}, {list(self.seeds)}."
+                f"rank, max_steps and k must be >= 1, mse_steps and lm_iters >= 0 and seeds "
+                f"non-empty; got {self.rank}, {self.max_steps}, {self.k}, {self.mse_steps}, "
+                f"{self.lm_iters}, {list(self.seeds)}."
             )
         if self.lr_ce <= 0 or self.lr_mse <= 0 or self.target_loss <= 0:
             raise ConfigError(
@@ -215,6 +223,23 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
                 "loss": _thin(mse.loss),
                 "seconds": time.time() - t1,
             }
+        if i == 0 and cfg.lm_iters:  # the squared-error problem solved to convergence
+            t1 = time.time()
+            targets = jax.nn.one_hot(labels, problem.f0.shape[1], dtype=problem.f0.dtype)
+            losses, _ = sensing.levenberg_marquardt(problem, targets, adapters0, iters=cfg.lm_iters)
+            dim = sum(
+                cfg.rank * (j.shape[2] + j.shape[3]) - cfg.rank**2 for j in problem.jac.values()
+            )
+            results["mse_lm"] = {
+                "seed": seed,
+                "iters": cfg.lm_iters,
+                "loss_start": float(losses[0]),
+                "loss_end": float(losses[-1]),
+                "loss": losses.tolist(),
+                "dim": int(dim),
+                "kn": int(problem.f0.size),
+                "seconds": time.time() - t1,
+            }
     os.makedirs(run_dir, exist_ok=True)
     results["plot"] = plot(results, os.path.join(run_dir, "plots", "pl.png"))
     results["seconds"] = time.time() - start
@@ -282,6 +307,14 @@ def markdown(results: dict) -> str:
             "",
             f"Squared-error control (seed {m['seed']}, lr {m['lr']:g}): loss {m['loss_start']:.4g}"
             f" -> {m['loss_end']:.3g} in {m['steps']} steps.",
+        ]
+    if "mse_lm" in results:
+        m = results["mse_lm"]
+        lines += [
+            "",
+            f"Squared error solved by Levenberg-Marquardt (seed {m['seed']}, manifold dimension "
+            f"{m['dim']} against KN = {m['kn']}): loss {m['loss_start']:.4g} -> "
+            f"{m['loss_end']:.3g} in {m['iters']} iterations.",
         ]
     return "\n".join(lines)
 

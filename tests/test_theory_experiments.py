@@ -35,11 +35,16 @@ def test_cstar_cli_writes_report_and_resumes(tmp_path, capsys):
 @pytest.mark.slow
 def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     common = {"model": tiny_roberta, "k": 2, "max_length": 16, "out": str(tmp_path)}
-    res = pl.run(pl.PLConfig(task="mr", seeds=(13, 21), max_steps=5, layers=(), **common))
+    res = pl.run(
+        pl.PLConfig(task="mr", seeds=(13, 21), max_steps=5, lm_iters=3, layers=(), **common)
+    )
+    lm = res["mse_lm"]
+    assert len(lm["loss"]) == 4 and lm["loss_end"] <= lm["loss_start"] and lm["kn"] == 8
     assert [r["seed"] for r in res["seeds"]] == [13, 21]
     for r in res["seeds"] + [res["mse"]]:
         assert r["steps"] == 5 and r["loss_end"] < r["loss_start"]
     assert "| 13 | " in pl.markdown(res) and "Squared-error control" in pl.markdown(res)
+    assert "by Levenberg-Marquardt (seed 13" in pl.markdown(res)
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in _records("mr", {1: [60, 62, 58]})))
     bcfg = bias_variance.BiasVarianceConfig(
