@@ -36,7 +36,9 @@ def test_cstar_cli_writes_report_and_resumes(tmp_path, capsys):
 def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     common = {"model": tiny_roberta, "k": 2, "max_length": 16, "out": str(tmp_path)}
     res = pl.run(
-        pl.PLConfig(task="mr", seeds=(13, 21), max_steps=5, lm_iters=3, layers=(), **common)
+        pl.PLConfig(
+            task="mr", seeds=(13, 21), max_steps=5, mse_steps=5, lm_iters=3, layers=(), **common
+        )
     )
     lm = res["mse_lm"]
     assert len(lm["loss"]) == 4 and lm["loss_end"] <= lm["loss_start"] and lm["kn"] == 8
