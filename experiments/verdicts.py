@@ -152,13 +152,15 @@ def lojasiewicz_exponent(loss: Sequence[float], grad_norm: Sequence[float]) -> f
 def stalled(loss: Sequence[float], target: float, *, tail: float = 0.1, rel: float = 1e-2) -> bool:
     """Whether a run stopped above ``target`` with the loss no longer falling.
 
-    True when the last loss exceeds ``target`` and the loss fell by less than ``rel``
-    (relative) over the last ``tail`` share of the steps: a stationary point above the target,
-    not a slow approach (cross-entropy on separable data falls like 1 / t, i.e. by about
-    ``tail`` relative over that share).
+    True when the last loss exceeds ``target``, the run has left its plateau
+    (:func:`plateau_end` falls before the last ``tail`` share) and the loss fell by less than
+    ``rel`` (relative) over that share: a stationary point above the target, not a slow
+    approach (cross-entropy on separable data falls like 1 / t, i.e. by about ``tail``
+    relative over that share) and not a run still on its plateau. Runs whose tail is under 5
+    steps are too short to tell (False).
     """
     x = np.asarray(loss, np.float64)
-    if x[-1] <= target:
+    if x[-1] <= target or len(x) * tail < 5 or plateau_end(x) >= len(x) * (1 - tail):
         return False
     start = x[max(0, int(len(x) * (1 - tail)) - 1)]
     return bool(start - x[-1] < rel * start)

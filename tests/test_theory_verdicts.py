@@ -106,6 +106,11 @@ def test_stalled_tells_a_stationary_point_from_a_slow_approach():
     assert not v.stalled(slow, 1.0)  # reached
     stuck = np.concatenate([np.linspace(0.7, 0.3, 500), np.full(501, 0.3)])
     assert v.stalled(stuck, 1e-3)
+    # Still on the plateau at the end of the budget (the escape would come at step 250):
+    # slow, not stalled.
+    on_plateau, _ = _plateau_curve(plateau=250, steps=200)
+    assert v.plateau_end(on_plateau) >= 190 and not v.stalled(on_plateau, 1e-3)
+    assert not v.stalled(np.full(30, 0.7), 1e-3)  # a 3-step tail: too short to tell
 
 
 @pytest.mark.parametrize(
