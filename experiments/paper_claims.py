@@ -64,9 +64,9 @@ class ClaimsConfig:
       cstar_solvers: C* solvers (``experiments.cstar.SOLVERS``).
       cstar_rhos: the C* rho grid.
       cstar_draws: draws per C* point.
-      pl_seeds: seeds of the PL check (few-shot split and adapter init). Fewer than
-        ``experiments.pl``'s own 10: one seed's 3,000 steps took 533 s on a loaded 2-core
-        machine (0.18 s a step), so 10 seeds to L <= 1e-3 would take hours there.
+      pl_seeds: seeds of the PL check (few-shot split and adapter init); 10, as
+        ``experiments.pl``. One seed to L <= 1e-3 took 5,068 steps and 367 s on the shared
+        2-core machine (0.07-0.18 s a step with the load): about an hour for 10.
       pl_max_steps: the most GD steps per PL run.
       pl_target_loss: a PL run stops once its cross-entropy is at most this.
       bv_tasks: tasks of the bias / variance curves (a binary and a multi-class one; each
@@ -99,7 +99,7 @@ class ClaimsConfig:
     cstar_solvers: tuple[str, ...] = cstar.CStarConfig.solvers
     cstar_rhos: tuple[float, ...] = cstar.CStarConfig.rhos
     cstar_draws: int = 64
-    pl_seeds: tuple[int, ...] = (13, 21, 42)
+    pl_seeds: tuple[int, ...] = pl.PLConfig.seeds
     pl_max_steps: int = pl.PLConfig.max_steps
     pl_target_loss: float = pl.PLConfig.target_loss
     bv_tasks: tuple[str, ...] = ("mr", "trec")
