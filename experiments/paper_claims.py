@@ -1,16 +1,27 @@
 """Every claim of the rank-threshold paper, checked offline: ``python -m experiments.paper_claims``.
 
-Runs the rank conditions (:mod:`experiments.thresholds`), the C* simulation
-(:mod:`experiments.cstar`, a CPU-sized grid), the PL check (:mod:`experiments.pl`), the
-bias / variance curves (:mod:`experiments.bias_variance`) and a small real LoRA rank sweep
-(:mod:`experiments.run`), then writes ``runs/<name>/report.md`` with one section per claim: the
-claim, the command, the numbers, the plot and a verdict computed from the numbers (supported /
-not supported / inconclusive). Each part resumes or is cheap to redo.
+Runs the C* simulation (:mod:`experiments.cstar`, a CPU-sized grid), the rank conditions
+(:mod:`experiments.thresholds`, checked against the measured C*), the PL check
+(:mod:`experiments.pl`), a real LoRA rank sweep (:mod:`experiments.run`) and the bias /
+variance curves (:mod:`experiments.bias_variance`), then writes ``runs/<name>/report.md`` with
+one section per claim: the claim, the command, the numbers, the plot and a verdict. Each
+verdict is a small pure function of the numbers (:mod:`experiments.verdicts`) that can come
+out supported, not supported or inconclusive:
 
-The sweep (MR and TREC, ranks 1, 4, 12, 3 seeds, 200 steps: 18 real LoRA cells) runs before
-the bias / variance curves, whose plot and table show its measured test error beside the bound.
-With the defaults it takes about half an hour on 2 CPU cores, most of it the sweep; each
-part's wall time is written to ``runs/<name>/timings.json``.
+* 1, the rank-1 conclusion: rank 1 meets ``dim > C* KN`` (RoBERTa-large, KN = 64, one
+  matrix) for every C* in the measured interval, for none, or for some;
+* 1b, the constant: the paper's 1.35 inside every defined interval of gradient descent's
+  transition (the paper's estimand), outside every one, or neither;
+* 2: cross-entropy reaches the target loss on every seed with ``||grad L|| >= c L`` after
+  the detected plateau;
+* 3: the training loss saturates at r = 1 for K = 2 and not for K > 2, and a non-vacuous
+  bound has its minimum on the same side (a vacuous bound leaves it inconclusive);
+* 4: rank 1 against r = 12 (fixed in advance): an equivalence test (TOST) against
+  ``--sweep-margin`` points on binary tasks, a one-sided test of a rise on multi-class ones.
+
+The sweep (every offline binary task and TREC, ranks 1, 4, 12, 5 seeds, 200 steps: 60 real
+LoRA cells) runs before the bias / variance curves, whose plot and table show its measured test
+error beside the bound. ``timings.json`` has each part's wall seconds.
 """
 
 from __future__ import annotations
@@ -24,20 +35,28 @@ import time
 
 import numpy as np
 
-from experiments import bias_variance, cstar, pl, report, stats, thresholds
+from experiments import bias_variance, cstar, pl, report, thresholds
 from experiments import run as run_lib
 from experiments.cli import add_dataclass_arguments
 from experiments.config import ExperimentConfig
+from experiments.verdicts import (
+    INCONCLUSIVE,
+    bias_variance_task,
+    combine,
+    cstar_constant,
+    pl_lojasiewicz,
+    rank_comparison,
+    rank_one_conclusion,
+)
 from lora_jax import tasks
 from lora_jax.errors import ConfigError, UserError, user_message
+from ntk.theory import bias_variance as bv_theory
 from ntk.theory.thresholds import PAPER_C_STAR
-
-SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ClaimsConfig:
-    """Sizes of each part (defaults: see the module docstring for their wall time).
+    """Sizes of each part (a run's ``timings.json`` has each part's wall time).
 
     Attributes:
       name: run directory name under ``out``.
@@ -45,22 +64,33 @@ class ClaimsConfig:
       cstar_solvers: C* solvers (``experiments.cstar.SOLVERS``).
       cstar_rhos: the C* rho grid.
       cstar_draws: draws per C* point.
-      pl_steps: GD steps of the PL check.
+      pl_seeds: seeds of the PL check (few-shot split and adapter init); 10, as
+        ``experiments.pl``. One seed to L <= 1e-3 took 5,068 steps and 367 s on the shared
+        2-core machine (0.07-0.18 s a step with the load): about an hour for 10.
+      pl_max_steps: the most GD steps per PL run.
+      pl_target_loss: a PL run stops once its cross-entropy is at most this.
+      bv_tasks: tasks of the bias / variance curves (a binary and a multi-class one; each
+        task's Jacobians are computed once more there).
       bv_steps: Adam steps of the fit term.
       bv_ranks: ranks of the bias / variance curves (they must include the sweep's ranks, so
         that the measured test errors stand beside the bound at the same ranks).
       bv_k: examples per class of the bias / variance curves (their Jacobians take
         N K^2 x 147k floats per adapted matrix: k = 4 keeps TREC's K = 6 on a CPU).
       bv_draws: Monte-Carlo sign vectors of the Rademacher term.
+      bv_saturation: the bias counts as saturated at r = 1 when the training loss falls by at
+        most this many nats from r = 1 to the largest rank
+        (:func:`experiments.verdicts.bias_variance_task`).
       sweep: run the real LoRA rank sweep (its test errors also go beside the bias / variance
         curves); without it that section says it was not run.
-      tasks: tasks of the sweep (a binary and a multi-class one).
-      sweep_ranks: ranks of the real LoRA sweep (rank 1 and at least one other).
-      sweep_seeds: seeds of the sweep.
+      tasks: tasks of the sweep (every offline binary task and a multi-class one).
+      sweep_ranks: ranks of the real LoRA sweep (rank 1 and ``sweep_compare_rank``).
+      sweep_compare_rank: the rank that rank 1 is compared with, fixed in advance (12: the
+        old rule's prescription at KN = 64), never the best of the same seeds.
+      sweep_seeds: seeds of the sweep (the paired tests need several; 5 by default).
       sweep_steps: training steps per sweep cell.
       sweep_test_cap: at most this many test examples per task (0 = all).
-      sweep_margin: the largest gap (points) between rank 1 and the best rank that still
-        counts as competitive (:func:`rank_verdict`).
+      sweep_margin: the equivalence margin (accuracy points, > 0) of the TOST that decides
+        "rank 1 is competitive" (:func:`experiments.verdicts.rank_comparison`).
       out: parent directory.
     """
 
@@ -69,25 +99,31 @@ class ClaimsConfig:
     cstar_solvers: tuple[str, ...] = cstar.CStarConfig.solvers
     cstar_rhos: tuple[float, ...] = cstar.CStarConfig.rhos
     cstar_draws: int = 64
-    pl_steps: int = 1000
+    pl_seeds: tuple[int, ...] = pl.PLConfig.seeds
+    pl_max_steps: int = pl.PLConfig.max_steps
+    pl_target_loss: float = pl.PLConfig.target_loss
+    bv_tasks: tuple[str, ...] = ("mr", "trec")
     bv_k: int = 4
     bv_steps: int = 100
     bv_ranks: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
     bv_draws: int = 16
+    bv_saturation: float = 0.01
     sweep: bool = True
-    tasks: tuple[str, ...] = ("mr", "trec")
+    tasks: tuple[str, ...] = ("mr", "subjrt", "boolq", "trec")
     sweep_ranks: tuple[int, ...] = (1, 4, 12)
-    sweep_seeds: tuple[int, ...] = (13, 21, 42)
+    sweep_compare_rank: int = 12
+    sweep_seeds: tuple[int, ...] = (13, 21, 42, 87, 100)
     sweep_steps: int = 200  # as the default experiment (README), so that its r = 1 and
     sweep_test_cap: int = 1000  # r = 12 cells are the same cells as these
     sweep_margin: float = 2.0
     out: str = "runs"
 
     def __post_init__(self):
-        if 1 not in self.sweep_ranks or len(set(self.sweep_ranks)) < 2:
+        if {1, self.sweep_compare_rank} - set(self.sweep_ranks) or self.sweep_compare_rank == 1:
             raise ConfigError(
-                f"--sweep-ranks {list(self.sweep_ranks)}: the sweep compares rank 1 with higher "
-                "ranks; fix: give 1 and at least one other rank (e.g. 1 4 12)."
+                f"--sweep-ranks {list(self.sweep_ranks)}, --sweep-compare-rank "
+                f"{self.sweep_compare_rank}: the sweep compares rank 1 with the compare rank; fix: "
+                "give a compare rank above 1 and list both in --sweep-ranks (e.g. 1 4 12, 12)."
             )
         missing = sorted(set(self.sweep_ranks) - set(self.bv_ranks))
         if self.sweep and missing:
@@ -95,106 +131,83 @@ class ClaimsConfig:
                 f"--sweep-ranks {missing} are not in --bv-ranks {list(self.bv_ranks)}; fix: add "
                 "them to --bv-ranks so the measured errors stand beside the bound."
             )
-        if self.sweep_margin < 0 or not self.sweep_seeds or self.sweep_steps < 1:
+        extra = sorted(set(self.bv_tasks) - set(self.tasks))
+        if self.sweep and extra:
             raise ConfigError(
-                f"need --sweep-margin >= 0, --sweep-seeds and --sweep-steps >= 1; got "
+                f"--bv-tasks {extra} are not in --tasks {list(self.tasks)}; fix: add them to "
+                "--tasks so the sweep's errors stand beside their bound (or drop them)."
+            )
+        if not self.sweep_margin > 0 or not self.sweep_seeds or self.sweep_steps < 1:
+            raise ConfigError(
+                f"need --sweep-margin > 0, --sweep-seeds and --sweep-steps >= 1; got "
                 f"{self.sweep_margin}, {list(self.sweep_seeds)}, {self.sweep_steps}."
             )
 
 
-def rank_verdict(by_rank: dict[int, dict[int, float]], *, multiclass: bool, margin: float) -> dict:
-    """Verdict of one task of the rank sweep on the claim for its kind of task.
-
-    The claim (the paper's): on a binary task rank 1 is competitive with the best rank; on a
-    multi-class task the best rank is above 1. The rule:
-
-    * rival = the rank above 1 of highest mean test accuracy over seeds (ties: the lower
-      rank; :func:`experiments.report.best_mean_rank`); d_s = acc(r = 1, seed s) -
-      acc(rival, seed s) in points over the seeds both ran, n pairs; gap = -mean(d); paired
-      t = mean(d) / (std(d) / sqrt(n)) (:func:`experiments.stats.paired_test`: 0 when every
-      d_s is 0, -inf / +inf when every d_s is the same negative / positive value). The best
-      rank is 1 when gap <= 0, else the rival. r = 1 is *significantly worse* when
-      t < -t_{0.975, n-1} (two-sided 5%, :func:`experiments.stats.t_critical`), and *within
-      noise* otherwise.
-    * fewer than 2 pairs, or no rank 1 or no other rank: **inconclusive** (nothing to test).
-    * binary: not significantly worse and gap <= ``margin`` points (best = 1 included):
-      **supported**; significantly worse: **not supported**; within noise but with a larger
-      gap: **inconclusive** (too few seeds to tell that gap from noise).
-    * multi-class: significantly worse: **supported**; not significantly worse and
-      gap <= ``margin`` (best = 1 included): **not supported**; within noise with a larger gap:
-      **inconclusive**.
-
-    Choosing the rival from the same seeds favours it (winner's curse), so the test leans
-    towards "r = 1 is worse": it works against the binary claim and for the multi-class one.
-
-    Args:
-      by_rank: rank -> seed -> test accuracy (a fraction).
-      multiclass: the task has more than two classes.
-      margin: the largest mean gap (points) that still counts as competitive.
-
-    Returns:
-      ``verdict``, ``best_rank``, ``rival``, ``gap`` (points), ``t``, ``t_crit``, ``n`` and
-      ``reason`` (one sentence).
-    """
-    ran = {r for r, v in by_rank.items() if v}
-    out = {"best_rank": None, "rival": None, "gap": float("nan"), "t": float("nan")}
-    if 1 not in ran or len(ran) < 2:
-        reason = "needs rank 1 and another rank"
-        return {**out, "t_crit": float("nan"), "n": 0, "verdict": INCONCLUSIVE, "reason": reason}
-    rival = report.best_mean_rank(by_rank, ran - {1})
-    test = stats.paired_test(by_rank[1], by_rank[rival])
-    if test is None:  # no seed in both
-        n, t, gap = 0, float("nan"), float("nan")
-    else:  # t = 0: the differences are all 0 up to rounding; "0.0 -": no negative zero
-        n, t, gap = test.n, test.t, 0.0 if test.t == 0 else 0.0 - 100 * test.diff
-    out = {"rival": rival, "gap": gap, "t": t, "t_crit": stats.t_critical(n - 1), "n": n}
-    out["best_rank"] = 1 if gap <= 0 else rival
-    if n < 2:
-        return {**out, "verdict": INCONCLUSIVE, "reason": f"{n} paired seed(s); needs 2"}
-    worse = t < -out["t_crit"]
-    close = not worse and out["gap"] <= margin
-    if multiclass:
-        verdict = SUPPORTED if worse else NOT_SUPPORTED if close else INCONCLUSIVE
-    else:
-        verdict = NOT_SUPPORTED if worse else SUPPORTED if close else INCONCLUSIVE
-    if worse:
-        reason = f"r = 1 is significantly worse than r = {rival}"
-    elif out["best_rank"] == 1:
-        reason = "rank 1 has the best mean"
-    elif close:
-        reason = f"r = 1 is within noise of r = {rival} and within {margin:g} points"
-    else:
-        reason = f"r = 1 is within noise of r = {rival} but {out['gap']:.1f} points behind"
-    return {**out, "verdict": verdict, "reason": reason}
+def c_star_interval(conclusion: dict) -> tuple[float, float] | None:
+    """The C* interval the rank-1 conclusion is checked against: from the smallest lower to
+    the largest upper bound of gradient descent's intervals over shapes (nan on a side where
+    any shape's bound is undefined); None without GD rows."""
+    cis = [v["gd_ci"] for v in conclusion["shapes"].values() if v.get("gd_ci")]
+    if not cis:
+        return None
+    lows, highs = [float(c[0]) for c in cis], [float(c[1]) for c in cis]
+    low = min(lows) if all(np.isfinite(lows)) else float("nan")
+    high = max(highs) if all(np.isfinite(highs)) else float("nan")
+    return low, high
 
 
-def combine(verdicts: list[str]) -> str:
-    """One verdict of several parts: any not supported wins, then any inconclusive."""
-    if NOT_SUPPORTED in verdicts:
-        return NOT_SUPPORTED
-    return SUPPORTED if verdicts and all(v == SUPPORTED for v in verdicts) else INCONCLUSIVE
+def rank_one_lines(records: list[dict], c_interval) -> tuple[dict, list[str]]:
+    """The rank-1 conclusion (:func:`experiments.verdicts.rank_one_conclusion`) for the paper's
+    case (RoBERTa-large, KN = 64, one adapted matrix: the smallest ``m + n - 1``), and one line
+    per threshold record with the largest C* rank 1 tolerates (one matrix, and summed)."""
+    lines = []
+    for rec in records:
+        one = min(m + n - 1 for m, n in rec["shapes"])
+        summed = rec["matrices"] * one if len(rec["shapes"]) == 1 else None
+        lines.append(
+            f"- {rec['model']}, KN = {rec['KN']}: rank 1 passes for any C* below "
+            f"{one / rec['KN']:.2f} (one {rec['shapes'][0][0]}x{rec['shapes'][0][1]} matrix)"
+            + (f", {summed / rec['KN']:.1f} (all {rec['matrices']} summed)" if summed else "")
+            + "."
+        )
+    big = next(r for r in records if r["model"] == "roberta-large" and r["KN"] == 64)
+    out = rank_one_conclusion(min(m + n - 1 for m, n in big["shapes"]), 64, c_interval)
+    return out, lines
 
 
-def claim_thresholds(cfg: ClaimsConfig) -> dict:
+def claim_thresholds(cfg: ClaimsConfig, c_interval: tuple[float, float] | None) -> dict:
+    """Claim 1's rank-1 conclusion, checked against the measured C* interval ``c_interval``
+    (:func:`c_star_interval` of the C* section; None when it was not measured)."""
     tcfg = thresholds.ThresholdsConfig()
     records = thresholds.summary(tcfg)
     big = next(r for r in records if r["model"] == "roberta-large" and r["KN"] == 64)
-    verdict = SUPPORTED if big["new_rank_summed"] == 1 and big["old_rank"] >= 11 else NOT_SUPPORTED
+    out, lines = rank_one_lines(records, c_interval)
+    fmt = lambda x: "undefined" if not np.isfinite(x) else f"{x:.3f}"  # noqa: E731
     return {
-        "title": "1. Capacity from the real manifold (rank conditions)",
+        "title": "1. Capacity from the real manifold: rank 1 suffices (rank conditions)",
         "claim": "r(m+n) - r^2 > C* KN is met at r = 1 on RoBERTa-large (KN = 64), where the "
         "old r(r+1)/2 > KN prescribes r >= 12.",
         "command": "python -m experiments.thresholds",
         "numbers": thresholds.markdown(records, tcfg.c_star).split("\n\n")[0]
         + f"\n\nAt KN = 64 the exact old inequality gives r >= {big['old_rank']} (11*12/2 = 66 "
         f"> 64); its leading order r > sqrt(2KN) gives r >= {big['old_rank_sqrt']}, the paper's "
-        "figure.",
+        "figure.\n\n"
+        + "\n".join(lines)
+        + f"\n\nMeasured C* (gradient descent, section 1b): [{fmt(out['low'])}, "
+        f"{fmt(out['high'])}]. Verdict rule (`verdicts.rank_one_conclusion`): supported when "
+        f"the whole interval lies below {out['c_max']:.2f} (RoBERTa-large, one matrix, "
+        "KN = 64), not supported when it lies above, inconclusive otherwise (an undefined "
+        "upper bound included).",
         "plot": None,
-        "verdict": verdict,
+        "verdict": out["verdict"],
     }
 
 
 def claim_cstar(cfg: ClaimsConfig) -> dict:
+    """Claim 1's constant: the paper's 1.35 against gradient descent's transition per shape
+    (:func:`experiments.verdicts.cstar_constant`); the section carries ``c_interval`` for the
+    rank-1 conclusion."""
     ccfg = cstar.CStarConfig(
         name=f"{cfg.name}/cstar",
         shapes=cfg.cstar_shapes,
@@ -205,95 +218,103 @@ def claim_cstar(cfg: ClaimsConfig) -> dict:
     )
     result = cstar.run(ccfg)
     conc = result["conclusion"]
-    inside = []
-    for v in conc["shapes"].values():
-        lo, hi = v["capacity_ci"]
-        inside.append(np.isfinite(lo) and np.isfinite(hi) and lo <= PAPER_C_STAR <= hi)
-    lo_all, hi_all = conc["capacity_range"]
-    if all(inside):
-        verdict = SUPPORTED
-    elif not any(inside):
-        verdict = NOT_SUPPORTED
-    else:
-        verdict = INCONCLUSIVE
+    intervals = {shape: v["gd_ci"] for shape, v in conc["shapes"].items()}
+    out = cstar_constant(intervals, PAPER_C_STAR)
+    cap = conc["capacity_range"]
+    cap_text = f"[{cap[0]:.3f}, {cap[1]:.3f}]" if cap else "not measured"
     return {
-        "title": "1b. C* ~= 1.35 under Gaussian-iid features",
+        "title": "1b. C* ~= 1.35 under Gaussian-iid features (the constant)",
         "claim": "Gradient descent on rank-r factorized least squares with Gaussian-iid "
         "measurements reaches zero loss with high probability once dim / KN exceeds C* ~= 1.35.",
         "command": f"python -m experiments.cstar --shapes {' '.join(cfg.cstar_shapes)} "
         f"--solvers {' '.join(cfg.cstar_solvers)} --rhos {' '.join(map(str, cfg.cstar_rhos))} "
         f"--draws {cfg.cstar_draws}",
         "numbers": result["markdown"]
-        + f"\n\nStrong-solver (capacity) estimates range over [{lo_all:.3f}, {hi_all:.3f}]; "
-        f"1.35 inside the 95% interval for {sum(inside)} of {len(inside)} shapes.",
+        + f"\n\nGradient descent (longest budget): 1.35 inside the 95% interval for "
+        f"{len(out['inside'])} shapes {out['inside']}, outside for {len(out['outside'])} "
+        f"{out['outside']}, interval undefined for {len(out['undefined'])} {out['undefined']}. "
+        f"Strong-solver (capacity) estimates range over {cap_text}: the dimension count, not "
+        "the constant the paper reports. Verdict rule (`verdicts.cstar_constant`): supported "
+        "when every GD interval is defined and holds 1.35, not supported when every one is "
+        "defined and excludes it, inconclusive otherwise.",
         "plot": result["plot"],
-        "verdict": verdict,
+        "verdict": out["verdict"],
+        "c_interval": c_star_interval(conc),
         "seconds": result["seconds"],
     }
 
 
 def claim_pl(cfg: ClaimsConfig, cache: dict) -> dict:
-    pcfg = pl.PLConfig(name=f"{cfg.name}/pl", steps=cfg.pl_steps, out=cfg.out)
+    """Claim 2 on the linearized model at r = 1: per seed, whether cross-entropy reached the
+    target loss and ``||grad L|| >= c L`` after the detected plateau
+    (:func:`experiments.verdicts.pl_lojasiewicz`)."""
+    pcfg = pl.PLConfig(
+        name=f"{cfg.name}/pl",
+        seeds=cfg.pl_seeds,
+        max_steps=cfg.pl_max_steps,
+        target_loss=cfg.pl_target_loss,
+        out=cfg.out,
+    )
     res = pl.run(pcfg, problem_cache=cache)
-    ce = res["ce"]
-    slope = ce["grad_exponent"]
-    reached = ce["loss_end"] <= 0.05 * ce["loss_start"] and ce["train_accuracy"] == 1.0
-    # Supported: the loss approaches a certified infimum L* = 0 and ||grad L||^2 >= 2 mu L with a
-    # fixed mu fits the trajectory (exponent <= 1.2). Reached without that: inconclusive.
-    pl_fixed_mu = slope is not None and slope <= 1.2
-    if not reached:
-        verdict = NOT_SUPPORTED
-    elif ce["l_star_certified"] and pl_fixed_mu:
-        verdict = SUPPORTED
-    else:
-        verdict = INCONCLUSIVE
+    out = pl_lojasiewicz(res["seeds"], exponent_tol=pcfg.exponent_tol)
+    reached = sum(r["reached"] for r in res["seeds"])
+    qs = [r["exponent"] for r in res["seeds"] if r["exponent"] is not None]
+    q_text = f"q from {min(qs):.3f} to {max(qs):.3f}" if qs else "no exponent measured"
+    seeds = " ".join(map(str, cfg.pl_seeds))
     return {
-        "title": "2. Cross-entropy has no threshold (PL at r = 1)",
-        "claim": "On the linearized LoRA model, cross-entropy satisfies a PL inequality along "
-        "the trajectory, so GD reaches the infimum at r = 1.",
-        "command": f"python -m experiments.pl --steps {cfg.pl_steps}",
+        "title": "2. Cross-entropy has no threshold (GD reaches the infimum at r = 1)",
+        "claim": "On the linearized LoRA model, cross-entropy satisfies a PL-type inequality "
+        "along the trajectory, so GD reaches the infimum at r = 1.",
+        "command": f"python -m experiments.pl --seeds {seeds} --max-steps {cfg.pl_max_steps} "
+        f"--target-loss {cfg.pl_target_loss:g}",
         "numbers": pl.markdown(res)
-        + "\n\nLast column: p in ||grad L||^2 ~ L^p over the second half of the run (a PL "
-        "inequality with a fixed mu needs p <= 1; p = 2 means ||grad L|| ~ L, for which "
-        "mu_t = ||grad L||^2 / 2L falls with L).",
+        + f"\n\n{reached} of {len(res['seeds'])} seeds reached L <= {cfg.pl_target_loss:g}; "
+        f"after the plateau, {q_text} in ||grad L|| ~ L^q. What is tested is the Lojasiewicz "
+        "form ||grad L|| >= c L (c > 0 along the run when q <= 1): for cross-entropy the PL "
+        "form with a fixed mu cannot hold as L -> 0 (mu_t = ||grad L||^2 / 2L ~ gamma^2 L / 2). "
+        f"Verdict rule (`verdicts.pl_lojasiewicz`, q tolerance {pcfg.exponent_tol:g}): "
+        f"{out['reason']}.",
         "plot": res["plot"],
-        "verdict": verdict,
-        "pl_exponent": slope,
+        "verdict": out["verdict"],
         "seconds": res.get("seconds"),
     }
 
 
 SWEEP_TITLE = "4. Rank one is competitive on binary tasks; multi-class wants more (real sweep)"
 SWEEP_CLAIM = (
-    "On a binary task (MR) LoRA at rank 1 is within noise of the best rank; on a multi-class "
-    "task (TREC, K = 6) the best rank is above 1 and rank 1 is significantly worse."
+    "On a binary task LoRA at rank 1 is competitive with r = 12 (within a fixed margin); on a "
+    "multi-class task (TREC, K = 6) accuracy rises significantly from rank 1 to r = 12."
 )
 
 
-def sweep_verdicts(records: list[dict], margin: float) -> tuple[str, list[str]]:
+def sweep_verdicts(
+    records: list[dict], margin: float, compare_rank: int = 12
+) -> tuple[str, list[str]]:
     """The sweep's verdict from its LoRA records, and one line per task.
 
     Each task's (and encoder's, for records that carry a ``model``: see
-    :func:`experiments.report.lora_groups`) verdict is :func:`rank_verdict` (multi-class when
-    its task has more than two label words); the section's is :func:`combine` of them.
+    :func:`experiments.report.lora_groups`) verdict is
+    :func:`experiments.verdicts.rank_comparison` of rank 1 against ``compare_rank``
+    (multi-class when its task has more than two label words); the section's is
+    :func:`experiments.verdicts.combine` of them.
     """
-    lines, verdicts = [], []
+    lines, found = [], []
     for group, by_rank in report.lora_groups(records).items():
         k = len(tasks.get_task(group[1]).label_words)
-        v = rank_verdict(by_rank, multiclass=k > 2, margin=margin)
-        verdicts.append(v["verdict"])
+        v = rank_comparison(by_rank, multiclass=k > 2, margin=margin, compare_rank=compare_rank)
+        found.append(v["verdict"])
         kind = f"K = {k}, {'multi-class' if k > 2 else 'binary'}"
         label = report.group_label(group)
-        if v["best_rank"] is None:
+        if v["n"] < 2:
             lines.append(f"- {label} ({kind}): {v['reason']}: **{v['verdict']}**.")
             continue
         lines.append(
-            f"- {label} ({kind}): best rank {v['best_rank']}; the best rank above 1 is "
-            f"r = {v['rival']}, its mean minus r = 1's {v['gap']:+.1f} points, paired t of r = 1 "
-            f"minus it {v['t']:.2f} over {v['n']} seeds (significantly worse when "
-            f"t < -{v['t_crit']:.2f}); {v['reason']}: **{v['verdict']}**."
+            f"- {label} ({kind}): r = 1 minus r = {compare_rank} {v['diff']:+.1f} points over "
+            f"{v['n']} seeds, 90% interval [{v['low']:+.1f}, {v['high']:+.1f}]; TOST p = "
+            f"{v['p_tost']:.3g} (margin ±{margin:g}), one-sided p of a rise with rank "
+            f"{v['p_rise']:.3g}; {v['reason']}: **{v['verdict']}**."
         )
-    return combine(verdicts), lines
+    return combine(found), lines
 
 
 def claim_sweep(cfg: ClaimsConfig) -> tuple[dict, str]:
@@ -311,7 +332,7 @@ def claim_sweep(cfg: ClaimsConfig) -> tuple[dict, str]:
     )
     run_dir = run_lib.run(ecfg)
     records = report.read_results(os.path.join(run_dir, "results.jsonl"))
-    verdict, lines = sweep_verdicts(records, cfg.sweep_margin)
+    verdict, lines = sweep_verdicts(records, cfg.sweep_margin, cfg.sweep_compare_rank)
     section = {
         "title": SWEEP_TITLE,
         "claim": SWEEP_CLAIM,
@@ -325,11 +346,14 @@ def claim_sweep(cfg: ClaimsConfig) -> tuple[dict, str]:
         + report.markdown_table(records)
         + "\n\n"
         + "\n".join(lines)
-        + f"\n\nVerdict rule (`paper_claims.rank_verdict`): paired t over seeds of r = 1 minus "
-        f"the best rank above 1 (by mean), at 5%; binary supported when r = 1 is within noise "
-        f"and at most {cfg.sweep_margin:g} points behind; multi-class supported when r = 1 is "
-        "significantly worse; the section is supported when every task is, not supported "
-        "when any task is not.",
+        + "\n\nVerdict rule (`verdicts.rank_comparison`): r = 1 against "
+        f"r = {cfg.sweep_compare_rank}, fixed in advance. Binary: supported when the two "
+        f"one-sided tests (5% each) show the mean difference within ±{cfg.sweep_margin:g} "
+        "points (or r = 1 better by more), not supported when r = 1 is shown worse by more "
+        "than the margin, inconclusive otherwise (too few seeds or too much spread to tell). "
+        "Multi-class: supported when a one-sided paired t test (5%) shows accuracy rising from "
+        "r = 1, not supported when the two are equivalent or r = 1 is significantly better. "
+        "The section is supported when every task is, not supported when any task is not.",
         "plot": os.path.join(run_dir, "plots", "accuracy_vs_rank.png"),
         "verdict": verdict,
     }
@@ -347,24 +371,12 @@ def _sweep_not_run() -> dict:
     }
 
 
-def bound_verdict(argmins: dict[str, tuple[int, int]]) -> str:
-    """Verdict of the bias / variance claim from each task's ``(K, argmin of the bound)``.
-
-    A task agrees with the claim when its argmin is 1 for K = 2 and above 1 for K > 2:
-    supported when every task agrees, not supported when none does, otherwise inconclusive.
-    """
-    agree = [(best == 1) == (k == 2) for k, best in argmins.values()]
-    if agree and all(agree):
-        return SUPPORTED
-    return NOT_SUPPORTED if not any(agree) else INCONCLUSIVE
-
-
 def claim_bias_variance(cfg: ClaimsConfig, results_path: str | None) -> dict:
     """The bias / variance curves of ``cfg.tasks``, with the sweep's test errors beside them
     when ``results_path`` (its ``results.jsonl``) is given."""
     bcfg = bias_variance.BiasVarianceConfig(
         name=f"{cfg.name}/bias_variance",
-        tasks=cfg.tasks,
+        tasks=cfg.bv_tasks,
         k=cfg.bv_k,
         steps=cfg.bv_steps,
         ranks=cfg.bv_ranks,
@@ -373,26 +385,54 @@ def claim_bias_variance(cfg: ClaimsConfig, results_path: str | None) -> dict:
         out=cfg.out,
     )
     out = bias_variance.run(bcfg)
-    argmins = {t["task"]: (t["K"], t["best_rank"]) for t in out["tasks"]}
+    verdict, lines = bias_variance_verdicts(out["tasks"], cfg.bv_saturation)
     return {
         "title": "3. Why rank one generalizes (bias / variance over rank)",
         "claim": "Binary (K = 2): the bias is saturated at r = 1, so rank one minimizes bias + "
         "variance; K > 2: the bias keeps falling, so the best rank is above one.",
-        "command": f"python -m experiments.bias_variance --tasks {' '.join(cfg.tasks)} "
+        "command": f"python -m experiments.bias_variance --tasks {' '.join(cfg.bv_tasks)} "
         f"--k {cfg.bv_k} --steps {cfg.bv_steps} --draws {cfg.bv_draws} --ranks "
         f"{' '.join(map(str, cfg.bv_ranks))}"
         + (f" --finetune-results {results_path}" if results_path else ""),
         "numbers": out["markdown"]
-        + "\n\nArgmin of fit + complexity: "
-        + ", ".join(f"{t} (K = {k}): r = {r}" for t, (k, r) in argmins.items())
-        + ". Verdict rule (`paper_claims.bound_verdict`): supported when the argmin is 1 on every "
-        "binary task and above 1 on every multi-class one; not supported when no task agrees; "
-        "otherwise inconclusive. The measured test errors (section 4's sweep) are shown beside "
-        "the bound and do not enter this verdict.",
+        + "\n\n"
+        + "\n".join(lines)
+        + f"\n\nVerdict rule (`verdicts.bias_variance_task`): the bias is saturated when the "
+        f"training loss falls by at most {cfg.bv_saturation:g} nats from r = 1 to the largest "
+        "rank; a task is not supported when that disagrees with the claim (saturated for "
+        "K = 2, falling for K > 2), inconclusive when it agrees but the bound is vacuous "
+        "(above the loss range of 1 nat), and otherwise follows the bound's argmin. The "
+        "measured test errors (section 4's sweep) are shown beside the bound and do not enter "
+        "this verdict.",
         "plot": out["plot"],
-        "verdict": bound_verdict(argmins),
+        "verdict": verdict,
         "seconds": out["seconds"],
     }
+
+
+def bias_variance_verdicts(results: list[dict], saturation: float) -> tuple[str, list[str]]:
+    """The section's verdict from :func:`experiments.bias_variance.run_task` results, and one
+    line per task (:func:`experiments.verdicts.bias_variance_task`, then ``combine``)."""
+    found, lines = [], []
+    for t in results:
+        v = bias_variance_task(
+            t["K"],
+            t["fit_drop_1_to_max"],
+            saturation=saturation,
+            bound_min=t["bound_min"],
+            loss_bound=bv_theory.LOSS_BOUND,
+            bound_argmin=t["best_rank"],
+        )
+        found.append(v["verdict"])
+        lines.append(
+            f"- {t['task']} (K = {t['K']}): training loss falls by {t['fit_drop_1_to_max']:.4f} "
+            f"nats from r = {t['ranks'][0]} to r = {t['ranks'][-1]} "
+            f"({'saturated' if v['saturated'] else 'not saturated'}); bound at least "
+            f"{t['bound_min']:.3g} nats ({'vacuous, ' if v['vacuous'] else ''}"
+            f"{v['vacuous_by']:.3g} x the loss range), lowest at r = {t['best_rank']}: "
+            f"**{v['verdict']}**."
+        )
+    return combine(found), lines
 
 
 def write_report(run_dir: str, sections: list[dict]) -> str:
@@ -441,8 +481,8 @@ def run(cfg: ClaimsConfig) -> str:
         return section
 
     parts = [
-        ("thresholds", lambda: claim_thresholds(cfg)),
         ("cstar", lambda: claim_cstar(cfg)),
+        ("thresholds", lambda: claim_thresholds(cfg, sections["cstar"].get("c_interval"))),
         ("pl", lambda: claim_pl(cfg, cache)),
         ("rank_sweep", run_sweep),
         ("bias_variance", lambda: claim_bias_variance(cfg, sweep["results"])),

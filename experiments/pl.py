@@ -1,15 +1,25 @@
-"""Cross-entropy has no rank threshold: ``python -m experiments.pl [--rank 1] [--steps 1500]``.
+"""Cross-entropy has no rank threshold: ``python -m experiments.pl [--rank 1] [--seeds ...]``.
 
 Trains the linearized LoRA model (Jang et al.: linear in the base weights at W0, update
 ``scale * A @ B`` on query and value; by default of the last two layers, to keep each
-full-batch step cheap on a CPU) of a real task, MR on the embedded MiniLM
-by default, with full-batch gradient descent at rank r = 1, once with cross-entropy and once
-with squared error, and records the loss and ``mu_t = ||grad L||^2 / (2 (L - L*))`` at every
-step (:mod:`ntk.theory.pl`). L* = 0 for both: for cross-entropy it is certified when the
-update's own outputs ``f - f0`` classify every training example correctly (then scaling the
-update drives the loss to 0), and for squared error when the end loss is numerically zero;
-without a certificate, mu_t with L* = 0 is still a lower bound on the ratio for the true
-infimum. Writes ``runs/<name>/pl.json`` and ``plots/pl.png``.
+full-batch step cheap on a CPU) of a real task, MR on the embedded MiniLM by default, with
+full-batch gradient descent at rank r = 1 and cross-entropy, once per seed (the few-shot split
+and the adapter init), until the loss is at most ``target_loss`` or ``max_steps`` pass.
+
+What is tested is the Lojasiewicz form of the paper's claim for cross-entropy,
+``||grad L|| >= c L`` along the trajectory (L* = 0, approached but not attained on data the
+update separates). The PL form ``||grad L||^2 >= 2 mu L`` with one mu cannot hold as L -> 0
+for cross-entropy (``||grad L|| ~ gamma L`` makes mu_t = gamma^2 L / 2 fall with L), and the
+Lojasiewicz form is enough for GD to reach the infimum. The start B = 0 is no saddle (grad_B
+is not zero there, only proportional to the small A), but the loss stays near log K for a
+while: the plateau's end is detected from each loss curve
+(:func:`experiments.verdicts.plateau_end`) and the numbers are measured after it: the exponent
+q of ``||grad L|| ~ L^q`` (the form holds with one c > 0 when q <= 1) and the smallest ratio
+``c = ||grad L|| / L``. A squared-error run of the first seed (its own step size) is kept
+as a control, and the same squared-error problem solved to convergence by Levenberg-Marquardt
+(:func:`ntk.theory.sensing.levenberg_marquardt`; at r = 1 the manifold dimension of the adapted
+matrices is far above KN, so no threshold can show there). Writes ``runs/<name>/pl.json`` and
+``plots/pl.png``.
 """
 
 from __future__ import annotations
@@ -25,29 +35,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import verdicts
 from experiments.config import ExperimentConfig
 from experiments.workbench import Workbench
 from lora_jax import lora
+from lora_jax.errors import ConfigError, UserError, user_message
 from lora_jax.losses import get_loss
 from ntk.theory import pl, sensing
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PLConfig:
-    """The PL check.
+    """The PL / Lojasiewicz check.
 
     Attributes:
       name: run directory name under ``out``.
       model: encoder (``minilm`` = the embedded MiniLM-L6).
       task: task name.
-      seed: few-shot sampling seed (and adapter init).
+      seeds: few-shot sampling seeds (each also seeds its adapter init).
       k: examples per class.
       rank: LoRA rank.
       targets: LoRA target modules.
       layers: adapted layer indices (PEFT ``layers_to_transform``); empty = all layers.
-      steps: full-batch gradient-descent steps per loss.
+      target_loss: a run stops once its cross-entropy is at most this.
+      max_steps: the most full-batch gradient-descent steps per run.
       lr_ce: step size for cross-entropy.
-      lr_mse: step size for squared error.
+      lr_mse: step size for the squared-error control.
+      mse_steps: the most steps of the squared-error control (first seed; 0: not run).
+      lm_iters: Levenberg-Marquardt iterations of the squared-error control solved to
+        convergence on the linearized model (first seed, same start; 0: not run).
+      exponent_tol: the form ``||grad L|| >= c L`` counts as holding when the exponent q of
+        ``||grad L|| ~ L^q`` after the plateau is at most ``1 + exponent_tol``.
       max_length: token length.
       out: parent directory of run directories.
     """
@@ -55,24 +73,40 @@ class PLConfig:
     name: str = "pl"
     model: str = "minilm"
     task: str = "mr"
-    seed: int = 13
+    seeds: tuple[int, ...] = (13, 21, 42, 87, 100, 1, 2, 3, 4, 5)
     k: int = 16
     rank: int = 1
     targets: str = "query|value"
     layers: tuple[int, ...] = (4, 5)
-    steps: int = 1000
+    target_loss: float = 1e-3
+    max_steps: int = 8000
     lr_ce: float = 0.05
     lr_mse: float = 0.02
+    mse_steps: int = 2000
+    lm_iters: int = 40
+    exponent_tol: float = 0.1
     max_length: int = 48
     out: str = "runs"
 
     def __post_init__(self):
-        if self.rank < 1 or self.steps < 1 or self.k < 1:
-            raise ValueError(
-                f"rank, steps and k must be >= 1; got {self.rank}, {self.steps}, {self.k}."
+        if (
+            self.rank < 1
+            or self.max_steps < 1
+            or self.k < 1
+            or not self.seeds
+            or self.mse_steps < 0
+            or self.lm_iters < 0
+        ):
+            raise ConfigError(
+                f"rank, max_steps and k must be >= 1, mse_steps and lm_iters >= 0 and seeds "
+                f"non-empty; got {self.rank}, {self.max_steps}, {self.k}, {self.mse_steps}, "
+                f"{self.lm_iters}, {list(self.seeds)}."
             )
-        if self.lr_ce <= 0 or self.lr_mse <= 0:
-            raise ValueError(f"learning rates must be > 0; got {self.lr_ce}, {self.lr_mse}.")
+        if self.lr_ce <= 0 or self.lr_mse <= 0 or self.target_loss <= 0:
+            raise ConfigError(
+                f"learning rates and target_loss must be > 0; got {self.lr_ce}, {self.lr_mse}, "
+                f"{self.target_loss}."
+            )
 
 
 def load_problem(
@@ -86,8 +120,55 @@ def load_problem(
     return problem, data.train["labels"], output_fn, params
 
 
+def _gd(problem, labels, adapters0, loss_name: str, lr: float, steps: int, target: float):
+    """GD on the linearized model until ``target``; a diverged run is retried at lr / 4."""
+    loss = get_loss(loss_name)
+    for _ in range(4):
+        traj = pl.trajectory(
+            lambda a, data, loss=loss: loss(sensing.outputs(data[0], a), data[1]),
+            adapters0,
+            (problem, labels),
+            steps=steps,
+            learning_rate=lr,
+            stop_below=target,
+        )
+        if np.isfinite(traj.loss).all():
+            break
+        lr /= 4
+    return traj, lr
+
+
+def _thin(x: np.ndarray, points: int = 2000) -> list:
+    """At most ``points`` values of a curve (log-spaced steps), as ``[step, value]`` pairs."""
+    steps = np.unique(np.geomspace(1, len(x), points).astype(int) - 1)
+    steps = np.union1d([0], steps)
+    return [[int(t), float(x[t])] for t in steps]
+
+
+def seed_numbers(loss: np.ndarray, grad_sq: np.ndarray, target: float) -> dict:
+    """One run's numbers after its detected plateau (pure: numbers in, numbers out)."""
+    grad = np.sqrt(grad_sq)
+    start = verdicts.plateau_end(loss)
+    tail = slice(start, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = grad[tail] / loss[tail]
+    ratio = ratio[np.isfinite(ratio)]
+    return {
+        "steps": len(loss) - 1,
+        "loss_start": float(loss[0]),
+        "loss_end": float(loss[-1]),
+        "plateau_end": start,
+        "loss_at_plateau_end": float(loss[start]),
+        "reached": bool(loss[-1] <= target),
+        "stalled": verdicts.stalled(loss, target),
+        "exponent": verdicts.lojasiewicz_exponent(loss[tail], grad[tail]),
+        "c_min": float(ratio.min()) if ratio.size else None,
+        "c_end": float(ratio[-1]) if ratio.size else None,
+    }
+
+
 def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True) -> dict:
-    """Both trajectories, their PL figures and the plot; returns the results dict.
+    """Every seed's cross-entropy run, the squared-error control, the plot; returns the results.
 
     With ``resume``, a ``pl.json`` of the same configuration in the run directory is returned
     instead of recomputing.
@@ -103,61 +184,62 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
     lcfg = lora.LoraConfig(
         r=cfg.rank, alpha=2.0 * cfg.rank, targets=cfg.targets, layers=cfg.layers or None
     )
-    key = (cfg.model, cfg.task, cfg.seed, cfg.k, cfg.max_length, cfg.targets, cfg.layers)
     cache = problem_cache if problem_cache is not None else {}
-    if key not in cache:
-        cache[key] = load_problem(cfg.model, cfg.task, cfg.seed, cfg.k, cfg.max_length, lcfg)
-    problem, labels, _, params = cache[key]
-    jac_seconds = time.time() - start
-    adapters0 = lora.init(jax.random.key(cfg.seed), params, lcfg)
-    results = {"config": dataclasses.asdict(cfg), "jacobian_seconds": jac_seconds}
-    for loss_name, lr in (("ce", cfg.lr_ce), ("mse", cfg.lr_mse)):
+    results: dict = {"config": dataclasses.asdict(cfg), "seeds": [], "jacobian_seconds": 0.0}
+    for i, seed in enumerate(cfg.seeds):
         t0 = time.time()
-        loss = get_loss(loss_name)
-        for _ in range(4):  # a diverged run (non-finite loss) is retried at lr / 4
-            traj = pl.trajectory(
-                lambda a, data, loss=loss: loss(sensing.outputs(data[0], a), data[1]),
-                adapters0,
-                (problem, labels),
-                steps=cfg.steps,
-                learning_rate=lr,
-            )
-            if np.isfinite(traj.loss).all():
-                break
-            lr /= 4
+        key = (cfg.model, cfg.task, seed, cfg.k, cfg.max_length, cfg.targets, cfg.layers)
+        if key not in cache:
+            cache[key] = load_problem(cfg.model, cfg.task, seed, cfg.k, cfg.max_length, lcfg)
+        problem, labels, _, params = cache[key]
+        results["jacobian_seconds"] += time.time() - t0
+        adapters0 = lora.init(jax.random.key(seed), params, lcfg)
+        t1 = time.time()
+        traj, lr = _gd(problem, labels, adapters0, "ce", cfg.lr_ce, cfg.max_steps, cfg.target_loss)
         outputs = sensing.outputs(problem, traj.params)
-        update = outputs - problem.f0
-        acc = float(jnp.mean(jnp.argmax(outputs, -1) == labels))
-        certified = bool(jnp.all(jnp.argmax(update, -1) == labels))
-        if loss_name == "mse":
-            certified = bool(traj.loss[-1] <= 1e-6 * traj.loss[0])
-        mu = pl.pl_constants(traj, 0.0)
-        skip = max(1, cfg.steps // 100)  # the first steps leave the B = 0 saddle
-        tail = mu[cfg.steps // 2 :]
-        # Exponent p of ||grad L||^2 ~ L^p over the second half: a PL inequality with a fixed
-        # mu needs p <= 1; p = 2 means ||grad L|| ~ L (mu_t then falls with L).
-        half = slice(len(traj.loss) // 2, None)
-        ok = (traj.loss[half] > 0) & (traj.grad_sq[half] > 0) & np.isfinite(traj.loss[half])
-        exponent = (
-            float(np.polyfit(np.log(traj.loss[half][ok]), np.log(traj.grad_sq[half][ok]), 1)[0])
-            if ok.sum() > 2
-            else None
-        )
-        results[loss_name] = {
+        rec = {
+            "seed": seed,
             "lr": lr,
-            "loss": traj.loss.tolist(),
-            "grad_sq": traj.grad_sq.tolist(),
-            "grad_exponent": exponent,
-            "mu": [None if not np.isfinite(x) else float(x) for x in mu],
-            "loss_start": float(traj.loss[0]),
-            "loss_end": float(traj.loss[-1]),
-            "train_accuracy": acc,
-            "l_star_certified": certified,
-            "mu_min": float(np.nanmin(mu[skip:])) if np.isfinite(mu[skip:]).any() else None,
-            "mu_min_second_half": float(np.nanmin(tail)) if np.isfinite(tail).any() else None,
-            "mu_end": float(mu[-1]) if np.isfinite(mu[-1]) else None,
-            "seconds": time.time() - t0,
+            **seed_numbers(traj.loss, traj.grad_sq, cfg.target_loss),
+            "train_accuracy": float(jnp.mean(jnp.argmax(outputs, -1) == labels)),
+            # L* = 0 is certified when the update's own outputs classify every example.
+            "l_star_certified": bool(jnp.all(jnp.argmax(outputs - problem.f0, -1) == labels)),
+            "loss": _thin(traj.loss),
+            "ratio": _thin(np.sqrt(traj.grad_sq) / np.maximum(traj.loss, 1e-300)),
+            "seconds": time.time() - t1,
         }
+        results["seeds"].append(rec)
+        if i == 0 and cfg.mse_steps:  # the squared-error control on the first seed
+            t1 = time.time()
+            mse, lr = _gd(
+                problem, labels, adapters0, "mse", cfg.lr_mse, cfg.mse_steps, cfg.target_loss
+            )
+            results["mse"] = {
+                "seed": seed,
+                "lr": lr,
+                "steps": len(mse.loss) - 1,
+                "loss_start": float(mse.loss[0]),
+                "loss_end": float(mse.loss[-1]),
+                "loss": _thin(mse.loss),
+                "seconds": time.time() - t1,
+            }
+        if i == 0 and cfg.lm_iters:  # the squared-error problem solved to convergence
+            t1 = time.time()
+            targets = jax.nn.one_hot(labels, problem.f0.shape[1], dtype=problem.f0.dtype)
+            losses, _ = sensing.levenberg_marquardt(problem, targets, adapters0, iters=cfg.lm_iters)
+            dim = sum(
+                cfg.rank * (j.shape[2] + j.shape[3]) - cfg.rank**2 for j in problem.jac.values()
+            )
+            results["mse_lm"] = {
+                "seed": seed,
+                "iters": cfg.lm_iters,
+                "loss_start": float(losses[0]),
+                "loss_end": float(losses[-1]),
+                "loss": losses.tolist(),
+                "dim": int(dim),
+                "kn": int(problem.f0.size),
+                "seconds": time.time() - t1,
+            }
     os.makedirs(run_dir, exist_ok=True)
     results["plot"] = plot(results, os.path.join(run_dir, "plots", "pl.png"))
     results["seconds"] = time.time() - start
@@ -174,20 +256,28 @@ def plot(results: dict, path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for name, label in (("ce", "cross-entropy"), ("mse", "squared error")):
-        r = results[name]
-        ax1.semilogy(r["loss"], label=f"{label} (lr {r['lr']:g})")
-        mu = np.array([np.nan if x is None else x for x in r["mu"]])
-        ax2.semilogy(mu, label=label)
-    ax1.set_xlabel("GD step")
+    for i, r in enumerate(results["seeds"]):
+        t, loss = np.array(r["loss"]).T
+        ax1.loglog(t + 1, loss, color="C0", alpha=0.5, label="cross-entropy" if i == 0 else None)
+        t, ratio = np.array(r["ratio"]).T
+        ax2.loglog(t + 1, ratio, color="C0", alpha=0.5)
+        ax2.axvline(r["plateau_end"] + 1, color="C0", lw=0.5, ls=":")
+    if "mse" in results:
+        t, loss = np.array(results["mse"]["loss"]).T
+        ax1.loglog(t + 1, loss, color="C1", label="squared error (seed 1)")
+    ax1.axhline(results["config"]["target_loss"], color="k", lw=0.8, ls="--")
+    ax1.set_xlabel("GD step + 1")
     ax1.set_ylabel("training loss (L* = 0)")
-    ax2.set_xlabel("GD step")
-    ax2.set_ylabel("mu_t = |grad L|^2 / 2(L - L*)")
+    ax2.set_xlabel("GD step + 1")
+    ax2.set_ylabel("c_t = |grad L| / L (dotted: plateau end)")
     cfg = results["config"]
-    fig.suptitle(f"linearized LoRA, {cfg['task']} on {cfg['model']}, r = {cfg['rank']}")
+    fig.suptitle(
+        f"linearized LoRA, {cfg['task']} on {cfg['model']}, r = {cfg['rank']}, "
+        f"{len(results['seeds'])} seeds"
+    )
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    ax1.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -196,20 +286,36 @@ def plot(results: dict, path: str) -> str:
 
 
 def markdown(results: dict) -> str:
+    fmt = lambda x: "n/a" if x is None or not np.isfinite(x) else f"{x:.3g}"  # noqa: E731
     lines = [
-        "| loss | lr | L start | L end | train acc | L* = 0 certified | min mu_t | "
-        "min mu_t, 2nd half | mu_t at end | p in grad^2 ~ L^p, 2nd half |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| seed | lr | steps | L start | plateau end (L there) | L end | reached target | "
+        "stalled | q in grad ~ L^q after plateau | min grad/L after plateau | grad/L at end "
+        "| train acc |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("ce", "mse"):
-        r = results[name]
-        fmt = lambda x: "n/a" if x is None else f"{x:.3g}"  # noqa: E731
+    for r in results["seeds"]:
         lines.append(
-            f"| {name} | {r['lr']:g} | {r['loss_start']:.4g} | {r['loss_end']:.3g} | "
-            f"{100 * r['train_accuracy']:.0f}% | {'yes' if r['l_star_certified'] else 'no'} | "
-            f"{fmt(r['mu_min'])} | {fmt(r['mu_min_second_half'])} | {fmt(r['mu_end'])} | "
-            f"{fmt(r['grad_exponent'])} |"
+            f"| {r['seed']} | {r['lr']:g} | {r['steps']} | {r['loss_start']:.4g} | "
+            f"{r['plateau_end']} ({r['loss_at_plateau_end']:.3g}) | {r['loss_end']:.3g} | "
+            f"{'yes' if r['reached'] else 'no'} | {'yes' if r['stalled'] else 'no'} | "
+            f"{fmt(r['exponent'])} | {fmt(r['c_min'])} | {fmt(r['c_end'])} | "
+            f"{100 * r['train_accuracy']:.0f}% |"
         )
+    if "mse" in results:
+        m = results["mse"]
+        lines += [
+            "",
+            f"Squared-error control (seed {m['seed']}, lr {m['lr']:g}): loss {m['loss_start']:.4g}"
+            f" -> {m['loss_end']:.3g} in {m['steps']} steps.",
+        ]
+    if "mse_lm" in results:
+        m = results["mse_lm"]
+        lines += [
+            "",
+            f"Squared error solved by Levenberg-Marquardt (seed {m['seed']}, manifold dimension "
+            f"{m['dim']} against KN = {m['kn']}): loss {m['loss_start']:.4g} -> "
+            f"{m['loss_end']:.3g} in {m['iters']} iterations.",
+        ]
     return "\n".join(lines)
 
 
@@ -218,24 +324,24 @@ def parse_args(argv: list[str] | None = None) -> PLConfig:
     parser = argparse.ArgumentParser(prog="python -m experiments.pl", description=__doc__)
     for field in dataclasses.fields(PLConfig):
         flag = "--" + field.name.replace("_", "-")
-        if field.name == "layers":
-            parser.add_argument(flag, nargs="*", type=int)
+        if field.name in ("layers", "seeds"):
+            parser.add_argument(flag, nargs="*" if field.name == "layers" else "+", type=int)
             continue
         kind = {int: int, float: float}.get(type(field.default), str)
         parser.add_argument(flag, type=kind)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     try:
         return PLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    except ValueError as err:
-        parser.error(str(err))
+    except ConfigError as err:
+        parser.error(user_message(err))
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     try:
         results = run(cfg)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err.args[0] if err.args else err}") from err
+    except UserError as err:  # bad input: one line; a bug keeps its traceback
+        raise SystemExit(f"error: {user_message(err)}") from err
     print(markdown(results))
     print(f"plot: {results['plot']} ({results['seconds']:.0f} s)", file=sys.stderr)
 

@@ -16,7 +16,16 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats as _scipy_stats
 
-__all__ = ["PairedTest", "paired_test", "sign_flip_p", "t_critical", "t_interval"]
+__all__ = [
+    "Equivalence",
+    "PairedTest",
+    "equivalence_test",
+    "one_sided_p",
+    "paired_test",
+    "sign_flip_p",
+    "t_critical",
+    "t_interval",
+]
 
 LEVEL = 0.95  # confidence level of every interval, and 1 - the test level (two-sided 0.05)
 _EXACT_MAX_N = 20  # sign-flip test enumerates all 2**n sign vectors up to this n
@@ -155,4 +164,112 @@ def paired_test(a: dict[int, float], b: dict[int, float]) -> PairedTest | None:
         df=n - 1,
         p=p,
         p_sign_flip=sign_flip_p(d),
+    )
+
+
+def one_sided_p(differences: Sequence[float], shift: float, *, greater: bool) -> float:
+    """One-sided p-value of the one-sample t test of ``mean(d) <= shift`` (``greater``) or
+    ``mean(d) >= shift`` (not ``greater``), df = n - 1.
+
+    ``t = (mean(d) - shift) / (s_d / sqrt(n))``; p = P(T_{n-1} >= t) for ``greater``, P(T_{n-1}
+    <= t) otherwise. With no spread in the differences (``s_d`` within rounding of 0) the
+    p-value is 0 when every difference lies on the alternative's side of ``shift`` and 1
+    otherwise; nan for n < 2.
+    """
+    d = np.asarray(differences, np.float64)
+    if d.size < 2:
+        return float("nan")
+    se = float(d.std(ddof=1)) / np.sqrt(d.size)
+    gap = float(d.mean()) - shift
+    if se <= 1e-12 * max(1.0, float(np.abs(d).max()), abs(shift)):
+        return 0.0 if (gap > 0 if greater else gap < 0) else 1.0
+    t = gap / se
+    dist = _scipy_stats.t(df=d.size - 1)
+    return float(dist.sf(t) if greater else dist.cdf(t))
+
+
+class Equivalence(NamedTuple):
+    """Two one-sided tests (TOST) of ``|mean(d)| < margin`` over paired differences.
+
+    Attributes:
+      n: number of pairs.
+      diff: mean difference.
+      low, high: the ``1 - 2 alpha`` t interval of the mean difference (nan for n < 2): the
+        TOST at level alpha rejects both nulls exactly when it lies inside ``(-margin, margin)``.
+      p_lower: p-value of the test of ``mean(d) <= -margin`` (rejected: not worse by the margin).
+      p_upper: p-value of the test of ``mean(d) >= margin`` (rejected: not better by it).
+      p: the TOST p-value ``max(p_lower, p_upper)``.
+      margin: the equivalence margin.
+      alpha: the level of each one-sided test.
+    """
+
+    n: int
+    diff: float
+    low: float
+    high: float
+    p_lower: float
+    p_upper: float
+    p: float
+    margin: float
+    alpha: float
+
+    @property
+    def equivalent(self) -> bool:
+        """Both one-sided nulls rejected at ``alpha``: the difference is within the margin."""
+        return bool(self.p < self.alpha)
+
+    @property
+    def worse(self) -> bool:
+        """``mean(d) < -margin`` shown at ``alpha`` (the interval lies below ``-margin``)."""
+        return bool(1 - self.p_lower < self.alpha)
+
+    @property
+    def better(self) -> bool:
+        """``mean(d) > margin`` shown at ``alpha`` (the interval lies above ``margin``)."""
+        return bool(1 - self.p_upper < self.alpha)
+
+
+def equivalence_test(
+    differences: Sequence[float], margin: float, *, alpha: float = 1 - LEVEL
+) -> Equivalence:
+    """TOST (Schuirmann 1987) of paired differences against the margin ``(-margin, margin)``.
+
+    Two one-sided t tests at level ``alpha`` each: ``H0: mean <= -margin`` against ``mean >
+    -margin`` and ``H0: mean >= margin`` against ``mean < margin``; equivalence is shown when
+    both reject, i.e. when the ``1 - 2 alpha`` interval ``mean ± t_{1-alpha, n-1} se`` lies
+    inside the margin. Low power (few seeds, large spread) leaves both nulls standing: no
+    equivalence, so lack of evidence never counts as support.
+
+    Args:
+      differences: ``[n]`` paired differences (e.g. accuracy at r = 1 minus r = 12, points).
+      margin: the equivalence margin (> 0, same units).
+      alpha: level of each one-sided test.
+
+    References:
+      Schuirmann, "A comparison of the two one-sided tests procedure and the power approach
+      for assessing the equivalence of average bioavailability", J. Pharmacokin. Biopharm.,
+      1987.
+    """
+    d = np.asarray(differences, np.float64)
+    if d.size == 0:
+        raise ValueError("equivalence_test of no differences")
+    if not margin > 0:
+        raise ValueError(f"equivalence margin must be > 0, got {margin}.")
+    diff = float(d.mean())
+    if d.size < 2:
+        nan = float("nan")
+        return Equivalence(d.size, diff, nan, nan, nan, nan, nan, float(margin), alpha)
+    half = t_critical(d.size - 1, level=1 - 2 * alpha) * float(d.std(ddof=1)) / np.sqrt(d.size)
+    p_lower = one_sided_p(d, -margin, greater=True)
+    p_upper = one_sided_p(d, margin, greater=False)
+    return Equivalence(
+        n=int(d.size),
+        diff=diff,
+        low=diff - half,
+        high=diff + half,
+        p_lower=p_lower,
+        p_upper=p_upper,
+        p=max(p_lower, p_upper),
+        margin=float(margin),
+        alpha=alpha,
     )

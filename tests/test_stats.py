@@ -171,3 +171,52 @@ def test_several_encoders_get_an_encoder_column_and_a_section_each(tmp_path):
     assert text.index("## enc-a") < text.index("## enc-b") < text.index("## Rank 1 vs rank 12 (or")
     assert "## Best rank" in text and "## Fine-tuning vs NTK predictions" in text
     assert (tmp_path / "plots" / "accuracy_vs_rank.png").stat().st_size > 1000
+
+
+# --- the equivalence test (two one-sided tests) ----------------------------------------------
+
+
+def sf_df2(t):
+    """P(T_2 >= t), closed form: (1 - t / sqrt(2 + t^2)) / 2."""
+    return 0.5 * (1 - t / math.sqrt(2 + t * t))
+
+
+@pytest.mark.parametrize("x", [-2.5, -0.4, 0.0, 1.3, 3.0])
+def test_equivalence_test_matches_the_df2_closed_form(x):
+    # d = (x - 1, x, x + 1): mean x, sd 1, se 1 / sqrt 3, df 2; margin 2.
+    eq = stats.equivalence_test([x - 1, x, x + 1], 2.0)
+    t_lower, t_upper = (x + 2) * math.sqrt(3), (x - 2) * math.sqrt(3)
+    assert eq.p_lower == pytest.approx(sf_df2(t_lower), rel=1e-9, abs=1e-15)
+    assert eq.p_upper == pytest.approx(1 - sf_df2(t_upper), rel=1e-9, abs=1e-15)
+    assert eq.p == max(eq.p_lower, eq.p_upper)
+    half = q_df2(0.95) / math.sqrt(3)  # the 90% interval: t_{0.95, 2} = 2.92
+    assert (eq.low, eq.high) == (pytest.approx(x - half), pytest.approx(x + half))
+    # TOST at 5% rejects both nulls exactly when the 90% interval lies inside (-2, 2).
+    assert eq.equivalent == (-2 < eq.low and eq.high < 2)
+    assert eq.worse == (eq.high < -2) and eq.better == (eq.low > 2)
+
+
+def test_equivalence_boundary_is_the_t_quantile():
+    # mean x, se 1 / sqrt 3: equivalent iff |x| + 2.91999 / sqrt 3 < 2, i.e. |x| < 0.31414.
+    edge = 2 - q_df2(0.95) / math.sqrt(3)
+    assert edge == pytest.approx(0.31414, abs=1e-5)
+    assert stats.equivalence_test([edge - 1e-4 + d for d in (-1, 0, 1)], 2.0).equivalent
+    assert not stats.equivalence_test([edge + 1e-4 + d for d in (-1, 0, 1)], 2.0).equivalent
+    assert not stats.equivalence_test([-edge - 1e-4 + d for d in (-1, 0, 1)], 2.0).equivalent
+    # Low power is no equivalence: the same mean 0 with a spread of 10 points.
+    assert not stats.equivalence_test([-10.0, 0.0, 10.0], 2.0).equivalent
+
+
+def test_one_sided_p_df1_cauchy_and_degenerate_spreads():
+    # d = (x - 0.5, x + 0.5): mean x, sd 1 / sqrt 2, se 1 / 2, t = 2 (x - shift); df 1:
+    # P(T_1 >= t) = 1/2 - atan(t) / pi.
+    p = stats.one_sided_p([0.5, 1.5], 0.25, greater=True)
+    assert p == pytest.approx(0.5 - math.atan(1.5) / math.pi, rel=1e-9)
+    assert stats.one_sided_p([0.5, 1.5], 0.25, greater=False) == pytest.approx(1 - p)
+    assert stats.one_sided_p([3.0, 3.0], 2.0, greater=True) == 0.0
+    assert stats.one_sided_p([3.0, 3.0], 2.0, greater=False) == 1.0
+    assert math.isnan(stats.one_sided_p([1.0], 0.0, greater=True))
+    one = stats.equivalence_test([1.0], 2.0)
+    assert math.isnan(one.p) and not one.equivalent and not one.worse
+    with pytest.raises(ValueError, match="margin"):
+        stats.equivalence_test([1.0, 2.0], 0.0)

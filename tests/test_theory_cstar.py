@@ -48,3 +48,78 @@ def test_bad_arguments_are_one_line_errors():
         cstar.simulate(0, 4, 3, 2, 5, budgets=(10, 5))
     with pytest.raises(ValueError, match="kn_max"):
         cstar.simulate(0, 4, 3, 2, 5, kn_max=4)
+
+
+def test_a_sharp_step_gives_its_grid_cell_not_a_zero_width_interval():
+    rhos = np.array([0.8, 1.0, 1.2, 1.4])
+    step = np.array([[0] * 8, [0] * 8, [1] * 8, [1] * 8], bool)  # every resample crosses at 1.1
+    t = cstar.transition(rhos, step, n_boot=50)
+    assert t.rho50 == pytest.approx(1.1) and (t.low, t.high) == (1.0, 1.2)
+    # Success from the first grid point on: the transition lies somewhere below the grid.
+    below = cstar.transition(rhos, np.ones((4, 8), bool), n_boot=20)
+    assert below.censored == "below-grid" and np.isnan(below.low) and below.high == 0.8
+    never = cstar.transition(rhos, np.zeros((4, 8), bool), n_boot=20)
+    assert np.isnan(never.low) and np.isnan(never.high)
+
+
+def _problem(m=4, n=3, r=1, kn=5, seed=3):
+    a, y, u, v = cstar._draws(seed, 1, kn, kn, m, n, r, 0.5, np.dtype(np.float64))
+    return a[0], y[0], u[0], v[0]
+
+
+def _grads(a, y, u, v):
+    """By hand: res = A vec(U V^T) - y, S = sum_i res_i A_i; dL/dU = S V, dL/dV = S^T U."""
+    m, n = u.shape[0], v.shape[0]
+    res = a @ (u @ v.T).reshape(-1) - y
+    s = (res @ a).reshape(m, n)
+    return 0.5 * res @ res, s @ v, s.T @ u
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_gd_takes_the_hand_computed_steps(steps):
+    a, y, u0, v0 = _problem()
+    u, v = u0.copy(), v0.copy()
+    for _ in range(steps):  # numpy GD, the gradient by hand
+        _, gu, gv = _grads(a, y, u, v)
+        u, v = u - 0.1 * gu, v - 0.1 * gv
+    expected = _grads(a, y, u, v)[0] / _grads(a, y, u0, v0)[0]
+    with jax.enable_x64():
+        got = cstar._simulate_jit(a[None], y[None], u0[None], v0[None], cstar.Solver.GD,
+                                  (steps,), 0.1)  # fmt: skip
+    assert float(got[0, 0]) == pytest.approx(expected, rel=1e-9)
+    assert expected < 1  # small steps go down
+
+
+def test_adam_first_steps_by_hand():
+    # Adam (b1 0.9, b2 0.999, eps 1e-8) with the cosine-decayed step lr_t = lr (alpha + (1 -
+    # alpha)(1 + cos(pi t / T)) / 2), alpha = 1e-3, T = the largest budget.
+    a, y, u0, v0 = _problem()
+    lr, total = 0.05, 4
+    u, v = u0.copy(), v0.copy()
+    mu = [np.zeros_like(u), np.zeros_like(v)]
+    nu = [np.zeros_like(u), np.zeros_like(v)]
+    for t in range(1, total + 1):
+        _, gu, gv = _grads(a, y, u, v)
+        step = lr * (1e-3 + (1 - 1e-3) * 0.5 * (1 + np.cos(np.pi * (t - 1) / total)))
+        new = []
+        for i, (x, g) in enumerate(((u, gu), (v, gv))):
+            mu[i] = 0.9 * mu[i] + 0.1 * g
+            nu[i] = 0.999 * nu[i] + 0.001 * g * g
+            mhat, vhat = mu[i] / (1 - 0.9**t), nu[i] / (1 - 0.999**t)
+            new.append(x - step * mhat / (np.sqrt(vhat) + 1e-8))
+        u, v = new
+    expected = _grads(a, y, u, v)[0] / _grads(a, y, u0, v0)[0]
+    with jax.enable_x64():
+        got = cstar._simulate_jit(a[None], y[None], u0[None], v0[None], cstar.Solver.ADAM,
+                                  (total,), lr)  # fmt: skip
+    assert float(got[0, 0]) == pytest.approx(expected, rel=1e-7)
+
+
+def test_gd_solves_an_easy_problem_and_its_budgets_are_nested():
+    # rho = 6 / 3 = 2 (r = 1, 4 x 3, KN = 3): GD from a small init reaches a near-zero loss,
+    # and the losses at increasing budgets fall.
+    with jax.enable_x64():
+        p = cstar.simulate(0, 4, 3, 1, 3, solver="gd", draws=8, budgets=(50, 2000, 8000),
+                           lr=0.2, dtype=np.float64)  # fmt: skip
+    assert np.all(np.diff(p.ratios, axis=1) <= 1e-12)
+    assert np.median(p.ratios[:, -1]) < 1e-6

@@ -35,10 +35,18 @@ def test_cstar_cli_writes_report_and_resumes(tmp_path, capsys):
 @pytest.mark.slow
 def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     common = {"model": tiny_roberta, "k": 2, "max_length": 16, "out": str(tmp_path)}
-    res = pl.run(pl.PLConfig(task="mr", steps=5, layers=(), **common))
-    for name in ("ce", "mse"):
-        assert len(res[name]["loss"]) == 6 and res[name]["loss_end"] < res[name]["loss_start"]
-    assert "| ce |" in pl.markdown(res)
+    res = pl.run(
+        pl.PLConfig(
+            task="mr", seeds=(13, 21), max_steps=5, mse_steps=5, lm_iters=3, layers=(), **common
+        )
+    )
+    lm = res["mse_lm"]
+    assert len(lm["loss"]) == 4 and lm["loss_end"] <= lm["loss_start"] and lm["kn"] == 8
+    assert [r["seed"] for r in res["seeds"]] == [13, 21]
+    for r in res["seeds"] + [res["mse"]]:
+        assert r["steps"] == 5 and r["loss_end"] < r["loss_start"]
+    assert "| 13 | " in pl.markdown(res) and "Squared-error control" in pl.markdown(res)
+    assert "by Levenberg-Marquardt (seed 13" in pl.markdown(res)
     results = tmp_path / "results.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in _records("mr", {1: [60, 62, 58]})))
     bcfg = bias_variance.BiasVarianceConfig(
@@ -57,144 +65,20 @@ def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     assert "| 1 | " in again["markdown"] and "40.0 ± 2.0 (3) |" in again["markdown"]
 
 
-def test_rank_verdict_paired_difference_and_t_by_hand():
-    v = paper_claims.rank_verdict(
-        {1: {1: 0.80, 2: 0.82, 3: 0.79}, 4: {1: 0.78, 2: 0.81, 3: 0.80}},
-        multiclass=False,
-        margin=2.0,
-    )
-    d = np.array([2.0, 1.0, -1.0])  # r = 1 minus r = 4, in points
-    assert v["n"] == 3 and v["gap"] == pytest.approx(-d.mean())
-    assert v["t"] == pytest.approx(d.mean() / (d.std(ddof=1) / np.sqrt(3)))
-
-
-# t_{0.975} at 1 and 2 degrees of freedom from closed forms (1 df: Cauchy, tan(pi (u - 1/2));
-# 2 df: (2u - 1) / sqrt(2 u (1 - u))): 12.7062 and 4.3027.
-T975_DF1 = float(np.tan(np.pi * 0.475))
-T975_DF2 = 0.95 / float(np.sqrt(2 * 0.975 * 0.025))
-
-
-# --- the rank sweep's verdict (paper_claims.rank_verdict) on synthetic accuracies -----------
-
-
-def _by_rank(**ranks):
-    """rank -> seed -> accuracy from ``r1=[...]``, ``r4=[...]`` (in %, seeds 13, 21, 42, ...)."""
-    seeds = (13, 21, 42, 87, 100)
-    return {
-        int(k[1:]): {s: a / 100 for s, a in zip(seeds, v, strict=False)} for k, v in ranks.items()
-    }
-
-
-@pytest.mark.parametrize(
-    "ranks, multiclass, verdict, best",
-    [
-        # binary: rank 1 has the best mean.
-        ({"r1": [81, 80, 82], "r4": [80, 80, 81]}, False, "supported", 1),
-        # binary: d = [-1, 2, -2]: gap 1/3 point, t = -0.29: within noise and the margin.
-        ({"r1": [80, 82, 78], "r4": [81, 80, 80]}, False, "supported", 4),
-        # binary: d = [-10, -11, -9] (t = -17.3 < -4.30): significantly worse.
-        ({"r1": [70, 69, 71], "r12": [80, 80, 80]}, False, "not supported", 12),
-        # binary: d = [-10, 1, -12]: t = -1.73, within noise, but 7 points behind.
-        ({"r1": [70, 81, 68], "r12": [80, 80, 80]}, False, "inconclusive", 12),
-        # multi-class: significantly worse: the best rank is above 1.
-        ({"r1": [70, 69, 71], "r4": [75, 74, 77], "r12": [80, 80, 80]}, True, "supported", 12),
-        # multi-class: rank 1 is best.
-        ({"r1": [81, 80, 82], "r12": [80, 80, 81]}, True, "not supported", 1),
-        # multi-class: within noise and 1/3 point behind.
-        ({"r1": [80, 82, 78], "r4": [81, 80, 80]}, True, "not supported", 4),
-        # multi-class: within noise but 7 points behind.
-        ({"r1": [70, 81, 68], "r12": [80, 80, 80]}, True, "inconclusive", 12),
-        # one seed: nothing to test, whatever the means.
-        ({"r1": [60], "r12": [80]}, True, "inconclusive", 12),
-        ({"r1": [80], "r12": [60]}, False, "inconclusive", 1),
-        # no rank 1.
-        ({"r4": [80, 81], "r12": [80, 82]}, False, "inconclusive", None),
-    ],
-)
-def test_rank_verdict_on_synthetic_sweeps(ranks, multiclass, verdict, best):
-    v = paper_claims.rank_verdict(_by_rank(**ranks), multiclass=multiclass, margin=2.0)
-    assert v["verdict"] == verdict, v["reason"]
-    assert v["best_rank"] == best
-
-
-def test_rank_verdict_statistic_by_hand_and_pairs_only_shared_seeds():
-    v = paper_claims.rank_verdict(
-        _by_rank(r1=[70, 69, 71], r12=[80, 80, 80]), multiclass=True, margin=2.0
-    )
-    # d = [-10, -11, -9]: mean -10, sd 1, t = -10 / (1 / sqrt 3); t_0.975 at 2 df = 4.303.
-    assert v["gap"] == pytest.approx(10.0)
-    assert v["t"] == pytest.approx(-10 * np.sqrt(3))
-    assert v["n"] == 3 and v["t_crit"] == pytest.approx(T975_DF2, rel=1e-9)
-    # Rank 12 ran seeds 13 and 21 only: the pairs are those two seeds; the best is by mean.
-    by_rank = _by_rank(r1=[70, 72, 99], r12=[80, 81])
-    v = paper_claims.rank_verdict(by_rank, multiclass=True, margin=2.0)
-    assert v["n"] == 2 and v["gap"] == pytest.approx(9.5)  # d = [-10, -9]
-    assert v["t"] == pytest.approx(-9.5 / (np.std([-10, -9], ddof=1) / np.sqrt(2)))
-    assert v["verdict"] == "supported"  # t = -19 < -12.706 (1 df)
-    # Rank 1 best: the statistic is against the best rank above 1 (r = 4, not r = 12).
-    v = paper_claims.rank_verdict(
-        _by_rank(r1=[81, 80, 82], r4=[80, 80, 81], r12=[70, 70, 70]), multiclass=False, margin=0
-    )
-    assert (v["best_rank"], v["rival"], v["verdict"]) == (1, 4, "supported")
-    assert v["gap"] == pytest.approx(-2 / 3)  # d = [1, 0, 1]
-    assert v["t"] == pytest.approx((2 / 3) / (np.std([1, 0, 1], ddof=1) / np.sqrt(3)))
-    # A larger margin turns "within noise but behind" into supported.
-    wide = _by_rank(r1=[70, 81, 68], r12=[80, 80, 80])
-    assert paper_claims.rank_verdict(wide, multiclass=False, margin=8.0)["verdict"] == "supported"
-
-
-def test_rank_verdict_degenerate_spreads():
-    # Identical pairs: t = 0, no gap, rank 1 counts as best (binary supported, multi-class not).
-    same = _by_rank(r1=[80, 70, 75], r4=[80, 70, 75])
-    v = paper_claims.rank_verdict(same, multiclass=False, margin=0.0)
-    assert (v["t"], v["gap"], v["best_rank"], v["verdict"]) == (0.0, 0.0, 1, "supported")
-    assert paper_claims.rank_verdict(same, multiclass=True, margin=0.0)["verdict"] == (
-        "not supported"
-    )
-    # Always 10 points less, however the floats round: t = -inf, significantly worse.
-    shifted = {1: {13: 0.7, 21: 0.6, 42: 0.9}, 4: {13: 0.8, 21: 0.7, 42: 1.0}}
-    v = paper_claims.rank_verdict(shifted, multiclass=True, margin=2.0)
-    assert v["t"] == -np.inf and v["gap"] == pytest.approx(10.0) and v["verdict"] == "supported"
-    v = paper_claims.rank_verdict(_by_rank(r1=[70], r4=[80]), multiclass=True, margin=2.0)
-    assert np.isnan(v["t"]) and np.isnan(v["t_crit"]) and v["verdict"] == "inconclusive"
-
-
-@pytest.mark.parametrize(
-    "x, verdict",
-    [
-        (2.48, "supported"),  # t = -2.48 sqrt 3 = -4.2955 > -4.3027: within noise, 2.48 <= 3
-        (2.49, "not supported"),  # t = -2.49 sqrt 3 = -4.3128 < -4.3027: significantly worse
-    ],
-)
-def test_rank_verdict_threshold_is_the_t_quantile_at_2_df(x, verdict):
-    # d = (-x - 1, -x, -x + 1) points: mean -x, sd 1, t = -x sqrt 3 (n = 3, df = 2).
-    r1 = [80 - x - 1, 80 - x, 80 - x + 1]
-    v = paper_claims.rank_verdict(_by_rank(r1=r1, r4=[80, 80, 80]), multiclass=False, margin=3)
-    assert v["t"] == pytest.approx(-x * np.sqrt(3), rel=1e-9)
-    assert v["t_crit"] == pytest.approx(T975_DF2, rel=1e-9)
-    assert v["verdict"] == verdict, v["reason"]
-
-
-@pytest.mark.parametrize("x, worse", [(6.35, False), (6.36, True)])
-def test_rank_verdict_threshold_is_the_t_quantile_at_1_df(x, worse):
-    # d = (-x - 0.5, -x + 0.5) points: mean -x, sd 1 / sqrt 2, t = -2x (df = 1: 12.706).
-    r1 = [80 - x - 0.5, 80 - x + 0.5]
-    v = paper_claims.rank_verdict(_by_rank(r1=r1, r12=[80, 80]), multiclass=True, margin=2.0)
-    assert v["t"] == pytest.approx(-2 * x, rel=1e-9)
-    assert v["t_crit"] == pytest.approx(T975_DF1, rel=1e-9)
-    assert v["verdict"] == ("supported" if worse else "inconclusive"), v["reason"]
-
-
-def test_combine_and_bound_verdict():
-    s, n, i = "supported", "not supported", "inconclusive"
-    assert paper_claims.combine([s, s]) == s
-    assert paper_claims.combine([s, i]) == i
-    assert paper_claims.combine([i, n, s]) == n
-    assert paper_claims.combine([]) == i
-    bound = paper_claims.bound_verdict
-    assert bound({"mr": (2, 1), "trec": (6, 4)}) == s
-    assert bound({"mr": (2, 2), "trec": (6, 1)}) == n
-    assert bound({"mr": (2, 1), "trec": (6, 1)}) == i
+def test_bias_variance_verdicts_per_task():
+    mr = {"task": "mr", "K": 2, "ranks": [1, 16], "fit_drop_1_to_max": 0.002,
+          "bound_min": 0.8, "best_rank": 1}  # fmt: skip
+    trec = {"task": "trec", "K": 6, "ranks": [1, 16], "fit_drop_1_to_max": 0.4,
+            "bound_min": 0.9, "best_rank": 4}  # fmt: skip
+    verdict, lines = paper_claims.bias_variance_verdicts([mr, trec], saturation=0.01)
+    assert verdict == "supported"
+    assert lines[0].startswith("- mr (K = 2): training loss falls by 0.0020 nats")
+    assert "(saturated)" in lines[0] and "(not saturated)" in lines[1]
+    vacuous = {**trec, "bound_min": 18.0}
+    verdict, lines = paper_claims.bias_variance_verdicts([mr, vacuous], saturation=0.01)
+    assert verdict == "inconclusive" and "vacuous, 18 x the loss range" in lines[1]
+    flat = {**trec, "fit_drop_1_to_max": 0.001}
+    assert paper_claims.bias_variance_verdicts([mr, flat], saturation=0.01)[0] == "not supported"
 
 
 def _records(task, ranks):
@@ -206,29 +90,38 @@ def _records(task, ranks):
 
 
 def test_sweep_verdicts_read_the_kind_of_task_from_the_registry():
-    # MR (2 label words): rank 1 within noise of the best; TREC (6): rank 1 far below.
-    records = _records("mr", {1: [80, 82, 78], 4: [81, 80, 80]})
+    # MR (2 label words): r = 1 within 1 point of r = 12 (d = -1, 0, 1: equivalent within 2);
+    # TREC (6): a rise of about 25 points. r = 4 is not the comparison, however good.
+    records = _records("mr", {1: [79, 80, 81], 4: [95, 95, 95], 12: [80, 80, 80]})
     records += _records("trec", {1: [50, 52, 51], 4: [70, 72, 69], 12: [75, 74, 78]})
     records.append({"task": "mr", "method": "zero_shot", "rank": None, "seed": 13,
                     "test_accuracy": 0.9})  # fmt: skip
-    verdict, lines = paper_claims.sweep_verdicts(records, margin=2.0)
+    verdict, lines = paper_claims.sweep_verdicts(records, margin=2.0, compare_rank=12)
     assert verdict == "supported"
-    assert lines[0].startswith("- mr (K = 2, binary): best rank 4;")
-    assert lines[1].startswith("- trec (K = 6, multi-class): best rank 12;")
+    assert lines[0].startswith("- mr (K = 2, binary): r = 1 minus r = 12 +0.0 points over 3")
+    assert lines[1].startswith("- trec (K = 6, multi-class): r = 1 minus r = 12 -24.7 points")
     # Swap the tasks' numbers: MR's rank 1 is now far behind -> not supported.
-    swapped = _records("mr", {1: [50, 52, 51], 4: [70, 72, 69]})
-    swapped += _records("trec", {1: [80, 82, 78], 4: [81, 80, 80]})
+    swapped = _records("mr", {1: [50, 52, 51], 12: [70, 72, 69]})
+    swapped += _records("trec", {1: [79, 80, 81], 12: [80, 80, 80]})
     assert paper_claims.sweep_verdicts(swapped, margin=2.0)[0] == "not supported"
 
 
 def test_claims_config_refuses_sweeps_without_rank_one_or_off_the_bound():
     with pytest.raises(SystemExit):
         paper_claims.parse_args(["--sweep-ranks", "4", "12"])
+    with pytest.raises(ConfigError, match="compare rank"):
+        paper_claims.ClaimsConfig(sweep_ranks=(1, 4))
+    with pytest.raises(ConfigError, match="sweep-margin > 0"):
+        paper_claims.ClaimsConfig(sweep_margin=0.0)
+    with pytest.raises(ConfigError, match=r"--bv-tasks \['trec'\] are not in --tasks"):
+        paper_claims.ClaimsConfig(tasks=("mr",))
     with pytest.raises(ConfigError, match="not in --bv-ranks"):
-        paper_claims.ClaimsConfig(sweep_ranks=(1, 32))
-    assert paper_claims.ClaimsConfig(sweep_ranks=(1, 32), sweep=False).sweep_ranks == (1, 32)
-    cfg = paper_claims.parse_args(["--sweep-ranks", "1", "2", "--sweep-margin", "1.5"])
-    assert cfg.sweep_ranks == (1, 2) and cfg.sweep_margin == 1.5
+        paper_claims.ClaimsConfig(sweep_ranks=(1, 12, 32))
+    assert paper_claims.ClaimsConfig(sweep_ranks=(1, 12, 32), sweep=False).sweep_ranks[-1] == 32
+    cfg = paper_claims.parse_args(
+        ["--sweep-ranks", "1", "2", "--sweep-compare-rank", "2", "--sweep-margin", "1.5"]
+    )
+    assert cfg.sweep_ranks == (1, 2) and cfg.sweep_margin == 1.5 and cfg.sweep_compare_rank == 2
 
 
 # --- measured test errors beside the bound (experiments.bias_variance) -----------------------
@@ -239,7 +132,7 @@ def _bound(task="trec"):
     return {"task": task, "K": 6, "N": 24, "matrices": 2, "ranks": [1, 2, 4, 8],
             "fit": [0.9, 0.5, 0.4, 0.35], "complexity": [0.1, 0.2, 0.3, 0.5],
             "total": [1.0, 0.7, 0.7001, 0.85], "best_rank": 2, "confidence_term": 0.3,
-            "fit_drop_1_to_max": 0.55}  # fmt: skip
+            "bound_min": 1.0, "vacuous_by": 1.0, "fit_drop_1_to_max": 0.55}  # fmt: skip
 
 
 def test_compare_measured_and_bound_minima():
@@ -304,13 +197,20 @@ def test_paper_claims_feeds_the_sweep_to_bias_variance_and_writes_every_section(
         seen["results"] = results_path
         return section("bv", "inconclusive", str(tmp_path / "claims" / "bias_variance" / "p.png"))
 
-    monkeypatch.setattr(paper_claims, "claim_thresholds", lambda cfg: section("thr"))
-    monkeypatch.setattr(paper_claims, "claim_cstar", lambda cfg: section("cstar", "not supported"))
+    def thr(cfg, c_interval):
+        seen["c_interval"] = c_interval
+        return section("thr")
+
+    def cs(cfg):
+        return {**section("cstar", "not supported"), "c_interval": (1.2, 1.6)}
+
+    monkeypatch.setattr(paper_claims, "claim_thresholds", thr)
+    monkeypatch.setattr(paper_claims, "claim_cstar", cs)
     monkeypatch.setattr(paper_claims, "claim_pl", lambda cfg, cache: section("pl"))
     monkeypatch.setattr(paper_claims, "claim_sweep", lambda cfg: (section("sweep"), "r.jsonl"))
     monkeypatch.setattr(paper_claims, "claim_bias_variance", bv)
     path = paper_claims.run(paper_claims.ClaimsConfig(name="claims", out=str(tmp_path)))
-    assert seen["results"] == "r.jsonl"
+    assert seen["results"] == "r.jsonl" and seen["c_interval"] == (1.2, 1.6)
     text = open(path).read()
     heads = [line for line in text.splitlines() if line.startswith("## ")]
     assert heads == ["## thr", "## cstar", "## pl", "## bv", "## sweep"]
@@ -321,3 +221,68 @@ def test_paper_claims_feeds_the_sweep_to_bias_variance_and_writes_every_section(
     paper_claims.run(paper_claims.ClaimsConfig(name="claims", out=str(tmp_path), sweep=False))
     assert seen["results"] is None
     assert "Not run in this report (--no-sweep)." in open(path).read()
+
+
+# --- claim 1: the constant and the rank-1 conclusion -------------------------------------------
+
+
+def _row(shape, solver, budget, tol, rho50, low, high):
+    return {"shape": shape, "solver": solver, "budget": budget, "tol": tol, "rho50": rho50,
+            "low": low, "high": high, "linear_bound": 1.5, "censored": "", "dim": 31,
+            "diverged": 0.0}  # fmt: skip
+
+
+def test_cstar_conclusion_separates_gd_from_the_capacity_point():
+    nan = float("nan")
+    rows = [
+        _row("16x16x1", "gd", 2500, 1e-4, 1.6, 1.5, 1.7),
+        _row("16x16x1", "gd", 20000, 1e-4, 1.3, 1.2, 1.4),  # the longest budget: the estimand
+        _row("16x16x1", "gd", 20000, 1e-6, 1.5, 1.4, 1.6),
+        _row("16x16x1", "lm", 300, 1e-6, 1.01, 0.98, 1.05),  # capacity: strict tol, LM
+        _row("16x16x1", "lm", 300, 1e-4, 0.95, 0.9, 1.0),
+        _row("8x8x2", "gd", 20000, 1e-4, 1.45, 1.3, nan),  # no upper bound
+        _row("8x8x2", "adam", 100, 1e-6, 1.1, 1.0, 1.2),
+    ]
+    conc = cstar.conclusion(rows, 1e-4)
+    a, b = conc["shapes"]["16x16x1"], conc["shapes"]["8x8x2"]
+    assert (a["gd_constant"], a["gd_ci"], a["gd_budget"]) == (1.3, [1.2, 1.4], 20000)
+    assert a["gd"] == {2500: 1.6, 20000: 1.3}
+    assert (a["capacity"], a["capacity_ci"], a["capacity_solver"]) == (1.01, [0.98, 1.05], "lm 300")
+    assert b["capacity_solver"] == "adam 100" and np.isnan(b["gd_ci"][1])
+    assert conc["gd_range"] == [1.3, 1.45] and conc["capacity_range"] == [1.01, 1.1]
+    # The interval for the rank-1 conclusion: undefined above since one shape's is.
+    low, high = paper_claims.c_star_interval(conc)
+    assert low == 1.2 and np.isnan(high)
+    conc["shapes"]["8x8x2"]["gd_ci"] = [1.3, 1.9]
+    assert paper_claims.c_star_interval(conc) == (1.2, 1.9)
+    assert paper_claims.c_star_interval({"shapes": {}}) is None
+
+
+def test_rank_one_lines_use_the_paper_case():
+    records = [
+        {"model": "roberta-large", "KN": 64, "matrices": 48, "shapes": [[1024, 1024]]},
+        {"model": "minilm", "KN": 576, "matrices": 12, "shapes": [[384, 384]]},
+    ]
+    out, lines = paper_claims.rank_one_lines(records, (1.2, 1.6))
+    assert out["c_max"] == pytest.approx(2047 / 64) and out["verdict"] == "supported"
+    assert lines[1] == (
+        "- minilm, KN = 576: rank 1 passes for any C* below 1.33 (one 384x384 matrix), "
+        "16.0 (all 12 summed)."
+    )
+    assert paper_claims.rank_one_lines(records, (40.0, 50.0))[0]["verdict"] == "not supported"
+    assert paper_claims.rank_one_lines(records, None)[0]["verdict"] == "inconclusive"
+
+
+def test_pl_seed_numbers_after_the_detected_plateau():
+    # log 2 for 200 steps, then log 2 / (1 + (t - 200) / 2); ||grad L|| = 0.8 L after the
+    # plateau (the Lojasiewicz form with c = 0.8) and 0.01 on it (a slow escape, not a saddle).
+    t = np.arange(3001.0)
+    loss = np.where(t < 200, np.log(2), np.log(2) / (1 + 0.5 * np.maximum(t - 200, 0)))
+    grad = np.where(t < 200, 0.01, 0.8 * loss)
+    out = pl.seed_numbers(loss, grad**2, target=1e-3)
+    assert 200 <= out["plateau_end"] <= 205 and out["steps"] == 3000
+    assert out["exponent"] == pytest.approx(1.0, abs=1e-9)
+    assert out["c_min"] == pytest.approx(0.8) and out["c_end"] == pytest.approx(0.8)
+    assert out["reached"] and not out["stalled"]  # log 2 / 1401 = 4.9e-4
+    # Measured from the start instead, the plateau's tiny gradients would give c_min = 0.014.
+    assert np.min(grad / loss) == pytest.approx(0.01 / np.log(2))

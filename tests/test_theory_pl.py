@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ntk.theory import pl
 
@@ -36,3 +37,37 @@ def test_pl_constant_of_a_quadratic_is_bounded_by_and_tends_to_the_extreme_eigen
 def test_pl_constants_are_nan_at_the_infimum():
     traj = pl.Trajectory(np.array([2.0, 1.0, 0.0]), np.array([4.0, 1.0, 0.0]), None)
     np.testing.assert_allclose(pl.pl_constants(traj), [1.0, 0.5, np.nan])
+
+
+def test_trajectory_stops_at_the_first_iterate_below_the_target():
+    # L(x) = 0.5 h x^2, GD: x_t = (1 - lr h)^t x_0, L_t = L_0 (1 - lr h)^(2 t). With h = 1,
+    # lr = 0.1, x_0 = 1: L_t = 0.5 * 0.81^t <= 1e-3 first at t = ceil(log(2e-3) / log 0.81) = 30.
+    def loss(p, data):
+        return 0.5 * data * p["x"] ** 2
+
+    traj = pl.trajectory(loss, {"x": jnp.ones(())}, 1.0, steps=100, learning_rate=0.1,
+                         stop_below=1e-3)  # fmt: skip
+    t = int(np.ceil(np.log(2e-3) / np.log(0.81)))
+    assert t == 30 and len(traj.loss) == t + 1
+    np.testing.assert_allclose(traj.loss, 0.5 * 0.81 ** np.arange(t + 1), rtol=1e-5)
+    np.testing.assert_allclose(traj.grad_sq, 0.81 ** np.arange(t + 1), rtol=1e-5)
+    full = pl.trajectory(loss, {"x": jnp.ones(())}, 1.0, steps=100, learning_rate=0.1)
+    assert len(full.loss) == 101
+
+
+def test_logistic_loss_meets_the_lojasiewicz_form_with_exponent_one():
+    # One example with margin 1: L(w) = log(1 + e^-w), |dL/dw| = sigmoid(-w) = 1 - e^-L, so
+    # ||grad L|| / L -> 1 as L -> 0 (||grad L|| >= c L with c = (1 - e^-L0) / L0 along GD),
+    # while ||grad L||^2 / 2L (the PL ratio) -> 0: the Lojasiewicz form is the one that holds.
+    def loss(p, data):
+        return jnp.logaddexp(0.0, -p["w"])
+
+    traj = pl.trajectory(loss, {"w": jnp.zeros(())}, None, steps=3000, learning_rate=1.0)
+    g = np.sqrt(traj.grad_sq)
+    np.testing.assert_allclose(g, 1 - np.exp(-traj.loss), rtol=1e-5)
+    ratio = g / traj.loss
+    assert np.all(ratio >= (1 - np.exp(-np.log(2))) / np.log(2) - 1e-6)
+    assert ratio[-1] == pytest.approx(1.0, abs=2e-3)
+    assert pl.pl_constants(traj)[-1] < 2e-3  # PL's mu_t falls with L
+    q = np.polyfit(np.log(traj.loss[100:]), np.log(g[100:]), 1)[0]
+    assert q == pytest.approx(1.0, abs=0.01)

@@ -276,29 +276,35 @@ def isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.concatenate([np.full(s, v) for v, _, s in blocks])
 
 
-def _crossing(rhos: np.ndarray, success: np.ndarray, level: float) -> float:
-    """rho where the isotonic success curve first reaches ``level`` (linear interpolation).
+def _crossing_at(rhos: np.ndarray, success: np.ndarray, level: float) -> tuple[float, int]:
+    """rho where the isotonic success curve first reaches ``level`` (linear interpolation),
+    and the index of the first grid point (in ascending rho) at or above ``level``.
 
-    nan when the curve stays below ``level``; the smallest rho when it starts above.
+    ``(nan, len(grid))`` when the curve stays below ``level``; ``(smallest rho, 0)`` when it
+    starts above.
     """
     order = np.argsort(rhos)
     x = rhos[order]
     p = isotonic(success[order].mean(axis=1), np.full(len(x), success.shape[1]))
     above = np.nonzero(p >= level)[0]
     if above.size == 0:
-        return float("nan")
-    i = above[0]
+        return float("nan"), len(x)
+    i = int(above[0])
     if i == 0:
-        return float(x[0])
+        return float(x[0]), 0
     x0, x1, p0, p1 = x[i - 1], x[i], p[i - 1], p[i]
-    return float(x0 + (level - p0) * (x1 - x0) / (p1 - p0))
+    return float(x0 + (level - p0) * (x1 - x0) / (p1 - p0)), i
+
+
+def _crossing(rhos: np.ndarray, success: np.ndarray, level: float) -> float:
+    return _crossing_at(rhos, success, level)[0]
 
 
 class Transition(NamedTuple):
     """The 50% point of success vs rho with a bootstrap interval."""
 
     rho50: float  # nan: success stayed below 50% over the grid
-    low: float  # bootstrap percentile interval (nan where undefined)
+    low: float  # interval (nan where undefined: past a grid end, or no bootstrap bound)
     high: float
     censored: str  # '' or 'below-grid' / 'above-grid' when rho50 is at or past a grid end
 
@@ -316,7 +322,12 @@ def transition(
 
     The estimate is the crossing of the isotonic (non-decreasing) regression of the success
     fractions, interpolated linearly between grid points. The bootstrap resamples the draws
-    of every grid point with replacement (``n_boot`` times) and takes percentile bounds.
+    of every grid point with replacement (``n_boot`` times) and takes percentile bounds of
+    the (equally interpolated) resampled crossings. The interval is widened to hold the grid
+    cell the crossing falls in: the curve is unknown between grid points, so a sharp step
+    (every resample crossing at the same place) gives that cell, not a zero-width interval.
+    It is undefined (nan) on a side where the crossing is censored: below the grid's first
+    point (low) or never reached (both), and where too few resamples cross (high).
 
     Args:
       rhos: [G] grid values.
@@ -324,7 +335,7 @@ def transition(
     """
     rhos = np.asarray(rhos, float)
     success = np.asarray(success, bool)
-    est = _crossing(rhos, success, level)
+    est, cell = _crossing_at(rhos, success, level)
     rng = np.random.default_rng(seed)
     g, d = success.shape
     boots = np.empty(n_boot)
@@ -339,9 +350,13 @@ def transition(
     else:
         boots = np.where(np.isfinite(boots), boots, np.inf)
         low, high = (float(q) for q in np.quantile(boots, [tail, 1 - tail]))
+    grid = np.sort(rhos)
     censored = ""
     if np.isnan(est):
-        censored = "above-grid"
-    elif est <= rhos.min():
-        censored = "below-grid"
+        censored, low, high = "above-grid", float("nan"), float("nan")
+    elif cell == 0:
+        censored, low = "below-grid", float("nan")
+    else:
+        low = min(low, float(grid[cell - 1])) if np.isfinite(low) else low
+        high = max(high, float(grid[cell])) if np.isfinite(high) else high
     return Transition(est, low, high, censored)

@@ -46,35 +46,51 @@ def trajectory(
     *,
     steps: int,
     learning_rate: float,
+    stop_below: float | None = None,
 ) -> Trajectory:
-    """``steps`` full-batch GD steps ``theta <- theta - lr grad L`` in one jitted scan.
+    """Up to ``steps`` full-batch GD steps ``theta <- theta - lr grad L`` in one jitted loop.
 
     Args:
       loss_fn: ``loss_fn(params, data) -> scalar``.
       params: the initial point theta_0 (any pytree of float arrays).
       data: passed to ``loss_fn`` as a jit argument (large arrays closed over instead would be
         baked into the program as constants).
-      steps: number of steps.
+      steps: the most steps.
       learning_rate: the constant step size.
+      stop_below: stop at the first iterate with ``L <= stop_below`` (or a non-finite loss);
+        the arrays then end there (``len(loss) - 1`` steps were taken). None: all ``steps``.
     """
     value_and_grad = jax.value_and_grad(loss_fn)
+    stop = -jnp.inf if stop_below is None else stop_below
 
     def sq_norm(g):
         return sum(jnp.sum(x * x) for x in jax.tree.leaves(g))
 
     @jax.jit
     def run(params, data):
-        def step(p, _):
-            value, g = value_and_grad(p, data)
+        values = jnp.full(steps + 1, jnp.nan)
+        norms = jnp.full(steps + 1, jnp.nan)
+        value, g = value_and_grad(params, data)
+        carry = (0, params, value, g, values.at[0].set(value), norms.at[0].set(sq_norm(g)))
+
+        def going(c):
+            t, _, value, _, _, _ = c
+            return (t < steps) & (value > stop) & jnp.isfinite(value)
+
+        def step(c):
+            t, p, _, g, values, norms = c
             p = jax.tree.map(lambda x, d: x - learning_rate * d, p, g)
-            return p, (value, sq_norm(g))
+            value, g = value_and_grad(p, data)
+            return t + 1, p, value, g, values.at[t + 1].set(value), norms.at[t + 1].set(sq_norm(g))
 
-        last, (values, norms) = jax.lax.scan(step, params, None, length=steps)
-        value, g = value_and_grad(last, data)
-        return last, jnp.append(values, value), jnp.append(norms, sq_norm(g))
+        t, last, _, _, values, norms = jax.lax.while_loop(going, step, carry)
+        return t, last, values, norms
 
-    last, values, norms = run(params, data)
-    return Trajectory(np.asarray(values, np.float64), np.asarray(norms, np.float64), last)
+    t, last, values, norms = run(params, data)
+    t = int(t)
+    return Trajectory(
+        np.asarray(values, np.float64)[: t + 1], np.asarray(norms, np.float64)[: t + 1], last
+    )
 
 
 def pl_constants(traj: Trajectory, l_star: float = 0.0, *, floor: float = 1e-12) -> np.ndarray:

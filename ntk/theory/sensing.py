@@ -27,7 +27,7 @@ import numpy as np
 from lora_jax import lora
 from lora_jax import params as params_lib
 
-__all__ = ["SensingProblem", "gram", "lora_jacobians", "outputs"]
+__all__ = ["SensingProblem", "gram", "levenberg_marquardt", "lora_jacobians", "outputs"]
 
 
 class SensingProblem(NamedTuple):
@@ -97,3 +97,89 @@ def gram(problem: SensingProblem) -> np.ndarray:
         flat = j.reshape(-1, j.shape[2] * j.shape[3])
         total = total + np.asarray(flat @ flat.T, np.float64)
     return total
+
+
+def _residual_jacobian(problem: SensingProblem, adapters: Mapping) -> jax.Array:
+    """``d outputs / d (A_l, B_l)`` by hand: [N K, sum_l r (m + n)], A's columns then B's.
+
+    ``d f[n, k] / d A_l = scale_l J_l[n, k] B_l^T`` (m x r) and
+    ``d f[n, k] / d B_l = scale_l A_l^T J_l[n, k]`` (r x n): two passes over each J_l.
+    """
+    cols = []
+    for path, j in problem.jac.items():
+        a, b = adapters[path]["lora_a"], adapters[path]["lora_b"]  # (m, r), (r, n)
+        s = problem.scale[path]
+        nk = j.shape[0] * j.shape[1]
+        cols.append(s * jnp.einsum("nkmb,rb->nkmr", j, b).reshape(nk, -1))
+        cols.append(s * jnp.einsum("mr,nkmb->nkrb", a, j).reshape(nk, -1))
+    return jnp.concatenate(cols, axis=1)
+
+
+def levenberg_marquardt(
+    problem: SensingProblem,
+    targets: jax.Array,
+    adapters: Mapping,
+    *,
+    iters: int,
+    damping: float = 1e-2,
+) -> tuple[np.ndarray, dict]:
+    """Squared error ``1/2 ||outputs(a) - targets||^2 / N`` minimized by Levenberg-Marquardt.
+
+    Each iteration solves ``(G G^T + lam I) c = res`` with ``G`` the [N K, P] Jacobian of the
+    outputs in the factors, steps by ``-G^T c`` and keeps it only if the loss falls (then
+    ``lam / 3``; else ``lam * 4``), as :mod:`ntk.theory.cstar`'s LM. Only ``lora_a`` /
+    ``lora_b`` of the adapted paths move.
+
+    Args:
+      problem: the sensing problem.
+      targets: [N, K] targets (e.g. one-hot labels).
+      adapters: the start (path -> ``lora_a`` [m, r], ``lora_b`` [r, n]).
+      iters: iterations.
+      damping: the initial lam.
+
+    Returns:
+      ``(losses, adapters)``: the loss at the start and after each iteration ([iters + 1]),
+      and the last adapters.
+    """
+    n = problem.f0.shape[0]
+    paths = list(problem.jac)
+    sizes = [(adapters[p]["lora_a"].shape, adapters[p]["lora_b"].shape) for p in paths]
+
+    def unpack(x):
+        out, i = {}, 0
+        for p, (sa, sb) in zip(paths, sizes, strict=True):
+            a = x[i : i + sa[0] * sa[1]].reshape(sa)
+            i += sa[0] * sa[1]
+            b = x[i : i + sb[0] * sb[1]].reshape(sb)
+            i += sb[0] * sb[1]
+            out[p] = {"lora_a": a, "lora_b": b}
+        return out
+
+    def res_of(x):
+        return (outputs(problem, unpack(x)) - targets).reshape(-1)
+
+    def loss_of(x):
+        r = res_of(x)
+        return 0.5 * jnp.sum(r * r) / n
+
+    @jax.jit
+    def step(x, lam):
+        r = res_of(x)
+        g = _residual_jacobian(problem, unpack(x))  # (NK, P)
+        c = jnp.linalg.solve(g @ g.T + lam * jnp.eye(g.shape[0], dtype=g.dtype), r)
+        new = x - g.T @ c
+        better = loss_of(new) < loss_of(x)
+        x = jnp.where(better, new, x)
+        lam = jnp.clip(jnp.where(better, lam / 3.0, lam * 4.0), 1e-12, 1e12)
+        return x, lam, loss_of(x)
+
+    x = jnp.concatenate(
+        [jnp.concatenate([adapters[p]["lora_a"].ravel(), adapters[p]["lora_b"].ravel()])
+         for p in paths]
+    )  # fmt: skip
+    lam = jnp.asarray(damping, x.dtype)
+    losses = [float(loss_of(x))]
+    for _ in range(iters):
+        x, lam, value = step(x, lam)
+        losses.append(float(value))
+    return np.asarray(losses), unpack(x)
