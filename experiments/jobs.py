@@ -245,6 +245,8 @@ def run_job(
         os.path.join(run_dir, "metrics", outputs.cell_dir_name(c.key) + ".jsonl") for c in job
     ]
     os.makedirs(os.path.dirname(metrics[0]), exist_ok=True)
+    for cell, data in zip(job, spec.datas, strict=True):  # before the batches are drawn
+        programs.check_batch_fits(len(data.train["labels"]), cfg.batch_size, cell.key)
     packed = None if mesh is not None else task_pack_length(bench, cfg, job[0].task, spec.model_fn)
     results = train.fit_job(
         spec.model_fn,

@@ -43,6 +43,7 @@ __all__ = [
     "TrainState",
     "batch_indices",
     "batch_schedule",
+    "check_batch_fits",
     "check_batch_split",
     "check_pack_length",
     "check_packs_rows",
@@ -112,6 +113,17 @@ def check_packs_rows(model_fn: ModelFn) -> None:
         )
 
 
+def check_batch_fits(num_examples: int, batch_size: int, who: str = "") -> None:
+    """ConfigError unless a training set of ``num_examples`` holds a batch of ``batch_size``;
+    ``who`` (e.g. a cell's name) starts the message."""
+    if num_examples < batch_size:
+        raise ConfigError(
+            f"{who + ': t' if who else 'T'}he training set has {num_examples} examples, fewer "
+            f"than the batch size {batch_size}; lower the batch size (TrainConfig.batch_size, "
+            f"--batch-size) to {num_examples} or less, or give it more examples."
+        )
+
+
 def pack_length_needed(
     model_fn: ModelFn, rng: jax.Array, steps: int, train_data: Batch, batch_size: int
 ) -> int:
@@ -125,6 +137,7 @@ def pack_length_needed(
     if "attention_mask" not in train_data:
         raise ConfigError("packed batches need token rows: train_data has no 'attention_mask'.")
     n = int(np.shape(train_data["labels"])[0])
+    check_batch_fits(n, batch_size)
     return packing.packed_length(
         np.asarray(train_data["attention_mask"]), batch_schedule(rng, steps, n, batch_size)
     )
@@ -158,11 +171,7 @@ def _chunk_fn(
         return TrainState(state.step + 1, trainable, opt_state, state.rng), loss
 
     def chunk(state, frozen, data, length, pack_length):
-        if data["labels"].shape[0] < cfg.batch_size:
-            raise ConfigError(
-                f"Training set has {data['labels'].shape[0]} examples, fewer than "
-                f"batch_size={cfg.batch_size}; lower TrainConfig.batch_size."
-            )
+        check_batch_fits(data["labels"].shape[0], cfg.batch_size)
         body = lambda carry, _: step(carry, frozen, data, pack_length)  # noqa: E731
         return jax.lax.scan(body, state, None, length=length)
 

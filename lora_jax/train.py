@@ -246,15 +246,8 @@ def _member_data(
     if not isinstance(data, Mapping) and len(datas) != n:
         raise ConfigError(f"fit_job got {len(datas)} {split} sets for {n} members; one each.")
     for i, d in enumerate(datas):
-        size = int(np.shape(d["labels"])[0])
-        if size < batch_size:
-            who = names[i] if not isinstance(data, Mapping) else " / ".join(names)
-            raise ConfigError(
-                f"{who + ': t' if who else 'T'}he training set has {size} examples, fewer than "
-                f"the batch size "
-                f"{batch_size}; lower the batch size (TrainConfig.batch_size, --batch-size) to "
-                f"{size} or less, or give it more examples."
-            )
+        who = names[i] if not isinstance(data, Mapping) else " / ".join(names)
+        programs.check_batch_fits(int(np.shape(d["labels"])[0]), batch_size, who)
     if isinstance(data, Mapping):
         return {k: jnp.asarray(v) for k, v in data.items()}, True
     shapes = [{k: tuple(np.shape(v)) for k, v in d.items()} for d in datas]

@@ -272,3 +272,15 @@ def test_steps_20_and_dropout_reach_the_training_config():
     assert (tcfg.steps, tcfg.eval_every, tcfg.train_dropout) == (20, 25, True)
     assert jobs.lora_config(cfg, 4, "roberta").dropout == 0.1
     assert jobs.train_config(run.parse_args([]), cell).train_dropout is False
+
+
+@pytest.mark.parametrize("vectorize", ["--vectorize", "--no-vectorize"])
+def test_a_batch_larger_than_the_training_set_names_the_cell(
+    tiny_roberta, tmp_path, capsys, vectorize
+):
+    """k = 4 per class on MR is 8 examples: --batch-size 16 used to end in a traceback from
+    deep inside jax (the packed-length schedule) or name "member 0"."""
+    argv = zero_shot_args(tiny_roberta, tmp_path / "runs", "--methods", "lora", "--ranks", "1")
+    message = one_line_error(capsys, [*argv, "--batch-size", "16", "--steps", "2", vectorize])
+    assert message.startswith("error: mr/lora-r1/seed13: the training set has 8 examples, fewer ")
+    assert "--batch-size) to 8 or less" in message
