@@ -166,15 +166,16 @@ def run_encoders(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rul
     return run_dir
 
 
-def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
-    """Maps the command line one-to-one onto :class:`ExperimentConfig` fields."""
+def build_parser(prog: str = "python -m experiments.run", description: str | None = __doc__):
+    """The parser of the run flags: ``--config``, one flag per :class:`ExperimentConfig`
+    field, and the :mod:`experiments.launch` flags (``experiments.plan`` adds its own)."""
     width = max(map(len, NAMED_CONFIGS))
     epilog = "named configs (--config NAME):\n" + "\n".join(
         f"  {name:<{width}}  {CONFIG_HELP[name]}" for name in NAMED_CONFIGS
     )
     parser = argparse.ArgumentParser(
-        prog="python -m experiments.run",
-        description=__doc__,
+        prog=prog,
+        description=description,
         epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -186,8 +187,11 @@ def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
     )
     add_dataclass_arguments(parser, ExperimentConfig)
     launch.add_arguments(parser)
-    args = vars(parser.parse_args(argv))
-    launch.pop_launch(args)  # read by parse_launch
+    return parser
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: dict) -> ExperimentConfig:
+    """The :class:`ExperimentConfig` of parsed ``args`` (the launch flags already popped)."""
     name = args.pop("config")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
     if overrides["task_files"] and overrides["tasks"] is None:
@@ -196,6 +200,14 @@ def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
         return get_config(name, **overrides)
     except UserError as err:
         parser.error(user_message(err))
+
+
+def parse_args(argv: list[str] | None = None) -> ExperimentConfig:
+    """Maps the command line one-to-one onto :class:`ExperimentConfig` fields."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    launch.pop_launch(args)  # read by parse_launch
+    return config_from_args(parser, args)
 
 
 def parse_launch(argv: list[str] | None = None) -> launch.Launch:

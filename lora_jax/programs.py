@@ -470,6 +470,8 @@ class JobPrograms(NamedTuple):
     chunk: Callable
     # predict(trainable, frozen, data, *, packed=False) -> outputs [n, N, K]
     predict: Callable
+    # the jitted program under predict: (trainable, frozen, data, shared, pack_length=None)
+    predict_program: Callable | None = None
 
 
 def job_programs(
@@ -567,4 +569,5 @@ def _job_programs(model_fn, cfg, member_inputs: bool, mesh, table) -> JobProgram
     return JobPrograms(
         jax.jit(chunk, donate_argnums=0, static_argnames=("length", "shared", "pack_length")),
         host_predict,
+        jitted,
     )

@@ -74,6 +74,7 @@ __all__ = [
     "fit_job",
     "init_state",
     "init_states",
+    "job_shardings",
     "make_optimizer",
     "write_metrics",
 ]
@@ -262,25 +263,28 @@ def _member_data(
 
 
 def _place(tree: PyTree, mesh: Mesh | None, table: dict, *, data: bool = False, shared=True):
-    """Puts ``tree`` on the mesh: parameter trees by their logical axes, shared data over the
-    batch axes, per-member data over the ``adapter`` axes."""
+    """Puts ``tree`` on the mesh: on :func:`job_shardings`."""
     if mesh is None or tree is None:
         return tree
+    return sharding_lib.place(tree, job_shardings(tree, mesh, table, data=data, shared=shared))
+
+
+def job_shardings(tree: PyTree, mesh: Mesh, table: dict, *, data: bool = False, shared=True):
+    """Where :func:`fit_job` puts ``tree`` (leaves may be ``jax.ShapeDtypeStruct``):
+    parameter trees by their logical axes, shared data over the batch axes, per-member data
+    over the ``adapter`` axes."""
     if not data:
-        return sharding_lib.place(tree, sharding_lib.tree_shardings(tree, mesh, table))
+        return sharding_lib.tree_shardings(tree, mesh, table)
     if shared:
         if table["batch"]:
-            return sharding_lib.place_data(dict(tree), mesh, table)
-        return sharding_lib.place(tree, jax.tree.map(lambda _: sharding_lib.replicated(mesh), tree))
+            return sharding_lib.data_shardings(dict(tree), mesh, table)
+        return jax.tree.map(lambda _: sharding_lib.replicated(mesh), tree)
     axes = lambda x: ("adapter",) + (None,) * (np.ndim(x) - 1)  # noqa: E731
-    return sharding_lib.place(
-        tree,
-        jax.tree.map(
-            lambda x: NamedSharding(
-                mesh, sharding_lib.spec(axes(x), np.shape(x), mesh, table, where="job members")
-            ),
-            tree,
+    return jax.tree.map(
+        lambda x: NamedSharding(
+            mesh, sharding_lib.spec(axes(x), np.shape(x), mesh, table, where="job members")
         ),
+        tree,
     )
 
 

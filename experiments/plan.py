@@ -1,0 +1,324 @@
+"""Plan a run for a TPU slice without one: ``python -m experiments.plan --topology v4-32 ...``.
+
+Takes the flags of ``experiments.run`` (the same config, ``--mesh`` and ``--rules``) plus
+``--topology`` (a TPU slice by its Cloud name, :data:`lora_jax.topologies.TARGETS`), and
+compiles, for the slice's compile-only devices (:mod:`lora_jax.topologies`, the ``tpu`` extra),
+the programs the run would execute: each job's training chunk
+(``lora_jax.programs.job_programs``, placed as ``lora_jax.train.fit_job`` places it) and its
+dev and test evaluation. Shapes only: the encoder's ``config.json`` (shipped in
+``experiments/hub_configs/`` for the paper's hub encoders, so no download and no weights), the
+tasks' class counts, ``k`` and ``max_length`` (every split padded to it: an upper bound of the
+run's own padding). Per device it prints peak memory against the chip's HBM, matmul FLOPs per
+step, the collectives of a step, compile time and a roofline estimate of step and run time.
+
+Example:
+  uv sync --extra tpu
+  python -m experiments.plan --topology v4-32 --config paper_binary \\
+      --model FacebookAI/roberta-large --tasks sst2 --ranks 8 --seeds 13 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import jobs, launch
+from experiments.config import ExperimentConfig, per_encoder
+from experiments.run import build_parser, config_from_args
+from experiments.workbench import resolve_model
+from lora_jax import lora, programs, tasks, topologies, train
+from lora_jax import sharding as sh
+from lora_jax.errors import ConfigError, UserError, user_message
+from lora_jax.models.config import EncoderConfig
+from lora_jax.models.encoder import forward, param_shapes
+from lora_jax.params import unflatten
+from lora_jax.readout import Readout, make_output_fn
+from lora_jax.trainable import Method, make_model_fn, split_params
+
+PyTree = Any
+HUB_CONFIGS = os.path.join(os.path.dirname(__file__), "hub_configs")
+# The hub encoders whose config.json ships here, and the head their checkpoint has (what
+# ``readout='auto'`` picks: the MLM head, ELECTRA's discriminator head, or none).
+SHIPPED = {
+    "roberta-large": "mlm",
+    "roberta-base": "mlm",
+    "bert-base-uncased": "mlm",
+    "electra-base-discriminator": "rtd",
+    "deberta-v3-base": None,
+}
+_READOUT_HEAD = {Readout.MLM: "mlm", Readout.RTD: "rtd", Readout.TIED: None}
+_READOUT_HEAD[Readout.TIED_MEAN] = None
+
+
+def encoder_shapes(cfg: ExperimentConfig) -> tuple[EncoderConfig, str | None, Readout]:
+    """The encoder config, the head its prompt model loads, and its readout, without weights:
+    a shipped hub config (by the last part of the id), or a local directory's config.json."""
+    name = cfg.model.rsplit("/", 1)[-1]
+    if name in SHIPPED:
+        with open(os.path.join(HUB_CONFIGS, f"{name}.json")) as f:
+            hf, head = json.load(f), SHIPPED[name]
+    else:
+        path = os.path.join(resolve_model(cfg.model), "config.json")
+        if not os.path.exists(path):
+            raise ConfigError(
+                f"--model {cfg.model}: planning needs its config.json, and none ships here "
+                f"(shipped: {', '.join(SHIPPED)}) nor is at {path}; pass a local model directory."
+            )
+        with open(path) as f:
+            hf = json.load(f)
+        head = {"bert": "mlm", "roberta": "mlm", "electra": "rtd"}.get(hf.get("model_type"))
+        if cfg.model == "minilm":
+            head = None  # a bare BertModel: no MLM head
+    config = EncoderConfig.from_hf(hf)
+    if cfg.readout != "auto":
+        readout = Readout(cfg.readout)
+        head = _READOUT_HEAD.get(readout, head)
+    else:
+        readout = {"mlm": Readout.MLM, "rtd": Readout.RTD, None: Readout.TIED_MEAN}[head]
+    return config, head, readout
+
+
+def abstract_data(rows: int, length: int) -> dict:
+    """``jax.ShapeDtypeStruct`` s of an encoded prompt split (``lora_jax.tasks.encode``)."""
+    token = jax.ShapeDtypeStruct((rows, length), jnp.int32)
+    one = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    return {
+        "input_ids": token,
+        "attention_mask": token,
+        "token_type_ids": token,
+        "mask_pos": one,
+        "labels": one,
+    }
+
+
+class Program(NamedTuple):
+    """One compiled program of a plan and what it reports (per device)."""
+
+    name: str  # e.g. "train r=8 x1 (25 steps)"
+    report: topologies.ProgramReport | None
+    error: str | None  # why it did not compile (e.g. out of HBM)
+    runs: float  # executions per job
+    steps: int  # training steps per execution (0 for evaluation)
+
+
+def _sds(tree: PyTree, shardings: PyTree) -> PyTree:
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def _compile(name: str, lowered_fn, runs: float, steps: int) -> Program:
+    start = time.perf_counter()
+    try:
+        compiled = lowered_fn().compile()
+    except Exception as err:  # noqa: BLE001 -- XLA reports an out-of-memory program this way
+        text = str(err)
+        if "RESOURCE_EXHAUSTED" not in text:
+            raise
+        return Program(name, None, " ".join(text.split())[:300], runs, steps)
+    seconds = time.perf_counter() - start
+    return Program(name, topologies.analyze(compiled, seconds), None, runs, steps)
+
+
+def plan_job(
+    cfg: ExperimentConfig,
+    job: Sequence[jobs.Cell],
+    encoder: tuple[EncoderConfig, str | None, Readout],
+    num_labels: int,
+    mesh,
+    rules,
+) -> list[Program]:
+    """Compiles the programs of ``job`` as :func:`experiments.jobs.run_job` would run them."""
+    config, head, readout = encoder
+    shapes = param_shapes(config, head=head, num_labels=None, pooler=False)
+    params = unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()})
+    apply_fn = functools.partial(forward, config=config, head=head, dtype=cfg.dtype)
+    if cfg.remat:
+        apply_fn = functools.partial(apply_fn, remat=True)
+    output_fn = make_output_fn(apply_fn, readout, np.arange(num_labels))
+    method, n = Method(job[0].method), len(job)
+    member_inputs = None
+    if method == Method.LORA:
+        configs = [jobs.lora_config(cfg, c.rank, config.model_type) for c in job]
+        stack = lora.plan_stack(params, configs)
+        fusion = lora.Fusion.FUSED if n > 1 else lora.Fusion.AUTO
+        model_fn = make_model_fn(output_fn, Method.LORA, lora_config=stack.config, fusion=fusion)
+        if stack.factors is not None:
+            model_fn = lora.with_member_factors(model_fn)
+            member_inputs = jax.eval_shape(lambda: stack.factors)
+        seeds = [c.seed for c in job]
+        trainables = jax.eval_shape(lambda p: lora.init_stack(p, stack, seeds), params)
+        frozen = params
+    elif method == Method.FULL:
+        model_fn = make_model_fn(output_fn, Method.FULL)
+        trainable, frozen = split_params(params, method)
+        trainables = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), trainable)
+    else:
+        raise ConfigError(f"planning covers lora and full jobs, not {method.value!r}.")
+    tcfg = jobs.train_config(cfg, job[0])
+    state = jax.eval_shape(
+        lambda t: train.init_states(t, tcfg, [tcfg.learning_rate] * n, [0] * n), trainables
+    )
+    compiled = programs.job_programs(
+        model_fn, tcfg, member_inputs=member_inputs is not None, mesh=mesh, rules=rules
+    )
+    table = programs.job_rules(mesh, rules, n)
+    if n == 1:
+        programs.check_batch_split(mesh, table, tcfg.batch_size)
+    place = functools.partial(train.job_shardings, mesh=mesh, table=table)
+    state = _sds(state, place(state))
+    base = _sds(frozen, place(frozen))
+    args = base if member_inputs is None else (base, _sds(member_inputs, place(member_inputs)))
+    rows = cfg.k * num_labels
+    train_data = abstract_data(rows, cfg.max_length)
+    train_data = _sds(train_data, place(train_data, data=True, shared=True))
+    lengths = train.chunk_lengths(cfg.steps, cfg.eval_every)
+    label = f"{method.value}" + (f" r={job[0].rank}" if job[0].rank else "") + f" x{n}"
+    out = []
+    for length in sorted(set(lengths), reverse=True):
+        out.append(
+            _compile(
+                f"train {label} ({length} steps)",
+                lambda length=length: compiled.chunk.lower(
+                    state, args, train_data, length, shared=True
+                ),
+                lengths.count(length),
+                length,
+            )
+        )
+    test_rows = cfg.test_cap or 1000
+    for split, count, runs in (("dev", rows, len(lengths)), ("test", test_rows, 1)):
+        data = abstract_data(count, cfg.max_length)
+        data = _sds(data, place(data, data=True, shared=True))
+        out.append(
+            _compile(
+                f"{split} {label} ({count} rows)",
+                lambda data=data: compiled.predict_program.lower(state.trainable, args, data, True),
+                runs,
+                0,
+            )
+        )
+    return out
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _collectives_text(colls: Sequence[topologies.Collective], limit: int = 3) -> str:
+    parts = [f"{c.count}x {c.kind} {c.shape} ({c.bytes / 2**20:.2f} MiB)" for c in colls[:limit]]
+    if len(colls) > limit:
+        parts.append(f"+{len(colls) - limit} more")
+    return "; ".join(parts) or "none"
+
+
+def format_plan(target: topologies.Target, mesh, progs: Sequence[Program]) -> str:
+    """The plan as a markdown table (per device), with the roofline times."""
+    chip = target.chip
+    lines = [
+        f"{target.name}: {target.chips} x {chip.name} ({target.hosts} hosts, "
+        f"{_gib(chip.hbm_bytes)} GiB HBM per chip), mesh "
+        + ",".join(f"{a}={s}" for a, s in mesh.shape.items()),
+        "",
+        "| program | compile s | args GiB | temp GiB | peak GiB | fits | GFLOP/step "
+        "| collectives per run | roofline ms/step |",
+        "|---|---:|---:|---:|---:|---|---:|---|---:|",
+    ]
+    for p in progs:
+        if p.report is None:
+            lines.append(f"| {p.name} | | | | | no: {p.error} | | | |")
+            continue
+        r = p.report
+        per = max(p.steps, 1)
+        ms = 1e3 * topologies.roofline(r.costs.flops, r.costs.hbm_bytes, chip) / per
+        fits = "yes" if r.peak_bytes <= chip.hbm_bytes else "no"
+        lines.append(
+            f"| {p.name} | {r.compile_seconds:.1f} | {_gib(r.argument_bytes)} | "
+            f"{_gib(r.temp_bytes)} | {_gib(r.peak_bytes)} | {fits} | "
+            f"{r.costs.flops / per / 1e9:.1f} | {_collectives_text(r.costs.collectives)} | "
+            f"{ms:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def job_seconds(progs: Sequence[Program], chip: topologies.Chip) -> float:
+    """Roofline seconds of one job: each program times its runs per job."""
+    return sum(
+        p.runs * topologies.roofline(p.report.costs.flops, p.report.costs.hbm_bytes, chip)
+        for p in progs
+        if p.report is not None
+    )
+
+
+def plan(cfg: ExperimentConfig, target_name: str, launch_flags: launch.Launch) -> str:
+    """Compiles every distinct program of ``cfg`` 's run for ``target_name``; the report text."""
+    target = topologies.target(target_name)
+    devices = topologies.devices(target_name)
+    mesh = sh.make_mesh(launch_flags.mesh or {"data": len(devices)}, devices=devices)
+    rules = sh.rules_for_mesh(mesh) if launch_flags.rules is None else sh.rules(launch_flags.rules)
+    sh.check_rules(rules, mesh)
+    named = tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k)
+    out = []
+    for one in per_encoder(cfg):
+        encoder = encoder_shapes(one)
+        todo = [c for c in jobs.cells(one, tuple(named)) if c.method in ("lora", "full")]
+        skipped = sorted({c.method for c in jobs.cells(one, tuple(named))} - {"lora", "full"})
+        groups: dict[tuple, list] = {}  # programs of one shape compile once
+        for job in jobs.plan_jobs(todo, jobs.members_per_job(one, mesh)):
+            k = named[job[0].task].num_labels
+            key = (job[0].method, tuple(c.rank for c in job), k)
+            groups.setdefault(key, []).append(job)
+        progs, total = [], 0.0
+        for (_, _, k), same in groups.items():
+            job_progs = plan_job(one, same[0], encoder, k, mesh, rules)
+            progs += job_progs
+            total += len(same) * job_seconds(job_progs, target.chip)
+        text = format_plan(target, mesh, progs)
+        note = f" (not planned: {', '.join(skipped)})" if skipped else ""
+        out.append(
+            f"## {one.model} ({encoder[2].value} readout, {one.dtype}, batch {one.batch_size}, "
+            f"{one.max_length} tokens)\n\n{text}\n\nroofline estimate of the run's "
+            f"{sum(len(v) for v in groups.values())} jobs{note}: {total:.1f} s "
+            "(a lower bound: communication and host time left out)"
+        )
+    return "\n\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line: ``experiments.run`` 's flags plus ``--topology``."""
+    parser = build_parser("python -m experiments.plan", __doc__)
+    parser.add_argument(
+        "--topology",
+        required=True,
+        choices=list(topologies.TARGETS),
+        help="the TPU slice to compile for (compile-only devices; needs the tpu extra)",
+    )
+    args = vars(parser.parse_args(argv))
+    topology = args.pop("topology")
+    flags = launch.pop_launch(args)
+    cfg = config_from_args(parser, args)
+    if not topologies.libtpu_available():
+        raise SystemExit(f"error: {topologies.INSTALL_HINT}")
+    jax.config.update("jax_platforms", "cpu")  # the TPU devices are compile-only
+    if flags.coordinator or flags.num_processes or flags.distributed:
+        print(
+            "note: process flags are ignored: a plan compiles for all hosts at once.",
+            file=sys.stderr,
+        )
+    try:
+        print(plan(cfg, topology, flags))
+    except UserError as err:
+        raise SystemExit(f"error: {user_message(err)}") from err
+
+
+if __name__ == "__main__":
+    main()
