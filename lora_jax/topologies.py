@@ -368,12 +368,12 @@ def hlo_costs(text: str) -> HloCosts:
             if kind in _COLLECTIVES:
                 arrays = _arrays(instr.shape)
                 if instr.op.endswith("-start") and len(arrays) > 1:  # (operands, result, ...)
-                    largest = max(arrays, key=lambda a: math.prod(a[1]) * _ITEMSIZE[a[0]])
-                    shape = f"{largest[0]}[{','.join(map(str, largest[1]))}]"
+                    dt, dims = max(arrays, key=lambda a: math.prod(a[1]) * _ITEMSIZE[a[0]])
+                    shape = f"{dt}[{','.join(map(str, dims))}]"
+                    size = math.prod(dims) * _ITEMSIZE[dt]
                 else:
-                    shape = _shape_text(instr.shape)
-                entry_ = found.setdefault((kind, shape), [0, _bytes(shape)])
-                entry_[0] += times
+                    shape, size = _shape_text(instr.shape), _bytes(instr.shape)
+                found.setdefault((kind, shape), [0, size])[0] += times
             if name not in fused and instr.op not in _NO_TRAFFIC and not instr.op.endswith("-done"):
                 moved = _bytes(instr.shape) + sum(_bytes(shapes.get(o, "")) for o in instr.operands)
                 hbm += times * moved
