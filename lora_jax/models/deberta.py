@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models.config import EncoderConfig
+from lora_jax.models.config import EncoderConfig, Head
 from lora_jax.models.layers import (
     activation,
     attend,
@@ -202,7 +202,7 @@ def cls_logits(params, first, cfg: EncoderConfig, keys) -> jax.Array:
     return dense(params["classifier"], dropout(pooled, rate, keys()), keys.lora())  # (B, K)
 
 
-def param_shapes(cfg: EncoderConfig, *, head: str | None, num_labels: int | None) -> dict:
+def param_shapes(cfg: EncoderConfig, *, head: Head | str | None, num_labels: int | None) -> dict:
     """Dotted path -> shape of every DeBERTa parameter (HF names, our layouts)."""
     H, I, V, E = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.embed_dim
     s: dict[str, tuple[int, ...]] = {"deberta.embeddings.word_embeddings.embedding": (V, E)}

@@ -31,7 +31,7 @@ from flax import nnx
 from lora_jax import sharding
 from lora_jax.errors import ConfigError
 from lora_jax.models import deberta
-from lora_jax.models.config import HEADS, EncoderConfig
+from lora_jax.models.config import EncoderConfig, Head
 from lora_jax.models.layers import (
     activation,
     attention,
@@ -284,7 +284,7 @@ def forward(
     token_type_ids: jax.Array | None = None,
     *,
     config: EncoderConfig,
-    head: str | None,
+    head: Head | str | None,
     dtype: Any = jnp.float32,
     mask_positions: jax.Array | None = None,
     label_word_ids: jax.Array | None = None,
@@ -403,7 +403,7 @@ _jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype", "rem
 
 
 def param_shapes(
-    config: EncoderConfig, *, head: str | None, num_labels: int | None, pooler: bool
+    config: EncoderConfig, *, head: Head | str | None, num_labels: int | None, pooler: bool
 ) -> dict[str, tuple[int, ...]]:
     """Dotted path -> shape of every parameter of the model (HF names, our layouts)."""
     if config.model_type == "deberta-v2":
@@ -476,7 +476,7 @@ def param_shapes(
 def init_params(
     config: EncoderConfig,
     *,
-    head: str | None,
+    head: Head | str | None,
     num_labels: int | None,
     seed: int,
     pooler: bool,
@@ -540,9 +540,16 @@ def _check_dtype(dtype: Any) -> Any:
     return dt
 
 
-def _check_head(head: str | None, num_labels: int | None) -> None:
-    if head not in HEADS:
-        raise ConfigError(f"head={head!r} is not supported; expected one of {HEADS}.")
+def _check_head(head: Head | str | None, num_labels: int | None) -> Head | None:
+    """Returns ``head`` as a :class:`Head` (or None) after checking it against ``num_labels``."""
+    if head is not None:
+        try:
+            head = Head(head)
+        except ValueError:
+            allowed = ", ".join([repr(h.value) for h in Head] + ["None"])
+            raise ConfigError(
+                f"head={head!r} is not supported; expected one of {allowed}."
+            ) from None
     if head == "cls":
         if num_labels is None:
             raise ConfigError(
@@ -555,6 +562,7 @@ def _check_head(head: str | None, num_labels: int | None) -> None:
         raise ConfigError(
             f"num_labels={num_labels} only applies to head='cls' (got head={head!r}); drop it."
         )
+    return head
 
 
 class EncoderModel(nnx.Module):
@@ -567,7 +575,7 @@ class EncoderModel(nnx.Module):
 
     Attributes:
       config: the :class:`EncoderConfig`.
-      head: ``'mlm'``, ``'cls'`` or None.
+      head: a :class:`Head` (``'mlm'``, ``'cls'``, ``'rtd'``) or None.
       num_labels: classes of the ``'cls'`` head, else None.
       dtype: compute dtype.
     """
@@ -577,11 +585,11 @@ class EncoderModel(nnx.Module):
         config: EncoderConfig,
         params: Mapping[str, Any],
         *,
-        head: str | None,
+        head: Head | str | None,
         num_labels: int | None = None,
         dtype: Any = jnp.float32,
     ):
-        _check_head(head, num_labels)
+        head = _check_head(head, num_labels)
         if head == "rtd" and config.model_type != "electra":
             raise ConfigError(
                 f"head='rtd' (replaced-token detection) is ELECTRA's discriminator head; a "
@@ -622,7 +630,7 @@ class EncoderModel(nnx.Module):
 def create(
     config: EncoderConfig,
     *,
-    head: str | None = "mlm",
+    head: Head | str | None = Head.MLM,
     num_labels: int | None = None,
     seed: int = 0,
     dtype: Any = jnp.float32,
@@ -631,7 +639,7 @@ def create(
 
     Args:
       config: the encoder shape.
-      head: ``'mlm'``, ``'cls'`` or None.
+      head: a :class:`Head` (``'mlm'``, ``'cls'``, ``'rtd'``) or None.
       num_labels: classes for ``head='cls'`` (required there).
       seed: init seed.
       dtype: compute dtype; parameters are float64 for float64, else float32.
@@ -640,7 +648,7 @@ def create(
       An :class:`EncoderModel`. BERT gets a pooler for ``head`` None or ``'cls'`` (as HF's
       ``BertModel`` / ``BertForSequenceClassification``); RoBERTa heads do not use one.
     """
-    _check_head(head, num_labels)
+    head = _check_head(head, num_labels)
     dt = _check_dtype(dtype)
     pooler = config.model_type == "bert" and head != "mlm"
     param_dtype = jnp.float64 if dt == jnp.float64 else jnp.float32
