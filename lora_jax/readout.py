@@ -85,8 +85,8 @@ def load_prompt_encoder(
     """
     if readout != "auto":
         readout = Readout(readout)
-        heads = {Readout.MLM: models.Head.MLM, Readout.RTD: models.Head.RTD}
-        head = heads.get(readout, models.Head.CLS if readout == Readout.CLS else None)
+        # The MLM, RTD and CLS readouts read the head of the same name; the others need none.
+        head = models.Head(readout.value) if readout.value in set(models.Head) else None
         return models.from_pretrained(path, head=head, **kwargs), readout
     heads = [(models.Head.MLM, Readout.MLM)]
     if models.read_model_type(path) == "electra":
