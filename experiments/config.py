@@ -59,10 +59,10 @@ class ExperimentConfig:
         adapters / weights and their optimizer state, stay float32: master weights).
       remat: recompute each encoder layer in the backward pass (less memory, same numbers).
       grad_accum: average the gradients of this many batches per optimizer update.
-      dropout: run dropout while training: the encoder's own (its config's hidden and attention
-        dropout) and ``lora_dropout`` on the LoRA branches; off at evaluation. The head-only
-        baseline trains on cached features, so there only the head's dropout runs.
-      lora_dropout: PEFT's ``lora_dropout`` rate on the LoRA input (with ``dropout``).
+      train_dropout: run dropout while training: the encoder's own (its config's hidden and
+        attention dropout) and ``lora_dropout`` on the LoRA branches; off at evaluation. The
+        head-only baseline trains on cached features, so there only the head's dropout runs.
+      lora_dropout: PEFT's ``lora_dropout`` rate on the LoRA input (with ``train_dropout``).
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
       vectorize: train the LoRA cells of a task (ranks x seeds) as one vectorized job
@@ -71,7 +71,7 @@ class ExperimentConfig:
       members: at most this many LoRA cells per vectorized job (bounds its memory).
       pack: train and test on packed batches (``lora_jax.packing``): each batch's rows laid
         end to end, so padding costs no compute; the same results to float rounding (with
-        ``dropout``, the same rates on other random masks). Used where the readout reads
+        ``train_dropout``, the same rates on other random masks). Used where the readout reads
         packed rows (MLM, TIED, TIED_MEAN; not DeBERTa) on one device.
       save_adapters: save each LoRA cell's best-dev adapter in PEFT format under
         ``adapters/<cell>/`` with the task's label words and template (``task.json``).
@@ -106,7 +106,7 @@ class ExperimentConfig:
     dtype: str = "float32"
     remat: bool = False
     grad_accum: int = 1
-    dropout: bool = False
+    train_dropout: bool = False
     lora_dropout: float = 0.0
     ntk: bool = False
     vectorize: bool = True

@@ -69,7 +69,7 @@ def train_config(cfg: ExperimentConfig, cell: Cell) -> train.TrainConfig:
         loss=cfg.loss,
         eval_every=cfg.eval_every,
         grad_accum=cfg.grad_accum,
-        train_dropout=cfg.dropout,
+        train_dropout=cfg.train_dropout,
         seed=cell.seed,
     )
 

@@ -35,6 +35,9 @@ from experiments.workbench import Workbench, check_model
 from lora_jax import distributed, tasks
 from lora_jax.errors import ConfigError, UserError, user_message
 
+# Fields renamed since a run directory may have been written: old name -> new name.
+_RENAMED = {"dropout": "train_dropout"}
+
 
 def prepare_run_dir(cfg: ExperimentConfig) -> str:
     """Creates ``out/name`` with ``config.json``; refuses a directory of another configuration.
@@ -49,6 +52,7 @@ def prepare_run_dir(cfg: ExperimentConfig) -> str:
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)
+        saved = {_RENAMED.get(k, k): v for k, v in saved.items()}
         # A field missing from an older config.json ran with that field's default.
         defaults = ExperimentConfig().to_json()
         saved = {**{k: defaults[k] for k in current if k in defaults}, **saved}

@@ -85,11 +85,12 @@ def load_prompt_encoder(
     """
     if readout != "auto":
         readout = Readout(readout)
-        head = {Readout.MLM: "mlm", Readout.RTD: "rtd", Readout.CLS: "cls"}.get(readout)
+        # The MLM, RTD and CLS readouts read the head of the same name; the others need none.
+        head = models.Head(readout.value) if readout.value in set(models.Head) else None
         return models.from_pretrained(path, head=head, **kwargs), readout
-    heads = [("mlm", Readout.MLM)]
+    heads = [(models.Head.MLM, Readout.MLM)]
     if models.read_model_type(path) == "electra":
-        heads.append(("rtd", Readout.RTD))
+        heads.append((models.Head.RTD, Readout.RTD))
     for head, found in heads:
         try:
             return models.from_pretrained(path, head=head, **kwargs), found

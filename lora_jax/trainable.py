@@ -33,9 +33,6 @@ class Method(enum.StrEnum):
     HEAD = "head"
 
 
-_LORA_RNG = 0x10AA  # fold_in tag of the LoRA-dropout key
-
-
 def make_model_fn(
     output_fn: OutputFn,
     method: Method | str,
@@ -51,10 +48,10 @@ def make_model_fn(
     per module the path that is faster for a training step at its shapes, ``fused`` fuses every
     module (what a job of several members needs, so that the base GEMMs are shared across
     members), ``merged`` merges every kernel. With a ``dropout_rng``,
-    ``lora_config.dropout`` runs on the LoRA branches (its key is
-    ``fold_in(dropout_rng, 0x10AA)``, so the model's own dropout masks are the same with or
-    without it). FULL: ``trainable`` is all params. HEAD: ``trainable`` is the
-    ``classifier`` sub-tree and ``frozen`` the rest.
+    ``lora_config.dropout`` runs on the LoRA branches; the encoder draws their masks from a key
+    stream of their own, so the model's own dropout masks are the same with or without it.
+    FULL: ``trainable`` is all params. HEAD: ``trainable`` is the ``classifier`` sub-tree and
+    ``frozen`` the rest.
     """
     method = Method(method)
     if method == Method.LORA:
@@ -62,8 +59,8 @@ def make_model_fn(
             raise ConfigError("method='lora' needs a lora_config.")
 
         def model_fn(trainable, frozen, batch, dropout_rng):
-            lora_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, _LORA_RNG)
-            merged = lora.apply(frozen, trainable, lora_config, fusion=fusion, dropout_rng=lora_rng)
+            dropout = dropout_rng is not None
+            merged = lora.apply(frozen, trainable, lora_config, fusion=fusion, dropout=dropout)
             return output_fn(merged, batch, dropout_rng)
 
     elif method == Method.FULL:

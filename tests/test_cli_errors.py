@@ -130,12 +130,12 @@ def test_max_length_beyond_the_position_table_is_refused_in_cli_words(tmp_path, 
 def test_every_experiment_field_has_a_flag_of_its_type():
     cfg = run.parse_args(
         ["--ranks", "2", "4", "--seeds", "7", "--lr", "0.5", "--alpha", "3", "--steps", "9",
-         "--tasks", "mr", "trec", "--ntk", "--dropout", "--lora-dropout", "0.25", "--loss", "mse",
-         "--targets", "query"]
+         "--tasks", "mr", "trec", "--ntk", "--train-dropout", "--lora-dropout", "0.25",
+         "--loss", "mse", "--targets", "query"]
     )  # fmt: skip
     assert cfg.ranks == (2, 4) and cfg.seeds == (7,) and cfg.tasks == ("mr", "trec")
     assert cfg.lr == 0.5 and cfg.alpha == 3.0 and cfg.steps == 9 and cfg.targets == "query"
-    assert cfg.ntk is True and cfg.dropout is True and cfg.lora_dropout == 0.25
+    assert cfg.ntk is True and cfg.train_dropout is True and cfg.lora_dropout == 0.25
     assert cfg.loss.value == "mse"
     assert run.parse_args([]) == ExperimentConfig()  # no flag given: the named config
     docs = field_docs(ExperimentConfig)
@@ -190,11 +190,22 @@ def test_a_run_directory_from_before_a_new_field_is_still_accepted(tmp_path):
     cfg = ExperimentConfig(out=str(tmp_path), name="old")
     (tmp_path / "old").mkdir()
     saved = cfg.to_json()
-    del saved["dropout"], saved["lora_dropout"]  # written before these fields existed
+    del saved["train_dropout"], saved["lora_dropout"]  # written before these fields existed
     (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
     run.prepare_run_dir(cfg)
-    with pytest.raises(ConfigError, match="fields differ: dropout"):
-        run.prepare_run_dir(dataclasses.replace(cfg, dropout=True))
+    with pytest.raises(ConfigError, match="fields differ: train_dropout"):
+        run.prepare_run_dir(dataclasses.replace(cfg, train_dropout=True))
+
+
+def test_a_run_directory_from_before_a_renamed_field_reads_it_under_its_new_name(tmp_path):
+    cfg = ExperimentConfig(out=str(tmp_path), name="old", train_dropout=True)
+    (tmp_path / "old").mkdir()
+    saved = cfg.to_json()
+    saved["dropout"] = saved.pop("train_dropout")  # written when the field was `dropout`
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    run.prepare_run_dir(cfg)
+    with pytest.raises(ConfigError, match="fields differ: train_dropout"):
+        run.prepare_run_dir(dataclasses.replace(cfg, train_dropout=False))
 
 
 # -- the three raw errors (item 6) --------------------------------------------------------------
@@ -265,8 +276,9 @@ def test_a_bad_line_inside_results_is_an_error_naming_it(tmp_path):
 
 
 def test_steps_20_and_dropout_reach_the_training_config():
-    """``--steps 20`` was refused (default eval_every=25 did not divide it); --dropout is new."""
-    cfg = run.parse_args(["--steps", "20", "--dropout", "--lora-dropout", "0.1"])
+    """``--steps 20`` was refused (default eval_every=25 did not divide it); and
+    --train-dropout reaches the training config."""
+    cfg = run.parse_args(["--steps", "20", "--train-dropout", "--lora-dropout", "0.1"])
     cell = run.Cell("mr", "lora", 4, 13)
     tcfg = jobs.train_config(cfg, cell)
     assert (tcfg.steps, tcfg.eval_every, tcfg.train_dropout) == (20, 25, True)

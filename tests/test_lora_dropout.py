@@ -16,6 +16,7 @@ import pytest
 
 from lora_jax import lora, readout, trainable
 from lora_jax.models import create, split
+from lora_jax.models.encoder import _DropoutKeys
 from lora_jax.models.layers import dense, dense_stack
 
 N = 16  # in = out = r, so that A @ B is invertible
@@ -36,8 +37,8 @@ def _square_setup(rate: float, seed: int = 0):
 
 def _dropped_input(params, adapters, cfg, x, rng):
     """Recovers dropout(x) from the layer output: (y - x W - b) / scale = dropout(x) A B."""
-    p = lora.apply(params, adapters, cfg, dropout_rng=rng)["enc"]["query"]
-    y = np.asarray(jax.jit(dense)(p, jnp.asarray(x)), np.float64)
+    p = lora.apply(params, adapters, cfg, dropout=True)["enc"]["query"]
+    y = np.asarray(jax.jit(dense)(p, jnp.asarray(x), rng), np.float64)
     w, b = np.asarray(params["enc"]["query"]["kernel"]), np.asarray(params["enc"]["query"]["bias"])
     ab = np.asarray(adapters["enc.query"]["lora_a"], np.float64) @ np.asarray(
         adapters["enc.query"]["lora_b"], np.float64
@@ -61,18 +62,18 @@ def test_dropout_hits_only_the_lora_input_with_inverted_scaling(rate):
 def test_no_rng_or_zero_rate_is_the_plain_lora_layer():
     params, adapters, cfg, x, (w, b, a, bb) = _square_setup(0.5)
     oracle = x @ w + b + x @ a @ bb
-    for p in (
-        lora.apply(params, adapters, cfg)["enc"]["query"],  # eval: no key
-        lora.apply(params, adapters, cfg, fusion="fused")["enc"]["query"],
-        lora.apply(
-            params,
-            adapters,
-            lora.LoraConfig(r=N, alpha=N, targets=("query",)),
-            dropout_rng=jax.random.key(0),
-        )["enc"]["query"],
+    no_rate = lora.LoraConfig(r=N, alpha=N, targets=("query",))
+    for p, rng in (
+        (lora.apply(params, adapters, cfg)["enc"]["query"], jax.random.key(0)),  # eval
+        (lora.apply(params, adapters, cfg, fusion="fused")["enc"]["query"], jax.random.key(0)),
+        (lora.apply(params, adapters, no_rate, dropout=True)["enc"]["query"], jax.random.key(0)),
+        (lora.apply(params, adapters, cfg, dropout=True)["enc"]["query"], None),  # no key
     ):
-        assert "lora_dropout_rng" not in p
-        np.testing.assert_allclose(np.asarray(dense(p, jnp.asarray(x))), oracle, atol=2e-4)
+        np.testing.assert_allclose(np.asarray(dense(p, jnp.asarray(x), rng)), oracle, atol=2e-4)
+    # The rate is a leaf of the adapted module; the key is an argument of the forward pass.
+    q = lora.apply(params, adapters, cfg, dropout=True)["enc"]["query"]
+    assert set(q) == {"kernel", "bias", "lora_a", "lora_b", "lora_scale", "lora_dropout"}
+    assert q["lora_dropout"] == 0.5
 
 
 def test_masks_are_deterministic_per_key_and_independent_per_module():
@@ -82,30 +83,23 @@ def test_masks_are_deterministic_per_key_and_independent_per_module():
     d3 = _dropped_input(params, adapters, cfg, x, jax.random.key(4))
     np.testing.assert_array_equal(d1 == 0, d2 == 0)
     assert np.mean((np.abs(d1) < 1e-4) != (np.abs(d3) < 1e-4)) > 0.2
-    # Two targeted modules under one key get different masks.
-    two = {
-        "enc": {
-            "query": params["enc"]["query"],
-            "value": jax.tree.map(lambda t: t + 0, params["enc"]["query"]),
-        }
-    }
-    cfg2 = lora.LoraConfig(r=N, alpha=N, targets=("query", "value"), dropout=0.5)
-    ad2 = {"enc.query": adapters["enc.query"], "enc.value": adapters["enc.query"]}
-    out = lora.apply(two, ad2, cfg2, dropout_rng=jax.random.key(3))["enc"]
-    yq = np.asarray(dense(out["query"], jnp.asarray(x)))
-    yv = np.asarray(dense(out["value"], jnp.asarray(x)))
-    assert np.abs(yq - yv).max() > 1e-2
+    # The encoder hands each Linear call its own key: two calls under one model key differ.
+    keys = _DropoutKeys(jax.random.key(3))
+    first, second = keys.lora(), keys.lora()
+    d4 = _dropped_input(params, adapters, cfg, x, first)
+    d5 = _dropped_input(params, adapters, cfg, x, second)
+    assert np.mean((np.abs(d4) < 1e-4) != (np.abs(d5) < 1e-4)) > 0.2
 
 
 def test_dropout_forces_the_fused_path_and_gradients_see_the_mask():
     params, adapters, cfg, x, _ = _square_setup(0.5)
-    p = lora.apply(params, adapters, cfg, fusion="merged", dropout_rng=jax.random.key(3))
+    p = lora.apply(params, adapters, cfg, fusion="merged", dropout=True)
     assert "lora_a" in p["enc"]["query"]  # not merged: a merged kernel cannot drop inputs
     np.testing.assert_array_equal(p["enc"]["query"]["kernel"], params["enc"]["query"]["kernel"])
 
     def loss(ad):
-        q = lora.apply(params, ad, cfg, dropout_rng=jax.random.key(3))["enc"]["query"]
-        return dense(q, jnp.asarray(x)).sum()
+        q = lora.apply(params, ad, cfg, dropout=True)["enc"]["query"]
+        return dense(q, jnp.asarray(x), jax.random.key(3)).sum()
 
     g = jax.grad(loss)(adapters)["enc.query"]["lora_b"]
     # d/dB of sum(dropout(x) A B) = (dropout(x) A)^T 1: built from the recovered dropped input.
@@ -150,6 +144,25 @@ def test_lora_dropout_in_a_model_fn_runs_only_with_a_key(tiny_encoder):
     np.testing.assert_allclose(outs[0.0][1], outs[0.0][0], atol=1e-6)
     np.testing.assert_allclose(outs[0.3][0], outs[0.0][0], atol=1e-6)
     assert np.abs(np.asarray(outs[0.3][1] - outs[0.3][0])).max() > 1e-3
+
+
+def test_lora_dropout_leaves_the_models_own_masks_unchanged(tiny_encoder_config):
+    """With B = 0 (PEFT's init) the LoRA term is zero whatever its mask, so the outputs under a
+    key equal those of the bare model under the same key only if its own masks are unchanged."""
+    config = dataclasses.replace(tiny_encoder_config, hidden_dropout_prob=0.2)
+    apply_fn, params = split(create(config, head=None, seed=0))
+    out_fn = readout.make_output_fn(apply_fn, "tied_mean", jnp.asarray([5, 7]))
+    batch = {
+        "input_ids": jnp.asarray(np.random.default_rng(0).integers(3, 50, size=(4, 9)), jnp.int32),
+        "attention_mask": jnp.ones((4, 9), jnp.int32),
+    }
+    cfg = lora.LoraConfig(r=2, alpha=4, dropout=0.5, targets=("query", "value", "dense"))
+    fn = jax.jit(trainable.make_model_fn(out_fn, "lora", lora_config=cfg))
+    ad = lora.init(jax.random.key(1), params, cfg)
+    rng = jax.random.key(0)
+    bare = out_fn(params, batch, rng)
+    np.testing.assert_allclose(np.asarray(fn(ad, params, batch, rng)), np.asarray(bare), atol=1e-5)
+    assert np.abs(np.asarray(bare - out_fn(params, batch, None))).max() > 1e-3  # masks are on
 
 
 def test_dense_stack_equals_separate_dense_layers():

@@ -132,8 +132,11 @@ def test_error_mlm_head_missing_from_checkpoint():
 
 
 def test_error_bad_head_and_dtype(tiny_roberta):
-    with pytest.raises(ValueError, match="head='lm' is not supported"):
+    with pytest.raises(ValueError, match="head='lm' is not supported.*'mlm', 'cls', 'rtd', None"):
         models.from_pretrained(tiny_roberta, head="lm")
+    # One vocabulary: the enum and its string spell the same head.
+    assert models.from_pretrained(tiny_roberta, head="mlm").head is models.Head.MLM
+    assert models.from_pretrained(tiny_roberta, head=models.Head.MLM).head == "mlm"
     with pytest.raises(ValueError, match="dtype='float16' is not supported"):
         models.from_pretrained(tiny_roberta, dtype=jnp.float16)
     if not jax.config.jax_enable_x64:

@@ -223,18 +223,16 @@ def _fold(
     plan: Plan,
     mode: str,
     dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
 ) -> dict:
     """Shared body of apply/merge/unmerge. mode: 'merge', 'unmerge', 'fused' or 'auto'.
 
-    With ``dropout_rng`` and a positive ``dropout_rate``, every LoRA module is fused and also gets
-    ``lora_dropout_rate`` (a Python float) and ``lora_dropout_rng`` (its own key, ``fold_in`` of
-    the module's index in sorted path order), which the model's ``dense`` reads.
+    With a positive ``dropout_rate`` every LoRA module is fused and also gets ``lora_dropout``
+    (the rate, a Python float), which the model's ``dense`` applies with the key it is called
+    with.
     """
-    use_dropout = dropout_rng is not None and dropout_rate > 0.0
+    use_dropout = dropout_rate > 0.0
     if use_dropout:
         mode = "fused"
-        index = {path: i for i, path in enumerate(sorted(plan.lora))}
     out = _copy_tree(params)
     for path, leaves in adapters.items():
         module = get_module(out, plan.keys[path])
@@ -251,8 +249,7 @@ def _fold(
             module["lora_b"] = b
             module["lora_scale"] = jnp.asarray(t.scale, dtype=w.dtype)
             if use_dropout:
-                module["lora_dropout_rate"] = dropout_rate
-                module["lora_dropout_rng"] = jax.random.fold_in(dropout_rng, index[path])
+                module["lora_dropout"] = dropout_rate
         else:
             delta = (t.scale * (a @ b)).astype(w.dtype)  # (in, out)
             module["kernel"] = w - delta if mode == "unmerge" else w + delta
@@ -271,7 +268,7 @@ def apply(
     cfg: LoraConfig,
     *,
     fusion: Fusion | str = Fusion.MERGED,
-    dropout_rng: jax.Array | None = None,
+    dropout: bool = False,
 ) -> dict:
     """Returns the adapted params; pure, jittable, differentiable with respect to `adapters`.
 
@@ -285,9 +282,11 @@ def apply(
         Linear per step; the fused path needs only rank-r products, which pays from a width of
         a few hundred (``benchmarks/README.md``, "Merged or fused LoRA"). Use `auto` (or
         `fused`) for training this library's encoders.
-      dropout_rng: a PRNG key to run `cfg.dropout` (PEFT's `lora_dropout`) on the input of each
-        LoRA branch, `x W + scale * dropout(x) A B`; every LoRA module is then fused whatever
-        `fusion` says. None (default), or `cfg.dropout == 0`: no dropout (evaluation).
+      dropout: True for training with `cfg.dropout` (PEFT's `lora_dropout`) on the input of
+        each LoRA branch, `x W + scale * dropout(x) A B`: every LoRA module is then fused
+        whatever `fusion` says and carries its rate; the masks' keys are an argument of the
+        model's forward pass (its `dropout_rng`), not part of the params. False (default), or
+        `cfg.dropout == 0`: no dropout (evaluation).
 
     Returns:
       A params pytree for the model's `apply_fn`; leaves of trainable biases and
@@ -298,7 +297,7 @@ def apply(
     """
     plan = check_fits(params, adapters, cfg)
     mode = {Fusion.AUTO: "auto", Fusion.FUSED: "fused", Fusion.MERGED: "merge"}[_fusion(fusion)]
-    return _fold(params, adapters, plan, mode, cfg.dropout, dropout_rng)
+    return _fold(params, adapters, plan, mode, cfg.dropout if dropout else 0.0)
 
 
 def _fusion(value: Fusion | str) -> Fusion:

@@ -10,7 +10,7 @@ Example:
   >>> apply_fn, params = models.split(model)  # pure function + nested dict of arrays
 """
 
-from lora_jax.models.config import EncoderConfig
+from lora_jax.models.config import EncoderConfig, Head
 from lora_jax.models.convert import CheckpointError, MissingHeadError
 from lora_jax.models.encoder import (
     EncoderModel,
@@ -35,6 +35,7 @@ __all__ = [
     "CheckpointError",
     "EncoderConfig",
     "EncoderModel",
+    "Head",
     "MissingHeadError",
     "cls_head",
     "create",

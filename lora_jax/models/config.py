@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,7 +11,22 @@ from lora_jax.errors import ConfigError
 
 MODEL_TYPES = ("roberta", "bert", "electra", "deberta-v2")
 HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "tanh")
-HEADS = ("mlm", "cls", "rtd", None)
+
+
+class Head(enum.StrEnum):
+    """The output head of an encoder (None: hidden states, no head).
+
+    ``MLM``: masked-language-model logits (prompt-based fine-tuning reads label words there);
+    ``CLS``: HF's sequence-classification head on ``<s>`` / ``[CLS]``; ``RTD``: ELECTRA's
+    replaced-token-detection discriminator. Plain strings (``'mlm'``) are accepted and compare
+    equal to their member.
+    """
+
+    MLM = "mlm"
+    CLS = "cls"
+    RTD = "rtd"
+
+
 POS_ATT_TYPES = ("c2p", "p2c")
 # HF attribute name of the encoder body per model_type.
 _BASE_PREFIX = {"roberta": "roberta", "bert": "bert", "electra": "electra", "deberta-v2": "deberta"}

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from lora_jax.errors import InputFileError
-from lora_jax.models.config import EncoderConfig
+from lora_jax.models.config import EncoderConfig, Head
 from lora_jax.models.encoder import param_shapes
 
 _NORMS = ("LayerNorm", "layer_norm")
@@ -137,7 +137,9 @@ def hf_to_flat(
     return flat, unexpected
 
 
-def flat_to_hf(flat: Mapping[str, np.ndarray], config: EncoderConfig, *, head: str | None) -> dict:
+def flat_to_hf(
+    flat: Mapping[str, np.ndarray], config: EncoderConfig, *, head: Head | str | None
+) -> dict:
     """Our flat params -> HF state dict (keys and layouts transformers 5 writes and reads).
 
     A model without head is saved as a bare ``BertModel`` / ``RobertaModel`` (no prefix). Tied
@@ -165,7 +167,7 @@ def check_shapes(
     flat: Mapping[str, np.ndarray],
     config: EncoderConfig,
     *,
-    head: str | None,
+    head: Head | str | None,
     num_labels: int | None,
     pooler: bool,
     source: str,

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.models.config import EncoderConfig
+from lora_jax.models.config import EncoderConfig, Head
 from lora_jax.models.layers import (
     activation,
     attend,
@@ -118,12 +118,16 @@ def _block(p, x, rel, mask, idx, cfg: EncoderConfig, keys, rows=None) -> jax.Arr
     """
     a = p["attention"]["self"]
     if rows is None:
-        q, k, v = dense_stack([a[n] for n in ("query_proj", "key_proj", "value_proj")], x)
+        q, k, v = dense_stack(
+            [a[n] for n in ("query_proj", "key_proj", "value_proj")],
+            x,
+            [keys.lora() for _ in range(3)],
+        )
         x_q = x
     else:
-        k, v = dense_stack([a["key_proj"], a["value_proj"]], x)
+        k, v = dense_stack([a["key_proj"], a["value_proj"]], x, [keys.lora(), keys.lora()])
         x_q = jnp.take_along_axis(x, rows[:, None, None], axis=1)  # (B, 1, H)
-        q = dense(a["query_proj"], x_q)
+        q = dense(a["query_proj"], x_q, keys.lora())
     q, k, v = _heads(q, cfg), _heads(k, cfg), _heads(v, cfg)  # (B, Tq or T, nh, hd)
     scale = _score_scale(cfg, x.dtype)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, k / scale)  # (B, nh, Tq, T)
@@ -131,11 +135,13 @@ def _block(p, x, rel, mask, idx, cfg: EncoderConfig, keys, rows=None) -> jax.Arr
         rel = dropout(rel, cfg.hidden_dropout_prob, keys())
         c2p_idx, p2c_idx = idx
         if "c2p" in cfg.pos_att_type:
-            pk = _heads(dense(a["key_proj" if cfg.share_att_key else "pos_key_proj"], rel), cfg)
+            pos_key = a["key_proj" if cfg.share_att_key else "pos_key_proj"]
+            pk = _heads(dense(pos_key, rel, keys.lora()), cfg)
             c2p = jnp.einsum("bqhd,shd->bhqs", q, pk)  # (B, nh, Tq, 2S)
             scores = scores + jnp.take_along_axis(c2p, c2p_idx[:, None], axis=-1) / scale
         if "p2c" in cfg.pos_att_type:
-            pq = _heads(dense(a["query_proj" if cfg.share_att_key else "pos_query_proj"], rel), cfg)
+            pos_query = a["query_proj" if cfg.share_att_key else "pos_query_proj"]
+            pq = _heads(dense(pos_query, rel, keys.lora()), cfg)
             p2c = jnp.einsum("bkhd,shd->bhks", k, pq)  # (B, nh, T, 2S)
             # p2c_score[i, j] = k_j . pq[p2c_idx[i, j]]: gather along s for each key j.
             index = jnp.swapaxes(p2c_idx, -1, -2)[:, None]  # (B or 1, 1, T, Tq)
@@ -144,10 +150,10 @@ def _block(p, x, rel, mask, idx, cfg: EncoderConfig, keys, rows=None) -> jax.Arr
     ctx = attend(scores, mask, v, cfg.attention_probs_dropout_prob, keys())  # (B, Tq, nh, hd)
     ctx = ctx.reshape(*ctx.shape[:2], -1)  # (B, Tq, H)
     o = p["attention"]["output"]
-    y = dropout(dense(o["dense"], ctx), cfg.hidden_dropout_prob, keys())
+    y = dropout(dense(o["dense"], ctx, keys.lora()), cfg.hidden_dropout_prob, keys())
     x = layer_norm(o["LayerNorm"], y + x_q, cfg.layer_norm_eps)
-    h = activation(cfg.hidden_act, dense(p["intermediate"]["dense"], x))  # (B, Tq, I)
-    y = dropout(dense(p["output"]["dense"], h), cfg.hidden_dropout_prob, keys())
+    h = activation(cfg.hidden_act, dense(p["intermediate"]["dense"], x, keys.lora()))  # (B, Tq, I)
+    y = dropout(dense(p["output"]["dense"], h, keys.lora()), cfg.hidden_dropout_prob, keys())
     return layer_norm(p["output"]["LayerNorm"], y + x, cfg.layer_norm_eps)
 
 
@@ -189,12 +195,14 @@ def encode(
 def cls_logits(params, first, cfg: EncoderConfig, keys) -> jax.Array:
     """``ContextPooler`` + classifier of ``DebertaV2ForSequenceClassification`` on ``(B, H)``."""
     pooled = dropout(first, cfg.pooler_dropout, keys())
-    pooled = activation(cfg.pooler_hidden_act, dense(params["pooler"]["dense"], pooled))
+    pooled = activation(
+        cfg.pooler_hidden_act, dense(params["pooler"]["dense"], pooled, keys.lora())
+    )
     rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-    return dense(params["classifier"], dropout(pooled, rate, keys()))  # (B, num_labels)
+    return dense(params["classifier"], dropout(pooled, rate, keys()), keys.lora())  # (B, K)
 
 
-def param_shapes(cfg: EncoderConfig, *, head: str | None, num_labels: int | None) -> dict:
+def param_shapes(cfg: EncoderConfig, *, head: Head | str | None, num_labels: int | None) -> dict:
     """Dotted path -> shape of every DeBERTa parameter (HF names, our layouts)."""
     H, I, V, E = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.embed_dim
     s: dict[str, tuple[int, ...]] = {"deberta.embeddings.word_embeddings.embedding": (V, E)}

@@ -31,7 +31,7 @@ from flax import nnx
 from lora_jax import sharding
 from lora_jax.errors import ConfigError
 from lora_jax.models import deberta
-from lora_jax.models.config import HEADS, EncoderConfig
+from lora_jax.models.config import EncoderConfig, Head
 from lora_jax.models.layers import (
     activation,
     attention,
@@ -55,17 +55,31 @@ DTYPES = ("float32", "bfloat16", "float64")
 # --------------------------------------------------------------------------------------------
 
 
+_LORA_STREAM = 0x10AA  # the LoRA dropout masks' own key stream
+
+
 class _DropoutKeys:
-    """Hands out one fresh key per dropout site (``fold_in`` of a counter); None when off."""
+    """Hands out one fresh key per dropout site (``fold_in`` of a counter); None when off.
+
+    ``keys()`` serves the model's own (HF) dropout sites; ``keys.lora()`` one key per Linear
+    call for PEFT's ``lora_dropout``, from a separate stream, so the model's masks are the same
+    with or without LoRA modules.
+    """
 
     def __init__(self, rng: jax.Array | None):
-        self.rng, self.count = rng, 0
+        self.rng, self.count, self.lora_count = rng, 0, 0
 
     def __call__(self) -> jax.Array | None:
         if self.rng is None:
             return None
         self.count += 1
         return jax.random.fold_in(self.rng, self.count)
+
+    def lora(self) -> jax.Array | None:
+        if self.rng is None:
+            return None
+        self.lora_count += 1
+        return jax.random.fold_in(jax.random.fold_in(self.rng, _LORA_STREAM), self.lora_count)
 
 
 def _embeddings(
@@ -120,7 +134,7 @@ def _encode(
         )
     x = _embeddings(base["embeddings"], input_ids, token_type_ids, cfg, dtype, keys, layout)
     if "embeddings_project" in base:  # ELECTRA with embedding_size != hidden_size
-        x = dense(base["embeddings_project"], x)  # (B, T, H)
+        x = dense(base["embeddings_project"], x, keys.lora())  # (B, T, H)
     key_mask = attention_mask > 0 if layout is None else layout.key_mask()  # (B, T) bool
     last = cfg.num_hidden_layers - 1
     for i in range(cfg.num_hidden_layers):
@@ -144,14 +158,16 @@ def _block(p, x, key_mask, cfg: EncoderConfig, keys, rows=None, layout=None) -> 
     """
     a = p["attention"]
     if rows is None:
-        q, k, v = dense_stack([a["self"][n] for n in ("query", "key", "value")], x)
+        q, k, v = dense_stack(
+            [a["self"][n] for n in ("query", "key", "value")], x, [keys.lora() for _ in range(3)]
+        )
     else:
-        k, v = dense_stack([a["self"]["key"], a["self"]["value"]], x)
+        k, v = dense_stack([a["self"]["key"], a["self"]["value"]], x, [keys.lora(), keys.lora()])
         if layout is None:
             x = jnp.take_along_axis(x, rows[:, None, None], axis=1)  # (B, 1, H)
         else:
             x = jnp.take(x[0], rows, axis=0)[:, None, :]  # (B, 1, H)
-        q = dense(a["self"]["query"], x)
+        q = dense(a["self"]["query"], x, keys.lora())
     if layout is not None:  # attention on the padded form
         k, v = layout.to_rows(k), layout.to_rows(v)  # (B, T, H)
         q = q if rows is not None else layout.to_rows(q)
@@ -166,10 +182,10 @@ def _block(p, x, key_mask, cfg: EncoderConfig, keys, rows=None, layout=None) -> 
     ).reshape(q.shape)  # (B, T or 1, H)
     if layout is not None and rows is None:
         ctx = layout.to_packed(ctx)  # (1, P, H)
-    y = dropout(dense(a["output"]["dense"], ctx), cfg.hidden_dropout_prob, keys())
+    y = dropout(dense(a["output"]["dense"], ctx, keys.lora()), cfg.hidden_dropout_prob, keys())
     x = layer_norm(a["output"]["LayerNorm"], y + x, cfg.layer_norm_eps)
-    h = activation(cfg.hidden_act, dense(p["intermediate"]["dense"], x))  # (B, T or 1, I)
-    y = dropout(dense(p["output"]["dense"], h), cfg.hidden_dropout_prob, keys())
+    h = activation(cfg.hidden_act, dense(p["intermediate"]["dense"], x, keys.lora()))  # (B, T|1, I)
+    y = dropout(dense(p["output"]["dense"], h, keys.lora()), cfg.hidden_dropout_prob, keys())
     return layer_norm(p["output"]["LayerNorm"], y + x, cfg.layer_norm_eps)
 
 
@@ -189,10 +205,11 @@ def _mlm_parts(params, cfg: EncoderConfig) -> tuple[dict, dict, jax.Array, dict 
     return t["dense"], t["LayerNorm"], h["bias"], h.get("decoder"), cfg.hidden_act
 
 
-def _mlm_logits(params, base, h, cfg: EncoderConfig, label_word_ids) -> jax.Array:
+def _mlm_logits(params, base, h, cfg: EncoderConfig, label_word_ids, keys) -> jax.Array:
     """MLM head on ``h`` (..., H): transform, then the (tied) decoder, optionally on K words."""
     transform, norm, bias, decoder, act = _mlm_parts(params, cfg)
-    h = layer_norm(norm, activation(act, dense(transform, h)), cfg.layer_norm_eps)  # (..., E)
+    h = activation(act, dense(transform, h, keys.lora()))
+    h = layer_norm(norm, h, cfg.layer_norm_eps)  # (..., E)
     if decoder is None:  # tied: decoder weight is the word-embedding matrix (V, E)
         table = base["embeddings"]["word_embeddings"]
         if label_word_ids is not None:
@@ -211,14 +228,14 @@ def _mlm_logits(params, base, h, cfg: EncoderConfig, label_word_ids) -> jax.Arra
     return h @ kernel.astype(h.dtype) + bias.astype(h.dtype)
 
 
-def _rtd_logits(params, h, cfg: EncoderConfig) -> jax.Array:
+def _rtd_logits(params, h, cfg: EncoderConfig, keys) -> jax.Array:
     """ELECTRA's discriminator (``ElectraForPreTraining``): ``h`` (..., H) -> (...) logits.
 
     A positive logit means "replaced"; ``-logit`` is the score of the token being original.
     """
     d = params["discriminator_predictions"]
-    hidden = activation(cfg.hidden_act, dense(d["dense"], h))
-    return dense(d["dense_prediction"], hidden)[..., 0]
+    hidden = activation(cfg.hidden_act, dense(d["dense"], h, keys.lora()))
+    return dense(d["dense_prediction"], hidden, keys.lora())[..., 0]
 
 
 def cls_head(
@@ -253,11 +270,11 @@ def _cls_logits(params, base, first, cfg: EncoderConfig, keys) -> jax.Array:
     rate = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
     if cfg.model_type in ("roberta", "electra"):  # ELECTRA's head uses gelu where RoBERTa's tanh
         c = params["classifier"]
-        h = dense(c["dense"], dropout(first, rate, keys()))
+        h = dense(c["dense"], dropout(first, rate, keys()), keys.lora())
         h = jnp.tanh(h) if cfg.model_type == "roberta" else gelu_exact(h)
-        return dense(c["out_proj"], dropout(h, rate, keys()))  # (B, num_labels)
-    pooled = jnp.tanh(dense(base["pooler"]["dense"], first))  # (B, H)
-    return dense(params["classifier"], dropout(pooled, rate, keys()))  # (B, num_labels)
+        return dense(c["out_proj"], dropout(h, rate, keys()), keys.lora())  # (B, num_labels)
+    pooled = jnp.tanh(dense(base["pooler"]["dense"], first, keys.lora()))  # (B, H)
+    return dense(params["classifier"], dropout(pooled, rate, keys()), keys.lora())  # (B, K)
 
 
 def forward(
@@ -267,7 +284,7 @@ def forward(
     token_type_ids: jax.Array | None = None,
     *,
     config: EncoderConfig,
-    head: str | None,
+    head: Head | str | None,
     dtype: Any = jnp.float32,
     mask_positions: jax.Array | None = None,
     label_word_ids: jax.Array | None = None,
@@ -371,9 +388,9 @@ def forward(
         x = x[:, 0]  # (B, H): the last layer kept only the wanted position
     if head == "mlm":
         ids = None if label_word_ids is None else jnp.asarray(label_word_ids, jnp.int32)
-        return _mlm_logits(params, base, x, config, ids)
+        return _mlm_logits(params, base, x, config, ids, keys)
     if head == "rtd":
-        return _rtd_logits(params, x, config)
+        return _rtd_logits(params, x, config, keys)
     return x
 
 
@@ -386,7 +403,7 @@ _jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype", "rem
 
 
 def param_shapes(
-    config: EncoderConfig, *, head: str | None, num_labels: int | None, pooler: bool
+    config: EncoderConfig, *, head: Head | str | None, num_labels: int | None, pooler: bool
 ) -> dict[str, tuple[int, ...]]:
     """Dotted path -> shape of every parameter of the model (HF names, our layouts)."""
     if config.model_type == "deberta-v2":
@@ -459,7 +476,7 @@ def param_shapes(
 def init_params(
     config: EncoderConfig,
     *,
-    head: str | None,
+    head: Head | str | None,
     num_labels: int | None,
     seed: int,
     pooler: bool,
@@ -523,9 +540,16 @@ def _check_dtype(dtype: Any) -> Any:
     return dt
 
 
-def _check_head(head: str | None, num_labels: int | None) -> None:
-    if head not in HEADS:
-        raise ConfigError(f"head={head!r} is not supported; expected one of {HEADS}.")
+def _check_head(head: Head | str | None, num_labels: int | None) -> Head | None:
+    """Returns ``head`` as a :class:`Head` (or None) after checking it against ``num_labels``."""
+    if head is not None:
+        try:
+            head = Head(head)
+        except ValueError:
+            allowed = ", ".join([repr(h.value) for h in Head] + ["None"])
+            raise ConfigError(
+                f"head={head!r} is not supported; expected one of {allowed}."
+            ) from None
     if head == "cls":
         if num_labels is None:
             raise ConfigError(
@@ -538,6 +562,7 @@ def _check_head(head: str | None, num_labels: int | None) -> None:
         raise ConfigError(
             f"num_labels={num_labels} only applies to head='cls' (got head={head!r}); drop it."
         )
+    return head
 
 
 class EncoderModel(nnx.Module):
@@ -550,7 +575,7 @@ class EncoderModel(nnx.Module):
 
     Attributes:
       config: the :class:`EncoderConfig`.
-      head: ``'mlm'``, ``'cls'`` or None.
+      head: a :class:`Head` (``'mlm'``, ``'cls'``, ``'rtd'``) or None.
       num_labels: classes of the ``'cls'`` head, else None.
       dtype: compute dtype.
     """
@@ -560,11 +585,11 @@ class EncoderModel(nnx.Module):
         config: EncoderConfig,
         params: Mapping[str, Any],
         *,
-        head: str | None,
+        head: Head | str | None,
         num_labels: int | None = None,
         dtype: Any = jnp.float32,
     ):
-        _check_head(head, num_labels)
+        head = _check_head(head, num_labels)
         if head == "rtd" and config.model_type != "electra":
             raise ConfigError(
                 f"head='rtd' (replaced-token detection) is ELECTRA's discriminator head; a "
@@ -605,7 +630,7 @@ class EncoderModel(nnx.Module):
 def create(
     config: EncoderConfig,
     *,
-    head: str | None = "mlm",
+    head: Head | str | None = Head.MLM,
     num_labels: int | None = None,
     seed: int = 0,
     dtype: Any = jnp.float32,
@@ -614,7 +639,7 @@ def create(
 
     Args:
       config: the encoder shape.
-      head: ``'mlm'``, ``'cls'`` or None.
+      head: a :class:`Head` (``'mlm'``, ``'cls'``, ``'rtd'``) or None.
       num_labels: classes for ``head='cls'`` (required there).
       seed: init seed.
       dtype: compute dtype; parameters are float64 for float64, else float32.
@@ -623,7 +648,7 @@ def create(
       An :class:`EncoderModel`. BERT gets a pooler for ``head`` None or ``'cls'`` (as HF's
       ``BertModel`` / ``BertForSequenceClassification``); RoBERTa heads do not use one.
     """
-    _check_head(head, num_labels)
+    head = _check_head(head, num_labels)
     dt = _check_dtype(dtype)
     pooler = config.model_type == "bert" and head != "mlm"
     param_dtype = jnp.float64 if dt == jnp.float64 else jnp.float32

@@ -36,24 +36,27 @@ def embed(p: Params, ids: jax.Array) -> jax.Array:
     return jnp.where(found, jnp.take(table, slot, axis=0), jnp.nan)
 
 
-def dense(p: Params, x: jax.Array) -> jax.Array:
+def dense(p: Params, x: jax.Array, lora_rng: jax.Array | None = None) -> jax.Array:
     """Linear layer ``x @ kernel + bias``, plus a fused LoRA update when ``p`` carries one.
 
     Args:
       p: ``{'kernel': (in, out), 'bias': (out,)}``; optionally ``'lora_a': (in, r)``,
         ``'lora_b': (r, out)`` and ``'lora_scale': ()``, which add
-        ``lora_scale * ((x @ lora_a) @ lora_b)`` without forming the merged kernel (with
-        ``'lora_dropout_rate'`` and ``'lora_dropout_rng'``, ``x`` of that term is dropped out).
+        ``lora_scale * ((x @ lora_a) @ lora_b)`` without forming the merged kernel, and
+        ``'lora_dropout': ()``, PEFT's ``lora_dropout`` rate on ``x`` of that term.
       x: ``(..., in)``.
+      lora_rng: the key of this call's LoRA dropout mask; None (evaluation) runs no dropout.
 
     Returns:
       ``(..., out)`` in the dtype of ``x``.
     """
     y = x @ p["kernel"].astype(x.dtype)
-    return _lora_and_bias(p, x, y)
+    return _lora_and_bias(p, x, y, lora_rng)
 
 
-def dense_stack(ps: Sequence[Params], x: jax.Array) -> list[jax.Array]:
+def dense_stack(
+    ps: Sequence[Params], x: jax.Array, lora_rngs: Sequence[jax.Array | None] | None = None
+) -> list[jax.Array]:
     """Several Linear layers of one shape applied to the same ``x`` as a single matmul.
 
     Equal to ``[dense(p, x) for p in ps]`` (same products, same sums per output element), but
@@ -66,24 +69,26 @@ def dense_stack(ps: Sequence[Params], x: jax.Array) -> list[jax.Array]:
     Args:
       ps: Linear parameter dicts as for :func:`dense`, all with kernels of one shape (in, out).
       x: ``(..., in)``.
+      lora_rngs: one LoRA dropout key per entry of ``ps`` (as ``lora_rng`` of :func:`dense`).
 
     Returns:
       One ``(..., out)`` array per entry of ``ps``.
     """
     kernel = jnp.stack([p["kernel"].astype(x.dtype) for p in ps], axis=1)  # (in, n, out)
     ys = jnp.einsum("...i,ino->...no", x, kernel)  # (..., n, out)
-    return [_lora_and_bias(p, x, ys[..., j, :]) for j, p in enumerate(ps)]
+    rngs = [None] * len(ps) if lora_rngs is None else lora_rngs
+    return [_lora_and_bias(p, x, ys[..., j, :], rngs[j]) for j, p in enumerate(ps)]
 
 
-def _lora_and_bias(p: Params, x: jax.Array, y: jax.Array) -> jax.Array:
+def _lora_and_bias(p: Params, x: jax.Array, y: jax.Array, lora_rng: jax.Array | None) -> jax.Array:
     """Adds the fused LoRA term ``lora_scale * (dropout(x) @ lora_a) @ lora_b`` and the bias.
 
     The dropout (PEFT's ``lora_dropout``, on the LoRA branch's input only) runs when ``p`` has a
-    ``lora_dropout_rng``, which ``lora.apply(..., dropout_rng=...)`` puts there.
+    ``lora_dropout`` rate (``lora.apply(..., dropout=True)`` puts it there) and a key is given.
     """
     if "lora_a" in p:
-        if "lora_dropout_rng" in p:
-            x = dropout(x, p["lora_dropout_rate"], p["lora_dropout_rng"])
+        if "lora_dropout" in p:
+            x = dropout(x, p["lora_dropout"], lora_rng)
         # On rows flattened to (tokens, in): the gradient of lora_a is then one GEMM
         # contracting one token axis, which XLA:CPU runs without transposing x first.
         rows = x.reshape(-1, x.shape[-1])
@@ -187,7 +192,7 @@ def activation(name: str, x: jax.Array) -> jax.Array:
 def dropout(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:
     """Inverted dropout; the identity when ``rng`` is None or ``rate`` is 0.
 
-    ``rate`` may be a traced scalar (a ``lora_dropout_rate`` leaf of params passed through jit).
+    ``rate`` may be a traced scalar (a ``lora_dropout`` leaf of params passed through jit).
     """
     if rng is None or (isinstance(rate, int | float) and rate == 0.0):
         return x

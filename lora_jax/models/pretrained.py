@@ -19,7 +19,7 @@ import numpy as np
 
 from lora_jax import lora
 from lora_jax.errors import InputFileError, MissingFileError
-from lora_jax.models.config import EncoderConfig
+from lora_jax.models.config import EncoderConfig, Head
 from lora_jax.models.convert import (
     CheckpointError,
     MissingHeadError,
@@ -292,7 +292,7 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
 def from_pretrained(
     name_or_path: str | os.PathLike,
     *,
-    head: str | None = "mlm",
+    head: Head | str | None = Head.MLM,
     num_labels: int | None = None,
     dtype: Any = jnp.float32,
     seed: int = 0,
@@ -333,7 +333,7 @@ def from_pretrained(
     """
     dt = _check_dtype(dtype)
     if not (head == "cls" and num_labels is None):  # that case may take the checkpoint's size
-        _check_head(head, num_labels)
+        head = _check_head(head, num_labels)
     directory = resolve(name_or_path)
     config = read_encoder_config(directory)
     flat, unexpected = hf_to_flat(read_weights(directory), config)
@@ -527,7 +527,7 @@ def load_peft_model(
     base: str | os.PathLike,
     adapter_dir: str | os.PathLike,
     *,
-    head: str | None = "mlm",
+    head: Head | str | None = Head.MLM,
     num_labels: int | None = None,
     fusion: lora.Fusion | str = lora.Fusion.MERGED,
     dtype: Any = jnp.float32,
