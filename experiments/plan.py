@@ -136,8 +136,11 @@ def plan_job(
     num_labels: int,
     mesh,
     rules,
+    *,
+    evaluation: bool = True,
 ) -> list[Program]:
-    """Compiles the programs of ``job`` as :func:`experiments.jobs.run_job` would run them."""
+    """Compiles the programs of ``job`` as :func:`experiments.jobs.run_job` would run them:
+    its training chunks, and (with ``evaluation``) its dev and test evaluation."""
     config, head, readout = encoder
     shapes = param_shapes(config, head=head, num_labels=None, pooler=False)
     params = unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()})
@@ -196,7 +199,8 @@ def plan_job(
             )
         )
     test_rows = cfg.test_cap or 1000
-    for split, count, runs in (("dev", rows, len(lengths)), ("test", test_rows, 1)):
+    splits = (("dev", rows, len(lengths)), ("test", test_rows, 1)) if evaluation else ()
+    for split, count, runs in splits:
         data = abstract_data(count, cfg.max_length)
         data = _sds(data, place(data, data=True, shared=True))
         out.append(

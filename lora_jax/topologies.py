@@ -233,6 +233,45 @@ def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(dt, tuple(int(d) for d in dims.split(",") if d)) for dt, dims in _ARRAY.findall(shape)]
 
 
+_LAYOUT_ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\](\{[^}]*\})?")
+_SLICING = ("slice", "dynamic-slice", "gather")
+_VIEWS = ("ConcatBitcast", "AllocateBuffer")  # TPU custom calls that move no data
+
+
+def _hbm_bytes(shape: str) -> int:
+    """Bytes of the arrays of ``shape`` that live in HBM (a TPU layout's ``S(n)`` marks another
+    memory space: on-chip vector or scalar memory)."""
+    return sum(
+        math.prod(int(d) for d in dims.split(",") if d) * _ITEMSIZE[dt]
+        for dt, dims, layout in _LAYOUT_ARRAY.findall(shape)
+        if "S(" not in layout
+    )
+
+
+def _traffic(instr: _Instr, shapes: dict[str, str], comps: dict[str, list[_Instr]]) -> int:
+    """HBM bytes an unfused instruction reads and writes (approximately, as XLA's cost
+    analysis: slices and gathers read what they return, not their whole operand)."""
+    if instr.op in _NO_TRAFFIC or instr.op.endswith("-done"):
+        return 0
+    if instr.op == "custom-call" and any(v in instr.attrs for v in _VIEWS):
+        return 0
+    if instr.op.endswith("-start"):  # (operands, results..., context): the moved buffer
+        arrays = _arrays(instr.shape)[1:] or _arrays(instr.shape)
+        return max((math.prod(d) * _ITEMSIZE[t] for t, d in arrays), default=0)
+    if instr.op in _SLICING:
+        return _bytes(instr.shape) + _hbm_bytes(instr.shape)
+    reads = [_hbm_bytes(shapes.get(o, "")) for o in instr.operands]
+    called = re.search(r"calls=%([\w.\-]+)", instr.attrs)
+    if instr.op == "fusion" and called:
+        body = comps.get(called.group(1), [])
+        params = {int(i.args): i.name for i in body if i.op == "parameter" and i.args.isdigit()}
+        for j, name in params.items():
+            users = [i for i in body if name in i.operands]
+            if j < len(reads) and users and all(u.op in _SLICING for u in users):
+                reads[j] = min(reads[j], sum(_bytes(u.shape) for u in users))
+    return _hbm_bytes(instr.shape) + sum(reads)
+
+
 def _bytes(shape: str) -> int:
     return sum(math.prod(dims) * _ITEMSIZE[dt] for dt, dims in _arrays(shape))
 
@@ -374,9 +413,8 @@ def hlo_costs(text: str) -> HloCosts:
                 else:
                     shape, size = _shape_text(instr.shape), _bytes(instr.shape)
                 found.setdefault((kind, shape), [0, size])[0] += times
-            if name not in fused and instr.op not in _NO_TRAFFIC and not instr.op.endswith("-done"):
-                moved = _bytes(instr.shape) + sum(_bytes(shapes.get(o, "")) for o in instr.operands)
-                hbm += times * moved
+            if name not in fused:
+                hbm += times * _traffic(instr, shapes, comps)
     colls = tuple(
         sorted(
             (Collective(k, s, c, b) for (k, s), (c, b) in found.items()),

@@ -21,8 +21,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from experiments import jobs  # noqa: E402
 from experiments import plan as plan_lib  # noqa: E402
 from experiments.config import get_config  # noqa: E402
-from lora_jax import topologies  # noqa: E402
 from lora_jax import sharding as sh  # noqa: E402
+from lora_jax import topologies  # noqa: E402
 
 TINY = {  # a 2-layer, hidden-64 RoBERTa config.json
     "model_type": "roberta",
@@ -65,7 +65,7 @@ def matmul_loop(topology: str) -> dict:
     }
 
 
-def tiny_plan(topology: str, dtype: str) -> dict:
+def tiny_plan(topology: str, dtype: str, evaluation: str = "eval") -> dict:
     """The programs of a one-cell LoRA run of the tiny encoder (r=8 on query/value)."""
     directory = tempfile.mkdtemp()
     with open(os.path.join(directory, "config.json"), "w") as f:
@@ -78,7 +78,7 @@ def tiny_plan(topology: str, dtype: str) -> dict:
     mesh = sh.make_mesh({"data": len(devices)}, devices=devices)
     progs = plan_lib.plan_job(
         cfg, [jobs.Cell("mr", "lora", 8, 13)], plan_lib.encoder_shapes(cfg), 2, mesh,
-        sh.rules_for_mesh(mesh),
+        sh.rules_for_mesh(mesh), evaluation=evaluation == "eval",
     )  # fmt: skip
     adapter_values = TINY["num_hidden_layers"] * 2 * 2 * TINY["hidden_size"] * 8
     return {

@@ -90,10 +90,14 @@ def _lora_and_bias(p: Params, x: jax.Array, y: jax.Array, lora_rng: jax.Array | 
         if "lora_dropout" in p:
             x = dropout(x, p["lora_dropout"], lora_rng)
         # On rows flattened to (tokens, in): the gradient of lora_a is then one GEMM
-        # contracting one token axis, which XLA:CPU runs without transposing x first.
-        rows = x.reshape(-1, x.shape[-1])
-        low = (rows @ p["lora_a"].astype(x.dtype)) @ p["lora_b"].astype(x.dtype)
-        y = y + p["lora_scale"].astype(x.dtype) * low.reshape(y.shape)
+        # contracting one token axis, which XLA:CPU runs without transposing x first. The
+        # rank-r branch runs in at least float32 (the factors' own dtype), so under a bfloat16
+        # compute dtype the factors' gradients are formed, and all-reduced over a data-parallel
+        # mesh, in float32 (the rank-r products cost r / out of the base matmul).
+        acc = jnp.promote_types(x.dtype, jnp.float32)
+        rows = x.reshape(-1, x.shape[-1]).astype(acc)
+        low = (rows @ p["lora_a"].astype(acc)) @ p["lora_b"].astype(acc)
+        y = y + (p["lora_scale"].astype(acc) * low).astype(y.dtype).reshape(y.shape)
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     return y

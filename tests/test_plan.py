@@ -1,0 +1,118 @@
+"""Compile-only planning for TPU slices (lora_jax.topologies, experiments.plan).
+
+The compiled-program tests need libtpu (the ``tpu`` extra; the dev group installs it) and run
+in a subprocess of their own (tests/_tpu_plan.py): libtpu loads once per process, and this
+process runs on simulated CPU devices.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lora_jax import topologies
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_libtpu = pytest.mark.skipif(
+    not topologies.libtpu_available(),
+    reason="libtpu is not installed (uv sync --extra tpu, or the dev group)",
+)
+
+
+def _run(*args: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+    env.update(TPU_WORKER_HOSTNAMES="localhost", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tests", "_tpu_plan.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_targets_are_the_cloud_slices():
+    # Cloud names count TensorCores for v4 / v5p (two per chip), chips for v5e; 4 chips a host
+    # except v5e-8 (one host of 8).
+    got = {n: (t.chips, t.hosts) for n, t in topologies.TARGETS.items()}
+    assert got == {
+        "v4-8": (4, 1), "v4-16": (8, 2), "v4-32": (16, 4), "v4-64": (32, 8), "v5e-8": (8, 1),
+        "v5e-16": (16, 4), "v5e-32": (32, 8), "v5p-8": (4, 1), "v5p-16": (8, 2),
+    }  # fmt: skip
+
+
+def test_roofline_is_the_slower_of_compute_and_memory():
+    chip = topologies.CHIPS["v5e"]
+    assert topologies.roofline(197e12, 0, chip) == pytest.approx(1.0)
+    assert topologies.roofline(0, 819e9, chip) == pytest.approx(1.0)
+    assert topologies.roofline(197e12, 2 * 819e9, chip) == pytest.approx(2.0)
+
+
+def test_plan_without_libtpu_says_how_to_install_it(monkeypatch):
+    from experiments import plan
+
+    monkeypatch.setattr(topologies, "libtpu_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        plan.main(["--topology", "v4-16"])
+    message = str(exit_info.value)
+    assert message.startswith("error: ") and "\n" not in message
+    assert "uv sync --extra tpu" in message
+
+
+def test_unknown_topology_is_one_line():
+    with pytest.raises(topologies.ConfigError, match="Unknown topology 'v9-8'; known: v4-8"):
+        topologies.target("v9-8")
+
+
+@needs_libtpu
+def test_loop_flops_and_collectives_count_every_trip():
+    """A 5-step scan of a data-parallel gradient step on v4-16 (two hosts): FLOPs and the
+    gradient all-reduce are counted 5 times (closed forms), not once as XLA's cost analysis."""
+    got = _run("matmul_loop", "v4-16")
+    assert got["devices"] == 8 and got["processes"] == [0, 1]
+    m, k, n = got["rows_per_device"], got["k"], got["n"]
+    # Per step: forward x @ w and the gradient x^T @ dy, 2 m k n FLOPs each.
+    assert got["flops"] == 5 * 2 * (2 * m * k * n)
+    assert got["unknown_loops"] == []
+    (reduce,) = [c for c in got["collectives"] if c["bytes"] >= 4 * k * n]
+    assert (reduce["kind"], reduce["count"], reduce["bytes"]) == ("all-reduce", 5, 4 * k * n)
+
+
+def _check_gradient_reduce(got: dict) -> None:
+    """In data-parallel LoRA the only collective of adapter size is one float32 all-reduce of
+    the adapters' gradients per step."""
+    train = got["programs"][0]
+    adapter = got["adapter_bytes"]
+    large = [c for c in train["collectives"] if c["bytes"] >= adapter // 2]
+    assert len(large) == 1, large
+    (grad,) = large
+    assert grad["kind"] == "all-reduce" and grad["count"] == train["steps"]
+    assert grad["shape"].startswith("f32"), grad  # reduced in float32 under bfloat16 too
+    assert adapter <= grad["bytes"] <= adapter + 64  # the adapters' gradients (+ scalars)
+
+
+@needs_libtpu
+def test_tiny_encoder_programs_compile_for_two_hosts():
+    """A LoRA run of a tiny encoder on v4-16 (8 chips, 2 hosts), data parallel: training,
+    dev and test programs compile; memory and collectives are reported."""
+    got = _run("tiny_plan", "v4-16", "float32")
+    assert got["processes"] == [0, 1]
+    train, dev, test = got["programs"]
+    assert train["name"] == "train lora r=8 x1 (10 steps)" and train["steps"] == 10
+    assert dev["name"].startswith("dev") and test["name"].startswith("test")
+    for p in got["programs"]:
+        assert 0 < p["argument_bytes"] <= p["peak_bytes"] < topologies.CHIPS["v4"].hbm_bytes
+        assert p["flops"] > 0
+    _check_gradient_reduce(got)
+    assert "| train lora r=8 x1 (10 steps) |" in got["table"]
+
+
+@needs_libtpu
+def test_bfloat16_adapter_gradients_are_reduced_in_float32():
+    _check_gradient_reduce(_run("tiny_plan", "v4-16", "bfloat16", "train"))
