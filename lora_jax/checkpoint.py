@@ -1,4 +1,8 @@
-"""Orbax checkpoints of a pytree plus JSON metadata, keeping the latest, for resumable runs."""
+"""Orbax checkpoints of a pytree plus JSON metadata, keeping the latest, for resumable runs.
+
+A checkpoint directory is a local path or any ``etils.epath`` URL (``gs://bucket/run/ckpt`` on
+a TPU pod, ``s3://...``), read and written through orbax.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Restored(NamedTuple):
@@ -17,12 +22,19 @@ class Restored(NamedTuple):
     meta: dict
 
 
+def checkpoint_path(directory: str | os.PathLike) -> epath.Path:
+    """``directory`` as an ``epath.Path``: a URL (``gs://...``) as it is, a local path made
+    absolute (orbax needs absolute local paths)."""
+    path = epath.Path(directory)
+    return path if "://" in str(directory) else path.absolute()
+
+
 def _manager(directory: str | os.PathLike) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=1, create=True, enable_async_checkpointing=False
     )
     return ocp.CheckpointManager(
-        os.path.abspath(directory), options=options, item_names=("tree", "meta")
+        checkpoint_path(directory), options=options, item_names=("tree", "meta")
     )
 
 
@@ -49,7 +61,7 @@ def restore(directory: str | os.PathLike, target: Any) -> Restored | None:
       target: a pytree with the structure, shapes and dtypes of the saved one (e.g. a fresh
         state); only its structure is used.
     """
-    if not os.path.isdir(directory):
+    if not checkpoint_path(directory).is_dir():
         return None
     with _manager(directory) as mngr:
         step = mngr.latest_step()
