@@ -2,13 +2,18 @@
 
   uv run python benchmarks/bench_scaling.py                          # 1, 2, 4, 8 CPU devices
   uv run python benchmarks/bench_scaling.py --devices 1 8 --hidden 256 --layers 4
+  python benchmarks/bench_scaling.py --devices 1 2 4 8 --peak-tflops 989   # 8 x H100 (bf16)
 
-One subprocess per device count n, each with ``--xla_force_host_platform_device_count=n`` and a
-``data=n`` mesh (data parallel, replicated base and adapters), training LoRA (query/value,
-fused: ``x W + s (x A) B``) on a random RoBERTa-shaped encoder with a fixed batch per device
-(weak scaling). It prints steps/s and tokens/s per device count. On CPU the simulated devices
-share the same cores, so this checks that the sharded program runs and how its overhead grows,
-not speed: on a GPU node or TPU slice the same command with real devices measures scaling.
+One subprocess per device count n with a ``data=n`` mesh (data parallel, replicated base and
+adapters), training LoRA (query/value, fused: ``x W + s (x A) B``) on a random RoBERTa-shaped
+encoder with a fixed batch per device (weak scaling). It prints steps/s and tokens/s per device
+count. On CPU each subprocess simulates n devices (``--xla_force_host_platform_device_count=n``
+appended to the caller's ``XLA_FLAGS``); they share the same cores, so this checks that the
+sharded program runs and how its overhead grows, not speed. On a GPU node or TPU host
+(``jax.default_backend()`` is not ``cpu``) the mesh takes the first n real devices and the
+flags are left alone, so the same command measures scaling. The model computes in
+``--dtype``: bfloat16 on accelerators (whose peaks, ``--peak-tflops``, are bf16 peaks), float32
+on CPU.
 
 FLOPs per step (forward + backward, the optimizer update is elementwise and left out):
 frozen weights need no weight-gradient GEMM, so each token costs 2 N (forward) + 2 N (input
@@ -62,7 +67,8 @@ def worker(a) -> None:
     from lora_jax.readout import make_output_fn
     from lora_jax.trainable import make_model_fn
 
-    n = jax.device_count()
+    n = a.use_devices or jax.device_count()
+    devices = jax.devices()[:n]
     config = models.EncoderConfig(
         model_type="roberta",
         vocab_size=1000,
@@ -74,7 +80,7 @@ def worker(a) -> None:
         type_vocab_size=1,
         pad_token_id=1,
     )
-    apply_fn, params = models.split(models.create(config, head=None))
+    apply_fn, params = models.split(models.create(config, head=None, dtype=a.dtype))
     output_fn = make_output_fn(apply_fn, "tied_mean", np.array([5, 6], np.int32))
     lcfg = lora.LoraConfig(r=a.rank, alpha=2 * a.rank, targets="query|value")
     adapters = lora.init(jax.random.key(0), params, lcfg)
@@ -88,7 +94,7 @@ def worker(a) -> None:
     }
     cfg = train.TrainConfig(steps=a.steps, batch_size=batch, eval_every=a.steps, max_grad_norm=None)
     opt = train.make_optimizer(cfg)
-    mesh = sh.make_mesh(f"data={n}")
+    mesh = sh.make_mesh(f"data={n}", devices=devices)
     rules = sh.rules_for_mesh(mesh)
     chunk = programs.make_train_chunk(model_fn, opt, cfg, mesh=mesh, rules=rules)
     state = train.init_state(adapters, opt, 0)
@@ -105,6 +111,7 @@ def worker(a) -> None:
         times.append(time.perf_counter() - t0)
     best = min(times)
     out = {"devices": n, "batch": batch, "steps_per_s": a.steps / best}
+    out["platform"], out["dtype"] = devices[0].platform, a.dtype
     out["tokens_per_s"] = out["steps_per_s"] * batch * a.seq
     flops = lora_step_flops(L=a.layers, H=a.hidden, I=4 * a.hidden, T=a.seq, B=batch, r=a.rank, K=2)
     out.update(flops)
@@ -151,23 +158,39 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="steps per timed window (one scan)")
     p.add_argument("--reps", type=int, default=3, help="timed windows; the best is reported")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak (default: CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="compute dtype (default: bfloat16 on an accelerator, float32 on CPU)",
+    )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--use-devices", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         return worker(a)
+    backend = _backend()
+    dtype = a.dtype or ("float32" if backend == "cpu" else "bfloat16")
+    if a.peak_tflops and dtype != "bfloat16":
+        print(f"note: MFU against --peak-tflops {a.peak_tflops} assumes a {dtype} peak.")
     rows = []
     for n in a.devices:
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-        if "JAX_PLATFORMS" not in env and a.peak_tflops is None:
+        env = dict(os.environ)
+        extra = ["--dtype", dtype]
+        if backend == "cpu":  # simulated devices, added to (not replacing) the caller's flags
+            flags = env.get("XLA_FLAGS", "")
+            env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
             env["JAX_PLATFORMS"] = "cpu"
-        argv = [sys.executable, __file__, "--worker", *_without_devices(sys.argv[1:])]
+        else:  # real devices: the first n of them
+            extra += ["--use-devices", str(n)]
+        argv = [sys.executable, __file__, "--worker", *_without_devices(sys.argv[1:]), *extra]
         out = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
         if out.returncode:
             sys.exit(f"worker with {n} devices failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(
-        f"LoRA r={a.rank} query/value, fused; L={a.layers} H={a.hidden} T={a.seq}, "
-        f"{a.batch_per_device} sequences per device, data-parallel mesh"
+        f"LoRA r={a.rank} query/value, fused, {dtype} on {backend}; L={a.layers} H={a.hidden} "
+        f"T={a.seq}, {a.batch_per_device} sequences per device, data-parallel mesh"
     )
     # One peak for every row: the best of the workers' matmul measurements (or --peak-tflops).
     peak = max(r["peak_flops"] for r in rows)
@@ -190,10 +213,19 @@ def main() -> None:
     print(f"peak used for MFU: {peak / 1e9:,.1f} GFLOP/s")
 
 
+def _backend() -> str:
+    """``jax.default_backend()`` of a fresh process (this one never starts jax itself)."""
+    if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+        return "cpu"
+    code = "import jax; print(jax.default_backend())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
 def _without_devices(argv: list[str]) -> list[str]:
     out, skip = [], False
     for arg in argv:
-        if arg == "--devices":
+        if arg in ("--devices", "--dtype"):
             skip = True
             continue
         if skip and not arg.startswith("--"):
