@@ -4,13 +4,16 @@ These flags change where the arrays live, not what is computed, so they are not 
 :class:`experiments.config.ExperimentConfig`: a run may be resumed on another mesh or number
 of processes. ``--mesh data=4,fsdp=2`` picks the devices' layout (default: every device on
 ``data``, i.e. data parallel); ``--coordinator HOST:PORT --num-processes N --process-id I`` (or a
-bare ``--distributed`` on TPU / SLURM) joins a multi-process run.
+bare ``--distributed`` on TPU / SLURM) joins a multi-process run. Compiled programs are kept
+in JAX's persistent compilation cache (:func:`enable_compilation_cache`), so a rerun, a resumed
+run or another run of the same shapes starts without compiling again.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import jax
 from jax.sharding import Mesh
@@ -32,6 +35,8 @@ class Launch:
       num_processes: number of processes.
       process_id: this process's index, ``0 <= process_id < num_processes``.
       distributed: ``jax.distributed.initialize()`` from the environment (TPU pods, SLURM).
+      compilation_cache: directory (or ``gs://`` URL) of JAX's persistent compilation cache, or
+        ``off``; default ``$LORA_JAX_COMPILATION_CACHE``, else ``~/.cache/lora_jax/jax``.
     """
 
     mesh: str | None = None
@@ -40,8 +45,11 @@ class Launch:
     num_processes: int | None = None
     process_id: int | None = None
     distributed: bool = False
+    compilation_cache: str | None = None
 
 
+CACHE_ENV = "LORA_JAX_COMPILATION_CACHE"
+DEFAULT_CACHE = os.path.join("~", ".cache", "lora_jax", "jax")
 _TYPES = {"num_processes": int, "process_id": int}
 
 
@@ -69,6 +77,7 @@ def start(launch: Launch) -> tuple[Mesh | None, dict | None]:
       ValueError: bad process flags, an unknown mesh axis, a mesh whose size is not the number
         of devices, or rules naming a mesh axis the mesh lacks (one line each).
     """
+    enable_compilation_cache(launch.compilation_cache)
     distributed.initialize(
         launch.coordinator, launch.num_processes, launch.process_id, auto=launch.distributed
     )
@@ -81,3 +90,19 @@ def start(launch: Launch) -> tuple[Mesh | None, dict | None]:
     rules = sh.rules_for_mesh(mesh) if launch.rules is None else sh.rules(launch.rules)
     sh.check_rules(rules, mesh)
     return mesh, rules
+
+
+def enable_compilation_cache(where: str | None = None) -> str | None:
+    """Turns on JAX's persistent compilation cache; returns its directory (None: off).
+
+    ``where``: a directory or URL, or ``off``; None takes ``$LORA_JAX_COMPILATION_CACHE`` (which
+    may say ``off`` too), else :data:`DEFAULT_CACHE`. Programs are cached by their HLO and
+    compile options, so the same program from another run (or another task of the same shapes)
+    loads instead of compiling; every program that took over a second to compile is kept.
+    """
+    where = where or os.environ.get(CACHE_ENV) or DEFAULT_CACHE
+    if where.lower() in ("off", "none", "0", "false"):
+        return None
+    where = where if "://" in where else os.path.abspath(os.path.expanduser(where))
+    jax.config.update("jax_compilation_cache_dir", where)
+    return where
