@@ -116,6 +116,10 @@ def _sds(tree: PyTree, shardings: PyTree) -> PyTree:
     )
 
 
+# Where _compile writes each program's optimized HLO (--dump-hlo), or None.
+_DUMP: dict[str, str | None] = {"dir": None}
+
+
 def _compile(name: str, lowered_fn, runs: float, steps: int) -> Program:
     start = time.perf_counter()
     try:
@@ -126,6 +130,11 @@ def _compile(name: str, lowered_fn, runs: float, steps: int) -> Program:
             raise
         return Program(name, None, " ".join(text.split())[:300], runs, steps)
     seconds = time.perf_counter() - start
+    if _DUMP["dir"]:
+        os.makedirs(_DUMP["dir"], exist_ok=True)
+        file = "".join(c if c.isalnum() or c in "-=." else "_" for c in name) + ".hlo.txt"
+        with open(os.path.join(_DUMP["dir"], file), "w") as f:
+            f.write(compiled.as_text())
     return Program(name, topologies.analyze(compiled, seconds), None, runs, steps)
 
 
@@ -137,10 +146,12 @@ def plan_job(
     mesh,
     rules,
     *,
+    training: bool = True,
     evaluation: bool = True,
 ) -> list[Program]:
     """Compiles the programs of ``job`` as :func:`experiments.jobs.run_job` would run them:
-    its training chunks, and (with ``evaluation``) its dev and test evaluation."""
+    its training chunks (with ``training``) and its dev and test evaluation (with
+    ``evaluation``)."""
     config, head, readout = encoder
     shapes = param_shapes(config, head=head, num_labels=None, pooler=False)
     params = unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()})
@@ -187,7 +198,7 @@ def plan_job(
     lengths = train.chunk_lengths(cfg.steps, cfg.eval_every)
     label = f"{method.value}" + (f" r={job[0].rank}" if job[0].rank else "") + f" x{n}"
     out = []
-    for length in sorted(set(lengths), reverse=True):
+    for length in sorted(set(lengths), reverse=True) if training else ():
         out.append(
             _compile(
                 f"train {label} ({length} steps)",
@@ -254,6 +265,33 @@ def format_plan(target: topologies.Target, mesh, progs: Sequence[Program]) -> st
     return "\n".join(lines)
 
 
+def batch_headroom(cfg: ExperimentConfig, target, mesh, rules, progs: Sequence[Program]) -> str:
+    """Which batch fits: the largest multiple of the batch shards whose training program would
+    fit HBM if its temporaries grow in proportion to the batch (arguments do not)."""
+    ways = sh.batch_ways(mesh, rules)
+    lines = []
+    for p in progs:
+        if p.steps == 0 or p.report is None:
+            continue
+        r = p.report
+        fixed = r.peak_bytes - r.temp_bytes
+        per_row = r.temp_bytes / cfg.batch_size
+        rows = (target.chip.hbm_bytes - fixed) / per_row if per_row else float("inf")
+        most = int(rows // ways) * ways
+        lines.append(
+            f"{p.name}: batch {cfg.batch_size} uses {_gib(r.peak_bytes)} of "
+            f"{_gib(target.chip.hbm_bytes)} GiB per chip; batches up to about {most:,} would fit "
+            f"(temporaries {_gib(per_row * ways)} GiB per {ways} rows, linear in the batch)."
+        )
+    members = jobs.members_per_job(cfg, mesh)
+    lines.append(
+        f"members per job: {members or 1} (a job of several cells does not run on a mesh yet)"
+        if not members
+        else f"members per job: up to {members}"
+    )
+    return "\n".join(lines)
+
+
 def job_seconds(progs: Sequence[Program], chip: topologies.Chip) -> float:
     """Roofline seconds of one job: each program times its runs per job."""
     return sum(
@@ -287,6 +325,7 @@ def plan(cfg: ExperimentConfig, target_name: str, launch_flags: launch.Launch) -
             progs += job_progs
             total += len(same) * job_seconds(job_progs, target.chip)
         text = format_plan(target, mesh, progs)
+        text += "\n\n" + batch_headroom(one, target, mesh, rules, progs)
         note = f" (not planned: {', '.join(skipped)})" if skipped else ""
         out.append(
             f"## {one.model} ({encoder[2].value} readout, {one.dtype}, batch {one.batch_size}, "
@@ -306,8 +345,15 @@ def main(argv: list[str] | None = None) -> None:
         choices=list(topologies.TARGETS),
         help="the TPU slice to compile for (compile-only devices; needs the tpu extra)",
     )
+    parser.add_argument(
+        "--dump-hlo",
+        metavar="DIR",
+        default=None,
+        help="also write each compiled program's optimized HLO text to DIR",
+    )
     args = vars(parser.parse_args(argv))
     topology = args.pop("topology")
+    _DUMP["dir"] = args.pop("dump_hlo")
     flags = launch.pop_launch(args)
     cfg = config_from_args(parser, args)
     if not topologies.libtpu_available():

@@ -248,9 +248,58 @@ def _hbm_bytes(shape: str) -> int:
     )
 
 
+def _param_reads(comp: list[_Instr], index: int, full: int, comps: dict) -> int:
+    """HBM bytes a fused computation reads of its parameter ``index`` (``full`` bytes): what
+    its slices return when it is only sliced (through nested fusions too), else ``full``; 0
+    when it is only the buffer a dynamic-update-slice writes in place."""
+    name = next((i.name for i in comp if i.op == "parameter" and i.args == str(index)), None)
+    users = [i for i in comp if name in i.operands]
+    if name is None or not users:
+        return full
+    total = 0
+    for user in users:
+        if user.op in _SLICING:
+            total += _bytes(user.shape)
+        elif user.op == "dynamic-update-slice" and user.operands[0] == name:
+            continue  # written in place: not read
+        elif user.op == "fusion" and (called := re.search(r"calls=%([\w.\-]+)", user.attrs)):
+            inner = comps.get(called.group(1), [])
+            total += sum(
+                _param_reads(inner, j, full, comps)
+                for j, operand in enumerate(user.operands)
+                if operand == name
+            )
+        else:
+            return full
+    return min(total, full)
+
+
+def _fusion_writes(comp: list[_Instr], shape: str) -> int:
+    """HBM bytes a fusion writes: its result, except that a dynamic-update-slice at its root
+    writes only the update into its buffer (in place)."""
+    root = next((i for i in reversed(comp) if i.name and i.op), None)
+    by_name = {i.name: i for i in comp}
+    if root is None:
+        return _hbm_bytes(shape)
+    parts = [by_name.get(o) for o in root.operands] if root.op == "tuple" else [root]
+    if not any(p is not None and p.op == "dynamic-update-slice" for p in parts):
+        return _hbm_bytes(shape)
+    total = 0
+    for p in parts:
+        if p is None:
+            continue
+        if p.op == "dynamic-update-slice":
+            update = by_name.get(p.operands[1])
+            total += _bytes(update.shape) if update is not None else 0
+        else:
+            total += _hbm_bytes(p.shape)
+    return total
+
+
 def _traffic(instr: _Instr, shapes: dict[str, str], comps: dict[str, list[_Instr]]) -> int:
     """HBM bytes an unfused instruction reads and writes (approximately, as XLA's cost
-    analysis: slices and gathers read what they return, not their whole operand)."""
+    analysis: slices and gathers read what they return, not their whole operand; an in-place
+    dynamic-update-slice writes its update)."""
     if instr.op in _NO_TRAFFIC or instr.op.endswith("-done"):
         return 0
     if instr.op == "custom-call" and any(v in instr.attrs for v in _VIEWS):
@@ -260,15 +309,14 @@ def _traffic(instr: _Instr, shapes: dict[str, str], comps: dict[str, list[_Instr
         return max((math.prod(d) * _ITEMSIZE[t] for t, d in arrays), default=0)
     if instr.op in _SLICING:
         return _bytes(instr.shape) + _hbm_bytes(instr.shape)
+    if instr.op == "dynamic-update-slice":
+        return 2 * _bytes(shapes.get(instr.operands[1], ""))
     reads = [_hbm_bytes(shapes.get(o, "")) for o in instr.operands]
     called = re.search(r"calls=%([\w.\-]+)", instr.attrs)
     if instr.op == "fusion" and called:
         body = comps.get(called.group(1), [])
-        params = {int(i.args): i.name for i in body if i.op == "parameter" and i.args.isdigit()}
-        for j, name in params.items():
-            users = [i for i in body if name in i.operands]
-            if j < len(reads) and users and all(u.op in _SLICING for u in users):
-                reads[j] = min(reads[j], sum(_bytes(u.shape) for u in users))
+        reads = [_param_reads(body, j, full, comps) for j, full in enumerate(reads)]
+        return _fusion_writes(body, instr.shape) + sum(reads)
     return _hbm_bytes(instr.shape) + sum(reads)
 
 
