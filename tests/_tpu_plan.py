@@ -1,6 +1,6 @@
 """Subprocess body of tests/test_plan.py: compiles programs for compile-only TPU devices.
 
-Run as ``python tests/_tpu_plan.py CASE [ARGS...]`` with ``JAX_PLATFORMS=cpu`` and libtpu
+Run as ``python tests/_tpu_plan.py CASE[:ARG...] ...`` with ``JAX_PLATFORMS=cpu`` and libtpu
 installed (a process of its own: libtpu loads once per process, and the test process runs on
 simulated CPU devices); prints one JSON object.
 """
@@ -65,7 +65,7 @@ def matmul_loop(topology: str) -> dict:
     }
 
 
-def tiny_plan(topology: str, dtype: str, evaluation: str = "eval") -> dict:
+def tiny_plan(topology: str, dtype: str, programs: str = "all") -> dict:
     """The programs of a one-cell LoRA run of the tiny encoder (r=8 on query/value)."""
     directory = tempfile.mkdtemp()
     with open(os.path.join(directory, "config.json"), "w") as f:
@@ -78,7 +78,7 @@ def tiny_plan(topology: str, dtype: str, evaluation: str = "eval") -> dict:
     mesh = sh.make_mesh({"data": len(devices)}, devices=devices)
     progs = plan_lib.plan_job(
         cfg, [jobs.Cell("mr", "lora", 8, 13)], plan_lib.encoder_shapes(cfg), 2, mesh,
-        sh.rules_for_mesh(mesh), evaluation=evaluation == "eval",
+        sh.rules_for_mesh(mesh), training=programs != "eval", evaluation=programs != "train",
     )  # fmt: skip
     adapter_values = TINY["num_hidden_layers"] * 2 * 2 * TINY["hidden_size"] * 8
     return {
@@ -99,6 +99,12 @@ def tiny_plan(topology: str, dtype: str, evaluation: str = "eval") -> dict:
     }
 
 
+CASES = {"matmul_loop": matmul_loop, "tiny_plan": tiny_plan}
+
 if __name__ == "__main__":
-    case, *args = sys.argv[1:]
-    print(json.dumps({"matmul_loop": matmul_loop, "tiny_plan": tiny_plan}[case](*args)))
+    # Each argument is CASE[:ARG[:ARG]]; one process runs them all (libtpu loads once).
+    out = {}
+    for spec in sys.argv[1:]:
+        case, *args = spec.split(":")
+        out[spec] = CASES[case](*args)
+    print(json.dumps(out))

@@ -21,6 +21,20 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
+CASES = (
+    "matmul_loop:v4-16",
+    "tiny_plan:v4-16:float32",
+    "tiny_plan:v4-16:bfloat16:train",
+    "tiny_plan:v4-8:float32:eval",
+)
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict:
+    """Every compiled case of this file, from one subprocess."""
+    return _run(*CASES)
+
+
 def _run(*args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
@@ -71,10 +85,10 @@ def test_unknown_topology_is_one_line():
 
 
 @needs_libtpu
-def test_loop_flops_and_collectives_count_every_trip():
+def test_loop_flops_and_collectives_count_every_trip(compiled):
     """A 5-step scan of a data-parallel gradient step on v4-16 (two hosts): FLOPs and the
     gradient all-reduce are counted 5 times (closed forms), not once as XLA's cost analysis."""
-    got = _run("matmul_loop", "v4-16")
+    got = compiled["matmul_loop:v4-16"]
     assert got["devices"] == 8 and got["processes"] == [0, 1]
     m, k, n = got["rows_per_device"], got["k"], got["n"]
     # Per step: forward x @ w and the gradient x^T @ dy, 2 m k n FLOPs each.
@@ -98,10 +112,10 @@ def _check_gradient_reduce(got: dict) -> None:
 
 
 @needs_libtpu
-def test_tiny_encoder_programs_compile_for_two_hosts():
+def test_tiny_encoder_programs_compile_for_two_hosts(compiled):
     """A LoRA run of a tiny encoder on v4-16 (8 chips, 2 hosts), data parallel: training,
     dev and test programs compile; memory and collectives are reported."""
-    got = _run("tiny_plan", "v4-16", "float32")
+    got = compiled["tiny_plan:v4-16:float32"]
     assert got["processes"] == [0, 1]
     train, dev, test = got["programs"]
     assert train["name"] == "train lora r=8 x1 (10 steps)" and train["steps"] == 10
@@ -114,5 +128,16 @@ def test_tiny_encoder_programs_compile_for_two_hosts():
 
 
 @needs_libtpu
-def test_bfloat16_adapter_gradients_are_reduced_in_float32():
-    _check_gradient_reduce(_run("tiny_plan", "v4-16", "bfloat16", "train"))
+def test_bfloat16_adapter_gradients_are_reduced_in_float32(compiled):
+    _check_gradient_reduce(compiled["tiny_plan:v4-16:bfloat16:train"])
+
+
+@needs_libtpu
+def test_evaluation_is_split_over_the_devices_not_replicated(compiled):
+    """The test set's forward FLOPs per device halve from 4 to 8 devices (a replicated
+    evaluation would run every row on every device: the same FLOPs on both)."""
+    four = {p["name"]: p for p in compiled["tiny_plan:v4-8:float32:eval"]["programs"]}
+    eight = {p["name"]: p for p in compiled["tiny_plan:v4-16:float32"]["programs"]}
+    name = "test lora r=8 x1 (100 rows)"
+    # 100 rows in blocks padded to a multiple of the devices: 100 -> 100 (4) or 104 (8) rows.
+    assert four[name]["flops"] / eight[name]["flops"] == pytest.approx(2 * 100 / 104, rel=0.05)
