@@ -143,7 +143,7 @@ def _encode(
     last = cfg.num_hidden_layers - 1
     first = 0
     if _scannable(layers[:last]):  # all but the last layer (which may keep only `rows`)
-        x = _scan_layers(layers[:last], x, key_mask, cfg, keys, layout, remat)
+        x = _scan_layers(layers[:last], x, key_mask, cfg, dtype, keys, layout, remat)
         first = last
     for i in range(first, cfg.num_hidden_layers):
         r = rows if i == last else None
@@ -174,10 +174,19 @@ def _scannable(layers: list) -> bool:
     )
 
 
-def _scan_layers(layers: list, x, key_mask, cfg: EncoderConfig, keys, layout, remat) -> jax.Array:
+def _scan_layers(
+    layers: list, x, key_mask, cfg: EncoderConfig, dtype, keys, layout, remat
+) -> jax.Array:
     """``_block`` of each of ``layers`` in turn, as one ``lax.scan`` over their stacked weights,
     with the dropout keys the unrolled loop would hand out (layer i continues the counters)."""
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)  # leaves (L - 1, ...)
+    # Kernels in the compute dtype before the scan (`dense` casts them to it anyway): the
+    # backward pass then reads each layer's kernel from this stack instead of saving a cast
+    # copy of it per layer.
+    stacked = jax.tree_util.tree_map_with_path(
+        lambda kp, w: w.astype(dtype) if kp[-1] == jax.tree_util.DictKey("kernel") else w,
+        stacked,
+    )
     start, lora_start = keys.count, keys.lora_count
 
     def body(x, layer):
