@@ -240,7 +240,8 @@ def format_plan(target: topologies.Target, mesh, progs: Sequence[Program]) -> st
     """The plan as a markdown table (per device), with the roofline times."""
     chip = target.chip
     lines = [
-        f"{target.name}: {target.chips} x {chip.name} ({target.hosts} hosts, "
+        f"{target.name}: {target.chips} x {chip.name} ({target.hosts} "
+        f"host{'s' if target.hosts > 1 else ''}, "
         f"{_gib(chip.hbm_bytes)} GiB HBM per chip), mesh "
         + ",".join(f"{a}={s}" for a, s in mesh.shape.items()),
         "",
