@@ -110,7 +110,7 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) 
     if todo:
         bench = Workbench(cfg, named)
         primary = distributed.is_primary()
-        members = jobs.members_per_job(cfg, mesh)  # 0: one cell at a time
+        members = jobs.members_per_job(cfg)  # 0: one cell at a time
         bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not (progress and primary))
         for job in jobs.plan_jobs(todo, members):
             records = jobs.run_job(bench, cfg, job, run_dir, mesh, rules)
