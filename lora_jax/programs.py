@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from lora_jax import members, packing, rows
+from lora_jax import distributed, members, packing, rows
 from lora_jax import sharding as sharding_lib
 from lora_jax.capabilities import capabilities_of
 from lora_jax.errors import ConfigError
@@ -448,7 +448,10 @@ def evaluate(
     ``[N]`` shared by the members, or ``[n, N]``).
     """
     outputs = predict(trainable, frozen, data)  # (N, K) or (n, N, K)
-    labels = jnp.broadcast_to(data["labels"], outputs.shape[:-1])
+    labels = data["labels"]
+    if not outputs.is_fully_addressable:  # on several processes: every one reads them all
+        outputs, labels = jnp.asarray(distributed.to_host(outputs)), distributed.to_host(labels)
+    labels = jnp.broadcast_to(labels, outputs.shape[:-1])
     loss_fn = get_loss(loss)
     if outputs.ndim == 2:
         return {

@@ -375,8 +375,10 @@ def fit_job(
     if mesh is not None and slots == 1:
         programs.check_batch_split(mesh, table, cfg.batch_size)
     place = functools.partial(_place, mesh=mesh, table=table)
-    state = jax.tree.map(jnp.copy, place(state))  # the chunks donate their state
-    best = jax.tree.map(jnp.copy, state.trainable)
+    # Arrays spanning several processes pass only through compiled programs (the same on
+    # every process), never through eager ops.
+    state = _copy(place(state))  # the chunks donate their state
+    best = _copy(state.trainable)
     log = {"best_accuracy": [-1.0] * n, "best_step": [0] * n, "history": [[] for _ in range(n)]}
     if checkpoint_dir is not None:
         restored = checkpoint.restore(checkpoint_dir, {"state": state, "best": best})
@@ -403,14 +405,14 @@ def fit_job(
         )
         step = int(distributed.to_host(state.step)[0])
         dev = programs.evaluate(predict, state.trainable, args, dev_arrays, cfg.loss)
-        train_loss = distributed.to_host(jnp.mean(losses, axis=1))[:n]
+        train_loss = np.mean(distributed.to_host(losses), axis=1)[:n]
         evaluation = _evaluation(step, train_loss, {k: v[:n] for k, v in dev.items()}, log)
         if any(evaluation.improved):
             # New arrays (jnp.where), so the next chunk's donation of the state leaves them.
             pick = np.zeros(slots, bool)
             pick[:n] = evaluation.improved
             pick = _place(pick, mesh, table, data=True, shared=False)
-            best = members.select(pick, state.trainable, best)
+            best = _select(pick, state.trainable, best)
         for callback in callbacks:
             callback(evaluation)
         if checkpoint_dir is not None:
@@ -427,6 +429,8 @@ def fit_job(
         test_arrays = place(test_arrays, data=True, shared=True)
         test = programs.evaluate(predict, best, args, test_arrays, cfg.loss)
         test = {k: v[:n] for k, v in test.items()}
+    if not all(x.is_fully_addressable for x in jax.tree.leaves((state, best))):
+        state, best = distributed.to_host((state, best))  # collective: every process gathers
     return [
         FitResult(
             members.member(state, i),
@@ -438,6 +442,10 @@ def fit_job(
         )
         for i in range(n)
     ]
+
+
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+_select = jax.jit(members.select)
 
 
 def _evaluation(step: int, train_loss: np.ndarray, dev: dict, log: dict) -> Evaluation:
