@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_jax.errors import InputFileError, MissingFileError
-from lora_jax.tasks.local import _examples, _label_index, _local_task
+from lora_jax.tasks.local import _examples, _file_task, _label_index
 from lora_jax.tasks.registry import TASKS, HubUnavailableError, _normalize, get_task
 from lora_jax.tasks.task import Task, TaskData, parse_template
 
@@ -440,8 +440,7 @@ def load_task_file(path: str | os.PathLike, *, k: int | None = None) -> Task:
             raise _fail(path, f"'test_fraction' is {fraction!r}; fix: give a number in (0, 1)")
         for data in files.values():
             reader(data)
-        lazy = _local_task(
-            reader,
+        lazy = _file_task(reader)(
             files["train"],
             text_columns=text_columns,
             label_column=label_column,
