@@ -41,6 +41,7 @@ from lora_jax.models.layers import (
     embed,
     gelu_exact,
     layer_norm,
+    mlm_head_shapes,
 )
 from lora_jax.packing import PackedLayout, segment_positions
 from lora_jax.params import unflatten
@@ -402,6 +403,19 @@ _jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype", "rem
 # --------------------------------------------------------------------------------------------
 
 
+# The MLM head's parameters: (transform dense, its LayerNorm, output bias, untied decoder).
+_MLM_HEAD: dict[str, tuple[str, str, str, str | None]] = {
+    "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "lm_head.decoder.kernel"),
+    "bert": deberta.BERT_MLM_HEAD,
+    "electra": (
+        "generator_predictions.dense",
+        "generator_predictions.LayerNorm",
+        "generator_lm_head.bias",
+        "generator_lm_head.kernel",
+    ),
+}
+
+
 def param_shapes(
     config: EncoderConfig, *, head: Head | str | None, num_labels: int | None, pooler: bool
 ) -> dict[str, tuple[int, ...]]:
@@ -438,32 +452,17 @@ def param_shapes(
         norm(f"{layer}.output.LayerNorm")
     if pooler:
         linear(f"{b}.pooler.dense", H, H)
-    if config.model_type == "electra":
-        if head == "mlm":
-            linear("generator_predictions.dense", H, E)
-            norm("generator_predictions.LayerNorm", E)
-            s["generator_lm_head.bias"] = (V,)
-            if not config.tie_word_embeddings:
-                s["generator_lm_head.kernel"] = (E, V)
-        elif head == "rtd":
+    if head == "mlm":
+        width = E if config.model_type == "electra" else H
+        paths = _MLM_HEAD[config.model_type]
+        s |= mlm_head_shapes(paths, n_in=H, width=width, vocab=V, tied=config.tie_word_embeddings)
+    elif config.model_type == "electra":
+        if head == "rtd":
             linear("discriminator_predictions.dense", H, H)
             linear("discriminator_predictions.dense_prediction", H, 1)
         elif head == "cls":
             linear("classifier.dense", H, H)
             linear("classifier.out_proj", H, L)
-    elif head == "mlm":
-        if config.model_type == "roberta":
-            linear("lm_head.dense", H, H)
-            norm("lm_head.layer_norm")
-            s["lm_head.bias"] = (V,)
-            if not config.tie_word_embeddings:
-                s["lm_head.decoder.kernel"] = (H, V)
-        else:
-            linear("cls.predictions.transform.dense", H, H)
-            norm("cls.predictions.transform.LayerNorm")
-            s["cls.predictions.bias"] = (V,)
-            if not config.tie_word_embeddings:
-                s["cls.predictions.decoder.kernel"] = (H, V)
     elif head == "cls":
         if config.model_type == "roberta":
             linear("classifier.dense", H, H)
