@@ -31,6 +31,7 @@ from lora_jax.models.config import EncoderConfig, Head
 from lora_jax.models.layers import (
     activation,
     attend,
+    block_shapes,
     dense,
     dense_stack,
     dropout,
@@ -253,13 +254,7 @@ def param_shapes(cfg: EncoderConfig, *, head: Head | str | None, num_labels: int
                 for t, n in (("c2p", "pos_key_proj"), ("p2c", "pos_query_proj"))
                 if t in cfg.pos_att_type
             ]
-        for name in names:
-            linear(f"{layer}.attention.self.{name}", H, H)
-        linear(f"{layer}.attention.output.dense", H, H)
-        norm(f"{layer}.attention.output.LayerNorm")
-        linear(f"{layer}.intermediate.dense", H, I)
-        linear(f"{layer}.output.dense", I, H)
-        norm(f"{layer}.output.LayerNorm")
+        s |= block_shapes(layer, names, hidden=H, intermediate=I)
     if head == "mlm":
         paths, width = (BERT_MLM_HEAD, E) if cfg.legacy else (_LM_PREDICTIONS_HEAD, H)
         s |= mlm_head_shapes(paths, n_in=H, width=width, vocab=V, tied=cfg.tie_word_embeddings)

@@ -35,6 +35,7 @@ from lora_jax.models.config import EncoderConfig, Head
 from lora_jax.models.layers import (
     activation,
     attention,
+    block_shapes,
     dense,
     dense_stack,
     dropout,
@@ -435,21 +436,12 @@ def param_shapes(
     def linear(name: str, n_in: int, n_out: int) -> None:
         s[f"{name}.kernel"], s[f"{name}.bias"] = (n_in, n_out), (n_out,)
 
-    def norm(name: str, width: int = H) -> None:
-        s[f"{name}.scale"], s[f"{name}.bias"] = (width,), (width,)
-
     if E != H:  # ELECTRA
         linear(f"{b}.embeddings_project", E, H)
 
     for i in range(config.num_hidden_layers):
-        layer = f"{b}.encoder.layer.{i}"
-        for name in ("query", "key", "value"):
-            linear(f"{layer}.attention.self.{name}", H, H)
-        linear(f"{layer}.attention.output.dense", H, H)
-        norm(f"{layer}.attention.output.LayerNorm")
-        linear(f"{layer}.intermediate.dense", H, I)
-        linear(f"{layer}.output.dense", I, H)
-        norm(f"{layer}.output.LayerNorm")
+        qkv = ("query", "key", "value")
+        s |= block_shapes(f"{b}.encoder.layer.{i}", qkv, hidden=H, intermediate=I)
     if pooler:
         linear(f"{b}.pooler.dense", H, H)
     if head == "mlm":

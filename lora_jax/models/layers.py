@@ -296,6 +296,36 @@ def last_axis_max(x: jax.Array) -> jax.Array:
     return x
 
 
+def block_shapes(
+    prefix: str, projections: Sequence[str], *, hidden: int, intermediate: int
+) -> dict[str, tuple[int, ...]]:
+    """Dotted path -> shape of one transformer block's parameters (HF's BERT layer layout).
+
+    Args:
+      prefix: the block's path, e.g. ``'roberta.encoder.layer.0'``.
+      projections: the attention's input projections under ``{prefix}.attention.self``, each
+        ``(hidden, hidden)`` + bias, e.g. ``('query', 'key', 'value')``.
+      hidden, intermediate: the residual width H and the feed-forward width I.
+    """
+    H, I = hidden, intermediate
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, n_in: int, n_out: int) -> None:
+        shapes[f"{prefix}.{name}.kernel"], shapes[f"{prefix}.{name}.bias"] = (n_in, n_out), (n_out,)
+
+    def norm(name: str) -> None:
+        shapes[f"{prefix}.{name}.scale"], shapes[f"{prefix}.{name}.bias"] = (H,), (H,)
+
+    for name in projections:
+        linear(f"attention.self.{name}", H, H)
+    linear("attention.output.dense", H, H)
+    norm("attention.output.LayerNorm")
+    linear("intermediate.dense", H, I)
+    linear("output.dense", I, H)
+    norm("output.LayerNorm")
+    return shapes
+
+
 def mlm_head_shapes(
     paths: tuple[str, str, str, str | None], *, n_in: int, width: int, vocab: int, tied: bool
 ) -> dict[str, tuple[int, ...]]:
