@@ -464,6 +464,12 @@ def param_shapes(
     return s
 
 
+def param_dtype_for(dtype: Any) -> type:
+    """The parameter dtype of a model that computes in ``dtype``: float64 for float64, else
+    float32 (bfloat16 models keep float32 parameters)."""
+    return np.float64 if jnp.dtype(dtype) == jnp.float64 else np.float32
+
+
 def init_params(
     config: EncoderConfig,
     *,
@@ -471,14 +477,16 @@ def init_params(
     num_labels: int | None,
     seed: int,
     pooler: bool,
-    param_dtype: Any = np.float32,
+    dtype: Any = np.float32,
 ) -> dict[str, np.ndarray]:
     """Random HF-style init, as a flat ``{dotted_path: array}`` dict of numpy arrays.
 
     Linear kernels and embeddings ~ N(0, initializer_range^2) (padding row of the word
-    embeddings zeroed, as HF does), biases 0, LayerNorm scale 1. numpy's generator is used so
-    that building a model compiles nothing.
+    embeddings zeroed, as HF does), biases 0, LayerNorm scale 1, stored in
+    ``param_dtype_for(dtype)`` for the compute ``dtype``. numpy's generator is used so that
+    building a model compiles nothing.
     """
+    param_dtype = param_dtype_for(dtype)
     shapes = param_shapes(config, head=head, num_labels=num_labels, pooler=pooler)
     rng = np.random.default_rng(seed)
     flat: dict[str, np.ndarray] = {}
@@ -642,15 +650,7 @@ def create(
     head = _check_head(head, num_labels)
     dt = _check_dtype(dtype)
     pooler = config.model_type == "bert" and head != "mlm"
-    param_dtype = jnp.float64 if dt == jnp.float64 else jnp.float32
-    flat = init_params(
-        config,
-        head=head,
-        num_labels=num_labels,
-        seed=seed,
-        pooler=pooler,
-        param_dtype=param_dtype,
-    )
+    flat = init_params(config, head=head, num_labels=num_labels, seed=seed, pooler=pooler, dtype=dt)
     return EncoderModel(config, unflatten(flat), head=head, num_labels=num_labels, dtype=dt)
 
 
