@@ -32,6 +32,9 @@ class Launch:
       num_processes: number of processes.
       process_id: this process's index, ``0 <= process_id < num_processes``.
       distributed: ``jax.distributed.initialize()`` from the environment (TPU pods, SLURM).
+      process_timeout: on several processes, seconds without a heartbeat from another process
+        after which this one stops with one line and exit code 75 (re-run the same command to
+        resume; :func:`lora_jax.distributed.watch_processes`).
     """
 
     mesh: str | None = None
@@ -40,9 +43,10 @@ class Launch:
     num_processes: int | None = None
     process_id: int | None = None
     distributed: bool = False
+    process_timeout: float = 30.0
 
 
-_TYPES = {"num_processes": int, "process_id": int}
+_TYPES = {"num_processes": int, "process_id": int, "process_timeout": float}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,6 +76,7 @@ def start(launch: Launch) -> tuple[Mesh | None, dict | None]:
     distributed.initialize(
         launch.coordinator, launch.num_processes, launch.process_id, auto=launch.distributed
     )
+    distributed.watch_processes(launch.process_timeout)
     if launch.mesh is not None:
         mesh = sh.make_mesh(launch.mesh)
     elif jax.process_count() > 1 or launch.rules is not None:

@@ -210,7 +210,8 @@ def parse_launch(argv: list[str] | None = None) -> launch.Launch:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The command line: user errors (``lora_jax.errors.UserError``) exit with one line; any
+    """The command line: user errors (``lora_jax.errors.UserError``) exit with one line, and
+    so does a multi-process run that loses a process (exit code 75: re-run to resume); any
     other exception is a bug and keeps its traceback."""
     cfg = parse_args(argv)
     try:
@@ -218,6 +219,10 @@ def main(argv: list[str] | None = None) -> None:
         run(cfg, mesh=mesh, rules=rules)
     except UserError as err:
         raise SystemExit(f"error: {user_message(err)}") from err
+    except Exception as err:
+        if reason := distributed.lost_peer(err):
+            distributed.stop_lost(reason)
+        raise
 
 
 if __name__ == "__main__":
