@@ -4,6 +4,7 @@ device) and its first 5 on data=4 (padded to 8 with idle members) vs one device.
 object."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -13,6 +14,24 @@ from lora_jax import lora, models, programs, train
 from lora_jax import sharding as sh
 from lora_jax.readout import make_output_fn
 from lora_jax.trainable import Method, make_model_fn
+
+_COLLECTIVE = re.compile(
+    r"= (\(?[^=]*?\)?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(?:-start)?\("
+)
+_SHAPE = re.compile(r"(pred|[a-z]+\d+)\[([\d,]*)\]")
+
+
+def collectives(hlo: str) -> list[tuple[str, int]]:
+    """``(op, bytes of its result)`` of every collective instruction of an HLO module's text."""
+    found = []
+    for shapes, op in _COLLECTIVE.findall(hlo):
+        size = 0
+        for dtype, dims in _SHAPE.findall(shapes):
+            bits = 8 if dtype == "pred" else int(re.sub(r"[a-z]+", "", dtype))
+            size += int(np.prod([int(d) for d in dims.split(",") if d])) * bits // 8
+        found.append((op, size))
+    return found
 
 
 def main():
@@ -83,6 +102,9 @@ def main():
         jax.tree.map(lambda *xs: np.stack(xs), *datas),
         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
     )
+    # The collectives of the member-split chunk, from its compiled HLO: (op, result bytes).
+    hlo = compiled.chunk.lower(state, frozen, data, 2, shared=False).compile().as_text()
+    out["collectives"] = collectives(hlo)
     state, _ = compiled.chunk(state, frozen, data, 2, shared=False)
     leaf = next(iter(state.trainable.values()))["lora_a"]
     out["spec"] = str(leaf.sharding.spec)

@@ -251,6 +251,10 @@ def test_members_along_an_adapter_mesh_axis_equal_one_device():
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["spec"].startswith("PartitionSpec('data'") and out["chunk_devices"] == 8
+    # No collective moves a member's adapters or gradients: each member trains on its device.
+    # What crosses members is scalars: the 16 x 2 losses (128 bytes) and the like.
+    assert out["collectives"], "the HLO parser found no collective: it is broken"
+    assert max(size for _, size in out["collectives"]) <= 16 * 2 * 4, out["collectives"]
     for name, k in (("mesh", 16), ("padded", 5)):
         one = {key: value[:k] for key, value in out["one"].items() if key != "devices"}
         assert len(out[name]["losses"]) == k  # the idle members are dropped
