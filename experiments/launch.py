@@ -2,7 +2,8 @@
 
 These flags change where the arrays live, not what is computed, so they are not fields of
 :class:`experiments.config.ExperimentConfig`: a run may be resumed on another mesh or number
-of processes. ``--mesh data=4,fsdp=2`` picks the devices' layout (default: every device on
+of processes (its finished cells are kept; a job of several cells split over the devices resumes
+its checkpoint on a mesh that splits it into as many parts). ``--mesh data=4,fsdp=2`` picks the devices' layout (default: every device on
 ``data``, i.e. data parallel); ``--coordinator HOST:PORT --num-processes N --process-id I`` (or a
 bare ``--distributed`` on TPU / SLURM) joins a multi-process run.
 """
