@@ -66,8 +66,9 @@ class ExperimentConfig:
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
       vectorize: train the LoRA cells of a task (ranks x seeds) as one vectorized job
-        (``lora_jax.train.fit_job``) instead of one job per cell; same records. Runs on a mesh
-        or on several processes train one cell per job for now.
+        (``lora_jax.train.fit_job``) instead of one job per cell; same records. On a mesh (one
+        process or several) the job's members are split over the devices, padded with idle
+        members to a multiple of the ``data`` axis.
       members: at most this many LoRA cells per vectorized job (bounds its memory).
       pack: train and test on packed batches (``lora_jax.packing``): each batch's rows laid
         end to end, so padding costs no compute; the same results to float rounding (with

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -81,30 +80,13 @@ def lora_config(cfg: ExperimentConfig, rank: int, model_type: str) -> lora.LoraC
     return lora.LoraConfig(r=rank, alpha=alpha, targets=targets, dropout=cfg.lora_dropout)
 
 
-def members_per_job(cfg: ExperimentConfig, mesh: Any = None) -> int:
+def members_per_job(cfg: ExperimentConfig) -> int:
     """The ``members`` cap of LoRA jobs for this run, or 0 (every cell a job of one).
 
-    Jobs of several members run on one process without a mesh, so runs on a mesh or on several
-    processes train one cell per job (and say so).
+    On a mesh, on one process or several, a job's members are split over the devices
+    (``lora_jax.train.fit_job``), so the cap holds there too.
     """
-    if not cfg.vectorize:
-        return 0
-    reasons = [
-        why
-        for why, on in (
-            ("a mesh", mesh is not None),
-            ("several processes", jax.process_count() > 1),
-        )
-        if on
-    ]
-    if reasons:
-        print(
-            f"note: LoRA cells train one per job (jobs of several cells do not run on "
-            f"{' or '.join(reasons)} yet).",
-            file=sys.stderr,
-        )
-        return 0
-    return cfg.members
+    return cfg.members if cfg.vectorize else 0
 
 
 def plan_jobs(cells: Sequence[Cell], members: int) -> list[list[Cell]]:

@@ -2,11 +2,13 @@
 
 These flags change where the arrays live, not what is computed, so they are not fields of
 :class:`experiments.config.ExperimentConfig`: a run may be resumed on another mesh or number
-of processes. ``--mesh data=4,fsdp=2`` picks the devices' layout (default: every device on
-``data``, i.e. data parallel); ``--coordinator HOST:PORT --num-processes N --process-id I`` (or a
-bare ``--distributed`` on TPU / SLURM) joins a multi-process run. Compiled programs are kept
-in JAX's persistent compilation cache (:func:`enable_compilation_cache`), so a rerun, a resumed
-run or another run of the same shapes starts without compiling again.
+of processes (its finished cells are kept; a job of several cells split over the devices resumes
+its checkpoint on a mesh that splits it into as many parts). ``--mesh data=4,fsdp=2`` picks the
+devices' layout (default: every device on ``data``, i.e. data parallel); ``--coordinator
+HOST:PORT --num-processes N --process-id I`` (or a bare ``--distributed`` on TPU / SLURM) joins a
+multi-process run. Compiled programs are kept in JAX's persistent compilation cache
+(:func:`enable_compilation_cache`), so a rerun, a resumed run or another run of the same shapes
+starts without compiling again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class Launch:
       num_processes: number of processes.
       process_id: this process's index, ``0 <= process_id < num_processes``.
       distributed: ``jax.distributed.initialize()`` from the environment (TPU pods, SLURM).
+      process_timeout: on several processes, seconds without a heartbeat from another process
+        after which this one stops with one line and exit code 75 (re-run the same command to
+        resume; :func:`lora_jax.distributed.watch_processes`).
       compilation_cache: directory (or ``gs://`` URL) of JAX's persistent compilation cache, or
         ``off``; default ``$LORA_JAX_COMPILATION_CACHE``, else ``~/.cache/lora_jax/jax``.
     """
@@ -45,12 +50,13 @@ class Launch:
     num_processes: int | None = None
     process_id: int | None = None
     distributed: bool = False
+    process_timeout: float = 30.0
     compilation_cache: str | None = None
 
 
 CACHE_ENV = "LORA_JAX_COMPILATION_CACHE"
 DEFAULT_CACHE = os.path.join("~", ".cache", "lora_jax", "jax")
-_TYPES = {"num_processes": int, "process_id": int}
+_TYPES = {"num_processes": int, "process_id": int, "process_timeout": float}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +87,7 @@ def start(launch: Launch) -> tuple[Mesh | None, dict | None]:
     distributed.initialize(
         launch.coordinator, launch.num_processes, launch.process_id, auto=launch.distributed
     )
+    distributed.watch_processes(launch.process_timeout)
     if launch.mesh is not None:
         mesh = sh.make_mesh(launch.mesh)
     elif jax.process_count() > 1 or launch.rules is not None:

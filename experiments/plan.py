@@ -284,11 +284,9 @@ def batch_headroom(cfg: ExperimentConfig, target, mesh, rules, progs: Sequence[P
             f"{_gib(target.chip.hbm_bytes)} GiB per chip; batches up to about {most:,} would fit "
             f"(temporaries {_gib(per_row * ways)} GiB per {ways} rows, linear in the batch)."
         )
-    members = jobs.members_per_job(cfg, mesh)
     lines.append(
-        f"members per job: {members or 1} (a job of several cells does not run on a mesh yet)"
-        if not members
-        else f"members per job: up to {members}"
+        f"planned one cell per job (a run puts up to {jobs.members_per_job(cfg)} cells in a "
+        "member-sharded job; those jobs are not planned yet)"
     )
     return "\n".join(lines)
 
@@ -316,7 +314,9 @@ def plan(cfg: ExperimentConfig, target_name: str, launch_flags: launch.Launch) -
         todo = [c for c in jobs.cells(one, tuple(named)) if c.method in ("lora", "full")]
         skipped = sorted({c.method for c in jobs.cells(one, tuple(named))} - {"lora", "full"})
         groups: dict[tuple, list] = {}  # programs of one shape compile once
-        for job in jobs.plan_jobs(todo, jobs.members_per_job(one, mesh)):
+        # One cell per job: member-sharded jobs of several cells (what a run on a mesh trains
+        # by default) are not planned yet.
+        for job in jobs.plan_jobs(todo, 0):
             k = named[job[0].task].num_labels
             key = (job[0].method, tuple(c.rank for c in job), k)
             groups.setdefault(key, []).append(job)

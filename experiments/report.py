@@ -208,10 +208,21 @@ def group_label(group: tuple) -> str:
     return f"{model} | {task}" if model is not None else task
 
 
-def _head(columns: list[str], records: list[dict]) -> list[str]:
+def _table(header: str, records: list[dict], rows: list[str]) -> str:
+    """A markdown table of ``rows`` under ``header``; '' without rows. The header and each row
+    are their cells separated by ``" | "``.
+
+    An ``encoder`` column comes first when a record names its model; the rows' first cell,
+    a :func:`group_label`, then holds the encoder and the task.
+    """
+    if not rows:
+        return ""
+    columns = header.split(" | ")
     if any("model" in r for r in records):
         columns = ["encoder", *columns]
-    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines += [f"| {row} |" for row in rows]
+    return "\n".join(lines)
 
 
 def _points(mean: float, half: float, sign: bool = False) -> str:
@@ -236,22 +247,7 @@ def rank_test_table(
     the verdict: ``within noise`` when the interval contains 0 (p >= 0.05), else which is
     better.
     """
-    lines = _head(
-        [
-            "task",
-            "ranks",
-            "seeds",
-            "acc low",
-            "acc high",
-            "low − high (95% CI)",
-            "t (df)",
-            "p (t test)",
-            "p (sign flip)",
-            "verdict",
-        ],
-        records,
-    )
-    n_header = len(lines)
+    rows = []
     for group, by_rank in lora_groups(records, metric).items():
         above = [r for r in by_rank if r > low]
         if low not in by_rank or not above:
@@ -267,12 +263,14 @@ def rank_test_table(
         else:
             verdict = f"r={low} better" if test.diff > 0 else f"r={top} better"
         t = "" if np.isnan(test.t) else f"{test.t:.2f} ({test.df})"
-        lines.append(
-            f"| {group_label(group)} | {low} vs {top} | {test.n} | {100 * test.mean_a:.1f} | "
+        rows.append(
+            f"{group_label(group)} | {low} vs {top} | {test.n} | {100 * test.mean_a:.1f} | "
             f"{100 * test.mean_b:.1f} | {_points(test.diff, test.half, sign=True)} | {t} | "
-            f"{_p(test.p)} | {_p(test.p_sign_flip)} | {verdict} |"
+            f"{_p(test.p)} | {_p(test.p_sign_flip)} | {verdict}"
         )
-    return "\n".join(lines) if len(lines) > n_header else ""
+    header = "task | ranks | seeds | acc low | acc high | low − high (95% CI) | t (df) | "
+    header += "p (t test) | p (sign flip) | verdict"
+    return _table(header, records, rows)
 
 
 def best_rank_table(records: list[dict], metric: str = "test_accuracy") -> str:
@@ -280,18 +278,7 @@ def best_rank_table(records: list[dict], metric: str = "test_accuracy") -> str:
     interval; the ranks whose paired test against it is within noise (p >= 0.05, the best
     included); and rank 1's paired difference from the best with its p-value. '' if no LoRA.
     """
-    lines = _head(
-        [
-            "task",
-            "best rank",
-            "accuracy (95% CI)",
-            "seeds",
-            "ranks within noise of best",
-            "r=1 − best (p)",
-        ],
-        records,
-    )
-    n_header = len(lines)
+    rows = []
     for group, by_rank in lora_groups(records, metric).items():
         best = best_mean_rank(by_rank)
         mean, half = stats.t_interval(list(by_rank[best].values()))
@@ -305,44 +292,32 @@ def best_rank_table(records: list[dict], metric: str = "test_accuracy") -> str:
         if one is not None and best != 1:
             vs_one = _points(one.diff, float("nan"), sign=True)
             vs_one += f" ({_p(one.p)})" if one.n >= 2 else ""
-        lines.append(
-            f"| {group_label(group)} | {best} | {_points(mean, half)} | {len(by_rank[best])} | "
-            f"{', '.join(tied)} | {vs_one} |"
+        rows.append(
+            f"{group_label(group)} | {best} | {_points(mean, half)} | {len(by_rank[best])} | "
+            f"{', '.join(tied)} | {vs_one}"
         )
-    return "\n".join(lines) if len(lines) > n_header else ""
+    header = "task | best rank | accuracy (95% CI) | seeds | ranks within noise of best | "
+    return _table(header + "r=1 − best (p)", records, rows)
 
 
 def ntk_gap_table(records: list[dict]) -> str:
     """Per task (and encoder) and rank: fine-tuned test accuracy minus the linearized model's
     and minus eNTK kernel regression's, for the same cells (``ntk=True`` runs), as the mean
     paired difference with its 95% t interval over seeds (points). '' without NTK fields."""
-    rows: dict[tuple, list[dict]] = defaultdict(list)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in records:
         if r.get("ntk_acc_trained") is not None:
-            rows[r.get("model"), r["task"], r["rank"]].append(r)
-    if not rows:
-        return ""
-    lines = _head(
-        [
-            "task",
-            "rank",
-            "seeds",
-            "fine-tuned",
-            "FT − linearized (95% CI)",
-            "FT − kernel (95% CI)",
-        ],
-        records,
-    )
-    for (model, task, rank), group in rows.items():
+            groups[r.get("model"), r["task"], r["rank"]].append(r)
+    rows = []
+    for (model, task, rank), group in groups.items():
         fine_tuned = [r["ntk_acc_trained"] for r in group]
         cells = [_points(*stats.t_interval(fine_tuned))]
         for other in ("ntk_acc_linearized_trained", "ntk_acc_kernel"):
             gaps = [r["ntk_acc_trained"] - r[other] for r in group if r.get(other) is not None]
             cells.append(_points(*stats.t_interval(gaps), sign=True) if gaps else "")
-        lines.append(
-            f"| {group_label((model, task))} | {rank} | {len(group)} | " + " | ".join(cells) + " |"
-        )
-    return "\n".join(lines)
+        rows.append(f"{group_label((model, task))} | {rank} | {len(group)} | " + " | ".join(cells))
+    header = "task | rank | seeds | fine-tuned | FT − linearized (95% CI) | FT − kernel (95% CI)"
+    return _table(header, records, rows)
 
 
 def write_report(run_dir: str, config: dict, records: list[dict], plot_files: list[str]) -> str:

@@ -110,7 +110,7 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) 
     if todo:
         bench = Workbench(cfg, named)
         primary = distributed.is_primary()
-        members = jobs.members_per_job(cfg, mesh)  # 0: one cell at a time
+        members = jobs.members_per_job(cfg)  # 0: one cell at a time
         bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not (progress and primary))
         for job in jobs.plan_jobs(todo, members):
             records = jobs.run_job(bench, cfg, job, run_dir, mesh, rules)
@@ -222,7 +222,8 @@ def parse_launch(argv: list[str] | None = None) -> launch.Launch:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The command line: user errors (``lora_jax.errors.UserError``) exit with one line; any
+    """The command line: user errors (``lora_jax.errors.UserError``) exit with one line, and
+    so does a multi-process run that loses a process (exit code 75: re-run to resume); any
     other exception is a bug and keeps its traceback."""
     cfg = parse_args(argv)
     try:
@@ -230,6 +231,10 @@ def main(argv: list[str] | None = None) -> None:
         run(cfg, mesh=mesh, rules=rules)
     except UserError as err:
         raise SystemExit(f"error: {user_message(err)}") from err
+    except Exception as err:
+        if reason := distributed.lost_peer(err):
+            distributed.stop_lost(reason)
+        raise
 
 
 if __name__ == "__main__":

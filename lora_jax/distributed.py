@@ -13,6 +13,11 @@ Example (two processes on one machine, CPU collectives over gloo)::
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -74,6 +79,94 @@ def initialize(
         coordinator_address=coordinator, num_processes=num_processes, process_id=process_id
     )
     return True
+
+
+# -- a run that loses a process -------------------------------------------------------------------
+
+LOST_EXIT_CODE = 75  # EX_TEMPFAIL: re-running the same command resumes
+_ALIVE = "lora_jax/alive/"
+
+
+def stop_lost(reason: str) -> None:
+    """Ends this process at once with one line saying ``reason`` and how to resume.
+
+    ``os._exit``: a normal exit would wait in ``jax.distributed`` 's shutdown barrier for the
+    lost process (minutes), then abort with pages of coordination-service logs.
+    """
+    print(  # on a line of its own after any progress bar
+        f"\nerror: {reason}; this process stops too (exit code {LOST_EXIT_CODE}). Re-run the same "
+        "command on every process: the run resumes from its last checkpoint.",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(LOST_EXIT_CODE)
+
+
+def watch_processes(
+    timeout_s: float = 30.0,
+    interval_s: float = 1.0,
+    *,
+    on_lost: Callable[[str], None] = stop_lost,
+) -> threading.Thread | None:
+    """Starts a daemon thread that calls ``on_lost(reason)`` when another process of the run
+    stops responding: a process whose heartbeat (a counter it writes to the coordination
+    service's key-value store every ``interval_s``) has not moved for ``timeout_s``, or the
+    coordination service itself (process 0) gone. Returns the thread, or None on one process.
+
+    Without it a process whose peer died waits in its next collective, or in JAX's own
+    heartbeat timeout, then aborts with pages of logs; with it, it stops within about
+    ``timeout_s`` with one line (:func:`stop_lost`). Keep ``timeout_s`` below JAX's
+    ``heartbeat_timeout_seconds`` (100 s) and above the longest pause of this thread.
+    """
+    if jax.process_count() == 1:
+        return None
+    from jax._src import distributed as jax_distributed  # the client jax.distributed started
+
+    client = jax_distributed.global_state.client
+    me, n = jax.process_index(), jax.process_count()
+
+    def beat() -> None:
+        start = time.monotonic()
+        seen: dict[int, tuple[str | None, float]] = {p: (None, start) for p in range(n) if p != me}
+        count = 0
+        while True:
+            count += 1
+            try:
+                client.key_value_set(f"{_ALIVE}{me}", str(count), allow_overwrite=True)
+                values = dict(client.key_value_dir_get(_ALIVE))
+            except Exception as err:  # noqa: BLE001 - any failure means the service is gone
+                first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                on_lost(f"lost the coordination service of process 0 ({first[:200]})")
+                return
+            now = time.monotonic()
+            for p, (value, since) in seen.items():
+                current = values.get(f"{_ALIVE}{p}")
+                if current != value:
+                    seen[p] = (current, now)
+                elif now - since > timeout_s:
+                    on_lost(f"process {p} of {n} sent no heartbeat for {timeout_s:g} s")
+                    return
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=beat, name="lora_jax-watch-processes", daemon=True)
+    thread.start()
+    return thread
+
+
+_LOST_PEER = ("connection closed by peer", "connection reset", "heartbeat", "unavailable")
+
+
+def lost_peer(err: BaseException) -> str | None:
+    """The reason, if ``err`` (raised by a collective on several processes) says that another
+    process is gone (gloo's closed connection, the coordination service's missed heartbeat),
+    else None."""
+    if jax.process_count() == 1 or not isinstance(err, jax.errors.JaxRuntimeError):
+        return None
+    text = str(err)
+    if not any(marker in text.lower() for marker in _LOST_PEER):
+        return None
+    first = text.strip().splitlines()[0]
+    return f"another process of the run is gone ({first[:200]})"
 
 
 def is_primary() -> bool:

@@ -42,3 +42,14 @@ def select(pick: jax.Array, new: PyTree, old: PyTree) -> PyTree:
     return jax.tree.map(
         lambda a, b: jnp.where(pick.reshape(pick.shape + (1,) * (a.ndim - 1)), a, b), new, old
     )
+
+
+def pad(tree: PyTree, n: int) -> PyTree:
+    """``tree`` grown to ``n`` members by copies of member 0 (idle members: a mesh splits a job
+    only into equal parts, so a job of 10 on 16 devices runs as 16 whose last 6 are dropped)."""
+    if not jax.tree.leaves(tree):  # e.g. no per-member inputs
+        return tree
+    extra = n - count(tree)
+    if extra <= 0:
+        return tree
+    return jax.tree.map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], extra, axis=0)]), tree)

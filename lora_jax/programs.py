@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from lora_jax import members, packing, rows
+from lora_jax import distributed, members, packing, rows
 from lora_jax import sharding as sharding_lib
 from lora_jax.capabilities import capabilities_of
 from lora_jax.errors import ConfigError
@@ -52,6 +53,7 @@ __all__ = [
     "job_programs",
     "job_rules",
     "make_predict",
+    "member_slots",
     "make_train_chunk",
     "pack_length_needed",
 ]
@@ -446,7 +448,10 @@ def evaluate(
     ``[N]`` shared by the members, or ``[n, N]``).
     """
     outputs = predict(trainable, frozen, data)  # (N, K) or (n, N, K)
-    labels = jnp.broadcast_to(data["labels"], outputs.shape[:-1])
+    labels = data["labels"]
+    if not outputs.is_fully_addressable:  # on several processes: every one reads them all
+        outputs, labels = jnp.asarray(distributed.to_host(outputs)), distributed.to_host(labels)
+    labels = jnp.broadcast_to(labels, outputs.shape[:-1])
     loss_fn = get_loss(loss)
     if outputs.ndim == 2:
         return {
@@ -509,6 +514,26 @@ def job_programs(
     return _job_programs(model_fn, cfg, member_inputs, mesh, table)
 
 
+def member_slots(
+    mesh: Mesh | None, rules: sharding_lib.Rules | None, n: int, batch_size: int
+) -> int:
+    """How many members a job of ``n`` runs as on ``mesh``.
+
+    ``n`` off a mesh, and for a job of one whose batch splits over the ``batch`` axes (it runs
+    data parallel). Otherwise the members are split over the ``adapter`` axes, which split only
+    a multiple of their size: ``n`` is rounded up to one, the extra members idle copies of
+    member 0 (10 cells on ``data=16`` run as 16, a run of batch 8 on ``data=16`` as 16 copies),
+    never silently replicated.
+    """
+    if mesh is None:
+        return n
+    table = sharding_lib.rules_for_mesh(mesh) if rules is None else dict(rules)
+    if n == 1 and batch_size % sharding_lib.batch_ways(mesh, table) == 0:
+        return 1
+    ways = math.prod(mesh.shape[a] for a in table.get("adapter", ()))
+    return -(-n // ways) * ways
+
+
 def job_rules(mesh: Mesh, rules: sharding_lib.Rules | None, n: int) -> dict:
     """The rule table of a job of ``n`` on ``mesh``: members over the ``adapter`` axes (unless
     n = 1), default :func:`lora_jax.sharding.rules_for_mesh`."""
@@ -539,8 +564,9 @@ def _job_programs(model_fn, cfg, member_inputs: bool, mesh, table) -> JobProgram
         state, losses = jax.vmap(one, in_axes=(0, frozen_axes, None if shared else 0))(
             state, frozen, data
         )
-        if plan is not None:
+        if plan is not None:  # the losses are what every process reads: replicated
             state = jax.lax.with_sharding_constraint(state, plan.tree(state))
+            losses = jax.lax.with_sharding_constraint(losses, plan.replicated)
         return state, losses
 
     def vpredict(trainable, frozen, data, shared, pack_length=None):

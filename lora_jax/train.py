@@ -53,7 +53,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
-from lora_jax import checkpoint, members, programs
+from lora_jax import checkpoint, distributed, members, programs
 from lora_jax import sharding as sharding_lib
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss
@@ -332,10 +332,14 @@ def fit_job(
         :func:`write_metrics`).
       progress: show a tqdm bar over member-steps (a string is used as its description).
       mesh: run on this mesh (see :mod:`lora_jax.sharding`), placed by ``rules`` (default
-        ``rules_for_mesh(mesh)``): a job of one is data parallel (each batch over the ``batch``
-        axes, parameters by their logical axes); a larger job splits its members over the
-        ``adapter`` axes with the base placed by its logical axes. On several processes every
-        process calls with the same arguments and contributes its own rows (jobs of one only).
+        ``rules_for_mesh(mesh)``): a job of one whose batch the ``batch`` axes split is data
+        parallel (parameters by their logical axes); any other job splits its members over the
+        ``adapter`` axes (``data`` by default), each member's batch whole beside it, the base
+        placed by its logical axes, and padded with idle copies of member 0 to a multiple of
+        those axes (:func:`lora_jax.programs.member_slots`). The mesh may span several
+        processes: every process calls with the same arguments (its own copy of the data) and
+        fills the shards of its own devices. A checkpoint resumes on a mesh with as many
+        member shards.
       rules: the logical-axis rule table.
       pack_length: train on packed batches of this many tokens (:mod:`lora_jax.packing`; at
         least :func:`pack_length` of every member), so padding costs no compute; dev and test
@@ -347,13 +351,13 @@ def fit_job(
 
     Raises:
       ConfigError: a training set smaller than the batch, members' data that differ in shape
-        or number, packing on a mesh, or a job of several members on several processes.
+        or number, or packing on a mesh.
     """
     n = int(state.step.shape[0])
     if names is None:
         names = [""] if n == 1 else [f"member {i}" for i in range(n)]
     train_arrays, shared_train = _member_data(train_data, n, "training", names, cfg.batch_size)
-    dev_arrays, _ = _member_data(dev_data, n, "dev", names)
+    dev_arrays, shared_dev = _member_data(dev_data, n, "dev", names)
     programs.check_pack_length(
         model_fn,
         pack_length,
@@ -363,20 +367,22 @@ def fit_job(
         datas=[train_data] * n if isinstance(train_data, Mapping) else train_data,
         batch_size=cfg.batch_size,
     )
-    if mesh is not None and n > 1 and jax.process_count() > 1:
-        raise ConfigError(
-            f"A job of {n} members runs on one process; on several processes train one member "
-            "per job."
-        )
+    # On a mesh the members split over the devices in equal parts: idle copies fill the last.
+    slots = programs.member_slots(mesh, rules, n, cfg.batch_size)
+    state, member_inputs = members.pad(state, slots), members.pad(member_inputs, slots)
+    train_arrays = train_arrays if shared_train else members.pad(train_arrays, slots)
+    dev_arrays = dev_arrays if shared_dev else members.pad(dev_arrays, slots)
     compiled = programs.job_programs(
         model_fn, cfg, member_inputs=member_inputs is not None, mesh=mesh, rules=rules
     )
-    table = None if mesh is None else programs.job_rules(mesh, rules, n)
-    if mesh is not None and n == 1:
+    table = None if mesh is None else programs.job_rules(mesh, rules, slots)
+    if mesh is not None and slots == 1:
         programs.check_batch_split(mesh, table, cfg.batch_size)
     place = functools.partial(_place, mesh=mesh, table=table)
-    state = jax.tree.map(jnp.copy, place(state))  # the chunks donate their state
-    best = jax.tree.map(jnp.copy, state.trainable)
+    # Arrays spanning several processes pass only through compiled programs (the same on
+    # every process), never through eager ops.
+    state = _copy(place(state))  # the chunks donate their state
+    best = _copy(state.trainable)
     log = {"best_accuracy": [-1.0] * n, "best_step": [0] * n, "history": [[] for _ in range(n)]}
     if checkpoint_dir is not None:
         restored = checkpoint.restore(checkpoint_dir, {"state": state, "best": best})
@@ -385,10 +391,10 @@ def fit_job(
     base = place(frozen)
     args = base if member_inputs is None else (base, place(member_inputs))
     train_arrays = place(train_arrays, data=True, shared=shared_train)
-    dev_arrays = place(dev_arrays, data=True, shared=np.ndim(dev_arrays["labels"]) == 1)
+    dev_arrays = place(dev_arrays, data=True, shared=shared_dev)
     predict = functools.partial(compiled.predict, packed=pack_length is not None)
 
-    start = int(state.step[0])
+    start = int(distributed.to_host(state.step)[0])
     bar = tqdm(
         total=n * cfg.steps,
         initial=n * start,
@@ -401,12 +407,16 @@ def fit_job(
         state, losses = compiled.chunk(
             state, args, train_arrays, length, shared=shared_train, pack_length=pack_length
         )
-        step = int(state.step[0])
+        step = int(distributed.to_host(state.step)[0])
         dev = programs.evaluate(predict, state.trainable, args, dev_arrays, cfg.loss)
-        evaluation = _evaluation(step, np.asarray(jnp.mean(losses, axis=1)), dev, log)
+        train_loss = np.mean(distributed.to_host(losses), axis=1)[:n]
+        evaluation = _evaluation(step, train_loss, {k: v[:n] for k, v in dev.items()}, log)
         if any(evaluation.improved):
             # New arrays (jnp.where), so the next chunk's donation of the state leaves them.
-            best = members.select(jnp.asarray(evaluation.improved), state.trainable, best)
+            pick = np.zeros(slots, bool)
+            pick[:n] = evaluation.improved
+            pick = _place(pick, mesh, table, data=True, shared=False)
+            best = _select(pick, state.trainable, best)
         for callback in callbacks:
             callback(evaluation)
         if checkpoint_dir is not None:
@@ -422,6 +432,9 @@ def fit_job(
         test_arrays, _ = _member_data(test_data, n, "test", names)
         test_arrays = place(test_arrays, data=True, shared=True)
         test = programs.evaluate(predict, best, args, test_arrays, cfg.loss)
+        test = {k: v[:n] for k, v in test.items()}
+    if not all(x.is_fully_addressable for x in jax.tree.leaves((state, best))):
+        state, best = distributed.to_host((state, best))  # collective: every process gathers
     return [
         FitResult(
             members.member(state, i),
@@ -433,6 +446,10 @@ def fit_job(
         )
         for i in range(n)
     ]
+
+
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+_select = jax.jit(members.select)
 
 
 def _evaluation(step: int, train_loss: np.ndarray, dev: dict, log: dict) -> Evaluation:

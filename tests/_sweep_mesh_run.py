@@ -1,8 +1,10 @@
-"""Subprocess body of tests/test_sweep.py's mesh test: a job of 4 members on a data=4 mesh of
-simulated CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``) vs one device.
-Prints one JSON object."""
+"""Subprocess body of tests/test_sweep.py's mesh test: a job of 16 members on a data=8 mesh of
+simulated CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``; two members per
+device) and its first 5 on data=4 (padded to 8 with idle members) vs one device. Prints one JSON
+object."""
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -13,13 +15,32 @@ from lora_jax import sharding as sh
 from lora_jax.readout import make_output_fn
 from lora_jax.trainable import Method, make_model_fn
 
+_COLLECTIVE = re.compile(
+    r"= (\(?[^=]*?\)?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(?:-start)?\("
+)
+_SHAPE = re.compile(r"(pred|[a-z]+\d+)\[([\d,]*)\]")
+
+
+def collectives(hlo: str) -> list[tuple[str, int]]:
+    """``(op, bytes of its result)`` of every collective instruction of an HLO module's text."""
+    found = []
+    for shapes, op in _COLLECTIVE.findall(hlo):
+        size = 0
+        for dtype, dims in _SHAPE.findall(shapes):
+            bits = 8 if dtype == "pred" else int(re.sub(r"[a-z]+", "", dtype))
+            size += int(np.prod([int(d) for d in dims.split(",") if d])) * bits // 8
+        found.append((op, size))
+    return found
+
 
 def main():
     config = tiny_config()
     apply_fn, params = models.split(models.create(config, head="cls", num_labels=2, seed=0))
     output_fn = make_output_fn(apply_fn, "cls")
     datas = []
-    for i in range(4):
+    n = 16
+    for i in range(n):
         rng = np.random.default_rng(i)
         datas.append(
             {
@@ -28,28 +49,35 @@ def main():
                 "labels": rng.integers(0, 2, 12).astype(np.int32),
             }
         )
-    configs = [lora.LoraConfig(r=r, alpha=2.0 * r, targets="query|value") for r in (1, 2, 1, 2)]
+    configs = [
+        lora.LoraConfig(r=1 + i % 2, alpha=2.0 + 2 * (i % 2), targets="query|value")
+        for i in range(n)
+    ]
     plan = lora.plan_stack(params, configs)
     tcfg = train.TrainConfig(steps=4, eval_every=2, batch_size=4, eval_batch_size=12)
-    seeds = [0, 1, 2, 3]
+    seeds = list(range(n))
     fn = lora.with_member_factors(
         make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion="fused")
     )
 
     def fresh():
-        return train.init_states(lora.init_stack(params, plan, seeds), tcfg, [3e-2] * 4, seeds)
+        return train.init_states(lora.init_stack(params, plan, seeds), tcfg, [3e-2] * n, seeds)
 
-    mesh = sh.make_mesh("data=4", jax.devices()[:4])
+    def first(tree, k):
+        return jax.tree.map(lambda x: x[:k], tree)
+
+    mesh = sh.make_mesh("data=8", jax.devices()[:8])
+    four = sh.make_mesh("data=4", jax.devices()[:4])
     out = {}
-    for name, m in (("one", None), ("mesh", mesh)):
+    for name, m, k in (("one", None, n), ("mesh", mesh, n), ("padded", four, 5)):
         res = train.fit_job(
             fn,
-            fresh(),
+            first(fresh(), k),
             params,
-            datas,
-            datas,
+            datas[:k],
+            datas[:k],
             tcfg,
-            member_inputs=plan.factors,
+            member_inputs=first(plan.factors, k),
             test_data=datas[0],
             progress=False,
             mesh=m,
@@ -74,6 +102,9 @@ def main():
         jax.tree.map(lambda *xs: np.stack(xs), *datas),
         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
     )
+    # The collectives of the member-split chunk, from its compiled HLO: (op, result bytes).
+    hlo = compiled.chunk.lower(state, frozen, data, 2, shared=False).compile().as_text()
+    out["collectives"] = collectives(hlo)
     state, _ = compiled.chunk(state, frozen, data, 2, shared=False)
     leaf = next(iter(state.trainable.values()))["lora_a"]
     out["spec"] = str(leaf.sharding.spec)

@@ -31,11 +31,13 @@ from lora_jax.models.config import EncoderConfig, Head
 from lora_jax.models.layers import (
     activation,
     attend,
+    block_shapes,
     dense,
     dense_stack,
     dropout,
     embed,
     layer_norm,
+    mlm_head_shapes,
 )
 
 Keys = Callable[[], jax.Array | None]
@@ -202,6 +204,23 @@ def cls_logits(params, first, cfg: EncoderConfig, keys) -> jax.Array:
     return dense(params["classifier"], dropout(pooled, rate, keys()), keys.lora())  # (B, K)
 
 
+# MLM head parameters: (transform dense, its LayerNorm, output bias, untied decoder kernel).
+# BERT's (BertOnlyMLMHead), which DeBERTa's legacy head shares, and DebertaV2LMPredictionHead's
+# (always tied).
+BERT_MLM_HEAD = (
+    "cls.predictions.transform.dense",
+    "cls.predictions.transform.LayerNorm",
+    "cls.predictions.bias",
+    "cls.predictions.decoder.kernel",
+)
+_LM_PREDICTIONS_HEAD = (
+    "lm_predictions.lm_head.dense",
+    "lm_predictions.lm_head.LayerNorm",
+    "lm_predictions.lm_head.bias",
+    None,
+)
+
+
 def param_shapes(cfg: EncoderConfig, *, head: Head | str | None, num_labels: int | None) -> dict:
     """Dotted path -> shape of every DeBERTa parameter (HF names, our layouts)."""
     H, I, V, E = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.embed_dim
@@ -235,24 +254,10 @@ def param_shapes(cfg: EncoderConfig, *, head: Head | str | None, num_labels: int
                 for t, n in (("c2p", "pos_key_proj"), ("p2c", "pos_query_proj"))
                 if t in cfg.pos_att_type
             ]
-        for name in names:
-            linear(f"{layer}.attention.self.{name}", H, H)
-        linear(f"{layer}.attention.output.dense", H, H)
-        norm(f"{layer}.attention.output.LayerNorm")
-        linear(f"{layer}.intermediate.dense", H, I)
-        linear(f"{layer}.output.dense", I, H)
-        norm(f"{layer}.output.LayerNorm")
+        s |= block_shapes(layer, names, hidden=H, intermediate=I)
     if head == "mlm":
-        if cfg.legacy:
-            linear("cls.predictions.transform.dense", H, E)
-            norm("cls.predictions.transform.LayerNorm", E)
-            s["cls.predictions.bias"] = (V,)
-            if not cfg.tie_word_embeddings:
-                s["cls.predictions.decoder.kernel"] = (E, V)
-        else:
-            linear("lm_predictions.lm_head.dense", H, H)
-            norm("lm_predictions.lm_head.LayerNorm")
-            s["lm_predictions.lm_head.bias"] = (V,)
+        paths, width = (BERT_MLM_HEAD, E) if cfg.legacy else (_LM_PREDICTIONS_HEAD, H)
+        s |= mlm_head_shapes(paths, n_in=H, width=width, vocab=V, tied=cfg.tie_word_embeddings)
     elif head == "cls":
         linear("pooler.dense", H, H)
         linear("classifier", H, num_labels)

@@ -35,12 +35,14 @@ from lora_jax.models.config import EncoderConfig, Head
 from lora_jax.models.layers import (
     activation,
     attention,
+    block_shapes,
     dense,
     dense_stack,
     dropout,
     embed,
     gelu_exact,
     layer_norm,
+    mlm_head_shapes,
 )
 from lora_jax.packing import PackedLayout, segment_positions
 from lora_jax.params import unflatten
@@ -467,6 +469,19 @@ _jit_forward = jax.jit(forward, static_argnames=("config", "head", "dtype", "rem
 # --------------------------------------------------------------------------------------------
 
 
+# The MLM head's parameters: (transform dense, its LayerNorm, output bias, untied decoder).
+_MLM_HEAD: dict[str, tuple[str, str, str, str | None]] = {
+    "roberta": ("lm_head.dense", "lm_head.layer_norm", "lm_head.bias", "lm_head.decoder.kernel"),
+    "bert": deberta.BERT_MLM_HEAD,
+    "electra": (
+        "generator_predictions.dense",
+        "generator_predictions.LayerNorm",
+        "generator_lm_head.bias",
+        "generator_lm_head.kernel",
+    ),
+}
+
+
 def param_shapes(
     config: EncoderConfig, *, head: Head | str | None, num_labels: int | None, pooler: bool
 ) -> dict[str, tuple[int, ...]]:
@@ -486,49 +501,25 @@ def param_shapes(
     def linear(name: str, n_in: int, n_out: int) -> None:
         s[f"{name}.kernel"], s[f"{name}.bias"] = (n_in, n_out), (n_out,)
 
-    def norm(name: str, width: int = H) -> None:
-        s[f"{name}.scale"], s[f"{name}.bias"] = (width,), (width,)
-
     if E != H:  # ELECTRA
         linear(f"{b}.embeddings_project", E, H)
 
     for i in range(config.num_hidden_layers):
-        layer = f"{b}.encoder.layer.{i}"
-        for name in ("query", "key", "value"):
-            linear(f"{layer}.attention.self.{name}", H, H)
-        linear(f"{layer}.attention.output.dense", H, H)
-        norm(f"{layer}.attention.output.LayerNorm")
-        linear(f"{layer}.intermediate.dense", H, I)
-        linear(f"{layer}.output.dense", I, H)
-        norm(f"{layer}.output.LayerNorm")
+        qkv = ("query", "key", "value")
+        s |= block_shapes(f"{b}.encoder.layer.{i}", qkv, hidden=H, intermediate=I)
     if pooler:
         linear(f"{b}.pooler.dense", H, H)
-    if config.model_type == "electra":
-        if head == "mlm":
-            linear("generator_predictions.dense", H, E)
-            norm("generator_predictions.LayerNorm", E)
-            s["generator_lm_head.bias"] = (V,)
-            if not config.tie_word_embeddings:
-                s["generator_lm_head.kernel"] = (E, V)
-        elif head == "rtd":
+    if head == "mlm":
+        width = E if config.model_type == "electra" else H
+        paths = _MLM_HEAD[config.model_type]
+        s |= mlm_head_shapes(paths, n_in=H, width=width, vocab=V, tied=config.tie_word_embeddings)
+    elif config.model_type == "electra":
+        if head == "rtd":
             linear("discriminator_predictions.dense", H, H)
             linear("discriminator_predictions.dense_prediction", H, 1)
         elif head == "cls":
             linear("classifier.dense", H, H)
             linear("classifier.out_proj", H, L)
-    elif head == "mlm":
-        if config.model_type == "roberta":
-            linear("lm_head.dense", H, H)
-            norm("lm_head.layer_norm")
-            s["lm_head.bias"] = (V,)
-            if not config.tie_word_embeddings:
-                s["lm_head.decoder.kernel"] = (H, V)
-        else:
-            linear("cls.predictions.transform.dense", H, H)
-            norm("cls.predictions.transform.LayerNorm")
-            s["cls.predictions.bias"] = (V,)
-            if not config.tie_word_embeddings:
-                s["cls.predictions.decoder.kernel"] = (H, V)
     elif head == "cls":
         if config.model_type == "roberta":
             linear("classifier.dense", H, H)
@@ -538,6 +529,12 @@ def param_shapes(
     return s
 
 
+def param_dtype_for(dtype: Any) -> type:
+    """The parameter dtype of a model that computes in ``dtype``: float64 for float64, else
+    float32 (bfloat16 models keep float32 parameters)."""
+    return np.float64 if jnp.dtype(dtype) == jnp.float64 else np.float32
+
+
 def init_params(
     config: EncoderConfig,
     *,
@@ -545,14 +542,16 @@ def init_params(
     num_labels: int | None,
     seed: int,
     pooler: bool,
-    param_dtype: Any = np.float32,
+    dtype: Any = np.float32,
 ) -> dict[str, np.ndarray]:
     """Random HF-style init, as a flat ``{dotted_path: array}`` dict of numpy arrays.
 
     Linear kernels and embeddings ~ N(0, initializer_range^2) (padding row of the word
-    embeddings zeroed, as HF does), biases 0, LayerNorm scale 1. numpy's generator is used so
-    that building a model compiles nothing.
+    embeddings zeroed, as HF does), biases 0, LayerNorm scale 1, stored in
+    ``param_dtype_for(dtype)`` for the compute ``dtype``. numpy's generator is used so that
+    building a model compiles nothing.
     """
+    param_dtype = param_dtype_for(dtype)
     shapes = param_shapes(config, head=head, num_labels=num_labels, pooler=pooler)
     rng = np.random.default_rng(seed)
     flat: dict[str, np.ndarray] = {}
@@ -716,15 +715,7 @@ def create(
     head = _check_head(head, num_labels)
     dt = _check_dtype(dtype)
     pooler = config.model_type == "bert" and head != "mlm"
-    param_dtype = jnp.float64 if dt == jnp.float64 else jnp.float32
-    flat = init_params(
-        config,
-        head=head,
-        num_labels=num_labels,
-        seed=seed,
-        pooler=pooler,
-        param_dtype=param_dtype,
-    )
+    flat = init_params(config, head=head, num_labels=num_labels, seed=seed, pooler=pooler, dtype=dt)
     return EncoderModel(config, unflatten(flat), head=head, num_labels=num_labels, dtype=dt)
 
 

@@ -298,3 +298,61 @@ def last_axis_max(x: jax.Array) -> jax.Array:
         pairs = jnp.maximum(x[..., :half], x[..., half : 2 * half])
         x = jnp.concatenate([pairs, x[..., 2 * half :]], axis=-1) if x.shape[-1] % 2 else pairs
     return x
+
+
+def block_shapes(
+    prefix: str, projections: Sequence[str], *, hidden: int, intermediate: int
+) -> dict[str, tuple[int, ...]]:
+    """Dotted path -> shape of one transformer block's parameters (HF's BERT layer layout).
+
+    Args:
+      prefix: the block's path, e.g. ``'roberta.encoder.layer.0'``.
+      projections: the attention's input projections under ``{prefix}.attention.self``, each
+        ``(hidden, hidden)`` + bias, e.g. ``('query', 'key', 'value')``.
+      hidden, intermediate: the residual width H and the feed-forward width I.
+    """
+    H, I = hidden, intermediate
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, n_in: int, n_out: int) -> None:
+        shapes[f"{prefix}.{name}.kernel"], shapes[f"{prefix}.{name}.bias"] = (n_in, n_out), (n_out,)
+
+    def norm(name: str) -> None:
+        shapes[f"{prefix}.{name}.scale"], shapes[f"{prefix}.{name}.bias"] = (H,), (H,)
+
+    for name in projections:
+        linear(f"attention.self.{name}", H, H)
+    linear("attention.output.dense", H, H)
+    norm("attention.output.LayerNorm")
+    linear("intermediate.dense", H, I)
+    linear("output.dense", I, H)
+    norm("output.LayerNorm")
+    return shapes
+
+
+def mlm_head_shapes(
+    paths: tuple[str, str, str, str | None], *, n_in: int, width: int, vocab: int, tied: bool
+) -> dict[str, tuple[int, ...]]:
+    """Dotted path -> shape of an MLM head's parameters (as :func:`dense` and
+    :func:`layer_norm` read them).
+
+    Args:
+      paths: ``(transform, norm, bias, decoder)``: the transform dense layer
+        (``{transform}.kernel`` ``(n_in, width)``, ``{transform}.bias``), its LayerNorm
+        (``{norm}.scale``, ``{norm}.bias``, ``(width,)``), the output bias's full path
+        ``(vocab,)``, and the untied decoder kernel's full path ``(width, vocab)`` (None for a
+        head that is always tied).
+      n_in, width, vocab: the hidden width, the transform's width, the vocabulary size.
+      tied: the decoder is the word-embedding matrix (no decoder kernel).
+    """
+    transform, norm, bias, decoder = paths
+    shapes = {
+        f"{transform}.kernel": (n_in, width),
+        f"{transform}.bias": (width,),
+        f"{norm}.scale": (width,),
+        f"{norm}.bias": (width,),
+        bias: (vocab,),
+    }
+    if decoder is not None and not tied:
+        shapes[decoder] = (width, vocab)
+    return shapes

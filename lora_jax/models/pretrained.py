@@ -32,6 +32,7 @@ from lora_jax.models.encoder import (
     _check_dtype,
     _check_head,
     init_params,
+    param_dtype_for,
     param_shapes,
     split,
 )
@@ -398,7 +399,7 @@ def from_pretrained(
             f"{', '.join(not_ok[:20])}. The weight file is incomplete or belongs to another "
             "architecture."
         )
-    param_dtype = np.float64 if dt == jnp.float64 else np.float32
+    param_dtype = param_dtype_for(dt)
     if missing:
         log.warning(
             "Newly initialized (not in the checkpoint): %s",
@@ -406,12 +407,7 @@ def from_pretrained(
             extra={"newly_initialized": tuple(missing)},  # for filters (experiments.workbench)
         )
         new = init_params(
-            config,
-            head=head,
-            num_labels=num_labels,
-            seed=seed,
-            pooler=pooler,
-            param_dtype=param_dtype,
+            config, head=head, num_labels=num_labels, seed=seed, pooler=pooler, dtype=dt
         )
         flat.update({p: new[p] for p in missing})
     params = {p: jnp.asarray(np.asarray(v, dtype=param_dtype)) for p, v in flat.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,47 +50,67 @@ def _examples(
     )
 
 
-def _local_task(
-    reader,
-    path: str | os.PathLike,
-    *,
-    text_columns: Sequence[str],
-    label_column: str,
-    label_words: Sequence[str],
-    template: str,
-    label_names: Sequence[str] | None,
-    test_path: str | os.PathLike | None,
-    test_fraction: float,
-    name: str | None,
-) -> Task:
-    text_columns = tuple(text_columns)
-    names = (
-        tuple(label_names) if label_names is not None else tuple(map(str, range(len(label_words))))
-    )
-    if not 0.0 < test_fraction < 1.0:
-        raise ConfigError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+_Reader = Callable[[str | os.PathLike], Sequence[dict[str, Any]]]
 
-    def load() -> TaskData:
-        train = _examples(reader(path), text_columns, label_column, names, str(path))
-        if test_path is not None:
-            test = _examples(reader(test_path), text_columns, label_column, names, str(test_path))
-            return TaskData(train=train, test=test)
-        # No test file: hold out a fixed fraction (same split on every call and machine).
-        perm = np.random.default_rng(LOCAL_TEST_SEED).permutation(len(train))
-        n_test = int(round(test_fraction * len(train)))
-        return TaskData(
-            train=train.select(np.sort(perm[n_test:])), test=train.select(np.sort(perm[:n_test]))
+
+def _file_task(
+    reader: _Reader, public_name: str = "file_task", doc: str | None = None
+) -> Callable[..., Task]:
+    """A task maker over files read by ``reader`` (a path -> its rows, as dicts).
+
+    The one implementation behind `csv_task` and `jsonl_task` (and task files); the maker it
+    returns takes `csv_task`'s arguments and is named ``public_name`` with docstring ``doc``.
+    """
+
+    def make(
+        path: str | os.PathLike,
+        *,
+        text_columns: Sequence[str],
+        label_column: str,
+        label_words: Sequence[str],
+        template: str,
+        label_names: Sequence[str] | None = None,
+        test_path: str | os.PathLike | None = None,
+        test_fraction: float = 0.2,
+        name: str | None = None,
+    ) -> Task:
+        text_columns = tuple(text_columns)
+        names = (
+            tuple(label_names)
+            if label_names is not None
+            else tuple(map(str, range(len(label_words))))
+        )
+        if not 0.0 < test_fraction < 1.0:
+            raise ConfigError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+
+        def load() -> TaskData:
+            train = _examples(reader(path), text_columns, label_column, names, str(path))
+            if test_path is not None:
+                test = _examples(
+                    reader(test_path), text_columns, label_column, names, str(test_path)
+                )
+                return TaskData(train=train, test=test)
+            # No test file: hold out a fixed fraction (same split on every call and machine).
+            perm = np.random.default_rng(LOCAL_TEST_SEED).permutation(len(train))
+            n_test = int(round(test_fraction * len(train)))
+            return TaskData(
+                train=train.select(np.sort(perm[n_test:])),
+                test=train.select(np.sort(perm[:n_test])),
+            )
+
+        return Task(
+            name=name or Path(path).stem,
+            text_fields=text_columns,
+            label_names=names,
+            label_words=tuple(label_words),
+            template=template,
+            loader=load,
+            source=str(path),
         )
 
-    return Task(
-        name=name or Path(path).stem,
-        text_fields=text_columns,
-        label_names=names,
-        label_words=tuple(label_words),
-        template=template,
-        loader=load,
-        source=str(path),
-    )
+    make.__name__ = make.__qualname__ = public_name
+    make.__doc__ = doc
+    return make
 
 
 def _read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -98,18 +118,9 @@ def _read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def csv_task(
-    path: str | os.PathLike,
-    *,
-    text_columns: Sequence[str],
-    label_column: str,
-    label_words: Sequence[str],
-    template: str,
-    label_names: Sequence[str] | None = None,
-    test_path: str | os.PathLike | None = None,
-    test_fraction: float = 0.2,
-    name: str | None = None,
-) -> Task:
+csv_task = _file_task(
+    _read_csv,
+    "csv_task",
     """Makes a task from a CSV file with a header row.
 
     Args:
@@ -127,46 +138,15 @@ def csv_task(
 
     Returns:
       A `Task`; the file is read when ``task.load()`` is called.
-    """
-    return _local_task(
-        _read_csv,
-        path,
-        text_columns=text_columns,
-        label_column=label_column,
-        label_words=label_words,
-        template=template,
-        label_names=label_names,
-        test_path=test_path,
-        test_fraction=test_fraction,
-        name=name,
-    )
+    """,
+)
 
-
-def jsonl_task(
-    path: str | os.PathLike,
-    *,
-    text_columns: Sequence[str],
-    label_column: str,
-    label_words: Sequence[str],
-    template: str,
-    label_names: Sequence[str] | None = None,
-    test_path: str | os.PathLike | None = None,
-    test_fraction: float = 0.2,
-    name: str | None = None,
-) -> Task:
+jsonl_task = _file_task(
+    read_jsonl,
+    "jsonl_task",
     """Makes a task from a JSON-lines file (``.jsonl`` or ``.jsonl.gz``); see `csv_task`.
 
-    Labels may also be booleans (False -> 0, True -> 1).
-    """
-    return _local_task(
-        read_jsonl,
-        path,
-        text_columns=text_columns,
-        label_column=label_column,
-        label_words=label_words,
-        template=template,
-        label_names=label_names,
-        test_path=test_path,
-        test_fraction=test_fraction,
-        name=name,
-    )
+    The arguments are `csv_task`'s; ``path`` and ``test_path`` are JSON-lines files, one object
+    per line. Labels may also be booleans (False -> 0, True -> 1).
+    """,
+)

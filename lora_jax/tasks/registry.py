@@ -28,6 +28,7 @@ import functools
 import gzip
 import json
 import os
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -108,42 +109,38 @@ def load_mr() -> TaskData:
     )
 
 
-@functools.lru_cache(maxsize=1)
-def load_trec() -> TaskData:
-    """Loads TREC (coarse labels, order `TREC_COARSE`) from the committed files."""
+def _committed_jsonl(
+    folder: str, text_fields: tuple[str, ...], label: Callable[[dict], int]
+) -> TaskData:
+    """Reads ``data_dir()/folder/{train,test}.jsonl.gz``: texts from ``text_fields`` (in
+    template order), class indices from ``label(row)``."""
 
     def split(name: str) -> Examples:
-        rows = read_jsonl(data_dir() / "trec" / f"{name}.jsonl.gz")
-        labels = np.array([TREC_COARSE.index(r["coarse"]) for r in rows], dtype=np.int32)
-        return Examples(texts=(tuple(r["text"] for r in rows),), labels=labels)
-
-    return TaskData(train=split("train"), test=split("test"))
-
-
-@functools.lru_cache(maxsize=1)
-def load_boolq() -> TaskData:
-    """Loads the committed BoolQ subset; fields (passage, question), labels False=0, True=1."""
-
-    def split(name: str) -> Examples:
-        rows = read_jsonl(data_dir() / "boolq" / f"{name}.jsonl.gz")
+        rows = read_jsonl(data_dir() / folder / f"{name}.jsonl.gz")
         return Examples(
-            texts=(tuple(r["passage"] for r in rows), tuple(r["question"] for r in rows)),
-            labels=np.array([int(bool(r["label"])) for r in rows], dtype=np.int32),
+            texts=tuple(tuple(r[field] for r in rows) for field in text_fields),
+            labels=np.array([label(r) for r in rows], dtype=np.int32),
         )
 
     return TaskData(train=split("train"), test=split("test"))
 
 
 @functools.lru_cache(maxsize=1)
+def load_trec() -> TaskData:
+    """Loads TREC (coarse labels, order `TREC_COARSE`) from the committed files."""
+    return _committed_jsonl("trec", ("text",), lambda r: TREC_COARSE.index(r["coarse"]))
+
+
+@functools.lru_cache(maxsize=1)
+def load_boolq() -> TaskData:
+    """Loads the committed BoolQ subset; fields (passage, question), labels False=0, True=1."""
+    return _committed_jsonl("boolq", ("passage", "question"), lambda r: int(bool(r["label"])))
+
+
+@functools.lru_cache(maxsize=1)
 def load_subjrt() -> TaskData:
     """Loads the committed Subj-RT subset; labels subjective=0, objective=1 (as ``subj``)."""
-
-    def split(name: str) -> Examples:
-        rows = read_jsonl(data_dir() / "subjrt" / f"{name}.jsonl.gz")
-        labels = np.array([SUBJ_LABELS.index(r["label"]) for r in rows], dtype=np.int32)
-        return Examples(texts=(tuple(r["text"] for r in rows),), labels=labels)
-
-    return TaskData(train=split("train"), test=split("test"))
+    return _committed_jsonl("subjrt", ("text",), lambda r: SUBJ_LABELS.index(r["label"]))
 
 
 # ----------------------------------------------------------------------------- hub loaders

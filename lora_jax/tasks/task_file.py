@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_jax.errors import InputFileError, MissingFileError
-from lora_jax.tasks.local import _examples, _label_index, _local_task
+from lora_jax.tasks.local import _examples, _file_task, _label_index
 from lora_jax.tasks.registry import TASKS, HubUnavailableError, _normalize, get_task
 from lora_jax.tasks.task import Task, TaskData, parse_template
 
@@ -406,17 +406,8 @@ def load_task_file(path: str | os.PathLike, *, k: int | None = None) -> Task:
             return _examples(rows, text_columns, label_column, label_names, where)
 
         data = TaskData(train=split("train"), test=split("test"))
-        task = Task(
-            name=name,
-            text_fields=text_columns,
-            label_names=label_names,
-            label_words=label_words,
-            template=template,
-            loader=lambda: data,
-            source=f"{path}: datasets.load_dataset({spec['hub']['path']!r}, "
-            f"{spec['hub'].get('config')!r})",
-            needs_hub=True,
-        )
+        source = f"{path}: datasets.load_dataset({spec['hub']['path']!r}, "
+        source += f"{spec['hub'].get('config')!r})"
     else:
         base = path.parent
         files = {key: base / _string(path, spec, key) for key in ("train", "test") if key in spec}
@@ -440,8 +431,7 @@ def load_task_file(path: str | os.PathLike, *, k: int | None = None) -> Task:
             raise _fail(path, f"'test_fraction' is {fraction!r}; fix: give a number in (0, 1)")
         for data in files.values():
             reader(data)
-        lazy = _local_task(
-            reader,
+        lazy = _file_task(reader)(
             files["train"],
             text_columns=text_columns,
             label_column=label_column,
@@ -459,15 +449,17 @@ def load_task_file(path: str | os.PathLike, *, k: int | None = None) -> Task:
                 f"no test examples ('test_fraction' {fraction} of "
                 f"{len(data.train)} rounds to 0); fix: add a 'test' file or more rows",
             )
-        task = Task(
-            name=name,
-            text_fields=text_columns,
-            label_names=label_names,
-            label_words=label_words,
-            template=template,
-            loader=lambda: data,
-            source=f"{path}: {', '.join(str(f) for f in files.values())}",
-        )
+        source = f"{path}: {', '.join(str(f) for f in files.values())}"
+    task = Task(
+        name=name,
+        text_fields=text_columns,
+        label_names=label_names,
+        label_words=label_words,
+        template=template,
+        loader=lambda: data,
+        source=source,
+        needs_hub="hub" in spec,
+    )
     if k is not None:
         _check_k(path, task, data, k, held_out="hub" not in spec and "test" not in spec)
     return task
