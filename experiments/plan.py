@@ -35,7 +35,7 @@ from experiments import jobs, launch
 from experiments.config import ExperimentConfig, per_encoder
 from experiments.run import build_parser, config_from_args
 from experiments.workbench import resolve_model
-from lora_jax import lora, programs, tasks, topologies, train
+from lora_jax import lora, members, programs, tasks, topologies, train
 from lora_jax import sharding as sh
 from lora_jax.errors import ConfigError, UserError, user_message
 from lora_jax.models.config import EncoderConfig
@@ -179,45 +179,60 @@ def plan_job(
     else:
         raise ConfigError(f"planning covers lora and full jobs, not {method.value!r}.")
     tcfg = jobs.train_config(cfg, job[0])
+    # As fit_job runs it: on the mesh the members fill whole slots, padded with idle copies.
+    slots = programs.member_slots(mesh, rules, n, tcfg.batch_size)
     state = jax.eval_shape(
-        lambda t: train.init_states(t, tcfg, [tcfg.learning_rate] * n, [0] * n), trainables
+        lambda t: members.pad(train.init_states(t, tcfg, [tcfg.learning_rate] * n, [0] * n), slots),
+        trainables,
     )
+    if member_inputs is not None:
+        member_inputs = jax.eval_shape(lambda m: members.pad(m, slots), member_inputs)
     compiled = programs.job_programs(
         model_fn, tcfg, member_inputs=member_inputs is not None, mesh=mesh, rules=rules
     )
-    table = programs.job_rules(mesh, rules, n)
-    if n == 1:
+    table = programs.job_rules(mesh, rules, slots)
+    if slots == 1:
         programs.check_batch_split(mesh, table, tcfg.batch_size)
     place = functools.partial(train.job_shardings, mesh=mesh, table=table)
     state = _sds(state, place(state))
     base = _sds(frozen, place(frozen))
     args = base if member_inputs is None else (base, _sds(member_inputs, place(member_inputs)))
     rows = cfg.k * num_labels
-    train_data = abstract_data(rows, cfg.max_length)
-    train_data = _sds(train_data, place(train_data, data=True, shared=True))
+    # Each member samples its own few-shot sets: its train and dev data beside it.
+    own = slots > 1
+
+    def split_data(count: int, shared: bool) -> dict:
+        data = abstract_data(count, cfg.max_length)
+        if not shared:
+            data = {k: jax.ShapeDtypeStruct((slots, *x.shape), x.dtype) for k, x in data.items()}
+        return _sds(data, place(data, data=True, shared=shared))
+
+    train_data = split_data(rows, not own)
     lengths = train.chunk_lengths(cfg.steps, cfg.eval_every)
-    label = f"{method.value}" + (f" r={job[0].rank}" if job[0].rank else "") + f" x{n}"
+    label = f"{method.value}" + (f" r={job[0].rank}" if n == 1 and job[0].rank else "")
+    label += f" x{n}" + (f" in {slots} slots" if slots != n else "")
     out = []
     for length in sorted(set(lengths), reverse=True) if training else ():
         out.append(
             _compile(
                 f"train {label} ({length} steps)",
                 lambda length=length: compiled.chunk.lower(
-                    state, args, train_data, length, shared=True
+                    state, args, train_data, length, shared=not own
                 ),
                 lengths.count(length),
                 length,
             )
         )
     test_rows = cfg.test_cap or 1000
-    splits = (("dev", rows, len(lengths)), ("test", test_rows, 1)) if evaluation else ()
-    for split, count, runs in splits:
-        data = abstract_data(count, cfg.max_length)
-        data = _sds(data, place(data, data=True, shared=True))
+    splits = (("dev", rows, len(lengths), not own), ("test", test_rows, 1, True))
+    for split, count, runs, shared in splits if evaluation else ():
+        data = split_data(count, shared)
         out.append(
             _compile(
                 f"{split} {label} ({count} rows)",
-                lambda data=data: compiled.predict_program.lower(state.trainable, args, data, True),
+                lambda data=data, shared=shared: compiled.predict_program.lower(
+                    state.trainable, args, data, shared
+                ),
                 runs,
                 0,
             )
@@ -284,10 +299,6 @@ def batch_headroom(cfg: ExperimentConfig, target, mesh, rules, progs: Sequence[P
             f"{_gib(target.chip.hbm_bytes)} GiB per chip; batches up to about {most:,} would fit "
             f"(temporaries {_gib(per_row * ways)} GiB per {ways} rows, linear in the batch)."
         )
-    lines.append(
-        f"planned one cell per job (a run puts up to {jobs.members_per_job(cfg)} cells in a "
-        "member-sharded job; those jobs are not planned yet)"
-    )
     return "\n".join(lines)
 
 
@@ -298,6 +309,22 @@ def job_seconds(progs: Sequence[Program], chip: topologies.Chip) -> float:
         for p in progs
         if p.report is not None
     )
+
+
+def _plan_jobs(cfg, cells, members_cap, named, encoder, mesh, rules, target):
+    """``(programs, roofline seconds, job count)`` of ``cells`` grouped into jobs as a run
+    groups them (``members_cap`` cells at most, 0: one each); jobs of one shape compile once."""
+    groups: dict[tuple, list] = {}
+    for job in jobs.plan_jobs(cells, members_cap):
+        k = named[job[0].task].num_labels
+        key = (job[0].method, tuple(c.rank for c in job), k)
+        groups.setdefault(key, []).append(job)
+    progs, total = [], 0.0
+    for (_, _, k), same in groups.items():
+        job_progs = plan_job(cfg, same[0], encoder, k, mesh, rules)
+        progs += job_progs
+        total += len(same) * job_seconds(job_progs, target.chip)
+    return progs, total, sum(len(v) for v in groups.values())
 
 
 def plan(cfg: ExperimentConfig, target_name: str, launch_flags: launch.Launch) -> str:
@@ -311,28 +338,33 @@ def plan(cfg: ExperimentConfig, target_name: str, launch_flags: launch.Launch) -
     out = []
     for one in per_encoder(cfg):
         encoder = encoder_shapes(one)
-        todo = [c for c in jobs.cells(one, tuple(named)) if c.method in ("lora", "full")]
-        skipped = sorted({c.method for c in jobs.cells(one, tuple(named))} - {"lora", "full"})
-        groups: dict[tuple, list] = {}  # programs of one shape compile once
-        # One cell per job: member-sharded jobs of several cells (what a run on a mesh trains
-        # by default) are not planned yet.
-        for job in jobs.plan_jobs(todo, 0):
-            k = named[job[0].task].num_labels
-            key = (job[0].method, tuple(c.rank for c in job), k)
-            groups.setdefault(key, []).append(job)
-        progs, total = [], 0.0
-        for (_, _, k), same in groups.items():
-            job_progs = plan_job(one, same[0], encoder, k, mesh, rules)
-            progs += job_progs
-            total += len(same) * job_seconds(job_progs, target.chip)
+        cells = jobs.cells(one, tuple(named))
+        todo = [c for c in cells if c.method in ("lora", "full")]
+        skipped = sorted({c.method for c in cells} - {"lora", "full"})
+        progs, total, count = _plan_jobs(
+            one, todo, jobs.members_per_job(one), named, encoder, mesh, rules, target
+        )
         text = format_plan(target, mesh, progs)
         text += "\n\n" + batch_headroom(one, target, mesh, rules, progs)
         note = f" (not planned: {', '.join(skipped)})" if skipped else ""
+        text += (
+            f"\n\nroofline estimate of the run's {count} jobs{note}: {total:.1f} s "
+            "(a lower bound: communication and host time left out)"
+        )
+        if jobs.members_per_job(one) and todo:
+            # The same cells one after another, each data parallel over the slice: the cell of
+            # the largest rank stands for every cell (an upper bound of their time).
+            largest = max(todo, key=lambda c: c.rank or 0)
+            single, _, _ = _plan_jobs(one, [largest], 0, named, encoder, mesh, rules, target)
+            seq = len(todo) * job_seconds(single, target.chip)
+            text += (
+                f"\n\none cell at a time, data parallel (each timed as {largest.key}): "
+                f"{seq:.1f} s for {len(todo)} cells; the member-sharded jobs are "
+                f"{seq / total if total else float('nan'):.1f}x faster by the same roofline"
+            )
         out.append(
             f"## {one.model} ({encoder[2].value} readout, {one.dtype}, batch {one.batch_size}, "
-            f"{one.max_length} tokens)\n\n{text}\n\nroofline estimate of the run's "
-            f"{sum(len(v) for v in groups.values())} jobs{note}: {total:.1f} s "
-            "(a lower bound: communication and host time left out)"
+            f"{one.max_length} tokens)\n\n{text}"
         )
     return "\n\n".join(out)
 

@@ -99,7 +99,30 @@ def tiny_plan(topology: str, dtype: str, programs: str = "all") -> dict:
     }
 
 
-CASES = {"matmul_loop": matmul_loop, "tiny_plan": tiny_plan}
+def tiny_job(topology: str) -> dict:
+    """The training program of a job of three LoRA cells (ranks 1, 2, 4) of the tiny encoder,
+    its members split over the slice as a run on a mesh trains them."""
+    directory = tempfile.mkdtemp()
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(TINY, f)
+    cfg = get_config(
+        "default", model=directory, tasks=("mr",), methods=("lora",), ranks=(1, 2, 4),
+        seeds=(13,), steps=20, eval_every=10, max_length=16, test_cap=100,
+    )  # fmt: skip
+    devices = topologies.devices(topology)
+    mesh = sh.make_mesh({"data": len(devices)}, devices=devices)
+    job = [jobs.Cell("mr", "lora", r, 13) for r in (1, 2, 4)]
+    (train,) = plan_lib.plan_job(
+        cfg, job, plan_lib.encoder_shapes(cfg), 2, mesh, sh.rules_for_mesh(mesh), evaluation=False
+    )
+    return {
+        "name": train.name,
+        "peak_bytes": train.report.peak_bytes,
+        "collectives": [c._asdict() for c in train.report.costs.collectives],
+    }
+
+
+CASES = {"matmul_loop": matmul_loop, "tiny_plan": tiny_plan, "tiny_job": tiny_job}
 
 if __name__ == "__main__":
     # Each argument is CASE[:ARG[:ARG]]; one process runs them all (libtpu loads once).

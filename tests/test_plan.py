@@ -21,11 +21,14 @@ needs_libtpu = pytest.mark.skipif(
 )
 
 
+TINY_LAYERS, TINY_HIDDEN = 2, 64  # tests/_tpu_plan.py's tiny encoder
+
 CASES = (
     "matmul_loop:v4-16",
     "tiny_plan:v4-16:float32",
     "tiny_plan:v4-16:bfloat16:train",
     "tiny_plan:v4-8:float32:eval",
+    "tiny_job:v4-16",
 )
 
 
@@ -141,3 +144,14 @@ def test_evaluation_is_split_over_the_devices_not_replicated(compiled):
     name = "test lora r=8 x1 (100 rows)"
     # 100 rows in blocks padded to a multiple of the devices: 100 -> 100 (4) or 104 (8) rows.
     assert four[name]["flops"] / eight[name]["flops"] == pytest.approx(2 * 100 / 104, rel=0.05)
+
+
+@needs_libtpu
+def test_a_job_of_three_cells_fills_the_slice_and_moves_no_adapters(compiled):
+    """Three cells on v4-16's 8 chips run as 8 members (5 idle copies), one per chip; what
+    crosses chips is per-member scalars (the losses), never an adapter or its gradient."""
+    got = compiled["tiny_job:v4-16"]
+    assert got["name"] == "train lora x3 in 8 slots (10 steps)"
+    assert 0 < got["peak_bytes"] < topologies.CHIPS["v4"].hbm_bytes
+    rank_one_adapter = TINY_LAYERS * 2 * 2 * TINY_HIDDEN * 1 * 4  # bytes of the r = 1 factors
+    assert all(c["bytes"] < rank_one_adapter for c in got["collectives"]), got["collectives"]
