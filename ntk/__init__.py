@@ -9,7 +9,9 @@ imported only through :mod:`ntk._compat` (``from ntk._compat import nt``).
 One option vocabulary across entry points, as in neural-tangents: ``trace_axes=(-1,)`` and
 ``diagonal_axes=()`` by default everywhere, one regulariser name ``diag_reg`` (its scale per
 solver: :mod:`ntk.solvers`), enums for choices (:class:`NtkImplementation`,
-:class:`KernelSolver`, :class:`Linearization`, ``lora_jax.losses.Loss``; each also accepts
+:class:`KernelSolver`, :class:`Linearization`, :class:`Kernel` (which optimizer's
+kernel: SGD, SignGD or Adam's asymmetric A-SignGD, :mod:`ntk.optimizer`),
+``lora_jax.losses.Loss``; each also accepts
 its value). What a kernel may exploit about a model function travels as data
 (:class:`ModelInfo`, returned by :func:`kernel_model` / :func:`lora_kernel_model` and passed as
 ``empirical_ntk_fn(..., model_info=)``), never as attributes of the function.
@@ -47,6 +49,7 @@ from ntk.models import (
     kernel_model,
     lora_kernel_model,
 )
+from ntk.optimizer import Kernel
 from ntk.solvers import (
     LogisticFit,
     Predictions,
@@ -60,6 +63,7 @@ from ntk.solvers import (
 
 __all__ = [
     "FingerprintError",
+    "Kernel",
     "KernelMemoryError",
     "KernelModel",
     "KernelSolver",

@@ -75,11 +75,13 @@ from ntk._jacobians import (
     kept_spec,
     pair_program,
     reused_kernel,
+    sign_block_program,
 )
 from ntk._memory import available_memory, gib, required_bytes
 from ntk._programs import compiled, program_fn_key
 from ntk.compact import ROWS_PREFIX, compact_block, compact_fn, compactable_tables
 from ntk.models import ModelInfo, cast_floating, check_outputs
+from ntk.optimizer import Kernel, as_kernel
 
 PyTree = Any
 Axes = int | tuple[int, ...]
@@ -177,6 +179,7 @@ class KernelOptions:
     implementation: NtkImplementation
     sizes: tuple[int, int]  # rows of x1, rows of x2 per block
     dtype: Any
+    kernel: Kernel = Kernel.SGD
 
     @property
     def batch_diagonal(self) -> bool:
@@ -188,13 +191,14 @@ class KernelOptions:
         return int(1 not in self.trace and 1 not in self.diag)
 
     def key(self) -> tuple:
-        return (
+        key = (
             self.trace,
             self.diag,
             repr(self.vmap_axes),
             self.implementation.name,
             str(self.dtype),
         )
+        return key if self.kernel == Kernel.SGD else (*key, self.kernel.value)
 
     def nt_kwargs(self) -> dict:
         return dict(trace_axes=self.trace, diagonal_axes=self.diag, vmap_axes=self.vmap_axes)
@@ -207,12 +211,14 @@ def kernel_options(
     implementation: NtkImplementation | int,
     batch_size: int | tuple[int, int],
     dtype: Any,
+    kernel: Kernel | str = Kernel.SGD,
 ) -> KernelOptions:
     """Checks :func:`empirical_ntk_fn` 's options.
 
     Raises:
       ConfigError: naming the bad option and what is allowed.
     """
+    kernel = as_kernel(kernel)
     try:
         implementation = NtkImplementation(implementation)
     except ValueError:
@@ -238,7 +244,22 @@ def kernel_options(
             f"trace_axes={trace_axes} traces the batch axis; only output axes (-1) can be "
             "traced here. Sum the kernel yourself if you need that."
         )
-    return KernelOptions(trace, diag, vmap_axes, implementation, sizes, dtype)
+    if kernel != Kernel.SGD and not (
+        implementation in (NtkImplementation.JACOBIAN_CONTRACTION, NtkImplementation.AUTO)
+        and isinstance(vmap_axes, int)
+        and vmap_axes == 0
+        and 0 not in diag
+    ):
+        raise ConfigError(
+            f"kernel={kernel.name} needs per-example gradients (sign is not linear): pass "
+            "implementation=NtkImplementation.JACOBIAN_CONTRACTION and vmap_axes=0 (a model "
+            "independent per example), without diagonal_axes on the batch (0); got "
+            f"implementation={implementation.name}, vmap_axes={vmap_axes!r}, "
+            f"diagonal_axes={diagonal_axes}."
+        )
+    if kernel != Kernel.SGD:  # one way to compute it: AUTO has nothing to choose
+        implementation = NtkImplementation.JACOBIAN_CONTRACTION
+    return KernelOptions(trace, diag, vmap_axes, implementation, sizes, dtype, kernel)
 
 
 def block_jobs(
@@ -257,6 +278,10 @@ def block_program(
 ) -> Any:
     """The compiled kernel of one ``(xa, xb)`` block (``xb=None``: ``xa`` with itself), cached
     for the session by (f, implementation, options, shapes and dtypes)."""
+
+    if opts.kernel != Kernel.SGD:  # per-example gradients and their signs (ntk._jacobians)
+        signs = opts.kernel.signs
+        return sign_block_program(f, fn_key, opts.trace, opts.diag, xa, xb, params, signs)
 
     def lower():
         check_outputs(jax.eval_shape(f, params, xa), xa, where="f")
@@ -292,7 +317,7 @@ def refusal(
         f"One ({b1} x {b2})-example kernel block with {impl.name} needs an estimated "
         f"{gib(need)} (XLA memory analysis), more than the {gib(limit)} available."
     )
-    for other in _RELIABILITY:
+    for other in _RELIABILITY if opts.kernel == Kernel.SGD else ():
         if other != impl:
             fit = _fits(lambda o=other: block_program(f, fn_key, o, opts, xa, xb, params), limit)
             if fit is not None:
@@ -444,6 +469,7 @@ def auto_implementation(
     dtype: Any = None,
     memory_limit_bytes: int | None = None,
     model_info: ModelInfo | None = None,
+    kernel: Kernel | str = Kernel.SGD,
 ) -> NtkImplementation:
     """The implementation ``empirical_ntk_fn(..., implementation=AUTO)`` takes for these inputs.
 
@@ -463,7 +489,9 @@ def auto_implementation(
       KernelMemoryError: if no implementation fits a block.
     """
     auto = NtkImplementation.AUTO
-    opts = kernel_options(trace_axes, diagonal_axes, vmap_axes, auto, batch_size, dtype)
+    opts = kernel_options(trace_axes, diagonal_axes, vmap_axes, auto, batch_size, dtype, kernel)
+    if opts.kernel != Kernel.SGD:
+        return opts.implementation
     blocks = _blocks(f, model_info or ModelInfo(), opts, x1, x2, params)
     xa, xb, p = blocks.block(0, 0)
     limit = int(memory_limit_bytes or available_memory())
@@ -485,6 +513,7 @@ def empirical_ntk_fn(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
     model_info: ModelInfo | None = None,
+    kernel: Kernel | str = Kernel.SGD,
 ) -> Callable[..., np.ndarray]:
     """Returns ``ntk_fn(x1, x2, params)``: the empirical NTK of ``f``'s outputs, blocked.
 
@@ -518,6 +547,11 @@ def empirical_ntk_fn(
       model_info: what the kernel may exploit about ``f`` (:class:`ntk.ModelInfo`: its cache
         fingerprint, the embedding rows it reads, whether it ignores padding), e.g. the
         ``info`` of :func:`ntk.kernel_model`; None: ``ModelInfo()``, nothing assumed.
+      kernel: which optimizer's kernel (:class:`ntk.Kernel`, or its value): ``SGD`` (default)
+        the eNTK ``<grad f(x1), grad f(x2)>``; ``SIGNGD`` ``<sign grad f(x1), sign grad
+        f(x2)>``; ``ASIGNGD`` ``<grad f(x1), sign grad f(x2)>`` (Adam's, not symmetric: with
+        ``x2=None`` every block of ``K(x1, x1)`` is computed). The sign kernels need
+        ``implementation=JACOBIAN_CONTRACTION`` (or AUTO) and ``vmap_axes=0``.
 
     Returns:
       ``ntk_fn(x1, x2, params) -> np.ndarray``: x1 ``[N1, ...]`` and x2 ``[N2, ...]`` batch
@@ -532,7 +566,9 @@ def empirical_ntk_fn(
       ConfigError: on bad options or axes, inputs whose arrays disagree on N, ``f`` not
         returning ``[N, K]``, or ``model_info.embedding_rows`` missing rows ``f`` reads.
     """
-    opts = kernel_options(trace_axes, diagonal_axes, vmap_axes, implementation, batch_size, dtype)
+    opts = kernel_options(
+        trace_axes, diagonal_axes, vmap_axes, implementation, batch_size, dtype, kernel
+    )
     info = model_info or ModelInfo()
     chosen: dict[str, NtkImplementation] = {}  # AUTO's choice, made on the first block
     limit_fn = (lambda: memory_limit_bytes) if memory_limit_bytes else available_memory
@@ -544,6 +580,8 @@ def empirical_ntk_fn(
             cached = _kernel_cache.load_kernel(path)
             if cached is not None:
                 return cached
+        if x2 is None and not opts.kernel.symmetric and num_rows(x1, "x1") > opts.sizes[0]:
+            x2 = x1  # K(x1, x1) is not symmetric: every block, not a mirrored triangle
         blk = _blocks(f, info, opts, x1, x2, params)
         n1, n2, b1, b2, tables = blk.n1, blk.n2, blk.b1, blk.b2, blk.tables
         symmetric = blk.x2 is None
@@ -614,14 +652,14 @@ def _kept_jacobians_kernel(
     n1 = num_rows(x1)
     if x2 is None and n1 <= sizes[0]:  # one block: Jacobians and their Gram in one program
         xa = prepare(x1)
-        exe = fused_program(f, fn_key, opts.trace, opts.diag, xa, params)
+        exe = fused_program(f, fn_key, opts.trace, opts.diag, xa, params, opts.kernel.signs)
         if required_bytes(exe) <= limit:
             place(np.asarray(exe(params, xa)), 0, 0)
             return True
     joined = _joined(x1, x2) if x2 is not None and n1 <= sizes[0] else None
     if joined is not None and num_rows(x2) <= sizes[1]:  # one block each: one program
         x = prepare(joined)
-        exe = pair_program(f, fn_key, opts.trace, opts.diag, x, n1, params)
+        exe = pair_program(f, fn_key, opts.trace, opts.diag, x, n1, params, opts.kernel.signs)
         if required_bytes(exe) <= limit:
             place(np.asarray(exe(params, x)), 0, 0)
             return True
@@ -639,6 +677,7 @@ def _kept_jacobians_kernel(
         place,
         lambda items: _progress(items, progress),
         prepare,
+        opts.kernel.signs,
     )
     return True
 
@@ -669,7 +708,8 @@ def _jacobians_fit(f, fn_key, params, x1, x2, sizes, opts, limit: int, prepare) 
     n2 = num_rows(rows2)
     b2 = sizes[0] if x2 is None else sizes[1]
     last2 = (n2 - 1) // b2 * b2
-    exe2 = jacobian_program(f, fn_key, prepare(take_rows(rows2, last2, b2, n2)), params)
+    signs = opts.kernel.signs
+    exe2 = jacobian_program(f, fn_key, prepare(take_rows(rows2, last2, b2, n2)), params, signs[1])
     # The kept Jacobians, plus the temporaries of the program making them (its output is one
     # of the kept blocks: counted once).
     blocks2 = -(-n2 // b2)
@@ -679,7 +719,7 @@ def _jacobians_fit(f, fn_key, params, x1, x2, sizes, opts, limit: int, prepare) 
         xa = prepare(take_rows(x1, (n1 - 1) // sizes[0] * sizes[0], sizes[0], n1))
         num_outputs = jax.eval_shape(f, params, xa).shape[1]
         kept = [kept_spec(params, b2, num_outputs)] * blocks2
-        exe = cross_program(f, fn_key, opts.trace, opts.diag, xa, kept, params)
+        exe = cross_program(f, fn_key, opts.trace, opts.diag, xa, kept, params, signs[0])
         need = max(need, required_bytes(exe))
     return need <= limit
 
