@@ -20,10 +20,12 @@ Helpers outside this list (``fingerprint``, ``cast_floating``, ``check_outputs``
 ``batched_outputs``, ``available_memory``, ``targets``) stay importable from their modules.
 """
 
+from ntk.asymmetric import AsymmetricFit, asymmetric_ls
 from ntk.diagnostics import (
     KernelSolver,
     Linearization,
     kernel_distance,
+    kernel_predictions,
     linearization_error,
     ntk_regime_report,
     prediction_agreement,
@@ -62,6 +64,7 @@ from ntk.solvers import (
 )
 
 __all__ = [
+    "AsymmetricFit",
     "FingerprintError",
     "Kernel",
     "KernelMemoryError",
@@ -73,6 +76,7 @@ __all__ = [
     "NtkImplementation",
     "Predictions",
     "SvmFit",
+    "asymmetric_ls",
     "auto_implementation",
     "ce_gradient_flow",
     "empirical_ntk_fn",
@@ -81,6 +85,7 @@ __all__ = [
     "kernel_logistic_regression",
     "kernel_matrix",
     "kernel_model",
+    "kernel_predictions",
     "kernel_svm",
     "linearization_error",
     "linearize",
