@@ -7,9 +7,9 @@ real fine-tuning, the linearized model and eNTK kernel regression compare on the
 
 Which kernels (``--ntk-kernel``, :class:`experiments.config.KernelChoice`): by default the
 SGD eNTK (as before) and, for AdamW cells, the kernel matching their optimizer (Malladi et al.
-2023): Adam's asymmetric A-SignGD kernel; ``both`` gives the two for every cell. Record keys of the SGD kernel are as
-they always were (``ntk_acc_kernel``, ...); those of another kernel end in its name
-(``ntk_acc_kernel_asigngd``, ...), so records of different kernels never mix.
+2023): Adam's asymmetric A-SignGD kernel; ``both`` gives the two for every cell. Record keys
+of the SGD kernel are as they always were (``ntk_acc_kernel``, ...); those of another kernel
+end in its name (``ntk_acc_kernel_asigngd``, ...), so records of different kernels never mix.
 """
 
 from __future__ import annotations
