@@ -65,7 +65,7 @@ import numpy as np
 
 from lora_jax.errors import ConfigError, UserError
 from lora_jax.rows import num_rows, take_rows
-from ntk import _kernel_cache, _padding
+from ntk import _kernel_cache, _mesh, _padding
 from ntk._compat import nt
 from ntk._jacobians import (
     cross_program,
@@ -437,7 +437,13 @@ class _Blocks(NamedTuple):
 
 
 def _blocks(
-    f: Callable, info: ModelInfo, opts: KernelOptions, x1: PyTree, x2: PyTree | None, params
+    f: Callable,
+    info: ModelInfo,
+    opts: KernelOptions,
+    x1: PyTree,
+    x2: PyTree | None,
+    params,
+    multiple: int = 1,
 ) -> _Blocks:
     params = cast_floating(params, opts.dtype)
     x1 = cast_floating(x1, opts.dtype)
@@ -448,8 +454,8 @@ def _blocks(
         raise ConfigError(
             "diagonal_axes includes the batch axis 0 (per-example kernels): pass x2=None."
         )
-    b1 = min(opts.sizes[0], n1)
-    b2 = b1 if x2 is None else min(opts.sizes[1], n2)
+    b1 = -(-min(opts.sizes[0], n1) // multiple) * multiple  # rows per block: a multiple of
+    b2 = b1 if x2 is None else -(-min(opts.sizes[1], n2) // multiple) * multiple  # the mesh's
     tables = compactable_tables(info.embedding_rows, params)
     fn = compact_fn(f, tables) if tables else f
     fn_key = (*program_fn_key(f, info), tables)
@@ -514,6 +520,8 @@ def empirical_ntk_fn(
     progress: bool = False,
     model_info: ModelInfo | None = None,
     kernel: Kernel | str = Kernel.SGD,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
 ) -> Callable[..., np.ndarray]:
     """Returns ``ntk_fn(x1, x2, params)``: the empirical NTK of ``f``'s outputs, blocked.
 
@@ -552,6 +560,11 @@ def empirical_ntk_fn(
         f(x2)>``; ``ASIGNGD`` ``<grad f(x1), sign grad f(x2)>`` (Adam's, not symmetric: with
         ``x2=None`` every block of ``K(x1, x1)`` is computed). The sign kernels need
         ``implementation=JACOBIAN_CONTRACTION`` (or AUTO) and ``vmap_axes=0``.
+      mesh: a ``jax.sharding.Mesh`` of this process's devices: the rows of every block are
+        split over its ``data_axis`` and the parameters replicated (:mod:`ntk._mesh`), so the
+        devices share each block's per-example gradients; rows per block are rounded up to a
+        multiple of the axis size, and the memory check is per device. None: one device.
+      data_axis: the mesh axis the rows are split over.
 
     Returns:
       ``ntk_fn(x1, x2, params) -> np.ndarray``: x1 ``[N1, ...]`` and x2 ``[N2, ...]`` batch
@@ -570,6 +583,8 @@ def empirical_ntk_fn(
         trace_axes, diagonal_axes, vmap_axes, implementation, batch_size, dtype, kernel
     )
     info = model_info or ModelInfo()
+    _mesh.check_mesh(mesh, data_axis)
+    on_mesh = (lambda x: x) if mesh is None else (lambda x: _mesh.rows_on_mesh(x, mesh, data_axis))
     chosen: dict[str, NtkImplementation] = {}  # AUTO's choice, made on the first block
     limit_fn = (lambda: memory_limit_bytes) if memory_limit_bytes else available_memory
 
@@ -582,7 +597,7 @@ def empirical_ntk_fn(
                 return cached
         if x2 is None and not opts.kernel.symmetric and num_rows(x1, "x1") > opts.sizes[0]:
             x2 = x1  # K(x1, x1) is not symmetric: every block, not a mirrored triangle
-        blk = _blocks(f, info, opts, x1, x2, params)
+        blk = _blocks(f, info, opts, x1, x2, params, _mesh.axis_size(mesh, data_axis))
         n1, n2, b1, b2, tables = blk.n1, blk.n2, blk.b1, blk.b2, blk.tables
         symmetric = blk.x2 is None
         jobs = block_jobs(n1, n2, b1, b2, symmetric=symmetric, batch_diagonal=opts.batch_diagonal)
@@ -608,7 +623,10 @@ def empirical_ntk_fn(
             orders = None
             if trim and not (symmetric and n1 <= b1):  # several blocks: short rows together
                 orders, xs = zip(*(_padding.sort_by_length(x) for x in xs), strict=True)
-            prepare = (lambda x: _padding.cut(x, skip_prefix=ROWS_PREFIX)) if trim else None
+            cut = (lambda x: _padding.cut(x, skip_prefix=ROWS_PREFIX)) if trim else (lambda x: x)
+            prepare = lambda x: on_mesh(cut(x))  # noqa: E731
+            if mesh is not None:
+                p = _mesh.replicated(p, mesh)
             if _kept_jacobians_kernel(
                 blk.fn, blk.fn_key, opts, p, xs, (b1, b2), limit, prepare, place, progress
             ):
@@ -620,6 +638,9 @@ def empirical_ntk_fn(
 
         for i, j in _progress(jobs, progress):
             xa, xb, p = blk.block(i, j)
+            if mesh is not None:
+                xa, p = on_mesh(xa), _mesh.replicated(p, mesh)
+                xb = None if xb is None else on_mesh(xb)
             exe = select_program(blk.fn, blk.fn_key, opts, xa, xb, p, limit, chosen)
             place(np.asarray(exe(xa, p) if xb is None else exe(xa, xb, p)), i, j)
         if path is not None:
