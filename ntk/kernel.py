@@ -32,6 +32,11 @@ meaning) and returns ``ntk_fn(x1, x2, params)``; the differences are for fine-tu
   encoders (``model_info.ignores_padding``), rows are sorted by length and each block is cut to
   its longest row (:mod:`ntk._padding`): exact, since padded positions have zero weight and
   derivative.
+* ``kernel`` (:class:`ntk.Kernel`) picks the optimizer's kernel: the SGD eNTK, SignGD's
+  ``<sign g, sign g'>`` or Adam's asymmetric A-SignGD ``<g, sign g'>`` (per-example gradients,
+  the kept-Jacobian programs above with signs applied; blocks, memory checks, compaction,
+  padding cuts and the cache as for the eNTK).
+* ``mesh``: the rows of every block split over the mesh's ``data`` axis (:mod:`ntk._mesh`).
 * ``implementation=AUTO`` is our memory-aware choice (``nt``'s own AUTO is broken on current
   jax: it indexes ``cost_analysis()`` as a list); :func:`auto_implementation` tells which
   implementation it takes.
@@ -677,6 +682,8 @@ def _kept_jacobians_kernel(
         if required_bytes(exe) <= limit:
             place(np.asarray(exe(params, xa)), 0, 0)
             return True
+    if x2 is None and not opts.kernel.symmetric:  # one block too big: refused, smaller asked
+        return False
     joined = _joined(x1, x2) if x2 is not None and n1 <= sizes[0] else None
     if joined is not None and num_rows(x2) <= sizes[1]:  # one block each: one program
         x = prepare(joined)

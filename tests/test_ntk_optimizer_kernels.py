@@ -191,3 +191,9 @@ def test_sign_kernels_refuse_what_cannot_compute_them_and_cache_apart(tmp_path):
     assert not np.allclose(kernels[ntk.Kernel.SGD], kernels[ntk.Kernel.ASIGNGD])
     auto = ntk.auto_implementation(f, x, None, sub, vmap_axes=0, kernel="signgd")
     assert auto == ntk.NtkImplementation.JACOBIAN_CONTRACTION
+    for kernel in ("asigngd", "signgd"):  # a block that does not fit: refused before running
+        fn = ntk.empirical_ntk_fn(
+            f, vmap_axes=0, model_info=info, kernel=kernel, memory_limit_bytes=1
+        )
+        with pytest.raises(ntk.KernelMemoryError, match="JACOBIAN_CONTRACTION needs"):
+            fn(x, None, sub)
