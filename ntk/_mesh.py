@@ -21,7 +21,7 @@ from lora_jax.rows import num_rows, take_rows
 
 PyTree = Any
 
-__all__ = ["axis_size", "check_mesh", "replicated", "rows_on_mesh"]
+__all__ = ["axis_size", "check_mesh", "replicate_on", "rows_on_mesh"]
 
 
 def check_mesh(mesh: Mesh | None, axis: str) -> None:
@@ -58,6 +58,6 @@ def rows_on_mesh(x: PyTree, mesh: Mesh, axis: str) -> PyTree:
     )
 
 
-def replicated(tree: PyTree, mesh: Mesh) -> PyTree:
+def replicate_on(tree: PyTree, mesh: Mesh) -> PyTree:
     """``tree`` replicated on every device of ``mesh``."""
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))

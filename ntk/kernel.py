@@ -631,7 +631,7 @@ def empirical_ntk_fn(
             cut = (lambda x: _padding.cut(x, skip_prefix=ROWS_PREFIX)) if trim else (lambda x: x)
             prepare = lambda x: on_mesh(cut(x))  # noqa: E731
             if mesh is not None:
-                p = _mesh.replicated(p, mesh)
+                p = _mesh.replicate_on(p, mesh)
             if _kept_jacobians_kernel(
                 blk.fn, blk.fn_key, opts, p, xs, (b1, b2), limit, prepare, place, progress
             ):
@@ -644,7 +644,7 @@ def empirical_ntk_fn(
         for i, j in _progress(jobs, progress):
             xa, xb, p = blk.block(i, j)
             if mesh is not None:
-                xa, p = on_mesh(xa), _mesh.replicated(p, mesh)
+                xa, p = on_mesh(xa), _mesh.replicate_on(p, mesh)
                 xb = None if xb is None else on_mesh(xb)
             exe = select_program(blk.fn, blk.fn_key, opts, xa, xb, p, limit, chosen)
             place(np.asarray(exe(xa, p) if xb is None else exe(xa, xb, p)), i, j)
