@@ -527,6 +527,7 @@ def empirical_ntk_fn(
     kernel: Kernel | str = Kernel.SGD,
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
+    fsdp_axis: str | None = None,
 ) -> Callable[..., np.ndarray]:
     """Returns ``ntk_fn(x1, x2, params)``: the empirical NTK of ``f``'s outputs, blocked.
 
@@ -570,6 +571,10 @@ def empirical_ntk_fn(
         devices share each block's per-example gradients; rows per block are rounded up to a
         multiple of the axis size, and the memory check is per device. None: one device.
       data_axis: the mesh axis the rows are split over.
+      fsdp_axis: a second mesh axis to split the parameters over (each leaf along a dimension
+        the axis size divides) instead of replicating them: the Jacobian columns are split too
+        and the Gram sums reduced across the axis, for models whose per-example gradients do
+        not fit one device. None: parameters replicated.
 
     Returns:
       ``ntk_fn(x1, x2, params) -> np.ndarray``: x1 ``[N1, ...]`` and x2 ``[N2, ...]`` batch
@@ -588,7 +593,7 @@ def empirical_ntk_fn(
         trace_axes, diagonal_axes, vmap_axes, implementation, batch_size, dtype, kernel
     )
     info = model_info or ModelInfo()
-    _mesh.check_mesh(mesh, data_axis)
+    _mesh.check_mesh(mesh, data_axis, fsdp_axis)
     on_mesh = (lambda x: x) if mesh is None else (lambda x: _mesh.rows_on_mesh(x, mesh, data_axis))
     chosen: dict[str, NtkImplementation] = {}  # AUTO's choice, made on the first block
     limit_fn = (lambda: memory_limit_bytes) if memory_limit_bytes else available_memory
@@ -631,7 +636,7 @@ def empirical_ntk_fn(
             cut = (lambda x: _padding.cut(x, skip_prefix=ROWS_PREFIX)) if trim else (lambda x: x)
             prepare = lambda x: on_mesh(cut(x))  # noqa: E731
             if mesh is not None:
-                p = _mesh.replicate_on(p, mesh)
+                p = _mesh.params_on_mesh(p, mesh, fsdp_axis)
             if _kept_jacobians_kernel(
                 blk.fn, blk.fn_key, opts, p, xs, (b1, b2), limit, prepare, place, progress
             ):
@@ -644,7 +649,7 @@ def empirical_ntk_fn(
         for i, j in _progress(jobs, progress):
             xa, xb, p = blk.block(i, j)
             if mesh is not None:
-                xa, p = on_mesh(xa), _mesh.replicate_on(p, mesh)
+                xa, p = on_mesh(xa), _mesh.params_on_mesh(p, mesh, fsdp_axis)
                 xb = None if xb is None else on_mesh(xb)
             exe = select_program(blk.fn, blk.fn_key, opts, xa, xb, p, limit, chosen)
             place(np.asarray(exe(xa, p) if xb is None else exe(xa, xb, p)), i, j)

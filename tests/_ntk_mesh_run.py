@@ -55,12 +55,15 @@ def batch(n, seed, t=12):
 def main():
     assert jax.device_count() == 8
     mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    mesh2 = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
     output_fn, params, adapters, lcfg = problem()
     lora_model = ntk.lora_kernel_model(output_fn, params, adapters, lcfg)
     all_model = ntk.kernel_model(output_fn, params, "all")  # compacted tables, padding cut
     x1, x2 = batch(10, 0), batch(12, 1)
-    cases = {  # name: (model, kernel, x1, x2, batch_size, implementation)
+    cases = {  # name: (model, kernel, x1, x2, batch_size, implementation[, fsdp])
         "sgd-fused": (all_model, "sgd", x2, None, 16, 1),
+        "asigngd-fsdp-blocks": (all_model, "asigngd", x1, x2, (4, 8), 1, "fsdp"),
+        "sgd-fsdp-fused": (all_model, "sgd", x2, None, 16, 1, "fsdp"),
         "asigngd-fused": (lora_model, "asigngd", x1, None, 16, 1),
         "asigngd-blocks": (all_model, "asigngd", x1, x2, (3, 5), 1),  # rounded up to 8 rows
         "signgd-self-blocks": (lora_model, "signgd", x2, None, 8, 1),
@@ -68,7 +71,7 @@ def main():
         "sgd-structured": (lora_model, "sgd", x1, x2, 8, 3),  # nt's block programs
     }
     out = {}
-    for name, ((f, sub, info), kernel, a, b, size, impl) in cases.items():
+    for name, ((f, sub, info), kernel, a, b, size, impl, *fsdp) in cases.items():
         kwargs = dict(
             trace_axes=(),
             vmap_axes=0,
@@ -78,7 +81,8 @@ def main():
             implementation=impl,
         )
         _programs._PROGRAMS.clear()
-        sharded = ntk.empirical_ntk_fn(f, mesh=mesh, **kwargs)(a, b, sub)
+        on = dict(mesh=mesh2, fsdp_axis="fsdp") if fsdp else dict(mesh=mesh)
+        sharded = ntk.empirical_ntk_fn(f, **on, **kwargs)(a, b, sub)
         devices = sorted(
             {
                 len(sharding.device_set)
@@ -86,8 +90,22 @@ def main():
                 for sharding in jax.tree.leaves(exe.input_shardings)
             }
         )
+        axes = sorted(  # the mesh axes the programs' inputs are split over
+            {
+                str(axis)
+                for _, exe in _programs._PROGRAMS.values()
+                for sharding in jax.tree.leaves(exe.input_shardings)
+                for axis in getattr(sharding, "spec", ())
+                if axis is not None
+            }
+        )
         single = ntk.empirical_ntk_fn(f, **kwargs)(a, b, sub)
-        out[name] = {"mesh": sharded.tolist(), "one": single.tolist(), "devices": devices}
+        out[name] = {
+            "mesh": sharded.tolist(),
+            "one": single.tolist(),
+            "devices": devices,
+            "axes": axes,
+        }
     print(json.dumps(out))
 
 

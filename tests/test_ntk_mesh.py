@@ -1,4 +1,5 @@
-"""Kernels with rows split over the ``data`` axis of 8 simulated CPU devices equal one device's.
+"""Kernels with rows split over the ``data`` axis of 8 simulated CPU devices (and parameters
+over ``fsdp`` on a 4 x 2 mesh) equal one device's.
 
 The runs happen in a subprocess (tests/_ntk_mesh_run.py) started with 8 simulated devices.
 """
@@ -46,6 +47,8 @@ def runs():
         "signgd-self-blocks",
         "sgd-joined",
         "sgd-structured",
+        "asigngd-fsdp-blocks",
+        "sgd-fsdp-fused",
     ],
 )
 def test_kernel_on_8_devices_equals_one_device(runs, case):
@@ -54,6 +57,8 @@ def test_kernel_on_8_devices_equals_one_device(runs, case):
     assert mesh.shape == one.shape and mesh.ndim == 4
     np.testing.assert_allclose(mesh, one, rtol=1e-10, atol=1e-10)
     assert 8 in run["devices"]  # the programs really ran on the mesh
+    assert "data" in run["axes"]  # rows split
+    assert ("fsdp" in run["axes"]) == ("fsdp" in case)  # parameters split only when asked
 
 
 def test_mesh_without_the_data_axis_is_refused():
