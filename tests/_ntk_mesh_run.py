@@ -61,14 +61,11 @@ def main():
     all_model = ntk.kernel_model(output_fn, params, "all")  # compacted tables, padding cut
     x1, x2 = batch(10, 0), batch(12, 1)
     cases = {  # name: (model, kernel, x1, x2, batch_size, implementation[, fsdp])
-        "sgd-fused": (all_model, "sgd", x2, None, 16, 1),
-        "asigngd-fsdp-blocks": (all_model, "asigngd", x1, x2, (4, 8), 1, "fsdp"),
-        "sgd-fsdp-fused": (all_model, "sgd", x2, None, 16, 1, "fsdp"),
-        "asigngd-fused": (lora_model, "asigngd", x1, None, 16, 1),
+        "asigngd-fused": (lora_model, "asigngd", x1, None, 16, 1),  # one program, 10 -> 16 rows
         "asigngd-blocks": (all_model, "asigngd", x1, x2, (3, 5), 1),  # rounded up to 8 rows
         "signgd-self-blocks": (lora_model, "signgd", x2, None, 8, 1),
-        "sgd-joined": (lora_model, "sgd", x1, x2, (16, 16), 1),
         "sgd-structured": (lora_model, "sgd", x1, x2, 8, 3),  # nt's block programs
+        "asigngd-fsdp-blocks": (all_model, "asigngd", x1, x2, (4, 8), 1, "fsdp"),
     }
     out = {}
     for name, ((f, sub, info), kernel, a, b, size, impl, *fsdp) in cases.items():

@@ -41,14 +41,11 @@ def runs():
 @pytest.mark.parametrize(
     "case",
     [
-        "sgd-fused",
         "asigngd-fused",
         "asigngd-blocks",
         "signgd-self-blocks",
-        "sgd-joined",
         "sgd-structured",
         "asigngd-fsdp-blocks",
-        "sgd-fsdp-fused",
     ],
 )
 def test_kernel_on_8_devices_equals_one_device(runs, case):
