@@ -21,12 +21,15 @@ weights and batch (the LM-Kernel-FT recipe: per-example Jacobians in chunks of
 ``--torch-python`` (or ``$LORA_JAX_TORCH_PYTHON``). Each side runs in its own process, one
 after the other; first call (compile / warm-up included) and second call are reported, with
 the two kernels' relative difference. ``--big`` adds the 1,000 test x ``--n`` train
-all-weights kernel (ours only): time and peak RSS.
+all-weights kernel (ours only): time and peak RSS. ``--kernels sgd signgd asigngd`` also times
+our other optimizer kernels (``ntk.Kernel``) on the same rows, each in its own process, against
+the SGD eNTK (the first listed is compared with torch).
 
 Usage:
   uv run python benchmarks/bench_ntk.py               # the table (n = 16) + the 1000 x 64 run
   uv run python benchmarks/bench_ntk.py --n 8 --skip-big --subsets lora_r1 all
   uv run python benchmarks/bench_ntk.py --compare --n 64 --torch-python PATH [--big]
+  uv run python benchmarks/bench_ntk.py --compare --n 64 --kernels sgd asigngd signgd [...]
 """
 
 from __future__ import annotations
@@ -229,6 +232,7 @@ def ours_all(args) -> dict:
             batch_size=batch,
             progress=bool(args.test_rows),
             model_info=info,
+            kernel=args.kernel,
         )
         return fn(x, out, sub)
 
@@ -244,7 +248,7 @@ def ours_all(args) -> dict:
     if args.save:
         np.save(args.save, k)
     return {
-        "side": "lora_jax",
+        "side": "lora_jax" if args.kernel == "sgd" else f"lora_jax ({args.kernel})",
         "shape": list(k.shape),
         "first_s": first,
         "second_s": second,
@@ -356,6 +360,11 @@ def compare(args) -> None:
         )
         block = str(args.block or args.n)
         ours = _spawn(["--ours-worker", *common, "--batch", block, "--save", f"{tmp}/ours.npy"])
+        others = [  # the other optimizer kernels on the same rows, one process each
+            _spawn(["--ours-worker", *common, "--batch", block, "--kernel", kernel])
+            for kernel in args.kernels
+            if kernel != "sgd"
+        ]
         theirs = _spawn(
             [
                 "--torch-worker",
@@ -373,7 +382,7 @@ def compare(args) -> None:
             ],
             python=torch_py,
         )
-        rows = [r for r in (ours, theirs) if r]
+        rows = [r for r in (ours, theirs, *others) if r]
         if ours and theirs:
             a, b = np.load(f"{tmp}/ours.npy"), np.load(f"{tmp}/torch.npy")
             print(
@@ -396,6 +405,13 @@ def compare(args) -> None:
                 f"first call, {theirs['second_s'] / ours['second_s']:.2f}x on the second; "
                 f"load average {os.getloadavg()[0]:.1f}"
             )
+        for r in others:
+            if ours and r:
+                print(
+                    f"{r['side']} vs lora_jax (sgd): {r['first_s'] / ours['first_s']:.2f}x the "
+                    f"time on the first call, {r['second_s'] / ours['second_s']:.2f}x on the "
+                    "second"
+                )
         if args.big:
             print(
                 f"\n1000 test x {args.n} train all-weights kernel, batch_size={args.big_block}:",
@@ -445,6 +461,14 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--torch-chunk", type=int, default=8, help="examples per torch vmap")
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        default=["sgd"],
+        choices=["sgd", "signgd", "asigngd"],
+        help="--compare: our kernels (ntk.Kernel) to time; others than sgd against sgd",
+    )
+    parser.add_argument("--kernel", default="sgd", help=argparse.SUPPRESS)
     torch_python.add_argument(parser)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ours-worker", action="store_true", help=argparse.SUPPRESS)

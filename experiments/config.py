@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
 from typing import Any
 
@@ -10,6 +11,24 @@ from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss
 
 METHODS = ("zero_shot", "head", "lora", "full")
+
+
+class KernelChoice(enum.StrEnum):
+    """Which kernels ``--ntk`` predicts with (``ntk.Kernel``).
+
+    Attributes:
+      MATCHED: (``'matched'``, default) the SGD eNTK (its records as before) and, for a cell
+        trained with another optimizer, that optimizer's kernel: A-SignGD for AdamW (Malladi
+        et al.: Adam follows SignGD early in training); about twice the kernel time there.
+      BOTH: the SGD eNTK and A-SignGD for every cell, SGD cells included.
+      SGD, SIGNGD, ASIGNGD: that kernel for every cell.
+    """
+
+    MATCHED = "matched"
+    BOTH = "both"
+    SGD = "sgd"
+    SIGNGD = "signgd"
+    ASIGNGD = "asigngd"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,6 +84,9 @@ class ExperimentConfig:
       lora_dropout: PEFT's ``lora_dropout`` rate on the LoRA input (with ``train_dropout``).
       ntk: for every LoRA cell, also train the linearized LoRA model (Jang et al.) and run eNTK
         kernel regression, and report accuracies, agreement, kernel and weight change.
+      ntk_kernel: the kernels of ``ntk`` (``KernelChoice``): ``matched`` (the SGD eNTK and,
+        for AdamW cells, Adam's A-SignGD kernel), ``both`` (SGD and A-SignGD for every cell),
+        or one of ``sgd``, ``signgd``, ``asigngd`` for every cell.
       vectorize: train the LoRA cells of a task (ranks x seeds) as one vectorized job
         (``lora_jax.train.fit_job``) instead of one job per cell; same records. On a mesh (one
         process or several) the job's members are split over the devices, padded with idle
@@ -110,6 +132,7 @@ class ExperimentConfig:
     train_dropout: bool = False
     lora_dropout: float = 0.0
     ntk: bool = False
+    ntk_kernel: KernelChoice = KernelChoice.MATCHED
     vectorize: bool = True
     members: int = 16
     pack: bool = True
@@ -119,6 +142,13 @@ class ExperimentConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "loss", Loss(self.loss))
+        try:
+            object.__setattr__(self, "ntk_kernel", KernelChoice(self.ntk_kernel))
+        except ValueError:
+            allowed = ", ".join(repr(m.value) for m in KernelChoice)
+            raise ConfigError(
+                f"ntk_kernel={self.ntk_kernel!r} is not a KernelChoice; pass one of {allowed}."
+            ) from None
         files = (self.task_files,) if isinstance(self.task_files, str) else self.task_files
         object.__setattr__(self, "task_files", tuple(os.path.abspath(f) for f in files))
         for name in ("models", "tasks", "methods", "ranks", "seeds"):
@@ -166,6 +196,11 @@ class ExperimentConfig:
         # ``model`` is unused, and each encoder's own run directory records its ``model``.
         fields.pop("model" if self.models else "models")
         fields["loss"] = self.loss.value
+        # Only --ntk runs depend on it: other runs' config.json as before the field existed.
+        if self.ntk:
+            fields["ntk_kernel"] = self.ntk_kernel.value
+        else:
+            fields.pop("ntk_kernel")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
 

@@ -305,6 +305,7 @@ def cell_record(
                 tcfg=tcfg,
                 model_fn_cache=bench.memo,
                 run_dir=run_dir,
+                kernel_choice=cfg.ntk_kernel,
             )
         )
     record.update(

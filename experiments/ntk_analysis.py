@@ -4,6 +4,12 @@ For a LoRA cell of an experiment with ``ntk=True``, after real fine-tuning this 
 linearized LoRA model of Jang et al. (linear in the base weights at W0, LoRA-factorized update)
 with the same loop, optimizer, loss, data and seed, then asks :func:`ntk.ntk_regime_report` how
 real fine-tuning, the linearized model and eNTK kernel regression compare on the test set.
+
+Which kernels (``--ntk-kernel``, :class:`experiments.config.KernelChoice`): by default the
+SGD eNTK (as before) and, for AdamW cells, the kernel matching their optimizer (Malladi et al.
+2023): Adam's asymmetric A-SignGD kernel; ``both`` gives the two for every cell. Record keys
+of the SGD kernel are as they always were (``ntk_acc_kernel``, ...); those of another kernel
+end in its name (``ntk_acc_kernel_asigngd``, ...), so records of different kernels never mix.
 """
 
 from __future__ import annotations
@@ -13,9 +19,14 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
+import jax
+import numpy as np
+
 import ntk
+from experiments.config import KernelChoice
 from lora_jax import lora, train
 from lora_jax.losses import Loss
+from lora_jax.optim import Optimizer
 
 # Report columns: record key -> header.
 COLUMNS = {
@@ -30,6 +41,40 @@ COLUMNS = {
 }
 
 
+# Shown when some record has them: the columns of the kernels other than the SGD eNTK.
+OPTIONAL_COLUMNS = {
+    "ntk_acc_kernel_asigngd": "A-SignGD kernel",
+    "ntk_agree_trained_vs_kernel_asigngd": "agree FT/A-SignGD",
+    "ntk_kernel_relative_change_asigngd": "A-SignGD change",
+    "ntk_acc_kernel_signgd": "SignGD kernel",
+}
+
+
+def kernels_for(choice: KernelChoice | str, optimizer: Optimizer) -> list[ntk.Kernel]:
+    """The kernels of ``choice`` for a cell trained with ``optimizer``, the first reported in
+    full (kernel change included), the others by their predictions."""
+    choice = KernelChoice(choice)
+    if choice == KernelChoice.MATCHED:  # the SGD eNTK's records as before, and Adam's kernel
+        return [ntk.Kernel.SGD] + [ntk.Kernel.ASIGNGD] * (optimizer == Optimizer.ADAMW)
+    if choice == KernelChoice.BOTH:
+        return [ntk.Kernel.SGD, ntk.Kernel.ASIGNGD]
+    return [ntk.Kernel(choice.value)]
+
+
+def _suffix(key: str, kernel: ntk.Kernel) -> str:
+    """A kernel-dependent record key: as before for the SGD kernel, else ``<key>_<kernel>``."""
+    return key if kernel == ntk.Kernel.SGD else f"{key}_{kernel.value}"
+
+
+KERNEL_KEYS = (
+    "acc_kernel",
+    "agree_trained_vs_kernel",
+    "dist_trained_vs_kernel",
+    "kernel_relative_change",
+    "kernel_alignment",
+)
+
+
 def analyze(
     *,
     cell: Any,
@@ -42,6 +87,7 @@ def analyze(
     tcfg: train.TrainConfig,
     model_fn_cache: Callable,
     run_dir: str,
+    kernel_choice: KernelChoice | str = KernelChoice.MATCHED,
 ) -> dict[str, float | None]:
     """Linearized training + :func:`ntk.ntk_regime_report`; returns ``ntk_*`` record fields.
 
@@ -55,6 +101,7 @@ def analyze(
       tcfg: the training config of real fine-tuning (reused for the linearized model).
       model_fn_cache: ``(key, build) -> model_fn``, so seeds share compiled programs.
       run_dir: the run directory (checkpoints of the linearized run, kernel cache).
+      kernel_choice: which kernels (:class:`KernelChoice`; by default the optimizer's).
     """
     lin_fn = model_fn_cache(
         ("linearized", cell.task, cell.rank),
@@ -73,6 +120,14 @@ def analyze(
         checkpoint_dir=ckpt_dir,
         progress=f"{cell.key} (linearized)",
     )
+    kernels = kernels_for(kernel_choice, tcfg.optimizer)
+    solver = ntk.KernelSolver.MSE if tcfg.loss == Loss.MSE else ntk.KernelSolver.LOGISTIC
+    options = dict(
+        kernel_solver=solver,
+        trace_axes=(),  # the full [N, N, K, K] kernel: exact linearized dynamics
+        cache_dir=os.path.join(run_dir, "kernel_cache"),
+        progress=True,
+    )
     report = ntk.ntk_regime_report(
         output_fn,
         params,
@@ -82,15 +137,42 @@ def analyze(
         data.train,
         data.test,
         linearized_adapters=linearized.best_trainable,
-        kernel_solver=ntk.KernelSolver.MSE if tcfg.loss == Loss.MSE else ntk.KernelSolver.LOGISTIC,
-        trace_axes=(),  # the full [N, N, K, K] kernel: exact linearized dynamics
-        implementation=ntk.NtkImplementation.STRUCTURED_DERIVATIVES,
-        cache_dir=os.path.join(run_dir, "kernel_cache"),
-        progress=True,
+        kernel=kernels[0],
+        implementation=_implementation(kernels[0]),
+        **options,
     )
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+    report = {_suffix(k, kernels[0]) if k in KERNEL_KEYS else k: v for k, v in report.items()}
+    if len(kernels) > 1:  # the trained outputs again: cheap next to a kernel
+        f, _, _ = ntk.lora_kernel_model(output_fn, params, adapters0, lora_config)
+        y_trained = ntk.diagnostics.batched_outputs(jax.jit(f), adapters, data.test)
+    for kernel in kernels[1:]:
+        y_kernel = ntk.kernel_predictions(
+            output_fn,
+            params,
+            lora_config,
+            adapters0,
+            data.train,
+            data.test,
+            kernel=kernel,
+            implementation=_implementation(kernel),
+            **options,
+        )
+        agree = ntk.prediction_agreement(y_kernel, y_trained)
+        labels = np.asarray(data.test["labels"])
+        report[_suffix("acc_kernel", kernel)] = float(np.mean(y_kernel.argmax(-1) == labels))
+        report[_suffix("agree_trained_vs_kernel", kernel)] = agree["argmax_agreement"]
+        report[_suffix("dist_trained_vs_kernel", kernel)] = agree["relative_distance"]
     return {
         f"ntk_{key}": value
         for key, value in report.items()
         if value is None or isinstance(value, int | float)
     }
+
+
+def _implementation(kernel: ntk.Kernel) -> ntk.NtkImplementation:
+    """STRUCTURED_DERIVATIVES for the SGD eNTK (as before: fastest on adapter kernels); the
+    sign kernels need per-example gradients (JACOBIAN_CONTRACTION)."""
+    if kernel == ntk.Kernel.SGD:
+        return ntk.NtkImplementation.STRUCTURED_DERIVATIVES
+    return ntk.NtkImplementation.JACOBIAN_CONTRACTION

@@ -151,11 +151,13 @@ def gains_table(records: list[dict], metric: str = "test_accuracy") -> str:
 
 def ntk_table(records: list[dict]) -> str:
     """Task x rank table of the NTK-regime fields (``ntk_*``), means over seeds; '' if none."""
-    from experiments.ntk_analysis import COLUMNS
+    from experiments.ntk_analysis import COLUMNS, OPTIONAL_COLUMNS
 
     rows = [r for r in records if "ntk_acc_trained" in r]
     if not rows:
         return ""
+    present = {k: v for k, v in OPTIONAL_COLUMNS.items() if any(r.get(k) is not None for r in rows)}
+    COLUMNS = {**COLUMNS, **present}  # noqa: N806 - the imported table, extended
     groups: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in rows:
         groups[r["task"], r["rank"]].append(r)
@@ -308,15 +310,29 @@ def ntk_gap_table(records: list[dict]) -> str:
     for r in records:
         if r.get("ntk_acc_trained") is not None:
             groups[r.get("model"), r["task"], r["rank"]].append(r)
+    # The SGD eNTK's column as before; a column per other kernel (ntk.Kernel) the run used.
+    kernels = {
+        "ntk_acc_kernel_asigngd": "A-SignGD kernel",
+        "ntk_acc_kernel_signgd": "SignGD kernel",
+    }
+    used = [k for k in kernels if any(r.get(k) is not None for r in records)]
+    sgd = not used or any(r.get("ntk_acc_kernel") is not None for r in records)
+    columns = ["ntk_acc_linearized_trained"] + ["ntk_acc_kernel"] * sgd + used
+    kernel_head = "FT − SGD kernel (95% CI)" if used else "FT − kernel (95% CI)"
+    heads = {
+        "ntk_acc_linearized_trained": "FT − linearized (95% CI)",
+        "ntk_acc_kernel": kernel_head,
+    }
+    heads.update({k: f"FT − {kernels[k]} (95% CI)" for k in used})
     rows = []
     for (model, task, rank), group in groups.items():
         fine_tuned = [r["ntk_acc_trained"] for r in group]
         cells = [_points(*stats.t_interval(fine_tuned))]
-        for other in ("ntk_acc_linearized_trained", "ntk_acc_kernel"):
+        for other in columns:
             gaps = [r["ntk_acc_trained"] - r[other] for r in group if r.get(other) is not None]
             cells.append(_points(*stats.t_interval(gaps), sign=True) if gaps else "")
         rows.append(f"{group_label((model, task))} | {rank} | {len(group)} | " + " | ".join(cells))
-    header = "task | rank | seeds | fine-tuned | FT − linearized (95% CI) | FT − kernel (95% CI)"
+    header = " | ".join(["task", "rank", "seeds", "fine-tuned", *(heads[c] for c in columns)])
     return _table(header, records, rows)
 
 

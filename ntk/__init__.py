@@ -9,7 +9,9 @@ imported only through :mod:`ntk._compat` (``from ntk._compat import nt``).
 One option vocabulary across entry points, as in neural-tangents: ``trace_axes=(-1,)`` and
 ``diagonal_axes=()`` by default everywhere, one regulariser name ``diag_reg`` (its scale per
 solver: :mod:`ntk.solvers`), enums for choices (:class:`NtkImplementation`,
-:class:`KernelSolver`, :class:`Linearization`, ``lora_jax.losses.Loss``; each also accepts
+:class:`KernelSolver`, :class:`Linearization`, :class:`Kernel` (which optimizer's
+kernel: SGD, SignGD or Adam's asymmetric A-SignGD, :mod:`ntk.optimizer`),
+``lora_jax.losses.Loss``; each also accepts
 its value). What a kernel may exploit about a model function travels as data
 (:class:`ModelInfo`, returned by :func:`kernel_model` / :func:`lora_kernel_model` and passed as
 ``empirical_ntk_fn(..., model_info=)``), never as attributes of the function.
@@ -18,10 +20,12 @@ Helpers outside this list (``fingerprint``, ``cast_floating``, ``check_outputs``
 ``batched_outputs``, ``available_memory``, ``targets``) stay importable from their modules.
 """
 
+from ntk.asymmetric import AsymmetricFit, asymmetric_ls
 from ntk.diagnostics import (
     KernelSolver,
     Linearization,
     kernel_distance,
+    kernel_predictions,
     linearization_error,
     ntk_regime_report,
     prediction_agreement,
@@ -47,6 +51,7 @@ from ntk.models import (
     kernel_model,
     lora_kernel_model,
 )
+from ntk.optimizer import Kernel
 from ntk.solvers import (
     LogisticFit,
     Predictions,
@@ -59,7 +64,9 @@ from ntk.solvers import (
 )
 
 __all__ = [
+    "AsymmetricFit",
     "FingerprintError",
+    "Kernel",
     "KernelMemoryError",
     "KernelModel",
     "KernelSolver",
@@ -69,6 +76,7 @@ __all__ = [
     "NtkImplementation",
     "Predictions",
     "SvmFit",
+    "asymmetric_ls",
     "auto_implementation",
     "ce_gradient_flow",
     "empirical_ntk_fn",
@@ -77,6 +85,7 @@ __all__ = [
     "kernel_logistic_regression",
     "kernel_matrix",
     "kernel_model",
+    "kernel_predictions",
     "kernel_svm",
     "linearization_error",
     "linearize",

@@ -44,6 +44,7 @@ __all__ = [
     "kept_spec",
     "pair_program",
     "reused_kernel",
+    "sign_block_program",
 ]
 
 
@@ -111,13 +112,22 @@ def _contract(ja: list, jb: list, trace: tuple, diag: tuple) -> jax.Array:
     return gram.reshape(num_outputs, b1, num_outputs, b2).transpose(1, 3, 0, 2)
 
 
-def jacobian_program(f: Callable, fn_key: tuple, x: PyTree, params: PyTree) -> Any:
-    """Compiled ``(params, x) -> J``: per leaf, K ``[b, P_leaf]`` per-example Jacobians."""
+def _sign(j: list, on: bool) -> list:
+    """``sign`` of every Jacobian matrix when ``on`` (the SignGD kernels), else ``j``."""
+    return [[jnp.sign(m) for m in parts] for parts in j] if on else j
+
+
+def jacobian_program(
+    f: Callable, fn_key: tuple, x: PyTree, params: PyTree, sign: bool = False
+) -> Any:
+    """Compiled ``(params, x) -> J``: per leaf, K ``[b, P_leaf]`` per-example Jacobians (their
+    signs with ``sign``)."""
 
     def lower():
-        return jax.jit(lambda p, x: _jacobian_rows(f, p, x)).lower(params, x)
+        return jax.jit(lambda p, x: _sign(_jacobian_rows(f, p, x), sign)).lower(params, x)
 
-    return compiled(f, fn_key, ("jacobian",), lower, (params, x))
+    what = ("jacobian", "sign") if sign else ("jacobian",)
+    return compiled(f, fn_key, what, lower, (params, x))
 
 
 def contraction_program(trace: tuple, diag: tuple, ja: list, jb: list) -> Any:
@@ -131,22 +141,41 @@ def contraction_program(trace: tuple, diag: tuple, ja: list, jb: list) -> Any:
 
 
 def fused_program(
-    f: Callable, fn_key: tuple, trace: tuple, diag: tuple, x: PyTree, params: PyTree
+    f: Callable,
+    fn_key: tuple,
+    trace: tuple,
+    diag: tuple,
+    x: PyTree,
+    params: PyTree,
+    signs: tuple[bool, bool] = (False, False),
 ) -> Any:
-    """Compiled ``(params, x) -> block``: the kernel of ``x`` with itself in one program."""
+    """Compiled ``(params, x) -> block``: the kernel of ``x`` with itself in one program
+    (``signs``: whether each side's gradients enter through their sign, ``ntk.Kernel.signs``)."""
 
     def lower():
         def kernel(p, x):
             j = _jacobian_rows(f, p, x)
-            return _contract(j, j, trace, diag)
+            return _contract(_sign(j, signs[0]), _sign(j, signs[1]), trace, diag)
 
         return jax.jit(kernel).lower(params, x)
 
-    return compiled(f, fn_key, ("fused", trace, diag), lower, (params, x))
+    return compiled(f, fn_key, ("fused", trace, diag, *_signs_key(signs)), lower, (params, x))
+
+
+def _signs_key(signs: tuple[bool, bool]) -> tuple:
+    """The program-key part of ``signs``: empty for the SGD kernel (keys as before)."""
+    return () if not any(signs) else (("signs", *signs),)
 
 
 def pair_program(
-    f: Callable, fn_key: tuple, trace: tuple, diag: tuple, x: PyTree, n1: int, params: PyTree
+    f: Callable,
+    fn_key: tuple,
+    trace: tuple,
+    diag: tuple,
+    x: PyTree,
+    n1: int,
+    params: PyTree,
+    signs: tuple[bool, bool] = (False, False),
 ) -> Any:
     """Compiled ``(params, x) -> block``: the kernel of rows ``x[:n1]`` with rows ``x[n1:]`` in
     one program (an ``x1`` and an ``x2`` of one block each, joined): one model to compile, not
@@ -157,28 +186,38 @@ def pair_program(
             j = _jacobian_rows(f, p, x)
             ja = [[m[:n1] for m in parts] for parts in j]
             jb = [[m[n1:] for m in parts] for parts in j]
-            return _contract(ja, jb, trace, diag)
+            return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag)
 
         return jax.jit(kernel).lower(params, x)
 
-    return compiled(f, fn_key, ("pair", trace, diag, n1), lower, (params, x))
+    what = ("pair", trace, diag, n1, *_signs_key(signs))
+    return compiled(f, fn_key, what, lower, (params, x))
 
 
 def cross_program(
-    f: Callable, fn_key: tuple, trace: tuple, diag: tuple, x: PyTree, kept: list, params: PyTree
+    f: Callable,
+    fn_key: tuple,
+    trace: tuple,
+    diag: tuple,
+    x: PyTree,
+    kept: list,
+    params: PyTree,
+    sign: bool = False,
 ) -> Any:
     """Compiled ``(params, x, kept) -> [block with kept[0], block with kept[1], ...]``: the
-    Jacobians of ``x`` contracted with every kept block in one program (they are never a
-    program output, so XLA frees each leaf's once it is contracted)."""
+    Jacobians of ``x`` (their signs with ``sign``) contracted with every kept block in one
+    program (they are never a program output, so XLA frees each leaf's once it is
+    contracted)."""
 
     def lower():
         def kernel(p, x, kept):
-            j = _jacobian_rows(f, p, x)
+            j = _sign(_jacobian_rows(f, p, x), sign)
             return [_contract(j, jb, trace, diag) for jb in kept]
 
         return jax.jit(kernel).lower(params, x, kept)
 
-    return compiled(f, fn_key, ("cross", trace, diag), lower, (params, x, kept))
+    what = ("cross", trace, diag, "sign") if sign else ("cross", trace, diag)
+    return compiled(f, fn_key, what, lower, (params, x, kept))
 
 
 def kept_spec(params: PyTree, rows: int, num_outputs: int) -> list:
@@ -207,14 +246,19 @@ def reused_kernel(
     place: Callable[[np.ndarray, int, int], None],
     jobs: Callable[[list], list],
     prepare: Callable[[PyTree], PyTree] = lambda x: x,
+    signs: tuple[bool, bool] = (False, False),
 ) -> None:
     """Computes every block with reused Jacobians; ``place(block, i, j)`` stores each.
 
     ``jobs(items)`` wraps the work list (a progress bar): the blocks of ``x1`` with ``x2``
     given, the block pairs of the upper triangle of ``x1`` with itself when ``x2=None``.
     ``prepare(block)`` maps each block of rows before it is differentiated (cuts padding).
+    ``signs``: whether the gradients of x1 / x2 enter through their sign (``ntk.Kernel``);
+    with ``x2=None`` they must agree (a symmetric kernel).
     """
     symmetric = x2 is None
+    if symmetric and signs[0] != signs[1]:
+        raise ValueError("An asymmetric kernel needs x2: pass x2 = x1 for K(x1, x1).")
     rows2 = x1 if symmetric else x2
     n1 = num_rows(x1)
     n2 = num_rows(rows2)
@@ -222,12 +266,12 @@ def reused_kernel(
     kept = {}
     for j in range(0, n2, b2):
         xb = prepare(take_rows(rows2, j, b2, n2))
-        kept[j] = jacobian_program(f, fn_key, xb, params)(params, xb)
+        kept[j] = jacobian_program(f, fn_key, xb, params, signs[1])(params, xb)
     if not symmetric:  # each block of x1: its Jacobians and all its blocks in one program
         starts = list(kept)
         for i in jobs(list(range(0, n1, b1))):
             xa = prepare(take_rows(x1, i, b1, n1))
-            exe = cross_program(f, fn_key, trace, diag, xa, list(kept.values()), params)
+            exe = cross_program(f, fn_key, trace, diag, xa, list(kept.values()), params, signs[0])
             for j, block in zip(starts, exe(params, xa, list(kept.values())), strict=True):
                 place(np.asarray(block), i, j)
         return
@@ -235,3 +279,31 @@ def reused_kernel(
     for i, j in jobs(pairs):
         contract = contraction_program(trace, diag, kept[i], kept[j])
         place(np.asarray(contract(kept[i], kept[j])), i, j)
+
+
+def sign_block_program(
+    f: Callable,
+    fn_key: tuple,
+    trace: tuple,
+    diag: tuple,
+    xa: PyTree,
+    xb: PyTree | None,
+    params: PyTree,
+    signs: tuple[bool, bool],
+) -> Any:
+    """Compiled ``(xa, xb, params) -> block`` (``(xa, params)`` when ``xb`` is None): one block
+    of a kernel whose gradients enter through their signs (``ntk.Kernel``), both sides
+    differentiated in the program: the per-block path when the kept Jacobians do not fit."""
+
+    def lower():
+        def kernel(a, b, p):
+            ja = _jacobian_rows(f, p, a)
+            jb = ja if b is None else _jacobian_rows(f, p, b)
+            return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag)
+
+        if xb is None:
+            return jax.jit(lambda a, p: kernel(a, None, p)).lower(xa, params)
+        return jax.jit(kernel).lower(xa, xb, params)
+
+    what = ("block", trace, diag, *_signs_key(signs))
+    return compiled(f, fn_key, what, lower, (xa, xb, params))

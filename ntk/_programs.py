@@ -30,7 +30,9 @@ def program_fn_key(f: Callable, info: ModelInfo) -> tuple:
 
 
 def _spec(a: Any) -> tuple:
-    return np.shape(a), str(getattr(a, "dtype", None) or np.result_type(a))
+    sharding = getattr(a, "sharding", None)  # programs on a mesh differ from one device's
+    placed = () if sharding is None or len(sharding.device_set) == 1 else (str(sharding),)
+    return np.shape(a), str(getattr(a, "dtype", None) or np.result_type(a)), *placed
 
 
 def compiled(f: Callable, fn_key: tuple, what: tuple, lower: Callable[[], Any], args) -> Any:

@@ -26,7 +26,8 @@ from lora_jax.errors import ConfigError
 from lora_jax.rows import map_rows_fn
 from ntk.kernel import Axes, NtkImplementation, empirical_ntk_fn
 from ntk.linearize import linearize, lora_linearized_model_fn
-from ntk.models import lora_kernel_model
+from ntk.models import ModelInfo, lora_kernel_model
+from ntk.optimizer import Kernel, as_kernel
 from ntk.solvers import kernel_logistic_regression, mse_predict
 
 PyTree = Any
@@ -37,6 +38,7 @@ __all__ = [
     "Linearization",
     "batched_outputs",
     "kernel_distance",
+    "kernel_predictions",
     "linearization_error",
     "ntk_regime_report",
     "prediction_agreement",
@@ -204,6 +206,131 @@ def _accuracy(outputs: np.ndarray, batch: Batch) -> float | None:
     return float(np.mean(np.asarray(outputs).argmax(-1) == np.asarray(batch["labels"])))
 
 
+def _same_shapes(train: Batch, test: Batch) -> bool:
+    return jax.tree.structure(train) == jax.tree.structure(test) and all(
+        np.shape(a)[1:] == np.shape(b)[1:]
+        for a, b in zip(jax.tree.leaves(train), jax.tree.leaves(test), strict=True)
+    )
+
+
+def _kernel_fit(
+    f: Callable,
+    info: ModelInfo,
+    params0: PyTree,
+    train: Batch,
+    test: Batch,
+    y_init_train: np.ndarray,
+    y_init_test: np.ndarray,
+    *,
+    kernel: Kernel | str,
+    kernel_solver: KernelSolver | str,
+    diag_reg: float,
+    trace_axes: Axes,
+    vmap_axes: Any,
+    implementation: NtkImplementation | int,
+    kernel_batch_size: int | tuple[int, int],
+    cache_dir: str | os.PathLike | None,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray, Callable[[PyTree], np.ndarray]]:
+    """``(test predictions [M, K], K(train, train) at params0, params -> K(train, train))``."""
+    kernel = as_kernel(kernel)
+    kernel_solver = _member(KernelSolver, "kernel_solver", kernel_solver)
+    ntk_fn = empirical_ntk_fn(
+        f,
+        trace_axes=trace_axes,
+        vmap_axes=vmap_axes,
+        implementation=implementation,
+        batch_size=kernel_batch_size,
+        cache_dir=cache_dir,
+        progress=progress,
+        model_info=info,
+        kernel=kernel,
+    )
+    n_train = int(np.shape(train["labels"])[0])
+    if _same_shapes(train, test):  # one compiled block shape for [train; test] x train and
+        # train x train
+        both = jax.tree.map(
+            lambda a, b: np.concatenate([np.asarray(a), np.asarray(b)]), train, test
+        )
+        k_all = ntk_fn(both, train, params0)
+        k_tt0, k_st0 = k_all[:n_train], k_all[n_train:]
+        kernel_at = lambda p: ntk_fn(train, train, p)  # noqa: E731
+    else:
+        k_tt0, k_st0 = ntk_fn(train, None, params0), ntk_fn(test, train, params0)
+        kernel_at = lambda p: ntk_fn(train, None, p)  # noqa: E731
+    labels = np.asarray(train["labels"])
+    if kernel_solver == KernelSolver.MSE:
+        with jax.enable_x64():
+            preds = mse_predict(
+                jnp.asarray(k_tt0, jnp.float64),
+                labels,
+                jnp.asarray(k_st0, jnp.float64),
+                y_init_train,
+                y_init_test,
+                t=None,
+                diag_reg=diag_reg,
+                trace_axes=trace_axes,
+                kernel=kernel,
+            )
+            y_kernel = np.asarray(preds.test)
+    else:
+        y_kernel = kernel_logistic_regression(
+            k_tt0, labels, k_st0, y_init_train, y_init_test, diag_reg=diag_reg, kernel=kernel
+        ).test
+    return y_kernel, k_tt0, kernel_at
+
+
+def kernel_predictions(
+    output_fn: Callable,
+    params: PyTree,
+    lora_config: Any,
+    adapters0: PyTree,
+    train: Batch,
+    test: Batch,
+    *,
+    kernel: Kernel | str = Kernel.SGD,
+    kernel_solver: KernelSolver | str = KernelSolver.MSE,
+    diag_reg: float = 1e-6,
+    trace_axes: Axes = (-1,),
+    vmap_axes: Any = 0,
+    implementation: NtkImplementation | int = NtkImplementation.JACOBIAN_CONTRACTION,
+    kernel_batch_size: int | tuple[int, int] = (128, 64),
+    eval_batch_size: int = 64,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Test predictions ``[M, K]`` of the kernel predictor of a LoRA run at ``adapters0``.
+
+    The kernel part of :func:`ntk_regime_report` alone (same arguments, same meaning): the
+    ``kernel`` (:class:`ntk.Kernel`) of the K outputs with respect to the adapters at
+    initialization, solved by ``kernel_solver`` from the initial outputs. Use it for a second
+    kernel on a run already reported (e.g. Adam's A-SignGD next to the SGD eNTK).
+    """
+    f, _, info = lora_kernel_model(output_fn, params, adapters0, lora_config)
+    f_jit = jax.jit(f)
+    y_init_train = batched_outputs(f_jit, adapters0, train, eval_batch_size)
+    y_init_test = batched_outputs(f_jit, adapters0, test, eval_batch_size)
+    y_kernel, _, _ = _kernel_fit(
+        f,
+        info,
+        adapters0,
+        train,
+        test,
+        y_init_train,
+        y_init_test,
+        kernel=kernel,
+        kernel_solver=kernel_solver,
+        diag_reg=diag_reg,
+        trace_axes=trace_axes,
+        vmap_axes=vmap_axes,
+        implementation=implementation,
+        kernel_batch_size=kernel_batch_size,
+        cache_dir=cache_dir,
+        progress=progress,
+    )
+    return y_kernel
+
+
 def ntk_regime_report(
     output_fn: Callable,
     params: PyTree,
@@ -225,6 +352,7 @@ def ntk_regime_report(
     eval_batch_size: int = 64,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    kernel: Kernel | str = Kernel.SGD,
 ) -> dict[str, float | None]:
     """All NTK-regime diagnostics of one LoRA run, as a flat dict.
 
@@ -259,6 +387,10 @@ def ntk_regime_report(
         independent per example (true for the encoders without dropout), which makes the
         kernel cost linear instead of quadratic in the block size. Use None otherwise.
       eval_batch_size: rows per forward-pass chunk.
+      kernel: which optimizer's kernel (:class:`ntk.Kernel`): the SGD eNTK (default), or
+        Adam's A-SignGD kernel (``ASIGNGD``, for AdamW runs; its solvers use general solves)
+        or SIGNGD; the sign kernels need ``implementation=JACOBIAN_CONTRACTION``. The kernel
+        predictor and the kernel change are of this kernel.
 
     Returns:
       Keys (None where not computable): ``acc_trained``, ``acc_linearized_at_trained``,
@@ -307,50 +439,26 @@ def ntk_regime_report(
         report["agree_trained_vs_lin_trained"] = agree["argmax_agreement"]
         report["dist_trained_vs_lin_trained"] = agree["relative_distance"]
 
-    ntk_fn = empirical_ntk_fn(
+    y_init_train = out(f_jit, adapters0, train)
+    y_kernel, k_tt0, kernel_at = _kernel_fit(
         f,
+        info,
+        adapters0,
+        train,
+        test,
+        y_init_train,
+        y_init_test,
+        kernel=kernel,
+        kernel_solver=kernel_solver,
+        diag_reg=diag_reg,
         trace_axes=trace_axes,
         vmap_axes=vmap_axes,
         implementation=implementation,
-        batch_size=kernel_batch_size,
+        kernel_batch_size=kernel_batch_size,
         cache_dir=cache_dir,
         progress=progress,
-        model_info=info,
     )
-    n_train = int(np.shape(train["labels"])[0])
-    same_shapes = jax.tree.structure(train) == jax.tree.structure(test) and all(
-        np.shape(a)[1:] == np.shape(b)[1:]
-        for a, b in zip(jax.tree.leaves(train), jax.tree.leaves(test), strict=True)
-    )
-    if same_shapes:  # one compiled block shape for [train; test] x train and train x train
-        both = jax.tree.map(
-            lambda a, b: np.concatenate([np.asarray(a), np.asarray(b)]), train, test
-        )
-        k_all = ntk_fn(both, train, adapters0)
-        k_tt0, k_st0 = k_all[:n_train], k_all[n_train:]
-        k_tt1 = ntk_fn(train, train, adapters)
-    else:
-        k_tt0, k_st0 = ntk_fn(train, None, adapters0), ntk_fn(test, train, adapters0)
-        k_tt1 = ntk_fn(train, None, adapters)
-    y_init_train = out(f_jit, adapters0, train)
-    labels = np.asarray(train["labels"])
-    if kernel_solver == KernelSolver.MSE:
-        with jax.enable_x64():
-            preds = mse_predict(
-                jnp.asarray(k_tt0, jnp.float64),
-                labels,
-                jnp.asarray(k_st0, jnp.float64),
-                y_init_train,
-                y_init_test,
-                t=None,
-                diag_reg=diag_reg,
-                trace_axes=trace_axes,
-            )
-            y_kernel = np.asarray(preds.test)
-    else:
-        y_kernel = kernel_logistic_regression(
-            k_tt0, labels, k_st0, y_init_train, y_init_test, diag_reg=diag_reg
-        ).test
+    k_tt1 = kernel_at(adapters)
     agree = prediction_agreement(y_kernel, y_trained)
     report["acc_kernel"] = _accuracy(y_kernel, test)
     report["agree_trained_vs_kernel"] = agree["argmax_agreement"]

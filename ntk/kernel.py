@@ -32,6 +32,11 @@ meaning) and returns ``ntk_fn(x1, x2, params)``; the differences are for fine-tu
   encoders (``model_info.ignores_padding``), rows are sorted by length and each block is cut to
   its longest row (:mod:`ntk._padding`): exact, since padded positions have zero weight and
   derivative.
+* ``kernel`` (:class:`ntk.Kernel`) picks the optimizer's kernel: the SGD eNTK, SignGD's
+  ``<sign g, sign g'>`` or Adam's asymmetric A-SignGD ``<g, sign g'>`` (per-example gradients,
+  the kept-Jacobian programs above with signs applied; blocks, memory checks, compaction,
+  padding cuts and the cache as for the eNTK).
+* ``mesh``: the rows of every block split over the mesh's ``data`` axis (:mod:`ntk._mesh`).
 * ``implementation=AUTO`` is our memory-aware choice (``nt``'s own AUTO is broken on current
   jax: it indexes ``cost_analysis()`` as a list); :func:`auto_implementation` tells which
   implementation it takes.
@@ -65,7 +70,7 @@ import numpy as np
 
 from lora_jax.errors import ConfigError, UserError
 from lora_jax.rows import num_rows, take_rows
-from ntk import _kernel_cache, _padding
+from ntk import _kernel_cache, _mesh, _padding
 from ntk._compat import nt
 from ntk._jacobians import (
     cross_program,
@@ -75,11 +80,13 @@ from ntk._jacobians import (
     kept_spec,
     pair_program,
     reused_kernel,
+    sign_block_program,
 )
 from ntk._memory import available_memory, gib, required_bytes
 from ntk._programs import compiled, program_fn_key
 from ntk.compact import ROWS_PREFIX, compact_block, compact_fn, compactable_tables
 from ntk.models import ModelInfo, cast_floating, check_outputs
+from ntk.optimizer import Kernel, as_kernel
 
 PyTree = Any
 Axes = int | tuple[int, ...]
@@ -177,6 +184,7 @@ class KernelOptions:
     implementation: NtkImplementation
     sizes: tuple[int, int]  # rows of x1, rows of x2 per block
     dtype: Any
+    kernel: Kernel = Kernel.SGD
 
     @property
     def batch_diagonal(self) -> bool:
@@ -188,13 +196,14 @@ class KernelOptions:
         return int(1 not in self.trace and 1 not in self.diag)
 
     def key(self) -> tuple:
-        return (
+        key = (
             self.trace,
             self.diag,
             repr(self.vmap_axes),
             self.implementation.name,
             str(self.dtype),
         )
+        return key if self.kernel == Kernel.SGD else (*key, self.kernel.value)
 
     def nt_kwargs(self) -> dict:
         return dict(trace_axes=self.trace, diagonal_axes=self.diag, vmap_axes=self.vmap_axes)
@@ -207,12 +216,14 @@ def kernel_options(
     implementation: NtkImplementation | int,
     batch_size: int | tuple[int, int],
     dtype: Any,
+    kernel: Kernel | str = Kernel.SGD,
 ) -> KernelOptions:
     """Checks :func:`empirical_ntk_fn` 's options.
 
     Raises:
       ConfigError: naming the bad option and what is allowed.
     """
+    kernel = as_kernel(kernel)
     try:
         implementation = NtkImplementation(implementation)
     except ValueError:
@@ -238,7 +249,22 @@ def kernel_options(
             f"trace_axes={trace_axes} traces the batch axis; only output axes (-1) can be "
             "traced here. Sum the kernel yourself if you need that."
         )
-    return KernelOptions(trace, diag, vmap_axes, implementation, sizes, dtype)
+    if kernel != Kernel.SGD and not (
+        implementation in (NtkImplementation.JACOBIAN_CONTRACTION, NtkImplementation.AUTO)
+        and isinstance(vmap_axes, int)
+        and vmap_axes == 0
+        and 0 not in diag
+    ):
+        raise ConfigError(
+            f"kernel={kernel.name} needs per-example gradients (sign is not linear): pass "
+            "implementation=NtkImplementation.JACOBIAN_CONTRACTION and vmap_axes=0 (a model "
+            "independent per example), without diagonal_axes on the batch (0); got "
+            f"implementation={implementation.name}, vmap_axes={vmap_axes!r}, "
+            f"diagonal_axes={diagonal_axes}."
+        )
+    if kernel != Kernel.SGD:  # one way to compute it: AUTO has nothing to choose
+        implementation = NtkImplementation.JACOBIAN_CONTRACTION
+    return KernelOptions(trace, diag, vmap_axes, implementation, sizes, dtype, kernel)
 
 
 def block_jobs(
@@ -257,6 +283,10 @@ def block_program(
 ) -> Any:
     """The compiled kernel of one ``(xa, xb)`` block (``xb=None``: ``xa`` with itself), cached
     for the session by (f, implementation, options, shapes and dtypes)."""
+
+    if opts.kernel != Kernel.SGD:  # per-example gradients and their signs (ntk._jacobians)
+        signs = opts.kernel.signs
+        return sign_block_program(f, fn_key, opts.trace, opts.diag, xa, xb, params, signs)
 
     def lower():
         check_outputs(jax.eval_shape(f, params, xa), xa, where="f")
@@ -292,7 +322,7 @@ def refusal(
         f"One ({b1} x {b2})-example kernel block with {impl.name} needs an estimated "
         f"{gib(need)} (XLA memory analysis), more than the {gib(limit)} available."
     )
-    for other in _RELIABILITY:
+    for other in _RELIABILITY if opts.kernel == Kernel.SGD else ():
         if other != impl:
             fit = _fits(lambda o=other: block_program(f, fn_key, o, opts, xa, xb, params), limit)
             if fit is not None:
@@ -412,7 +442,13 @@ class _Blocks(NamedTuple):
 
 
 def _blocks(
-    f: Callable, info: ModelInfo, opts: KernelOptions, x1: PyTree, x2: PyTree | None, params
+    f: Callable,
+    info: ModelInfo,
+    opts: KernelOptions,
+    x1: PyTree,
+    x2: PyTree | None,
+    params,
+    multiple: int = 1,
 ) -> _Blocks:
     params = cast_floating(params, opts.dtype)
     x1 = cast_floating(x1, opts.dtype)
@@ -423,8 +459,8 @@ def _blocks(
         raise ConfigError(
             "diagonal_axes includes the batch axis 0 (per-example kernels): pass x2=None."
         )
-    b1 = min(opts.sizes[0], n1)
-    b2 = b1 if x2 is None else min(opts.sizes[1], n2)
+    b1 = -(-min(opts.sizes[0], n1) // multiple) * multiple  # rows per block: a multiple of
+    b2 = b1 if x2 is None else -(-min(opts.sizes[1], n2) // multiple) * multiple  # the mesh's
     tables = compactable_tables(info.embedding_rows, params)
     fn = compact_fn(f, tables) if tables else f
     fn_key = (*program_fn_key(f, info), tables)
@@ -444,6 +480,7 @@ def auto_implementation(
     dtype: Any = None,
     memory_limit_bytes: int | None = None,
     model_info: ModelInfo | None = None,
+    kernel: Kernel | str = Kernel.SGD,
 ) -> NtkImplementation:
     """The implementation ``empirical_ntk_fn(..., implementation=AUTO)`` takes for these inputs.
 
@@ -463,7 +500,9 @@ def auto_implementation(
       KernelMemoryError: if no implementation fits a block.
     """
     auto = NtkImplementation.AUTO
-    opts = kernel_options(trace_axes, diagonal_axes, vmap_axes, auto, batch_size, dtype)
+    opts = kernel_options(trace_axes, diagonal_axes, vmap_axes, auto, batch_size, dtype, kernel)
+    if opts.kernel != Kernel.SGD:
+        return opts.implementation
     blocks = _blocks(f, model_info or ModelInfo(), opts, x1, x2, params)
     xa, xb, p = blocks.block(0, 0)
     limit = int(memory_limit_bytes or available_memory())
@@ -485,6 +524,10 @@ def empirical_ntk_fn(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
     model_info: ModelInfo | None = None,
+    kernel: Kernel | str = Kernel.SGD,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
+    fsdp_axis: str | None = None,
 ) -> Callable[..., np.ndarray]:
     """Returns ``ntk_fn(x1, x2, params)``: the empirical NTK of ``f``'s outputs, blocked.
 
@@ -518,6 +561,20 @@ def empirical_ntk_fn(
       model_info: what the kernel may exploit about ``f`` (:class:`ntk.ModelInfo`: its cache
         fingerprint, the embedding rows it reads, whether it ignores padding), e.g. the
         ``info`` of :func:`ntk.kernel_model`; None: ``ModelInfo()``, nothing assumed.
+      kernel: which optimizer's kernel (:class:`ntk.Kernel`, or its value): ``SGD`` (default)
+        the eNTK ``<grad f(x1), grad f(x2)>``; ``SIGNGD`` ``<sign grad f(x1), sign grad
+        f(x2)>``; ``ASIGNGD`` ``<grad f(x1), sign grad f(x2)>`` (Adam's, not symmetric: with
+        ``x2=None`` every block of ``K(x1, x1)`` is computed). The sign kernels need
+        ``implementation=JACOBIAN_CONTRACTION`` (or AUTO) and ``vmap_axes=0``.
+      mesh: a ``jax.sharding.Mesh`` of this process's devices: the rows of every block are
+        split over its ``data_axis`` and the parameters replicated (:mod:`ntk._mesh`), so the
+        devices share each block's per-example gradients; rows per block are rounded up to a
+        multiple of the axis size, and the memory check is per device. None: one device.
+      data_axis: the mesh axis the rows are split over.
+      fsdp_axis: a second mesh axis to split the parameters over (each leaf along a dimension
+        the axis size divides) instead of replicating them: the Jacobian columns are split too
+        and the Gram sums reduced across the axis, for models whose per-example gradients do
+        not fit one device. None: parameters replicated.
 
     Returns:
       ``ntk_fn(x1, x2, params) -> np.ndarray``: x1 ``[N1, ...]`` and x2 ``[N2, ...]`` batch
@@ -532,8 +589,12 @@ def empirical_ntk_fn(
       ConfigError: on bad options or axes, inputs whose arrays disagree on N, ``f`` not
         returning ``[N, K]``, or ``model_info.embedding_rows`` missing rows ``f`` reads.
     """
-    opts = kernel_options(trace_axes, diagonal_axes, vmap_axes, implementation, batch_size, dtype)
+    opts = kernel_options(
+        trace_axes, diagonal_axes, vmap_axes, implementation, batch_size, dtype, kernel
+    )
     info = model_info or ModelInfo()
+    _mesh.check_mesh(mesh, data_axis, fsdp_axis)
+    on_mesh = (lambda x: x) if mesh is None else (lambda x: _mesh.rows_on_mesh(x, mesh, data_axis))
     chosen: dict[str, NtkImplementation] = {}  # AUTO's choice, made on the first block
     limit_fn = (lambda: memory_limit_bytes) if memory_limit_bytes else available_memory
 
@@ -544,7 +605,9 @@ def empirical_ntk_fn(
             cached = _kernel_cache.load_kernel(path)
             if cached is not None:
                 return cached
-        blk = _blocks(f, info, opts, x1, x2, params)
+        if x2 is None and not opts.kernel.symmetric and num_rows(x1, "x1") > opts.sizes[0]:
+            x2 = x1  # K(x1, x1) is not symmetric: every block, not a mirrored triangle
+        blk = _blocks(f, info, opts, x1, x2, params, _mesh.axis_size(mesh, data_axis))
         n1, n2, b1, b2, tables = blk.n1, blk.n2, blk.b1, blk.b2, blk.tables
         symmetric = blk.x2 is None
         jobs = block_jobs(n1, n2, b1, b2, symmetric=symmetric, batch_diagonal=opts.batch_diagonal)
@@ -570,7 +633,10 @@ def empirical_ntk_fn(
             orders = None
             if trim and not (symmetric and n1 <= b1):  # several blocks: short rows together
                 orders, xs = zip(*(_padding.sort_by_length(x) for x in xs), strict=True)
-            prepare = (lambda x: _padding.cut(x, skip_prefix=ROWS_PREFIX)) if trim else None
+            cut = (lambda x: _padding.cut(x, skip_prefix=ROWS_PREFIX)) if trim else (lambda x: x)
+            prepare = lambda x: on_mesh(cut(x))  # noqa: E731
+            if mesh is not None:
+                p = _mesh.params_on_mesh(p, mesh, fsdp_axis)
             if _kept_jacobians_kernel(
                 blk.fn, blk.fn_key, opts, p, xs, (b1, b2), limit, prepare, place, progress
             ):
@@ -582,6 +648,9 @@ def empirical_ntk_fn(
 
         for i, j in _progress(jobs, progress):
             xa, xb, p = blk.block(i, j)
+            if mesh is not None:
+                xa, p = on_mesh(xa), _mesh.params_on_mesh(p, mesh, fsdp_axis)
+                xb = None if xb is None else on_mesh(xb)
             exe = select_program(blk.fn, blk.fn_key, opts, xa, xb, p, limit, chosen)
             place(np.asarray(exe(xa, p) if xb is None else exe(xa, xb, p)), i, j)
         if path is not None:
@@ -614,14 +683,16 @@ def _kept_jacobians_kernel(
     n1 = num_rows(x1)
     if x2 is None and n1 <= sizes[0]:  # one block: Jacobians and their Gram in one program
         xa = prepare(x1)
-        exe = fused_program(f, fn_key, opts.trace, opts.diag, xa, params)
+        exe = fused_program(f, fn_key, opts.trace, opts.diag, xa, params, opts.kernel.signs)
         if required_bytes(exe) <= limit:
             place(np.asarray(exe(params, xa)), 0, 0)
             return True
+    if x2 is None and not opts.kernel.symmetric:  # one block too big: refused, smaller asked
+        return False
     joined = _joined(x1, x2) if x2 is not None and n1 <= sizes[0] else None
     if joined is not None and num_rows(x2) <= sizes[1]:  # one block each: one program
         x = prepare(joined)
-        exe = pair_program(f, fn_key, opts.trace, opts.diag, x, n1, params)
+        exe = pair_program(f, fn_key, opts.trace, opts.diag, x, n1, params, opts.kernel.signs)
         if required_bytes(exe) <= limit:
             place(np.asarray(exe(params, x)), 0, 0)
             return True
@@ -639,6 +710,7 @@ def _kept_jacobians_kernel(
         place,
         lambda items: _progress(items, progress),
         prepare,
+        opts.kernel.signs,
     )
     return True
 
@@ -669,7 +741,8 @@ def _jacobians_fit(f, fn_key, params, x1, x2, sizes, opts, limit: int, prepare) 
     n2 = num_rows(rows2)
     b2 = sizes[0] if x2 is None else sizes[1]
     last2 = (n2 - 1) // b2 * b2
-    exe2 = jacobian_program(f, fn_key, prepare(take_rows(rows2, last2, b2, n2)), params)
+    signs = opts.kernel.signs
+    exe2 = jacobian_program(f, fn_key, prepare(take_rows(rows2, last2, b2, n2)), params, signs[1])
     # The kept Jacobians, plus the temporaries of the program making them (its output is one
     # of the kept blocks: counted once).
     blocks2 = -(-n2 // b2)
@@ -679,7 +752,7 @@ def _jacobians_fit(f, fn_key, params, x1, x2, sizes, opts, limit: int, prepare) 
         xa = prepare(take_rows(x1, (n1 - 1) // sizes[0] * sizes[0], sizes[0], n1))
         num_outputs = jax.eval_shape(f, params, xa).shape[1]
         kept = [kept_spec(params, b2, num_outputs)] * blocks2
-        exe = cross_program(f, fn_key, opts.trace, opts.diag, xa, kept, params)
+        exe = cross_program(f, fn_key, opts.trace, opts.diag, xa, kept, params, signs[0])
         need = max(need, required_bytes(exe))
     return need <= limit
 

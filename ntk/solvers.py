@@ -13,6 +13,14 @@ adds it to the Newton system of ``mean_n CE + diag_reg/2 <alpha, Theta alpha>`` 
 :func:`kernel_svm` minimizes ``sum_n hinge + diag_reg/2 ||w||^2``, i.e. the box constraint
 ``C = 1 / diag_reg`` of the SVM dual.
 
+Kernels need not be symmetric: row = the point predicted, column = the training example
+that moves it (``K(x1, x2)`` of :func:`ntk.empirical_ntk_fn`). Adam's A-SignGD kernel
+(:class:`ntk.Kernel`) is not; :func:`mse_predict` and :func:`kernel_logistic_regression`
+take ``kernel=Kernel.ASIGNGD`` to use general solves instead of symmetric ones,
+:func:`function_space_gd` and :func:`ce_gradient_flow` integrate ``df/dt = -K grad L`` for any
+kernel as they are, and :func:`ntk.asymmetric.asymmetric_ls` is LM-Kernel-FT's asymmetric
+least squares. :func:`kernel_svm` needs a symmetric kernel.
+
 Time and learning-rate units follow ``lora_jax.losses`` (losses are *means over examples*
 and sums over the K outputs): ``t`` counts full-batch gradient steps of size
 ``learning_rate``, so for the linearized model trained by plain gradient descent,
@@ -38,6 +46,8 @@ import numpy as np
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss
 from ntk._compat import nt
+from ntk.asymmetric import general_mse_predict
+from ntk.optimizer import Kernel, as_kernel
 
 Array = Any
 Axes = int | tuple[int, ...]
@@ -153,6 +163,7 @@ def mse_predict(
     diag_reg: float = 0.0,
     diag_reg_absolute_scale: bool = False,
     trace_axes: Axes = (-1,),
+    kernel: Kernel | str = Kernel.SGD,
 ) -> Predictions:
     """Gradient-flow predictions on squared error, in closed form (``nt.predict``).
 
@@ -175,6 +186,10 @@ def mse_predict(
         kernel trace as in neural-tangents.
       diag_reg_absolute_scale: see ``diag_reg``.
       trace_axes: must agree with the kernel: ``()`` for full, ``(-1,)`` for traced kernels.
+      kernel: which kernel (:class:`ntk.Kernel`) the arrays hold. A symmetric one (SGD,
+        SIGNGD) goes to ``nt.predict`` (Cholesky / eigh); ``ASIGNGD`` (not symmetric) to
+        :func:`ntk.asymmetric.general_mse_predict`: the same flow and regulariser solved in
+        float64 numpy with matrix exponentials and, at ``t=None``, an LU solve.
 
     Returns:
       ``Predictions(train [..., N, K], test [..., M, K])``.
@@ -187,6 +202,19 @@ def mse_predict(
             "use trace_axes=() with [N, N, K, K] kernels and (-1,) with [N, N] ones."
         )
     y, fx_train_0, fx_test_0 = _start(k_train_train, y_train, k_test_train, fx_train_0, fx_test_0)
+    if not as_kernel(kernel).symmetric:
+        train, test = general_mse_predict(
+            k_train_train,
+            np.asarray(y, np.float64),
+            k_test_train,
+            np.asarray(fx_train_0, np.float64),
+            np.asarray(fx_test_0, np.float64),
+            t=t,
+            learning_rate=learning_rate,
+            diag_reg=diag_reg,
+            diag_reg_absolute_scale=diag_reg_absolute_scale,
+        )
+        return Predictions(train, test)
     # nt's loss is 0.5 * mean over all N*K entries; ours is mean over N, sum over K.
     predict_fn = nt.predict.gradient_descent_mse(
         jnp.asarray(k_train_train),
@@ -306,6 +334,7 @@ def kernel_logistic_regression(
     diag_reg: float = 1e-3,
     max_iter: int = 100,
     tol: float = 1e-10,
+    kernel: Kernel | str = Kernel.SGD,
 ) -> LogisticFit:
     """Multiclass kernel logistic regression with the (full or traced) NTK, by Newton's method.
 
@@ -317,6 +346,12 @@ def kernel_logistic_regression(
     ``(W Theta + diag_reg I) delta = -(g + diag_reg alpha)`` (W: the softmax Hessian / N) with
     backtracking line search.
 
+    With an asymmetric kernel (``kernel=Kernel.ASIGNGD``) ``<alpha, Theta alpha>`` is no
+    norm and there is no objective; the same condition is the fixed point of the
+    function-space flow with weight decay, ``df/dt = -Theta (grad_f L + diag_reg alpha)``, and
+    it is solved by the same Newton steps (a general solve) with the line search on the
+    squared residual instead of the objective.
+
     Args:
       diag_reg: ridge strength (> 0), added to the diagonal of the Newton system as is (no
         trace scaling). The loss is a mean over the N examples, so with the squared error in
@@ -324,6 +359,7 @@ def kernel_logistic_regression(
         with ``diag_reg_absolute_scale=True``.
       max_iter: Newton iterations.
       tol: stop when the max-norm of ``g + diag_reg alpha`` is below it.
+      kernel: which kernel (:class:`ntk.Kernel`) the arrays hold (see above).
       Others: as :func:`mse_predict`.
 
     Returns:
@@ -334,6 +370,7 @@ def kernel_logistic_regression(
             f"diag_reg must be > 0, got {diag_reg}: the unregularized logistic fit has no "
             "finite solution on separable data."
         )
+    symmetric = as_kernel(kernel).symmetric
     n, _ = _check_kernels(k_train_train, k_test_train)
     num_k = _num_outputs(k_train_train, y_train, fx_train_0)
     y = targets(y_train, num_k).astype(np.float64)
@@ -346,8 +383,11 @@ def kernel_logistic_regression(
         f = (f0 + ktt @ alpha).reshape(n, num_k)
         f = f - f.max(axis=1, keepdims=True)
         logp = f - np.log(np.exp(f).sum(axis=1, keepdims=True))
+        p = np.exp(logp)
+        if not symmetric:  # no objective: the squared residual of the condition
+            return float(np.sum((((p - y) / n).reshape(-1) + diag_reg * alpha) ** 2)), p
         obj = -np.sum(y * logp) / n + 0.5 * diag_reg * alpha @ ktt @ alpha
-        return obj, np.exp(logp)
+        return obj, p
 
     alpha = np.zeros(n * num_k)
     obj, p = parts(alpha)

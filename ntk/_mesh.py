@@ -1,0 +1,92 @@
+"""Kernel rows on a device mesh: the examples of every block split over the ``data`` axis.
+
+A kernel block's work is per example (its rows' Jacobians) plus a contraction over the
+parameters, so splitting the rows of ``x1`` / ``x2`` over the devices of the mesh's ``data``
+axis and replicating the (differentiated) parameters lets XLA's SPMD partitioner run each
+device's rows there; the Gram products of kept Jacobians are partitioned the same way and
+the blocks gathered on the host. Rows per block are rounded up to a multiple of the axis size
+(the extra rows repeat the last one and are dropped when the block is placed).
+
+With an ``fsdp`` axis too, the parameters are split over it instead of replicated (each
+leaf along its first dimension the axis size divides, else kept whole): the per-example
+gradients come out split the same way, so each device holds its share of the Jacobian
+columns, and the partitioner reduces the partial Gram sums across the axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lora_jax.errors import ConfigError
+from lora_jax.rows import num_rows, take_rows
+
+PyTree = Any
+
+__all__ = ["axis_size", "check_mesh", "params_on_mesh", "replicate_on", "rows_on_mesh"]
+
+
+def check_mesh(mesh: Mesh | None, axis: str, fsdp_axis: str | None = None) -> None:
+    """Raises ConfigError unless ``mesh`` is None or has the axes named, all addressable."""
+    if mesh is None:
+        if fsdp_axis is not None:
+            raise ConfigError(f"fsdp_axis={fsdp_axis!r} without a mesh: pass mesh= too.")
+        return
+    if axis not in mesh.axis_names:
+        raise ConfigError(
+            f"mesh has axes {mesh.axis_names}, no {axis!r} to split kernel rows over: make it "
+            f"with jax.make_mesh(..., ({axis!r}, ...)) or pass data_axis=<one of its axes>."
+        )
+    if fsdp_axis is not None and (fsdp_axis not in mesh.axis_names or fsdp_axis == axis):
+        raise ConfigError(
+            f"fsdp_axis={fsdp_axis!r} is not an axis of the mesh {mesh.axis_names} other than "
+            f"the rows' {axis!r}: pass another axis, or None to replicate the parameters."
+        )
+    if not all(d.process_index == jax.process_index() for d in mesh.devices.flat):
+        raise ConfigError(
+            "empirical_ntk_fn(mesh=...) runs on this process's devices only: pass a mesh of "
+            "jax.local_devices() (several processes are not supported for kernels yet)."
+        )
+
+
+def axis_size(mesh: Mesh | None, axis: str) -> int:
+    """Devices along ``axis`` (1 without a mesh)."""
+    return 1 if mesh is None else int(mesh.shape[axis])
+
+
+def rows_on_mesh(x: PyTree, mesh: Mesh, axis: str) -> PyTree:
+    """``x`` with its rows padded to a multiple of the axis size and split over ``axis``;
+    leaves without rows replicated."""
+    n = num_rows(x)
+    size = -(-n // axis_size(mesh, axis)) * axis_size(mesh, axis)
+    x = take_rows(x, 0, size, n) if size != n else x
+    rows = NamedSharding(mesh, PartitionSpec(axis))
+    rest = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda a: jax.device_put(np.asarray(a), rows if np.ndim(a) >= 1 else rest), x
+    )
+
+
+def replicate_on(tree: PyTree, mesh: Mesh) -> PyTree:
+    """``tree`` replicated on every device of ``mesh``."""
+    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
+def params_on_mesh(tree: PyTree, mesh: Mesh, fsdp_axis: str | None) -> PyTree:
+    """The differentiated parameters on ``mesh``: replicated, or with ``fsdp_axis`` each leaf
+    split along its first dimension the axis size divides (whole if none does)."""
+    if fsdp_axis is None:
+        return replicate_on(tree, mesh)
+    size = axis_size(mesh, fsdp_axis)
+
+    def put(a):
+        dims = [d for d, n in enumerate(np.shape(a)) if n % size == 0]
+        spec = [None] * np.ndim(a)
+        if dims:
+            spec[dims[0]] = fsdp_axis
+        return jax.device_put(a, NamedSharding(mesh, PartitionSpec(*spec)))
+
+    return jax.tree.map(put, tree)

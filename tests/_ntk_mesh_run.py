@@ -1,0 +1,110 @@
+"""Subprocess body of tests/test_ntk_mesh.py: kernels with rows split over 8 simulated devices.
+
+Run as ``python tests/_ntk_mesh_run.py`` with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``
+(set by the test before jax starts); prints one JSON object: per case, the kernel on the mesh
+and on one device (float64 lists), and the device counts of the programs that ran.
+"""
+
+import json
+
+import jax
+import numpy as np
+from jax.sharding import AxisType
+
+import ntk
+from lora_jax import lora, models
+from lora_jax.readout import make_output_fn
+from ntk import _programs
+
+jax.config.update("jax_enable_x64", True)
+
+
+def problem():
+    cfg = models.EncoderConfig(
+        model_type="roberta",
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=24,
+        type_vocab_size=1,
+        pad_token_id=1,
+    )
+    apply_fn, params = models.split(models.create(cfg, head="mlm", dtype=np.float64))
+    output_fn = make_output_fn(apply_fn, "mlm", np.array([5, 9], np.int32))
+    lcfg = lora.LoraConfig(r=2, alpha=4.0, targets=("query", "value"))
+    adapters = lora.init(jax.random.PRNGKey(0), params, lcfg)
+    adapters = jax.tree.map(lambda a: a.astype(np.float64) + 0.05, adapters)  # B != 0
+    return output_fn, params, adapters, lcfg
+
+
+def batch(n, seed, t=12):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 40, size=(n, t)).astype(np.int32)
+    mask = np.ones((n, t), np.int32)
+    mask[::2, -6:] = 0
+    ids[::2, -6:] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mask_pos": rng.integers(1, 5, n).astype(np.int32),
+    }
+
+
+def main():
+    assert jax.device_count() == 8
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    mesh2 = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+    output_fn, params, adapters, lcfg = problem()
+    lora_model = ntk.lora_kernel_model(output_fn, params, adapters, lcfg)
+    all_model = ntk.kernel_model(output_fn, params, "all")  # compacted tables, padding cut
+    x1, x2 = batch(10, 0), batch(12, 1)
+    cases = {  # name: (model, kernel, x1, x2, batch_size, implementation[, fsdp])
+        "asigngd-fused": (lora_model, "asigngd", x1, None, 16, 1),  # one program, 10 -> 16 rows
+        "asigngd-blocks": (all_model, "asigngd", x1, x2, (3, 5), 1),  # rounded up to 8 rows
+        "signgd-self-blocks": (lora_model, "signgd", x2, None, 8, 1),
+        "sgd-structured": (lora_model, "sgd", x1, x2, 8, 3),  # nt's block programs
+        "asigngd-fsdp-blocks": (all_model, "asigngd", x1, x2, (4, 8), 1, "fsdp"),
+    }
+    out = {}
+    for name, ((f, sub, info), kernel, a, b, size, impl, *fsdp) in cases.items():
+        kwargs = dict(
+            trace_axes=(),
+            vmap_axes=0,
+            batch_size=size,
+            model_info=info,
+            kernel=kernel,
+            implementation=impl,
+        )
+        _programs._PROGRAMS.clear()
+        on = dict(mesh=mesh2, fsdp_axis="fsdp") if fsdp else dict(mesh=mesh)
+        sharded = ntk.empirical_ntk_fn(f, **on, **kwargs)(a, b, sub)
+        devices = sorted(
+            {
+                len(sharding.device_set)
+                for _, exe in _programs._PROGRAMS.values()
+                for sharding in jax.tree.leaves(exe.input_shardings)
+            }
+        )
+        axes = sorted(  # the mesh axes the programs' inputs are split over
+            {
+                str(axis)
+                for _, exe in _programs._PROGRAMS.values()
+                for sharding in jax.tree.leaves(exe.input_shardings)
+                for axis in getattr(sharding, "spec", ())
+                if axis is not None
+            }
+        )
+        single = ntk.empirical_ntk_fn(f, **kwargs)(a, b, sub)
+        out[name] = {
+            "mesh": sharded.tolist(),
+            "one": single.tolist(),
+            "devices": devices,
+            "axes": axes,
+        }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""``--ntk-kernel``: which kernels the experiments' NTK analysis predicts with, and its report."""
+
+import numpy as np
+import pytest
+import scipy.stats
+
+import ntk
+from experiments import report
+from experiments.config import ExperimentConfig, KernelChoice
+from experiments.ntk_analysis import kernels_for
+from experiments.run import main, parse_args
+from lora_jax.errors import ConfigError
+from lora_jax.optim import Optimizer
+from lora_jax.testing import make_tiny_checkpoint
+
+
+def test_kernel_choice_maps_optimizers_to_kernels():
+    sgd, asgn = ntk.Kernel.SGD, ntk.Kernel.ASIGNGD
+    assert kernels_for("matched", Optimizer.ADAMW) == [sgd, asgn]
+    assert kernels_for("matched", Optimizer.SGD) == [sgd]
+    assert kernels_for("both", Optimizer.SGD) == [sgd, asgn]
+    assert kernels_for("asigngd", Optimizer.SGD) == [asgn]
+    cfg = ExperimentConfig(ntk=True, ntk_kernel="both")
+    assert cfg.ntk_kernel == KernelChoice.BOTH and cfg.to_json()["ntk_kernel"] == "both"
+    assert "ntk_kernel" not in ExperimentConfig().to_json()  # runs without --ntk: as before
+    with pytest.raises(ConfigError, match="ntk_kernel='adam' is not a KernelChoice"):
+        ExperimentConfig(ntk_kernel="adam")
+    assert parse_args(["--ntk", "--ntk-kernel", "asigngd"]).ntk_kernel == KernelChoice.ASIGNGD
+
+
+def _records():
+    rng = np.random.default_rng(0)
+    out = []
+    for seed in (13, 21, 42):
+        ft = 0.8 + 0.01 * rng.normal()
+        out.append(
+            {
+                "task": "trec",
+                "rank": 4,
+                "seed": seed,
+                "ntk_acc_trained": ft,
+                "ntk_acc_linearized_trained": ft - 0.1,
+                "ntk_acc_kernel": ft - 0.2 + 0.01 * rng.normal(),
+                "ntk_acc_kernel_asigngd": ft - 0.05 + 0.01 * rng.normal(),
+            }
+        )
+    return out
+
+
+def test_gap_table_has_a_paired_column_per_kernel():
+    records = _records()
+    table = report.ntk_gap_table(records)
+    assert "FT − SGD kernel (95% CI)" in table and "FT − A-SignGD kernel (95% CI)" in table
+    gaps = np.array([r["ntk_acc_trained"] - r["ntk_acc_kernel_asigngd"] for r in records])
+    mean = gaps.mean()
+    half = scipy.stats.t.ppf(0.975, 2) * gaps.std(ddof=1) / np.sqrt(3)
+    row = table.splitlines()[-1]
+    assert f"{100 * mean:+.1f}" in row and f"{100 * half:.1f}" in row
+    # Records of the SGD kernel alone: the table as before.
+    old = [{k: v for k, v in r.items() if not k.endswith("asigngd")} for r in records]
+    assert "FT − kernel (95% CI)" in report.ntk_gap_table(old)
+    assert "A-SignGD" not in report.ntk_gap_table(old) + report.ntk_table(old)
+
+
+def test_ntk_run_of_an_adamw_cell_reports_both_kernels(tmp_path):
+    model = str(make_tiny_checkpoint(tmp_path / "tiny"))
+    args = ["--model", model, "--out", str(tmp_path), "--name", "ntk", "--tasks", "mr"]
+    args += ["--methods", "lora", "--ranks", "1", "--seeds", "13", "--k", "4", "--steps", "4"]
+    args += ["--eval-every", "2", "--test-cap", "16", "--batch-size", "4", "--ntk"]
+    main(args)
+    (record,) = report.read_results(tmp_path / "ntk" / "results.jsonl")
+    for key in ("ntk_acc_kernel", "ntk_acc_kernel_asigngd", "ntk_agree_trained_vs_kernel_asigngd"):
+        assert 0.0 <= record[key] <= 1.0, key
+    assert record["ntk_kernel_relative_change"] >= 0.0  # the SGD kernel's, as before
+    text = (tmp_path / "ntk" / "report.md").read_text()
+    assert "A-SignGD kernel" in text

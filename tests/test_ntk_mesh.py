@@ -1,0 +1,64 @@
+"""Kernels with rows split over the ``data`` axis of 8 simulated CPU devices (and parameters
+over ``fsdp`` on a 4 x 2 mesh) equal one device's.
+
+The runs happen in a subprocess (tests/_ntk_mesh_run.py) started with 8 simulated devices.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+
+import ntk
+from lora_jax.errors import ConfigError
+
+HERE = os.path.dirname(__file__)
+
+
+@pytest.fixture(scope="module")
+def runs():
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "_ntk_mesh_run.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "asigngd-fused",
+        "asigngd-blocks",
+        "signgd-self-blocks",
+        "sgd-structured",
+        "asigngd-fsdp-blocks",
+    ],
+)
+def test_kernel_on_8_devices_equals_one_device(runs, case):
+    run = runs[case]
+    mesh, one = np.asarray(run["mesh"]), np.asarray(run["one"])
+    assert mesh.shape == one.shape and mesh.ndim == 4
+    np.testing.assert_allclose(mesh, one, rtol=1e-10, atol=1e-10)
+    assert 8 in run["devices"]  # the programs really ran on the mesh
+    assert "data" in run["axes"]  # rows split
+    assert ("fsdp" in run["axes"]) == ("fsdp" in case)  # parameters split only when asked
+
+
+def test_mesh_without_the_data_axis_is_refused():
+    mesh = jax.make_mesh((1,), ("fsdp",), axis_types=(AxisType.Explicit,))
+    with pytest.raises(ConfigError, match="no 'data' to split kernel rows over"):
+        ntk.empirical_ntk_fn(lambda p, x: x["x"] @ p, mesh=mesh)
