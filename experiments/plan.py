@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -288,6 +289,14 @@ def batch_headroom(cfg: ExperimentConfig, target, mesh, rules, progs: Sequence[P
     lines = []
     for p in progs:
         if p.steps == 0 or p.report is None:
+            continue
+        if " slots " in p.name:  # a member-split job: each chip holds whole members
+            slots = int(p.name.split(" slots ")[0].rsplit(" ", 1)[1])
+            per_chip = slots // math.prod(mesh.shape.values())
+            lines.append(
+                f"{p.name}: {per_chip} member{'s' * (per_chip > 1)} per chip, "
+                f"{_gib(p.report.peak_bytes)} of {_gib(target.chip.hbm_bytes)} GiB per chip."
+            )
             continue
         r = p.report
         fixed = r.peak_bytes - r.temp_bytes
