@@ -13,7 +13,8 @@ out supported, not supported or inconclusive:
 * 1b, the constant: the paper's 1.35 inside every defined interval of gradient descent's
   transition (the paper's estimand), outside every one, or neither;
 * 2: cross-entropy reaches the target loss on every seed with ``||grad L|| >= c L`` after
-  the detected plateau;
+  the detected plateau and a nonsingular LoRA tangent kernel along the run, and reaches it
+  at r = 1 where the squared-error controls (solved to convergence) show a threshold;
 * 3: the training loss saturates at r = 1 for K = 2 and not for K > 2, and a non-vacuous
   bound has its minimum on the same side (a vacuous bound leaves it inconclusive);
 * 4: rank 1 against r = 12 (fixed in advance): an equivalence test (TOST) against
@@ -44,9 +45,11 @@ from experiments.verdicts import (
     bias_variance_task,
     combine,
     cstar_constant,
+    pl_contrast,
     pl_lojasiewicz,
     rank_comparison,
     rank_one_conclusion,
+    squared_error_threshold,
 )
 from lora_jax import tasks
 from lora_jax.errors import ConfigError, UserError, user_message
@@ -256,7 +259,15 @@ def claim_pl(cfg: ClaimsConfig, cache: dict) -> dict:
         out=cfg.out,
     )
     res = pl.run(pcfg, problem_cache=cache)
-    out = pl_lojasiewicz(res["seeds"], exponent_tol=pcfg.exponent_tol)
+    out = pl_lojasiewicz(res["seeds"], exponent_tol=pcfg.exponent_tol, kernel_tol=pcfg.kernel_tol)
+    shown = squared_error_threshold(res.get("regimes", []), zero_tol=pcfg.zero_tol)
+    contrast = pl_contrast(shown, res.get("below", {}).get("ce"))
+    ks = [r["kernel_rel_min"] for r in res["seeds"] if r.get("kernel_rel_min") is not None]
+    k_text = (
+        f"the LoRA tangent kernel's lam_min / lam_max after the plateau at least {min(ks):.3g}"
+        if ks
+        else "the tangent kernel not measured"
+    )
     reached = sum(r["reached"] for r in res["seeds"])
     qs = [r["exponent"] for r in res["seeds"] if r["exponent"] is not None]
     q_text = f"q from {min(qs):.3f} to {max(qs):.3f}" if qs else "no exponent measured"
@@ -272,12 +283,22 @@ def claim_pl(cfg: ClaimsConfig, cache: dict) -> dict:
         f"after the plateau, {q_text} in ||grad L|| ~ L^q. What is tested is the Lojasiewicz "
         "form ||grad L|| >= c L (c > 0 along the run when q <= 1): for cross-entropy the PL "
         "form with a fixed mu cannot hold as L -> 0 (mu_t = ||grad L||^2 / 2L ~ gamma^2 L / 2). "
+        f"Along the run, {k_text} (nonsingular above {pcfg.kernel_tol:g}). "
         f"Verdict rule (`verdicts.pl_lojasiewicz`, q tolerance {pcfg.exponent_tol:g}): "
-        f"{out['reason']}.",
+        f"{out['reason']}: {out['verdict']}. The squared-error controls solved to convergence "
+        f"show the threshold at dim = KN: {_shown_text(shown)} "
+        f"(`verdicts.squared_error_threshold`, a fit when the loss falls to {pcfg.zero_tol:g} "
+        "of its start); where they do, cross-entropy at r = 1 on the same problem "
+        f"(`verdicts.pl_contrast`): {contrast['reason']}: {contrast['verdict']}. The claim "
+        "is supported when both are.",
         "plot": res["plot"],
-        "verdict": out["verdict"],
+        "verdict": combine([out["verdict"], contrast["verdict"]]),
         "seconds": res.get("seconds"),
     }
+
+
+def _shown_text(shown: bool | None) -> str:
+    return {True: "yes", False: "no", None: "not measured on both sides"}[shown]
 
 
 SWEEP_TITLE = "4. Rank one is competitive on binary tasks; multi-class wants more (real sweep)"

@@ -37,9 +37,17 @@ def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     common = {"model": tiny_roberta, "k": 2, "max_length": 16, "out": str(tmp_path)}
     res = pl.run(
         pl.PLConfig(
-            task="mr", seeds=(13, 21), max_steps=5, mse_steps=5, lm_iters=3, layers=(), **common
-        )
+            task="mr", seeds=(13, 21), max_steps=5, mse_steps=5, lm_iters=3, layers=(),
+            kernel_points=3, below_k=16, below_layers=(0,), below_ce_steps=4, **common,
+        )  # fmt: skip
     )
+    for r in res["seeds"]:  # the kernel at steps 0, 1 and 5 (log-spaced), lam_min <= lam_max
+        assert [row["step"] for row in r["kernel"]] == [0, 1, 5]
+        assert all(0 <= row["lam_min"] <= row["lam_max"] for row in r["kernel"])
+    below = res["below"]  # one 32 x 32 query kernel: dim(r) = 64 r - r^2 against KN = 64
+    assert [(m["rank"], m["dim"], m["kn"]) for m in below["lm"]] == [(1, 63, 64), (2, 124, 64)]
+    assert below["ce"]["steps"] == 4 and below["ce"]["dim"] == 63
+    assert res["regimes"] == [res["mse_lm"], *below["lm"]]
     lm = res["mse_lm"]
     assert len(lm["loss"]) == 4 and lm["loss_end"] <= lm["loss_start"] and lm["kn"] == 8
     assert [r["seed"] for r in res["seeds"]] == [13, 21]

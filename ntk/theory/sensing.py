@@ -27,7 +27,15 @@ import numpy as np
 from lora_jax import lora
 from lora_jax import params as params_lib
 
-__all__ = ["SensingProblem", "gram", "levenberg_marquardt", "lora_jacobians", "outputs"]
+__all__ = [
+    "SensingProblem",
+    "gram",
+    "levenberg_marquardt",
+    "lora_jacobians",
+    "outputs",
+    "residual_subspace_eigvals",
+    "tangent_kernel",
+]
 
 
 class SensingProblem(NamedTuple):
@@ -97,6 +105,31 @@ def gram(problem: SensingProblem) -> np.ndarray:
         flat = j.reshape(-1, j.shape[2] * j.shape[3])
         total = total + np.asarray(flat @ flat.T, np.float64)
     return total
+
+
+def tangent_kernel(problem: SensingProblem, adapters: Mapping) -> np.ndarray:
+    """The LoRA tangent kernel ``G G^T`` at ``adapters``: [N K, N K] float64, row = (n, k).
+
+    ``G = d outputs / d (A_l, B_l)`` (:func:`_residual_jacobian`), so this is the empirical
+    NTK of the linearized LoRA model over the LoRA parameters (``ntk.empirical_ntk_fn`` of
+    ``ntk.lora_linearized_model_fn`` with ``trace_axes=()``, flattened by
+    ``ntk.kernel_matrix``; tested against it). For a loss ``mean_n l(f_n)`` the squared
+    gradient norm is ``e^T G G^T e / N^2`` with ``e = dl/df`` ([N K]).
+    """
+    g = np.asarray(_residual_jacobian(problem, adapters), np.float64)  # (NK, P)
+    return g @ g.T
+
+
+def residual_subspace_eigvals(kernel: np.ndarray, k: int) -> np.ndarray:
+    """Eigenvalues (ascending) of ``kernel`` [N K, N K] on the residuals whose K entries sum to
+    zero per example: where cross-entropy's ``softmax(f) - onehot(y)`` lives. [N (K - 1)].
+
+    Their minimum bounds cross-entropy's gradient: ``||grad L||^2 >= lam ||p - y||^2 / N^2``.
+    """
+    n = kernel.shape[0] // k
+    basis = np.linalg.svd(np.eye(k) - 1.0 / k)[0][:, : k - 1]  # (K, K - 1), orthonormal
+    q = np.kron(np.eye(n), basis)  # (NK, N (K - 1))
+    return np.linalg.eigvalsh(q.T @ kernel @ q)
 
 
 def _residual_jacobian(problem: SensingProblem, adapters: Mapping) -> jax.Array:
