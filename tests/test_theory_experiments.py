@@ -37,8 +37,17 @@ def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     common = {"model": tiny_roberta, "k": 2, "max_length": 16, "out": str(tmp_path)}
     res = pl.run(
         pl.PLConfig(
-            task="mr", seeds=(13, 21), max_steps=5, mse_steps=5, lm_iters=3, layers=(),
-            kernel_points=3, below_k=16, below_layers=(0,), below_ce_steps=4, **common,
+            task="mr",
+            seeds=(13, 21),
+            max_steps=5,
+            mse_steps=5,
+            lm_iters=3,
+            layers=(),
+            kernel_points=3,
+            below_k=16,
+            below_layers=(0,),
+            below_ce_steps=4,
+            **common,
         )  # fmt: skip
     )
     for r in res["seeds"]:  # the kernel at steps 0, 1 and 5 (log-spaced), lam_min <= lam_max
