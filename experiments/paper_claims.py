@@ -12,6 +12,8 @@ out supported, not supported or inconclusive:
   matrix) for every C* in the measured interval, for none, or for some;
 * 1b, the constant: the paper's 1.35 inside every defined interval of gradient descent's
   transition (the paper's estimand), outside every one, or neither;
+* 1c: random starts of squared error at r = 1 on the real linearized problem end at
+  zero-loss minima (supported), at a spurious minimum (not supported), or neither;
 * 2: cross-entropy reaches the target loss on every seed with ``||grad L|| >= c L`` after
   the detected plateau and a nonsingular LoRA tangent kernel along the run, and reaches it
   at r = 1 where the squared-error controls (solved to convergence) show a threshold;
@@ -36,7 +38,7 @@ import time
 
 import numpy as np
 
-from experiments import bias_variance, cstar, pl, report, thresholds
+from experiments import bias_variance, cstar, landscape, pl, report, thresholds
 from experiments import run as run_lib
 from experiments.cli import add_dataclass_arguments
 from experiments.config import ExperimentConfig
@@ -45,6 +47,7 @@ from experiments.verdicts import (
     bias_variance_task,
     combine,
     cstar_constant,
+    no_spurious_minima,
     pl_contrast,
     pl_lojasiewicz,
     rank_comparison,
@@ -67,6 +70,9 @@ class ClaimsConfig:
       cstar_solvers: C* solvers (``experiments.cstar.SOLVERS``).
       cstar_rhos: the C* rho grid.
       cstar_draws: draws per C* point.
+      landscape_starts: random starts of the spurious-minima check (squared error at r = 1 on
+        the real linearized problem, :mod:`experiments.landscape`; 0: not run).
+      landscape_lm_iters: Levenberg-Marquardt iterations per start.
       pl_seeds: seeds of the PL check (few-shot split and adapter init); 10, as
         ``experiments.pl``. One seed to L <= 1e-3 took 5,068 steps and 367 s on the shared
         2-core machine (0.07-0.18 s a step with the load): about an hour for 10.
@@ -102,6 +108,8 @@ class ClaimsConfig:
     cstar_solvers: tuple[str, ...] = cstar.CStarConfig.solvers
     cstar_rhos: tuple[float, ...] = cstar.CStarConfig.rhos
     cstar_draws: int = 64
+    landscape_starts: int = landscape.LandscapeConfig.starts
+    landscape_lm_iters: int = landscape.LandscapeConfig.lm_iters
     pl_seeds: tuple[int, ...] = pl.PLConfig.seeds
     pl_max_steps: int = pl.PLConfig.max_steps
     pl_target_loss: float = pl.PLConfig.target_loss
@@ -244,6 +252,45 @@ def claim_cstar(cfg: ClaimsConfig) -> dict:
         "verdict": out["verdict"],
         "c_interval": c_star_interval(conc),
         "seconds": result["seconds"],
+    }
+
+
+LANDSCAPE_TITLE = "1c. No spurious minima at r = 1 on the real problem (squared error)"
+LANDSCAPE_CLAIM = (
+    "Above the manifold count (r(m+n) - r^2 > C* KN) gradient methods on the linearized LoRA "
+    "problem with squared error reach a global minimum at r = 1: no spurious local minima."
+)
+
+
+def claim_landscape(cfg: ClaimsConfig) -> dict:
+    """Claim 1 on the real problem: random starts at r = 1 classified by gradient norm and
+    the smallest Hessian eigenvalue (:func:`experiments.verdicts.no_spurious_minima`)."""
+    if not cfg.landscape_starts:
+        return {"title": LANDSCAPE_TITLE, "claim": LANDSCAPE_CLAIM, "plot": None,
+                "command": "python -m experiments.landscape", "verdict": INCONCLUSIVE,
+                "numbers": "Not run in this report (--landscape-starts 0)."}  # fmt: skip
+    lcfg = landscape.LandscapeConfig(
+        name=f"{cfg.name}/landscape",
+        starts=cfg.landscape_starts,
+        lm_iters=cfg.landscape_lm_iters,
+        out=cfg.out,
+    )
+    res = landscape.run(lcfg)
+    fits = bool(res["points"]) and res["points"][0]["best_loss"] == 0.0
+    out = no_spurious_minima(res["counts"], dim=res["dim"], kn=res["kn"], fits=fits)
+    return {
+        "title": LANDSCAPE_TITLE,
+        "claim": LANDSCAPE_CLAIM,
+        "command": f"python -m experiments.landscape --starts {lcfg.starts} "
+        f"--lm-iters {lcfg.lm_iters}",
+        "numbers": landscape.markdown(res)
+        + "\n\nVerdict rule (`verdicts.no_spurious_minima`): supported when every start ends "
+        "at a zero-loss minimum, not supported when any ends at a spurious minimum (gradient "
+        f"norm <= {lcfg.grad_tol:g}, Hessian lam_min >= -{lcfg.hess_tol:g} lam_max, loss above "
+        f"the lowest), inconclusive otherwise: {out['reason']}.",
+        "plot": None,
+        "verdict": out["verdict"],
+        "seconds": res["seconds"],
     }
 
 
@@ -504,6 +551,7 @@ def run(cfg: ClaimsConfig) -> str:
     parts = [
         ("cstar", lambda: claim_cstar(cfg)),
         ("thresholds", lambda: claim_thresholds(cfg, sections["cstar"].get("c_interval"))),
+        ("landscape", lambda: claim_landscape(cfg)),
         ("pl", lambda: claim_pl(cfg, cache)),
         ("rank_sweep", run_sweep),
         ("bias_variance", lambda: claim_bias_variance(cfg, sweep["results"])),
@@ -516,7 +564,7 @@ def run(cfg: ClaimsConfig) -> str:
         print(f"{name}: {sections[name]['verdict']} ({timings[name]:.0f} s)", file=sys.stderr)
     with open(os.path.join(run_dir, "timings.json"), "w") as f:
         json.dump(timings, f, indent=1)
-    order = ("thresholds", "cstar", "pl", "bias_variance", "rank_sweep")
+    order = ("thresholds", "cstar", "landscape", "pl", "bias_variance", "rank_sweep")
     return write_report(run_dir, [sections[name] for name in order])
 
 

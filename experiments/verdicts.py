@@ -10,7 +10,10 @@ calls these; nothing here trains, loads or reads files.
 * claim 1, the constant (:func:`cstar_constant`): the paper's 1.35 inside every defined 95%
   interval of gradient descent's transition, outside every one, or neither (an undefined
   interval never counts as excluding it);
-* claim 2 (:func:`pl_lojasiewicz`): cross-entropy reaches the target loss on every seed with
+* claim 1 on the real problem (:func:`no_spurious_minima`): random starts of squared error
+  at r = 1 end at zero-loss minima, a spurious minimum, or neither;
+* claim 2 (:func:`pl_lojasiewicz`, :func:`squared_error_threshold`, :func:`pl_contrast`):
+  cross-entropy reaches the target loss on every seed with
   ``||grad L|| >= c L`` after the plateau (exponent q of ``||grad L|| ~ L^q`` at most 1);
 * claim 3 (:func:`bias_variance_task`): the training-loss floor saturates at r = 1 for K = 2
   and keeps falling for K > 2, and a non-vacuous bound has its minimum on the right side;
@@ -36,6 +39,7 @@ __all__ = [
     "combine",
     "cstar_constant",
     "lojasiewicz_exponent",
+    "no_spurious_minima",
     "pl_lojasiewicz",
     "pl_contrast",
     "plateau_end",
@@ -113,6 +117,29 @@ def cstar_constant(intervals: dict[str, tuple[float, float] | None], c_star: flo
     else:
         verdict = INCONCLUSIVE
     return {"verdict": verdict, "inside": inside, "outside": outside, "undefined": undefined}
+
+
+def no_spurious_minima(counts: dict[str, int], *, dim: int, kn: int, fits: bool) -> dict:
+    """Claim 1 on the real problem: random starts of the squared-error problem at r = 1.
+
+    ``counts``: end points per class (:class:`ntk.theory.landscape.EndPoint` values); ``fits``:
+    the lowest end loss is zero (an interpolating solution exists and was found).
+
+    * ``dim <= kn``: **inconclusive** (below the count the claim promises nothing);
+    * any spurious minimum: **not supported**;
+    * every start at a global minimum and ``fits``: **supported**;
+    * otherwise (saddles, starts not stationary, or no start fits): **inconclusive**.
+    """
+    total = sum(counts.values())
+    if dim <= kn:
+        return {"verdict": INCONCLUSIVE, "reason": f"dim {dim} <= KN {kn}"}
+    if counts.get("spurious minimum", 0):
+        why = f"{counts['spurious minimum']} of {total} starts end at a spurious minimum"
+        return {"verdict": NOT_SUPPORTED, "reason": why}
+    if total and counts.get("global minimum", 0) == total and fits:
+        return {"verdict": SUPPORTED, "reason": f"all {total} starts end at a zero-loss minimum"}
+    why = "saddles or non-stationary end points, or no start fits" if total else "no starts"
+    return {"verdict": INCONCLUSIVE, "reason": why}
 
 
 # --- claim 2 ---------------------------------------------------------------------------------

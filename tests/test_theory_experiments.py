@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import bias_variance, cstar, paper_claims, pl
+from experiments import bias_variance, cstar, landscape, paper_claims, pl
 from lora_jax.errors import ConfigError, MissingFileError
 from lora_jax.testing import make_tiny_checkpoint
 
@@ -87,6 +87,22 @@ def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     assert again["tasks"] == out["tasks"]
     assert again["comparison"]["mr"]["measured"][1][0] == pytest.approx(0.4)
     assert "| 1 | " in again["markdown"] and "40.0 ± 2.0 (3) |" in again["markdown"]
+
+
+@pytest.mark.slow
+def test_landscape_runs_on_a_tiny_model(tiny_roberta, tmp_path):
+    cfg = landscape.LandscapeConfig(
+        model=tiny_roberta, k=2, max_length=16, layers=(0,), starts=2, lm_iters=30,
+        lanczos_iters=8, out=str(tmp_path),
+    )  # fmt: skip
+    res = landscape.run(cfg)
+    # query and value of layer 0 of a hidden-32 model at r = 1: dim 2 (64 - 1), KN = 4 x 2
+    assert res["dim"] == 126 and res["kn"] == 8 and len(res["gram"]["eigvals"]) == 8
+    assert sum(res["counts"].values()) == 2 and len(res["points"]) == 2
+    for p in res["points"]:
+        assert p["loss"] <= p["loss_start"] and p["lam_min"] <= p["lam_max"]
+    assert "| 0 | " in landscape.markdown(res) and "condition number" in landscape.markdown(res)
+    assert landscape.run(cfg) == json.loads(json.dumps(res))  # resumed from landscape.json
 
 
 def test_bias_variance_verdicts_per_task():
@@ -231,17 +247,19 @@ def test_paper_claims_feeds_the_sweep_to_bias_variance_and_writes_every_section(
     monkeypatch.setattr(paper_claims, "claim_thresholds", thr)
     monkeypatch.setattr(paper_claims, "claim_cstar", cs)
     monkeypatch.setattr(paper_claims, "claim_pl", lambda cfg, cache: section("pl"))
+    monkeypatch.setattr(paper_claims, "claim_landscape", lambda cfg: section("land"))
     monkeypatch.setattr(paper_claims, "claim_sweep", lambda cfg: (section("sweep"), "r.jsonl"))
     monkeypatch.setattr(paper_claims, "claim_bias_variance", bv)
     path = paper_claims.run(paper_claims.ClaimsConfig(name="claims", out=str(tmp_path)))
     assert seen["results"] == "r.jsonl" and seen["c_interval"] == (1.2, 1.6)
     text = open(path).read()
     heads = [line for line in text.splitlines() if line.startswith("## ")]
-    assert heads == ["## thr", "## cstar", "## pl", "## bv", "## sweep"]
+    assert heads == ["## thr", "## cstar", "## land", "## pl", "## bv", "## sweep"]
     assert "- cstar: **not supported**" in text and "**Verdict: inconclusive.**" in text
     assert "![bv](bias_variance/p.png)" in text and "**Command.** `cmd sweep`" in text
     timings = json.loads((tmp_path / "claims" / "timings.json").read_text())
-    assert set(timings) == {"thresholds", "cstar", "pl", "rank_sweep", "bias_variance"}
+    assert set(timings) == {"thresholds", "cstar", "landscape", "pl", "rank_sweep",
+                            "bias_variance"}  # fmt: skip
     paper_claims.run(paper_claims.ClaimsConfig(name="claims", out=str(tmp_path), sweep=False))
     assert seen["results"] is None
     assert "Not run in this report (--no-sweep)." in open(path).read()

@@ -69,6 +69,23 @@ def test_cstar_constant_branches(intervals, verdict):
     assert sorted(out["inside"] + out["outside"] + out["undefined"]) == sorted(intervals)
 
 
+@pytest.mark.parametrize(
+    "counts, dim, kn, fits, verdict",
+    [
+        ({"global minimum": 20}, 3068, 64, True, S),
+        ({"global minimum": 19, "spurious minimum": 1}, 3068, 64, True, N),
+        ({"global minimum": 19, "saddle": 1}, 3068, 64, True, I),
+        ({"global minimum": 19, "not stationary": 1}, 3068, 64, True, I),
+        ({"global minimum": 20}, 3068, 64, False, I),  # no start interpolates
+        ({"global minimum": 20}, 767, 1024, True, I),  # below the count
+        ({"spurious minimum": 3}, 767, 1024, True, I),  # allowed there
+        ({}, 3068, 64, True, I),
+    ],
+)
+def test_no_spurious_minima_branches(counts, dim, kn, fits, verdict):
+    assert v.no_spurious_minima(counts, dim=dim, kn=kn, fits=fits)["verdict"] == verdict
+
+
 # --- claim 2 ---------------------------------------------------------------------------------
 
 
