@@ -108,19 +108,19 @@ def end_point(problem: sensing.SensingProblem, targets, adapters, lanczos_iters:
     n = problem.f0.shape[0]
     flat, unravel = ravel_pytree(adapters)
 
-    def loss(x):
-        r = sensing.outputs(problem, unravel(x)) - targets
+    def loss(x, data):
+        r = sensing.outputs(data[0], unravel(x)) - data[1]
         return 0.5 * jnp.sum(r * r) / n
 
-    hv = landscape.hvp(loss, flat)
+    hv = landscape.hvp(loss, flat, (problem, targets))
     lz = landscape.lanczos(
         lambda v: np.asarray(hv(jnp.asarray(v, flat.dtype))),
         flat.size,
         iters=min(lanczos_iters, flat.size),
     )
     return {
-        "loss": float(loss(flat)),
-        "grad_norm": float(jnp.linalg.norm(jax.grad(loss)(flat))),
+        "loss": float(loss(flat, (problem, targets))),
+        "grad_norm": float(jnp.linalg.norm(jax.grad(loss)(flat, (problem, targets)))),
         "lam_min": float(lz.ritz[0]),
         "lam_max": float(lz.ritz[-1]),
     }

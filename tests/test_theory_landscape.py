@@ -48,12 +48,13 @@ def test_lanczos_equals_eigh_on_an_explicit_matrix():
 
 
 def test_hvp_is_the_hessian_times_a_vector():
-    def f(x):
-        return jnp.sum(jnp.sin(x) * x[::-1]) + 0.5 * (x @ x) ** 2
+    def f(x, c):
+        return jnp.sum(jnp.sin(x) * x[::-1]) + 0.5 * c * (x @ x) ** 2
 
     x = jnp.linspace(-1.0, 1.0, 6)
     v = jnp.arange(6.0) - 2.0
-    np.testing.assert_allclose(landscape.hvp(f, x)(v), jax.hessian(f)(x) @ v, rtol=1e-12)
+    expected = jax.hessian(f)(x, 3.0) @ v
+    np.testing.assert_allclose(landscape.hvp(f, x, 3.0)(v), expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize(

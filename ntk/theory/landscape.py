@@ -30,10 +30,14 @@ __all__ = ["EndPoint", "Lanczos", "classify", "hvp", "lanczos"]
 PyTree = Any
 
 
-def hvp(loss_fn: Callable[[PyTree], jax.Array], params: PyTree) -> Callable[[PyTree], PyTree]:
-    """``v -> H v`` at ``params`` for the scalar ``loss_fn`` (forward over reverse)."""
+def hvp(
+    loss_fn: Callable[[PyTree, PyTree], jax.Array], params: PyTree, data: PyTree = None
+) -> Callable[[PyTree], PyTree]:
+    """``v -> H v`` at ``params`` for the scalar ``loss_fn(params, data)`` (forward over
+    reverse, jitted; ``data`` is passed as an argument, not baked into the program)."""
     grad = jax.grad(loss_fn)
-    return jax.jit(lambda v: jax.jvp(grad, (params,), (v,))[1])
+    run = jax.jit(lambda p, v, d: jax.jvp(lambda q: grad(q, d), (p,), (v,))[1])
+    return lambda v: run(params, v, data)
 
 
 class Lanczos(NamedTuple):

@@ -188,31 +188,31 @@ def levenberg_marquardt(
             out[p] = {"lora_a": a, "lora_b": b}
         return out
 
-    def res_of(x):
+    def res_of(x, problem, targets):
         return (outputs(problem, unpack(x)) - targets).reshape(-1)
 
-    def loss_of(x):
-        r = res_of(x)
+    def loss_of(x, problem, targets):
+        r = res_of(x, problem, targets)
         return 0.5 * jnp.sum(r * r) / n
 
     @jax.jit
-    def step(x, lam):
-        r = res_of(x)
+    def step(x, lam, problem, targets):  # the problem is an argument, not a baked constant
+        r = res_of(x, problem, targets)
         g = _residual_jacobian(problem, unpack(x))  # (NK, P)
         c = jnp.linalg.solve(g @ g.T + lam * jnp.eye(g.shape[0], dtype=g.dtype), r)
         new = x - g.T @ c
-        better = loss_of(new) < loss_of(x)
+        better = loss_of(new, problem, targets) < loss_of(x, problem, targets)
         x = jnp.where(better, new, x)
         lam = jnp.clip(jnp.where(better, lam / 3.0, lam * 4.0), 1e-12, 1e12)
-        return x, lam, loss_of(x)
+        return x, lam, loss_of(x, problem, targets)
 
     x = jnp.concatenate(
         [jnp.concatenate([adapters[p]["lora_a"].ravel(), adapters[p]["lora_b"].ravel()])
          for p in paths]
     )  # fmt: skip
     lam = jnp.asarray(damping, x.dtype)
-    losses = [float(loss_of(x))]
+    losses = [float(loss_of(x, problem, targets))]
     for _ in range(iters):
-        x, lam, value = step(x, lam)
+        x, lam, value = step(x, lam, problem, targets)
         losses.append(float(value))
     return np.asarray(losses), unpack(x)
