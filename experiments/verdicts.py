@@ -12,6 +12,8 @@ calls these; nothing here trains, loads or reads files.
   interval never counts as excluding it);
 * claim 1 on the real problem (:func:`no_spurious_minima`): random starts of squared error
   at r = 1 end at zero-loss minima, a spurious minimum, or neither;
+* the NTK regime every guarantee assumes (:func:`ntk_regime`): real runs' weight-space
+  linearization errors all within a tolerance, all beyond it, or mixed;
 * claim 2 (:func:`pl_lojasiewicz`, :func:`squared_error_threshold`, :func:`pl_contrast`):
   cross-entropy reaches the target loss on every seed with
   ``||grad L|| >= c L`` after the plateau (exponent q of ``||grad L|| ~ L^q`` at most 1);
@@ -40,6 +42,7 @@ __all__ = [
     "cstar_constant",
     "lojasiewicz_exponent",
     "no_spurious_minima",
+    "ntk_regime",
     "pl_lojasiewicz",
     "pl_contrast",
     "plateau_end",
@@ -140,6 +143,21 @@ def no_spurious_minima(counts: dict[str, int], *, dim: int, kn: int, fits: bool)
         return {"verdict": SUPPORTED, "reason": f"all {total} starts end at a zero-loss minimum"}
     why = "saddles or non-stationary end points, or no start fits" if total else "no starts"
     return {"verdict": INCONCLUSIVE, "reason": why}
+
+
+def ntk_regime(errors: Sequence[float], *, tol: float) -> dict:
+    """The assumption of every guarantee: real fine-tuning stays near its linearization.
+
+    ``errors``: weight-space linearization errors ``||f(W0 + dW) - f_lin|| / ||f(W0 + dW) -
+    f(W0)||`` of real runs (every rank and seed). **supported** when all are at most ``tol``,
+    **not supported** when all exceed it, **inconclusive** when mixed or none.
+    """
+    small = [e <= tol for e in errors]
+    if small and all(small):
+        return {"verdict": SUPPORTED, "reason": f"every run within {tol:g}"}
+    if small and not any(small):
+        return {"verdict": NOT_SUPPORTED, "reason": f"every run above {tol:g}"}
+    return {"verdict": INCONCLUSIVE, "reason": f"{sum(small)} of {len(small)} runs within {tol:g}"}
 
 
 # --- claim 2 ---------------------------------------------------------------------------------

@@ -248,17 +248,18 @@ def test_paper_claims_feeds_the_sweep_to_bias_variance_and_writes_every_section(
     monkeypatch.setattr(paper_claims, "claim_cstar", cs)
     monkeypatch.setattr(paper_claims, "claim_pl", lambda cfg, cache: section("pl"))
     monkeypatch.setattr(paper_claims, "claim_landscape", lambda cfg: section("land"))
+    monkeypatch.setattr(paper_claims, "claim_lazy", lambda cfg: section("lazy"))
     monkeypatch.setattr(paper_claims, "claim_sweep", lambda cfg: (section("sweep"), "r.jsonl"))
     monkeypatch.setattr(paper_claims, "claim_bias_variance", bv)
     path = paper_claims.run(paper_claims.ClaimsConfig(name="claims", out=str(tmp_path)))
     assert seen["results"] == "r.jsonl" and seen["c_interval"] == (1.2, 1.6)
     text = open(path).read()
     heads = [line for line in text.splitlines() if line.startswith("## ")]
-    assert heads == ["## thr", "## cstar", "## land", "## pl", "## bv", "## sweep"]
+    assert heads == ["## lazy", "## thr", "## cstar", "## land", "## pl", "## bv", "## sweep"]
     assert "- cstar: **not supported**" in text and "**Verdict: inconclusive.**" in text
     assert "![bv](bias_variance/p.png)" in text and "**Command.** `cmd sweep`" in text
     timings = json.loads((tmp_path / "claims" / "timings.json").read_text())
-    assert set(timings) == {"thresholds", "cstar", "landscape", "pl", "rank_sweep",
+    assert set(timings) == {"lazy", "thresholds", "cstar", "landscape", "pl", "rank_sweep",
                             "bias_variance"}  # fmt: skip
     paper_claims.run(paper_claims.ClaimsConfig(name="claims", out=str(tmp_path), sweep=False))
     assert seen["results"] is None

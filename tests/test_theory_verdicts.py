@@ -86,6 +86,14 @@ def test_no_spurious_minima_branches(counts, dim, kn, fits, verdict):
     assert v.no_spurious_minima(counts, dim=dim, kn=kn, fits=fits)["verdict"] == verdict
 
 
+@pytest.mark.parametrize(
+    "errors, verdict",
+    [([0.01, 0.05], S), ([0.2, 1.3], N), ([0.05, 0.2], I), ([], I), ([0.1], S)],
+)
+def test_ntk_regime_branches(errors, verdict):
+    assert v.ntk_regime(errors, tol=0.1)["verdict"] == verdict
+
+
 # --- claim 2 ---------------------------------------------------------------------------------
 
 
