@@ -146,6 +146,28 @@ def test_sweep_verdicts_read_the_kind_of_task_from_the_registry():
     assert paper_claims.sweep_verdicts(swapped, margin=2.0)[0] == "not supported"
 
 
+def test_trec3_is_three_of_trecs_classes_and_its_sweep_verdict_is_multiclass():
+    from lora_jax import tasks
+    from lora_jax.tasks.registry import TREC_COARSE, load_trec
+
+    cfg = paper_claims.ClaimsConfig()
+    named = tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=16)
+    assert list(named) == ["mr", "subjrt", "boolq", "trec", "trec3"]
+    trec3, trec = named["trec3"], load_trec()
+    assert trec3.label_words == ("Human", "Location", "Number")
+    data = trec3.load()
+    for split, mine in (("train", data.train), ("test", data.test)):
+        full = getattr(trec, split)
+        keep = np.isin(full.labels, [TREC_COARSE.index(c) for c in ("HUM", "LOC", "NUM")])
+        assert mine.texts[0] == tuple(np.asarray(full.texts[0], dtype=object)[keep])
+        assert np.bincount(mine.labels).tolist() == np.bincount(full.labels[keep])[
+            [3, 4, 5]].tolist()  # fmt: skip
+    # K comes from the task file: trec3 is judged as multi-class (a rise is needed).
+    records = _records("trec3", {1: [60, 61, 59], 12: [60, 61, 60]})
+    verdict, lines = paper_claims.sweep_verdicts(records, 2.0, 12, {"trec3": 3})
+    assert verdict == "not supported" and lines[0].startswith("- trec3 (K = 3, multi-class)")
+
+
 def test_claims_config_refuses_sweeps_without_rank_one_or_off_the_bound():
     with pytest.raises(SystemExit):
         paper_claims.parse_args(["--sweep-ranks", "4", "12"])
