@@ -97,6 +97,9 @@ class ClaimsConfig:
       bv_k: examples per class of the bias / variance curves (their Jacobians take
         N K^2 x 147k floats per adapted matrix: k = 4 keeps TREC's K = 6 on a CPU).
       bv_draws: Monte-Carlo sign vectors of the Rademacher term.
+      bv_like_sweep: the bias / variance curves on the sweep's matrices (every layer), k and
+        first seed, instead of ``bv_k`` and the last layer (the Jacobians then take
+        N K^2 x 147k floats for each of the 12 matrices: about 4 GB for TREC's K = 6).
       bv_saturation: the bias counts as saturated at r = 1 when the training loss falls by at
         most this many nats from r = 1 to the largest rank
         (:func:`experiments.verdicts.bias_variance_task`).
@@ -135,6 +138,7 @@ class ClaimsConfig:
     bv_steps: int = 100
     bv_ranks: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
     bv_draws: int = 16
+    bv_like_sweep: bool = False
     bv_saturation: float = 0.01
     sweep: bool = True
     tasks: tuple[str, ...] = ("mr", "subjrt", "boolq", "trec")
@@ -502,19 +506,29 @@ def _sweep_not_run() -> dict:
     }
 
 
-def claim_bias_variance(cfg: ClaimsConfig, results_path: str | None) -> dict:
-    """The bias / variance curves of ``cfg.tasks``, with the sweep's test errors beside them
-    when ``results_path`` (its ``results.jsonl``) is given."""
-    bcfg = bias_variance.BiasVarianceConfig(
+def bias_variance_config(
+    cfg: ClaimsConfig, results_path: str | None
+) -> bias_variance.BiasVarianceConfig:
+    """The bias / variance run of the report: ``bv_k`` examples per class and the last
+    layer by default; with ``bv_like_sweep`` the sweep's k and every layer (the sweep's
+    adapted matrices), at the sweep's first seed."""
+    like = {"k": ExperimentConfig.k, "layers": (), "seed": cfg.sweep_seeds[0]}
+    return bias_variance.BiasVarianceConfig(
         name=f"{cfg.name}/bias_variance",
         tasks=cfg.bv_tasks,
-        k=cfg.bv_k,
         steps=cfg.bv_steps,
         ranks=cfg.bv_ranks,
         draws=cfg.bv_draws,
         finetune_results=results_path,
         out=cfg.out,
+        **(like if cfg.bv_like_sweep else {"k": cfg.bv_k}),
     )
+
+
+def claim_bias_variance(cfg: ClaimsConfig, results_path: str | None) -> dict:
+    """The bias / variance curves of ``cfg.tasks``, with the sweep's test errors beside them
+    when ``results_path`` (its ``results.jsonl``) is given."""
+    bcfg = bias_variance_config(cfg, results_path)
     out = bias_variance.run(bcfg)
     verdict, lines = bias_variance_verdicts(out["tasks"], cfg.bv_saturation)
     return {
@@ -522,7 +536,9 @@ def claim_bias_variance(cfg: ClaimsConfig, results_path: str | None) -> dict:
         "claim": "Binary (K = 2): the bias is saturated at r = 1, so rank one minimizes bias + "
         "variance; K > 2: the bias keeps falling, so the best rank is above one.",
         "command": f"python -m experiments.bias_variance --tasks {' '.join(cfg.bv_tasks)} "
-        f"--k {cfg.bv_k} --steps {cfg.bv_steps} --draws {cfg.bv_draws} --ranks "
+        f"--k {bcfg.k} --steps {cfg.bv_steps} --draws {cfg.bv_draws} --seed {bcfg.seed} "
+        + (f"--layers {' '.join(map(str, bcfg.layers))} " if bcfg.layers else "--layers ")
+        + "--ranks "
         f"{' '.join(map(str, cfg.bv_ranks))}"
         + (f" --finetune-results {results_path}" if results_path else ""),
         "numbers": out["markdown"]
@@ -543,24 +559,32 @@ def claim_bias_variance(cfg: ClaimsConfig, results_path: str | None) -> dict:
 
 def bias_variance_verdicts(results: list[dict], saturation: float) -> tuple[str, list[str]]:
     """The section's verdict from :func:`experiments.bias_variance.run_task` results, and one
-    line per task (:func:`experiments.verdicts.bias_variance_task`, then ``combine``)."""
+    line per task (:func:`experiments.verdicts.bias_variance_task`, then ``combine``).
+
+    The bound judged is the union bound over the budget grid and the ranks (``bound_union``:
+    a bound that holds with the budgets and the rank chosen from the data), or the per-budget
+    one for results without it."""
     found, lines = [], []
     for t in results:
+        union = "bound_union_min" in t
+        bound_min = t["bound_union_min"] if union else t["bound_min"]
+        argmin = t["best_rank_union"] if union else t["best_rank"]
         v = bias_variance_task(
             t["K"],
             t["fit_drop_1_to_max"],
             saturation=saturation,
-            bound_min=t["bound_min"],
+            bound_min=bound_min,
             loss_bound=bv_theory.LOSS_BOUND,
-            bound_argmin=t["best_rank"],
+            bound_argmin=argmin,
         )
         found.append(v["verdict"])
         lines.append(
             f"- {t['task']} (K = {t['K']}): training loss falls by {t['fit_drop_1_to_max']:.4f} "
             f"nats from r = {t['ranks'][0]} to r = {t['ranks'][-1]} "
-            f"({'saturated' if v['saturated'] else 'not saturated'}); bound at least "
-            f"{t['bound_min']:.3g} nats ({'vacuous, ' if v['vacuous'] else ''}"
-            f"{v['vacuous_by']:.3g} x the loss range), lowest at r = {t['best_rank']}: "
+            f"({'saturated' if v['saturated'] else 'not saturated'}); "
+            f"{'union ' if union else ''}bound at least "
+            f"{bound_min:.3g} nats ({'vacuous, ' if v['vacuous'] else ''}"
+            f"{v['vacuous_by']:.3g} x the loss range), lowest at r = {argmin}: "
             f"**{v['verdict']}**."
         )
     return combine(found), lines

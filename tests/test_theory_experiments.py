@@ -80,6 +80,12 @@ def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     assert task["best_rank"] == (1, 2)[int(np.argmin(total))]
     assert task["bound_min"] == pytest.approx(total.min() + task["confidence_term"])
     assert all(c > 0 for c in task["complexity"])  # trained budgets are nonzero norms
+    # The union bound: budgets on the grid (never below the trained norms), delta shared over
+    # 40 grid points per adapted matrix and the 2 ranks.
+    for path, norms in task["budgets"].items():
+        assert all(g >= b for g, b in zip(task["budgets_grid"][path], norms, strict=True))
+    assert task["union_count"] == 40 ** task["matrices"] * 2
+    assert all(u >= t for u, t in zip(task["bound_union"], total, strict=True))
     saved = json.loads((tmp_path / "bias_variance" / "bias_variance.json").read_text())
     assert saved["tasks"][0]["ranks"] == [1, 2] and out["comparison"] == {}
     # The same curves (resumed, not recomputed) with measured errors beside them.
@@ -119,6 +125,10 @@ def test_bias_variance_verdicts_per_task():
     assert verdict == "inconclusive" and "vacuous, 18 x the loss range" in lines[1]
     flat = {**trec, "fit_drop_1_to_max": 0.001}
     assert paper_claims.bias_variance_verdicts([mr, flat], saturation=0.01)[0] == "not supported"
+    # With the union bound present, it is the one judged (here vacuous: inconclusive).
+    union = {**mr, "bound_union_min": 3.5, "best_rank_union": 1}
+    verdict, lines = paper_claims.bias_variance_verdicts([union, trec], saturation=0.01)
+    assert verdict == "inconclusive" and "union bound at least 3.5 nats (vacuous" in lines[0]
 
 
 def _records(task, ranks):
@@ -166,6 +176,14 @@ def test_trec3_is_three_of_trecs_classes_and_its_sweep_verdict_is_multiclass():
     records = _records("trec3", {1: [60, 61, 59], 12: [60, 61, 60]})
     verdict, lines = paper_claims.sweep_verdicts(records, 2.0, 12, {"trec3": 3})
     assert verdict == "not supported" and lines[0].startswith("- trec3 (K = 3, multi-class)")
+
+
+def test_bias_variance_like_the_sweep_takes_its_layers_k_and_seed():
+    default = paper_claims.bias_variance_config(paper_claims.ClaimsConfig(), None)
+    assert (default.k, default.layers, default.seed) == (4, (5,), 13)
+    cfg = paper_claims.ClaimsConfig(bv_like_sweep=True, sweep_seeds=(21, 42))
+    like = paper_claims.bias_variance_config(cfg, "r.jsonl")
+    assert (like.k, like.layers, like.seed, like.finetune_results) == (16, (), 21, "r.jsonl")
 
 
 def test_claims_config_refuses_sweeps_without_rank_one_or_off_the_bound():
