@@ -199,6 +199,7 @@ def transitions(records: list[dict], tols: tuple[float, ...], *, n_boot: int = 1
             ratios = np.array([x["ratios"][b] for x in recs])  # (G, draws)
             for tol in tols:
                 t = cstar.transition(rhos, ratios <= tol, n_boot=n_boot)
+                t95 = cstar.transition(rhos, ratios <= tol, level=0.95, n_boot=n_boot)
                 rows.append(
                     {
                         "shape": shape,
@@ -211,6 +212,9 @@ def transitions(records: list[dict], tols: tuple[float, ...], *, n_boot: int = 1
                         "low": t.low,
                         "high": t.high,
                         "censored": t.censored,
+                        "rho95": t95.rho50,
+                        "low95": t95.low,
+                        "high95": t95.high,
                         "diverged": float(np.mean(~np.isfinite(ratios))),
                     }
                 )
@@ -279,8 +283,8 @@ def markdown(rows: list[dict], cfg: CStarConfig) -> str:
         f"### Headline threshold tol = {cfg.tol:g}",
         "",
         "| m x n x r | dim | bound dim/(r max(m,n)) | solver | budget | rho_50 [95% CI] "
-        "| diverged |",
-        "|---|---|---|---|---|---|---|",
+        "| rho_95 [95% CI] | diverged |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["tol"] != cfg.tol:
@@ -288,7 +292,9 @@ def markdown(rows: list[dict], cfg: CStarConfig) -> str:
         lines.append(
             f"| {r['shape']} | {r['dim']} | {r['linear_bound']:.3f} | {r['solver']} | "
             f"{r['budget']} | {_fmt(r['rho50'])} [{_fmt(r['low'])}, {_fmt(r['high'])}]"
-            f"{' (' + r['censored'] + ')' if r['censored'] else ''} | {r['diverged']:.0%} |"
+            f"{' (' + r['censored'] + ')' if r['censored'] else ''} | "
+            f"{_fmt(r.get('rho95'))} [{_fmt(r.get('low95'))}, {_fmt(r.get('high95'))}] | "
+            f"{r['diverged']:.0%} |"
         )
     lines += [
         "",

@@ -166,3 +166,18 @@ def test_cstar_run_classifies_gds_failures(tmp_path):
     again = cstar_exp.run(cfg, progress=False)  # resumed: nothing recomputed
     assert len((tmp_path / "cstar" / "failures.jsonl").read_text().splitlines()) == 2
     assert again["failures"] == out["failures"]
+
+
+def test_transitions_report_the_95_percent_point():
+    from experiments import cstar as cstar_exp
+
+    # success 0 / 20, 10 / 20, 20 / 20 at rho 1, 1.5, 2: the 50% point is 1.5; the 95% point
+    # interpolates between 1.5 (0.5) and 2 (1.0): 1.5 + 0.45 / 0.5 * 0.5 = 1.95.
+    recs = [
+        {"shape": "4x3x1", "solver": "lm", "rho": rho, "budgets": [300],
+         "ratios": [[0.0 if d < wins else 1.0 for d in range(20)]]}
+        for rho, wins in ((1.0, 0), (1.5, 10), (2.0, 20))
+    ]  # fmt: skip
+    (row,) = cstar_exp.transitions(recs, (1e-4,), n_boot=50)
+    assert row["rho50"] == pytest.approx(1.5) and row["rho95"] == pytest.approx(1.95)
+    assert row["low95"] <= 1.5 and row["high95"] >= 2.0  # the grid cell it falls in
