@@ -62,6 +62,8 @@ class CStarConfig:
       tols: success thresholds on L_end / L_start; ``tol`` is the headline one.
       tol: the headline threshold.
       seed: seed of the draws.
+      restart_iters: Levenberg-Marquardt iterations from each end point of gradient descent's
+        longest budget, to tell its failures apart (slow convergence or stuck; 0: not run).
       out: parent directory of run directories.
     """
 
@@ -73,9 +75,12 @@ class CStarConfig:
     tols: tuple[float, ...] = (1e-2, 1e-4, 1e-6)
     tol: float = 1e-4
     seed: int = 0
+    restart_iters: int = 300
     out: str = "runs"
 
     def __post_init__(self):
+        if self.restart_iters < 0:
+            raise ValueError(f"restart_iters must be >= 0; got {self.restart_iters}.")
         for shape in self.shapes:
             parse_shape(shape)
         unknown = [s for s in self.solvers if s not in SOLVERS]
@@ -126,6 +131,53 @@ def run_points(cfg: CStarConfig, run_dir: str, *, progress: bool = True) -> list
     return [r for r in records if (r["shape"], r["solver"]) in keep]
 
 
+def run_failures(cfg: CStarConfig, run_dir: str, *, progress: bool = True) -> list[dict]:
+    """GD's failures at its longest budget restarted by Levenberg-Marquardt, per (shape, KN)
+    (:func:`ntk.theory.cstar.classify_failures`); resumes from ``failures.jsonl``."""
+    path = os.path.join(run_dir, "failures.jsonl")
+    records = _read(path)
+    done = {(r["shape"], r["kn"], r["restart_iters"]) for r in records}
+    budgets, lr = SOLVERS["gd"]
+    todo = []
+    for shape in cfg.shapes:
+        m, n, r = parse_shape(shape)
+        kns = cstar.kn_grid(m, n, r, cfg.rhos)
+        todo += [(shape, kn, max(kns)) for kn in kns
+                 if (shape, kn, cfg.restart_iters) not in done]  # fmt: skip
+    for shape, kn, kn_max in tqdm(todo, desc="GD failures", disable=not progress):
+        m, n, r = parse_shape(shape)
+        start = time.time()
+        out = cstar.classify_failures(
+            cfg.seed, m, n, r, kn, draws=cfg.draws, steps=budgets[-1], lr=lr,
+            lm_iters=cfg.restart_iters, kn_max=kn_max,
+        )  # fmt: skip
+        rec = {"shape": shape, "kn": kn, "rho": out.rho, "steps": budgets[-1],
+               "restart_iters": cfg.restart_iters, "gd": out.gd.tolist(),
+               "restart": out.restart.tolist(), "seconds": time.time() - start}  # fmt: skip
+        records.append(rec)
+        with open(path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    keep = set(cfg.shapes)
+    return [r for r in records if r["shape"] in keep and r["restart_iters"] == cfg.restart_iters]
+
+
+def failures_markdown(records: list[dict], tol: float) -> str:
+    """Per shape and rho: GD's draws solved, failed but solved by the restart (slow), and
+    failed both ways (stuck: a spurious minimum, or no rank-r solution below rho = 1)."""
+    lines = [
+        f"Gradient descent's end points at its longest budget, restarted by Levenberg-Marquardt "
+        f"(success: L_end / L_start <= {tol:g}):",
+        "",
+        "| shape | rho | KN | GD solved | slow (restart solves) | stuck (restart fails) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(records, key=lambda r: (r["shape"], r["rho"])):
+        c = cstar.failure_counts(np.asarray(r["gd"]), np.asarray(r["restart"]), tol)
+        lines.append(f"| {r['shape']} | {r['rho']:.3f} | {r['kn']} | {c['solved']} | "
+                     f"{c['slow']} | {c['stuck']} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def _read(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []
@@ -147,6 +199,7 @@ def transitions(records: list[dict], tols: tuple[float, ...], *, n_boot: int = 1
             ratios = np.array([x["ratios"][b] for x in recs])  # (G, draws)
             for tol in tols:
                 t = cstar.transition(rhos, ratios <= tol, n_boot=n_boot)
+                t95 = cstar.transition(rhos, ratios <= tol, level=0.95, n_boot=n_boot)
                 rows.append(
                     {
                         "shape": shape,
@@ -159,6 +212,9 @@ def transitions(records: list[dict], tols: tuple[float, ...], *, n_boot: int = 1
                         "low": t.low,
                         "high": t.high,
                         "censored": t.censored,
+                        "rho95": t95.rho50,
+                        "low95": t95.low,
+                        "high95": t95.high,
                         "diverged": float(np.mean(~np.isfinite(ratios))),
                     }
                 )
@@ -227,8 +283,8 @@ def markdown(rows: list[dict], cfg: CStarConfig) -> str:
         f"### Headline threshold tol = {cfg.tol:g}",
         "",
         "| m x n x r | dim | bound dim/(r max(m,n)) | solver | budget | rho_50 [95% CI] "
-        "| diverged |",
-        "|---|---|---|---|---|---|---|",
+        "| rho_95 [95% CI] | diverged |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["tol"] != cfg.tol:
@@ -236,7 +292,9 @@ def markdown(rows: list[dict], cfg: CStarConfig) -> str:
         lines.append(
             f"| {r['shape']} | {r['dim']} | {r['linear_bound']:.3f} | {r['solver']} | "
             f"{r['budget']} | {_fmt(r['rho50'])} [{_fmt(r['low'])}, {_fmt(r['high'])}]"
-            f"{' (' + r['censored'] + ')' if r['censored'] else ''} | {r['diverged']:.0%} |"
+            f"{' (' + r['censored'] + ')' if r['censored'] else ''} | "
+            f"{_fmt(r.get('rho95'))} [{_fmt(r.get('low95'))}, {_fmt(r.get('high95'))}] | "
+            f"{r['diverged']:.0%} |"
         )
     lines += [
         "",
@@ -311,7 +369,8 @@ def run(cfg: CStarConfig, *, progress: bool = True) -> dict:
     run_dir = os.path.join(cfg.out, cfg.name)
     os.makedirs(run_dir, exist_ok=True)
     config_path = os.path.join(run_dir, "config.json")
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "tols", "tol")}
+    skip = ("out", "tols", "tol", "restart_iters")
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
     fields = json.loads(json.dumps(fields))
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -326,16 +385,21 @@ def run(cfg: CStarConfig, *, progress: bool = True) -> dict:
     records = run_points(cfg, run_dir, progress=progress)
     rows = transitions(records, cfg.tols)
     text = markdown(rows, cfg)
+    failures = []
+    if cfg.restart_iters and "gd" in cfg.solvers:
+        failures = run_failures(cfg, run_dir, progress=progress)
+        text += "\n\n" + failures_markdown(failures, cfg.tol)
     png = plot(records, cfg, os.path.join(run_dir, "plots", "cstar.png"))
     report = os.path.join(run_dir, "report.md")
     with open(report + ".tmp", "w") as f:
         f.write(f"# C* by simulation\n\n{text}\n\n![success vs rho](plots/cstar.png)\n")
     os.replace(report + ".tmp", report)
-    seconds = sum(r["seconds"] for r in records)
+    seconds = sum(r["seconds"] for r in records + failures)
     return {
         "run_dir": run_dir,
         "rows": rows,
         "conclusion": conclusion(rows, cfg.tol),
+        "failures": failures,
         "markdown": text,
         "plot": png,
         "seconds": seconds,
@@ -351,7 +415,7 @@ def parse_args(argv: list[str] | None = None) -> CStarConfig:
             parser.add_argument(flag, nargs="+")
         elif field.name in ("rhos", "tols"):
             parser.add_argument(flag, nargs="+", type=float)
-        elif field.name in ("draws", "seed"):
+        elif field.name in ("draws", "seed", "restart_iters"):
             parser.add_argument(flag, type=int)
         elif field.name == "tol":
             parser.add_argument(flag, type=float)

@@ -66,6 +66,17 @@ class PLConfig:
         convergence on the linearized model (first seed, same start; 0: not run).
       exponent_tol: the form ``||grad L|| >= c L`` counts as holding when the exponent q of
         ``||grad L|| ~ L^q`` after the plateau is at most ``1 + exponent_tol``.
+      kernel_points: log-spaced steps per run at which the LoRA tangent kernel is evaluated
+        (0: not evaluated).
+      kernel_tol: the kernel counts as nonsingular when ``lam_min / lam_max`` exceeds this.
+      below_k: examples per class of the squared-error control below the threshold (one
+        matrix, ``dim(r) < KN`` at r = 1; 0: not run).
+      below_targets: the one adapted module of that control.
+      below_layers: its layer.
+      below_ranks: its Levenberg-Marquardt ranks (e.g. 1 with dim < KN and 2 with dim > KN).
+      below_ce_steps: the most cross-entropy GD steps at r = 1 on that problem.
+      zero_tol: a Levenberg-Marquardt control fits when its loss falls to at most this share
+        of its start.
       max_length: token length.
       out: parent directory of run directories.
     """
@@ -85,6 +96,14 @@ class PLConfig:
     mse_steps: int = 2000
     lm_iters: int = 40
     exponent_tol: float = 0.1
+    kernel_points: int = 40
+    kernel_tol: float = 1e-6
+    below_k: int = 256
+    below_targets: str = "query"
+    below_layers: tuple[int, ...] = (5,)
+    below_ranks: tuple[int, ...] = (1, 2)
+    below_ce_steps: int = 3000
+    zero_tol: float = 1e-4
     max_length: int = 48
     out: str = "runs"
 
@@ -96,11 +115,17 @@ class PLConfig:
             or not self.seeds
             or self.mse_steps < 0
             or self.lm_iters < 0
+            or self.kernel_points < 0
+            or self.below_k < 0
+            or self.below_ce_steps < 0
+            or any(r < 1 for r in self.below_ranks)
         ):
             raise ConfigError(
-                f"rank, max_steps and k must be >= 1, mse_steps and lm_iters >= 0 and seeds "
-                f"non-empty; got {self.rank}, {self.max_steps}, {self.k}, {self.mse_steps}, "
-                f"{self.lm_iters}, {list(self.seeds)}."
+                f"rank, max_steps, k and below_ranks must be >= 1, mse_steps, lm_iters, "
+                f"kernel_points, below_k and below_ce_steps >= 0 and seeds non-empty; got "
+                f"{self.rank}, {self.max_steps}, {self.k}, {list(self.below_ranks)}, "
+                f"{self.mse_steps}, {self.lm_iters}, {self.kernel_points}, {self.below_k}, "
+                f"{self.below_ce_steps}, {list(self.seeds)}."
             )
         if self.lr_ce <= 0 or self.lr_mse <= 0 or self.target_loss <= 0:
             raise ConfigError(
@@ -120,7 +145,10 @@ def load_problem(
     return problem, data.train["labels"], output_fn, params
 
 
-def _gd(problem, labels, adapters0, loss_name: str, lr: float, steps: int, target: float):
+def _gd(
+    problem, labels, adapters0, loss_name: str, lr: float, steps: int, target: float,
+    keep_steps=(),
+):  # fmt: skip
     """GD on the linearized model until ``target``; a diverged run is retried at lr / 4."""
     loss = get_loss(loss_name)
     for _ in range(4):
@@ -131,6 +159,7 @@ def _gd(problem, labels, adapters0, loss_name: str, lr: float, steps: int, targe
             steps=steps,
             learning_rate=lr,
             stop_below=target,
+            keep_steps=keep_steps,
         )
         if np.isfinite(traj.loss).all():
             break
@@ -143,6 +172,58 @@ def _thin(x: np.ndarray, points: int = 2000) -> list:
     steps = np.unique(np.geomspace(1, len(x), points).astype(int) - 1)
     steps = np.union1d([0], steps)
     return [[int(t), float(x[t])] for t in steps]
+
+
+def log_steps(steps: int, points: int) -> list[int]:
+    """About ``points`` log-spaced steps in ``[0, steps]`` (0 and ``steps`` included)."""
+    if points < 1:
+        return []
+    inner = np.geomspace(1, steps + 1, points).astype(int) - 1
+    return sorted({0, steps, *inner.tolist()})
+
+
+def kernel_along(problem: sensing.SensingProblem, labels, steps, kept) -> list[dict]:
+    """The LoRA tangent kernel at the kept iterates of a cross-entropy run.
+
+    Per step: ``lam_min`` / ``lam_max`` of the kernel on cross-entropy's residual subspace
+    (:func:`ntk.theory.sensing.residual_subspace_eigvals`), the loss L and the lower bound
+    the kernel gives on ``||grad L|| / L``: ``c_kernel = sqrt(lam_min) ||p - y|| / (N L)``.
+    """
+    n, k = problem.f0.shape
+    rows = []
+    for i, t in enumerate(np.asarray(steps).tolist()):
+        a = jax.tree.map(lambda x, i=i: x[i], kept)
+        eig = sensing.residual_subspace_eigvals(sensing.tangent_kernel(problem, a), k)
+        out = np.asarray(sensing.outputs(problem, a), np.float64)
+        logp = out - np.logaddexp.reduce(out, axis=1, keepdims=True)
+        y = np.eye(k)[np.asarray(labels)]
+        loss = float(-np.mean(np.sum(y * logp, axis=1)))
+        resid = float(np.linalg.norm(np.exp(logp) - y))
+        lam_min = max(float(eig[0]), 0.0)
+        rows.append({
+            "step": int(t), "lam_min": float(eig[0]), "lam_max": float(eig[-1]), "loss": loss,
+            "c_kernel": float(np.sqrt(lam_min) * resid / (n * loss)) if loss > 0 else None,
+        })  # fmt: skip
+    return rows
+
+
+def kernel_numbers(rows: list[dict], plateau_end: int) -> dict:
+    """The kernel's numbers after the plateau (pure): the smallest ``lam_min / lam_max``, the
+    smallest ``lam_min`` and the smallest bound ``c_kernel`` over the logged steps there
+    (the last logged step before the plateau's end included, so a run that never left it
+    still has one). None when no step was logged."""
+    after = [r for r in rows if r["step"] >= plateau_end]
+    before = [r for r in rows if r["step"] < plateau_end]
+    use = before[-1:] + after
+    if not use:
+        return {"kernel_rel_min": None, "kernel_lam_min": None, "c_kernel_min": None}
+    rel = [r["lam_min"] / r["lam_max"] if r["lam_max"] > 0 else 0.0 for r in use]
+    cs = [r["c_kernel"] for r in use if r["c_kernel"] is not None]
+    return {
+        "kernel_rel_min": float(min(rel)),
+        "kernel_lam_min": float(min(r["lam_min"] for r in use)),
+        "c_kernel_min": float(min(cs)) if cs else None,
+    }
 
 
 def seed_numbers(loss: np.ndarray, grad_sq: np.ndarray, target: float) -> dict:
@@ -195,12 +276,19 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
         results["jacobian_seconds"] += time.time() - t0
         adapters0 = lora.init(jax.random.key(seed), params, lcfg)
         t1 = time.time()
-        traj, lr = _gd(problem, labels, adapters0, "ce", cfg.lr_ce, cfg.max_steps, cfg.target_loss)
+        keep = log_steps(cfg.max_steps, cfg.kernel_points)
+        traj, lr = _gd(
+            problem, labels, adapters0, "ce", cfg.lr_ce, cfg.max_steps, cfg.target_loss, keep
+        )
         outputs = sensing.outputs(problem, traj.params)
+        numbers = seed_numbers(traj.loss, traj.grad_sq, cfg.target_loss)
+        kernel = kernel_along(problem, labels, traj.kept_steps, traj.kept) if keep else []
         rec = {
             "seed": seed,
             "lr": lr,
-            **seed_numbers(traj.loss, traj.grad_sq, cfg.target_loss),
+            **numbers,
+            **kernel_numbers(kernel, numbers["plateau_end"]),
+            "kernel": kernel,
             "train_accuracy": float(jnp.mean(jnp.argmax(outputs, -1) == labels)),
             # L* = 0 is certified when the update's own outputs classify every example.
             "l_star_certified": bool(jnp.all(jnp.argmax(outputs - problem.f0, -1) == labels)),
@@ -232,6 +320,9 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
             )
             results["mse_lm"] = {
                 "seed": seed,
+                "rank": cfg.rank,
+                "targets": cfg.targets,
+                "layers": list(cfg.layers),
                 "iters": cfg.lm_iters,
                 "loss_start": float(losses[0]),
                 "loss_end": float(losses[-1]),
@@ -240,6 +331,10 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
                 "kn": int(problem.f0.size),
                 "seconds": time.time() - t1,
             }
+    if cfg.below_k:
+        results["below"] = below_threshold(cfg)
+    results["regimes"] = [results["mse_lm"]] if "mse_lm" in results else []
+    results["regimes"] += results.get("below", {}).get("lm", [])
     os.makedirs(run_dir, exist_ok=True)
     results["plot"] = plot(results, os.path.join(run_dir, "plots", "pl.png"))
     results["seconds"] = time.time() - start
@@ -247,6 +342,64 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
         json.dump(results, f)
     os.replace(saved + ".tmp", saved)
     return results
+
+
+def manifold_dim(problem: sensing.SensingProblem, rank: int) -> int:
+    """``sum_l r (m_l + n_l) - r^2`` over the adapted matrices of ``problem``."""
+    return int(sum(rank * (j.shape[2] + j.shape[3]) - rank**2 for j in problem.jac.values()))
+
+
+def below_threshold(cfg: PLConfig) -> dict:
+    """The controls where squared error must show its threshold: one adapted matrix and
+    ``below_k`` examples per class (the first seed), so that ``dim(r = 1) < KN``.
+
+    Levenberg-Marquardt on the squared error at each of ``below_ranks`` (``lm_iters`` iterations
+    each, from the rank's LoRA init), and cross-entropy GD at r = 1 (``below_ce_steps``).
+    """
+    seed = cfg.seeds[0]
+    lcfg = lora.LoraConfig(
+        r=1,
+        alpha=2.0,
+        targets=cfg.below_targets,
+        layers=cfg.below_layers or None,
+    )
+    t0 = time.time()
+    problem, labels, _, params = load_problem(
+        cfg.model, cfg.task, seed, cfg.below_k, cfg.max_length, lcfg
+    )
+    out: dict = {"seed": seed, "k": cfg.below_k, "jacobian_seconds": time.time() - t0, "lm": []}
+    n, k = problem.f0.shape
+    targets = jax.nn.one_hot(labels, k, dtype=problem.f0.dtype)
+    for rank in cfg.below_ranks:
+        t1 = time.time()
+        rcfg = dataclasses.replace(lcfg, r=rank, alpha=2.0 * rank)
+        adapters0 = lora.init(jax.random.key(seed), params, rcfg)
+        losses, _ = sensing.levenberg_marquardt(problem, targets, adapters0, iters=cfg.lm_iters)
+        out["lm"].append({
+            "seed": seed, "rank": rank, "targets": cfg.below_targets,
+            "layers": list(cfg.below_layers), "iters": cfg.lm_iters,
+            "loss_start": float(losses[0]), "loss_end": float(losses[-1]),
+            "loss": losses.tolist(), "dim": manifold_dim(problem, rank), "kn": int(n * k),
+            "seconds": time.time() - t1,
+        })  # fmt: skip
+    if cfg.below_ce_steps:
+        t1 = time.time()
+        adapters0 = lora.init(jax.random.key(seed), params, lcfg)
+        traj, lr = _gd(
+            problem, labels, adapters0, "ce", cfg.lr_ce, cfg.below_ce_steps, cfg.target_loss
+        )
+        outputs = sensing.outputs(problem, traj.params)
+        out["ce"] = {
+            "lr": lr,
+            **seed_numbers(traj.loss, traj.grad_sq, cfg.target_loss),
+            "dim": manifold_dim(problem, 1),
+            "kn": int(n * k),
+            "train_accuracy": float(jnp.mean(jnp.argmax(outputs, -1) == labels)),
+            "separated": bool(jnp.all(jnp.argmax(outputs - problem.f0, -1) == labels)),
+            "loss": _thin(traj.loss),
+            "seconds": time.time() - t1,
+        }
+    return out
 
 
 def plot(results: dict, path: str) -> str:
@@ -290,8 +443,8 @@ def markdown(results: dict) -> str:
     lines = [
         "| seed | lr | steps | L start | plateau end (L there) | L end | reached target | "
         "stalled | q in grad ~ L^q after plateau | min grad/L after plateau | grad/L at end "
-        "| train acc |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| train acc | kernel min lam_min / lam_max after plateau | kernel bound on grad/L |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["seeds"]:
         lines.append(
@@ -299,7 +452,8 @@ def markdown(results: dict) -> str:
             f"{r['plateau_end']} ({r['loss_at_plateau_end']:.3g}) | {r['loss_end']:.3g} | "
             f"{'yes' if r['reached'] else 'no'} | {'yes' if r['stalled'] else 'no'} | "
             f"{fmt(r['exponent'])} | {fmt(r['c_min'])} | {fmt(r['c_end'])} | "
-            f"{100 * r['train_accuracy']:.0f}% |"
+            f"{100 * r['train_accuracy']:.0f}% | {fmt(r.get('kernel_rel_min'))} | "
+            f"{fmt(r.get('c_kernel_min'))} |"
         )
     if "mse" in results:
         m = results["mse"]
@@ -316,6 +470,27 @@ def markdown(results: dict) -> str:
             f"{m['dim']} against KN = {m['kn']}): loss {m['loss_start']:.4g} -> "
             f"{m['loss_end']:.3g} in {m['iters']} iterations.",
         ]
+    if "below" in results:
+        b = results["below"]
+        lines += ["", f"Below the threshold (seed {b['seed']}, {b['k']} examples per class, one "
+                  "matrix), Levenberg-Marquardt on the squared error:"]  # fmt: skip
+        for m in b["lm"]:
+            side = "above" if m["dim"] > m["kn"] else "below"
+            lines.append(
+                f"- r = {m['rank']} on {m['targets']} of layer(s) {m['layers']}: dim "
+                f"{m['dim']} {side} KN = {m['kn']}, loss {m['loss_start']:.4g} -> "
+                f"{m['loss_end']:.3g} in {m['iters']} iterations."
+            )
+        if "ce" in b:
+            c = b["ce"]
+            lines.append(
+                f"- cross-entropy GD at r = 1 there (dim {c['dim']}, KN = {c['kn']}, lr "
+                f"{c['lr']:g}): {c['loss_start']:.4g} -> {c['loss_end']:.3g} in {c['steps']} "
+                f"steps, reached: {'yes' if c['reached'] else 'no'}, stalled: "
+                f"{'yes' if c['stalled'] else 'no'}, train accuracy "
+                f"{100 * c['train_accuracy']:.0f}%, separated by the update: "
+                f"{'yes' if c['separated'] else 'no'}."
+            )
     return "\n".join(lines)
 
 
@@ -324,8 +499,9 @@ def parse_args(argv: list[str] | None = None) -> PLConfig:
     parser = argparse.ArgumentParser(prog="python -m experiments.pl", description=__doc__)
     for field in dataclasses.fields(PLConfig):
         flag = "--" + field.name.replace("_", "-")
-        if field.name in ("layers", "seeds"):
-            parser.add_argument(flag, nargs="*" if field.name == "layers" else "+", type=int)
+        if field.name in ("layers", "seeds", "below_layers", "below_ranks"):
+            nargs = "*" if field.name.endswith("layers") else "+"
+            parser.add_argument(flag, nargs=nargs, type=int)
             continue
         kind = {int: int, float: float}.get(type(field.default), str)
         parser.add_argument(flag, type=kind)

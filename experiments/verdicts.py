@@ -10,7 +10,12 @@ calls these; nothing here trains, loads or reads files.
 * claim 1, the constant (:func:`cstar_constant`): the paper's 1.35 inside every defined 95%
   interval of gradient descent's transition, outside every one, or neither (an undefined
   interval never counts as excluding it);
-* claim 2 (:func:`pl_lojasiewicz`): cross-entropy reaches the target loss on every seed with
+* claim 1 on the real problem (:func:`no_spurious_minima`): random starts of squared error
+  at r = 1 end at zero-loss minima, a spurious minimum, or neither;
+* the NTK regime every guarantee assumes (:func:`ntk_regime`): real runs' weight-space
+  linearization errors all within a tolerance, all beyond it, or mixed;
+* claim 2 (:func:`pl_lojasiewicz`, :func:`squared_error_threshold`, :func:`pl_contrast`):
+  cross-entropy reaches the target loss on every seed with
   ``||grad L|| >= c L`` after the plateau (exponent q of ``||grad L|| ~ L^q`` at most 1);
 * claim 3 (:func:`bias_variance_task`): the training-loss floor saturates at r = 1 for K = 2
   and keeps falling for K > 2, and a non-vacuous bound has its minimum on the right side;
@@ -36,10 +41,14 @@ __all__ = [
     "combine",
     "cstar_constant",
     "lojasiewicz_exponent",
+    "no_spurious_minima",
+    "ntk_regime",
     "pl_lojasiewicz",
+    "pl_contrast",
     "plateau_end",
     "rank_comparison",
     "rank_one_conclusion",
+    "squared_error_threshold",
     "stalled",
 ]
 
@@ -113,6 +122,44 @@ def cstar_constant(intervals: dict[str, tuple[float, float] | None], c_star: flo
     return {"verdict": verdict, "inside": inside, "outside": outside, "undefined": undefined}
 
 
+def no_spurious_minima(counts: dict[str, int], *, dim: int, kn: int, fits: bool) -> dict:
+    """Claim 1 on the real problem: random starts of the squared-error problem at r = 1.
+
+    ``counts``: end points per class (:class:`ntk.theory.landscape.EndPoint` values); ``fits``:
+    the lowest end loss is zero (an interpolating solution exists and was found).
+
+    * ``dim <= kn``: **inconclusive** (below the count the claim promises nothing);
+    * any spurious minimum: **not supported**;
+    * every start at a global minimum and ``fits``: **supported**;
+    * otherwise (saddles, starts not stationary, or no start fits): **inconclusive**.
+    """
+    total = sum(counts.values())
+    if dim <= kn:
+        return {"verdict": INCONCLUSIVE, "reason": f"dim {dim} <= KN {kn}"}
+    if counts.get("spurious minimum", 0):
+        why = f"{counts['spurious minimum']} of {total} starts end at a spurious minimum"
+        return {"verdict": NOT_SUPPORTED, "reason": why}
+    if total and counts.get("global minimum", 0) == total and fits:
+        return {"verdict": SUPPORTED, "reason": f"all {total} starts end at a zero-loss minimum"}
+    why = "saddles or non-stationary end points, or no start fits" if total else "no starts"
+    return {"verdict": INCONCLUSIVE, "reason": why}
+
+
+def ntk_regime(errors: Sequence[float], *, tol: float) -> dict:
+    """The assumption of every guarantee: real fine-tuning stays near its linearization.
+
+    ``errors``: weight-space linearization errors ``||f(W0 + dW) - f_lin|| / ||f(W0 + dW) -
+    f(W0)||`` of real runs (every rank and seed). **supported** when all are at most ``tol``,
+    **not supported** when all exceed it, **inconclusive** when mixed or none.
+    """
+    small = [e <= tol for e in errors]
+    if small and all(small):
+        return {"verdict": SUPPORTED, "reason": f"every run within {tol:g}"}
+    if small and not any(small):
+        return {"verdict": NOT_SUPPORTED, "reason": f"every run above {tol:g}"}
+    return {"verdict": INCONCLUSIVE, "reason": f"{sum(small)} of {len(small)} runs within {tol:g}"}
+
+
 # --- claim 2 ---------------------------------------------------------------------------------
 
 
@@ -166,30 +213,85 @@ def stalled(loss: Sequence[float], target: float, *, tail: float = 0.1, rel: flo
     return bool(start - x[-1] < rel * start)
 
 
-def pl_lojasiewicz(seeds: Sequence[dict], *, exponent_tol: float) -> dict:
-    """Claim 2 from per-seed numbers: ``reached`` (bool), ``stalled`` (bool), ``exponent`` (q).
+def pl_lojasiewicz(seeds: Sequence[dict], *, exponent_tol: float, kernel_tol: float = 1e-6) -> dict:
+    """Claim 2 from per-seed numbers: ``reached`` (bool), ``stalled`` (bool), ``exponent`` (q),
+    ``kernel_rel_min`` (the smallest ``lam_min / lam_max`` of the LoRA tangent kernel on
+    cross-entropy's residual subspace at the logged steps after the plateau; None: not measured).
 
     * any seed stalled above the target: **not supported** (GD stopped short of the infimum);
-    * every seed reached the target and every q <= 1 + ``exponent_tol``: **supported**
-      (``||grad L|| >= c L`` with c > 0 after the plateau, the Lojasiewicz form that makes GD
-      reach the infimum);
+    * every seed reached the target, every q <= 1 + ``exponent_tol`` and every seed's tangent
+      kernel stayed nonsingular after the plateau (``kernel_rel_min > kernel_tol``, which
+      bounds ``||grad L||^2 >= lam_min ||p - y||^2 / N^2``): **supported** (``||grad L|| >= c L``
+      with c > 0 after the plateau, the Lojasiewicz form that makes GD reach the infimum);
     * every seed reached it but every q > 1 + ``exponent_tol``: **not supported**
       (``||grad L|| / L`` falls to 0 with L);
-    * otherwise (some seeds still falling at the end of their budget, mixed exponents, or no
-      seeds): **inconclusive**.
+    * otherwise (some seeds still falling at the end of their budget, mixed exponents, a
+      kernel that turned singular or was not measured, or no seeds): **inconclusive**.
     """
     qs = [s["exponent"] for s in seeds]
     ok = [q is not None and math.isfinite(q) and q <= 1 + exponent_tol for q in qs]
     bad = [q is not None and math.isfinite(q) and q > 1 + exponent_tol for q in qs]
+    kernel = [s.get("kernel_rel_min") for s in seeds]
+    kernel_ok = all(k is not None and math.isfinite(k) and k > kernel_tol for k in kernel)
+    reached = bool(seeds) and all(s["reached"] for s in seeds)
     if any(s["stalled"] for s in seeds):
         verdict, reason = NOT_SUPPORTED, "a seed stalled above the target loss"
-    elif seeds and all(s["reached"] for s in seeds) and all(ok):
-        verdict, reason = SUPPORTED, "every seed reached the target with q <= 1 + tol"
-    elif seeds and all(s["reached"] for s in seeds) and all(bad):
+    elif reached and all(ok) and kernel_ok:
+        verdict = SUPPORTED
+        reason = "every seed reached the target with q <= 1 + tol and a nonsingular kernel"
+    elif reached and all(bad):
         verdict, reason = NOT_SUPPORTED, "||grad L|| / L falls to 0 on every seed"
+    elif reached and all(ok):
+        verdict = INCONCLUSIVE
+        reason = "q <= 1 + tol, but the tangent kernel was singular or not measured on a seed"
     else:
         verdict, reason = INCONCLUSIVE, "some seeds short of the target or mixed exponents"
     return {"verdict": verdict, "reason": reason}
+
+
+def squared_error_threshold(regimes: Sequence[dict], *, zero_tol: float) -> bool | None:
+    """Do the squared-error controls show the threshold at ``dim = KN``?
+
+    Each regime is a problem solved to convergence (Levenberg-Marquardt) with ``dim``
+    (manifold dimension of the adapted matrices at its rank), ``kn`` and ``loss_start`` /
+    ``loss_end``. It *fits* when ``loss_end <= zero_tol * loss_start``. True when every regime
+    with ``dim > kn`` fits and every one with ``dim < kn`` does not; False when one disagrees;
+    None without a regime on each side.
+    """
+    above = [r for r in regimes if r["dim"] > r["kn"]]
+    below = [r for r in regimes if r["dim"] < r["kn"]]
+    if not above or not below:
+        return None
+
+    def fits(r):
+        return r["loss_end"] <= zero_tol * r["loss_start"]
+
+    return all(fits(r) for r in above) and not any(fits(r) for r in below)
+
+
+def pl_contrast(threshold_shown: bool | None, ce_below: dict | None) -> dict:
+    """Claim 2 where squared error has a threshold: cross-entropy at the same rank below it.
+
+    ``ce_below``: ``reached`` (bool), ``stalled`` (bool) and ``separated`` (the update's own
+    outputs classify every training example, so L* = 0) of the cross-entropy run on the
+    problem with ``dim < KN``.
+
+    * the controls do not show the squared-error threshold (``threshold_shown`` False or
+      None), or no cross-entropy run there: **inconclusive** (no threshold to be absent);
+    * cross-entropy reached the target there: **supported**;
+    * it stalled above the target although the data were separated (L* = 0): **not supported**;
+    * otherwise (still falling, or not separated so L* > 0 is unknown): **inconclusive**.
+    """
+    if not threshold_shown or ce_below is None:
+        why = "no squared-error threshold shown" if ce_below is not None else "not run"
+        return {"verdict": INCONCLUSIVE, "reason": why}
+    if ce_below["reached"]:
+        return {"verdict": SUPPORTED, "reason": "cross-entropy reached the target below KN"}
+    if ce_below["stalled"] and ce_below["separated"]:
+        why = "cross-entropy stalled below KN on separated data"
+        return {"verdict": NOT_SUPPORTED, "reason": why}
+    why = "cross-entropy short of the target below KN (still falling, or L* unknown)"
+    return {"verdict": INCONCLUSIVE, "reason": why}
 
 
 # --- claim 3 ---------------------------------------------------------------------------------

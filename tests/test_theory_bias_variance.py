@@ -123,6 +123,17 @@ def test_bound_constants_by_hand():
     assert bv.confidence_term(128) == pytest.approx(bv.confidence_term(32) / 2)
 
 
+def test_union_bound_grid_and_confidence_by_hand():
+    # log(2 * 1600 / 0.05) = log(64000) in place of log(40): 1600 classes share delta.
+    assert bv.confidence_term(32, 1600) == pytest.approx(3 * np.sqrt(np.log(64000.0) / 64))
+    assert bv.confidence_term(32, 1) == bv.confidence_term(32)
+    got = bv.grid_budgets({"w": np.array([0.0, 1e-3, 1.1e-3, 0.5, 1.0, 3.0])}, base=1e-3,
+                          levels=11)  # fmt: skip
+    # 1e-3 * 2^j: 0 and 1e-3 -> 1e-3; 1.1e-3 -> 2e-3; 0.5 -> 0.512; 1.0 -> 1.024 (j = 10);
+    # 3.0 would need j = 12 > 10: past the grid.
+    np.testing.assert_allclose(got["w"], [1e-3, 1e-3, 2e-3, 0.512, 1.024, np.inf])
+
+
 def test_lipschitz_constant_is_the_sup_of_the_cross_entropy_gradient():
     # d CE / d logits = softmax - onehot: its norm approaches sqrt 2 (all mass on a wrong
     # class) and never exceeds it.

@@ -123,3 +123,61 @@ def test_gd_solves_an_easy_problem_and_its_budgets_are_nested():
                            lr=0.2, dtype=np.float64)  # fmt: skip
     assert np.all(np.diff(p.ratios, axis=1) <= 1e-12)
     assert np.median(p.ratios[:, -1]) < 1e-6
+
+
+def test_failure_counts_by_hand():
+    gd = np.array([1e-6, 0.5, 0.5, np.inf, 1e-3])
+    restart = np.array([0.0, 1e-7, 0.3, 1e-9, np.inf])
+    assert cstar.failure_counts(gd, restart, 1e-4) == {"solved": 1, "slow": 2, "stuck": 2}
+
+
+def test_gd_failures_restarted_by_lm_tell_slow_from_stuck():
+    # The same draws as simulate: GD's ratio after 300 steps is simulate's at budget 300.
+    m, n, r = 6, 5, 1
+    kn_easy = 5  # rho = 10 / 5 = 2: LM solves from anywhere generic
+    point = cstar.simulate(0, m, n, r, kn_easy, solver="gd", draws=6, budgets=(300,))
+    fail = cstar.classify_failures(0, m, n, r, kn_easy, draws=6, steps=300, lm_iters=100)
+    np.testing.assert_allclose(fail.gd, point.ratios[:, 0], rtol=1e-4)
+    assert np.all(fail.restart <= fail.gd * (1 + 1e-6))  # LM only accepts steps that lower L
+    # No GD step: every draw fails GD; from the start LM solves the easy problem (slow), and
+    # cannot solve one with no rank-1 solution (rho = 10 / 20 = 0.5): stuck.
+    easy = cstar.classify_failures(0, m, n, r, kn_easy, draws=6, steps=0, lm_iters=100)
+    assert np.all(easy.gd == 1.0)
+    assert cstar.failure_counts(easy.gd, easy.restart, 1e-4) == {"solved": 0, "slow": 6,
+                                                                 "stuck": 0}  # fmt: skip
+    hard = cstar.classify_failures(0, m, n, r, 20, draws=6, steps=0, lm_iters=100)
+    assert hard.rho == pytest.approx(0.5)
+    assert cstar.failure_counts(hard.gd, hard.restart, 1e-4) == {"solved": 0, "slow": 0,
+                                                                 "stuck": 6}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_cstar_run_classifies_gds_failures(tmp_path):
+    from experiments import cstar as cstar_exp
+
+    cfg = cstar_exp.CStarConfig(shapes=("4x3x1",), solvers=("gd",), rhos=(0.8, 2.0), draws=4,
+                                restart_iters=50, out=str(tmp_path))  # fmt: skip
+    out = cstar_exp.run(cfg, progress=False)
+    by_rho = {round(r["rho"], 2): r for r in out["failures"]}
+    assert sorted(by_rho) == [0.75, 2.0]  # dim 6: KN = 8 and 3
+    below = cstar.failure_counts(by_rho[0.75]["gd"], by_rho[0.75]["restart"], cfg.tol)
+    assert below == {"solved": 0, "slow": 0, "stuck": 4}  # no rank-1 solution below rho = 1
+    assert "| 4x3x1 | 0.750 | 8 | 0 | 0 | 4 |" in out["markdown"]
+    again = cstar_exp.run(cfg, progress=False)  # resumed: nothing recomputed
+    assert len((tmp_path / "cstar" / "failures.jsonl").read_text().splitlines()) == 2
+    assert again["failures"] == out["failures"]
+
+
+def test_transitions_report_the_95_percent_point():
+    from experiments import cstar as cstar_exp
+
+    # success 0 / 20, 10 / 20, 20 / 20 at rho 1, 1.5, 2: the 50% point is 1.5; the 95% point
+    # interpolates between 1.5 (0.5) and 2 (1.0): 1.5 + 0.45 / 0.5 * 0.5 = 1.95.
+    recs = [
+        {"shape": "4x3x1", "solver": "lm", "rho": rho, "budgets": [300],
+         "ratios": [[0.0 if d < wins else 1.0 for d in range(20)]]}
+        for rho, wins in ((1.0, 0), (1.5, 10), (2.0, 20))
+    ]  # fmt: skip
+    (row,) = cstar_exp.transitions(recs, (1e-4,), n_boot=50)
+    assert row["rho50"] == pytest.approx(1.5) and row["rho95"] == pytest.approx(1.95)
+    assert row["low95"] <= 1.5 and row["high95"] >= 2.0  # the grid cell it falls in

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import bias_variance, cstar, paper_claims, pl
+from experiments import bias_variance, cstar, landscape, paper_claims, pl
 from lora_jax.errors import ConfigError, MissingFileError
 from lora_jax.testing import make_tiny_checkpoint
 
@@ -37,9 +37,26 @@ def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     common = {"model": tiny_roberta, "k": 2, "max_length": 16, "out": str(tmp_path)}
     res = pl.run(
         pl.PLConfig(
-            task="mr", seeds=(13, 21), max_steps=5, mse_steps=5, lm_iters=3, layers=(), **common
-        )
+            task="mr",
+            seeds=(13, 21),
+            max_steps=5,
+            mse_steps=5,
+            lm_iters=3,
+            layers=(),
+            kernel_points=3,
+            below_k=16,
+            below_layers=(0,),
+            below_ce_steps=4,
+            **common,
+        )  # fmt: skip
     )
+    for r in res["seeds"]:  # the kernel at steps 0, 1 and 5 (log-spaced), lam_min <= lam_max
+        assert [row["step"] for row in r["kernel"]] == [0, 1, 5]
+        assert all(0 <= row["lam_min"] <= row["lam_max"] for row in r["kernel"])
+    below = res["below"]  # one 32 x 32 query kernel: dim(r) = 64 r - r^2 against KN = 64
+    assert [(m["rank"], m["dim"], m["kn"]) for m in below["lm"]] == [(1, 63, 64), (2, 124, 64)]
+    assert below["ce"]["steps"] == 4 and below["ce"]["dim"] == 63
+    assert res["regimes"] == [res["mse_lm"], *below["lm"]]
     lm = res["mse_lm"]
     assert len(lm["loss"]) == 4 and lm["loss_end"] <= lm["loss_start"] and lm["kn"] == 8
     assert [r["seed"] for r in res["seeds"]] == [13, 21]
@@ -63,6 +80,12 @@ def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     assert task["best_rank"] == (1, 2)[int(np.argmin(total))]
     assert task["bound_min"] == pytest.approx(total.min() + task["confidence_term"])
     assert all(c > 0 for c in task["complexity"])  # trained budgets are nonzero norms
+    # The union bound: budgets on the grid (never below the trained norms), delta shared over
+    # 40 grid points per adapted matrix and the 2 ranks.
+    for path, norms in task["budgets"].items():
+        assert all(g >= b for g, b in zip(task["budgets_grid"][path], norms, strict=True))
+    assert task["union_count"] == 40 ** task["matrices"] * 2
+    assert all(u >= t for u, t in zip(task["bound_union"], total, strict=True))
     saved = json.loads((tmp_path / "bias_variance" / "bias_variance.json").read_text())
     assert saved["tasks"][0]["ranks"] == [1, 2] and out["comparison"] == {}
     # The same curves (resumed, not recomputed) with measured errors beside them.
@@ -70,6 +93,22 @@ def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
     assert again["tasks"] == out["tasks"]
     assert again["comparison"]["mr"]["measured"][1][0] == pytest.approx(0.4)
     assert "| 1 | " in again["markdown"] and "40.0 ± 2.0 (3) |" in again["markdown"]
+
+
+@pytest.mark.slow
+def test_landscape_runs_on_a_tiny_model(tiny_roberta, tmp_path):
+    cfg = landscape.LandscapeConfig(
+        model=tiny_roberta, k=2, max_length=16, layers=(0,), starts=2, lm_iters=30,
+        lanczos_iters=8, out=str(tmp_path),
+    )  # fmt: skip
+    res = landscape.run(cfg)
+    # query and value of layer 0 of a hidden-32 model at r = 1: dim 2 (64 - 1), KN = 4 x 2
+    assert res["dim"] == 126 and res["kn"] == 8 and len(res["gram"]["eigvals"]) == 8
+    assert sum(res["counts"].values()) == 2 and len(res["points"]) == 2
+    for p in res["points"]:
+        assert p["loss"] <= p["loss_start"] and p["lam_min"] <= p["lam_max"]
+    assert "| 0 | " in landscape.markdown(res) and "condition number" in landscape.markdown(res)
+    assert landscape.run(cfg) == json.loads(json.dumps(res))  # resumed from landscape.json
 
 
 def test_bias_variance_verdicts_per_task():
@@ -86,6 +125,10 @@ def test_bias_variance_verdicts_per_task():
     assert verdict == "inconclusive" and "vacuous, 18 x the loss range" in lines[1]
     flat = {**trec, "fit_drop_1_to_max": 0.001}
     assert paper_claims.bias_variance_verdicts([mr, flat], saturation=0.01)[0] == "not supported"
+    # With the union bound present, it is the one judged (here vacuous: inconclusive).
+    union = {**mr, "bound_union_min": 3.5, "best_rank_union": 1}
+    verdict, lines = paper_claims.bias_variance_verdicts([union, trec], saturation=0.01)
+    assert verdict == "inconclusive" and "union bound at least 3.5 nats (vacuous" in lines[0]
 
 
 def _records(task, ranks):
@@ -111,6 +154,36 @@ def test_sweep_verdicts_read_the_kind_of_task_from_the_registry():
     swapped = _records("mr", {1: [50, 52, 51], 12: [70, 72, 69]})
     swapped += _records("trec", {1: [79, 80, 81], 12: [80, 80, 80]})
     assert paper_claims.sweep_verdicts(swapped, margin=2.0)[0] == "not supported"
+
+
+def test_trec3_is_three_of_trecs_classes_and_its_sweep_verdict_is_multiclass():
+    from lora_jax import tasks
+    from lora_jax.tasks.registry import TREC_COARSE, load_trec
+
+    cfg = paper_claims.ClaimsConfig()
+    named = tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=16)
+    assert list(named) == ["mr", "subjrt", "boolq", "trec", "trec3"]
+    trec3, trec = named["trec3"], load_trec()
+    assert trec3.label_words == ("Human", "Location", "Number")
+    data = trec3.load()
+    for split, mine in (("train", data.train), ("test", data.test)):
+        full = getattr(trec, split)
+        keep = np.isin(full.labels, [TREC_COARSE.index(c) for c in ("HUM", "LOC", "NUM")])
+        assert mine.texts[0] == tuple(np.asarray(full.texts[0], dtype=object)[keep])
+        assert np.bincount(mine.labels).tolist() == np.bincount(full.labels[keep])[
+            [3, 4, 5]].tolist()  # fmt: skip
+    # K comes from the task file: trec3 is judged as multi-class (a rise is needed).
+    records = _records("trec3", {1: [60, 61, 59], 12: [60, 61, 60]})
+    verdict, lines = paper_claims.sweep_verdicts(records, 2.0, 12, {"trec3": 3})
+    assert verdict == "not supported" and lines[0].startswith("- trec3 (K = 3, multi-class)")
+
+
+def test_bias_variance_like_the_sweep_takes_its_layers_k_and_seed():
+    default = paper_claims.bias_variance_config(paper_claims.ClaimsConfig(), None)
+    assert (default.k, default.layers, default.seed) == (4, (5,), 13)
+    cfg = paper_claims.ClaimsConfig(bv_like_sweep=True, sweep_seeds=(21, 42))
+    like = paper_claims.bias_variance_config(cfg, "r.jsonl")
+    assert (like.k, like.layers, like.seed, like.finetune_results) == (16, (), 21, "r.jsonl")
 
 
 def test_claims_config_refuses_sweeps_without_rank_one_or_off_the_bound():
@@ -214,17 +287,20 @@ def test_paper_claims_feeds_the_sweep_to_bias_variance_and_writes_every_section(
     monkeypatch.setattr(paper_claims, "claim_thresholds", thr)
     monkeypatch.setattr(paper_claims, "claim_cstar", cs)
     monkeypatch.setattr(paper_claims, "claim_pl", lambda cfg, cache: section("pl"))
+    monkeypatch.setattr(paper_claims, "claim_landscape", lambda cfg: section("land"))
+    monkeypatch.setattr(paper_claims, "claim_lazy", lambda cfg: section("lazy"))
     monkeypatch.setattr(paper_claims, "claim_sweep", lambda cfg: (section("sweep"), "r.jsonl"))
     monkeypatch.setattr(paper_claims, "claim_bias_variance", bv)
     path = paper_claims.run(paper_claims.ClaimsConfig(name="claims", out=str(tmp_path)))
     assert seen["results"] == "r.jsonl" and seen["c_interval"] == (1.2, 1.6)
     text = open(path).read()
     heads = [line for line in text.splitlines() if line.startswith("## ")]
-    assert heads == ["## thr", "## cstar", "## pl", "## bv", "## sweep"]
+    assert heads == ["## lazy", "## thr", "## cstar", "## land", "## pl", "## bv", "## sweep"]
     assert "- cstar: **not supported**" in text and "**Verdict: inconclusive.**" in text
     assert "![bv](bias_variance/p.png)" in text and "**Command.** `cmd sweep`" in text
     timings = json.loads((tmp_path / "claims" / "timings.json").read_text())
-    assert set(timings) == {"thresholds", "cstar", "pl", "rank_sweep", "bias_variance"}
+    assert set(timings) == {"lazy", "thresholds", "cstar", "landscape", "pl", "rank_sweep",
+                            "bias_variance"}  # fmt: skip
     paper_claims.run(paper_claims.ClaimsConfig(name="claims", out=str(tmp_path), sweep=False))
     assert seen["results"] is None
     assert "Not run in this report (--no-sweep)." in open(path).read()

@@ -69,6 +69,31 @@ def test_cstar_constant_branches(intervals, verdict):
     assert sorted(out["inside"] + out["outside"] + out["undefined"]) == sorted(intervals)
 
 
+@pytest.mark.parametrize(
+    "counts, dim, kn, fits, verdict",
+    [
+        ({"global minimum": 20}, 3068, 64, True, S),
+        ({"global minimum": 19, "spurious minimum": 1}, 3068, 64, True, N),
+        ({"global minimum": 19, "saddle": 1}, 3068, 64, True, I),
+        ({"global minimum": 19, "not stationary": 1}, 3068, 64, True, I),
+        ({"global minimum": 20}, 3068, 64, False, I),  # no start interpolates
+        ({"global minimum": 20}, 767, 1024, True, I),  # below the count
+        ({"spurious minimum": 3}, 767, 1024, True, I),  # allowed there
+        ({}, 3068, 64, True, I),
+    ],
+)
+def test_no_spurious_minima_branches(counts, dim, kn, fits, verdict):
+    assert v.no_spurious_minima(counts, dim=dim, kn=kn, fits=fits)["verdict"] == verdict
+
+
+@pytest.mark.parametrize(
+    "errors, verdict",
+    [([0.01, 0.05], S), ([0.2, 1.3], N), ([0.05, 0.2], I), ([], I), ([0.1], S)],
+)
+def test_ntk_regime_branches(errors, verdict):
+    assert v.ntk_regime(errors, tol=0.1)["verdict"] == verdict
+
+
 # --- claim 2 ---------------------------------------------------------------------------------
 
 
@@ -116,32 +141,36 @@ def test_stalled_tells_a_stationary_point_from_a_slow_approach():
 @pytest.mark.parametrize(
     "seeds, verdict",
     [
-        ([{"reached": True, "stalled": False, "exponent": 1.0}] * 3, S),
-        ([{"reached": True, "stalled": False, "exponent": 0.7}] * 2, S),
-        ([{"reached": True, "stalled": False, "exponent": 1.5}] * 2, N),
+        ([{"reached": True, "stalled": False, "exponent": 1.0, "kernel_rel_min": 0.1}] * 3, S),
+        ([{"reached": True, "stalled": False, "exponent": 0.7, "kernel_rel_min": 0.1}] * 2, S),
+        ([{"reached": True, "stalled": False, "exponent": 1.5, "kernel_rel_min": 0.1}] * 2, N),
         (
             [
-                {"reached": True, "stalled": False, "exponent": 1.0},
-                {"reached": False, "stalled": True, "exponent": 1.0},
+                {"reached": True, "stalled": False, "exponent": 1.0, "kernel_rel_min": 0.1},
+                {"reached": False, "stalled": True, "exponent": 1.0, "kernel_rel_min": 0.1},
             ],
             N,
         ),
         (
             [
-                {"reached": True, "stalled": False, "exponent": 1.0},
-                {"reached": False, "stalled": False, "exponent": 1.0},
+                {"reached": True, "stalled": False, "exponent": 1.0, "kernel_rel_min": 0.1},
+                {"reached": False, "stalled": False, "exponent": 1.0, "kernel_rel_min": 0.1},
             ],
             I,
         ),
         (
             [
-                {"reached": True, "stalled": False, "exponent": 1.0},
-                {"reached": True, "stalled": False, "exponent": 1.5},
+                {"reached": True, "stalled": False, "exponent": 1.0, "kernel_rel_min": 0.1},
+                {"reached": True, "stalled": False, "exponent": 1.5, "kernel_rel_min": 0.1},
             ],
             I,
         ),
         ([{"reached": True, "stalled": False, "exponent": float("nan")}], I),
         ([], I),
+        # q <= 1 but the tangent kernel turned singular after the plateau, or was not measured.
+        ([{"reached": True, "stalled": False, "exponent": 1.0, "kernel_rel_min": 1e-9}], I),
+        ([{"reached": True, "stalled": False, "exponent": 1.0, "kernel_rel_min": None}], I),
+        ([{"reached": True, "stalled": False, "exponent": 1.0}], I),
     ],
 )
 def test_pl_lojasiewicz_branches(seeds, verdict):
@@ -157,11 +186,48 @@ def test_pl_lojasiewicz_from_curves_end_to_end():
             "reached": bool(loss[-1] <= target),
             "stalled": v.stalled(loss, target),
             "exponent": v.lojasiewicz_exponent(loss[s:], grad[s:]),
+            "kernel_rel_min": 0.05,
         }
 
     assert v.pl_lojasiewicz([seed(1.0, steps=2000)], exponent_tol=0.1)["verdict"] == S
     assert v.pl_lojasiewicz([seed(2.0, steps=2000)], exponent_tol=0.1)["verdict"] == N
     assert v.pl_lojasiewicz([seed(1.0, steps=1000)], exponent_tol=0.1)["verdict"] == I
+
+
+def _regime(dim, kn, end, start=1.0):
+    return {"dim": dim, "kn": kn, "loss_start": start, "loss_end": end}
+
+
+@pytest.mark.parametrize(
+    "regimes, shown",
+    [
+        ([_regime(3068, 64, 1e-7), _regime(767, 1024, 0.2), _regime(1532, 1024, 1e-6)], True),
+        ([_regime(3068, 64, 1e-7), _regime(767, 1024, 1e-6)], False),  # fits below KN too
+        ([_regime(3068, 64, 0.1), _regime(767, 1024, 0.2)], False),  # misses above KN
+        ([_regime(3068, 64, 1e-7)], None),  # no regime below KN
+        ([_regime(767, 1024, 0.2)], None),
+        # the tolerance is relative to the start: 1e-5 of a start of 100 is a fit (1e-4 tol)
+        ([_regime(3068, 64, 1e-3, start=100.0), _regime(767, 1024, 0.2)], True),
+    ],
+)
+def test_squared_error_threshold(regimes, shown):
+    assert v.squared_error_threshold(regimes, zero_tol=1e-4) is shown
+
+
+@pytest.mark.parametrize(
+    "shown, ce, verdict",
+    [
+        (True, {"reached": True, "stalled": False, "separated": True}, S),
+        (True, {"reached": False, "stalled": True, "separated": True}, N),
+        (True, {"reached": False, "stalled": True, "separated": False}, I),  # L* unknown
+        (True, {"reached": False, "stalled": False, "separated": True}, I),  # still falling
+        (False, {"reached": True, "stalled": False, "separated": True}, I),  # no threshold
+        (None, {"reached": True, "stalled": False, "separated": True}, I),
+        (True, None, I),
+    ],
+)
+def test_pl_contrast_branches(shown, ce, verdict):
+    assert v.pl_contrast(shown, ce)["verdict"] == verdict
 
 
 # --- claim 3 ---------------------------------------------------------------------------------

@@ -30,8 +30,11 @@ Here: softmax cross-entropy clipped at c = 1 nat, ``G = sqrt(2)`` (its gradient 
 ``softmax - onehot``, has norm <= sqrt(2)), delta = 0.05; the training term is the unclipped
 cross-entropy floor (an upper bound of the clipped one). :data:`LIPSCHITZ` and
 :func:`complexity_term` hold these constants. Caveat: B chosen from the same training data
-makes the bound heuristic (a union bound over a grid of B would add a log term). The bound is
-vacuous whenever fit + complexity + confidence exceeds c = 1 nat.
+makes the bound heuristic; :func:`grid_budgets` and ``confidence_term(n, count)`` make it a
+real one: the bound is taken at each budget rounded up to a fixed geometric grid, and holds
+for every grid point and rank at once when each gets ``delta / count`` (a union bound over
+``count = levels^matrices x ranks`` classes: ``log(2 count / delta)`` in the confidence
+term). The bound is vacuous whenever fit + complexity + confidence exceeds c = 1 nat.
 
 Budgets: :func:`fit_with_norms` trains every rank without a ball and reports the Frobenius
 norm of each trained update, the budget B_l(r) of its own rank;
@@ -64,6 +67,7 @@ __all__ = [
     "confidence_term",
     "fit_curve",
     "fit_with_norms",
+    "grid_budgets",
     "ky_fan_2",
     "min_norm_budgets",
     "rademacher_curve",
@@ -181,9 +185,24 @@ def complexity_term(rademacher: np.ndarray) -> np.ndarray:
     return 2.0 * np.sqrt(2.0) * LIPSCHITZ * np.asarray(rademacher)
 
 
-def confidence_term(n: int) -> float:
-    """``3 c sqrt(log(2 / delta) / (2 N))``: rank-independent."""
-    return 3.0 * LOSS_BOUND * float(np.sqrt(np.log(2.0 / CONFIDENCE_DELTA) / (2.0 * n)))
+def confidence_term(n: int, count: int = 1) -> float:
+    """``3 c sqrt(log(2 count / delta) / (2 N))``: rank-independent; ``count`` classes share
+    delta by a union bound (``delta / count`` each)."""
+    return 3.0 * LOSS_BOUND * float(np.sqrt(np.log(2.0 * count / CONFIDENCE_DELTA) / (2.0 * n)))
+
+
+def grid_budgets(
+    norms: dict[str, np.ndarray], *, base: float, levels: int, ratio: float = 2.0
+) -> dict[str, np.ndarray]:
+    """Each norm rounded up to the grid ``B_j = base ratio^j``, ``j = 0 .. levels - 1``; inf
+    past the last point (the bound is then vacuous there)."""
+    out = {}
+    for path, v in norms.items():
+        v = np.asarray(v, np.float64)
+        j = np.ceil(np.log(np.maximum(v, base) / base) / np.log(ratio) - 1e-9)
+        j = np.where(base * ratio**j < v, j + 1, j)  # rounding: never below the norm
+        out[path] = np.where(j <= levels - 1, base * ratio**j, np.inf)
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("loss", "steps", "r_max"))

@@ -46,7 +46,10 @@ import numpy as np
 import optax
 
 __all__ = [
+    "Failures",
     "Point",
+    "classify_failures",
+    "failure_counts",
     "Solver",
     "Transition",
     "isotonic",
@@ -262,6 +265,68 @@ def simulate(
     arrays = _draws(seed, draws, kn, kn_max, m, n, r, init_scale, np.dtype(dtype))
     ratios = _simulate_jit(*arrays, solver, budgets, float(lr))
     return Point(m, n, r, kn, rho(m, n, r, kn), np.asarray(ratios, np.float64))
+
+
+class Failures(NamedTuple):
+    """Gradient descent's end points, restarted by Levenberg-Marquardt (one point)."""
+
+    m: int
+    n: int
+    r: int
+    kn: int
+    rho: float
+    gd: np.ndarray  # shape=(draws,): GD's L_end / L_start.
+    restart: np.ndarray  # shape=(draws,): after LM from GD's end, over the same L_start.
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _gd_then_lm(a, y, u, v, steps, lr, lm_iters):
+    grad = jax.grad(_loss, argnums=(2, 3))
+
+    def one(a, y, u, v):
+        start = _loss(a, y, u, v)
+
+        def step(carry, _):
+            u, v = carry
+            gu, gv = grad(a, y, u, v)
+            return (u - lr * gu, v - lr * gv), None
+
+        (u, v), _ = jax.lax.scan(step, (u, v), None, length=steps)
+        gd = _loss(a, y, u, v) / start
+        restart = _lm(a, y, u, v, (lm_iters,), 1e-2)[0] / start
+        bad = lambda x: jnp.where(jnp.isfinite(x), x, jnp.inf)  # noqa: E731
+        return bad(gd), bad(restart)
+
+    return jax.vmap(one)(a, y, u, v)
+
+
+def classify_failures(
+    seed: int, m: int, n: int, r: int, kn: int, *, draws: int = 100, steps: int = 20000,
+    lr: float = 0.2, lm_iters: int = 300, init_scale: float = 1e-2, dtype=np.float32,
+    kn_max: int | None = None,
+) -> Failures:  # fmt: skip
+    """GD for ``steps`` on the draws of :func:`simulate` (same seed: the same problems and
+    starts), then Levenberg-Marquardt for ``lm_iters`` from each GD end point.
+
+    A draw GD fails but the restart solves was slow convergence (GD was on its way); one the
+    restart cannot solve either ended at a spurious minimum, or (rho < 1) on a problem with no
+    rank-r solution. :func:`failure_counts` sorts them.
+    """
+    kn_max = kn if kn_max is None else kn_max
+    arrays = _draws(seed, draws, kn, kn_max, m, n, r, init_scale, np.dtype(dtype))
+    gd, restart = _gd_then_lm(*arrays, int(steps), float(lr), int(lm_iters))
+    return Failures(m, n, r, kn, rho(m, n, r, kn), np.asarray(gd, np.float64),
+                    np.asarray(restart, np.float64))  # fmt: skip
+
+
+def failure_counts(gd: np.ndarray, restart: np.ndarray, tol: float) -> dict[str, int]:
+    """``solved`` (GD reached ``tol``), ``slow`` (GD did not, LM from its end did) and
+    ``stuck`` (neither), from :class:`Failures` ratios (pure)."""
+    gd, restart = np.asarray(gd), np.asarray(restart)
+    solved = gd <= tol
+    slow = ~solved & (restart <= tol)
+    return {"solved": int(solved.sum()), "slow": int(slow.sum()),
+            "stuck": int((~solved & ~slow).sum())}  # fmt: skip
 
 
 def isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:

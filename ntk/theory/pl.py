@@ -19,7 +19,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -37,6 +37,8 @@ class Trajectory(NamedTuple):
     loss: np.ndarray  # shape=(steps + 1,): L(theta_t), t = 0 .. steps.
     grad_sq: np.ndarray  # shape=(steps + 1,): ||grad L(theta_t)||^2.
     params: PyTree  # theta_steps, the last iterate.
+    kept_steps: np.ndarray | None = None  # shape=(k,): the steps of ``kept``, all <= steps.
+    kept: PyTree = None  # theta at ``kept_steps``, stacked on a leading axis of length k.
 
 
 def trajectory(
@@ -47,6 +49,7 @@ def trajectory(
     steps: int,
     learning_rate: float,
     stop_below: float | None = None,
+    keep_steps: Sequence[int] = (),
 ) -> Trajectory:
     """Up to ``steps`` full-batch GD steps ``theta <- theta - lr grad L`` in one jitted loop.
 
@@ -59,37 +62,58 @@ def trajectory(
       learning_rate: the constant step size.
       stop_below: stop at the first iterate with ``L <= stop_below`` (or a non-finite loss);
         the arrays then end there (``len(loss) - 1`` steps were taken). None: all ``steps``.
+      keep_steps: steps whose iterates are returned in ``kept`` (those past the last step
+        taken are dropped), e.g. to evaluate a kernel along the run afterwards.
     """
     value_and_grad = jax.value_and_grad(loss_fn)
     stop = -jnp.inf if stop_below is None else stop_below
 
+    keep = np.unique(np.asarray([s for s in keep_steps if 0 <= s <= steps], np.int64))
+    slot_of = np.full(steps + 1, -1, np.int32)  # step -> its slot in ``kept``, or -1
+    slot_of[keep] = np.arange(keep.size, dtype=np.int32)
+
     def sq_norm(g):
         return sum(jnp.sum(x * x) for x in jax.tree.leaves(g))
 
+    def store(kept, p, slot):
+        if not keep.size:
+            return kept
+        i = jnp.maximum(slot, 0)
+        return jax.tree.map(lambda s, x: s.at[i].set(jnp.where(slot >= 0, x, s[i])), kept, p)
+
     @jax.jit
-    def run(params, data):
+    def run(params, data, slot_of):
         values = jnp.full(steps + 1, jnp.nan)
         norms = jnp.full(steps + 1, jnp.nan)
+        kept = jax.tree.map(lambda x: jnp.zeros((keep.size, *x.shape), x.dtype), params)
+        kept = store(kept, params, slot_of[0])
         value, g = value_and_grad(params, data)
-        carry = (0, params, value, g, values.at[0].set(value), norms.at[0].set(sq_norm(g)))
+        carry = (0, params, value, g, values.at[0].set(value), norms.at[0].set(sq_norm(g)), kept)
 
         def going(c):
-            t, _, value, _, _, _ = c
+            t, _, value = c[:3]
             return (t < steps) & (value > stop) & jnp.isfinite(value)
 
         def step(c):
-            t, p, _, g, values, norms = c
+            t, p, _, g, values, norms, kept = c
             p = jax.tree.map(lambda x, d: x - learning_rate * d, p, g)
             value, g = value_and_grad(p, data)
-            return t + 1, p, value, g, values.at[t + 1].set(value), norms.at[t + 1].set(sq_norm(g))
+            kept = store(kept, p, slot_of[t + 1])
+            values, norms = values.at[t + 1].set(value), norms.at[t + 1].set(sq_norm(g))
+            return t + 1, p, value, g, values, norms, kept
 
-        t, last, _, _, values, norms = jax.lax.while_loop(going, step, carry)
-        return t, last, values, norms
+        t, last, _, _, values, norms, kept = jax.lax.while_loop(going, step, carry)
+        return t, last, values, norms, kept
 
-    t, last, values, norms = run(params, data)
+    t, last, values, norms, kept = run(params, data, jnp.asarray(slot_of))
     t = int(t)
+    done = int(np.sum(keep <= t))
     return Trajectory(
-        np.asarray(values, np.float64)[: t + 1], np.asarray(norms, np.float64)[: t + 1], last
+        np.asarray(values, np.float64)[: t + 1],
+        np.asarray(norms, np.float64)[: t + 1],
+        last,
+        keep[:done] if keep.size else None,
+        jax.tree.map(lambda x: x[:done], kept) if keep.size else None,
     )
 
 

@@ -27,7 +27,15 @@ import numpy as np
 from lora_jax import lora
 from lora_jax import params as params_lib
 
-__all__ = ["SensingProblem", "gram", "levenberg_marquardt", "lora_jacobians", "outputs"]
+__all__ = [
+    "SensingProblem",
+    "gram",
+    "levenberg_marquardt",
+    "lora_jacobians",
+    "outputs",
+    "residual_subspace_eigvals",
+    "tangent_kernel",
+]
 
 
 class SensingProblem(NamedTuple):
@@ -99,6 +107,31 @@ def gram(problem: SensingProblem) -> np.ndarray:
     return total
 
 
+def tangent_kernel(problem: SensingProblem, adapters: Mapping) -> np.ndarray:
+    """The LoRA tangent kernel ``G G^T`` at ``adapters``: [N K, N K] float64, row = (n, k).
+
+    ``G = d outputs / d (A_l, B_l)`` (:func:`_residual_jacobian`), so this is the empirical
+    NTK of the linearized LoRA model over the LoRA parameters (``ntk.empirical_ntk_fn`` of
+    ``ntk.lora_linearized_model_fn`` with ``trace_axes=()``, flattened by
+    ``ntk.kernel_matrix``; tested against it). For a loss ``mean_n l(f_n)`` the squared
+    gradient norm is ``e^T G G^T e / N^2`` with ``e = dl/df`` ([N K]).
+    """
+    g = np.asarray(_residual_jacobian(problem, adapters), np.float64)  # (NK, P)
+    return g @ g.T
+
+
+def residual_subspace_eigvals(kernel: np.ndarray, k: int) -> np.ndarray:
+    """Eigenvalues (ascending) of ``kernel`` [N K, N K] on the residuals whose K entries sum to
+    zero per example: where cross-entropy's ``softmax(f) - onehot(y)`` lives. [N (K - 1)].
+
+    Their minimum bounds cross-entropy's gradient: ``||grad L||^2 >= lam ||p - y||^2 / N^2``.
+    """
+    n = kernel.shape[0] // k
+    basis = np.linalg.svd(np.eye(k) - 1.0 / k)[0][:, : k - 1]  # (K, K - 1), orthonormal
+    q = np.kron(np.eye(n), basis)  # (NK, N (K - 1))
+    return np.linalg.eigvalsh(q.T @ kernel @ q)
+
+
 def _residual_jacobian(problem: SensingProblem, adapters: Mapping) -> jax.Array:
     """``d outputs / d (A_l, B_l)`` by hand: [N K, sum_l r (m + n)], A's columns then B's.
 
@@ -155,31 +188,31 @@ def levenberg_marquardt(
             out[p] = {"lora_a": a, "lora_b": b}
         return out
 
-    def res_of(x):
+    def res_of(x, problem, targets):
         return (outputs(problem, unpack(x)) - targets).reshape(-1)
 
-    def loss_of(x):
-        r = res_of(x)
+    def loss_of(x, problem, targets):
+        r = res_of(x, problem, targets)
         return 0.5 * jnp.sum(r * r) / n
 
     @jax.jit
-    def step(x, lam):
-        r = res_of(x)
+    def step(x, lam, problem, targets):  # the problem is an argument, not a baked constant
+        r = res_of(x, problem, targets)
         g = _residual_jacobian(problem, unpack(x))  # (NK, P)
         c = jnp.linalg.solve(g @ g.T + lam * jnp.eye(g.shape[0], dtype=g.dtype), r)
         new = x - g.T @ c
-        better = loss_of(new) < loss_of(x)
+        better = loss_of(new, problem, targets) < loss_of(x, problem, targets)
         x = jnp.where(better, new, x)
         lam = jnp.clip(jnp.where(better, lam / 3.0, lam * 4.0), 1e-12, 1e12)
-        return x, lam, loss_of(x)
+        return x, lam, loss_of(x, problem, targets)
 
     x = jnp.concatenate(
         [jnp.concatenate([adapters[p]["lora_a"].ravel(), adapters[p]["lora_b"].ravel()])
          for p in paths]
     )  # fmt: skip
     lam = jnp.asarray(damping, x.dtype)
-    losses = [float(loss_of(x))]
+    losses = [float(loss_of(x, problem, targets))]
     for _ in range(iters):
-        x, lam, value = step(x, lam)
+        x, lam, value = step(x, lam, problem, targets)
         losses.append(float(value))
     return np.asarray(losses), unpack(x)
