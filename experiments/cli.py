@@ -16,11 +16,12 @@ import dataclasses
 import enum
 import inspect
 import re
+import sys
 import types
 import typing
 from typing import Any
 
-__all__ = ["add_dataclass_arguments", "field_docs", "flag_name"]
+__all__ = ["add_dataclass_arguments", "field_docs", "flag_name", "parse_config", "run_command"]
 
 _SCALARS = (int, float, str)
 
@@ -102,3 +103,47 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             kwargs["action"] = "extend"  # each use adds to the list
         flag = field.metadata.get("flag", flag_name(field.name))
         parser.add_argument(flag, dest=field.name, default=None, help=help_text, **kwargs)
+
+
+def parse_config(
+    cls: type,
+    argv: list[str] | None,
+    *,
+    prog: str,
+    description: str | None,
+    lists: dict[str, dict[str, Any]],
+) -> Any:
+    """A theory command's config ``cls`` from its command line, one flag per field.
+
+    ``lists`` gives the argparse keywords of the fields that take several values (e.g.
+    ``{"seeds": {"nargs": "+", "type": int}}``; they become tuples); any other field's flag
+    takes one value of its default's type (``int``, ``float``, else ``str``). A config that
+    refuses the values is a usage error (one line).
+    """
+    from lora_jax.errors import ConfigError, user_message
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for field in dataclasses.fields(cls):
+        if field.name in lists:
+            parser.add_argument(flag_name(field.name), **lists[field.name])
+            continue
+        kind = {int: int, float: float}.get(type(field.default), str)
+        parser.add_argument(flag_name(field.name), type=kind)
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    except ConfigError as err:
+        parser.error(user_message(err))
+
+
+def run_command(cfg: Any, run: Any, markdown: Any, footer: str = "") -> None:
+    """Runs a theory command: ``run(cfg)``, its ``markdown(results)`` on stdout and the wall
+    time on stderr; bad input (``UserError``) is one line, a bug keeps its traceback."""
+    from lora_jax.errors import UserError, user_message
+
+    try:
+        results = run(cfg)
+    except UserError as err:
+        raise SystemExit(f"error: {user_message(err)}") from err
+    print(markdown(results))
+    print(f"{footer.format(**results)}({results['seconds']:.0f} s)", file=sys.stderr)

@@ -13,11 +13,9 @@ matrix of the adapted kernels (:func:`ntk.theory.sensing.gram`). Writes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections import Counter
 
@@ -26,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from experiments import cli, outputs
 from experiments import pl as pl_exp
 from lora_jax import lora
-from lora_jax.errors import ConfigError, UserError, user_message
+from lora_jax.errors import ConfigError
 from ntk.theory import landscape, sensing
 
 
@@ -140,11 +139,8 @@ def run(cfg: LandscapeConfig, *, resume: bool = True) -> dict:
     start = time.time()
     run_dir = os.path.join(cfg.out, cfg.name)
     saved = os.path.join(run_dir, "landscape.json")
-    if resume and os.path.exists(saved):
-        with open(saved) as f:
-            results = json.load(f)
-        if results["config"] == json.loads(json.dumps(dataclasses.asdict(cfg))):
-            return results
+    if resume and (results := outputs.saved_results(saved, cfg)) is not None:
+        return results
     lcfg = lora.LoraConfig(
         r=cfg.rank, alpha=2.0 * cfg.rank, targets=cfg.targets, layers=cfg.layers or None
     )
@@ -227,31 +223,17 @@ def markdown(results: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> LandscapeConfig:
     """Maps the command line one-to-one onto :class:`LandscapeConfig` fields."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.landscape", description=__doc__)
-    for field in dataclasses.fields(LandscapeConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name == "layers":
-            parser.add_argument(flag, nargs="*", type=int)
-            continue
-        kind = {int: int, float: float}.get(type(field.default), str)
-        parser.add_argument(flag, type=kind)
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    try:
-        return LandscapeConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
-        )
-    except ConfigError as err:
-        parser.error(user_message(err))
+    return cli.parse_config(
+        LandscapeConfig,
+        argv,
+        prog="python -m experiments.landscape",
+        description=__doc__,
+        lists={"layers": {"nargs": "*", "type": int}},
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
-    try:
-        results = run(cfg)
-    except UserError as err:  # bad input: one line; a bug keeps its traceback
-        raise SystemExit(f"error: {user_message(err)}") from err
-    print(markdown(results))
-    print(f"({results['seconds']:.0f} s)", file=sys.stderr)
+    cli.run_command(parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":

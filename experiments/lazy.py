@@ -20,7 +20,6 @@ Kernel movements are :func:`ntk.kernel_distance` (``relative_change``, ``alignme
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -31,11 +30,11 @@ import jax
 import numpy as np
 
 import ntk
-from experiments import jobs
+from experiments import cli, jobs, outputs
 from experiments.config import ExperimentConfig
 from experiments.workbench import Workbench
 from lora_jax import lora, train
-from lora_jax.errors import ConfigError, UserError, user_message
+from lora_jax.errors import ConfigError
 from lora_jax.trainable import Method, make_model_fn
 from ntk.theory import sensing
 
@@ -118,11 +117,8 @@ def run(cfg: LazyConfig, *, resume: bool = True) -> dict:
     start = time.time()
     run_dir = os.path.join(cfg.out, cfg.name)
     saved = os.path.join(run_dir, "lazy.json")
-    if resume and os.path.exists(saved):
-        with open(saved) as f:
-            results = json.load(f)
-        if results["config"] == json.loads(json.dumps(dataclasses.asdict(cfg))):
-            return results
+    if resume and (results := outputs.saved_results(saved, cfg)) is not None:
+        return results
     ecfg = ExperimentConfig(model=cfg.model, tasks=(cfg.task,), k=cfg.k, steps=cfg.steps,
                             lr=cfg.lr, max_length=cfg.max_length, ranks=cfg.ranks,
                             seeds=cfg.seeds)  # fmt: skip
@@ -173,29 +169,17 @@ def markdown(results: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> LazyConfig:
     """Maps the command line one-to-one onto :class:`LazyConfig` fields."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.lazy", description=__doc__)
-    for field in dataclasses.fields(LazyConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name in ("ranks", "seeds"):
-            parser.add_argument(flag, nargs="+", type=int)
-            continue
-        kind = {int: int, float: float}.get(type(field.default), str)
-        parser.add_argument(flag, type=kind)
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    try:
-        return LazyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    except ConfigError as err:
-        parser.error(user_message(err))
+    return cli.parse_config(
+        LazyConfig,
+        argv,
+        prog="python -m experiments.lazy",
+        description=__doc__,
+        lists={"ranks": {"nargs": "+", "type": int}, "seeds": {"nargs": "+", "type": int}},
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
-    try:
-        results = run(cfg)
-    except UserError as err:  # bad input: one line; a bug keeps its traceback
-        raise SystemExit(f"error: {user_message(err)}") from err
-    print(markdown(results))
-    print(f"({results['seconds']:.0f} s)", file=sys.stderr)
+    cli.run_command(parse_args(argv), run, markdown)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Load it with ``lora_jax.models.from_pretrained(base, head=..., adapter=dir)`` or
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -132,3 +133,14 @@ def write_tensorboard(run_dir: str, cell_key: str, record: Mapping[str, Any]) ->
     finally:
         writer.close()
     return logdir
+
+
+def saved_results(path: str, cfg: Any) -> dict | None:
+    """The results a theory command saved at ``path`` (JSON with a ``config`` entry) if they
+    were computed for the dataclass ``cfg``, else None: a finished run is not recomputed."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        results = json.load(f)
+    same = results.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    return results if same else None

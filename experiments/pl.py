@@ -24,22 +24,21 @@ matrices is far above KN, so no threshold can show there). Writes ``runs/<name>/
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import verdicts
+from experiments import cli, verdicts
+from experiments import outputs as results_io
 from experiments.config import ExperimentConfig
 from experiments.workbench import Workbench
 from lora_jax import lora
-from lora_jax.errors import ConfigError, UserError, user_message
+from lora_jax.errors import ConfigError
 from lora_jax.losses import get_loss
 from ntk.theory import pl, sensing
 
@@ -257,11 +256,8 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
     start = time.time()
     run_dir = os.path.join(cfg.out, cfg.name)
     saved = os.path.join(run_dir, "pl.json")
-    if resume and os.path.exists(saved):
-        with open(saved) as f:
-            results = json.load(f)
-        if results["config"] == json.loads(json.dumps(dataclasses.asdict(cfg))):
-            return results
+    if resume and (results := results_io.saved_results(saved, cfg)) is not None:
+        return results
     lcfg = lora.LoraConfig(
         r=cfg.rank, alpha=2.0 * cfg.rank, targets=cfg.targets, layers=cfg.layers or None
     )
@@ -496,30 +492,22 @@ def markdown(results: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> PLConfig:
     """Maps the command line one-to-one onto :class:`PLConfig` fields."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.pl", description=__doc__)
-    for field in dataclasses.fields(PLConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name in ("layers", "seeds", "below_layers", "below_ranks"):
-            nargs = "*" if field.name.endswith("layers") else "+"
-            parser.add_argument(flag, nargs=nargs, type=int)
-            continue
-        kind = {int: int, float: float}.get(type(field.default), str)
-        parser.add_argument(flag, type=kind)
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    try:
-        return PLConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    except ConfigError as err:
-        parser.error(user_message(err))
+    return cli.parse_config(
+        PLConfig,
+        argv,
+        prog="python -m experiments.pl",
+        description=__doc__,
+        lists={
+            "layers": {"nargs": "*", "type": int},
+            "below_layers": {"nargs": "*", "type": int},
+            "seeds": {"nargs": "+", "type": int},
+            "below_ranks": {"nargs": "+", "type": int},
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
-    try:
-        results = run(cfg)
-    except UserError as err:  # bad input: one line; a bug keeps its traceback
-        raise SystemExit(f"error: {user_message(err)}") from err
-    print(markdown(results))
-    print(f"plot: {results['plot']} ({results['seconds']:.0f} s)", file=sys.stderr)
+    cli.run_command(parse_args(argv), run, markdown, footer="plot: {plot} ")
 
 
 if __name__ == "__main__":

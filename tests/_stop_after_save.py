@@ -9,13 +9,17 @@ import sys
 from experiments import run
 from lora_jax import checkpoint
 
-real_save = checkpoint.save
+
+def main() -> None:
+    real_save = checkpoint.save
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        os.kill(os.getpid(), getattr(signal, "SIG" + sys.argv[1]))
+
+    checkpoint.save = save_then_stop
+    run.main(sys.argv[2:])
 
 
-def save_then_stop(*args, **kwargs):
-    real_save(*args, **kwargs)
-    os.kill(os.getpid(), getattr(signal, "SIG" + sys.argv[1]))
-
-
-checkpoint.save = save_then_stop
-run.main(sys.argv[2:])
+if __name__ == "__main__":
+    main()
