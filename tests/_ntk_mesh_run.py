@@ -16,8 +16,6 @@ from lora_jax import lora, models
 from lora_jax.readout import make_output_fn
 from ntk import _programs
 
-jax.config.update("jax_enable_x64", True)
-
 
 def problem():
     cfg = models.EncoderConfig(
@@ -107,4 +105,6 @@ def main():
 
 
 if __name__ == "__main__":
+    # Here, not at import: pytest imports this file (--doctest-modules) into the test session.
+    jax.config.update("jax_enable_x64", True)
     main()

@@ -8,10 +8,9 @@ import ntk
 from experiments import report
 from experiments.config import ExperimentConfig, KernelChoice
 from experiments.ntk_analysis import kernels_for
-from experiments.run import main, parse_args
+from experiments.run import parse_args
 from lora_jax.errors import ConfigError
 from lora_jax.optim import Optimizer
-from lora_jax.testing import make_tiny_checkpoint
 
 
 def test_kernel_choice_maps_optimizers_to_kernels():
@@ -62,15 +61,4 @@ def test_gap_table_has_a_paired_column_per_kernel():
     assert "A-SignGD" not in report.ntk_gap_table(old) + report.ntk_table(old)
 
 
-def test_ntk_run_of_an_adamw_cell_reports_both_kernels(tmp_path):
-    model = str(make_tiny_checkpoint(tmp_path / "tiny"))
-    args = ["--model", model, "--out", str(tmp_path), "--name", "ntk", "--tasks", "mr"]
-    args += ["--methods", "lora", "--ranks", "1", "--seeds", "13", "--k", "4", "--steps", "4"]
-    args += ["--eval-every", "2", "--test-cap", "16", "--batch-size", "4", "--ntk"]
-    main(args)
-    (record,) = report.read_results(tmp_path / "ntk" / "results.jsonl")
-    for key in ("ntk_acc_kernel", "ntk_acc_kernel_asigngd", "ntk_agree_trained_vs_kernel_asigngd"):
-        assert 0.0 <= record[key] <= 1.0, key
-    assert record["ntk_kernel_relative_change"] >= 0.0  # the SGD kernel's, as before
-    text = (tmp_path / "ntk" / "report.md").read_text()
-    assert "A-SignGD kernel" in text
+# The end-to-end AdamW --ntk cell with both kernels is tests/test_experiments.py's NTK test.
