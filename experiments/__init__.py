@@ -1,1 +1,15 @@
-"""Experiments: python -m experiments.run."""
+"""Experiments: python -m experiments.run.
+
+On a machine with no accelerator (no TPU device nodes ``/dev/accel*`` or ``/dev/vfio``, no
+NVIDIA ``/dev/nvidia*``) and ``JAX_PLATFORMS`` unset, the commands run with
+``JAX_PLATFORMS=cpu``: what JAX would pick anyway, without the pages of errors that an installed
+libtpu (the dev group's compile-only planning) prints while it looks for a TPU that is not there.
+"""
+
+import glob
+import os
+
+if "JAX_PLATFORMS" not in os.environ and not any(
+    glob.glob(pattern) for pattern in ("/dev/accel*", "/dev/vfio", "/dev/nvidia*")
+):
+    os.environ["JAX_PLATFORMS"] = "cpu"
