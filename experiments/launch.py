@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from lora_jax import distributed
 from lora_jax import sharding as sh
+from lora_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,6 +84,11 @@ def start(launch: Launch) -> tuple[Mesh | None, dict | None]:
       ValueError: bad process flags, an unknown mesh axis, a mesh whose size is not the number
         of devices, or rules naming a mesh axis the mesh lacks (one line each).
     """
+    if not launch.process_timeout > 0:
+        raise ConfigError(
+            f"--process-timeout {launch.process_timeout:g} must be a positive number of "
+            "seconds (default 30)."
+        )
     enable_compilation_cache(launch.compilation_cache)
     distributed.initialize(
         launch.coordinator, launch.num_processes, launch.process_id, auto=launch.distributed

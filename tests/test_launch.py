@@ -35,6 +35,7 @@ def args(model, out, *extra):
             ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
             "--process-id 2 is out of range for --num-processes 2",
         ),
+        (["--process-timeout", "0"], "--process-timeout 0 must be a positive number"),
     ],
 )
 def test_bad_device_flags_are_one_line_errors(tiny_roberta, tmp_path, flags, message):
