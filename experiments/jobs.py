@@ -1,11 +1,16 @@
 """The cells of an experiment and the one function that runs them: a job of cells.
 
 A cell is one results line (task x method x rank x seed). Cells run in jobs: the LoRA cells of
-a task (ranks x seeds) form one job of up to ``ExperimentConfig.members`` members, trained as
-one vectorized program (``lora_jax.train.fit_job``; fused LoRA path: each base GEMM runs once
-for all members' rows); every other cell is a job of one. :func:`run_job` trains a job, tests
-each member's best parameters, and writes the same results record per cell whatever the job's
-size (:func:`cell_record`). A stopped job resumes from its orbax checkpoint.
+a task (ranks x seeds), and of every other task of the same shape (K label words, examples
+and padded lengths: :meth:`experiments.workbench.Workbench.job_shape`), form jobs of up to
+``ExperimentConfig.members`` members, each trained as one vectorized program
+(``lora_jax.train.fit_job``; fused LoRA path: each base GEMM runs once for all members' rows);
+every other cell is a job of one. Prompt models take their label words as an argument of the
+compiled programs (``lora_jax.trainable.label_words_as_inputs``, one ``[K]`` row per member),
+so tasks of one shape share a program, and a job may hold several tasks. :func:`run_job`
+trains a job, tests each member's best parameters (each on its own task's test set), and
+writes the same results record per cell whatever the job's size (:func:`cell_record`). A
+stopped job resumes from its orbax checkpoint.
 """
 
 from __future__ import annotations
@@ -14,10 +19,11 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments import ntk_analysis, outputs
@@ -25,7 +31,7 @@ from experiments.config import ExperimentConfig
 from experiments.workbench import TaskData, Workbench
 from lora_jax import distributed, lora, members, programs, train
 from lora_jax.capabilities import capabilities_of
-from lora_jax.trainable import Method, make_model_fn, split_params
+from lora_jax.trainable import Method, label_words_as_inputs, make_model_fn, split_params
 
 PyTree = Any
 
@@ -89,21 +95,28 @@ def members_per_job(cfg: ExperimentConfig) -> int:
     return cfg.members if cfg.vectorize else 0
 
 
-def plan_jobs(cells: Sequence[Cell], members: int) -> list[list[Cell]]:
-    """Groups ``cells`` (in order) into jobs: the LoRA cells of one task, at most ``members``
-    per job, and every other cell on its own. ``members=0``: every cell on its own.
+def plan_jobs(
+    cells: Sequence[Cell], members: int, shape_of: Callable[[str], Hashable] | None = None
+) -> list[list[Cell]]:
+    """Groups ``cells`` (in order) into jobs: the LoRA cells of tasks of one shape, at most
+    ``members`` per job, and every other cell on its own. ``members=0``: every cell on its own.
 
-    A task's LoRA cells are split into as few jobs as the cap allows, of sizes as even as
-    possible (30 cells under a cap of 16 run as two jobs of 15, which share one program).
+    ``shape_of(task)`` is what must agree for two tasks' cells to share a job (``run`` passes
+    :meth:`~experiments.workbench.Workbench.job_shape`); default: the task itself (a job holds
+    one task). The LoRA cells of one shape (the tasks in order of first appearance) are split
+    into as few jobs as the cap allows, of sizes as even as possible (30 cells under a cap of
+    16 run as two jobs of 15, which share one program).
     """
+    shape = (lambda task: task) if shape_of is None else shape_of
     jobs: list[list[Cell]] = []
-    lora_jobs: dict[str, list] = {}  # task -> its LoRA cells (one entry of ``jobs``)
+    lora_jobs: dict[Hashable, list] = {}  # shape -> its LoRA cells (one entry of ``jobs``)
     for cell in cells:
         if members and cell.method == "lora":
-            if cell.task not in lora_jobs:
-                lora_jobs[cell.task] = []
-                jobs.append(lora_jobs[cell.task])
-            lora_jobs[cell.task].append(cell)
+            key = shape(cell.task)
+            if key not in lora_jobs:
+                lora_jobs[key] = []
+                jobs.append(lora_jobs[key])
+            lora_jobs[key].append(cell)
         else:
             jobs.append([cell])
     return [part for job in jobs for part in _split(job, members)]
@@ -120,10 +133,11 @@ class Job(NamedTuple):
     """What :func:`run_job` trains: a model over stacked members and their data."""
 
     model_fn: train.ModelFn
-    output_fn: Any  # the readout the model is built on (ntk analysis)
+    output_fns: list[Any]  # per member, its task's readout with fixed label words (ntk analysis)
     params: PyTree  # the whole pretrained model
     frozen: PyTree
-    member_inputs: PyTree | None  # lora.StackPlan.factors, or None
+    # Prompt jobs: (label word ids [n, K], lora.StackPlan.factors or None); head jobs: None.
+    member_inputs: PyTree | None
     trainables: PyTree  # initial trainable parameters, leaves [n, ...]
     initial: list[PyTree]  # per member, its own initial trainable parameters (unpadded)
     lora_configs: list[lora.LoraConfig | None]
@@ -132,24 +146,35 @@ class Job(NamedTuple):
 
 
 def build_job(bench: Workbench, cfg: ExperimentConfig, job: Sequence[Cell]) -> Job:
-    """The model, initial parameters and data of ``job`` (cells of one task and method)."""
+    """The model, initial parameters and data of ``job`` (cells of one method; LoRA cells may
+    be of several tasks of one shape)."""
     cell = job[0]
     method = Method(cell.method)
     if method == Method.HEAD:  # a job of one: the head over cached features
         output_fn, params, data = bench.cls_head_model(cell.task, cell.seed)
-        datas = [data]
-    else:
-        output_fn, params = bench.prompt_model(cell.task)
-        datas = bench.job_data(cell.task, [c.seed for c in job], mode="prompt")
-    if method != Method.LORA:
-        (only,) = job
         model_fn = bench.memo(
             ("model_fn", cell.task, method), lambda: make_model_fn(output_fn, method)
         )
         trainable, frozen = split_params(params, method)
         return Job(
-            model_fn, output_fn, params, frozen, None, members.stack([trainable]), [trainable],
-            [None], None, datas,
+            model_fn, [output_fn], params, frozen, None, members.stack([trainable]),
+            [trainable], [None], None, [data],
+        )  # fmt: skip
+    # Prompt models: one program for every task, the label words an argument of it.
+    output_fn, params = bench.prompt_model_at_call()
+    output_fns = [bench.prompt_model(c.task)[0] for c in job]
+    datas = bench.cells_data([(c.task, c.seed) for c in job], mode="prompt")
+    words = jnp.asarray(np.stack([bench.label_word_ids(c.task) for c in job]), jnp.int32)
+    if method != Method.LORA:
+        (only,) = job
+        model_fn = bench.memo(
+            ("model_fn", method),
+            lambda: label_words_as_inputs(make_model_fn(output_fn, method)),
+        )
+        trainable, frozen = split_params(params, method)
+        return Job(
+            model_fn, output_fns, params, frozen, (words, None), members.stack([trainable]),
+            [trainable], [None], None, datas,
         )  # fmt: skip
     configs = [lora_config(cfg, c.rank, bench.model_type) for c in job]
     plan = lora.plan_stack(params, configs)
@@ -158,14 +183,15 @@ def build_job(bench: Workbench, cfg: ExperimentConfig, job: Sequence[Cell]) -> J
 
     def build():
         fn = make_model_fn(output_fn, Method.LORA, lora_config=plan.config, fusion=fusion)
-        return fn if plan.factors is None else lora.with_member_factors(fn)
+        return label_words_as_inputs(fn if plan.factors is None else lora.with_member_factors(fn))
 
-    model_fn = bench.memo(("model_fn", cell.task, method, plan.config, fusion), build)
+    factors = plan.factors is not None
+    model_fn = bench.memo(("model_fn", method, plan.config, fusion, factors), build)
     trainables = lora.init_stack(params, plan, [c.seed for c in job])
     initial = [lora.unpad(plan, members.member(trainables, i), i) for i in range(len(job))]
     return Job(
-        model_fn, output_fn, params, params, plan.factors, trainables, initial, configs, plan,
-        datas,
+        model_fn, output_fns, params, params, (words, plan.factors), trainables, initial,
+        configs, plan, datas,
     )  # fmt: skip
 
 
@@ -173,7 +199,7 @@ def task_pack_length(bench: Workbench, cfg: ExperimentConfig, task: str, model_f
     """The packed length of ``task`` 's training batches (``lora_jax.packing``), or None.
 
     The longest batch any seed of the task draws, so that the task's jobs share one compiled
-    chunk, as they do unpacked.
+    chunk, as they do unpacked (a job of several tasks packs to the longest of theirs).
     """
     if not (cfg.pack and capabilities_of(model_fn).packs_rows):
         return None
@@ -199,7 +225,12 @@ def job_name(job: Sequence[Cell]) -> str:
     if len(names) == 1:
         return names[0]
     digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]
-    return f"{job[0].task}_{job[0].method}_job_{digest}"
+    return f"{'+'.join(job_tasks(job))}_{job[0].method}_job_{digest}"
+
+
+def job_tasks(job: Sequence[Cell]) -> list[str]:
+    """The tasks of ``job`` 's cells, each once, in order."""
+    return list(dict.fromkeys(c.task for c in job))
 
 
 def run_job(
@@ -229,7 +260,11 @@ def run_job(
     os.makedirs(os.path.dirname(metrics[0]), exist_ok=True)
     for cell, data in zip(job, spec.datas, strict=True):  # before the batches are drawn
         programs.check_batch_fits(len(data.train["labels"]), cfg.batch_size, cell.key)
-    packed = None if mesh is not None else task_pack_length(bench, cfg, job[0].task, spec.model_fn)
+    packed = None
+    if mesh is None:
+        lengths = [task_pack_length(bench, cfg, t, spec.model_fn) for t in job_tasks(job)]
+        packed = None if None in lengths else max(lengths)
+    tasks = "+".join(job_tasks(job))
     results = train.fit_job(
         spec.model_fn,
         state,
@@ -238,11 +273,11 @@ def run_job(
         [d.dev for d in spec.datas],
         tcfgs[0],
         member_inputs=spec.member_inputs,
-        test_data=spec.datas[0].test,
+        test_data=[d.test for d in spec.datas],  # each task's set, evaluated once
         names=[c.key for c in job],
         checkpoint_dir=ckpt_dir,
         callbacks=[train.write_metrics(metrics)],
-        progress=job[0].key if len(job) == 1 else f"{job[0].task} {job[0].method} x{len(job)}",
+        progress=job[0].key if len(job) == 1 else f"{tasks} {job[0].method} x{len(job)}",
         mesh=mesh,
         rules=rules,
         pack_length=packed,
@@ -296,7 +331,7 @@ def cell_record(
         record.update(
             ntk_analysis.analyze(
                 cell=cell,
-                output_fn=spec.output_fn,
+                output_fn=spec.output_fns[i],
                 params=spec.params,
                 lora_config=lcfg,
                 adapters0=spec.initial[i],

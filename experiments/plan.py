@@ -30,7 +30,6 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from experiments import jobs, launch
 from experiments.config import ExperimentConfig, per_encoder
@@ -43,7 +42,7 @@ from lora_jax.models.config import EncoderConfig
 from lora_jax.models.encoder import forward, param_shapes
 from lora_jax.params import unflatten
 from lora_jax.readout import Readout, make_output_fn
-from lora_jax.trainable import Method, make_model_fn, split_params
+from lora_jax.trainable import Method, label_words_as_inputs, make_model_fn, split_params
 
 PyTree = Any
 HUB_CONFIGS = os.path.join(os.path.dirname(__file__), "hub_configs")
@@ -159,9 +158,11 @@ def plan_job(
     apply_fn = functools.partial(forward, config=config, head=head, dtype=cfg.dtype)
     if cfg.remat:
         apply_fn = functools.partial(apply_fn, remat=True)
-    output_fn = make_output_fn(apply_fn, readout, np.arange(num_labels))
+    # As experiments.jobs.build_job: the label words an argument, one [K] row per member.
+    output_fn = make_output_fn(apply_fn, readout, label_words_at_call=True)
     method, n = Method(job[0].method), len(job)
-    member_inputs = None
+    words = jax.ShapeDtypeStruct((n, num_labels), jnp.int32)
+    member_inputs = (words, None)
     if method == Method.LORA:
         configs = [jobs.lora_config(cfg, c.rank, config.model_type) for c in job]
         stack = lora.plan_stack(params, configs)
@@ -169,12 +170,13 @@ def plan_job(
         model_fn = make_model_fn(output_fn, Method.LORA, lora_config=stack.config, fusion=fusion)
         if stack.factors is not None:
             model_fn = lora.with_member_factors(model_fn)
-            member_inputs = jax.eval_shape(lambda: stack.factors)
+            member_inputs = (words, jax.eval_shape(lambda: stack.factors))
+        model_fn = label_words_as_inputs(model_fn)
         seeds = [c.seed for c in job]
         trainables = jax.eval_shape(lambda p: lora.init_stack(p, stack, seeds), params)
         frozen = params
     elif method == Method.FULL:
-        model_fn = make_model_fn(output_fn, Method.FULL)
+        model_fn = label_words_as_inputs(make_model_fn(output_fn, Method.FULL))
         trainable, frozen = split_params(params, method)
         trainables = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), trainable)
     else:
@@ -186,18 +188,15 @@ def plan_job(
         lambda t: members.pad(train.init_states(t, tcfg, [tcfg.learning_rate] * n, [0] * n), slots),
         trainables,
     )
-    if member_inputs is not None:
-        member_inputs = jax.eval_shape(lambda m: members.pad(m, slots), member_inputs)
-    compiled = programs.job_programs(
-        model_fn, tcfg, member_inputs=member_inputs is not None, mesh=mesh, rules=rules
-    )
+    member_inputs = jax.eval_shape(lambda m: members.pad(m, slots), member_inputs)
+    compiled = programs.job_programs(model_fn, tcfg, member_inputs=True, mesh=mesh, rules=rules)
     table = programs.job_rules(mesh, rules, slots)
     if slots == 1:
         programs.check_batch_split(mesh, table, tcfg.batch_size)
     place = functools.partial(train.job_shardings, mesh=mesh, table=table)
     state = _sds(state, place(state))
     base = _sds(frozen, place(frozen))
-    args = base if member_inputs is None else (base, _sds(member_inputs, place(member_inputs)))
+    args = (base, _sds(member_inputs, place(member_inputs)))
     rows = cfg.k * num_labels
     # Each member samples its own few-shot sets: its train and dev data beside it.
     own = slots > 1
@@ -324,7 +323,9 @@ def _plan_jobs(cfg, cells, members_cap, named, encoder, mesh, rules, target):
     """``(programs, roofline seconds, job count)`` of ``cells`` grouped into jobs as a run
     groups them (``members_cap`` cells at most, 0: one each); jobs of one shape compile once."""
     groups: dict[tuple, list] = {}
-    for job in jobs.plan_jobs(cells, members_cap):
+    # As a run groups them: tasks with one K share jobs (their planned rows are all padded to
+    # max_length, so K is their whole shape here).
+    for job in jobs.plan_jobs(cells, members_cap, shape_of=lambda t: named[t].num_labels):
         k = named[job[0].task].num_labels
         key = (job[0].method, tuple(c.rank for c in job), k)
         groups.setdefault(key, []).append(job)

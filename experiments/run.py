@@ -112,7 +112,8 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) 
         primary = distributed.is_primary()
         members = jobs.members_per_job(cfg)  # 0: one cell at a time
         bar = tqdm(total=len(todo), desc=cfg.name, unit="cell", disable=not (progress and primary))
-        for job in jobs.plan_jobs(todo, members):
+        # With vectorized jobs, the LoRA cells of tasks of one shape share jobs.
+        for job in jobs.plan_jobs(todo, members, shape_of=bench.job_shape if members else None):
             records = jobs.run_job(bench, cfg, job, run_dir, mesh, rules)
             bar.update(len(records))
             if not primary:

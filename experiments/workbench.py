@@ -159,6 +159,19 @@ class Workbench:
 
         return self.memo(("prompt", task), build), params
 
+    def prompt_model_at_call(self) -> tuple[Callable, PyTree]:
+        """``(output_fn, params)`` of prompt-based classification for every task: the output
+        function takes the label words per call (``make_output_fn(..., label_words_at_call=
+        True)``), so that the training and evaluation programs take them as an argument and
+        tasks of one shape share them. The same outputs as :meth:`prompt_model` 's with the
+        task's :meth:`label_word_ids`."""
+        apply_fn, params, readout = self._prompt_encoder()
+
+        def build():
+            return make_output_fn(apply_fn, readout, label_words_at_call=True)
+
+        return self.memo(("prompt_at_call",), build), params
+
     def cls_head_model(self, task: str, seed: int) -> tuple[Callable, PyTree, TaskData]:
         """``(output_fn, params, data)`` for training only a new classification head.
 
@@ -195,6 +208,18 @@ class Workbench:
         return lambda params, frozen, data: fn(params, data)
 
     # -- data ---------------------------------------------------------------------------------
+
+    def job_shape(self, task: str) -> tuple[int, ...]:
+        """What two tasks' LoRA cells must share to be members of one job: K, and the number
+        of rows and the padded length of the train and dev splits a job of all the task's
+        seeds (``cfg.seeds``) trains on (:meth:`job_data`)."""
+
+        def build():
+            datas = self.job_data(task, list(self.cfg.seeds), mode="prompt")
+            shapes = (datas[0].train["input_ids"].shape, datas[0].dev["input_ids"].shape)
+            return (self.task(task).num_labels, *shapes[0], *shapes[1])
+
+        return self.memo(("job_shape", task), build)
 
     @property
     def word_style(self) -> str:
@@ -236,7 +261,13 @@ class Workbench:
         """:meth:`data` of each seed, its train and dev splits padded to the longest of all
         seeds' (``lora_jax.tasks.pad_length``), so that the members of one vectorized job can
         be stacked. The test split is the seeds' shared one."""
-        datas = [self.data(task, seed, mode) for seed in seeds]
+        return self.cells_data([(task, seed) for seed in seeds], mode)
+
+    def cells_data(self, cells: list[tuple[str, int]], mode: str) -> list[TaskData]:
+        """:meth:`data` of each ``(task, seed)``, train and dev padded to the longest of all
+        (as :meth:`job_data`, across tasks too); each task's test split is its own one (the
+        same dict for all its seeds)."""
+        datas = [self.data(task, seed, mode) for task, seed in cells]
         width = {
             split: max(getattr(d, split)["input_ids"].shape[1] for d in datas)
             for split in ("train", "dev")

@@ -46,7 +46,7 @@ from lora_jax.lora import LoraConfig
 from lora_jax.models import from_pretrained, split
 from lora_jax.readout import Readout, make_output_fn
 from lora_jax.train import TrainConfig, TrainState, fit, fit_job
-from lora_jax.trainable import Method, make_model_fn
+from lora_jax.trainable import Method, label_words_as_inputs, make_model_fn
 
 __version__ = "0.1.0"
 
@@ -61,6 +61,7 @@ __all__ = [
     "fit",
     "fit_job",
     "from_pretrained",
+    "label_words_as_inputs",
     "lora",
     "losses",
     "make_model_fn",

@@ -100,7 +100,11 @@ def load_prompt_encoder(
 
 
 def make_output_fn(
-    apply_fn: Callable, readout: Readout | str, label_word_ids: jax.Array | None = None
+    apply_fn: Callable,
+    readout: Readout | str,
+    label_word_ids: jax.Array | None = None,
+    *,
+    label_words_at_call: bool = False,
 ) -> Declared:
     """Returns ``output_fn(params, batch, dropout_rng=None) -> [B, K]`` with its capabilities.
 
@@ -109,7 +113,15 @@ def make_output_fn(
         ``readout`` needs: ``mlm`` for MLM, None (hidden states) for TIED and TIED_MEAN,
         ``rtd`` for RTD, ``cls`` for CLS.
       readout: see :class:`Readout`.
-      label_word_ids: ``[K]`` vocabulary ids of the label words (MLM, TIED and RTD).
+      label_word_ids: ``[K]`` vocabulary ids of the label words (MLM, TIED, TIED_MEAN and RTD),
+        fixed in the function: a compiled program that calls it holds them as constants, so
+        each task compiles its own.
+      label_words_at_call: instead of fixed ids, the function takes them per call:
+        ``output_fn(params, batch, dropout_rng=None, *, label_word_ids)`` with ``[K]`` ids (a
+        traced argument of the caller's program, e.g. through
+        :func:`lora_jax.trainable.label_words_as_inputs`), so tasks with equal shapes share
+        one compiled program. Its capabilities then name no ``embedding_rows`` (they depend
+        on the call).
 
     The batch is a dict with ``input_ids`` [B, T], ``attention_mask`` [B, T], optionally
     ``token_type_ids`` [B, T], and ``mask_pos`` [B] (the ``<mask>`` position; prompt modes).
@@ -117,13 +129,41 @@ def make_output_fn(
     [B, T] and ``row_starts`` [B] beside the token arrays [1, P]) where its capabilities
     (:mod:`lora_jax.capabilities`) say ``packs_rows``: MLM, TIED and TIED_MEAN on this library's
     encoders other than DeBERTa. Same [B, K].
+
+    Raises:
+      ConfigError: a prompt readout given neither ``label_word_ids`` nor
+        ``label_words_at_call``, or given both; at call time, ids passed to a function with
+        fixed ids, or none passed to one that takes them per call.
     """
     readout = Readout(readout)
-    if readout != Readout.CLS and label_word_ids is None:
-        raise ConfigError(f"readout={readout.value!r} needs label_word_ids (the K label words).")
-    ids = None if label_word_ids is None else jnp.asarray(label_word_ids, jnp.int32)
+    if label_words_at_call and label_word_ids is not None:
+        raise ConfigError(
+            "make_output_fn got label_word_ids and label_words_at_call=True; pass the ids "
+            "either fixed (label_word_ids) or per call (label_words_at_call=True), not both."
+        )
+    if readout != Readout.CLS and label_word_ids is None and not label_words_at_call:
+        raise ConfigError(
+            f"readout={readout.value!r} needs label_word_ids (the K label words), or "
+            "label_words_at_call=True to pass them per call."
+        )
+    fixed = None if label_word_ids is None else jnp.asarray(label_word_ids, jnp.int32)
 
-    def output_fn(params, batch, dropout_rng=None):
+    def label_words(given):
+        """The ``[K]`` ids of this call: the fixed ones, or those given per call."""
+        if label_words_at_call and given is None and readout != Readout.CLS:
+            raise ConfigError(
+                f"this output_fn (readout={readout.value!r}) takes its label words per call: "
+                "pass label_word_ids=[K] ids (or build it with fixed label_word_ids)."
+            )
+        if not label_words_at_call and given is not None:
+            raise ConfigError(
+                "this output_fn has fixed label_word_ids; build it with "
+                "label_words_at_call=True to pass them per call."
+            )
+        return fixed if given is None else jnp.asarray(given, jnp.int32)
+
+    def output_fn(params, batch, dropout_rng=None, *, label_word_ids=None):
+        ids = label_words(label_word_ids)
         inputs = (batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         packed = {k: batch[k] for k in ("segment_ids", "token_index") if k in batch}
         if readout == Readout.CLS:
@@ -167,7 +207,11 @@ def make_output_fn(
             ignores_padding=True,
             # Our encoder reads its tables through `embed`, so the eNTK may compact them to the
             # rows a batch reads (ntk.compact); besides the input ids, this readout reads these.
-            embedding_rows=() if ids is None else tuple(int(i) for i in np.asarray(ids)),
+            embedding_rows=None
+            if label_words_at_call and readout != Readout.CLS
+            else ()
+            if fixed is None
+            else tuple(int(i) for i in np.asarray(fixed)),
         ),
     )
 

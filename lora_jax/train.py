@@ -297,7 +297,7 @@ def fit_job(
     cfg: TrainConfig,
     *,
     member_inputs: PyTree | None = None,
-    test_data: Batch | None = None,
+    test_data: Batch | Sequence[Batch] | None = None,
     names: Sequence[str] | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     callbacks: Sequence[Callable[[Evaluation], None]] = (),
@@ -325,7 +325,10 @@ def fit_job(
       dev_data: as ``train_data``, for dev.
       cfg: shared hyperparameters (``learning_rate`` and ``seed`` are per member, in ``state``).
       member_inputs: per-member inputs that are not trained, leaves ``[n, ...]``.
-      test_data: evaluated with each member's best parameters at the end (``FitResult.test``).
+      test_data: evaluated with each member's best parameters at the end (``FitResult.test``):
+        one dict shared by all members, or one per member (e.g. the test set of each member's
+        task). Each distinct dict (by identity: give members that share a set the same dict)
+        is evaluated once by the whole job, and each member keeps its own set's result.
       names: a name per member for messages (e.g. ``mr/lora-r1/seed13``).
       checkpoint_dir: where to save / resume; None disables checkpoints.
       callbacks: called with an :class:`Evaluation` after each dev evaluation (e.g.
@@ -429,10 +432,11 @@ def fit_job(
     bar.close()
     test = None
     if test_data is not None:
-        test_arrays, _ = _member_data(test_data, n, "test", names)
-        test_arrays = place(test_arrays, data=True, shared=True)
-        test = programs.evaluate(predict, best, args, test_arrays, cfg.loss)
-        test = {k: v[:n] for k, v in test.items()}
+        test = _test_members(
+            lambda d: programs.evaluate(predict, best, args, place(d, data=True), cfg.loss),
+            test_data,
+            n,
+        )
     if not all(x.is_fully_addressable for x in jax.tree.leaves((state, best))):
         state, best = distributed.to_host((state, best))  # collective: every process gathers
     return [
@@ -446,6 +450,25 @@ def fit_job(
         )
         for i in range(n)
     ]
+
+
+def _test_members(evaluate: Callable, test_data: Batch | Sequence[Batch], n: int) -> dict:
+    """``{"accuracy": [n], "loss": [n]}``: each member's result on its own test set.
+
+    ``test_data`` is one set shared by all members, or one per member; each distinct set (by
+    identity) is evaluated once by all members (``evaluate(arrays)`` gives ``[slots]``
+    arrays) and each member keeps the results of its own.
+    """
+    datas = [test_data] * n if isinstance(test_data, Mapping) else list(test_data)
+    if len(datas) != n:
+        raise ConfigError(f"fit_job got {len(datas)} test sets for {n} members; one each.")
+    out = {"accuracy": np.zeros(n), "loss": np.zeros(n)}
+    for data in {id(d): d for d in datas}.values():
+        result = evaluate({k: jnp.asarray(v) for k, v in data.items()})
+        mine = [i for i, d in enumerate(datas) if d is data]
+        for k in out:
+            out[k][mine] = np.asarray(result[k])[mine]
+    return out
 
 
 _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))

@@ -154,10 +154,11 @@ def with_member_factors(model_fn: Callable) -> Declared:
     ``StackPlan.factors``) and calls ``model_fn(adapters, base, batch, dropout_rng)``.
     ``model_fn`` may be any model over the padded config: the fused LoRA model of
     ``trainable.make_model_fn(..., fusion="fused")`` (which shares the base GEMMs across members)
-    or ntk's linearized LoRA model. It keeps ``model_fn`` 's capabilities.
+    or ntk's linearized LoRA model. It keeps ``model_fn`` 's capabilities, and passes a
+    ``label_word_ids=`` keyword on (``trainable.label_words_as_inputs``).
     """
 
-    def fn(adapters, frozen, batch, dropout_rng):
+    def fn(adapters, frozen, batch, dropout_rng, **words):
         base, factors = frozen
         folded = {
             path: dict(
@@ -167,6 +168,6 @@ def with_member_factors(model_fn: Callable) -> Declared:
             else leaves
             for path, leaves in adapters.items()
         }
-        return model_fn(folded, base, batch, dropout_rng)
+        return model_fn(folded, base, batch, dropout_rng, **words)
 
     return Declared(fn, capabilities_of(model_fn))
