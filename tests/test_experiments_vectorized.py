@@ -114,3 +114,129 @@ def test_save_adapters_are_the_same_for_a_job_and_for_its_cells_alone(
                     np.testing.assert_allclose(vec[path][leaf], seq[path][leaf], atol=1e-4)
             infos = [json.load(open(os.path.join(d, "task.json"))) for d in dirs]
             assert {k: infos[1][k] for k in COMPARED} == {k: infos[0][k] for k in COMPARED}
+
+
+POSITIVE = [
+    "a great film",
+    "it was good",
+    "really great",
+    "great story",
+    "a good cast",
+    "good music",
+    "great ending",
+    "really good",
+    "the movie is good",
+    "the plot is good",
+]
+NEGATIVE = [
+    "a terrible film",
+    "it was bad",
+    "really terrible",
+    "bad story",
+    "a bad cast",
+    "boring music",
+    "terrible ending",
+    "really bad",
+    "the film is bad",
+    "the plot is bad",
+]
+
+
+def _task_files(directory):
+    """Two task files of one shape (K = 2, the same texts) with different label words."""
+    import csv
+    import json
+
+    def write(name, rows):
+        with open(directory / name, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "sentiment"])
+            writer.writerows(rows)
+
+    write("train.csv", [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE])
+    good, bad = ("great music", "good film", "really good film"), ("bad music", "a bad film")
+    write("test.csv", [(t, "positive") for t in good] + [(t, "negative") for t in bad])
+    paths = []
+    for name, words in (("words_a", ["terrible", "great"]), ("words_b", ["bad", "good"])):
+        spec = {"name": name, "train": "train.csv", "test": "test.csv", "text_columns": ["text"],
+                "label_column": "sentiment", "label_names": ["negative", "positive"],
+                "label_words": words, "template": "{0} It was {mask} ."}  # fmt: skip
+        paths.append(directory / f"{name}.json")
+        paths[-1].write_text(json.dumps(spec))
+    return paths
+
+
+def test_tasks_of_one_shape_share_a_job_with_the_records_of_their_cells_alone(
+    tiny_roberta, tmp_path, monkeypatch, capsys
+):
+    """Two tasks of one shape (K = 2, one padded length) train as one job of both tasks'
+    LoRA cells, each member reading its own task's label words and tested on its own task's
+    test set; stopped mid-job and resumed, it writes the records of the cells run alone."""
+    from experiments import jobs
+
+    a, b = _task_files(tmp_path)
+    grid = ["--model", tiny_roberta, "--name", "smoke", "--task-file", str(a), str(b),
+            "--methods", "lora", "--ranks", "1", "2", "--seeds", "13", "--k", "4",
+            "--steps", "6", "--eval-every", "2", "--batch-size", "4", "--lr", "3e-2",
+            "--max-length", "32"]  # fmt: skip
+    ran = []
+    real_run_job = jobs.run_job
+
+    def counting(bench, cfg, job, *args, **kwargs):
+        ran.append(jobs.job_tasks(job))
+        return real_run_job(bench, cfg, job, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "run_job", counting)
+    main([*grid, "--out", str(tmp_path / "seq"), "--no-vectorize"])
+    assert len(ran) == 4  # 2 tasks x 2 ranks, one at a time
+
+    real_save, saves = checkpoint.save, []
+
+    def save_then_stop(*args, **kwargs):
+        real_save(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    ran.clear()
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        main([*grid, "--out", str(tmp_path / "vec"), "--vectorize"])
+    ckpt = tmp_path / "vec" / "smoke" / "ckpt" / jobs.job_name(_lora_cells())
+    assert ckpt.is_dir() and ckpt.name.startswith("words_a+words_b_lora_job_")
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    capsys.readouterr()
+    main([*grid, "--out", str(tmp_path / "vec"), "--vectorize"])
+    assert ran == [["words_a", "words_b"]] * 2  # one job of both tasks, started twice
+    err = capsys.readouterr().err
+    assert "0 cells done, 4 to run" in err and "words_a+words_b lora x4" in err
+    assert not ckpt.exists()  # the finished job's checkpoint is gone
+
+    seq = _by_key(report.read_results(tmp_path / "seq" / "smoke" / "results.jsonl"))
+    vec = _by_key(report.read_results(tmp_path / "vec" / "smoke" / "results.jsonl"))
+    assert seq.keys() == vec.keys() and len(seq) == 4
+    for key, record in seq.items():
+        assert list(vec[key]) == list(record)
+        assert {k: vec[key][k] for k in COMPARED} == {k: record[k] for k in COMPARED}, key
+    # The curves hold each step once: the resumed job went on from its checkpoint at step 4.
+    for cell in _lora_cells():
+        name = cell.key.replace("/", "_") + ".jsonl"
+        curves = [
+            report.read_results(tmp_path / d / "smoke" / "metrics" / name) for d in ("seq", "vec")
+        ]
+        assert [c["step"] for c in curves[0]] == [c["step"] for c in curves[1]] == [2, 4, 6]
+        for x, y in zip(*curves, strict=True):
+            assert x["dev_accuracy"] == y["dev_accuracy"]
+            np.testing.assert_allclose(
+                [x["train_loss"], x["dev_loss"]], [y["train_loss"], y["dev_loss"]], rtol=1e-5
+            )
+    # The tasks' label words differ, and so do their members' curves.
+    first = [report.read_results(tmp_path / "seq" / "smoke" / "metrics" / f) for f in
+             ("words_a_lora-r1_seed13.jsonl", "words_b_lora-r1_seed13.jsonl")]  # fmt: skip
+    assert first[0][0]["dev_loss"] != first[1][0]["dev_loss"]
+
+
+def _lora_cells():
+    from experiments.jobs import Cell
+
+    return [Cell(t, "lora", r, s) for t in ("words_a", "words_b") for r in (1, 2) for s in (13, 21)]

@@ -112,9 +112,10 @@ def test_task_files_run_end_to_end_with_saved_adapters_and_tensorboard(
 
     def spy_fit(model_fn, state, frozen, *args, **kwargs):
         results = real_fit(model_fn, state, frozen, *args, **kwargs)
-        assert kwargs["member_inputs"] is None  # a job of one rank: nothing padded
-        for name, result in zip(kwargs["names"], results, strict=True):
-            best[name] = (model_fn, frozen, result.best_trainable)
+        words, factors = kwargs["member_inputs"]  # each member's label words
+        assert factors is None  # a job of one rank: nothing padded
+        for i, (name, result) in enumerate(zip(kwargs["names"], results, strict=True)):
+            best[name] = (model_fn, (frozen, (words[i], None)), result.best_trainable)
         return results
 
     monkeypatch.setattr(train, "fit_job", spy_fit)
