@@ -497,7 +497,9 @@ def job_programs(
     compiles once per distinct argument shapes, dtypes and shardings (the member count ``n``, the
     data's row and token counts) and static arguments (chunk length, ``shared``, packed
     length). So a run recompiles when any of these differ from an earlier run of the process,
-    and never for a new seed or learning rate.
+    and never for a new seed or learning rate, nor for another task's label words when they
+    are member inputs (``lora_jax.trainable.label_words_as_inputs``) rather than constants of
+    ``model_fn``.
 
     ``shared`` (static) says whether ``data`` is one dict for all members (unbatched) or one
     per member (leading axis ``[n, ...]``); ``predict`` tells by the rank of
