@@ -607,8 +607,8 @@ def empirical_ntk_fn(
         if cache_dir is not None:
             path = _kernel_cache.cache_path(cache_dir, f, info, opts.key(), x1, x2, params)
             cached = _kernel_cache.load_kernel(path)
-            everywhere = mesh is None or _mesh.is_local(mesh) or distributed.smallest(
-                cached is not None
+            everywhere = (
+                mesh is None or _mesh.is_local(mesh) or distributed.smallest(cached is not None)
             )  # on several processes, all read the cache or all compute (collectives)
             if cached is not None and everywhere:
                 return cached

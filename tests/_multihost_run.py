@@ -5,10 +5,10 @@ NUM_PROCESSES > 1 it joins ``jax.distributed`` on 127.0.0.1:PORT. Trains the tin
 ``_mesh_runs.py`` with LoRA on a mesh over every process's devices (data parallel), with orbax
 checkpoints in OUT_DIR/ckpt (so a second call with more STEPS resumes), metrics in
 OUT_DIR/metrics_<process>.jsonl (only process 0 writes), and, on process 0, the adapters in PEFT
-format under OUT_DIR/peft plus OUT_DIR/result.json (losses, dev logits, and the A-SignGD kernel of the trained
-adapters computed on the mesh and on process 0's first device alone). ``interleaved``
-orders the mesh's devices process 0, 1, 0, 1, ... (as ``jax.make_mesh`` does on TPU slices), so
-no process owns a contiguous block of the batch's rows.
+format under OUT_DIR/peft plus OUT_DIR/result.json (losses, dev logits, and the A-SignGD
+kernel of the trained adapters computed on the mesh and on process 0's first device alone).
+``interleaved`` orders the mesh's devices process 0, 1, 0, 1, ... (as ``jax.make_mesh`` does
+on TPU slices), so no process owns a contiguous block of the batch's rows.
 """
 
 import json
