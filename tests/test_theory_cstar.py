@@ -181,3 +181,44 @@ def test_transitions_report_the_95_percent_point():
     (row,) = cstar_exp.transitions(recs, (1e-4,), n_boot=50)
     assert row["rho50"] == pytest.approx(1.5) and row["rho95"] == pytest.approx(1.95)
     assert row["low95"] <= 1.5 and row["high95"] >= 2.0  # the grid cell it falls in
+
+
+def _gd_records(shape, wins, rhos=(1.0, 1.5, 2.0), budgets=(100, 200, 400, 800), draws=20):
+    """GD records: no draw succeeds at rho 1, all at 2, ``wins[b]`` at 1.5 after budget b."""
+    recs = []
+    for rho in rhos:
+        per = [0 if rho == 1.0 else draws if rho == 2.0 else w for w in wins]
+        recs.append({"shape": shape, "solver": "gd", "rho": rho, "budgets": list(budgets),
+                     "ratios": [[1e-9 if d < c else 1.0 for d in range(draws)] for c in per]})  # fmt: skip
+    return recs
+
+
+def test_budget_limits_extrapolate_gds_points_and_scale_over_sizes():
+    from experiments import cstar as cstar_exp
+    from ntk.theory import scaling
+
+    shapes = ("4x4x1", "8x8x1", "12x12x1")
+    wins = {"4x4x1": [12, 15, 17, 18], "8x8x1": [11, 14, 16, 17], "12x12x1": [11, 13, 15, 16]}
+    records = [rec for s in shapes for rec in _gd_records(s, wins[s])]
+    cfg = cstar_exp.CStarConfig(shapes=shapes, solvers=("gd",), rhos=(1.0, 1.5, 2.0),
+                                gd_budgets=(100, 200, 400, 800), n_boot=50)  # fmt: skip
+    limits = cstar_exp.budget_limits(records, cfg)
+    # 50% crossing between rho 1 (0%) and 1.5 (p): 1 + 0.5 * 0.5 / p.
+    p = np.array(wins["4x4x1"]) / 20
+    points = 1 + 0.25 / p
+    np.testing.assert_allclose(limits["4x4x1"][0.5]["points"], points)
+    lim = limits["4x4x1"][0.5]["limit"]
+    assert lim["value"] == pytest.approx(scaling.power_law_fit([100, 200, 400, 800], points)[0])
+    assert lim["value"] < points[-1]  # the limit lies past the longest budget's point
+    sizes = cstar_exp.finite_size(limits, cfg)
+    lim_of = lambda s: limits[s][0.5]["limit"]  # noqa: E731
+    assert [r["dims"] for r in sizes] == [[7, 15, 23]] * 2  # GD limit, GD at 800 steps
+    at_800 = sizes[1]
+    np.testing.assert_allclose(at_800["points"],
+                               [1 + 0.25 / (wins[s][-1] / 20) for s in shapes])  # fmt: skip
+    rows = cstar_exp.transitions(records, (1e-4,), n_boot=20)
+    conc = cstar_exp.conclusion(rows, 1e-4, limits, sizes)
+    assert conc["finite_size"] == sizes and conc["shapes"]["8x8x1"]["gd_limit"] == lim_of("8x8x1")
+    text = cstar_exp.limits_markdown(limits, sizes, cfg)
+    assert "| 4x4x1 | 50% | 1.417 / 1.333 / 1.294 / 1.278 |" in text
+    assert "| 1, 1 | GD at 800 steps | 7: 1.278, 15: 1.294, 23: 1.312 |" in text

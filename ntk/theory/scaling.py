@@ -24,7 +24,13 @@ import numpy as np
 
 from ntk.theory import cstar
 
-__all__ = ["Extrapolation", "bootstrap_crossings", "extrapolate", "power_law_fit"]
+__all__ = [
+    "Extrapolation",
+    "boot_limits",
+    "bootstrap_crossings",
+    "extrapolate",
+    "power_law_fit",
+]
 
 #: Exponents b profiled by :func:`power_law_fit` (log-spaced).
 B_GRID = np.geomspace(0.05, 4.0, 120)
@@ -92,6 +98,24 @@ def power_law_fit(x, y, *, b_grid: np.ndarray = B_GRID) -> tuple[float, float, f
     return y_inf, a, b, ""
 
 
+def boot_limits(x, estimates, boots: np.ndarray) -> np.ndarray:
+    """The :func:`power_law_fit` limit of each resample ``boots`` [n_boot, P]: [n_boot].
+
+    nan where the resample loses a point the estimate has (or the estimate has fewer than
+    three); -inf / +inf where its fit has no limit with falling / rising points.
+    """
+    x, estimates = np.asarray(x, float), np.asarray(estimates, float)
+    finite = np.isfinite(estimates)
+    out = np.full(len(boots), np.nan)
+    if finite.sum() < 3:
+        return out
+    for i, row in enumerate(np.asarray(boots, float)):
+        if np.isfinite(row[finite]).all():
+            lim, a, _, why = power_law_fit(x[finite], row[finite])
+            out[i] = lim if not why else (-np.inf if a > 0 else np.inf)
+    return out
+
+
 class Extrapolation(NamedTuple):
     """A series' limit ``point_inf`` with its interval (nan where undefined)."""
 
@@ -125,15 +149,7 @@ def extrapolate(
     y_inf, a, b, reason = power_law_fit(x, estimates)
     if reason:
         return Extrapolation(float("nan"), float("nan"), float("nan"), a, b, reason)
-    finite = np.isfinite(estimates)
-    fits = []
-    for row in np.asarray(boots, float):
-        if not np.isfinite(row[finite]).all():
-            fits.append(float("nan"))
-            continue
-        lim, slope, _, why = power_law_fit(np.asarray(x, float)[finite], row[finite])
-        fits.append(lim if not why else (-np.inf if slope > 0 else np.inf))
-    fits = np.asarray(fits)
+    fits = boot_limits(x, estimates, boots)
     tail = (1 - confidence) / 2
     if np.mean(np.isnan(fits)) > tail:
         why = f"{np.mean(np.isnan(fits)):.0%} of the resamples lose a crossing"
