@@ -188,8 +188,9 @@ def _gd_records(shape, wins, rhos=(1.0, 1.5, 2.0), budgets=(100, 200, 400, 800),
     recs = []
     for rho in rhos:
         per = [0 if rho == 1.0 else draws if rho == 2.0 else w for w in wins]
+        ratios = [[1e-9 if d < c else 1.0 for d in range(draws)] for c in per]
         recs.append({"shape": shape, "solver": "gd", "rho": rho, "budgets": list(budgets),
-                     "ratios": [[1e-9 if d < c else 1.0 for d in range(draws)] for c in per]})  # fmt: skip
+                     "ratios": ratios})  # fmt: skip
     return recs
 
 
