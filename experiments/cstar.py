@@ -115,7 +115,7 @@ def solver_settings(cfg: CStarConfig, solver: str) -> tuple[tuple[int, ...], flo
 def run_points(cfg: CStarConfig, run_dir: str, *, progress: bool = True) -> list[dict]:
     """Simulates every missing (shape, solver, KN) point; returns all point records."""
     path = os.path.join(run_dir, "points.jsonl")
-    records = _read(path)
+    records = read_records(path)
     done = {_key(r) for r in records}
     todo = []
     for shape in cfg.shapes:
@@ -153,7 +153,7 @@ def run_failures(cfg: CStarConfig, run_dir: str, *, progress: bool = True) -> li
     """GD's failures at its longest budget restarted by Levenberg-Marquardt, per (shape, KN)
     (:func:`ntk.theory.cstar.classify_failures`); resumes from ``failures.jsonl``."""
     path = os.path.join(run_dir, "failures.jsonl")
-    records = _read(path)
+    records = read_records(path)
     budgets, lr = solver_settings(cfg, "gd")
     done = {(r["shape"], r["kn"], r["restart_iters"], r["steps"]) for r in records}
     todo = []
@@ -197,7 +197,8 @@ def failures_markdown(records: list[dict], tol: float) -> str:
     return "\n".join(lines)
 
 
-def _read(path: str) -> list[dict]:
+def read_records(path: str) -> list[dict]:
+    """The records of a ``.jsonl`` file, one per line ([] when it does not exist)."""
     if not os.path.exists(path):
         return []
     with open(path) as f:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -223,3 +225,61 @@ def test_budget_limits_extrapolate_gds_points_and_scale_over_sizes():
     text = cstar_exp.limits_markdown(limits, sizes, cfg)
     assert "| 4x4x1 | 50% | 1.417 / 1.333 / 1.294 / 1.278 |" in text
     assert "| 1, 1 | GD at 800 steps | 7: 1.278, 15: 1.294, 23: 1.312 |" in text
+
+
+def test_block_draws_take_real_entries_scaled_to_unit_spectral_norm():
+    rng = np.random.default_rng(0)
+    jac = rng.standard_normal((5, 2, 4, 3))  # [P, K, M, N]
+    # The whole problem (every example, row and column): each draw is a permutation of it.
+    a, y, u, v = cstar.block_draws(jac, 0, 3, 5, 4, 3, 1, kn_max=12, dtype=np.float64)
+    assert a.shape == (3, 12, 12) and y.shape == (3, 12) and u.shape == (3, 4, 1)
+    full = jac.reshape(10, 12)
+    for i in range(3):
+        block = a[i, :10]
+        assert np.linalg.norm(block, 2) == pytest.approx(1.0)
+        np.testing.assert_allclose(np.sort(block.ravel()),
+                                   np.sort(full.ravel()) / np.linalg.norm(full, 2))  # fmt: skip
+        assert not a[i, 10:].any() and not y[i, 10:].any()
+    # A smaller block: exactly m of M rows and n of N columns of the chosen examples.
+    a, *_ = cstar.block_draws(jac, 1, 2, 2, 2, 2, 1, dtype=np.float64)
+    assert a.shape == (2, 4, 4)
+    # r = min(m, n): exact least squares fits generic targets when mn >= KN (4 >= 4).
+    ratios = cstar.solve(cstar.block_draws(jac, 2, 4, 2, 2, 2, 2, dtype=np.float64), "lstsq",
+                         (1,), 0.0)  # fmt: skip
+    assert ratios.shape == (4, 1) and np.all(ratios < 1e-6)
+    with pytest.raises(ValueError, match="n_examples"):
+        cstar.block_draws(jac, 0, 1, 6, 2, 2, 1)
+
+
+def test_cstar_real_runs_on_given_jacobians_and_resumes(tmp_path, monkeypatch):
+    from experiments import cstar_real
+
+    calls = []
+
+    def fake(cfg):  # a rank-deficient "real" operator: every example shares one direction
+        calls.append(cfg)
+        rng = np.random.default_rng(0)
+        common = rng.standard_normal((1, 1, 6, 6))
+        return (rng.standard_normal((8, 2, 6, 6)) + 3 * common).astype(np.float32)
+
+    monkeypatch.setattr(cstar_real, "load_jacobian", fake)
+    # dim 7: rho 1.75 and 0.6 give N = round(7 / 3.5) = 2 and round(7 / 1.2) = 6.
+    cfg = cstar_real.RealConfig(blocks=("4x4x1",), rhos=(0.6, 1.75), pool_k=4, draws=4,
+                                n_boot=20, gd_budgets=(50, 100, 200),
+                                out=str(tmp_path))  # fmt: skip
+    out = cstar_real.run(cfg, progress=False)
+    # One record per (solver, N), rho = dim / (2 N) = 7 / 4 and 7 / 12.
+    recs = [json.loads(line) for line in (tmp_path / "cstar_real" / "points.jsonl").open()]
+    assert len(recs) == 4 and len(calls) == 1
+    assert sorted(round(r["rho"], 4) for r in recs) == [0.5833, 0.5833, 1.75, 1.75]
+    assert {r["solver"] for r in recs} == {"gd", "lm"}
+    assert np.array(recs[0]["ratios"]).shape == (3, 4)  # GD: [budgets][draws]
+    assert "4x4x1" in out["conclusion"]["shapes"] and out["limits"]["4x4x1"][0.5]
+    assert "Real sensing matrices" in (tmp_path / "cstar_real" / "report.md").read_text()
+    cstar_real.run(cfg, progress=False)  # resumed: no Jacobians, no new points
+    assert len(calls) == 1
+    assert len((tmp_path / "cstar_real" / "points.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(ValueError, match="one module and one layer"):
+        cstar_real.RealConfig(targets="query|value")
+    with pytest.raises(ValueError, match="--pool-k"):
+        cstar_real.RealConfig(rhos=(0.1,))
