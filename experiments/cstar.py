@@ -54,7 +54,8 @@ class CStarConfig:
 
     Attributes:
       name: run directory name under ``out``.
-      shapes: ``MxNxR`` strings.
+      shapes: ``MxNxR`` strings (three or more of one rank and aspect ratio, as 8, 16 and 32
+        square at r = 1, give the finite-size scaling).
       solvers: any of ``gd`` (``gd_budgets``, lr 0.2), ``adam`` (20k steps, lr
         1e-2 cosine-decayed), ``lm`` (Levenberg-Marquardt, 50 / 300 iterations).
       rhos: the rho grid (each becomes KN = round(dim / rho)).
@@ -71,7 +72,7 @@ class CStarConfig:
     """
 
     name: str = "cstar"
-    shapes: tuple[str, ...] = ("16x16x1", "32x8x1", "16x16x2", "12x12x3")
+    shapes: tuple[str, ...] = ("8x8x1", "16x16x1", "32x32x1", "32x8x1", "16x16x2", "12x12x3")
     solvers: tuple[str, ...] = ("gd", "adam", "lm")
     rhos: tuple[float, ...] = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.45, 1.65, 1.9)
     draws: int = 64
