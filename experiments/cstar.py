@@ -299,8 +299,10 @@ def finite_size(limits: dict, cfg: CStarConfig) -> list[dict]:
     ``point(d) = point_inf + a d^-b`` (:func:`ntk.theory.scaling.extrapolate`; the draws of
     different shapes are independent, so their resamples are paired at random).
 
-    One row per (group, quantity): GD's budget limit (50%), GD's 50% point at its longest
-    budget, and the capacity point.
+    One row per (group, quantity, model): GD's budget limit (50%), GD's 50% point at its
+    longest budget, and the capacity point; each with b free (``a d^-b``: undefined when the
+    points show no trend, as noise over a few sizes often does) and b = 1 (``a / d``, the
+    leading finite-size correction: defined from two sizes on).
     """
     groups: dict[tuple, list[str]] = {}
     for shape in cfg.shapes:
@@ -325,10 +327,12 @@ def finite_size(limits: dict, cfg: CStarConfig) -> list[dict]:
         for name, pairs in quantities.items():
             est = np.array([p[0] for p in pairs], float)
             boots = np.stack([p[1] for p in pairs], axis=1)  # (n_boot, shapes)
-            lim = scaling.extrapolate(dims, est, boots, grid=np.array(cfg.rhos))
-            rows.append({"rank": r, "aspect": aspect, "shapes": shapes, "dims": dims,
-                         "quantity": name, "points": est.tolist(),
-                         "limit": _limit_dict(lim)})  # fmt: skip
+            for model, b_grid in (("a d^-b", scaling.B_GRID), ("a / d", np.array([1.0]))):
+                lim = scaling.extrapolate(dims, est, boots, grid=np.array(cfg.rhos),
+                                          b_grid=b_grid)  # fmt: skip
+                rows.append({"rank": r, "aspect": aspect, "shapes": shapes, "dims": dims,
+                             "quantity": name, "model": model, "points": est.tolist(),
+                             "limit": _limit_dict(lim)})  # fmt: skip
     return rows
 
 
@@ -365,17 +369,18 @@ def limits_markdown(limits: dict, sizes: list[dict], cfg: CStarConfig) -> str:
         lines += [
             "",
             "### Finite-size scaling (same rank and aspect ratio, point(d) = point_inf + a d^-b "
-            "over the manifold dimension d)",
+            "over the manifold dimension d; b free, or fixed at 1)",
             "",
-            "| r, m/n | quantity | points at d = ... | limit [95% CI] | a, b | note |",
-            "|---|---|---|---|---|---|",
+            "| r, m/n | quantity | model | points at d = ... | limit [95% CI] | a, b | note |",
+            "|---|---|---|---|---|---|---|",
         ]
         for row in sizes:
             lim = row["limit"]
             pts = ", ".join(f"{d}: {_fmt(x)}" for d, x in zip(row["dims"], row["points"],
                                                                 strict=True))  # fmt: skip
             lines.append(
-                f"| {row['rank']}, {row['aspect']:g} | {row['quantity']} | {pts} | "
+                f"| {row['rank']}, {row['aspect']:g} | {row['quantity']} | {row['model']} | "
+                f"{pts} | "
                 f"{_fmt(lim['value'])} [{_fmt(lim['low'])}, {_fmt(lim['high'])}] | "
                 f"{_fmt(lim['a'])}, {_fmt(lim['b'])} | {lim['reason'] or ''} |"
             )

@@ -215,8 +215,14 @@ def test_budget_limits_extrapolate_gds_points_and_scale_over_sizes():
     assert lim["value"] < points[-1]  # the limit lies past the longest budget's point
     sizes = cstar_exp.finite_size(limits, cfg)
     lim_of = lambda s: limits[s][0.5]["limit"]  # noqa: E731
-    assert [r["dims"] for r in sizes] == [[7, 15, 23]] * 2  # GD limit, GD at 800 steps
-    at_800 = sizes[1]
+    # GD limit, GD at 800 steps; each with b free and b = 1.
+    assert [(r["dims"], r["model"]) for r in sizes] == [([7, 15, 23], "a d^-b"),
+                                                        ([7, 15, 23], "a / d")] * 2  # fmt: skip
+    at_800 = sizes[3]
+    # b = 1: least squares of the points on 1 / d, intercept at d -> inf.
+    design = np.stack([np.ones(3), 1 / np.array([7, 15, 23])], axis=1)
+    expected = np.linalg.lstsq(design, np.array(at_800["points"]), rcond=None)[0][0]
+    assert at_800["limit"]["value"] == pytest.approx(expected)
     np.testing.assert_allclose(at_800["points"],
                                [1 + 0.25 / (wins[s][-1] / 20) for s in shapes])  # fmt: skip
     rows = cstar_exp.transitions(records, (1e-4,), n_boot=20)
@@ -224,7 +230,7 @@ def test_budget_limits_extrapolate_gds_points_and_scale_over_sizes():
     assert conc["finite_size"] == sizes and conc["shapes"]["8x8x1"]["gd_limit"] == lim_of("8x8x1")
     text = cstar_exp.limits_markdown(limits, sizes, cfg)
     assert "| 4x4x1 | 50% | 1.417 / 1.333 / 1.294 / 1.278 |" in text
-    assert "| 1, 1 | GD at 800 steps | 7: 1.278, 15: 1.294, 23: 1.312 |" in text
+    assert "| 1, 1 | GD at 800 steps | a / d | 7: 1.278, 15: 1.294, 23: 1.312 |" in text
 
 
 def test_block_draws_take_real_entries_scaled_to_unit_spectral_norm():

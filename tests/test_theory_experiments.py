@@ -346,9 +346,11 @@ def test_cstar_conclusion_separates_gd_from_the_capacity_point():
     assert paper_claims.c_star_interval({"shapes": {}}) is None
     # The paper's constant is checked against the limits, per shape and over sizes.
     conc["finite_size"] = [{"quantity": "GD at 20000 steps", "rank": 1, "aspect": 1.0,
-                            "limit": lim(2.0, 3.0)},
+                            "model": "a / d", "limit": lim(2.0, 3.0)},
                            {"quantity": "GD limit (budget -> inf)", "rank": 1, "aspect": 1.0,
-                            "limit": lim(1.0, 1.2)}]  # fmt: skip
+                            "model": "a d^-b", "limit": lim(nan, nan)},
+                           {"quantity": "GD limit (budget -> inf)", "rank": 1, "aspect": 1.0,
+                            "model": "a / d", "limit": lim(1.0, 1.2)}]  # fmt: skip
     got = paper_claims.constant_intervals(conc)
     assert list(got) == ["16x16x1", "8x8x2", "d -> inf (r = 1, m/n = 1)"]
     assert got["16x16x1"] == (1.1, 1.25) and got["d -> inf (r = 1, m/n = 1)"] == (1.0, 1.2)

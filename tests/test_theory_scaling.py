@@ -25,7 +25,10 @@ def test_power_law_fit_undefined_cases():
     y_inf, _, _, reason = scaling.power_law_fit(BUDGETS, 2.0 - 0.1 * np.log(BUDGETS))
     assert np.isnan(y_inf) and "no limit" in reason
     y_inf, *_, reason = scaling.power_law_fit(BUDGETS[:2], [1.5, 1.4])
-    assert np.isnan(y_inf) and "fewer than 3" in reason
+    assert np.isnan(y_inf) and "too few" in reason
+    # b fixed at 1 (a / x): two points determine the line in 1 / x, and no "no limit".
+    y_inf, a, b, reason = scaling.power_law_fit([10, 20], [1.2, 1.1], b_grid=np.array([1.0]))
+    assert (y_inf, a, b) == pytest.approx((1.0, 2.0, 1.0)) and reason == ""
     # nan points are dropped (3 finite left); constant points are their own limit.
     assert scaling.power_law_fit(BUDGETS, [np.nan, np.nan, 1.3, 1.3, 1.3])[:2] == (1.3, 0.0)
 

@@ -74,14 +74,16 @@ def power_law_fit(x, y, *, b_grid: np.ndarray = B_GRID) -> tuple[float, float, f
     """Least squares ``y ~ y_inf + a x^(-b)`` over finite points: ``(y_inf, a, b, reason)``.
 
     ``reason`` is '' for a defined limit; otherwise y_inf is nan and reason says why (fewer
-    than three finite points; the best b at the grid's lower end with a visible trend).
-    Constant points give ``a = 0`` and their mean.
+    than three finite points; the best b at the grid's lower end with a visible trend). A
+    one-value ``b_grid`` fixes b (e.g. 1: the leading finite-size correction ``a / x``), and
+    two points then suffice. Constant points give ``a = 0`` and their mean.
     """
+    fixed = len(b_grid) == 1
     x, y = np.asarray(x, float), np.asarray(y, float)
     keep = np.isfinite(y)
     x, y = x[keep], y[keep]
-    if x.size < 3:
-        return float("nan"), float("nan"), float("nan"), "fewer than 3 finite points"
+    if x.size < (2 if fixed else 3):
+        return float("nan"), float("nan"), float("nan"), "too few finite points"
     scale = max(float(np.ptp(y)), 1e-12 * max(1.0, float(np.abs(y).max())))
     if np.ptp(y) <= 1e-12 * max(1.0, float(np.abs(y).max())):
         return float(y.mean()), 0.0, float("nan"), ""
@@ -93,12 +95,12 @@ def power_law_fit(x, y, *, b_grid: np.ndarray = B_GRID) -> tuple[float, float, f
         if sse < best[0] - 1e-15 * scale**2:
             best = (sse, float(coef[0]), float(coef[1]), float(b))
     _, y_inf, a, b = best
-    if b == b_grid[0]:
+    if b == b_grid[0] and not fixed:
         return float("nan"), a, b, f"no limit: the best exponent is the smallest tried ({b:g})"
     return y_inf, a, b, ""
 
 
-def boot_limits(x, estimates, boots: np.ndarray) -> np.ndarray:
+def boot_limits(x, estimates, boots: np.ndarray, *, b_grid: np.ndarray = B_GRID) -> np.ndarray:
     """The :func:`power_law_fit` limit of each resample ``boots`` [n_boot, P]: [n_boot].
 
     nan where the resample loses a point the estimate has (or the estimate has fewer than
@@ -107,11 +109,11 @@ def boot_limits(x, estimates, boots: np.ndarray) -> np.ndarray:
     x, estimates = np.asarray(x, float), np.asarray(estimates, float)
     finite = np.isfinite(estimates)
     out = np.full(len(boots), np.nan)
-    if finite.sum() < 3:
+    if finite.sum() < (2 if len(b_grid) == 1 else 3):
         return out
     for i, row in enumerate(np.asarray(boots, float)):
         if np.isfinite(row[finite]).all():
-            lim, a, _, why = power_law_fit(x[finite], row[finite])
+            lim, a, _, why = power_law_fit(x[finite], row[finite], b_grid=b_grid)
             out[i] = lim if not why else (-np.inf if a > 0 else np.inf)
     return out
 
@@ -134,6 +136,7 @@ def extrapolate(
     *,
     grid: np.ndarray | None = None,
     confidence: float = 0.95,
+    b_grid: np.ndarray = B_GRID,
 ) -> Extrapolation:
     """The limit of ``estimates`` [P] over ``x`` [P] (:func:`power_law_fit`) with a bootstrap
     interval from ``boots`` [n_boot, P] (the same fit per resample).
@@ -146,10 +149,10 @@ def extrapolate(
     the grid's end.
     """
     estimates = np.asarray(estimates, float)
-    y_inf, a, b, reason = power_law_fit(x, estimates)
+    y_inf, a, b, reason = power_law_fit(x, estimates, b_grid=b_grid)
     if reason:
         return Extrapolation(float("nan"), float("nan"), float("nan"), a, b, reason)
-    fits = boot_limits(x, estimates, boots)
+    fits = boot_limits(x, estimates, boots, b_grid=b_grid)
     tail = (1 - confidence) / 2
     if np.mean(np.isnan(fits)) > tail:
         why = f"{np.mean(np.isnan(fits)):.0%} of the resamples lose a crossing"
