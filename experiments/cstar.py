@@ -299,10 +299,10 @@ def finite_size(limits: dict, cfg: CStarConfig) -> list[dict]:
     ``point(d) = point_inf + a d^-b`` (:func:`ntk.theory.scaling.extrapolate`; the draws of
     different shapes are independent, so their resamples are paired at random).
 
-    One row per (group, quantity, model): GD's budget limit (50%), GD's 50% point at its
-    longest budget, and the capacity point; each with b free (``a d^-b``: undefined when the
-    points show no trend, as noise over a few sizes often does) and b = 1 (``a / d``, the
-    leading finite-size correction: defined from two sizes on).
+    One row per (group, quantity, model): GD's budget limit (50%; nan past the grid), GD's
+    50% point at its longest budget, and the capacity point; each with b free (``a d^-b``:
+    undefined when the points show no trend, as noise over a few sizes often does) and b = 1
+    (``a / d``, the leading finite-size correction: defined from two sizes on).
     """
     groups: dict[tuple, list[str]] = {}
     for shape in cfg.shapes:
@@ -316,7 +316,7 @@ def finite_size(limits: dict, cfg: CStarConfig) -> list[dict]:
         shapes.sort(key=lambda s: _dim(s))
         dims = [_dim(s) for s in shapes]
         quantities = {
-            "GD limit (budget -> inf)": [(limits[s][0.5]["limit"]["value"],
+            "GD limit (budget -> inf)": [(_inside(limits[s][0.5]["limit"]),
                                           limits[s][0.5]["boot_limits"]) for s in shapes],
             f"GD at {cfg.gd_budgets[-1]} steps": [(limits[s][0.5]["longest"],
                                                    limits[s][0.5]["boot_longest"]) for s in shapes],
@@ -334,6 +334,14 @@ def finite_size(limits: dict, cfg: CStarConfig) -> list[dict]:
                              "quantity": name, "model": model, "points": est.tolist(),
                              "limit": _limit_dict(lim)})  # fmt: skip
     return rows
+
+
+def _inside(limit: dict) -> float:
+    """A shape's budget limit for the finite-size fit: nan when it lies past the rho grid
+    (an extrapolation beyond the measured range is not a point to fit)."""
+    return (
+        float("nan") if limit["reason"] in ("below the grid", "above the grid") else limit["value"]
+    )
 
 
 def _dim(shape: str) -> int:

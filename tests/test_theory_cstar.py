@@ -289,3 +289,23 @@ def test_cstar_real_runs_on_given_jacobians_and_resumes(tmp_path, monkeypatch):
         cstar_real.RealConfig(targets="query|value")
     with pytest.raises(ValueError, match="--pool-k"):
         cstar_real.RealConfig(rhos=(0.1,))
+
+
+def test_finite_size_leaves_out_a_budget_limit_past_the_grid():
+    from experiments import cstar as cstar_exp
+
+    nan = float("nan")
+    limits = {}
+    for s, (value, reason) in {"4x4x1": (-0.5, "below the grid"), "8x8x1": (1.1, ""),
+                               "12x12x1": (1.05, "")}.items():  # fmt: skip
+        lim = {"value": value, "low": nan, "high": 1.2, "a": 1.0, "b": 0.5, "reason": reason}
+        boots = np.full(10, value)
+        limits[s] = {0.5: {"limit": lim, "boot_limits": boots, "longest": 1.2,
+                           "boot_longest": np.full(10, 1.2)}}  # fmt: skip
+    cfg = cstar_exp.CStarConfig(shapes=tuple(limits), solvers=("gd",), rhos=(1.0, 1.5))
+    rows = cstar_exp.finite_size(limits, cfg)
+    gd = [r for r in rows if r["quantity"].startswith("GD limit") and r["model"] == "a / d"][0]
+    assert np.isnan(gd["points"][0]) and gd["points"][1:] == [1.1, 1.05]
+    # b = 1 through the two defined sizes (d = 15, 23): 1.1 = L + a / 15, 1.05 = L + a / 23.
+    a = 0.05 / (1 / 15 - 1 / 23)
+    assert gd["limit"]["value"] == pytest.approx(1.05 - a / 23)
