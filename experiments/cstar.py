@@ -7,11 +7,13 @@ and to the two bounds on the capacity constant (1 below; ``dim / (r max(m, n))``
 the problem becomes linear in one factor). Writes ``runs/<name>/points.jsonl`` (one line per
 (shape, solver, KN): resumes), ``report.md`` and ``plots/cstar.png``.
 
-The paper's constant is gradient descent's transition (GD reaching zero loss), read here at
-GD's longest budget; the capacity point is what the strongest solver (Levenberg-Marquardt)
-reports at a strict threshold (below rho = 1 generic targets have no exact solution, so a
-strong solver lands near the dimension count). The excess of GD over it, shrinking as its
-budget grows, is an optimization effect. :func:`conclusion` reports both.
+The paper's constant is gradient descent's transition (GD reaching zero loss), read at each of
+GD's budgets and extrapolated to an infinite budget (:func:`budget_limits`, 50% and 95%
+points); shapes of one rank and aspect ratio give its finite-size scaling (:func:`finite_size`).
+The capacity point is what the strongest solver (Levenberg-Marquardt) reports at a strict
+threshold (below rho = 1 generic targets have no exact solution, so a strong solver lands near
+the dimension count). The excess of GD over it, shrinking as its budget grows, is an
+optimization effect. :func:`conclusion` reports both.
 """
 
 from __future__ import annotations

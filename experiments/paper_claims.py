@@ -13,7 +13,9 @@ out supported, not supported or inconclusive:
 * 1, the rank-1 conclusion: rank 1 meets ``dim > C* KN`` (RoBERTa-large, KN = 64, one
   matrix) for every C* in the measured interval, for none, or for some;
 * 1b, the constant: the paper's 1.35 inside every defined interval of gradient descent's
-  transition (the paper's estimand), outside every one, or neither;
+  transition extrapolated to an infinite budget (the paper's estimand; per shape and over
+  sizes), outside every one, or neither (beside it, the same study on real sensing matrices,
+  :mod:`experiments.cstar_real`, which is not part of the verdict);
 * 1c: random starts of squared error at r = 1 on the real linearized problem end at
   zero-loss minima (supported), at a spurious minimum (not supported), or neither;
 * 2: cross-entropy reaches the target loss on every seed with ``||grad L|| >= c L`` after
