@@ -17,7 +17,6 @@ give the finite-size scaling of :func:`experiments.cstar.finite_size`. Writes
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -26,9 +25,11 @@ import time
 
 import numpy as np
 
+from experiments import cli
 from experiments import cstar as cstar_exp
 from experiments import pl as pl_exp
 from lora_jax import lora
+from lora_jax.errors import ConfigError
 from ntk.theory import cstar
 
 
@@ -76,14 +77,17 @@ class RealConfig:
 
     def __post_init__(self):
         if len(self.layers) != 1 or "|" in self.targets:
-            raise ValueError(
+            raise ConfigError(
                 f"give one module and one layer (the sensing operator is one kernel's); got "
                 f"targets={self.targets!r}, layers={list(self.layers)}."
             )
-        self.study()  # the shapes, solvers, draws, budgets and tols checks
+        try:
+            self.study()  # the shapes, solvers, draws, budgets and tols checks
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         most = max(max(self.ns(b)) for b in self.blocks)
         if most > 2 * self.pool_k:
-            raise ValueError(
+            raise ConfigError(
                 f"the smallest rho needs N = {most} examples, more than the pool's "
                 f"2 pool_k = {2 * self.pool_k}; fix: raise --pool-k or the smallest --rhos."
             )
@@ -174,26 +178,13 @@ def run(cfg: RealConfig, *, progress: bool = True) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> RealConfig:
     """Maps the command line one-to-one onto :class:`RealConfig` fields."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.cstar_real", description=__doc__)
-    for field in dataclasses.fields(RealConfig):
-        flag = "--" + field.name.replace("_", "-")
-        if field.name in ("solvers", "blocks"):
-            parser.add_argument(flag, nargs="+")
-        elif field.name in ("layers", "gd_budgets"):
-            parser.add_argument(flag, nargs="+", type=int)
-        elif field.name in ("tols", "rhos"):
-            parser.add_argument(flag, nargs="+", type=float)
-        elif field.name in ("seed", "pool_k", "draws", "n_boot", "max_length"):
-            parser.add_argument(flag, type=int)
-        elif field.name == "tol":
-            parser.add_argument(flag, type=float)
-        else:
-            parser.add_argument(flag)
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    try:
-        return RealConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
-    except ValueError as err:
-        parser.error(str(err))
+    several = {"nargs": "+"}
+    return cli.parse_config(
+        RealConfig, argv, prog="python -m experiments.cstar_real", description=__doc__,
+        lists={"solvers": several, "blocks": several, "layers": {**several, "type": int},
+               "gd_budgets": {**several, "type": int}, "tols": {**several, "type": float},
+               "rhos": {**several, "type": float}},
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -309,3 +309,14 @@ def test_finite_size_leaves_out_a_budget_limit_past_the_grid():
     # b = 1 through the two defined sizes (d = 15, 23): 1.1 = L + a / 15, 1.05 = L + a / 23.
     a = 0.05 / (1 / 15 - 1 / 23)
     assert gd["limit"]["value"] == pytest.approx(1.05 - a / 23)
+
+
+def test_cstar_real_command_line(capsys):
+    from experiments import cstar_real
+
+    cfg = cstar_real.parse_args(["--blocks", "8x8x1", "--rhos", "1.0", "1.5", "--draws", "8"])
+    assert cfg.blocks == ("8x8x1",) and cfg.rhos == (1.0, 1.5) and cfg.draws == 8
+    assert cfg.ns("8x8x1") == [5, 8]  # round(15 / 3) and round(15 / 2)
+    with pytest.raises(SystemExit):
+        cstar_real.parse_args(["--blocks", "8x8x9"])
+    assert "8x8x9" in capsys.readouterr().err
