@@ -8,7 +8,8 @@ GD settles at, so each series of points is extrapolated with
 
 (x = the budget T, or the manifold dimension of the shape for finite-size scaling). For a
 fixed b the model is linear in (point_inf, a); b is profiled over a log-spaced grid (least
-squares). The limit is *undefined* when fewer than three finite points are given, or when the
+squares); b can also be fixed (b = 1: the leading finite-size correction a / x). The limit is
+*undefined* when fewer than three finite points are given (two with b fixed), or when the
 best b sits at the grid's smallest value with a visible trend (the points still move like
 log x: no limit is identified). Its interval is the percentile interval of the same fit over
 bootstrap resamples of the draws (:func:`bootstrap_crossings`), widened to the grid cell of
@@ -84,8 +85,8 @@ def power_law_fit(x, y, *, b_grid: np.ndarray = B_GRID) -> tuple[float, float, f
     x, y = x[keep], y[keep]
     if x.size < (2 if fixed else 3):
         return float("nan"), float("nan"), float("nan"), "too few finite points"
-    scale = max(float(np.ptp(y)), 1e-12 * max(1.0, float(np.abs(y).max())))
-    if np.ptp(y) <= 1e-12 * max(1.0, float(np.abs(y).max())):
+    scale = float(np.ptp(y))
+    if scale <= 1e-12 * max(1.0, float(np.abs(y).max())):  # constant points
         return float(y.mean()), 0.0, float("nan"), ""
     best = (np.inf, 0.0, 0.0, 0.0)
     for b in b_grid:
