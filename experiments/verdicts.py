@@ -8,8 +8,9 @@ calls these; nothing here trains, loads or reads files.
 * claim 1, the rank-1 conclusion (:func:`rank_one_conclusion`): rank 1 meets
   ``dim > C* KN`` for every C* in the measured interval, for none, or for some;
 * claim 1, the constant (:func:`cstar_constant`): the paper's 1.35 inside every defined 95%
-  interval of gradient descent's transition, outside every one, or neither (an undefined
-  interval never counts as excluding it);
+  interval of gradient descent's transition (its limit as the budget grows, per shape and
+  over sizes), outside every one, or neither (an undefined interval never counts as
+  excluding it);
 * claim 1 on the real problem (:func:`no_spurious_minima`): random starts of squared error
   at r = 1 end at zero-loss minima, a spurious minimum, or neither;
 * the NTK regime every guarantee assumes (:func:`ntk_regime`): real runs' weight-space

@@ -190,6 +190,14 @@ def to_host(tree: PyTree) -> PyTree:
     return jax.tree.map(one, tree)
 
 
+def smallest(value: int) -> int:
+    """The smallest of every process's ``value`` (itself on one process), so that choices made
+    from it (a memory budget, a block size) agree across processes. Collective."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+
+
 def barrier(name: str) -> None:
     """Waits until every process reaches ``name`` (no-op on one process)."""
     if jax.process_count() > 1:

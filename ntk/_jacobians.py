@@ -273,12 +273,12 @@ def reused_kernel(
             xa = prepare(take_rows(x1, i, b1, n1))
             exe = cross_program(f, fn_key, trace, diag, xa, list(kept.values()), params, signs[0])
             for j, block in zip(starts, exe(params, xa, list(kept.values())), strict=True):
-                place(np.asarray(block), i, j)
+                place(block, i, j)
         return
     pairs = [(a, b) for a in range(0, n1, b1) for b in range(a, n2, b2)]
     for i, j in jobs(pairs):
         contract = contraction_program(trace, diag, kept[i], kept[j])
-        place(np.asarray(contract(kept[i], kept[j])), i, j)
+        place(contract(kept[i], kept[j]), i, j)
 
 
 def sign_block_program(

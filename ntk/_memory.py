@@ -11,12 +11,13 @@ __all__ = ["available_memory", "gib", "required_bytes"]
 
 
 def available_memory(device: jax.Device | None = None) -> int:
-    """Bytes available for one computation on ``device`` (default: the first device).
+    """Bytes available for one computation on ``device`` (default: this process's first
+    device).
 
     Accelerators: ``bytes_limit - bytes_in_use`` from ``memory_stats()``. CPU: ``MemAvailable``
     from ``/proc/meminfo`` (else total physical memory).
     """
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))

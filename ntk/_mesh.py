@@ -7,6 +7,11 @@ device's rows there; the Gram products of kept Jacobians are partitioned the sam
 the blocks gathered on the host. Rows per block are rounded up to a multiple of the axis size
 (the extra rows repeat the last one and are dropped when the block is placed).
 
+The mesh may span several processes (``jax.distributed``): every process calls the kernel
+function with the same inputs, builds its own devices' shards from them, and receives the
+whole kernel (the blocks are gathered across processes), so each process must run the same
+calls in the same order.
+
 With an ``fsdp`` axis too, the parameters are split over it instead of replicated (each
 leaf along its first dimension the axis size divides, else kept whole): the per-example
 gradients come out split the same way, so each device holds its share of the Jacobian
@@ -21,16 +26,26 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lora_jax import distributed
 from lora_jax.errors import ConfigError
 from lora_jax.rows import num_rows, take_rows
 
 PyTree = Any
 
-__all__ = ["axis_size", "check_mesh", "params_on_mesh", "replicate_on", "rows_on_mesh"]
+__all__ = [
+    "axis_size",
+    "check_mesh",
+    "host_params",
+    "is_local",
+    "params_on_mesh",
+    "replicate_on",
+    "rows_on_mesh",
+    "to_host",
+]
 
 
 def check_mesh(mesh: Mesh | None, axis: str, fsdp_axis: str | None = None) -> None:
-    """Raises ConfigError unless ``mesh`` is None or has the axes named, all addressable."""
+    """Raises ConfigError unless ``mesh`` is None or has the axes named."""
     if mesh is None:
         if fsdp_axis is not None:
             raise ConfigError(f"fsdp_axis={fsdp_axis!r} without a mesh: pass mesh= too.")
@@ -44,11 +59,6 @@ def check_mesh(mesh: Mesh | None, axis: str, fsdp_axis: str | None = None) -> No
         raise ConfigError(
             f"fsdp_axis={fsdp_axis!r} is not an axis of the mesh {mesh.axis_names} other than "
             f"the rows' {axis!r}: pass another axis, or None to replicate the parameters."
-        )
-    if not all(d.process_index == jax.process_index() for d in mesh.devices.flat):
-        raise ConfigError(
-            "empirical_ntk_fn(mesh=...) runs on this process's devices only: pass a mesh of "
-            "jax.local_devices() (several processes are not supported for kernels yet)."
         )
 
 
@@ -65,14 +75,44 @@ def rows_on_mesh(x: PyTree, mesh: Mesh, axis: str) -> PyTree:
     x = take_rows(x, 0, size, n) if size != n else x
     rows = NamedSharding(mesh, PartitionSpec(axis))
     rest = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(
-        lambda a: jax.device_put(np.asarray(a), rows if np.ndim(a) >= 1 else rest), x
-    )
+    return jax.tree.map(lambda a: _put(a, rows if np.ndim(a) >= 1 else rest), x)
 
 
 def replicate_on(tree: PyTree, mesh: Mesh) -> PyTree:
     """``tree`` replicated on every device of ``mesh``."""
-    return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+    rest = NamedSharding(mesh, PartitionSpec())
+    return jax.tree.map(lambda a: _put(a, rest), tree)
+
+
+def is_local(mesh: Mesh) -> bool:
+    """Whether every device of ``mesh`` belongs to this process."""
+    return all(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+def host_params(tree: PyTree, mesh: Mesh | None) -> PyTree:
+    """``tree`` with leaves that span several processes copied to the host (the same numbers
+    on every process), so the blocks can be cut from it; other leaves as they are."""
+    if mesh is None or is_local(mesh):
+        return tree
+    spans = lambda a: isinstance(a, jax.Array) and not a.is_fully_addressable  # noqa: E731
+    if not any(spans(a) for a in jax.tree.leaves(tree)):
+        return tree
+    return jax.tree.map(lambda a: distributed.to_host(a) if spans(a) else a, tree)
+
+
+def to_host(block: jax.Array) -> np.ndarray:
+    """A computed block on the host: gathered from every process when it spans several (a
+    collective: every process calls it)."""
+    return distributed.to_host(block)
+
+
+def _put(a, sharding: NamedSharding) -> jax.Array:
+    """``a`` (the same value on every process) placed with ``sharding``, whose devices may
+    belong to several processes: each process builds only its own devices' shards."""
+    if sharding.is_fully_addressable or (isinstance(a, jax.Array) and not a.is_fully_addressable):
+        return jax.device_put(a, sharding)
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
 
 
 def params_on_mesh(tree: PyTree, mesh: Mesh, fsdp_axis: str | None) -> PyTree:
@@ -87,6 +127,6 @@ def params_on_mesh(tree: PyTree, mesh: Mesh, fsdp_axis: str | None) -> PyTree:
         spec = [None] * np.ndim(a)
         if dims:
             spec[dims[0]] = fsdp_axis
-        return jax.device_put(a, NamedSharding(mesh, PartitionSpec(*spec)))
+        return _put(a, NamedSharding(mesh, PartitionSpec(*spec)))
 
     return jax.tree.map(put, tree)

@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import distributed
 from lora_jax.errors import ConfigError, UserError
 from lora_jax.rows import num_rows, take_rows
 from ntk import _kernel_cache, _mesh, _padding
@@ -566,10 +567,12 @@ def empirical_ntk_fn(
         f(x2)>``; ``ASIGNGD`` ``<grad f(x1), sign grad f(x2)>`` (Adam's, not symmetric: with
         ``x2=None`` every block of ``K(x1, x1)`` is computed). The sign kernels need
         ``implementation=JACOBIAN_CONTRACTION`` (or AUTO) and ``vmap_axes=0``.
-      mesh: a ``jax.sharding.Mesh`` of this process's devices: the rows of every block are
-        split over its ``data_axis`` and the parameters replicated (:mod:`ntk._mesh`), so the
-        devices share each block's per-example gradients; rows per block are rounded up to a
-        multiple of the axis size, and the memory check is per device. None: one device.
+      mesh: a ``jax.sharding.Mesh``: the rows of every block are split over its
+        ``data_axis`` and the parameters replicated (:mod:`ntk._mesh`), so the devices share
+        each block's per-example gradients; rows per block are rounded up to a multiple of the
+        axis size, and the memory check is per device. The mesh may span several processes:
+        each then calls ``ntk_fn`` with the same inputs and gets the whole kernel. None: one
+        device.
       data_axis: the mesh axis the rows are split over.
       fsdp_axis: a second mesh axis to split the parameters over (each leaf along a dimension
         the axis size divides) instead of replicating them: the Jacobian columns are split too
@@ -599,11 +602,15 @@ def empirical_ntk_fn(
     limit_fn = (lambda: memory_limit_bytes) if memory_limit_bytes else available_memory
 
     def ntk_fn(x1: PyTree, x2: PyTree | None, params: PyTree) -> np.ndarray:
+        params = _mesh.host_params(params, mesh)  # arrays over several processes: cut on host
         path = None
         if cache_dir is not None:
             path = _kernel_cache.cache_path(cache_dir, f, info, opts.key(), x1, x2, params)
             cached = _kernel_cache.load_kernel(path)
-            if cached is not None:
+            everywhere = (
+                mesh is None or _mesh.is_local(mesh) or distributed.smallest(cached is not None)
+            )  # on several processes, all read the cache or all compute (collectives)
+            if cached is not None and everywhere:
                 return cached
         if x2 is None and not opts.kernel.symmetric and num_rows(x1, "x1") > opts.sizes[0]:
             x2 = x1  # K(x1, x1) is not symmetric: every block, not a mirrored triangle
@@ -612,10 +619,13 @@ def empirical_ntk_fn(
         symmetric = blk.x2 is None
         jobs = block_jobs(n1, n2, b1, b2, symmetric=symmetric, batch_diagonal=opts.batch_diagonal)
         limit = int(limit_fn())
+        if mesh is not None and not _mesh.is_local(mesh):
+            limit = distributed.smallest(limit)  # every process picks the same programs
         out = None
 
         def place(block, i, j):
             nonlocal out
+            block = _mesh.to_host(block)  # gathered from every process on a multi-process mesh
             if tables and np.isnan(block).any():
                 raise ConfigError(
                     "The eNTK block is NaN with the embedding tables compacted: f reads rows "
@@ -652,7 +662,7 @@ def empirical_ntk_fn(
                 xa, p = on_mesh(xa), _mesh.params_on_mesh(p, mesh, fsdp_axis)
                 xb = None if xb is None else on_mesh(xb)
             exe = select_program(blk.fn, blk.fn_key, opts, xa, xb, p, limit, chosen)
-            place(np.asarray(exe(xa, p) if xb is None else exe(xa, xb, p)), i, j)
+            place(exe(xa, p) if xb is None else exe(xa, xb, p), i, j)
         if path is not None:
             _kernel_cache.save_kernel(path, out)
         return out
@@ -685,7 +695,7 @@ def _kept_jacobians_kernel(
         xa = prepare(x1)
         exe = fused_program(f, fn_key, opts.trace, opts.diag, xa, params, opts.kernel.signs)
         if required_bytes(exe) <= limit:
-            place(np.asarray(exe(params, xa)), 0, 0)
+            place(exe(params, xa), 0, 0)
             return True
     if x2 is None and not opts.kernel.symmetric:  # one block too big: refused, smaller asked
         return False
@@ -694,7 +704,7 @@ def _kept_jacobians_kernel(
         x = prepare(joined)
         exe = pair_program(f, fn_key, opts.trace, opts.diag, x, n1, params, opts.kernel.signs)
         if required_bytes(exe) <= limit:
-            place(np.asarray(exe(params, x)), 0, 0)
+            place(exe(params, x), 0, 0)
             return True
     if not _jacobians_fit(f, fn_key, params, x1, x2, sizes, opts, limit, prepare):
         return False

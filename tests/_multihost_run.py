@@ -5,9 +5,10 @@ NUM_PROCESSES > 1 it joins ``jax.distributed`` on 127.0.0.1:PORT. Trains the tin
 ``_mesh_runs.py`` with LoRA on a mesh over every process's devices (data parallel), with orbax
 checkpoints in OUT_DIR/ckpt (so a second call with more STEPS resumes), metrics in
 OUT_DIR/metrics_<process>.jsonl (only process 0 writes), and, on process 0, the adapters in PEFT
-format under OUT_DIR/peft plus OUT_DIR/result.json (losses and dev logits). ``interleaved``
-orders the mesh's devices process 0, 1, 0, 1, ... (as ``jax.make_mesh`` does on TPU slices), so
-no process owns a contiguous block of the batch's rows.
+format under OUT_DIR/peft plus OUT_DIR/result.json (losses, dev logits, and the A-SignGD
+kernel of the trained adapters computed on the mesh and on process 0's first device alone).
+``interleaved`` orders the mesh's devices process 0, 1, 0, 1, ... (as ``jax.make_mesh`` does
+on TPU slices), so no process owns a contiguous block of the batch's rows.
 """
 
 import json
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from _mesh_runs import tiny_problem  # noqa: E402
 
+import ntk  # noqa: E402
 from lora_jax import distributed, lora, programs, train  # noqa: E402
 from lora_jax import sharding as sh  # noqa: E402
 from lora_jax.trainable import make_model_fn, split_params  # noqa: E402
@@ -57,7 +59,15 @@ def main():
         metrics_path=os.path.join(out, f"metrics_{pid}.jsonl"),
     )
     trained = distributed.to_host(result.state.trainable)  # collective: every process gathers
+    # The A-SignGD kernel of the trained adapters with rows over the same (multi-process) mesh:
+    # every process calls it with the same inputs and gets the whole kernel. 16 x 12 rows in
+    # blocks of (8, 4) on 4 devices: kept Jacobians, several blocks of each side.
+    f, sub, info = ntk.lora_kernel_model(output_fn, params, trained, lcfg)
+    x1, x2 = data, {k: v[:12] for k, v in data.items()}
+    kernel_options = dict(kernel="asigngd", batch_size=(8, 4), model_info=info, vmap_axes=0)
+    sharded = ntk.empirical_ntk_fn(f, mesh=mesh, **kernel_options)(x1, x2, sub)
     if distributed.is_primary():
+        single = ntk.empirical_ntk_fn(f, **kernel_options)(x1, x2, sub)  # this process alone
         lora.save_peft(os.path.join(out, "peft"), trained, lcfg)
         logits = programs.make_predict(model_fn, 16)(trained, frozen, data)
         record = {
@@ -66,6 +76,8 @@ def main():
             "logits": np.asarray(logits).tolist(),
             "devices": jax.device_count(),
             "owners": owners,
+            "kernel_mesh": sharded.tolist(),
+            "kernel_one_device": single.tolist(),
         }
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(record, f)

@@ -128,3 +128,14 @@ def test_adapters_saved_from_the_sharded_run_load_with_the_same_logits(runs):
         adapters, params, data
     )
     np.testing.assert_allclose(logits, _result(two)["logits"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_kernels_on_a_mesh_over_two_processes_equal_one_device(runs):
+    """The A-SignGD kernel with rows over a mesh of two processes' devices (contiguous and
+    interleaved orders) equals the kernel computed on one device by process 0 alone."""
+    for result in map(_result, runs[1:]):
+        mesh, one = np.asarray(result["kernel_mesh"]), np.asarray(result["kernel_one_device"])
+        assert mesh.shape == (16, 12)  # the output axis traced
+        np.testing.assert_allclose(mesh, one, rtol=1e-5, atol=1e-6)
+        assert np.abs(one).max() > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -181,3 +183,140 @@ def test_transitions_report_the_95_percent_point():
     (row,) = cstar_exp.transitions(recs, (1e-4,), n_boot=50)
     assert row["rho50"] == pytest.approx(1.5) and row["rho95"] == pytest.approx(1.95)
     assert row["low95"] <= 1.5 and row["high95"] >= 2.0  # the grid cell it falls in
+
+
+def _gd_records(shape, wins, rhos=(1.0, 1.5, 2.0), budgets=(100, 200, 400, 800), draws=20):
+    """GD records: no draw succeeds at rho 1, all at 2, ``wins[b]`` at 1.5 after budget b."""
+    recs = []
+    for rho in rhos:
+        per = [0 if rho == 1.0 else draws if rho == 2.0 else w for w in wins]
+        ratios = [[1e-9 if d < c else 1.0 for d in range(draws)] for c in per]
+        recs.append({"shape": shape, "solver": "gd", "rho": rho, "budgets": list(budgets),
+                     "ratios": ratios})  # fmt: skip
+    return recs
+
+
+def test_budget_limits_extrapolate_gds_points_and_scale_over_sizes():
+    from experiments import cstar as cstar_exp
+    from ntk.theory import scaling
+
+    shapes = ("4x4x1", "8x8x1", "12x12x1")
+    wins = {"4x4x1": [12, 15, 17, 18], "8x8x1": [11, 14, 16, 17], "12x12x1": [11, 13, 15, 16]}
+    records = [rec for s in shapes for rec in _gd_records(s, wins[s])]
+    cfg = cstar_exp.CStarConfig(shapes=shapes, solvers=("gd",), rhos=(1.0, 1.5, 2.0),
+                                gd_budgets=(100, 200, 400, 800), n_boot=50)  # fmt: skip
+    limits = cstar_exp.budget_limits(records, cfg)
+    # 50% crossing between rho 1 (0%) and 1.5 (p): 1 + 0.5 * 0.5 / p.
+    p = np.array(wins["4x4x1"]) / 20
+    points = 1 + 0.25 / p
+    np.testing.assert_allclose(limits["4x4x1"][0.5]["points"], points)
+    lim = limits["4x4x1"][0.5]["limit"]
+    assert lim["value"] == pytest.approx(scaling.power_law_fit([100, 200, 400, 800], points)[0])
+    assert lim["value"] < points[-1]  # the limit lies past the longest budget's point
+    sizes = cstar_exp.finite_size(limits, cfg)
+    lim_of = lambda s: limits[s][0.5]["limit"]  # noqa: E731
+    # GD limit, GD at 800 steps; each with b free and b = 1.
+    assert [(r["dims"], r["model"]) for r in sizes] == [([7, 15, 23], "a d^-b"),
+                                                        ([7, 15, 23], "a / d")] * 2  # fmt: skip
+    at_800 = sizes[3]
+    # b = 1: least squares of the points on 1 / d, intercept at d -> inf.
+    design = np.stack([np.ones(3), 1 / np.array([7, 15, 23])], axis=1)
+    expected = np.linalg.lstsq(design, np.array(at_800["points"]), rcond=None)[0][0]
+    assert at_800["limit"]["value"] == pytest.approx(expected)
+    np.testing.assert_allclose(at_800["points"],
+                               [1 + 0.25 / (wins[s][-1] / 20) for s in shapes])  # fmt: skip
+    rows = cstar_exp.transitions(records, (1e-4,), n_boot=20)
+    conc = cstar_exp.conclusion(rows, 1e-4, limits, sizes)
+    assert conc["finite_size"] == sizes and conc["shapes"]["8x8x1"]["gd_limit"] == lim_of("8x8x1")
+    text = cstar_exp.limits_markdown(limits, sizes, cfg)
+    assert "| 4x4x1 | 50% | 1.417 / 1.333 / 1.294 / 1.278 |" in text
+    assert "| 1, 1 | GD at 800 steps | a / d | 7: 1.278, 15: 1.294, 23: 1.312 |" in text
+
+
+def test_block_draws_take_real_entries_scaled_to_unit_spectral_norm():
+    rng = np.random.default_rng(0)
+    jac = rng.standard_normal((5, 2, 4, 3))  # [P, K, M, N]
+    # The whole problem (every example, row and column): each draw is a permutation of it.
+    a, y, u, v = cstar.block_draws(jac, 0, 3, 5, 4, 3, 1, kn_max=12, dtype=np.float64)
+    assert a.shape == (3, 12, 12) and y.shape == (3, 12) and u.shape == (3, 4, 1)
+    full = jac.reshape(10, 12)
+    for i in range(3):
+        block = a[i, :10]
+        assert np.linalg.norm(block, 2) == pytest.approx(1.0)
+        np.testing.assert_allclose(np.sort(block.ravel()),
+                                   np.sort(full.ravel()) / np.linalg.norm(full, 2))  # fmt: skip
+        assert not a[i, 10:].any() and not y[i, 10:].any()
+    # A smaller block: exactly m of M rows and n of N columns of the chosen examples.
+    a, *_ = cstar.block_draws(jac, 1, 2, 2, 2, 2, 1, dtype=np.float64)
+    assert a.shape == (2, 4, 4)
+    # r = min(m, n): exact least squares fits generic targets when mn >= KN (4 >= 4).
+    ratios = cstar.solve(cstar.block_draws(jac, 2, 4, 2, 2, 2, 2, dtype=np.float64), "lstsq",
+                         (1,), 0.0)  # fmt: skip
+    assert ratios.shape == (4, 1) and np.all(ratios < 1e-6)
+    with pytest.raises(ValueError, match="n_examples"):
+        cstar.block_draws(jac, 0, 1, 6, 2, 2, 1)
+
+
+def test_cstar_real_runs_on_given_jacobians_and_resumes(tmp_path, monkeypatch):
+    from experiments import cstar_real
+
+    calls = []
+
+    def fake(cfg):  # a rank-deficient "real" operator: every example shares one direction
+        calls.append(cfg)
+        rng = np.random.default_rng(0)
+        common = rng.standard_normal((1, 1, 6, 6))
+        return (rng.standard_normal((8, 2, 6, 6)) + 3 * common).astype(np.float32)
+
+    monkeypatch.setattr(cstar_real, "load_jacobian", fake)
+    # dim 7: rho 1.75 and 0.6 give N = round(7 / 3.5) = 2 and round(7 / 1.2) = 6.
+    cfg = cstar_real.RealConfig(blocks=("4x4x1",), rhos=(0.6, 1.75), pool_k=4, draws=4,
+                                n_boot=20, gd_budgets=(50, 100, 200),
+                                out=str(tmp_path))  # fmt: skip
+    out = cstar_real.run(cfg, progress=False)
+    # One record per (solver, N), rho = dim / (2 N) = 7 / 4 and 7 / 12.
+    recs = [json.loads(line) for line in (tmp_path / "cstar_real" / "points.jsonl").open()]
+    assert len(recs) == 4 and len(calls) == 1
+    assert sorted(round(r["rho"], 4) for r in recs) == [0.5833, 0.5833, 1.75, 1.75]
+    assert {r["solver"] for r in recs} == {"gd", "lm"}
+    assert np.array(recs[0]["ratios"]).shape == (3, 4)  # GD: [budgets][draws]
+    assert "4x4x1" in out["conclusion"]["shapes"] and out["limits"]["4x4x1"][0.5]
+    assert "Real sensing matrices" in (tmp_path / "cstar_real" / "report.md").read_text()
+    cstar_real.run(cfg, progress=False)  # resumed: no Jacobians, no new points
+    assert len(calls) == 1
+    assert len((tmp_path / "cstar_real" / "points.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(ValueError, match="one module and one layer"):
+        cstar_real.RealConfig(targets="query|value")
+    with pytest.raises(ValueError, match="--pool-k"):
+        cstar_real.RealConfig(rhos=(0.1,))
+
+
+def test_finite_size_leaves_out_a_budget_limit_past_the_grid():
+    from experiments import cstar as cstar_exp
+
+    nan = float("nan")
+    limits = {}
+    for s, (value, reason) in {"4x4x1": (-0.5, "below the grid"), "8x8x1": (1.1, ""),
+                               "12x12x1": (1.05, "")}.items():  # fmt: skip
+        lim = {"value": value, "low": nan, "high": 1.2, "a": 1.0, "b": 0.5, "reason": reason}
+        boots = np.full(10, value)
+        limits[s] = {0.5: {"limit": lim, "boot_limits": boots, "longest": 1.2,
+                           "boot_longest": np.full(10, 1.2)}}  # fmt: skip
+    cfg = cstar_exp.CStarConfig(shapes=tuple(limits), solvers=("gd",), rhos=(1.0, 1.5))
+    rows = cstar_exp.finite_size(limits, cfg)
+    gd = [r for r in rows if r["quantity"].startswith("GD limit") and r["model"] == "a / d"][0]
+    assert np.isnan(gd["points"][0]) and gd["points"][1:] == [1.1, 1.05]
+    # b = 1 through the two defined sizes (d = 15, 23): 1.1 = L + a / 15, 1.05 = L + a / 23.
+    a = 0.05 / (1 / 15 - 1 / 23)
+    assert gd["limit"]["value"] == pytest.approx(1.05 - a / 23)
+
+
+def test_cstar_real_command_line(capsys):
+    from experiments import cstar_real
+
+    cfg = cstar_real.parse_args(["--blocks", "8x8x1", "--rhos", "1.0", "1.5", "--draws", "8"])
+    assert cfg.blocks == ("8x8x1",) and cfg.rhos == (1.0, 1.5) and cfg.draws == 8
+    assert cfg.ns("8x8x1") == [5, 8]  # round(15 / 3) and round(15 / 2)
+    with pytest.raises(SystemExit):
+        cstar_real.parse_args(["--blocks", "8x8x9"])
+    assert "8x8x9" in capsys.readouterr().err

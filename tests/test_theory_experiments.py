@@ -333,12 +333,30 @@ def test_cstar_conclusion_separates_gd_from_the_capacity_point():
     assert (a["capacity"], a["capacity_ci"], a["capacity_solver"]) == (1.01, [0.98, 1.05], "lm 300")
     assert b["capacity_solver"] == "adam 100" and np.isnan(b["gd_ci"][1])
     assert conc["gd_range"] == [1.3, 1.45] and conc["capacity_range"] == [1.01, 1.1]
-    # The interval for the rank-1 conclusion: undefined above since one shape's is.
+    # The interval for the rank-1 conclusion: from GD's limit as its budget grows (below) to
+    # its longest budget's point (above); undefined on a side where one shape's is.
     low, high = paper_claims.c_star_interval(conc)
-    assert low == 1.2 and np.isnan(high)
-    conc["shapes"]["8x8x2"]["gd_ci"] = [1.3, 1.9]
-    assert paper_claims.c_star_interval(conc) == (1.2, 1.9)
+    assert np.isnan(low) and np.isnan(high)  # no limits measured; 8x8x2 has no upper bound
+    lim = lambda lo, hi: {"value": (lo + hi) / 2, "low": lo, "high": hi}  # noqa: E731
+    a["gd_limit"], b["gd_limit"] = lim(1.1, 1.25), lim(1.15, 1.3)
+    b["gd_ci"] = [1.3, 1.9]
+    assert paper_claims.c_star_interval(conc) == (1.1, 1.9)
+    b["gd_limit"] = lim(nan, 1.3)
+    assert np.isnan(paper_claims.c_star_interval(conc)[0])
     assert paper_claims.c_star_interval({"shapes": {}}) is None
+    # The paper's constant is checked against the limits, per shape and over sizes.
+    conc["finite_size"] = [{"quantity": "GD at 20000 steps", "rank": 1, "aspect": 1.0,
+                            "model": "a / d", "limit": lim(2.0, 3.0)},
+                           {"quantity": "GD limit (budget -> inf)", "rank": 1, "aspect": 1.0,
+                            "model": "a d^-b", "limit": lim(nan, nan)},
+                           {"quantity": "GD limit (budget -> inf)", "rank": 1, "aspect": 1.0,
+                            "model": "a / d", "limit": lim(1.0, 1.2)}]  # fmt: skip
+    got = paper_claims.constant_intervals(conc)
+    assert list(got) == ["16x16x1", "8x8x2", "d -> inf (r = 1, m/n = 1)"]
+    assert got["16x16x1"] == (1.1, 1.25) and got["d -> inf (r = 1, m/n = 1)"] == (1.0, 1.2)
+    assert np.isnan(got["8x8x2"][0]) and got["8x8x2"][1] == 1.3
+    del a["gd_limit"]
+    assert paper_claims.constant_intervals(conc)["16x16x1"] is None
 
 
 def test_rank_one_lines_use_the_paper_case():

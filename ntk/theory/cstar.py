@@ -52,10 +52,12 @@ __all__ = [
     "failure_counts",
     "Solver",
     "Transition",
+    "block_draws",
     "isotonic",
     "kn_grid",
     "rho",
     "simulate",
+    "solve",
     "transition",
 ]
 
@@ -265,6 +267,56 @@ def simulate(
     arrays = _draws(seed, draws, kn, kn_max, m, n, r, init_scale, np.dtype(dtype))
     ratios = _simulate_jit(*arrays, solver, budgets, float(lr))
     return Point(m, n, r, kn, rho(m, n, r, kn), np.asarray(ratios, np.float64))
+
+
+def block_draws(
+    jac: np.ndarray, seed: int, draws: int, n_examples: int, m: int, n: int, r: int, *,
+    kn_max: int | None = None, init_scale: float = 1e-2, dtype=np.float32,
+) -> tuple[np.ndarray, ...]:  # fmt: skip
+    """Sensing problems from real Jacobians, in :func:`simulate`'s layout.
+
+    Draw i takes ``n_examples`` of the P examples, m of the M rows and n of the N columns at
+    random (without replacement): its KN = n_examples K measurement matrices are the real
+    Jacobian entries on that block (LoRA restricted to an m x n block of the kernel), scaled
+    so that the KN x mn operator has spectral norm 1 (conditioning kept, the step size fixed).
+    Targets y ~ N(0, 1/KN) (generic, as in :func:`simulate`), U0, V0 ~ N(0, init_scale^2).
+
+    Args:
+      jac: [P, K, M, N] Jacobians of the K outputs w.r.t. one kernel.
+
+    Returns:
+      ``(a [draws, kn_max, m n], y [draws, kn_max], u [draws, m, r], v [draws, n, r])``; rows
+      from KN on are zero. Depends on (seed, n_examples, m, n, r) only.
+    """
+    p, k, big_m, big_n = jac.shape
+    if not (1 <= n_examples <= p and 1 <= r <= min(m, n) and m <= big_m and n <= big_n):
+        raise ValueError(
+            f"need 1 <= n_examples <= {p}, m <= {big_m}, n <= {big_n}, 1 <= r <= min(m, n); "
+            f"got n_examples={n_examples}, m={m}, n={n}, r={r}."
+        )
+    kn = n_examples * k
+    kn_max = kn if kn_max is None else kn_max
+    rng = np.random.default_rng((seed, n_examples, m, n, r))
+    a = np.zeros((draws, kn_max, m * n), dtype)
+    y = np.zeros((draws, kn_max), dtype)
+    for i in range(draws):
+        ex = rng.choice(p, n_examples, replace=False)
+        rows, cols = rng.choice(big_m, m, replace=False), rng.choice(big_n, n, replace=False)
+        block = np.asarray(jac[ex][:, :, rows][:, :, :, cols], np.float64).reshape(kn, m * n)
+        a[i, :kn] = block / np.linalg.norm(block, 2)
+        y[i, :kn] = rng.standard_normal(kn) / np.sqrt(kn)
+    u = init_scale * rng.standard_normal((draws, m, r)).astype(dtype)
+    v = init_scale * rng.standard_normal((draws, n, r)).astype(dtype)
+    return a, y, u, v
+
+
+def solve(
+    arrays: tuple[np.ndarray, ...], solver: Solver | str, budgets: tuple[int, ...], lr: float
+) -> np.ndarray:
+    """``L_end / L_start`` [draws, budgets] of the problems ``arrays`` (``a, y, u, v`` as
+    :func:`block_draws` returns them) solved by ``solver`` (inf where a run diverged)."""
+    out = _simulate_jit(*arrays, Solver(solver), tuple(int(b) for b in budgets), float(lr))
+    return np.asarray(out, np.float64)
 
 
 class Failures(NamedTuple):
