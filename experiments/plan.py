@@ -7,16 +7,20 @@ Takes the flags of ``experiments.run`` (the same config, ``--mesh`` and ``--rule
 (:mod:`lora_jax.topologies`; the ``tpu`` extra for TPU slices, ``cuda-plan`` for GPUs), the
 programs the run would execute: each job's training chunk
 (``lora_jax.programs.job_programs``, placed as ``lora_jax.train.fit_job`` places it) and its
-dev and test evaluation. Shapes only: the encoder's ``config.json`` (shipped in
+dev and test evaluation, and with ``--ntk`` the eNTK programs of each LoRA cell's analysis as
+``ntk.empirical_ntk_fn`` would run them on the mesh (:func:`plan_kernels`; the linearized
+model's training is not planned). Shapes only: the encoder's ``config.json`` (shipped in
 ``experiments/hub_configs/`` for the paper's hub encoders, so no download and no weights), the
 tasks' class counts, ``k`` and ``max_length`` (every split padded to it: an upper bound of the
 run's own padding). Per device it prints peak memory against the chip's HBM, matmul FLOPs per
 step, the collectives of a step, compile time and a roofline estimate of step and run time.
 
 Example:
-  uv sync --extra tpu
+  uv sync --extra tpu --extra cuda-plan
   python -m experiments.plan --topology v4-32 --config paper_binary \\
       --model FacebookAI/roberta-large --tasks sst2 --ranks 8 --seeds 13 --dtype bfloat16
+  python -m experiments.plan --topology h100-8 --config paper_binary \\
+      --model FacebookAI/roberta-large --tasks sst2 --dtype bfloat16 --members 32
 """
 
 from __future__ import annotations
