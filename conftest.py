@@ -5,6 +5,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# An installed CUDA plugin (the dev group's compile-only GPU planning) checks the CUDA libraries
+# at JAX's start-up and prints a traceback without them; the tests run on CPU.
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # No persistent compilation cache in the user's home (tests of the cache give a tmp dir).
 os.environ.setdefault("LORA_JAX_COMPILATION_CACHE", "off")

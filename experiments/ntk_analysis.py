@@ -66,6 +66,14 @@ def _suffix(key: str, kernel: ntk.Kernel) -> str:
     return key if kernel == ntk.Kernel.SGD else f"{key}_{kernel.value}"
 
 
+# The kernels' options (experiments.plan --ntk compiles the same): the full [N, N, K, K] kernel
+# (exact linearized dynamics) of a model independent per example, in blocks of 128 rows of
+# [train; test] by 64 train rows.
+TRACE_AXES = ()
+VMAP_AXES = 0
+KERNEL_BATCH_SIZE = (128, 64)
+
+
 KERNEL_KEYS = (
     "acc_kernel",
     "agree_trained_vs_kernel",
@@ -124,7 +132,9 @@ def analyze(
     solver = ntk.KernelSolver.MSE if tcfg.loss == Loss.MSE else ntk.KernelSolver.LOGISTIC
     options = dict(
         kernel_solver=solver,
-        trace_axes=(),  # the full [N, N, K, K] kernel: exact linearized dynamics
+        trace_axes=TRACE_AXES,
+        vmap_axes=VMAP_AXES,
+        kernel_batch_size=KERNEL_BATCH_SIZE,
         cache_dir=os.path.join(run_dir, "kernel_cache"),
         progress=True,
     )
@@ -138,7 +148,7 @@ def analyze(
         data.test,
         linearized_adapters=linearized.best_trainable,
         kernel=kernels[0],
-        implementation=_implementation(kernels[0]),
+        implementation=kernel_implementation(kernels[0]),
         **options,
     )
     shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -155,7 +165,7 @@ def analyze(
             data.train,
             data.test,
             kernel=kernel,
-            implementation=_implementation(kernel),
+            implementation=kernel_implementation(kernel),
             **options,
         )
         agree = ntk.prediction_agreement(y_kernel, y_trained)
@@ -170,7 +180,7 @@ def analyze(
     }
 
 
-def _implementation(kernel: ntk.Kernel) -> ntk.NtkImplementation:
+def kernel_implementation(kernel: ntk.Kernel) -> ntk.NtkImplementation:
     """STRUCTURED_DERIVATIVES for the SGD eNTK (as before: fastest on adapter kernels); the
     sign kernels need per-example gradients (JACOBIAN_CONTRACTION)."""
     if kernel == ntk.Kernel.SGD:

@@ -1,20 +1,26 @@
-"""Plan a run for a TPU slice without one: ``python -m experiments.plan --topology v4-32 ...``.
+"""Plan a run for a TPU slice or GPU nodes without them: ``python -m experiments.plan --topology
+v4-32 ...``.
 
 Takes the flags of ``experiments.run`` (the same config, ``--mesh`` and ``--rules``) plus
-``--topology`` (a TPU slice by its Cloud name, :data:`lora_jax.topologies.TARGETS`), and
-compiles, for the slice's compile-only devices (:mod:`lora_jax.topologies`, the ``tpu`` extra),
-the programs the run would execute: each job's training chunk
+``--topology`` (a TPU slice by its Cloud name, or NVIDIA nodes such as ``h100-8``:
+:data:`lora_jax.topologies.TARGETS`), and compiles, for the target's compile-only devices
+(:mod:`lora_jax.topologies`; the ``tpu`` extra for TPU slices, ``cuda-plan`` for GPUs), the
+programs the run would execute: each job's training chunk
 (``lora_jax.programs.job_programs``, placed as ``lora_jax.train.fit_job`` places it) and its
-dev and test evaluation. Shapes only: the encoder's ``config.json`` (shipped in
+dev and test evaluation, and with ``--ntk`` the eNTK programs of each LoRA cell's analysis as
+``ntk.empirical_ntk_fn`` would run them on the mesh (:func:`plan_kernels`; the linearized
+model's training is not planned). Shapes only: the encoder's ``config.json`` (shipped in
 ``experiments/hub_configs/`` for the paper's hub encoders, so no download and no weights), the
 tasks' class counts, ``k`` and ``max_length`` (every split padded to it: an upper bound of the
 run's own padding). Per device it prints peak memory against the chip's HBM, matmul FLOPs per
 step, the collectives of a step, compile time and a roofline estimate of step and run time.
 
 Example:
-  uv sync --extra tpu
+  uv sync --extra tpu --extra cuda-plan
   python -m experiments.plan --topology v4-32 --config paper_binary \\
       --model FacebookAI/roberta-large --tasks sst2 --ranks 8 --seeds 13 --dtype bfloat16
+  python -m experiments.plan --topology h100-8 --config paper_binary \\
+      --model FacebookAI/roberta-large --tasks sst2 --dtype bfloat16 --members 32
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from experiments import jobs, launch
+from experiments import jobs, launch, ntk_analysis
 from experiments.config import ExperimentConfig, per_encoder
 from experiments.run import build_parser, config_from_args
 from experiments.workbench import resolve_model
@@ -43,6 +50,7 @@ from lora_jax.models.encoder import forward, param_shapes
 from lora_jax.params import unflatten
 from lora_jax.readout import Readout, make_output_fn
 from lora_jax.trainable import Method, label_words_as_inputs, make_model_fn, split_params
+from ntk import planning as ntk_planning
 
 PyTree = Any
 HUB_CONFIGS = os.path.join(os.path.dirname(__file__), "hub_configs")
@@ -120,10 +128,11 @@ def _sds(tree: PyTree, shardings: PyTree) -> PyTree:
 _DUMP: dict[str, str | None] = {"dir": None}
 
 
-def _compile(name: str, lowered_fn, runs: float, steps: int) -> Program:
+def _compile(name: str, compile_fn, runs: float, steps: int) -> Program:
+    """``compile_fn()`` (lowering and compiling one program) timed, and its report."""
     start = time.perf_counter()
     try:
-        compiled = lowered_fn().compile()
+        compiled = compile_fn()
     except Exception as err:  # noqa: BLE001 -- XLA reports an out-of-memory program this way
         text = str(err)
         if "RESOURCE_EXHAUSTED" not in text:
@@ -136,6 +145,23 @@ def _compile(name: str, lowered_fn, runs: float, steps: int) -> Program:
         with open(os.path.join(_DUMP["dir"], file), "w") as f:
             f.write(compiled.as_text())
     return Program(name, topologies.analyze(compiled, seconds), None, runs, steps)
+
+
+def _model(
+    cfg: ExperimentConfig, encoder, num_labels: int, *, words_at_call: bool = False
+) -> tuple[PyTree, Any]:
+    """The encoder's parameters (float32 shapes) and its prompt model ``output_fn(params,
+    batch) -> [N, num_labels]``, as the run builds them: the label words given per call
+    (``words_at_call``, the training and evaluation programs) or fixed (the NTK analysis)."""
+    config, head, readout = encoder
+    shapes = param_shapes(config, head=head, num_labels=None, pooler=False)
+    params = unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()})
+    apply_fn = functools.partial(forward, config=config, head=head, dtype=cfg.dtype)
+    if cfg.remat:
+        apply_fn = functools.partial(apply_fn, remat=True)
+    if words_at_call:
+        return params, make_output_fn(apply_fn, readout, label_words_at_call=True)
+    return params, make_output_fn(apply_fn, readout, np.arange(num_labels))
 
 
 def plan_job(
@@ -152,14 +178,9 @@ def plan_job(
     """Compiles the programs of ``job`` as :func:`experiments.jobs.run_job` would run them:
     its training chunks (with ``training``) and its dev and test evaluation (with
     ``evaluation``)."""
-    config, head, readout = encoder
-    shapes = param_shapes(config, head=head, num_labels=None, pooler=False)
-    params = unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in shapes.items()})
-    apply_fn = functools.partial(forward, config=config, head=head, dtype=cfg.dtype)
-    if cfg.remat:
-        apply_fn = functools.partial(apply_fn, remat=True)
+    config = encoder[0]
     # As experiments.jobs.build_job: the label words an argument, one [K] row per member.
-    output_fn = make_output_fn(apply_fn, readout, label_words_at_call=True)
+    params, output_fn = _model(cfg, encoder, num_labels, words_at_call=True)
     method, n = Method(job[0].method), len(job)
     words = jax.ShapeDtypeStruct((n, num_labels), jnp.int32)
     member_inputs = (words, None)
@@ -218,7 +239,7 @@ def plan_job(
                 f"train {label} ({length} steps)",
                 lambda length=length: compiled.chunk.lower(
                     state, args, train_data, length, shared=not own
-                ),
+                ).compile(),
                 lengths.count(length),
                 length,
             )
@@ -232,11 +253,49 @@ def plan_job(
                 f"{split} {label} ({count} rows)",
                 lambda data=data, shared=shared: compiled.predict_program.lower(
                     state.trainable, args, data, shared
-                ),
+                ).compile(),
                 runs,
                 0,
             )
         )
+    return out
+
+
+def plan_kernels(
+    cfg: ExperimentConfig, cell: jobs.Cell, encoder, num_labels: int, mesh
+) -> list[Program]:
+    """Compiles the eNTK programs of ``cell`` 's ``--ntk`` analysis
+    (:mod:`experiments.ntk_analysis`) as :func:`ntk.empirical_ntk_fn` runs them on ``mesh``
+    (:func:`ntk.planning.kernel_programs`: rows over ``data``; the adapters and the frozen base
+    replicated, or split over ``fsdp`` when the mesh has it): for each kernel it reports,
+    ``K([train; test], train)`` (train and test padded alike, as planned), and for the first
+    also ``K(train, train)`` at the trained adapters (the kernel's change). Runs are per cell.
+    """
+    params, output_fn = _model(cfg, encoder, num_labels)
+    lcfg = jobs.lora_config(cfg, cell.rank, encoder[0].model_type)
+    adapters = jax.eval_shape(lambda p: lora.init(jax.random.key(0), p, lcfg), params)
+
+    def g(base, a, x):  # ntk.lora_kernel_model's f, with the base as an argument
+        return output_fn(lora.apply(base, a, lcfg), x)
+
+    train_rows, test_rows = cfg.k * num_labels, cfg.test_cap or 1000
+    x_train = abstract_data(train_rows, cfg.max_length)
+    x_both = abstract_data(train_rows + test_rows, cfg.max_length)
+    optimizer = jobs.train_config(cfg, cell).optimizer
+    fsdp = "fsdp" if "fsdp" in mesh.axis_names else None
+    out = []
+    for i, kernel in enumerate(ntk_analysis.kernels_for(cfg.ntk_kernel, optimizer)):
+        sides = [(f"[train; test] {train_rows + test_rows}", x_both)]
+        sides += [(f"train {train_rows}", x_train)] * (i == 0)
+        for label, x1 in sides:
+            for p in ntk_planning.kernel_programs(
+                g, params, adapters, x1, x_train, mesh=mesh, trace_axes=ntk_analysis.TRACE_AXES,
+                vmap_axes=ntk_analysis.VMAP_AXES, batch_size=ntk_analysis.KERNEL_BATCH_SIZE,
+                implementation=ntk_analysis.kernel_implementation(kernel), kernel=kernel,
+                fsdp_axis=fsdp,
+            ):  # fmt: skip
+                name = f"ntk {kernel.value} K({label} x train {train_rows}): {p.name}"
+                out.append(_compile(name, p.compile, p.runs, 0))
     return out
 
 
@@ -337,6 +396,29 @@ def _plan_jobs(cfg, cells, members_cap, named, encoder, mesh, rules, target):
     return progs, total, sum(len(v) for v in groups.values())
 
 
+def _plan_ntk(cfg, cells, named, encoder, mesh, target) -> str:
+    """The ``--ntk`` kernels of the LoRA ``cells``, compiled once per shape (task classes,
+    rank, optimizer): their table and roofline estimate for the run."""
+    groups: dict[tuple, list] = {}
+    for cell in cells:
+        if cell.method == "lora":
+            k = named[cell.task].num_labels
+            optimizer = jobs.train_config(cfg, cell).optimizer
+            groups.setdefault((k, cell.rank, optimizer), []).append(cell)
+    progs, total = [], 0.0
+    for (k, _, _), same in groups.items():
+        kernel_progs = plan_kernels(cfg, same[0], encoder, k, mesh)
+        progs += kernel_progs
+        total += len(same) * job_seconds(kernel_progs, target.chip)
+    count = sum(len(v) for v in groups.values())
+    return (
+        f"NTK kernels (--ntk {cfg.ntk_kernel.value}, per LoRA cell; runs = executions per "
+        "cell; the linearized model's training is not planned):\n\n"
+        + format_plan(target, mesh, progs)
+        + f"\n\nroofline estimate of the kernels of the run's {count} LoRA cells: {total:.1f} s"
+    )
+
+
 def plan(cfg: ExperimentConfig, target_name: str, launch_flags: launch.Launch) -> str:
     """Compiles every distinct program of ``cfg`` 's run for ``target_name``; the report text."""
     target = topologies.target(target_name)
@@ -372,6 +454,8 @@ def plan(cfg: ExperimentConfig, target_name: str, launch_flags: launch.Launch) -
                 f"{seq:.1f} s for {len(todo)} cells; the member-sharded jobs are "
                 f"{seq / total if total else float('nan'):.1f}x faster by the same roofline"
             )
+        if one.ntk:
+            text += "\n\n" + _plan_ntk(one, todo, named, encoder, mesh, target)
         out.append(
             f"## {one.model} ({encoder[2].value} readout, {one.dtype}, batch {one.batch_size}, "
             f"{one.max_length} tokens)\n\n{text}"
@@ -386,7 +470,8 @@ def main(argv: list[str] | None = None) -> None:
         "--topology",
         required=True,
         choices=list(topologies.TARGETS),
-        help="the TPU slice to compile for (compile-only devices; needs the tpu extra)",
+        help="the TPU slice or GPU nodes to compile for (compile-only devices; needs the tpu "
+        "extra for TPU slices, the cuda-plan extra for h100-* / a100-*)",
     )
     parser.add_argument(
         "--dump-hlo",
@@ -399,9 +484,9 @@ def main(argv: list[str] | None = None) -> None:
     _DUMP["dir"] = args.pop("dump_hlo")
     flags = launch.pop_launch(args)
     cfg = config_from_args(parser, args)
-    if not topologies.libtpu_available():
-        raise SystemExit(f"error: {topologies.INSTALL_HINT}")
-    jax.config.update("jax_platforms", "cpu")  # the TPU devices are compile-only
+    if hint := topologies.install_hint(topology):
+        raise SystemExit(f"error: {hint}")
+    jax.config.update("jax_platforms", "cpu")  # the TPU / GPU devices are compile-only
     if flags.coordinator or flags.num_processes or flags.distributed:
         print(
             "note: process flags are ignored: a plan compiles for all hosts at once.",

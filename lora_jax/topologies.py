@@ -1,27 +1,35 @@
-"""Compile for a TPU slice on a machine without one: compile-only devices, and what the compiled
-program says about memory, FLOPs and collectives.
+"""Compile for a TPU slice or an NVIDIA GPU node on a machine without one: compile-only devices,
+and what the compiled program says about memory, FLOPs and collectives.
 
-``jax.experimental.topologies.get_topology_desc`` (with the ``libtpu`` wheel of the ``tpu``
-extra) gives the devices of any TPU slice, several hosts included, as compile-only devices; a
-mesh over them and ``jax.ShapeDtypeStruct`` inputs with ``NamedSharding`` s are enough to
-``jax.jit(f).lower(...).compile()`` the program a slice would run. :func:`analyze` reads the
-compiled program: XLA's memory analysis per device, and, from the optimized HLO text, the
+``jax.experimental.topologies.get_topology_desc`` gives the devices of any TPU slice, several
+hosts included (with the ``libtpu`` wheel of the ``tpu`` extra), or of NVIDIA GPU nodes of one or
+two hosts (with the CUDA plugin of the ``cuda-plan`` extra and a target description of the GPU,
+:func:`gpu_target_config`), as compile-only devices; a mesh over them and
+``jax.ShapeDtypeStruct`` inputs with ``NamedSharding`` s are enough to
+``jax.jit(f).lower(...).compile()`` the program a slice or node would run. :func:`analyze` reads
+the compiled program: XLA's memory analysis per device, and, from the optimized HLO text, the
 matmul FLOPs, HBM traffic and collectives of one execution, every loop body counted as many
-times as its loop runs (XLA's own ``cost_analysis`` counts a body once). :func:`roofline`
-turns FLOPs and bytes into a time from the chip's peak (:data:`CHIPS`).
+times as its loop runs (XLA's own ``cost_analysis`` counts a body once, and returns nothing for
+a compile-only GPU). :func:`roofline` turns FLOPs and bytes into a time from the chip's peak
+(:data:`CHIPS`).
 
 Nothing here runs on a chip: it checks sharding, memory and collectives of the exact program,
-not its speed (the roofline is a lower bound, communication left out).
+not its speed (the roofline is a lower bound, communication left out). A compile-only GPU has
+no autotuning: XLA picks its default kernels, so the GPU program is the one a GPU would run up
+to kernel choice.
 
 Example:
   >>> from lora_jax import topologies
   >>> topologies.TARGETS["v4-32"].hosts, topologies.TARGETS["v4-32"].chips
   (4, 16)
+  >>> topologies.TARGETS["h100-16"].hosts, topologies.TARGETS["h100-16"].chips
+  (2, 16)
   >>> devices = topologies.devices("v4-32")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import enum
 import importlib.util
 import math
 import os
@@ -36,12 +44,16 @@ __all__ = [
     "TARGETS",
     "Chip",
     "Collective",
+    "Platform",
     "ProgramReport",
     "Target",
     "analyze",
     "collectives",
+    "cuda_plan_available",
     "devices",
+    "gpu_target_config",
     "hlo_costs",
+    "install_hint",
     "libtpu_available",
     "roofline",
 ]
@@ -53,7 +65,7 @@ class Chip(NamedTuple):
     """Public peak figures of one accelerator chip (one JAX device)."""
 
     name: str
-    hbm_bytes: int  # HBM per chip.
+    hbm_bytes: int  # HBM per chip (for a GPU: the memory the device reports).
     peak_flops: float  # dense bf16 matmul FLOP/s per chip.
     hbm_bandwidth: float  # bytes/s per chip.
 
@@ -62,24 +74,41 @@ class Chip(NamedTuple):
 #   TPU v4:  cloud.google.com/tpu/docs/v4  -- 275 TFLOP/s bf16, 32 GiB HBM2, 1,200 GB/s.
 #   TPU v5e: cloud.google.com/tpu/docs/v5e -- 197 TFLOP/s bf16, 16 GiB HBM2, 819 GB/s.
 #   TPU v5p: cloud.google.com/tpu/docs/v5p -- 459 TFLOP/s bf16, 95 GiB HBM2e, 2,765 GB/s.
+#   H100 SXM: nvidia.com/en-us/data-center/h100 datasheet -- 989 TFLOP/s bf16 dense (1,979 with
+#     sparsity), 80 GB HBM3 (84,942,979,072 bytes as the device reports it), 3.35 TB/s.
+#   A100 SXM 80GB: nvidia.com/en-us/data-center/a100 datasheet -- 312 TFLOP/s bf16 dense, 80 GB
+#     HBM2e (85,100,068,864 bytes as the device reports it), 2,039 GB/s.
 # A v4 / v5p chip has two TensorCores that JAX shows as one device ("megacore").
 CHIPS: dict[str, Chip] = {
     "v4": Chip("TPU v4", 32 * GIB, 275e12, 1200e9),
     "v5e": Chip("TPU v5e", 16 * GIB, 197e12, 819e9),
     "v5p": Chip("TPU v5p", 95 * GIB, 459e12, 2765e9),
+    "h100": Chip("NVIDIA H100 SXM", 84_942_979_072, 989e12, 3.35e12),
+    "a100": Chip("NVIDIA A100 SXM 80GB", 85_100_068_864, 312e12, 2.039e12),
 }
 
 
+class Platform(enum.Enum):
+    """Which compile-only devices a :class:`Target` has, and which package provides them."""
+
+    TPU = "tpu"  # libtpu (the ``tpu`` extra)
+    CUDA = "cuda"  # the CUDA PJRT plugin (the ``cuda-plan`` extra)
+
+
 class Target(NamedTuple):
-    """A TPU slice by its Cloud name (``v4-32``): the topology ``get_topology_desc`` takes."""
+    """A TPU slice by its Cloud name (``v4-32``), or NVIDIA GPU nodes (``h100-8``): what
+    ``get_topology_desc`` takes."""
 
     name: str
     chip: Chip
-    topology: str  # e.g. "v4:2x2x4" (chips per dimension), as in MaxText's accelerator map.
-    chip_config: str  # "megacore" (v4, v5p) or "default" (v5e)
-    host_bounds: tuple[int, int, int]  # chips per host along each dimension
+    # TPU: e.g. "v4:2x2x4" (chips per dimension), as in MaxText's accelerator map.
+    # CUDA: "<partitions>x<hosts>x<GPUs per host>", e.g. "1x2x8" for two 8-GPU nodes.
+    topology: str
+    chip_config: str  # TPU: "megacore" (v4, v5p) or "default" (v5e); CUDA: the chip's key
+    host_bounds: tuple[int, ...]  # TPU: chips per host along each dimension; CUDA: ()
     chips: int
     hosts: int
+    platform: Platform = Platform.TPU
 
 
 def _slice(name: str, chip: str, topology: str, host_bounds: tuple[int, int, int]) -> Target:
@@ -91,7 +120,16 @@ def _slice(name: str, chip: str, topology: str, host_bounds: tuple[int, int, int
     )
 
 
-# Cloud names count TensorCores for v4 / v5p (two per chip) and chips for v5e.
+def _gpu_nodes(chip: str, hosts: int, per_host: int = 8) -> Target:
+    """``hosts`` nodes of ``per_host`` GPUs each (NVLink within a node), named by the GPU count."""
+    return Target(
+        f"{chip}-{hosts * per_host}", CHIPS[chip], f"1x{hosts}x{per_host}", chip, (),
+        hosts * per_host, hosts, Platform.CUDA,
+    )  # fmt: skip
+
+
+# Cloud names count TensorCores for v4 / v5p (two per chip) and chips for v5e; GPU targets
+# count GPUs, 8 per node (e.g. GCP a3-highgpu-8g, AWS p5.48xlarge, DGX H100).
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -104,18 +142,99 @@ TARGETS: dict[str, Target] = {
         _slice("v5e-32", "v5e", "v5e:4x8", (2, 2, 1)),
         _slice("v5p-8", "v5p", "v5p:2x2x1", (2, 2, 1)),
         _slice("v5p-16", "v5p", "v5p:2x2x2", (2, 2, 1)),
+        _gpu_nodes("h100", 1),
+        _gpu_nodes("h100", 2),
+        _gpu_nodes("a100", 1),
+        _gpu_nodes("a100", 2),
     )
 }
 
-INSTALL_HINT = (
-    "compiling for a TPU slice needs libtpu: `uv sync --extra tpu` (or `pip install "
-    "'jax[tpu]==0.9.0.1'`), then run again."
-)
+
+class _GpuSpec(NamedTuple):
+    """What XLA's GPU compiler reads of a device (``stream_executor.GpuTargetConfigProto``)."""
+
+    description: str  # the device name CUDA reports
+    compute_capability: tuple[int, int]
+    cores: int  # streaming multiprocessors
+    fpus_per_core: int
+    shared_memory_per_core: int  # bytes
+    shared_memory_per_block_optin: int  # bytes
+    l2_cache_bytes: int
+    clock_ghz: float
+    cudnn: tuple[int, int, int]
+
+
+# From NVIDIA's Hopper / Ampere tuning guides and datasheets (SM count, shared memory per SM
+# and per block, L2 size, boost clock) and the device sizes of ``CHIPS``; XLA keeps the same
+# descriptions as target configs (openxla/xla ``xla/backends/gpu/target_config/specs/``
+# ``h100_sxm.txtpb``, ``a100_sxm_80.txtpb``).
+_GPU_SPECS: dict[str, _GpuSpec] = {
+    "h100": _GpuSpec("NVIDIA H100 80GB HBM3", (9, 0), 132, 128, 233472, 232448, 50 * 2**20, 1.98,
+                     (9, 8, 0)),
+    "a100": _GpuSpec("NVIDIA A100-SXM4-80GB", (8, 0), 108, 64, 167936, 166912, 40 * 2**20, 1.41,
+                     (9, 8, 0)),
+}  # fmt: skip
+
+
+def gpu_target_config(chip: str) -> str:
+    """The ``GpuTargetConfigProto`` text (protobuf text format) that the CUDA plugin compiles for
+    when no GPU is attached: the device of ``CHIPS[chip]`` (``"h100"``, ``"a100"``)."""
+    spec, info = _GPU_SPECS[chip], CHIPS[chip]
+    major, minor = spec.compute_capability
+    return "\n".join(
+        (
+            "gpu_device_info {",
+            "  threads_per_block_limit: 1024",
+            "  threads_per_warp: 32",
+            "  shared_memory_per_block: 49152",
+            f"  shared_memory_per_core: {spec.shared_memory_per_core}",
+            "  threads_per_core_limit: 2048",
+            f"  core_count: {spec.cores}",
+            f"  fpus_per_core: {spec.fpus_per_core}",
+            "  block_dim_limit_x: 2147483647",
+            "  block_dim_limit_y: 65535",
+            "  block_dim_limit_z: 65535",
+            f"  memory_bandwidth: {int(info.hbm_bandwidth)}",
+            f"  l2_cache_size: {spec.l2_cache_bytes}",
+            f"  clock_rate_ghz: {spec.clock_ghz}",
+            f"  device_memory_size: {info.hbm_bytes}",
+            f"  shared_memory_per_block_optin: {spec.shared_memory_per_block_optin}",
+            f"  cuda_compute_capability {{ major: {major} minor: {minor} }}",
+            "  registers_per_core_limit: 65536",
+            "  registers_per_block_limit: 65536",
+            "}",
+            'platform_name: "CUDA"',
+            "dnn_version_info {{ major: {} minor: {} patch: {} }}".format(*spec.cudnn),
+            f'device_description_str: "{spec.description}"',
+        )
+    )
 
 
 def libtpu_available() -> bool:
     """Whether the ``libtpu`` wheel (the ``tpu`` extra) is installed."""
     return importlib.util.find_spec("libtpu") is not None
+
+
+def cuda_plan_available() -> bool:
+    """Whether JAX's CUDA plugin (the ``cuda-plan`` or ``cuda`` extra) is installed."""
+    return importlib.util.find_spec("jax_cuda12_plugin") is not None
+
+
+INSTALL_HINT = (
+    "compiling for a TPU slice needs libtpu: `uv sync --extra tpu` (or `pip install "
+    "'jax[tpu]==0.9.0.1'`), then run again."
+)
+CUDA_INSTALL_HINT = (
+    "compiling for NVIDIA GPUs needs JAX's CUDA plugin: `uv sync --extra cuda-plan` (or `pip "
+    "install jax-cuda12-plugin==0.9.0.1 nvidia-cuda-runtime-cu12`), then run again."
+)
+
+
+def install_hint(name: str) -> str | None:
+    """What to install to compile for target ``name``, or None when it is installed."""
+    if target(name).platform == Platform.CUDA:
+        return None if cuda_plan_available() else CUDA_INSTALL_HINT
+    return None if libtpu_available() else INSTALL_HINT
 
 
 def target(name: str) -> Target:
@@ -126,24 +245,43 @@ def target(name: str) -> Target:
 
 
 def devices(name: str) -> list[Any]:
-    """The compile-only devices of the TPU slice ``name`` (all hosts), in the topology's order.
+    """The compile-only devices of the TPU slice or GPU nodes ``name`` (all hosts), in the
+    topology's order.
 
-    Needs ``JAX_PLATFORMS=cpu`` (or no other TPU backend in the process) and libtpu.
+    Needs ``JAX_PLATFORMS=cpu`` (or no other backend of that platform in the process) and
+    libtpu or the CUDA plugin.
 
     Raises:
       ConfigError: an unknown name.
-      UserError: libtpu is not installed (the message says how to install it).
+      UserError: the platform's package is not installed (the message says how to install
+        it), or the CUDA plugin did not register in this process.
     """
     t = target(name)
-    if not libtpu_available():
-        raise UserError(INSTALL_HINT)
+    if hint := install_hint(name):
+        raise UserError(hint)
+    from jax.experimental import topologies
+
+    if t.platform == Platform.CUDA:
+        # Without a GPU the plugin's start-up check of the CUDA libraries fails and the plugin
+        # does not register; compiling needs none of them.
+        os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+        try:
+            desc = topologies.get_topology_desc(
+                platform="cuda", target_config=gpu_target_config(t.chip_config),
+                topology=t.topology,
+            )  # fmt: skip
+        except NotImplementedError as err:
+            raise UserError(
+                "JAX's CUDA plugin did not register in this process (JAX started before "
+                "JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1 was set): set it in the environment and "
+                "run again."
+            ) from err
+        return list(desc.devices)
     # libtpu asks the GCE metadata server where it runs unless told not to; a stale lock file
     # of an earlier process would stop it from loading.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
-
     desc = topologies.get_topology_desc(
         platform="tpu",
         topology_name=t.topology,
@@ -250,11 +388,16 @@ def _hbm_bytes(shape: str) -> int:
 
 def _param_reads(comp: list[_Instr], index: int, full: int, comps: dict) -> int:
     """HBM bytes a fused computation reads of its parameter ``index`` (``full`` bytes): what
-    its slices return when it is only sliced (through nested fusions too), else ``full``; 0
-    when it is only the buffer a dynamic-update-slice writes in place."""
+    its slices return when it is only sliced (through bitcasts and nested fusions too), else
+    ``full``; 0 when it is only the buffer a dynamic-update-slice writes in place."""
     name = next((i.name for i in comp if i.op == "parameter" and i.args == str(index)), None)
+    return full if name is None else _reads(comp, name, full, comps)
+
+
+def _reads(comp: list[_Instr], name: str, full: int, comps: dict) -> int:
+    """HBM bytes the users of value ``name`` (``full`` bytes) in ``comp`` read of it."""
     users = [i for i in comp if name in i.operands]
-    if name is None or not users:
+    if not users:
         return full
     total = 0
     for user in users:
@@ -262,6 +405,8 @@ def _param_reads(comp: list[_Instr], index: int, full: int, comps: dict) -> int:
             total += _bytes(user.shape)
         elif user.op == "dynamic-update-slice" and user.operands[0] == name:
             continue  # written in place: not read
+        elif user.op == "bitcast":  # the same bytes seen with another shape (GPU fusions)
+            total += _reads(comp, user.name, full, comps)
         elif user.op == "fusion" and (called := re.search(r"calls=%([\w.\-]+)", user.attrs)):
             inner = comps.get(called.group(1), [])
             total += sum(
@@ -383,15 +528,25 @@ def _multipliers(comps: dict[str, list[_Instr]], entry: str) -> tuple[dict, dict
     return runs, fused, unknown
 
 
+def _is_matmul(instr: _Instr) -> bool:
+    """``dot`` / ``convolution``, or a cuBLAS GEMM (a GPU program's ``custom-call``)."""
+    if instr.op == "custom-call":
+        return '"__cublas$' in instr.attrs and '"gemm_backend_config"' in instr.attrs
+    return instr.op in ("dot", "convolution")
+
+
 def _matmul_flops(instr: _Instr, shapes: dict[str, str]) -> int:
-    """2 x output elements x contracted size, for ``dot`` and ``convolution``."""
-    out = math.prod(d for _, dims in _arrays(instr.shape)[:1] for d in dims)
-    if instr.op == "dot":
+    """2 x output elements x contracted size, for ``dot``, ``convolution`` and cuBLAS GEMMs."""
+    out = math.prod(d for _, dims in _arrays(instr.shape)[:1] for d in dims)  # (result, workspace)
+    if instr.op in ("dot", "custom-call"):
         lhs = _arrays(shapes.get(instr.operands[0], ""))
-        dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs)
+        dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", instr.attrs) or re.search(
+            r'"lhs_contracting_dimensions":\[([\d",]*)\]', instr.attrs
+        )
         if not lhs or not dims:
             return 0
-        return 2 * out * math.prod(lhs[0][1][int(d)] for d in dims.group(1).split(",") if d)
+        axes = [int(d.strip('"')) for d in dims.group(1).split(",") if d]
+        return 2 * out * math.prod(lhs[0][1][a] for a in axes)
     labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", instr.attrs)
     kernel = _arrays(shapes.get(instr.operands[1], "")) if len(instr.operands) > 1 else []
     if not labels or not kernel:
@@ -449,7 +604,7 @@ def hlo_costs(text: str) -> HloCosts:
             continue
         shapes = {i.name: i.shape for i in instrs}
         for instr in instrs:
-            if instr.op in ("dot", "convolution"):
+            if _is_matmul(instr):
                 flops += times * _matmul_flops(instr, shapes)
             kind = instr.op.removesuffix("-start")
             if kind in _COLLECTIVES:

@@ -36,14 +36,20 @@ PyTree = Any
 GRAM_CHUNK = 4096  # columns per slice of a Gram product (see _gram)
 
 __all__ = [
+    "contraction_fn",
     "contraction_program",
+    "cross_fn",
     "cross_program",
+    "fused_fn",
     "fused_program",
     "jacobian_bytes",
+    "jacobian_fn",
     "jacobian_program",
     "kept_spec",
+    "pair_fn",
     "pair_program",
     "reused_kernel",
+    "sign_block_fn",
     "sign_block_program",
 ]
 
@@ -117,27 +123,52 @@ def _sign(j: list, on: bool) -> list:
     return [[jnp.sign(m) for m in parts] for parts in j] if on else j
 
 
+def jacobian_fn(f: Callable, sign: bool = False) -> Callable:
+    """``(params, x) -> J``: per leaf, K ``[b, P_leaf]`` per-example Jacobians (their signs
+    with ``sign``)."""
+    return lambda p, x: _sign(_jacobian_rows(f, p, x), sign)
+
+
 def jacobian_program(
     f: Callable, fn_key: tuple, x: PyTree, params: PyTree, sign: bool = False
 ) -> Any:
-    """Compiled ``(params, x) -> J``: per leaf, K ``[b, P_leaf]`` per-example Jacobians (their
-    signs with ``sign``)."""
+    """Compiled :func:`jacobian_fn`."""
 
     def lower():
-        return jax.jit(lambda p, x: _sign(_jacobian_rows(f, p, x), sign)).lower(params, x)
+        return jax.jit(jacobian_fn(f, sign)).lower(params, x)
 
     what = ("jacobian", "sign") if sign else ("jacobian",)
     return compiled(f, fn_key, what, lower, (params, x))
 
 
-def contraction_program(trace: tuple, diag: tuple, ja: list, jb: list) -> Any:
-    """Compiled ``(ja, jb) -> block`` (see :func:`_contract`)."""
+def contraction_fn(trace: tuple, diag: tuple) -> Callable:
+    """``(ja, jb) -> block`` (see :func:`_contract`)."""
 
     def contract(ja, jb):
         return _contract(ja, jb, trace, diag)
 
+    return contract
+
+
+def contraction_program(trace: tuple, diag: tuple, ja: list, jb: list) -> Any:
+    """Compiled ``(ja, jb) -> block`` (see :func:`_contract`)."""
+
+    contract = contraction_fn(trace, diag)
     key = ("content", "contract", trace, diag)  # fixed by these and the shapes
     return compiled(contract, key, (), lambda: jax.jit(contract).lower(ja, jb), (ja, jb))
+
+
+def fused_fn(
+    f: Callable, trace: tuple, diag: tuple, signs: tuple[bool, bool] = (False, False)
+) -> Callable:
+    """``(params, x) -> block``: the kernel of ``x`` with itself in one program (``signs``:
+    whether each side's gradients enter through their sign, ``ntk.Kernel.signs``)."""
+
+    def kernel(p, x):
+        j = _jacobian_rows(f, p, x)
+        return _contract(_sign(j, signs[0]), _sign(j, signs[1]), trace, diag)
+
+    return kernel
 
 
 def fused_program(
@@ -149,15 +180,10 @@ def fused_program(
     params: PyTree,
     signs: tuple[bool, bool] = (False, False),
 ) -> Any:
-    """Compiled ``(params, x) -> block``: the kernel of ``x`` with itself in one program
-    (``signs``: whether each side's gradients enter through their sign, ``ntk.Kernel.signs``)."""
+    """Compiled :func:`fused_fn`."""
 
     def lower():
-        def kernel(p, x):
-            j = _jacobian_rows(f, p, x)
-            return _contract(_sign(j, signs[0]), _sign(j, signs[1]), trace, diag)
-
-        return jax.jit(kernel).lower(params, x)
+        return jax.jit(fused_fn(f, trace, diag, signs)).lower(params, x)
 
     return compiled(f, fn_key, ("fused", trace, diag, *_signs_key(signs)), lower, (params, x))
 
@@ -165,6 +191,22 @@ def fused_program(
 def _signs_key(signs: tuple[bool, bool]) -> tuple:
     """The program-key part of ``signs``: empty for the SGD kernel (keys as before)."""
     return () if not any(signs) else (("signs", *signs),)
+
+
+def pair_fn(
+    f: Callable, trace: tuple, diag: tuple, n1: int, signs: tuple[bool, bool] = (False, False)
+) -> Callable:
+    """``(params, x) -> block``: the kernel of rows ``x[:n1]`` with rows ``x[n1:]`` in one
+    program (an ``x1`` and an ``x2`` of one block each, joined): one model to compile, not one
+    for each side."""
+
+    def kernel(p, x):
+        j = _jacobian_rows(f, p, x)
+        ja = [[m[:n1] for m in parts] for parts in j]
+        jb = [[m[n1:] for m in parts] for parts in j]
+        return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag)
+
+    return kernel
 
 
 def pair_program(
@@ -177,21 +219,25 @@ def pair_program(
     params: PyTree,
     signs: tuple[bool, bool] = (False, False),
 ) -> Any:
-    """Compiled ``(params, x) -> block``: the kernel of rows ``x[:n1]`` with rows ``x[n1:]`` in
-    one program (an ``x1`` and an ``x2`` of one block each, joined): one model to compile, not
-    one for each side."""
+    """Compiled :func:`pair_fn`."""
 
     def lower():
-        def kernel(p, x):
-            j = _jacobian_rows(f, p, x)
-            ja = [[m[:n1] for m in parts] for parts in j]
-            jb = [[m[n1:] for m in parts] for parts in j]
-            return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag)
-
-        return jax.jit(kernel).lower(params, x)
+        return jax.jit(pair_fn(f, trace, diag, n1, signs)).lower(params, x)
 
     what = ("pair", trace, diag, n1, *_signs_key(signs))
     return compiled(f, fn_key, what, lower, (params, x))
+
+
+def cross_fn(f: Callable, trace: tuple, diag: tuple, sign: bool = False) -> Callable:
+    """``(params, x, kept) -> [block with kept[0], block with kept[1], ...]``: the Jacobians of
+    ``x`` (their signs with ``sign``) contracted with every kept block in one program (they
+    are never a program output, so XLA frees each leaf's once it is contracted)."""
+
+    def kernel(p, x, kept):
+        j = _sign(_jacobian_rows(f, p, x), sign)
+        return [_contract(j, jb, trace, diag) for jb in kept]
+
+    return kernel
 
 
 def cross_program(
@@ -204,17 +250,10 @@ def cross_program(
     params: PyTree,
     sign: bool = False,
 ) -> Any:
-    """Compiled ``(params, x, kept) -> [block with kept[0], block with kept[1], ...]``: the
-    Jacobians of ``x`` (their signs with ``sign``) contracted with every kept block in one
-    program (they are never a program output, so XLA frees each leaf's once it is
-    contracted)."""
+    """Compiled :func:`cross_fn`."""
 
     def lower():
-        def kernel(p, x, kept):
-            j = _sign(_jacobian_rows(f, p, x), sign)
-            return [_contract(j, jb, trace, diag) for jb in kept]
-
-        return jax.jit(kernel).lower(params, x, kept)
+        return jax.jit(cross_fn(f, trace, diag, sign)).lower(params, x, kept)
 
     what = ("cross", trace, diag, "sign") if sign else ("cross", trace, diag)
     return compiled(f, fn_key, what, lower, (params, x, kept))
@@ -281,6 +320,19 @@ def reused_kernel(
         place(contract(kept[i], kept[j]), i, j)
 
 
+def sign_block_fn(f: Callable, trace: tuple, diag: tuple, signs: tuple[bool, bool]) -> Callable:
+    """``(xa, xb, params) -> block`` (``xb`` None: ``xa`` with itself): one block of a kernel
+    whose gradients enter through their signs (``ntk.Kernel``), both sides differentiated in the
+    program: the per-block path when the kept Jacobians do not fit."""
+
+    def kernel(a, b, p):
+        ja = _jacobian_rows(f, p, a)
+        jb = ja if b is None else _jacobian_rows(f, p, b)
+        return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag)
+
+    return kernel
+
+
 def sign_block_program(
     f: Callable,
     fn_key: tuple,
@@ -291,16 +343,10 @@ def sign_block_program(
     params: PyTree,
     signs: tuple[bool, bool],
 ) -> Any:
-    """Compiled ``(xa, xb, params) -> block`` (``(xa, params)`` when ``xb`` is None): one block
-    of a kernel whose gradients enter through their signs (``ntk.Kernel``), both sides
-    differentiated in the program: the per-block path when the kept Jacobians do not fit."""
+    """Compiled :func:`sign_block_fn` (``(xa, params) -> block`` when ``xb`` is None)."""
 
     def lower():
-        def kernel(a, b, p):
-            ja = _jacobian_rows(f, p, a)
-            jb = ja if b is None else _jacobian_rows(f, p, b)
-            return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag)
-
+        kernel = sign_block_fn(f, trace, diag, signs)
         if xb is None:
             return jax.jit(lambda a, p: kernel(a, None, p)).lower(xa, params)
         return jax.jit(kernel).lower(xa, xb, params)

@@ -37,8 +37,10 @@ __all__ = [
     "check_mesh",
     "host_params",
     "is_local",
+    "param_sharding",
     "params_on_mesh",
     "replicate_on",
+    "row_sharding",
     "rows_on_mesh",
     "to_host",
 ]
@@ -73,9 +75,12 @@ def rows_on_mesh(x: PyTree, mesh: Mesh, axis: str) -> PyTree:
     n = num_rows(x)
     size = -(-n // axis_size(mesh, axis)) * axis_size(mesh, axis)
     x = take_rows(x, 0, size, n) if size != n else x
-    rows = NamedSharding(mesh, PartitionSpec(axis))
-    rest = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(lambda a: _put(a, rows if np.ndim(a) >= 1 else rest), x)
+    return jax.tree.map(lambda a: _put(a, row_sharding(a, mesh, axis)), x)
+
+
+def row_sharding(a: Any, mesh: Mesh, axis: str) -> NamedSharding:
+    """Where a leaf of a block lives: its rows split over ``axis``, a scalar replicated."""
+    return NamedSharding(mesh, PartitionSpec(axis) if np.ndim(a) >= 1 else PartitionSpec())
 
 
 def replicate_on(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -118,15 +123,16 @@ def _put(a, sharding: NamedSharding) -> jax.Array:
 def params_on_mesh(tree: PyTree, mesh: Mesh, fsdp_axis: str | None) -> PyTree:
     """The differentiated parameters on ``mesh``: replicated, or with ``fsdp_axis`` each leaf
     split along its first dimension the axis size divides (whole if none does)."""
-    if fsdp_axis is None:
-        return replicate_on(tree, mesh)
-    size = axis_size(mesh, fsdp_axis)
+    return jax.tree.map(lambda a: _put(a, param_sharding(a, mesh, fsdp_axis)), tree)
 
-    def put(a):
+
+def param_sharding(a: Any, mesh: Mesh, fsdp_axis: str | None) -> NamedSharding:
+    """Where a differentiated parameter lives: replicated, or with ``fsdp_axis`` split along
+    its first dimension the axis size divides (whole if none does)."""
+    spec = [None] * np.ndim(a)
+    if fsdp_axis is not None:
+        size = axis_size(mesh, fsdp_axis)
         dims = [d for d, n in enumerate(np.shape(a)) if n % size == 0]
-        spec = [None] * np.ndim(a)
         if dims:
             spec[dims[0]] = fsdp_axis
-        return _put(a, NamedSharding(mesh, PartitionSpec(*spec)))
-
-    return jax.tree.map(put, tree)
+    return NamedSharding(mesh, PartitionSpec(*spec))

@@ -279,6 +279,13 @@ def block_jobs(
     return [(i, j) for i in range(0, n1, b1) for j in range(0, n2, b2)]
 
 
+def block_fn(f: Callable, impl: NtkImplementation, opts: KernelOptions) -> Callable:
+    """``(xa, xb, params) -> block`` of the SGD eNTK (``xb=None``: ``xa`` with itself):
+    neural-tangents' kernel with ``impl`` and ``opts`` (the sign kernels' is
+    ``ntk._jacobians.sign_block_fn``)."""
+    return nt.empirical_ntk_fn(f, implementation=int(impl), **opts.nt_kwargs())
+
+
 def block_program(
     f: Callable, fn_key: tuple, impl: NtkImplementation, opts: KernelOptions, xa, xb, params
 ) -> Any:
@@ -291,7 +298,7 @@ def block_program(
 
     def lower():
         check_outputs(jax.eval_shape(f, params, xa), xa, where="f")
-        fn = nt.empirical_ntk_fn(f, implementation=int(impl), **opts.nt_kwargs())
+        fn = block_fn(f, impl, opts)
         if xb is None:
             return jax.jit(lambda a, p: fn(a, None, p)).lower(xa, params)
         return jax.jit(fn).lower(xa, xb, params)

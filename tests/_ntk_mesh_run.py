@@ -14,7 +14,8 @@ from jax.sharding import AxisType
 import ntk
 from lora_jax import lora, models
 from lora_jax.readout import make_output_fn
-from ntk import _programs
+from lora_jax.rows import take_rows
+from ntk import _programs, planning
 
 
 def problem():
@@ -48,6 +49,41 @@ def batch(n, seed, t=12):
         "attention_mask": mask,
         "mask_pos": rng.integers(1, 5, n).astype(np.int32),
     }
+
+
+def planned(mesh, output_fn, params, adapters, lcfg, kernel, x1, x2, size, impl):
+    """The kernel computed by running the programs ``ntk.planning.kernel_programs`` lists (the
+    frozen base an argument), assembled block by block; and their names and runs."""
+
+    def g(base, a, x):
+        return output_fn(lora.apply(base, a, lcfg), x)
+
+    spec = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)  # noqa: E731
+    progs = planning.kernel_programs(
+        g, spec(params), spec(adapters), spec(x1), spec(x2), mesh=mesh, trace_axes=(),
+        vmap_axes=0, implementation=impl, batch_size=size, kernel=kernel,
+    )  # fmt: skip
+    n1, n2 = len(x1["input_ids"]), len(x2["input_ids"])
+    out = np.zeros((n1, n2, 2, 2))
+    if len(progs) == 2:  # kept Jacobians of x2, then each block of x1 against them
+        jac, cross = (p.compile() for p in progs)
+        b2 = jac.out_info[0][0].shape[0]  # per leaf, K Jacobians [b2, P_leaf]
+        b1 = cross.out_info[0].shape[0]  # per kept block, [b1, b2, K, K]
+        kept = [jac(params, adapters, take_rows(x2, j, b2, n2)) for j in range(0, n2, b2)]
+        for i in range(0, n1, b1):
+            blocks = cross(params, adapters, take_rows(x1, i, b1, n1), kept)
+            for j, block in zip(range(0, n2, b2), blocks, strict=True):
+                r1, r2 = min(b1, n1 - i), min(b2, n2 - j)
+                out[i : i + r1, j : j + r2] = np.asarray(block)[:r1, :r2]
+    else:  # one program per (x1 block, x2 block)
+        (exe,) = (p.compile() for p in progs)
+        b1, b2 = exe.out_info.shape[:2]
+        for i in range(0, n1, b1):
+            for j in range(0, n2, b2):
+                block = exe(params, take_rows(x1, i, b1, n1), take_rows(x2, j, b2, n2), adapters)
+                r1, r2 = min(b1, n1 - i), min(b2, n2 - j)
+                out[i : i + r1, j : j + r2] = np.asarray(block)[:r1, :r2]
+    return out, [(p.name, p.runs) for p in progs]
 
 
 def main():
@@ -101,6 +137,17 @@ def main():
             "devices": devices,
             "axes": axes,
         }
+    # The programs experiments.plan compiles for a pod (ntk.planning), run here on the mesh:
+    # the kept-Jacobian path, and nt's block programs (one device's kernel as sgd-structured).
+    f, sub, info = lora_model
+    kwargs = dict(trace_axes=(), vmap_axes=0, batch_size=(3, 5), model_info=info)
+    asigngd = ntk.empirical_ntk_fn(f, kernel="asigngd", implementation=1, **kwargs)(x1, x2, sub)
+    for name, kernel, size, impl, one in (
+        ("asigngd", "asigngd", (3, 5), 1, asigngd.tolist()),
+        ("sgd", "sgd", 8, 3, out["sgd-structured"]["one"]),
+    ):
+        k, progs = planned(mesh, output_fn, params, adapters, lcfg, kernel, x1, x2, size, impl)
+        out[f"planned-{name}"] = {"mesh": k.tolist(), "one": one, "programs": progs}
     print(json.dumps(out))
 
 

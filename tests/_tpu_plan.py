@@ -1,8 +1,9 @@
-"""Subprocess body of tests/test_plan.py: compiles programs for compile-only TPU devices.
+"""Subprocess body of tests/test_plan.py: compiles programs for compile-only TPU and GPU devices.
 
 Run as ``python tests/_tpu_plan.py CASE[:ARG...] ...`` with ``JAX_PLATFORMS=cpu`` and libtpu
-installed (a process of its own: libtpu loads once per process, and the test process runs on
-simulated CPU devices); prints one JSON object.
+(TPU topologies) or JAX's CUDA plugin (``h100-*`` / ``a100-*``) installed (a process of its own:
+libtpu loads once per process, and the test process runs on simulated CPU devices); prints one
+JSON object.
 """
 
 import json
@@ -37,8 +38,9 @@ TINY = {  # a 2-layer, hidden-64 RoBERTa config.json
 }
 
 
-def matmul_loop(topology: str) -> dict:
-    """A 5-step scan of ``x @ w`` with a gradient step: its FLOPs and collectives per device."""
+def matmul_loop(topology: str, gemm: str = "default") -> dict:
+    """A 5-step scan of ``x @ w`` with a gradient step: its FLOPs and collectives per device
+    (``gemm="cublas"``: a GPU program's matmuls as cuBLAS calls, not XLA's Triton kernels)."""
     devices = topologies.devices(topology)
     mesh = sh.make_mesh({"data": len(devices)}, devices=devices)
     m, k, n = 16 * len(devices), 256, 128
@@ -52,9 +54,12 @@ def matmul_loop(topology: str) -> dict:
 
     w = jax.ShapeDtypeStruct((k, n), jnp.float32, sharding=NamedSharding(mesh, P()))
     x = jax.ShapeDtypeStruct((m, k), jnp.float32, sharding=NamedSharding(mesh, P("data")))
-    costs = topologies.analyze(jax.jit(f).lower(w, x).compile()).costs
+    options = {"xla_gpu_enable_triton_gemm": False} if gemm == "cublas" else None
+    compiled = jax.jit(f).lower(w, x).compile(compiler_options=options)
+    costs = topologies.analyze(compiled).costs
     return {
         "devices": len(devices),
+        "cublas_calls": compiled.as_text().count('custom_call_target="__cublas$gemm"'),
         "processes": sorted({d.process_index for d in devices}),
         "rows_per_device": m // len(devices),
         "k": k,
@@ -83,6 +88,7 @@ def tiny_plan(topology: str, dtype: str, programs: str = "all") -> dict:
     adapter_values = TINY["num_hidden_layers"] * 2 * 2 * TINY["hidden_size"] * 8
     return {
         "processes": sorted({d.process_index for d in devices}),
+        "device_kind": devices[0].device_kind,
         "adapter_bytes": 4 * adapter_values,
         "programs": [
             {
@@ -122,7 +128,44 @@ def tiny_job(topology: str) -> dict:
     }
 
 
-CASES = {"matmul_loop": matmul_loop, "tiny_plan": tiny_plan, "tiny_job": tiny_job}
+def tiny_ntk(topology: str, kernel: str = "matched", mesh: str = "data") -> dict:
+    """The eNTK programs of a LoRA cell's ``--ntk`` analysis (r=8, ``--ntk-kernel kernel``) of
+    the tiny encoder, rows over ``data`` (and the parameters over ``fsdp`` with
+    ``mesh="fsdp"``)."""
+    directory = tempfile.mkdtemp()
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(TINY, f)
+    cfg = get_config(
+        "default", model=directory, tasks=("mr",), methods=("lora",), ranks=(8,), seeds=(13,),
+        max_length=16, test_cap=100, ntk=True, ntk_kernel=kernel,
+    )  # fmt: skip
+    devices = topologies.devices(topology)
+    axes = {"data": len(devices)} if mesh == "data" else {"data": len(devices) // 2, "fsdp": 2}
+    mesh_ = sh.make_mesh(axes, devices=devices)
+    cell = jobs.Cell("mr", "lora", 8, 13)
+    progs = plan_lib.plan_kernels(cfg, cell, plan_lib.encoder_shapes(cfg), 2, mesh_)
+    return {
+        "programs": [
+            {
+                "name": p.name,
+                "runs": p.runs,
+                "peak_bytes": p.report.peak_bytes,
+                "argument_bytes": p.report.argument_bytes,
+                "flops": p.report.costs.flops,
+                "collectives": [c._asdict() for c in p.report.costs.collectives],
+            }
+            for p in progs
+        ],
+        "table": plan_lib.format_plan(topologies.TARGETS[topology], mesh_, progs),
+    }
+
+
+CASES = {
+    "matmul_loop": matmul_loop,
+    "tiny_plan": tiny_plan,
+    "tiny_job": tiny_job,
+    "tiny_ntk": tiny_ntk,
+}
 
 if __name__ == "__main__":
     # Each argument is CASE[:ARG[:ARG]]; one process runs them all (libtpu loads once).

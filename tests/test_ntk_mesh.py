@@ -16,6 +16,7 @@ from jax.sharding import AxisType
 
 import ntk
 from lora_jax.errors import ConfigError
+from ntk import planning
 
 HERE = os.path.dirname(__file__)
 
@@ -56,6 +57,32 @@ def test_kernel_on_8_devices_equals_one_device(runs, case):
     assert 8 in run["devices"]  # the programs really ran on the mesh
     assert "data" in run["axes"]  # rows split
     assert ("fsdp" in run["axes"]) == ("fsdp" in case)  # parameters split only when asked
+
+
+@pytest.mark.parametrize(
+    "case, programs",
+    [
+        # 10 x 12 rows in blocks of (3, 5), rounded up to the 8 devices: 2 blocks a side.
+        ("planned-asigngd", [["jacobian x2 (8 rows)", 2], ["cross x1 (8 rows) x 2 kept", 2]]),
+        ("planned-sgd", [["block, STRUCTURED_DERIVATIVES (8 x 8 rows)", 4]]),
+    ],
+)
+def test_planned_programs_compute_the_kernel(runs, case, programs):
+    """The programs ntk.planning lists for a kernel on the mesh (what experiments.plan --ntk
+    compiles for a pod), run block by block on 8 devices, give one device's kernel."""
+    run = runs[case]
+    assert run["programs"] == programs
+    np.testing.assert_allclose(run["mesh"], run["one"], rtol=1e-10, atol=1e-10)
+
+
+def test_planning_refuses_auto():
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Explicit,))
+    x = {"x": jax.ShapeDtypeStruct((4, 3), np.float32)}
+    with pytest.raises(ConfigError, match="implementation=AUTO chooses by compiling"):
+        planning.kernel_programs(
+            lambda b, p, x: x["x"] @ p, {}, jax.ShapeDtypeStruct((3, 2), np.float32), x, None,
+            mesh=mesh, implementation=ntk.NtkImplementation.AUTO,
+        )  # fmt: skip
 
 
 def test_mesh_without_the_data_axis_is_refused():

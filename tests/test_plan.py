@@ -1,8 +1,9 @@
-"""Compile-only planning for TPU slices (lora_jax.topologies, experiments.plan).
+"""Compile-only planning for TPU slices and GPU nodes (lora_jax.topologies, experiments.plan).
 
-The compiled-program tests need libtpu (the ``tpu`` extra; the dev group installs it) and run
-in a subprocess of their own (tests/_tpu_plan.py): libtpu loads once per process, and this
-process runs on simulated CPU devices.
+The compiled-program tests need libtpu (the ``tpu`` extra) or JAX's CUDA plugin (the
+``cuda-plan`` extra; the dev group installs both) and run in one subprocess of their own
+(tests/_tpu_plan.py): libtpu loads once per process, and this process runs on simulated CPU
+devices.
 """
 
 import json
@@ -19,29 +20,39 @@ needs_libtpu = pytest.mark.skipif(
     not topologies.libtpu_available(),
     reason="libtpu is not installed (uv sync --extra tpu, or the dev group)",
 )
+needs_cuda_plugin = pytest.mark.skipif(
+    not topologies.cuda_plan_available(),
+    reason="JAX's CUDA plugin is not installed (uv sync --extra cuda-plan, or the dev group)",
+)
 
 
 TINY_LAYERS, TINY_HIDDEN = 2, 64  # tests/_tpu_plan.py's tiny encoder
 
-CASES = (
+TPU_CASES = (
     "matmul_loop:v4-16",
     "tiny_plan:v4-16:float32",
     "tiny_plan:v4-16:bfloat16:train",
     "tiny_plan:v4-8:float32:eval",
     "tiny_job:v4-16",
+    "tiny_ntk:v4-16:asigngd",
 )
+# A GPU program compiles slower than a TPU one (XLA's GPU passes, then PTX): one of each kind.
+GPU_CASES = ("matmul_loop:h100-16", "matmul_loop:h100-8:cublas", "tiny_plan:h100-8:bfloat16:train")
 
 
 @pytest.fixture(scope="module")
 def compiled() -> dict:
-    """Every compiled case of this file, from one subprocess."""
-    return _run(*CASES)
+    """Every compiled case of this file whose platform is installed, from one subprocess."""
+    cases = TPU_CASES * topologies.libtpu_available()
+    cases += GPU_CASES * topologies.cuda_plan_available()
+    return _run(*cases)
 
 
 def _run(*args: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     env.update(TPU_WORKER_HOSTNAMES="localhost", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.update(JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1")
     out = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "_tpu_plan.py"), *args],
         capture_output=True,
@@ -61,6 +72,7 @@ def test_targets_are_the_cloud_slices():
     assert got == {
         "v4-8": (4, 1), "v4-16": (8, 2), "v4-32": (16, 4), "v4-64": (32, 8), "v5e-8": (8, 1),
         "v5e-16": (16, 4), "v5e-32": (32, 8), "v5p-8": (4, 1), "v5p-16": (8, 2),
+        "h100-8": (8, 1), "h100-16": (16, 2), "a100-8": (8, 1), "a100-16": (16, 2),
     }  # fmt: skip
 
 
@@ -82,17 +94,39 @@ def test_plan_without_libtpu_says_how_to_install_it(monkeypatch):
     assert "uv sync --extra tpu" in message
 
 
+def test_plan_without_the_cuda_plugin_says_how_to_install_it(monkeypatch):
+    from experiments import plan
+
+    monkeypatch.setattr(topologies, "cuda_plan_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        plan.main(["--topology", "h100-8"])
+    message = str(exit_info.value)
+    assert message.startswith("error: ") and "\n" not in message
+    assert "uv sync --extra cuda-plan" in message
+
+
 def test_unknown_topology_is_one_line():
     with pytest.raises(topologies.ConfigError, match="Unknown topology 'v9-8'; known: v4-8"):
         topologies.target("v9-8")
 
 
-@needs_libtpu
-def test_loop_flops_and_collectives_count_every_trip(compiled):
-    """A 5-step scan of a data-parallel gradient step on v4-16 (two hosts): FLOPs and the
-    gradient all-reduce are counted 5 times (closed forms), not once as XLA's cost analysis."""
-    got = compiled["matmul_loop:v4-16"]
-    assert got["devices"] == 8 and got["processes"] == [0, 1]
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param("matmul_loop:v4-16", marks=needs_libtpu),
+        pytest.param("matmul_loop:h100-16", marks=needs_cuda_plugin),
+        pytest.param("matmul_loop:h100-8:cublas", marks=needs_cuda_plugin),
+    ],
+)
+def test_loop_flops_and_collectives_count_every_trip(compiled, case):
+    """A 5-step scan of a data-parallel gradient step on v4-16 (8 chips, 2 hosts), two nodes of
+    8 H100s, and one node with the matmuls as cuBLAS calls: FLOPs and the gradient all-reduce
+    are counted 5 times (closed forms), not once as XLA's cost analysis."""
+    got = compiled[case]
+    target = topologies.TARGETS[case.split(":")[1]]
+    assert got["devices"] == target.chips
+    assert got["processes"] == list(range(target.hosts))
+    assert (got["cublas_calls"] > 0) == case.endswith("cublas")  # GEMMs as cuBLAS calls
     m, k, n = got["rows_per_device"], got["k"], got["n"]
     # Per step: forward x @ w and the gradient x^T @ dy, 2 m k n FLOPs each.
     assert got["flops"] == 5 * 2 * (2 * m * k * n)
@@ -135,6 +169,21 @@ def test_bfloat16_adapter_gradients_are_reduced_in_float32(compiled):
     _check_gradient_reduce(compiled["tiny_plan:v4-16:bfloat16:train"])
 
 
+@needs_cuda_plugin
+def test_tiny_encoder_trains_on_eight_h100s(compiled):
+    """The tiny encoder's bf16 LoRA training program compiles for one 8-GPU H100 node, data
+    parallel: its memory fits, and the adapters' gradients are all-reduced once per step in
+    float32, the only collective of adapter size."""
+    got = compiled["tiny_plan:h100-8:bfloat16:train"]
+    assert got["device_kind"] == "NVIDIA H100 80GB HBM3" and got["processes"] == [0]
+    (train,) = got["programs"]
+    assert train["name"] == "train lora r=8 x1 (10 steps)"
+    assert 0 < train["argument_bytes"] <= train["peak_bytes"] < topologies.CHIPS["h100"].hbm_bytes
+    assert train["flops"] > 0
+    _check_gradient_reduce(got)
+    assert got["table"].startswith("h100-8: 8 x NVIDIA H100 SXM (1 host")
+
+
 @needs_libtpu
 def test_evaluation_is_split_over_the_devices_not_replicated(compiled):
     """The test set's forward FLOPs per device halve from 4 to 8 devices (a replicated
@@ -155,3 +204,23 @@ def test_a_job_of_three_cells_fills_the_slice_and_moves_no_adapters(compiled):
     assert 0 < got["peak_bytes"] < topologies.CHIPS["v4"].hbm_bytes
     rank_one_adapter = TINY_LAYERS * 2 * 2 * TINY_HIDDEN * 1 * 4  # bytes of the r = 1 factors
     assert all(c["bytes"] < rank_one_adapter for c in got["collectives"]), got["collectives"]
+
+
+@needs_libtpu
+def test_ntk_kernels_compile_for_two_hosts(compiled):
+    """``--ntk --ntk-kernel asigngd`` of a LoRA cell on v4-16 (8 chips, 2 hosts): the programs
+    its kernels run, as blocked for the slice (ntk.planning): K([train; test], train) from the
+    train rows' kept Jacobians and the 132 rows in blocks of 128 (2 runs), and K(train, train)
+    at the trained adapters in one program; each fits and reports FLOPs."""
+    got = compiled["tiny_ntk:v4-16:asigngd"]
+    names = [(p["name"], p["runs"]) for p in got["programs"]]
+    both = "ntk asigngd K([train; test] 132 x train 32)"
+    assert names == [
+        (f"{both}: jacobian x2 (32 rows)", 1),
+        (f"{both}: cross x1 (128 rows) x 1 kept", 2),
+        ("ntk asigngd K(train 32 x train 32): pair (32 + 32 rows)", 1),
+    ]
+    for p in got["programs"]:
+        assert 0 < p["argument_bytes"] <= p["peak_bytes"] < topologies.CHIPS["v4"].hbm_bytes
+        assert p["flops"] > 0
+    assert f"| {both}: cross x1 (128 rows) x 1 kept |" in got["table"]
