@@ -195,7 +195,10 @@ def smallest(value: int) -> int:
     from it (a memory budget, a block size) agree across processes. Collective."""
     if jax.process_count() == 1:
         return int(value)
-    return int(np.min(multihost_utils.process_allgather(np.asarray(value, np.int64))))
+    # As two 31-bit words: without jax_enable_x64 an int64 would be cut to int32 on the way.
+    words = np.asarray([int(value) >> 31, int(value) & (2**31 - 1)], np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(words)).reshape(-1, 2)
+    return min((int(hi) << 31) + int(lo) for hi, lo in gathered)
 
 
 def barrier(name: str) -> None:

@@ -62,6 +62,7 @@ def main():
     # The A-SignGD kernel of the trained adapters with rows over the same (multi-process) mesh:
     # every process calls it with the same inputs and gets the whole kernel. 16 x 12 rows in
     # blocks of (8, 4) on 4 devices: kept Jacobians, several blocks of each side.
+    assert distributed.smallest(2**40 + 7 * pid) == 2**40  # over 32 bits, agreed
     f, sub, info = ntk.lora_kernel_model(output_fn, params, trained, lcfg)
     x1, x2 = data, {k: v[:12] for k, v in data.items()}
     kernel_options = dict(kernel="asigngd", batch_size=(8, 4), model_info=info, vmap_axes=0)
