@@ -42,7 +42,6 @@ __all__ = [
     "replicate_on",
     "row_sharding",
     "rows_on_mesh",
-    "to_host",
 ]
 
 
@@ -103,12 +102,6 @@ def host_params(tree: PyTree, mesh: Mesh | None) -> PyTree:
     if not any(spans(a) for a in jax.tree.leaves(tree)):
         return tree
     return jax.tree.map(lambda a: distributed.to_host(a) if spans(a) else a, tree)
-
-
-def to_host(block: jax.Array) -> np.ndarray:
-    """A computed block on the host: gathered from every process when it spans several (a
-    collective: every process calls it)."""
-    return distributed.to_host(block)
 
 
 def _put(a, sharding: NamedSharding) -> jax.Array:

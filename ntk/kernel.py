@@ -632,7 +632,7 @@ def empirical_ntk_fn(
 
         def place(block, i, j):
             nonlocal out
-            block = _mesh.to_host(block)  # gathered from every process on a multi-process mesh
+            block = distributed.to_host(block)  # gathered from all processes of a mesh
             if tables and np.isnan(block).any():
                 raise ConfigError(
                     "The eNTK block is NaN with the embedding tables compacted: f reads rows "
