@@ -15,9 +15,6 @@ import pytest
 
 from lora_jax import distributed, lora
 
-# One xdist worker runs this file: its module fixtures (subprocess runs) are built once.
-pytestmark = pytest.mark.xdist_group(__name__)
-
 HERE = os.path.dirname(__file__)
 WORKER = os.path.join(HERE, "_multihost_run.py")
 

@@ -18,9 +18,6 @@ import ntk
 from lora_jax.errors import ConfigError
 from ntk import planning
 
-# One xdist worker runs this file: its module fixtures (subprocess runs) are built once.
-pytestmark = pytest.mark.xdist_group(__name__)
-
 HERE = os.path.dirname(__file__)
 
 

@@ -15,9 +15,6 @@ import pytest
 
 from lora_jax import topologies
 
-# One xdist worker runs this file: its module fixtures (subprocess runs) are built once.
-pytestmark = pytest.mark.xdist_group(__name__)
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_libtpu = pytest.mark.skipif(
     not topologies.libtpu_available(),

@@ -22,9 +22,6 @@ from experiments.run import main
 from lora_jax import distributed
 from lora_jax.testing import make_tiny_checkpoint
 
-# One xdist worker runs this file: its module fixtures (subprocess runs) are built once.
-pytestmark = pytest.mark.xdist_group(__name__)
-
 HERE = os.path.dirname(__file__)
 ROOT = os.path.dirname(HERE)
 COMPARED = ("dev_accuracy", "test_accuracy", "best_step", "trainable_params")

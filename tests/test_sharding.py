@@ -20,9 +20,6 @@ from lora_jax import lora, models
 from lora_jax import params as params_lib
 from lora_jax import sharding as sh
 
-# One xdist worker runs this file: its module fixtures (subprocess runs) are built once.
-pytestmark = pytest.mark.xdist_group(__name__)
-
 HERE = os.path.dirname(__file__)
 
 
