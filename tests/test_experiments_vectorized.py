@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from test_experiments import smoke_args
+from test_task_files import NEGATIVE, POSITIVE  # the same few reviews
 
 from experiments import report
 from experiments.jobs import plan_jobs
@@ -114,32 +115,6 @@ def test_save_adapters_are_the_same_for_a_job_and_for_its_cells_alone(
                     np.testing.assert_allclose(vec[path][leaf], seq[path][leaf], atol=1e-4)
             infos = [json.load(open(os.path.join(d, "task.json"))) for d in dirs]
             assert {k: infos[1][k] for k in COMPARED} == {k: infos[0][k] for k in COMPARED}
-
-
-POSITIVE = [
-    "a great film",
-    "it was good",
-    "really great",
-    "great story",
-    "a good cast",
-    "good music",
-    "great ending",
-    "really good",
-    "the movie is good",
-    "the plot is good",
-]
-NEGATIVE = [
-    "a terrible film",
-    "it was bad",
-    "really terrible",
-    "bad story",
-    "a bad cast",
-    "boring music",
-    "terrible ending",
-    "really bad",
-    "the film is bad",
-    "the plot is bad",
-]
 
 
 def _task_files(directory):
