@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import numpy as np
+from _env import simulated_devices
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -22,11 +23,7 @@ FACTOR_RTOL = 0.1  # relative norm of the difference of the trained lora_b facto
 
 
 def test_bfloat16_on_a_mesh_stays_close_to_float32():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = simulated_devices(8)
     out = subprocess.run(
         [sys.executable, os.path.join(HERE, "_bf16_mesh_run.py")],
         capture_output=True,

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from _env import simulated_devices
 
 from lora_jax import distributed, lora
 
@@ -45,11 +46,7 @@ def _free_port() -> int:
 
 
 def _launch(nproc: int, devices: int, out: str, steps: int, *order: str) -> None:
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-    }
+    env = simulated_devices(devices)
     port = str(_free_port())
     procs = [
         subprocess.Popen(

@@ -12,6 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from _env import simulated_devices
 from jax.sharding import AxisType
 
 import ntk
@@ -23,11 +24,7 @@ HERE = os.path.dirname(__file__)
 
 @pytest.fixture(scope="module")
 def runs():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = simulated_devices(8)
     out = subprocess.run(
         [sys.executable, os.path.join(HERE, "_ntk_mesh_run.py")],
         capture_output=True,

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from _env import simulated_devices
 from test_experiments import smoke_args
 
 from experiments import report
@@ -64,14 +65,12 @@ def _assert_same_records(out, oracle, cells=15):
 
 
 def _env(devices: int) -> dict:
-    return {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([ROOT, HERE]),
-    }
+    return simulated_devices(
+        devices,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        PYTHONPATH=os.pathsep.join([ROOT, HERE]),
+    )
 
 
 def _free_port() -> int:

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _env import simulated_devices
 from jax.sharding import PartitionSpec as P
 
 from lora_jax import lora, models
@@ -151,11 +152,7 @@ def test_lora_does_not_import_models():
 
 @pytest.fixture(scope="module")
 def mesh_runs():
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = simulated_devices(8)
     out = subprocess.run(
         [sys.executable, os.path.join(HERE, "_mesh_runs.py")],
         capture_output=True,

@@ -239,11 +239,9 @@ def test_members_along_an_adapter_mesh_axis_equal_one_device():
     import subprocess
     import sys
 
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
+    from _env import simulated_devices
+
+    env = simulated_devices(8)
     script = os.path.join(os.path.dirname(__file__), "_sweep_mesh_run.py")
     proc = subprocess.run(
         [sys.executable, script], env=env, capture_output=True, text=True, timeout=900
