@@ -6,9 +6,9 @@ of processes (its finished cells are kept; a job of several cells split over the
 its checkpoint on a mesh that splits it into as many parts). ``--mesh data=4,fsdp=2`` picks the
 devices' layout (default: every device on ``data``, i.e. data parallel); ``--coordinator
 HOST:PORT --num-processes N --process-id I`` (or a bare ``--distributed`` on TPU / SLURM) joins a
-multi-process run. Compiled programs are kept in JAX's persistent compilation cache
-(:func:`enable_compilation_cache`), so a rerun, a resumed run or another run of the same shapes
-starts without compiling again.
+multi-process run. On accelerators, compiled programs are kept in JAX's persistent compilation
+cache (:func:`enable_compilation_cache`), so a rerun, a resumed run or another run of the same
+shapes starts without compiling again.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class Launch:
         after which this one stops with one line and exit code 75 (re-run the same command to
         resume; :func:`lora_jax.distributed.watch_processes`).
       compilation_cache: directory (or ``gs://`` URL) of JAX's persistent compilation cache, or
-        ``off``; default ``$LORA_JAX_COMPILATION_CACHE``, else ``~/.cache/lora_jax/jax``.
+        ``off``; default ``$LORA_JAX_COMPILATION_CACHE``, else ``~/.cache/lora_jax/jax`` on
+        accelerators and off on the CPU backend (:func:`enable_compilation_cache`).
     """
 
     mesh: str | None = None
@@ -89,10 +90,10 @@ def start(launch: Launch) -> tuple[Mesh | None, dict | None]:
             f"--process-timeout {launch.process_timeout:g} must be a positive number of "
             "seconds (default 30)."
         )
-    enable_compilation_cache(launch.compilation_cache)
     distributed.initialize(
         launch.coordinator, launch.num_processes, launch.process_id, auto=launch.distributed
     )
+    enable_compilation_cache(launch.compilation_cache)  # after initialize: it reads the backend
     distributed.watch_processes(launch.process_timeout)
     if launch.mesh is not None:
         mesh = sh.make_mesh(launch.mesh)
@@ -109,11 +110,21 @@ def enable_compilation_cache(where: str | None = None) -> str | None:
     """Turns on JAX's persistent compilation cache; returns its directory (None: off).
 
     ``where``: a directory or URL, or ``off``; None takes ``$LORA_JAX_COMPILATION_CACHE`` (which
-    may say ``off`` too), else :data:`DEFAULT_CACHE`. Programs are cached by their HLO and
-    compile options, so the same program from another run (or another task of the same shapes)
-    loads instead of compiling; every program that took over a second to compile is kept.
+    may say ``off`` too), else :data:`DEFAULT_CACHE` when the default backend is an accelerator.
+    Programs are cached by their HLO and compile options, so the same program from another run
+    (or another task of the same shapes) loads instead of compiling; every program that took
+    over a second to compile is kept.
+
+    Not by default on the CPU backend: there JAX rejects every entry it loads (XLA:CPU takes
+    its own tuning flags, ``+prefer-no-scatter``, for CPU features the host lacks;
+    jax-ml/jax#38445), so a rerun compiles anyway and prints a page of errors per program. An
+    explicit ``where`` is still honoured.
     """
-    where = where or os.environ.get(CACHE_ENV) or DEFAULT_CACHE
+    where = where or os.environ.get(CACHE_ENV)
+    if where is None:
+        if jax.default_backend() == "cpu":
+            return None
+        where = DEFAULT_CACHE
     if where.lower() in ("off", "none", "0", "false"):
         return None
     where = where if "://" in where else os.path.abspath(os.path.expanduser(where))

@@ -1,4 +1,4 @@
-"""JAX's persistent compilation cache, on for runs (experiments.launch)."""
+"""JAX's persistent compilation cache, on for runs on accelerators (experiments.launch)."""
 
 import os
 import subprocess
@@ -28,6 +28,17 @@ def test_compilation_cache_is_written_where_asked_and_can_be_turned_off(tmp_path
     assert outs[0][0] == str(cache) and outs[1][0] == "None"
     assert outs[0][1] == outs[1][1]
     assert len(list(cache.iterdir())) >= 1
+
+
+def test_it_is_off_by_default_on_the_cpu_backend(monkeypatch):
+    """On CPU, JAX rejects every entry it loads (jax-ml/jax#38445): no cache unless asked."""
+    import jax
+
+    from experiments import launch
+
+    monkeypatch.delenv("LORA_JAX_COMPILATION_CACHE")
+    assert jax.default_backend() == "cpu"
+    assert launch.enable_compilation_cache() is None
 
 
 def test_the_environment_turns_it_off_by_default_in_tests():
