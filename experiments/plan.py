@@ -282,17 +282,16 @@ def plan_kernels(
     x_train = abstract_data(train_rows, cfg.max_length)
     x_both = abstract_data(train_rows + test_rows, cfg.max_length)
     optimizer = jobs.train_config(cfg, cell).optimizer
-    fsdp = "fsdp" if "fsdp" in mesh.axis_names else None
     out = []
     for i, kernel in enumerate(ntk_analysis.kernels_for(cfg.ntk_kernel, optimizer)):
         sides = [(f"[train; test] {train_rows + test_rows}", x_both)]
         sides += [(f"train {train_rows}", x_train)] * (i == 0)
         for label, x1 in sides:
             for p in ntk_planning.kernel_programs(
-                g, params, adapters, x1, x_train, mesh=mesh, trace_axes=ntk_analysis.TRACE_AXES,
+                g, params, adapters, x1, x_train, trace_axes=ntk_analysis.TRACE_AXES,
                 vmap_axes=ntk_analysis.VMAP_AXES, batch_size=ntk_analysis.KERNEL_BATCH_SIZE,
                 implementation=ntk_analysis.kernel_implementation(kernel), kernel=kernel,
-                fsdp_axis=fsdp,
+                **ntk_analysis.kernel_mesh(mesh),
             ):  # fmt: skip
                 name = f"ntk {kernel.value} K({label} x train {train_rows}): {p.name}"
                 out.append(_compile(name, p.compile, p.runs, 0))
