@@ -13,10 +13,14 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 
 from experiments import report
+from experiments.ntk_analysis import kernel_mesh
+from lora_jax.errors import ConfigError
 from lora_jax.testing import make_tiny_checkpoint
 
 HERE = os.path.dirname(__file__)
@@ -84,3 +88,14 @@ def test_initial_kernels_on_the_mesh_equal_one_device(runs):
         a, b = np.load(one / "kernel_cache" / name), np.load(mesh / "kernel_cache" / name)
         assert a.shape == b.shape == (8 + 16, 8, 2, 2)  # [train; test] x train, K x K
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
+
+
+def test_kernels_take_the_runs_data_and_fsdp_axes():
+    auto = dict(axis_types=(AxisType.Auto,) * 2)
+    assert kernel_mesh(None) == {}
+    mesh = jax.make_mesh((1, 1), ("data", "tensor"), **auto)
+    assert kernel_mesh(mesh) == {"mesh": mesh, "data_axis": "data", "fsdp_axis": None}
+    mesh = jax.make_mesh((1, 1), ("data", "fsdp"), **auto)
+    assert kernel_mesh(mesh)["fsdp_axis"] == "fsdp"
+    with pytest.raises(ConfigError, match="--mesh fsdp=1,tensor=1 has none"):
+        kernel_mesh(jax.make_mesh((1, 1), ("fsdp", "tensor"), **auto))
