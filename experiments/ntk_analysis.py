@@ -147,7 +147,7 @@ def analyze(
     """
     lin_fn = model_fn_cache(
         ("linearized", cell.task, cell.rank),
-        lambda: ntk.lora_linearized_model_fn(output_fn, lora_config),
+        lambda: ntk.lora_linearized_model_fn(output_fn, lora_config, fusion=lora.Fusion.FUSED),
     )
     name = cell.key.replace("/", "_") + "_linearized"
     ckpt_dir = os.path.join(run_dir, "ckpt", name)
