@@ -145,9 +145,13 @@ def analyze(
         mesh (:func:`kernel_mesh`). On several processes every process calls with the same
         arguments. None: one device.
     """
+    # On a mesh the tangent goes through the LoRA factors: a data-parallel step then all-reduces
+    # the adapters' gradients, not the dense (in, out) gradient of every adapted kernel. On one
+    # device the dense JVP is faster (benchmarks/README.md, "The linearized LoRA model").
+    fusion = lora.Fusion.MERGED if mesh is None else lora.Fusion.FUSED
     lin_fn = model_fn_cache(
-        ("linearized", cell.task, cell.rank),
-        lambda: ntk.lora_linearized_model_fn(output_fn, lora_config, fusion=lora.Fusion.FUSED),
+        ("linearized", cell.task, cell.rank, fusion),
+        lambda: ntk.lora_linearized_model_fn(output_fn, lora_config, fusion=fusion),
     )
     name = cell.key.replace("/", "_") + "_linearized"
     ckpt_dir = os.path.join(run_dir, "ckpt", name)
