@@ -29,7 +29,8 @@ import numpy as np
 
 import ntk
 from experiments.config import KernelChoice
-from lora_jax import distributed, lora, train
+from lora_jax import distributed, lora, programs, train
+from lora_jax import sharding as sh
 from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss
 from lora_jax.optim import Optimizer
@@ -111,6 +112,21 @@ KERNEL_KEYS = (
 )
 
 
+def linearized_fusion(mesh, rules, batch_size: int) -> lora.Fusion:
+    """How the linearized model's tangent is computed (``ntk.lora_linearized_model_fn``'s
+    ``fusion``): through the LoRA factors (``fused``) when its training runs data parallel on
+    ``mesh`` (a step then all-reduces the adapters' gradients, not the dense (in, out)
+    gradient of every adapted kernel), else the dense JVP (``merged``), which costs fewer
+    FLOPs on one device or as member slots (``benchmarks/README.md``, "The linearized LoRA
+    model")."""
+    if mesh is None:
+        return lora.Fusion.MERGED
+    table = sh.rules_for_mesh(mesh) if rules is None else dict(rules)
+    ways = sh.batch_ways(mesh, table)
+    parallel = ways > 1 and programs.member_slots(mesh, rules, 1, batch_size) == 1
+    return lora.Fusion.FUSED if parallel else lora.Fusion.MERGED
+
+
 def analyze(
     *,
     cell: Any,
@@ -145,10 +161,7 @@ def analyze(
         mesh (:func:`kernel_mesh`). On several processes every process calls with the same
         arguments. None: one device.
     """
-    # On a mesh the tangent goes through the LoRA factors: a data-parallel step then all-reduces
-    # the adapters' gradients, not the dense (in, out) gradient of every adapted kernel. On one
-    # device the dense JVP is faster (benchmarks/README.md, "The linearized LoRA model").
-    fusion = lora.Fusion.MERGED if mesh is None else lora.Fusion.FUSED
+    fusion = linearized_fusion(mesh, rules, tcfg.batch_size)
     lin_fn = model_fn_cache(
         ("linearized", cell.task, cell.rank, fusion),
         lambda: ntk.lora_linearized_model_fn(output_fn, lora_config, fusion=fusion),

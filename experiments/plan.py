@@ -216,15 +216,17 @@ def plan_linearized(
 ) -> list[Program]:
     """Compiles the training of ``cell`` 's linearized LoRA model (its ``--ntk`` analysis,
     :mod:`experiments.ntk_analysis`) as ``lora_jax.train.fit`` runs it on ``mesh``: the
-    training chunks of :func:`ntk.lora_linearized_model_fn` (a forward pass plus a JVP through
-    the LoRA factors per step) and its dev evaluation, with the cell's hyperparameters."""
+    training chunks of :func:`ntk.lora_linearized_model_fn` (a forward pass plus a JVP per step,
+    through the LoRA factors when it runs data parallel: ``ntk_analysis.linearized_fusion``) and
+    its dev evaluation, with the cell's hyperparameters."""
     params, output_fn = _model(cfg, encoder, num_labels)  # the analysis's fixed label words
     lcfg = jobs.lora_config(cfg, cell.rank, encoder[0].model_type)
-    model_fn = lora_linearized_model_fn(output_fn, lcfg, fusion=lora.Fusion.FUSED)
+    tcfg = jobs.train_config(cfg, cell)
+    fusion = ntk_analysis.linearized_fusion(mesh, rules, tcfg.batch_size)
+    model_fn = lora_linearized_model_fn(output_fn, lcfg, fusion=fusion)
     adapters = jax.eval_shape(
         lambda p: members.stack([lora.init(jax.random.key(0), p, lcfg)]), params
     )
-    tcfg = jobs.train_config(cfg, cell)
     return _plan_fit(
         cfg, tcfg, f"linearized r={cell.rank}", model_fn, adapters, params, None, num_labels,
         mesh, rules, test=False,
