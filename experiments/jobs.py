@@ -287,7 +287,9 @@ def run_job(
         best = result.best_trainable
         if spec.plan is not None:
             best = distributed.to_host(lora.unpad(spec.plan, best, i))  # collective
-        record = cell_record(bench, cfg, cell, spec, i, best, result, tcfgs[i], run_dir)
+        record = cell_record(
+            bench, cfg, cell, spec, i, best, result, tcfgs[i], run_dir, mesh=mesh, rules=rules
+        )
         record["seconds"] = (time.time() - start) / len(job)  # the job's time, shared out
         records.append(record)
     distributed.barrier(f"done {job_name(job)}")
@@ -322,9 +324,13 @@ def cell_record(
     result: train.FitResult,
     tcfg: train.TrainConfig,
     run_dir: str,
+    *,
+    mesh=None,
+    rules=None,
 ) -> dict:
     """The results record of member ``i`` of a trained job (``best``: its best parameters);
-    with ``--ntk`` its NTK analysis and with ``--save-adapters`` its adapter are written too."""
+    with ``--ntk`` its NTK analysis (on the run's ``mesh``, if any) and with
+    ``--save-adapters`` its adapter are written too."""
     record = {"task": cell.task, "method": cell.method, "rank": cell.rank, "seed": cell.seed}
     lcfg = spec.lora_configs[i]
     if cfg.ntk and lcfg is not None:
@@ -341,6 +347,8 @@ def cell_record(
                 model_fn_cache=bench.memo,
                 run_dir=run_dir,
                 kernel_choice=cfg.ntk_kernel,
+                mesh=mesh,
+                rules=rules,
             )
         )
     record.update(

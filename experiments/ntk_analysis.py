@@ -10,6 +10,11 @@ SGD eNTK (as before) and, for AdamW cells, the kernel matching their optimizer (
 2023): Adam's asymmetric A-SignGD kernel; ``both`` gives the two for every cell. Record keys
 of the SGD kernel are as they always were (``ntk_acc_kernel``, ...); those of another kernel
 end in its name (``ntk_acc_kernel_asigngd``, ...), so records of different kernels never mix.
+
+On a mesh (``--mesh``, several processes too) the linearized model trains on it as the cell
+did, and every kernel splits its rows over the mesh's ``data`` axis (:func:`kernel_mesh`); every
+process runs the analysis with the same arguments and gets the same fields (only process 0
+writes them, as every record).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import numpy as np
 
 import ntk
 from experiments.config import KernelChoice
-from lora_jax import lora, train
+from lora_jax import distributed, lora, programs, train
+from lora_jax import sharding as sh
+from lora_jax.errors import ConfigError
 from lora_jax.losses import Loss
 from lora_jax.optim import Optimizer
 
@@ -74,6 +81,28 @@ VMAP_AXES = 0
 KERNEL_BATCH_SIZE = (128, 64)
 
 
+def kernel_mesh(mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
+    """Where the kernels of a run on ``mesh`` are computed (``experiments.plan --ntk`` compiles
+    them so too): the ``mesh``, ``data_axis`` and ``fsdp_axis`` options of
+    :func:`ntk.empirical_ntk_fn`, with each block's rows over the ``data`` axis and the
+    parameters split over ``fsdp`` when the mesh has that axis (else replicated); ``{}`` (one
+    device) without a mesh.
+
+    Raises:
+      ConfigError: a mesh without a ``data`` axis.
+    """
+    if mesh is None:
+        return {}
+    if "data" not in mesh.axis_names:
+        axes = ",".join(f"{a}={n}" for a, n in mesh.shape.items())
+        raise ConfigError(
+            f"--ntk splits the kernels' rows over the mesh's data axis, and --mesh {axes} has "
+            "none: give the mesh a data axis (e.g. --mesh data=N or data=N/k,fsdp=k)."
+        )
+    fsdp = "fsdp" if "fsdp" in mesh.axis_names else None
+    return {"mesh": mesh, "data_axis": "data", "fsdp_axis": fsdp}
+
+
 KERNEL_KEYS = (
     "acc_kernel",
     "agree_trained_vs_kernel",
@@ -81,6 +110,21 @@ KERNEL_KEYS = (
     "kernel_relative_change",
     "kernel_alignment",
 )
+
+
+def linearized_fusion(mesh, rules, batch_size: int) -> lora.Fusion:
+    """How the linearized model's tangent is computed (``ntk.lora_linearized_model_fn``'s
+    ``fusion``): through the LoRA factors (``fused``) when its training runs data parallel on
+    ``mesh`` (a step then all-reduces the adapters' gradients, not the dense (in, out)
+    gradient of every adapted kernel), else the dense JVP (``merged``), which costs fewer
+    FLOPs on one device or as member slots (``benchmarks/README.md``, "The linearized LoRA
+    model")."""
+    if mesh is None:
+        return lora.Fusion.MERGED
+    table = sh.rules_for_mesh(mesh) if rules is None else dict(rules)
+    ways = sh.batch_ways(mesh, table)
+    parallel = ways > 1 and programs.member_slots(mesh, rules, 1, batch_size) == 1
+    return lora.Fusion.FUSED if parallel else lora.Fusion.MERGED
 
 
 def analyze(
@@ -96,6 +140,8 @@ def analyze(
     model_fn_cache: Callable,
     run_dir: str,
     kernel_choice: KernelChoice | str = KernelChoice.MATCHED,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
 ) -> dict[str, float | None]:
     """Linearized training + :func:`ntk.ntk_regime_report`; returns ``ntk_*`` record fields.
 
@@ -110,10 +156,15 @@ def analyze(
       model_fn_cache: ``(key, build) -> model_fn``, so seeds share compiled programs.
       run_dir: the run directory (checkpoints of the linearized run, kernel cache).
       kernel_choice: which kernels (:class:`KernelChoice`; by default the optimizer's).
+      mesh, rules: the run's mesh and rule table (``experiments.launch``): the linearized model
+        trains on them (as ``lora_jax.train.fit``) and the kernels split their rows over the
+        mesh (:func:`kernel_mesh`). On several processes every process calls with the same
+        arguments. None: one device.
     """
+    fusion = linearized_fusion(mesh, rules, tcfg.batch_size)
     lin_fn = model_fn_cache(
-        ("linearized", cell.task, cell.rank),
-        lambda: ntk.lora_linearized_model_fn(output_fn, lora_config),
+        ("linearized", cell.task, cell.rank, fusion),
+        lambda: ntk.lora_linearized_model_fn(output_fn, lora_config, fusion=fusion),
     )
     name = cell.key.replace("/", "_") + "_linearized"
     ckpt_dir = os.path.join(run_dir, "ckpt", name)
@@ -127,7 +178,10 @@ def analyze(
         tcfg,
         checkpoint_dir=ckpt_dir,
         progress=f"{cell.key} (linearized)",
+        mesh=mesh,
+        rules=rules,
     )
+    linearized_adapters = distributed.to_host(linearized.best_trainable)  # off the mesh
     kernels = kernels_for(kernel_choice, tcfg.optimizer)
     solver = ntk.KernelSolver.MSE if tcfg.loss == Loss.MSE else ntk.KernelSolver.LOGISTIC
     options = dict(
@@ -136,7 +190,8 @@ def analyze(
         vmap_axes=VMAP_AXES,
         kernel_batch_size=KERNEL_BATCH_SIZE,
         cache_dir=os.path.join(run_dir, "kernel_cache"),
-        progress=True,
+        progress=distributed.is_primary(),
+        **kernel_mesh(mesh),
     )
     report = ntk.ntk_regime_report(
         output_fn,
@@ -146,12 +201,14 @@ def analyze(
         adapters,
         data.train,
         data.test,
-        linearized_adapters=linearized.best_trainable,
+        linearized_adapters=linearized_adapters,
         kernel=kernels[0],
         implementation=kernel_implementation(kernels[0]),
         **options,
     )
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    distributed.barrier(f"linearized {name}")  # every process is done with the checkpoint
+    if distributed.is_primary():
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     report = {_suffix(k, kernels[0]) if k in KERNEL_KEYS else k: v for k, v in report.items()}
     if len(kernels) > 1:  # the trained outputs again: cheap next to a kernel
         f, _, _ = ntk.lora_kernel_model(output_fn, params, adapters0, lora_config)

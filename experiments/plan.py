@@ -7,11 +7,11 @@ Takes the flags of ``experiments.run`` (the same config, ``--mesh`` and ``--rule
 (:mod:`lora_jax.topologies`; the ``tpu`` extra for TPU slices, ``cuda-plan`` for GPUs), the
 programs the run would execute: each job's training chunk
 (``lora_jax.programs.job_programs``, placed as ``lora_jax.train.fit_job`` places it) and its
-dev and test evaluation, and with ``--ntk`` the eNTK programs of each LoRA cell's analysis as
-``ntk.empirical_ntk_fn`` would run them on the mesh (:func:`plan_kernels`; the linearized
-model's training is not planned). Shapes only: the encoder's ``config.json`` (shipped in
-``experiments/hub_configs/`` for the paper's hub encoders, so no download and no weights), the
-tasks' class counts, ``k`` and ``max_length`` (every split padded to it: an upper bound of the
+dev and test evaluation, and with ``--ntk`` each LoRA cell's analysis: its linearized model's
+training (:func:`plan_linearized`) and its eNTK programs as ``ntk.empirical_ntk_fn`` would run
+them on the mesh (:func:`plan_kernels`). Shapes only: the encoder's ``config.json`` (shipped
+in ``experiments/hub_configs/`` for the paper's hub encoders, so no download and no weights),
+the tasks' class counts, ``k`` and ``max_length`` (every split padded to it: an upper bound of the
 run's own padding). Per device it prints peak memory against the chip's HBM, matmul FLOPs per
 step, the collectives of a step, compile time and a roofline estimate of step and run time.
 
@@ -51,6 +51,7 @@ from lora_jax.params import unflatten
 from lora_jax.readout import Readout, make_output_fn
 from lora_jax.trainable import Method, label_words_as_inputs, make_model_fn, split_params
 from ntk import planning as ntk_planning
+from ntk.linearize import lora_linearized_model_fn
 
 PyTree = Any
 HUB_CONFIGS = os.path.join(os.path.dirname(__file__), "hub_configs")
@@ -202,22 +203,74 @@ def plan_job(
         trainables = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), trainable)
     else:
         raise ConfigError(f"planning covers lora and full jobs, not {method.value!r}.")
+    label = f"{method.value}" + (f" r={job[0].rank}" if n == 1 and job[0].rank else "")
     tcfg = jobs.train_config(cfg, job[0])
+    return _plan_fit(
+        cfg, tcfg, label, model_fn, trainables, frozen, member_inputs, num_labels, mesh, rules,
+        training=training, evaluation=evaluation,
+    )  # fmt: skip
+
+
+def plan_linearized(
+    cfg: ExperimentConfig, cell: jobs.Cell, encoder, num_labels: int, mesh, rules
+) -> list[Program]:
+    """Compiles the training of ``cell`` 's linearized LoRA model (its ``--ntk`` analysis,
+    :mod:`experiments.ntk_analysis`) as ``lora_jax.train.fit`` runs it on ``mesh``: the
+    training chunks of :func:`ntk.lora_linearized_model_fn` (a forward pass plus a JVP per step,
+    through the LoRA factors when it runs data parallel: ``ntk_analysis.linearized_fusion``) and
+    its dev evaluation, with the cell's hyperparameters."""
+    params, output_fn = _model(cfg, encoder, num_labels)  # the analysis's fixed label words
+    lcfg = jobs.lora_config(cfg, cell.rank, encoder[0].model_type)
+    tcfg = jobs.train_config(cfg, cell)
+    fusion = ntk_analysis.linearized_fusion(mesh, rules, tcfg.batch_size)
+    model_fn = lora_linearized_model_fn(output_fn, lcfg, fusion=fusion)
+    adapters = jax.eval_shape(
+        lambda p: members.stack([lora.init(jax.random.key(0), p, lcfg)]), params
+    )
+    return _plan_fit(
+        cfg, tcfg, f"linearized r={cell.rank}", model_fn, adapters, params, None, num_labels,
+        mesh, rules, test=False,
+    )  # fmt: skip
+
+
+def _plan_fit(
+    cfg: ExperimentConfig,
+    tcfg: train.TrainConfig,
+    label: str,
+    model_fn,
+    trainables: PyTree,
+    frozen: PyTree,
+    member_inputs: PyTree | None,
+    num_labels: int,
+    mesh,
+    rules,
+    *,
+    training: bool = True,
+    evaluation: bool = True,
+    test: bool = True,
+) -> list[Program]:
+    """The programs of ``lora_jax.train.fit_job`` on ``trainables`` (leaves ``[n, ...]``): its
+    training chunks (with ``training``) and its dev (and with ``test`` test) evaluation (with
+    ``evaluation``), placed as it places them on ``mesh``."""
+    n = int(jax.tree.leaves(trainables)[0].shape[0])
     # As fit_job runs it: on the mesh the members fill whole slots, padded with idle copies.
     slots = programs.member_slots(mesh, rules, n, tcfg.batch_size)
     state = jax.eval_shape(
         lambda t: members.pad(train.init_states(t, tcfg, [tcfg.learning_rate] * n, [0] * n), slots),
         trainables,
     )
-    member_inputs = jax.eval_shape(lambda m: members.pad(m, slots), member_inputs)
-    compiled = programs.job_programs(model_fn, tcfg, member_inputs=True, mesh=mesh, rules=rules)
+    compiled = programs.job_programs(
+        model_fn, tcfg, member_inputs=member_inputs is not None, mesh=mesh, rules=rules
+    )
     table = programs.job_rules(mesh, rules, slots)
     if slots == 1:
         programs.check_batch_split(mesh, table, tcfg.batch_size)
     place = functools.partial(train.job_shardings, mesh=mesh, table=table)
     state = _sds(state, place(state))
-    base = _sds(frozen, place(frozen))
-    args = (base, _sds(member_inputs, place(member_inputs)))
+    args = base = _sds(frozen, place(frozen))
+    if member_inputs is not None:
+        member_inputs = jax.eval_shape(lambda m: members.pad(m, slots), member_inputs)
+        args = (base, _sds(member_inputs, place(member_inputs)))
     rows = cfg.k * num_labels
     # Each member samples its own few-shot sets: its train and dev data beside it.
     own = slots > 1
@@ -230,7 +283,6 @@ def plan_job(
 
     train_data = split_data(rows, not own)
     lengths = train.chunk_lengths(cfg.steps, cfg.eval_every)
-    label = f"{method.value}" + (f" r={job[0].rank}" if n == 1 and job[0].rank else "")
     label += f" x{n}" + (f" in {slots} slots" if slots != n else "")
     out = []
     for length in sorted(set(lengths), reverse=True) if training else ():
@@ -245,7 +297,7 @@ def plan_job(
             )
         )
     test_rows = cfg.test_cap or 1000
-    splits = (("dev", rows, len(lengths), not own), ("test", test_rows, 1, True))
+    splits = (("dev", rows, len(lengths), not own), ("test", test_rows, 1, True))[: 1 + test]
     for split, count, runs, shared in splits if evaluation else ():
         data = split_data(count, shared)
         out.append(
@@ -282,17 +334,16 @@ def plan_kernels(
     x_train = abstract_data(train_rows, cfg.max_length)
     x_both = abstract_data(train_rows + test_rows, cfg.max_length)
     optimizer = jobs.train_config(cfg, cell).optimizer
-    fsdp = "fsdp" if "fsdp" in mesh.axis_names else None
     out = []
     for i, kernel in enumerate(ntk_analysis.kernels_for(cfg.ntk_kernel, optimizer)):
         sides = [(f"[train; test] {train_rows + test_rows}", x_both)]
         sides += [(f"train {train_rows}", x_train)] * (i == 0)
         for label, x1 in sides:
             for p in ntk_planning.kernel_programs(
-                g, params, adapters, x1, x_train, mesh=mesh, trace_axes=ntk_analysis.TRACE_AXES,
+                g, params, adapters, x1, x_train, trace_axes=ntk_analysis.TRACE_AXES,
                 vmap_axes=ntk_analysis.VMAP_AXES, batch_size=ntk_analysis.KERNEL_BATCH_SIZE,
                 implementation=ntk_analysis.kernel_implementation(kernel), kernel=kernel,
-                fsdp_axis=fsdp,
+                **ntk_analysis.kernel_mesh(mesh),
             ):  # fmt: skip
                 name = f"ntk {kernel.value} K({label} x train {train_rows}): {p.name}"
                 out.append(_compile(name, p.compile, p.runs, 0))
@@ -396,9 +447,10 @@ def _plan_jobs(cfg, cells, members_cap, named, encoder, mesh, rules, target):
     return progs, total, sum(len(v) for v in groups.values())
 
 
-def _plan_ntk(cfg, cells, named, encoder, mesh, target) -> str:
-    """The ``--ntk`` kernels of the LoRA ``cells``, compiled once per shape (task classes,
-    rank, optimizer): their table and roofline estimate for the run."""
+def _plan_ntk(cfg, cells, named, encoder, mesh, rules, target) -> str:
+    """The ``--ntk`` analysis of the LoRA ``cells``, compiled once per shape (task classes,
+    rank, optimizer): the linearized model's training and the kernels; their table and
+    roofline estimate for the run."""
     groups: dict[tuple, list] = {}
     for cell in cells:
         if cell.method == "lora":
@@ -407,15 +459,17 @@ def _plan_ntk(cfg, cells, named, encoder, mesh, target) -> str:
             groups.setdefault((k, cell.rank, optimizer), []).append(cell)
     progs, total = [], 0.0
     for (k, _, _), same in groups.items():
-        kernel_progs = plan_kernels(cfg, same[0], encoder, k, mesh)
-        progs += kernel_progs
-        total += len(same) * job_seconds(kernel_progs, target.chip)
+        cell_progs = plan_linearized(cfg, same[0], encoder, k, mesh, rules)
+        cell_progs += plan_kernels(cfg, same[0], encoder, k, mesh)
+        progs += cell_progs
+        total += len(same) * job_seconds(cell_progs, target.chip)
     count = sum(len(v) for v in groups.values())
     return (
-        f"NTK kernels (--ntk {cfg.ntk_kernel.value}, per LoRA cell; runs = executions per "
-        "cell; the linearized model's training is not planned):\n\n"
+        f"NTK analysis (--ntk {cfg.ntk_kernel.value}, per LoRA cell: the linearized model's "
+        "training, then the kernels; runs = executions per cell):\n\n"
         + format_plan(target, mesh, progs)
-        + f"\n\nroofline estimate of the kernels of the run's {count} LoRA cells: {total:.1f} s"
+        + f"\n\nroofline estimate of the NTK analysis of the run's {count} LoRA cells: "
+        f"{total:.1f} s"
     )
 
 
@@ -455,7 +509,7 @@ def plan(cfg: ExperimentConfig, target_name: str, launch_flags: launch.Launch) -
                 f"{seq / total if total else float('nan'):.1f}x faster by the same roofline"
             )
         if one.ntk:
-            text += "\n\n" + _plan_ntk(one, todo, named, encoder, mesh, target)
+            text += "\n\n" + _plan_ntk(one, todo, named, encoder, mesh, rules, target)
         out.append(
             f"## {one.model} ({encoder[2].value} readout, {one.dtype}, batch {one.batch_size}, "
             f"{one.max_length} tokens)\n\n{text}"

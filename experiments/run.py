@@ -21,7 +21,7 @@ import sys
 
 from tqdm.auto import tqdm
 
-from experiments import jobs, launch, outputs, report
+from experiments import jobs, launch, ntk_analysis, outputs, report
 from experiments.cli import add_dataclass_arguments
 from experiments.config import (
     CONFIG_HELP,
@@ -84,8 +84,9 @@ def run_digests(cfg: ExperimentConfig) -> dict:
 def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) -> str:
     """Runs every unfinished cell of ``cfg``, then writes the report; returns the run dir.
 
-    With a ``mesh`` every cell trains on it. On several processes all of them run this with
-    the same arguments and ``cfg.out`` on a file system they share; only process 0 writes
+    With a ``mesh`` every cell trains on it, and with ``--ntk`` its linearized model and
+    kernels are computed on it too. On several processes all of them run this with the same
+    arguments and ``cfg.out`` on a file system they share; only process 0 writes
     ``config.json``, results, the report and plots. A config of several ``models`` runs
     `run_encoders`.
     """
@@ -95,6 +96,8 @@ def run(cfg: ExperimentConfig, *, progress: bool = True, mesh=None, rules=None) 
     # any directory is made.
     check_model(cfg)
     named = tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k)
+    if cfg.ntk:
+        ntk_analysis.kernel_mesh(mesh)  # a mesh the kernels cannot use fails now
     if cfg.tensorboard:
         outputs.summary_writer_class()  # a missing tensorboardX fails now, not after a cell
     run_dir = prepare_run_dir(cfg)

@@ -231,6 +231,9 @@ def _kernel_fit(
     kernel_batch_size: int | tuple[int, int],
     cache_dir: str | os.PathLike | None,
     progress: bool,
+    mesh: jax.sharding.Mesh | None,
+    data_axis: str,
+    fsdp_axis: str | None,
 ) -> tuple[np.ndarray, np.ndarray, Callable[[PyTree], np.ndarray]]:
     """``(test predictions [M, K], K(train, train) at params0, params -> K(train, train))``."""
     kernel = as_kernel(kernel)
@@ -245,6 +248,9 @@ def _kernel_fit(
         progress=progress,
         model_info=info,
         kernel=kernel,
+        mesh=mesh,
+        data_axis=data_axis,
+        fsdp_axis=fsdp_axis,
     )
     n_train = int(np.shape(train["labels"])[0])
     if _same_shapes(train, test):  # one compiled block shape for [train; test] x train and
@@ -298,6 +304,9 @@ def kernel_predictions(
     eval_batch_size: int = 64,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
+    fsdp_axis: str | None = None,
 ) -> np.ndarray:
     """Test predictions ``[M, K]`` of the kernel predictor of a LoRA run at ``adapters0``.
 
@@ -327,6 +336,9 @@ def kernel_predictions(
         kernel_batch_size=kernel_batch_size,
         cache_dir=cache_dir,
         progress=progress,
+        mesh=mesh,
+        data_axis=data_axis,
+        fsdp_axis=fsdp_axis,
     )
     return y_kernel
 
@@ -353,6 +365,9 @@ def ntk_regime_report(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = False,
     kernel: Kernel | str = Kernel.SGD,
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
+    fsdp_axis: str | None = None,
 ) -> dict[str, float | None]:
     """All NTK-regime diagnostics of one LoRA run, as a flat dict.
 
@@ -391,6 +406,10 @@ def ntk_regime_report(
         Adam's A-SignGD kernel (``ASIGNGD``, for AdamW runs; its solvers use general solves)
         or SIGNGD; the sign kernels need ``implementation=JACOBIAN_CONTRACTION``. The kernel
         predictor and the kernel change are of this kernel.
+      mesh, data_axis, fsdp_axis: passed to :func:`ntk.empirical_ntk_fn`: the kernels' rows
+        split over the mesh's ``data_axis`` (the parameters over ``fsdp_axis`` if given); the
+        mesh may span several processes, each calling with the same arguments (every one gets
+        the whole report). The forward passes and the solvers run on each process alone.
 
     Returns:
       Keys (None where not computable): ``acc_trained``, ``acc_linearized_at_trained``,
@@ -457,6 +476,9 @@ def ntk_regime_report(
         kernel_batch_size=kernel_batch_size,
         cache_dir=cache_dir,
         progress=progress,
+        mesh=mesh,
+        data_axis=data_axis,
+        fsdp_axis=fsdp_axis,
     )
     k_tt1 = kernel_at(adapters)
     agree = prediction_agreement(y_kernel, y_trained)

@@ -29,8 +29,12 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
+from lora_jax import lora
 from lora_jax import params as params_lib
+from lora_jax.lora import core as lora_core
+from lora_jax.lora.targets import get_module
 from ntk._compat import nt
 
 PyTree = Any
@@ -85,7 +89,9 @@ def linearized_model_fn(model_fn: Callable) -> Callable:
     return lin_fn
 
 
-def lora_linearized_model_fn(output_fn: Callable, lora_config: Any) -> Callable:
+def lora_linearized_model_fn(
+    output_fn: Callable, lora_config: Any, *, fusion: lora.Fusion | str = lora.Fusion.MERGED
+) -> Callable:
     """The linearized LoRA model of Jang et al.: linear in W, LoRA-factorized update.
 
     Returns ``lin_fn(adapters, base, batch, dropout_rng=None) -> [B, K]``, the
@@ -94,25 +100,51 @@ def lora_linearized_model_fn(output_fn: Callable, lora_config: Any) -> Callable:
         lin_fn(a, W0, batch) = f(W0, batch) + J_W(W0) . (apply(W0, a) - W0)
 
     where ``apply`` is ``lora_jax.lora.apply`` (unfused), so ``apply(W0, a) - W0`` is
-    ``scale * A @ B`` on adapted kernels (plus any trainable biases / saved modules). The JVP
-    runs only over the leaves that ``apply`` replaces, and the update is computed exactly
-    (:func:`lora_weight_delta`).
+    ``scale * A @ B`` on adapted kernels (plus any trainable biases / saved modules).
 
     Args:
       output_fn: ``output_fn(params, batch, dropout_rng=None) -> [B, K]``.
       lora_config: the ``LoraConfig`` of the adapters.
+      fusion: how the tangent of each adapted kernel is computed (``lora_jax.lora.Fusion``).
+        ``merged`` (default, any ``output_fn``): a JVP over the dense kernel W in the direction
+        of the exact ``scale * A @ B`` (:func:`lora_weight_delta`); its gradient with respect
+        to A and B passes through a dense (in, out) gradient of every adapted kernel (on a
+        data-parallel mesh, all-reduced every step). ``fused``: the same tangent through the
+        factors, ``d/dt f(W0 + t scale A B)|_{t=0}`` with the kernel's ``lora_a`` /
+        ``lora_b`` / ``lora_scale = t * scale`` leaves, so every tangent matmul is
+        ``(x A) B`` and no (in, out) array of the update exists, for an ``output_fn`` that
+        computes those leaves as ``x W + lora_scale (x A) B`` (this library's encoders,
+        ``lora_jax.models.layers.dense``; another ``output_fn`` would ignore them and lose the
+        update). ``auto``: fused where ``lora.apply`` would fuse. Trainable biases and
+        ``modules_to_save`` copies always enter by a JVP over their own leaves.
     """
+    fusion = lora_core._fusion(fusion)
+
+    def fuses(t) -> bool:
+        return fusion == lora.Fusion.FUSED or (
+            fusion == lora.Fusion.AUTO and lora_core._fused_is_cheaper(t)
+        )
 
     def lin_fn(adapters, base, batch, dropout_rng=None):
-        w0, delta = lora_weight_delta(base, adapters, lora_config)
+        plan = lora.check_fits(base, adapters, lora_config)
+        fused = [p for p, leaves in adapters.items() if "lora_a" in leaves and fuses(plan.lora[p])]
+        w0, delta = _weight_delta(base, adapters, plan, skip=set(fused))
         rest = params_lib.partition(base, lambda p: p not in w0)[0] if len(w0) else base
 
-        def f(sub):
-            return output_fn(
-                params_lib.combine(params_lib.unflatten(sub), rest), batch, dropout_rng
-            )
+        def f(sub, t):
+            params = params_lib.combine(params_lib.unflatten(sub), rest)
+            if fused:
+                params = lora_core._copy_tree(params)
+            for path in fused:  # x W0 + (t * scale) (x A) B
+                module = get_module(params, plan.keys[path])
+                dtype = module["kernel"].dtype
+                module["lora_a"] = adapters[path]["lora_a"]
+                module["lora_b"] = adapters[path]["lora_b"]
+                module["lora_scale"] = (t * plan.lora[path].scale).astype(dtype)
+            return output_fn(params, batch, dropout_rng)
 
-        y0, dy = jax.jvp(f, (w0,), (delta,))
+        t = jnp.zeros((), jnp.result_type(float))
+        y0, dy = jax.jvp(f, (w0, t), (delta, jnp.ones_like(t)))
         return y0 + dy
 
     return lin_fn
@@ -128,9 +160,12 @@ def lora_weight_delta(params: PyTree, adapters: PyTree, lora_config: Any) -> tup
     Returns:
       ``(w0, delta)``: dicts with the same dotted-path keys.
     """
-    from lora_jax import lora
+    return _weight_delta(params, adapters, lora.check_fits(params, adapters, lora_config))
 
-    plan = lora.check_fits(params, adapters, lora_config)
+
+def _weight_delta(params, adapters, plan, skip=frozenset()) -> tuple[dict, dict]:
+    """:func:`lora_weight_delta` for a checked ``plan``, leaving out the kernels of the module
+    paths in ``skip`` (their update taken through the factors)."""
     flat = params_lib.flatten(params)
     w0, delta = {}, {}
     for path, leaves in adapters.items():
@@ -139,7 +174,7 @@ def lora_weight_delta(params: PyTree, adapters: PyTree, lora_config: Any) -> tup
                 continue
             key = f"{path}.{leaf}"
             w0[key], delta[key] = flat[key], value - flat[key]
-        if "lora_a" in leaves:
+        if "lora_a" in leaves and path not in skip:
             key = f"{path}.kernel"
             t = plan.lora[path]
             w0[key] = flat[key]

@@ -175,3 +175,57 @@ def test_kernel_model_subsets_and_errors():
             bad(sub, batch)
     with pytest.raises(ValueError, match="enable_x64"):
         ntk.kernel_model(output_fn, params, dtype=jnp.float64)
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "deberta-v2"])
+def test_lora_linearized_model_through_the_factors_is_the_dense_jvp(model_type):
+    """``fusion='fused'`` (the tangent as ``d/dt f(W0 + t s A B)`` through ``(x A) B``) equals
+    the dense formula ``f(W0) + J_W(W0) . delta``, written here as a JVP over the base leaves in
+    the direction of ``s A @ B`` (kernels) and ``adapter - base`` (trainable biases), on a tiny
+    encoder with B != 0, with and without the model's dropout."""
+    from lora_jax import models
+    from lora_jax import params as params_lib
+    from lora_jax.readout import make_output_fn
+
+    config = models.EncoderConfig(
+        model_type=model_type, vocab_size=50, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=24, max_position_embeddings=40,
+        type_vocab_size=1 if model_type == "roberta" else 0, pad_token_id=1,
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    batch = {
+        "input_ids": rng.integers(3, 50, size=(6, 8)).astype(np.int32),
+        "attention_mask": np.ones((6, 8), np.int32),
+    }
+    with jax.enable_x64():
+        model = models.create(config, head="cls", num_labels=3, seed=0, dtype=jnp.float64)
+        apply_fn, params = models.split(model)
+        output_fn = make_output_fn(apply_fn, "cls")
+        cfg = lora.LoraConfig(r=2, alpha=6.0, targets="query|value|dense", bias="lora_only")
+        adapters = jax.tree.map(
+            lambda a: a + 0.3 * jax.random.normal(jax.random.key(1), a.shape, a.dtype),
+            lora.init(jax.random.key(0), params, cfg),
+        )
+        flat = params_lib.flatten(params)
+        w0, delta = {}, {}
+        for path, leaves in adapters.items():
+            assert set(leaves) == {"lora_a", "lora_b", "bias"}
+            w0[f"{path}.kernel"] = flat[f"{path}.kernel"]
+            delta[f"{path}.kernel"] = 3.0 * leaves["lora_a"] @ leaves["lora_b"]  # alpha / r
+            w0[f"{path}.bias"] = flat[f"{path}.bias"]
+            delta[f"{path}.bias"] = leaves["bias"] - flat[f"{path}.bias"]
+
+        def reference(dropout_rng):
+            def f(sub):
+                p = params_lib.unflatten({**flat, **sub})
+                return output_fn(p, batch, dropout_rng)
+
+            y0, dy = jax.jvp(f, (w0,), (delta,))
+            return y0 + dy
+
+        for rng_key in (None, jax.random.key(7)):
+            expected = reference(rng_key)
+            assert not np.allclose(expected, output_fn(params, batch, rng_key), atol=1e-3)
+            lin_fn = ntk.lora_linearized_model_fn(output_fn, cfg, fusion="fused")
+            got = jax.jit(lin_fn)(adapters, params, batch, rng_key)
+            np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-10)
