@@ -36,6 +36,35 @@ TINY = {  # a 2-layer, hidden-64 RoBERTa config.json
     "type_vocab_size": 1,
     "pad_token_id": 1,
 }
+# f32 LoRA factors of r = 8 on query and value: A [64, 8] and B [8, 64] per matrix and layer.
+ADAPTER_BYTES = 4 * TINY["num_hidden_layers"] * 2 * 2 * TINY["hidden_size"] * 8
+
+
+def _tiny_config(**overrides):
+    """The experiment config of a run of the tiny encoder (its config.json in a temp dir)."""
+    directory = tempfile.mkdtemp()
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(TINY, f)
+    fields = dict(tasks=("mr",), methods=("lora",), seeds=(13,), max_length=16, test_cap=100)
+    return get_config("default", model=directory, **{**fields, **overrides})
+
+
+def _data_mesh(topology: str):
+    devices = topologies.devices(topology)
+    return devices, sh.make_mesh({"data": len(devices)}, devices=devices)
+
+
+def _program(p) -> dict:
+    """One planned program's figures (an ``experiments.plan.Program``)."""
+    return {
+        "name": p.name,
+        "steps": p.steps,
+        "runs": p.runs,
+        "peak_bytes": p.report.peak_bytes,
+        "argument_bytes": p.report.argument_bytes,
+        "flops": p.report.costs.flops,
+        "collectives": [c._asdict() for c in p.report.costs.collectives],
+    }
 
 
 def matmul_loop(topology: str, gemm: str = "default") -> dict:
@@ -72,35 +101,17 @@ def matmul_loop(topology: str, gemm: str = "default") -> dict:
 
 def tiny_plan(topology: str, dtype: str, programs: str = "all") -> dict:
     """The programs of a one-cell LoRA run of the tiny encoder (r=8 on query/value)."""
-    directory = tempfile.mkdtemp()
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(TINY, f)
-    cfg = get_config(
-        "default", model=directory, tasks=("mr",), methods=("lora",), ranks=(8,), seeds=(13,),
-        steps=20, eval_every=10, max_length=16, test_cap=100, dtype=dtype,
-    )  # fmt: skip
-    devices = topologies.devices(topology)
-    mesh = sh.make_mesh({"data": len(devices)}, devices=devices)
+    cfg = _tiny_config(ranks=(8,), steps=20, eval_every=10, dtype=dtype)
+    devices, mesh = _data_mesh(topology)
     progs = plan_lib.plan_job(
         cfg, [jobs.Cell("mr", "lora", 8, 13)], plan_lib.encoder_shapes(cfg), 2, mesh,
         sh.rules_for_mesh(mesh), training=programs != "eval", evaluation=programs != "train",
     )  # fmt: skip
-    adapter_values = TINY["num_hidden_layers"] * 2 * 2 * TINY["hidden_size"] * 8
     return {
         "processes": sorted({d.process_index for d in devices}),
         "device_kind": devices[0].device_kind,
-        "adapter_bytes": 4 * adapter_values,
-        "programs": [
-            {
-                "name": p.name,
-                "steps": p.steps,
-                "peak_bytes": p.report.peak_bytes,
-                "argument_bytes": p.report.argument_bytes,
-                "flops": p.report.costs.flops,
-                "collectives": [c._asdict() for c in p.report.costs.collectives],
-            }
-            for p in progs
-        ],
+        "adapter_bytes": ADAPTER_BYTES,
+        "programs": [_program(p) for p in progs],
         "table": plan_lib.format_plan(topologies.TARGETS[topology], mesh, progs),
     }
 
@@ -108,55 +119,48 @@ def tiny_plan(topology: str, dtype: str, programs: str = "all") -> dict:
 def tiny_job(topology: str) -> dict:
     """The training program of a job of three LoRA cells (ranks 1, 2, 4) of the tiny encoder,
     its members split over the slice as a run on a mesh trains them."""
-    directory = tempfile.mkdtemp()
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(TINY, f)
-    cfg = get_config(
-        "default", model=directory, tasks=("mr",), methods=("lora",), ranks=(1, 2, 4),
-        seeds=(13,), steps=20, eval_every=10, max_length=16, test_cap=100,
-    )  # fmt: skip
-    devices = topologies.devices(topology)
-    mesh = sh.make_mesh({"data": len(devices)}, devices=devices)
+    cfg = _tiny_config(ranks=(1, 2, 4), steps=20, eval_every=10)
+    _, mesh = _data_mesh(topology)
     job = [jobs.Cell("mr", "lora", r, 13) for r in (1, 2, 4)]
     (train,) = plan_lib.plan_job(
         cfg, job, plan_lib.encoder_shapes(cfg), 2, mesh, sh.rules_for_mesh(mesh), evaluation=False
     )
-    return {
-        "name": train.name,
-        "peak_bytes": train.report.peak_bytes,
-        "collectives": [c._asdict() for c in train.report.costs.collectives],
-    }
+    return _program(train)
 
 
 def tiny_ntk(topology: str, kernel: str = "matched", mesh: str = "data") -> dict:
     """The eNTK programs of a LoRA cell's ``--ntk`` analysis (r=8, ``--ntk-kernel kernel``) of
     the tiny encoder, rows over ``data`` (and the parameters over ``fsdp`` with
     ``mesh="fsdp"``)."""
-    directory = tempfile.mkdtemp()
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(TINY, f)
-    cfg = get_config(
-        "default", model=directory, tasks=("mr",), methods=("lora",), ranks=(8,), seeds=(13,),
-        max_length=16, test_cap=100, ntk=True, ntk_kernel=kernel,
-    )  # fmt: skip
+    cfg = _tiny_config(ranks=(8,), ntk=True, ntk_kernel=kernel)
     devices = topologies.devices(topology)
     axes = {"data": len(devices)} if mesh == "data" else {"data": len(devices) // 2, "fsdp": 2}
     mesh_ = sh.make_mesh(axes, devices=devices)
     cell = jobs.Cell("mr", "lora", 8, 13)
     progs = plan_lib.plan_kernels(cfg, cell, plan_lib.encoder_shapes(cfg), 2, mesh_)
     return {
-        "programs": [
-            {
-                "name": p.name,
-                "runs": p.runs,
-                "peak_bytes": p.report.peak_bytes,
-                "argument_bytes": p.report.argument_bytes,
-                "flops": p.report.costs.flops,
-                "collectives": [c._asdict() for c in p.report.costs.collectives],
-            }
-            for p in progs
-        ],
+        "programs": [_program(p) for p in progs],
         "table": plan_lib.format_plan(topologies.TARGETS[topology], mesh_, progs),
+    }
+
+
+def tiny_linearized(topology: str) -> dict:
+    """The linearized model's training of a LoRA cell's ``--ntk`` analysis (r=8, 20 steps, dev
+    every 10; ``experiments.plan.plan_linearized``), data parallel, and for comparison the
+    cell's own training program."""
+    cfg = _tiny_config(ranks=(8,), steps=20, eval_every=10, ntk=True)
+    devices, mesh = _data_mesh(topology)
+    rules = sh.rules_for_mesh(mesh)
+    encoder, cell = plan_lib.encoder_shapes(cfg), jobs.Cell("mr", "lora", 8, 13)
+    linearized = plan_lib.plan_linearized(cfg, cell, encoder, 2, mesh, rules)
+    (lora_train,) = plan_lib.plan_job(cfg, [cell], encoder, 2, mesh, rules, evaluation=False)
+    return {
+        "processes": sorted({d.process_index for d in devices}),
+        "adapter_bytes": ADAPTER_BYTES,
+        "dev_rows": cfg.k * 2,
+        "linearized": [_program(p) for p in linearized],
+        "lora_train": _program(lora_train),
+        "table": plan_lib.format_plan(topologies.TARGETS[topology], mesh, linearized),
     }
 
 
@@ -165,6 +169,7 @@ CASES = {
     "tiny_plan": tiny_plan,
     "tiny_job": tiny_job,
     "tiny_ntk": tiny_ntk,
+    "tiny_linearized": tiny_linearized,
 }
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from _env import simulated_devices
 from jax.sharding import AxisType
 
 from experiments import report
@@ -40,12 +41,7 @@ def runs(tmp_path_factory):
         "--batch-size", "8", "--max-length", "32", "--test-cap", "16", "--ntk",
     ]  # fmt: skip
     one, mesh = out / "one", out / "mesh"
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join([ROOT, HERE]),
-    }
+    env = simulated_devices(8, PYTHONPATH=os.pathsep.join([ROOT, HERE]))
     command = [sys.executable, os.path.join(HERE, "_ntk_experiment_mesh_run.py")]
     command += [*args, "--out", str(one), "---", *args, "--out", str(mesh), "--mesh", "data=8"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)

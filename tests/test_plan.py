@@ -35,6 +35,7 @@ TPU_CASES = (
     "tiny_plan:v4-8:float32:eval",
     "tiny_job:v4-16",
     "tiny_ntk:v4-16:asigngd",
+    "tiny_linearized:v4-16",
 )
 # A GPU program compiles slower than a TPU one (XLA's GPU passes, then PTX): one of each kind.
 GPU_CASES = ("matmul_loop:h100-16", "matmul_loop:h100-8:cublas", "tiny_plan:h100-8:bfloat16:train")
@@ -224,3 +225,31 @@ def test_ntk_kernels_compile_for_two_hosts(compiled):
         assert 0 < p["argument_bytes"] <= p["peak_bytes"] < topologies.CHIPS["v4"].hbm_bytes
         assert p["flops"] > 0
     assert f"| {both}: cross x1 (128 rows) x 1 kept |" in got["table"]
+
+
+@needs_libtpu
+def test_linearized_training_compiles_for_two_hosts(compiled):
+    """The linearized LoRA model of a cell (r = 8 on query / value, 20 steps, dev every 10)
+    trains as ``train.fit`` runs it on the slice, data parallel: its chunk and dev programs fit
+    a v4 chip; each step all-reduces its gradients once in float32 (the adapters', no more),
+    and costs more FLOPs than the LoRA cell's own step, since the JVP over the base weights
+    adds a tangent pass beside the forward pass."""
+    planned = compiled["tiny_linearized:v4-16"]
+    assert planned["processes"] == [0, 1]
+    train, dev = planned["linearized"]
+    assert (train["name"], train["steps"], train["runs"]) == (
+        "train linearized r=8 x1 (10 steps)", 10, 2,
+    )  # fmt: skip
+    assert (dev["name"], dev["runs"]) == (f"dev linearized r=8 x1 ({planned['dev_rows']} rows)", 2)
+    for p in (train, dev):
+        assert 0 < p["argument_bytes"] <= p["peak_bytes"] < topologies.CHIPS["v4"].hbm_bytes
+        assert p["flops"] > 0
+    large = [c for c in train["collectives"] if c["bytes"] >= planned["adapter_bytes"]]
+    assert len(large) == 1, train["collectives"]
+    (grad,) = large
+    assert grad["kind"] == "all-reduce" and grad["count"] == 10 and grad["shape"].startswith("f32")
+    # The tangent runs through the factors ((x A) B), so no dense (in, out) gradient of an adapted
+    # kernel is formed: the step all-reduces the adapters' gradients and the loss, nothing larger.
+    assert all(c["bytes"] <= planned["adapter_bytes"] + 16 for c in train["collectives"]), train
+    assert train["flops"] > 1.5 * planned["lora_train"]["flops"]
+    assert "| train linearized r=8 x1 (10 steps) |" in planned["table"]
