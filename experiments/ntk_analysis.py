@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,30 @@ def _suffix(key: str, kernel: ntk.Kernel) -> str:
 TRACE_AXES = ()
 VMAP_AXES = 0
 KERNEL_BATCH_SIZE = (128, 64)
+SMALLEST_BLOCK = 8  # rows: below this a block's fixed costs dominate; a refusal stands
+
+
+def in_blocks_that_fit(
+    compute: Callable[[tuple[int, int]], Any], sizes: tuple[int, int] = KERNEL_BATCH_SIZE
+) -> Any:
+    """``compute(sizes)`` with the kernel blocks halved while they do not fit in memory.
+
+    A block's memory is checked against what the machine has free when it runs
+    (:class:`ntk.KernelMemoryError`), which moves with whatever else runs there; a kernel is
+    the same in any blocks, so an hours-long run retries smaller ones (one line each, down to
+    :data:`SMALLEST_BLOCK` rows) instead of stopping. Completed kernels come back from the
+    run's kernel cache. On several processes the budget is agreed, so all retry alike.
+    """
+    while True:
+        try:
+            return compute(sizes)
+        except ntk.KernelMemoryError as err:
+            smaller = tuple(max(SMALLEST_BLOCK, s // 2) for s in sizes)
+            if smaller == sizes:
+                raise
+            if distributed.is_primary():
+                print(f"{err} Retrying with kernel blocks of {smaller} rows.", file=sys.stderr)
+            sizes = smaller
 
 
 def kernel_mesh(mesh: jax.sharding.Mesh | None) -> dict[str, Any]:
@@ -188,23 +213,25 @@ def analyze(
         kernel_solver=solver,
         trace_axes=TRACE_AXES,
         vmap_axes=VMAP_AXES,
-        kernel_batch_size=KERNEL_BATCH_SIZE,
         cache_dir=os.path.join(run_dir, "kernel_cache"),
         progress=distributed.is_primary(),
         **kernel_mesh(mesh),
     )
-    report = ntk.ntk_regime_report(
-        output_fn,
-        params,
-        lora_config,
-        adapters0,
-        adapters,
-        data.train,
-        data.test,
-        linearized_adapters=linearized_adapters,
-        kernel=kernels[0],
-        implementation=kernel_implementation(kernels[0]),
-        **options,
+    report = in_blocks_that_fit(
+        lambda sizes: ntk.ntk_regime_report(
+            output_fn,
+            params,
+            lora_config,
+            adapters0,
+            adapters,
+            data.train,
+            data.test,
+            linearized_adapters=linearized_adapters,
+            kernel=kernels[0],
+            implementation=kernel_implementation(kernels[0]),
+            kernel_batch_size=sizes,
+            **options,
+        )
     )
     distributed.barrier(f"linearized {name}")  # every process is done with the checkpoint
     if distributed.is_primary():
@@ -214,16 +241,19 @@ def analyze(
         f, _, _ = ntk.lora_kernel_model(output_fn, params, adapters0, lora_config)
         y_trained = ntk.diagnostics.batched_outputs(jax.jit(f), adapters, data.test)
     for kernel in kernels[1:]:
-        y_kernel = ntk.kernel_predictions(
-            output_fn,
-            params,
-            lora_config,
-            adapters0,
-            data.train,
-            data.test,
-            kernel=kernel,
-            implementation=kernel_implementation(kernel),
-            **options,
+        y_kernel = in_blocks_that_fit(
+            lambda sizes, kernel=kernel: ntk.kernel_predictions(
+                output_fn,
+                params,
+                lora_config,
+                adapters0,
+                data.train,
+                data.test,
+                kernel=kernel,
+                implementation=kernel_implementation(kernel),
+                kernel_batch_size=sizes,
+                **options,
+            )
         )
         agree = ntk.prediction_agreement(y_kernel, y_trained)
         labels = np.asarray(data.test["labels"])

@@ -7,7 +7,7 @@ import scipy.stats
 import ntk
 from experiments import report
 from experiments.config import ExperimentConfig, KernelChoice
-from experiments.ntk_analysis import kernels_for
+from experiments.ntk_analysis import in_blocks_that_fit, kernels_for
 from experiments.run import parse_args
 from lora_jax.errors import ConfigError
 from lora_jax.optim import Optimizer
@@ -62,3 +62,29 @@ def test_gap_table_has_a_paired_column_per_kernel():
 
 
 # The end-to-end AdamW --ntk cell with both kernels is tests/test_experiments.py's NTK test.
+
+
+def test_kernel_blocks_are_halved_while_they_do_not_fit(capsys):
+    """A block refused for memory (free memory moves with the machine's load) is retried at
+    half its rows, down to 8; the error stands when the smallest block does not fit."""
+    seen = []
+
+    def compute(sizes):
+        seen.append(sizes)
+        if sizes[0] > 32:
+            raise ntk.KernelMemoryError(f"One {sizes} block needs more than is available.")
+        return "kernel"
+
+    assert in_blocks_that_fit(compute, (128, 64)) == "kernel"
+    assert seen == [(128, 64), (64, 32), (32, 16)]
+    err = capsys.readouterr().err
+    assert "(128, 64) block needs" in err and "Retrying with kernel blocks of (64, 32) rows" in err
+
+    def never(sizes):
+        seen.append(sizes)
+        raise ntk.KernelMemoryError("too big")
+
+    seen.clear()
+    with pytest.raises(ntk.KernelMemoryError, match="too big"):
+        in_blocks_that_fit(never, (16, 8))
+    assert seen == [(16, 8), (8, 8)]
