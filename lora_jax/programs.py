@@ -357,9 +357,11 @@ class _MeshPlan(NamedTuple):
         rows_spec = jax.sharding.PartitionSpec(axes)
 
         def local(trainable, frozen, batch):
-            # Varying over the batch axes: its gradient is this device's, not yet summed.
-            own = jax.lax.pcast(trainable, axes, to="varying")
-            loss, grads = grad_fn(own, frozen, batch, None)
+            # Without the replication check (check_vma) this gradient is this device's own,
+            # not yet summed: with it, JAX would sum each use of the replicated adapters
+            # (pvary's transpose), which in the layer scan's backward pass also makes XLA copy
+            # the stacked layer weights at every layer.
+            loss, grads = grad_fn(trainable, frozen, batch, None)
             flat, unflatten = _flat_f32(grads)
             total = jax.lax.psum(jnp.append(flat, loss.astype(jnp.float32)), axes) / ways
             return total[-1].astype(loss.dtype), unflatten(total[:-1])
@@ -370,6 +372,7 @@ class _MeshPlan(NamedTuple):
             mesh=self.mesh,
             in_specs=(spec, spec, {k: rows_spec for k in batch}),
             out_specs=(spec, spec),
+            check_vma=False,
         )(trainable, frozen, dict(batch))
 
     def place(self, params: PyTree, frozen: PyTree, data: Batch) -> tuple:
