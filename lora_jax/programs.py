@@ -337,17 +337,17 @@ class _MeshPlan(NamedTuple):
         self, objective: Callable, trainable: PyTree, frozen: PyTree, batch: Batch, dropout_rng
     ) -> tuple[jax.Array, PyTree]:
         """``jax.value_and_grad(objective)(trainable, frozen, batch, dropout_rng)`` with the
-        gradient reduced over the batch shards by one float32 all-reduce.
+        gradient reduced over the batch shards by one all-reduce (in the adapters' float32).
 
         Where the step is purely data parallel (:meth:`data_parallel`) and draws no dropout
         masks, each device takes the gradient of the mean loss of its own rows (inside
-        ``jax.shard_map`` over the mesh), and the gradients, flattened into one float32
-        vector, are summed across the batch shards in one ``psum`` and divided by their
-        count: the mean loss's gradient over the whole batch (the loss is a mean over rows and
-        each shard holds as many rows). Left to XLA, the reduction would follow the gradient's
-        computation (one all-reduce per layer under the encoder's layer scan). Otherwise
-        (parameters split over the mesh, or dropout: its masks are drawn for the whole batch)
-        the plain gradient, reduced where XLA places it.
+        ``jax.shard_map`` over the mesh), and the gradients and the loss are summed across
+        the batch shards in one ``psum`` and divided by their count: the mean loss's gradient
+        over the whole batch (the loss is a mean over rows and each shard holds as many rows).
+        Left to XLA, the reduction would follow the gradient's computation (one all-reduce
+        per layer under the encoder's layer scan). Otherwise (parameters split over the mesh,
+        or dropout: its masks are drawn for the whole batch) the plain gradient, reduced
+        where XLA places it.
         """
         grad_fn = jax.value_and_grad(objective)
         if dropout_rng is not None or not self.data_parallel(trainable, frozen, batch):
@@ -362,9 +362,10 @@ class _MeshPlan(NamedTuple):
             # (pvary's transpose), which in the layer scan's backward pass also makes XLA copy
             # the stacked layer weights at every layer.
             loss, grads = grad_fn(trainable, frozen, batch, None)
-            flat, unflatten = _flat_f32(grads)
-            total = jax.lax.psum(jnp.append(flat, loss.astype(jnp.float32)), axes) / ways
-            return total[-1].astype(loss.dtype), unflatten(total[:-1])
+            # One psum of every leaf and the loss: XLA's all-reduce combiner makes it one
+            # all-reduce (a flat concatenated vector would cost a copy of the gradients).
+            loss, grads = jax.lax.psum((loss, grads), axes)
+            return loss / ways, jax.tree.map(lambda g: g / ways, grads)
 
         spec = jax.sharding.PartitionSpec()
         return jax.shard_map(
@@ -383,23 +384,6 @@ class _MeshPlan(NamedTuple):
             sharding_lib.place(frozen, self.tree(frozen)),
             sharding_lib.place_data(dict(data), self.mesh, self.rules),
         )
-
-
-def _flat_f32(tree: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
-    """Every leaf of ``tree`` as one float32 vector, and the function back to ``tree`` (each
-    leaf in its own dtype)."""
-    leaves, treedef = jax.tree.flatten(tree)
-    sizes = [int(np.size(x)) for x in leaves]
-    flat = jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves])
-
-    def unflatten(v: jax.Array) -> PyTree:
-        parts = jnp.split(v, np.cumsum(sizes)[:-1])
-        return jax.tree.unflatten(
-            treedef,
-            [p.reshape(np.shape(x)).astype(x.dtype) for p, x in zip(parts, leaves, strict=True)],
-        )
-
-    return flat, unflatten
 
 
 def _predict_fn(model_fn: ModelFn, batch_size: int, plan: _MeshPlan | None) -> Callable:

@@ -51,7 +51,7 @@ def test_one_float32_gradient_all_reduce_per_step(compiled):
     assert len(floats) == 1, got["collectives"]
     (grad,) = floats
     assert grad["kind"] == "all-reduce" and grad["count"] == steps, grad
-    assert grad["shape"].startswith("f32["), grad
+    assert grad["shape"].startswith("f32"), grad  # one all-reduce of every leaf, float32
     assert adapter <= grad["bytes"] <= adapter + 64, grad  # the gradients and the loss
     # the rest gather the batch's token rows: no collective but the one of adapter size
     assert all(c["bytes"] < adapter / 2 for c in got["collectives"] if c is not grad)
