@@ -429,9 +429,11 @@ def job_seconds(progs: Sequence[Program], chip: topologies.Chip) -> float:
     )
 
 
-def _plan_jobs(cfg, cells, members_cap, named, encoder, mesh, rules, target):
+def _plan_jobs(cfg, cells, members_cap, named, encoder, mesh, rules, target, done=None):
     """``(programs, roofline seconds, job count)`` of ``cells`` grouped into jobs as a run
-    groups them (``members_cap`` cells at most, 0: one each); jobs of one shape compile once."""
+    groups them (``members_cap`` cells at most, 0: one each); jobs of one shape compile once,
+    and not again if ``done`` (a dict kept across calls) holds their programs."""
+    done = {} if done is None else done
     groups: dict[tuple, list] = {}
     # As a run groups them: tasks with one K share jobs (their planned rows are all padded to
     # max_length, so K is their whole shape here).
@@ -440,8 +442,10 @@ def _plan_jobs(cfg, cells, members_cap, named, encoder, mesh, rules, target):
         key = (job[0].method, tuple(c.rank for c in job), k)
         groups.setdefault(key, []).append(job)
     progs, total = [], 0.0
-    for (_, _, k), same in groups.items():
-        job_progs = plan_job(cfg, same[0], encoder, k, mesh, rules)
+    for key, same in groups.items():
+        if key not in done:
+            done[key] = plan_job(cfg, same[0], encoder, key[2], mesh, rules)
+        job_progs = done[key]
         progs += job_progs
         total += len(same) * job_seconds(job_progs, target.chip)
     return progs, total, sum(len(v) for v in groups.values())
@@ -487,8 +491,9 @@ def plan(cfg: ExperimentConfig, target_name: str, launch_flags: launch.Launch) -
         cells = jobs.cells(one, tuple(named))
         todo = [c for c in cells if c.method in ("lora", "full")]
         skipped = sorted({c.method for c in cells} - {"lora", "full"})
+        done: dict = {}  # programs compiled for this encoder, by job shape
         progs, total, count = _plan_jobs(
-            one, todo, jobs.members_per_job(one), named, encoder, mesh, rules, target
+            one, todo, jobs.members_per_job(one), named, encoder, mesh, rules, target, done
         )
         text = format_plan(target, mesh, progs)
         text += "\n\n" + batch_headroom(one, target, mesh, rules, progs)
@@ -501,7 +506,7 @@ def plan(cfg: ExperimentConfig, target_name: str, launch_flags: launch.Launch) -
             # The same cells one after another, each data parallel over the slice: the cell of
             # the largest rank stands for every cell (an upper bound of their time).
             largest = max(todo, key=lambda c: c.rank or 0)
-            single, _, _ = _plan_jobs(one, [largest], 0, named, encoder, mesh, rules, target)
+            single, _, _ = _plan_jobs(one, [largest], 0, named, encoder, mesh, rules, target, done)
             seq = len(todo) * job_seconds(single, target.chip)
             text += (
                 f"\n\none cell at a time, data parallel (each timed as {largest.key}): "

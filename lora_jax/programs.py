@@ -149,9 +149,11 @@ def _chunk_fn(
     model_fn: ModelFn,
     optimizer: optax.GradientTransformation,
     cfg: TrainConfig,
-    constrain_batch: Callable[[Batch], Batch] | None = None,
+    plan: _MeshPlan | None = None,
 ) -> Callable:
-    """The traceable ``chunk(state, frozen, data, length, pack_length)`` of one member."""
+    """The traceable ``chunk(state, frozen, data, length, pack_length)`` of one member; on a
+    mesh (``plan``) each step's batch is split over the batch axes, and where the step is purely
+    data parallel its gradient is reduced once (:meth:`_MeshPlan.value_and_grad`)."""
     loss_fn = get_loss(cfg.loss)
 
     def objective(trainable, frozen, batch, dropout_rng):
@@ -164,10 +166,13 @@ def _chunk_fn(
         batch = jax.tree.map(lambda x: x[idx], data)
         if pack_length:
             batch = packing.pack(batch, pack_length)
-        if constrain_batch is not None:
-            batch = constrain_batch(batch)
         dropout_rng = dropout_key(state.rng, state.step) if cfg.train_dropout else None
-        loss, grads = jax.value_and_grad(objective)(state.trainable, frozen, batch, dropout_rng)
+        if plan is None:
+            loss, grads = jax.value_and_grad(objective)(state.trainable, frozen, batch, dropout_rng)
+        else:
+            batch = plan.constrain_batch(batch)
+            args = (state.trainable, frozen, batch, dropout_rng)
+            loss, grads = plan.value_and_grad(objective, *args)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(state.step + 1, trainable, opt_state, state.rng), loss
@@ -202,7 +207,7 @@ def make_train_chunk(
     ``data`` over the batch axes, and each step's batch constrained to the batch axes.
     """
     on_mesh = _MeshPlan.make(mesh, rules, cfg.batch_size)
-    fn = _chunk_fn(model_fn, optimizer, cfg, on_mesh and on_mesh.constrain_batch)
+    fn = _chunk_fn(model_fn, optimizer, cfg, on_mesh)
 
     def chunk(state, frozen, data, length=None, pack_length=None):
         _check_length(pack_length)
@@ -318,6 +323,58 @@ class _MeshPlan(NamedTuple):
             k: jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, spec))
             for k, x in batch.items()
         }
+
+    def data_parallel(self, trainable: PyTree, frozen: PyTree, batch: Batch) -> bool:
+        """Whether a step over these arguments is purely data parallel: ``batch`` split over
+        the batch axes (more than one shard) and every parameter replicated by the rules."""
+        ways = sharding_lib.batch_ways(self.mesh, self.rules)
+        if ways == 1 or num_rows(batch) % ways or not jax.tree.leaves(trainable):
+            return False
+        shardings = jax.tree.leaves(self.tree((trainable, frozen)))
+        return all(s.is_fully_replicated for s in shardings)
+
+    def value_and_grad(
+        self, objective: Callable, trainable: PyTree, frozen: PyTree, batch: Batch, dropout_rng
+    ) -> tuple[jax.Array, PyTree]:
+        """``jax.value_and_grad(objective)(trainable, frozen, batch, dropout_rng)`` with the
+        gradient reduced over the batch shards by one all-reduce (in the adapters' float32).
+
+        Where the step is purely data parallel (:meth:`data_parallel`) and draws no dropout
+        masks, each device takes the gradient of the mean loss of its own rows (inside
+        ``jax.shard_map`` over the mesh), and the gradients and the loss are summed across
+        the batch shards in one ``psum`` and divided by their count: the mean loss's gradient
+        over the whole batch (the loss is a mean over rows and each shard holds as many rows).
+        Left to XLA, the reduction would follow the gradient's computation (one all-reduce
+        per layer under the encoder's layer scan). Otherwise (parameters split over the mesh,
+        or dropout: its masks are drawn for the whole batch) the plain gradient, reduced
+        where XLA places it.
+        """
+        grad_fn = jax.value_and_grad(objective)
+        if dropout_rng is not None or not self.data_parallel(trainable, frozen, batch):
+            return grad_fn(trainable, frozen, batch, dropout_rng)
+        axes = tuple(self.rules["batch"])
+        ways = sharding_lib.batch_ways(self.mesh, self.rules)
+        rows_spec = jax.sharding.PartitionSpec(axes)
+
+        def local(trainable, frozen, batch):
+            # Without the replication check (check_vma) this gradient is this device's own,
+            # not yet summed: with it, JAX would sum each use of the replicated adapters
+            # (pvary's transpose), which in the layer scan's backward pass also makes XLA copy
+            # the stacked layer weights at every layer.
+            loss, grads = grad_fn(trainable, frozen, batch, None)
+            # One psum of every leaf and the loss: XLA's all-reduce combiner makes it one
+            # all-reduce (a flat concatenated vector would cost a copy of the gradients).
+            loss, grads = jax.lax.psum((loss, grads), axes)
+            return loss / ways, jax.tree.map(lambda g: g / ways, grads)
+
+        spec = jax.sharding.PartitionSpec()
+        return jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(spec, spec, {k: rows_spec for k in batch}),
+            out_specs=(spec, spec),
+            check_vma=False,
+        )(trainable, frozen, dict(batch))
 
     def place(self, params: PyTree, frozen: PyTree, data: Batch) -> tuple:
         """Puts a program's arguments on the mesh (no copy for those already there): parameter
@@ -561,7 +618,7 @@ def _job_programs(model_fn, cfg, member_inputs: bool, mesh, table) -> JobProgram
 
     def chunk(state, frozen, data, length, shared, pack_length=None):
         plan = on_mesh(int(state.step.shape[0]))
-        one = _chunk_fn(model_fn, optimizer, cfg, plan and plan.constrain_batch)
+        one = _chunk_fn(model_fn, optimizer, cfg, plan)
         one = functools.partial(one, length=length, pack_length=pack_length)
         state, losses = jax.vmap(one, in_axes=(0, frozen_axes, None if shared else 0))(
             state, frozen, data
