@@ -164,12 +164,51 @@ def tiny_linearized(topology: str) -> dict:
     }
 
 
+# A 3-layer, hidden-32 RoBERTa config.json, its first two layers under the layer scan (as a
+# 24-layer encoder's 23: encoder.SCAN_MIN_LAYERS lowered while it compiles), so its backward
+# pass yields the adapters' gradients layer by layer.
+DEEP = {**TINY, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2}
+DEEP_RANK = 4
+
+
+def deep_train(topology: str, dtype: str) -> dict:
+    """The collectives of the data-parallel training program of a one-cell LoRA run (r=4 on
+    query / value) of the 3-layer encoder, its layers under the scan."""
+    from lora_jax.models import encoder
+
+    directory = tempfile.mkdtemp()
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(DEEP, f)
+    cfg = get_config(
+        "default", model=directory, tasks=("mr",), methods=("lora",), ranks=(DEEP_RANK,),
+        seeds=(13,), steps=4, eval_every=4, max_length=16, dtype=dtype,
+    )  # fmt: skip
+    devices, mesh = _data_mesh(topology)
+    scan_min, encoder.SCAN_MIN_LAYERS = encoder.SCAN_MIN_LAYERS, 3
+    try:
+        (train,) = plan_lib.plan_job(
+            cfg, [jobs.Cell("mr", "lora", DEEP_RANK, 13)], plan_lib.encoder_shapes(cfg), 2,
+            mesh, sh.rules_for_mesh(mesh), evaluation=False,
+        )  # fmt: skip
+    finally:
+        encoder.SCAN_MIN_LAYERS = scan_min
+    # query and value of every layer: A (hidden, r) and B (r, hidden), float32
+    adapter_values = DEEP["num_hidden_layers"] * 2 * 2 * DEEP["hidden_size"] * DEEP_RANK
+    return {
+        "steps": train.steps,
+        "processes": sorted({d.process_index for d in devices}),
+        "adapter_bytes": 4 * adapter_values,
+        "collectives": [c._asdict() for c in train.report.costs.collectives],
+    }
+
+
 CASES = {
     "matmul_loop": matmul_loop,
     "tiny_plan": tiny_plan,
     "tiny_job": tiny_job,
     "tiny_ntk": tiny_ntk,
     "tiny_linearized": tiny_linearized,
+    "deep_train": deep_train,
 }
 
 if __name__ == "__main__":

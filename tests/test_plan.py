@@ -36,6 +36,7 @@ TPU_CASES = (
     "tiny_job:v4-16",
     "tiny_ntk:v4-16:asigngd",
     "tiny_linearized:v4-16",
+    "deep_train:v4-16:bfloat16",
 )
 # A GPU program compiles slower than a TPU one (XLA's GPU passes, then PTX): one of each kind.
 GPU_CASES = ("matmul_loop:h100-16", "matmul_loop:h100-8:cublas", "tiny_plan:h100-8:bfloat16:train")
@@ -253,3 +254,22 @@ def test_linearized_training_compiles_for_two_hosts(compiled):
     assert all(c["bytes"] <= planned["adapter_bytes"] + 16 for c in train["collectives"]), train
     assert train["flops"] > 1.5 * planned["lora_train"]["flops"]
     assert "| train linearized r=8 x1 (10 steps) |" in planned["table"]
+
+
+@needs_libtpu
+def test_one_float32_gradient_all_reduce_per_step(compiled):
+    """Data-parallel LoRA under the layer scan (whose backward pass would otherwise all-reduce
+    each layer's gradients as it yields them), on two hosts, in bfloat16: the only collective
+    of adapter size is one float32 all-reduce per step of all the adapters' gradients (plus the
+    loss); no other collective moves floats (the others gather the batch's token rows)."""
+    got = compiled["deep_train:v4-16:bfloat16"]
+    assert got["processes"] == [0, 1]
+    adapter, steps = got["adapter_bytes"], got["steps"]
+    floats = [c for c in got["collectives"] if not c["shape"].startswith(("s32", "u32", "pred"))]
+    assert len(floats) == 1, got["collectives"]
+    (grad,) = floats
+    assert grad["kind"] == "all-reduce" and grad["count"] == steps, grad
+    assert grad["shape"].startswith("f32"), grad  # one all-reduce of every leaf, float32
+    assert adapter <= grad["bytes"] <= adapter + 64, grad  # the gradients and the loss
+    # the rest gather the batch's token rows: no collective but the one of adapter size
+    assert all(c["bytes"] < adapter / 2 for c in got["collectives"] if c is not grad)
