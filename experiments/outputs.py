@@ -144,3 +144,12 @@ def saved_results(path: str, cfg: Any) -> dict | None:
         results = json.load(f)
     same = results.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg)))
     return results if same else None
+
+
+def save_results(path: str, results: dict) -> None:
+    """Writes a theory command's ``results`` (with their ``config``) to ``path`` atomically (a
+    temporary file, then a rename), so a stopped run never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f)
+    os.replace(path + ".tmp", path)

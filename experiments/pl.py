@@ -25,7 +25,6 @@ matrices is far above KN, so no threshold can show there). Writes ``runs/<name>/
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -251,11 +250,13 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
     """Every seed's cross-entropy run, the squared-error control, the plot; returns the results.
 
     With ``resume``, a ``pl.json`` of the same configuration in the run directory is returned
-    instead of recomputing.
+    instead of recomputing, and a stopped run goes on after its last finished seed (each seed
+    is saved to ``pl.partial.json`` as it ends: a seed to L <= 1e-3 can take many minutes).
     """
     start = time.time()
     run_dir = os.path.join(cfg.out, cfg.name)
     saved = os.path.join(run_dir, "pl.json")
+    partial = os.path.join(run_dir, "pl.partial.json")
     if resume and (results := results_io.saved_results(saved, cfg)) is not None:
         return results
     lcfg = lora.LoraConfig(
@@ -263,7 +264,12 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
     )
     cache = problem_cache if problem_cache is not None else {}
     results: dict = {"config": dataclasses.asdict(cfg), "seeds": [], "jacobian_seconds": 0.0}
+    if resume and (earlier := results_io.saved_results(partial, cfg)) is not None:
+        results = earlier
+    done = {rec["seed"] for rec in results["seeds"]}
     for i, seed in enumerate(cfg.seeds):
+        if seed in done:
+            continue
         t0 = time.time()
         key = (cfg.model, cfg.task, seed, cfg.k, cfg.max_length, cfg.targets, cfg.layers)
         if key not in cache:
@@ -327,6 +333,7 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
                 "kn": int(problem.f0.size),
                 "seconds": time.time() - t1,
             }
+        results_io.save_results(partial, results)
     if cfg.below_k:
         results["below"] = below_threshold(cfg)
     results["regimes"] = [results["mse_lm"]] if "mse_lm" in results else []
@@ -334,9 +341,9 @@ def run(cfg: PLConfig, *, problem_cache: dict | None = None, resume: bool = True
     os.makedirs(run_dir, exist_ok=True)
     results["plot"] = plot(results, os.path.join(run_dir, "plots", "pl.png"))
     results["seconds"] = time.time() - start
-    with open(saved + ".tmp", "w") as f:
-        json.dump(results, f)
-    os.replace(saved + ".tmp", saved)
+    results_io.save_results(saved, results)
+    if os.path.exists(partial):
+        os.remove(partial)
     return results
 
 

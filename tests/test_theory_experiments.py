@@ -33,23 +33,44 @@ def test_cstar_cli_writes_report_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path):
+def test_pl_and_bias_variance_run_on_a_tiny_model(tiny_roberta, tmp_path, monkeypatch):
     common = {"model": tiny_roberta, "k": 2, "max_length": 16, "out": str(tmp_path)}
-    res = pl.run(
-        pl.PLConfig(
-            task="mr",
-            seeds=(13, 21),
-            max_steps=5,
-            mse_steps=5,
-            lm_iters=3,
-            layers=(),
-            kernel_points=3,
-            below_k=16,
-            below_layers=(0,),
-            below_ce_steps=4,
-            **common,
-        )  # fmt: skip
-    )
+    pcfg = pl.PLConfig(
+        task="mr",
+        seeds=(13, 21),
+        max_steps=5,
+        mse_steps=5,
+        lm_iters=3,
+        layers=(),
+        kernel_points=3,
+        below_k=16,
+        below_layers=(0,),
+        below_ce_steps=4,
+        **common,
+    )  # fmt: skip
+    # Stopped during the second seed (GD runs: seed 13's cross-entropy and squared-error
+    # control, then seed 21's cross-entropy), the run goes on from there.
+    losses, gd = [], pl._gd
+
+    def stopped_at_the_third_run(*args, **kwargs):
+        losses.append(args[3])
+        if len(losses) == 3 and len(args) > 7:
+            raise KeyboardInterrupt
+        return gd(*args, **kwargs)
+
+    monkeypatch.setattr(pl, "_gd", stopped_at_the_third_run)
+    with pytest.raises(KeyboardInterrupt):
+        pl.run(pcfg)
+    partial_path = tmp_path / pcfg.name / "pl.partial.json"
+    partial = json.loads(partial_path.read_text())
+    assert [r["seed"] for r in partial["seeds"]] == [13] and "mse" in partial
+    losses.clear()
+    res = pl.run(pcfg)
+    # Seed 21's run and the below-threshold control's; seed 13 and its controls came back
+    # (from the start it would be ce, mse, ce, ce).
+    assert losses == ["ce", "ce"]
+    assert res["seeds"][0] == partial["seeds"][0] and res["mse"] == partial["mse"]
+    assert not partial_path.exists()
     for r in res["seeds"]:  # the kernel at steps 0, 1 and 5 (log-spaced), lam_min <= lam_max
         assert [row["step"] for row in r["kernel"]] == [0, 1, 5]
         assert all(0 <= row["lam_min"] <= row["lam_max"] for row in r["kernel"])
