@@ -148,7 +148,7 @@ def linearized_fusion(mesh, rules, batch_size: int) -> lora.Fusion:
         return lora.Fusion.MERGED
     table = sh.rules_for_mesh(mesh) if rules is None else dict(rules)
     ways = sh.batch_ways(mesh, table)
-    parallel = ways > 1 and programs.member_slots(mesh, rules, 1, batch_size) == 1
+    parallel = ways > 1 and programs.member_slots(mesh, table, 1, batch_size) == 1
     return lora.Fusion.FUSED if parallel else lora.Fusion.MERGED
 
 
