@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import ntk
 from experiments import jobs, launch, ntk_analysis
 from experiments.config import ExperimentConfig, per_encoder
 from experiments.run import build_parser, config_from_args
@@ -47,7 +48,7 @@ from lora_jax import sharding as sh
 from lora_jax.errors import ConfigError, UserError, user_message
 from lora_jax.models.config import EncoderConfig
 from lora_jax.models.encoder import forward, param_shapes
-from lora_jax.params import unflatten
+from lora_jax.params import flatten, unflatten
 from lora_jax.readout import Readout, make_output_fn
 from lora_jax.trainable import Method, label_words_as_inputs, make_model_fn, split_params
 from ntk import planning as ntk_planning
@@ -314,7 +315,14 @@ def _plan_fit(
 
 
 def plan_kernels(
-    cfg: ExperimentConfig, cell: jobs.Cell, encoder, num_labels: int, mesh
+    cfg: ExperimentConfig,
+    cell: jobs.Cell,
+    encoder,
+    num_labels: int,
+    mesh,
+    *,
+    all_weights: bool = False,
+    distinct_tokens: int | None = None,
 ) -> list[Program]:
     """Compiles the eNTK programs of ``cell`` 's ``--ntk`` analysis
     (:mod:`experiments.ntk_analysis`) as :func:`ntk.empirical_ntk_fn` runs them on ``mesh``
@@ -322,30 +330,56 @@ def plan_kernels(
     replicated, or split over ``fsdp`` when the mesh has it): for each kernel it reports,
     ``K([train; test], train)`` (train and test padded alike, as planned), and for the first
     also ``K(train, train)`` at the trained adapters (the kernel's change). Runs are per cell.
+
+    With ``all_weights`` the same kernels over every weight instead
+    (``ntk.kernel_model(output_fn, params, 'all')``, Jacobians kept: not part of the run's
+    ``--ntk``), the embedding tables compacted to the rows that ``distinct_tokens`` distinct
+    ids need (:func:`ntk.planning.compacted_tables`; None: the bound ``rows x max_length``
+    plus the label words, which compacts nothing once it passes the vocabulary).
     """
     params, output_fn = _model(cfg, encoder, num_labels)
-    lcfg = jobs.lora_config(cfg, cell.rank, encoder[0].model_type)
-    adapters = jax.eval_shape(lambda p: lora.init(jax.random.key(0), p, lcfg), params)
-
-    def g(base, a, x):  # ntk.lora_kernel_model's f, with the base as an argument
-        return output_fn(lora.apply(base, a, lcfg), x)
-
     train_rows, test_rows = cfg.k * num_labels, cfg.test_cap or 1000
     x_train = abstract_data(train_rows, cfg.max_length)
     x_both = abstract_data(train_rows + test_rows, cfg.max_length)
+    compacted = None
+    if all_weights:
+        f, diff, info = ntk.kernel_model(output_fn, params, "all")
+        base = {}
+
+        def g(_, p, x):
+            return f(p, x)
+
+        if distinct_tokens is None:
+            distinct_tokens = _distinct_bound(cfg, num_labels)
+        compacted = ntk_planning.compacted_tables(
+            diff, info.embedding_rows, distinct_tokens, cfg.max_length
+        )
+    else:
+        lcfg = jobs.lora_config(cfg, cell.rank, encoder[0].model_type)
+        base, diff = params, jax.eval_shape(lambda p: lora.init(jax.random.key(0), p, lcfg), params)
+
+        def g(base, a, x):  # ntk.lora_kernel_model's f, with the base as an argument
+            return output_fn(lora.apply(base, a, lcfg), x)
+
     optimizer = jobs.train_config(cfg, cell).optimizer
     out = []
     for i, kernel in enumerate(ntk_analysis.kernels_for(cfg.ntk_kernel, optimizer)):
         sides = [(f"[train; test] {train_rows + test_rows}", x_both)]
-        sides += [(f"train {train_rows}", x_train)] * (i == 0)
+        sides += [(f"train {train_rows}", x_train)] * (i == 0 and not all_weights)
+        implementation = (
+            ntk.NtkImplementation.JACOBIAN_CONTRACTION
+            if all_weights
+            else ntk_analysis.kernel_implementation(kernel)
+        )
         for label, x1 in sides:
             for p in ntk_planning.kernel_programs(
-                g, params, adapters, x1, x_train, trace_axes=ntk_analysis.TRACE_AXES,
+                g, base, diff, x1, x_train, trace_axes=ntk_analysis.TRACE_AXES,
                 vmap_axes=ntk_analysis.VMAP_AXES, batch_size=ntk_analysis.KERNEL_BATCH_SIZE,
-                implementation=ntk_analysis.kernel_implementation(kernel), kernel=kernel,
+                implementation=implementation, kernel=kernel, compacted=compacted,
                 **ntk_analysis.kernel_mesh(mesh),
             ):  # fmt: skip
-                name = f"ntk {kernel.value} K({label} x train {train_rows}): {p.name}"
+                what = f"{kernel.value}{' all weights' if all_weights else ''}"
+                name = f"ntk {what} K({label} x train {train_rows}): {p.name}"
                 out.append(_compile(name, p.compile, p.runs, 0))
     return out
 
@@ -477,8 +511,58 @@ def _plan_ntk(cfg, cells, named, encoder, mesh, rules, target) -> str:
     )
 
 
-def plan(cfg: ExperimentConfig, target_name: str, launch_flags: launch.Launch) -> str:
-    """Compiles every distinct program of ``cfg`` 's run for ``target_name``; the report text."""
+def _distinct_bound(cfg: ExperimentConfig, num_labels: int) -> int:
+    """At most this many distinct ids in a kernel's rows: every token of ``[train; test]``
+    distinct, plus the label words."""
+    rows = cfg.k * num_labels + (cfg.test_cap or 1000)
+    return rows * cfg.max_length + num_labels
+
+
+def _plan_all_weights(cfg, cells, named, encoder, mesh, target, distinct_tokens) -> str:
+    """The all-weights eNTK of each task shape (classes, optimizer) of the run's cells, as
+    :func:`plan_kernels` ``(all_weights=True)`` compiles it; its table and roofline estimate."""
+    groups: dict[tuple, jobs.Cell] = {}
+    for cell in cells:
+        k = named[cell.task].num_labels
+        groups.setdefault((k, jobs.train_config(cfg, cell).optimizer), cell)
+    k_max = max(k for k, _ in groups)
+    distinct = distinct_tokens or _distinct_bound(cfg, k_max)
+    progs, total = [], 0.0
+    for (k, _), cell in groups.items():
+        kernel_progs = plan_kernels(
+            cfg, cell, encoder, k, mesh, all_weights=True, distinct_tokens=distinct
+        )
+        progs += kernel_progs
+        total += job_seconds(kernel_progs, target.chip)
+    params, output_fn = _model(cfg, encoder, k_max)
+    _, diff, info = ntk.kernel_model(output_fn, params, "all")
+    tables = ntk_planning.compacted_tables(diff, info.embedding_rows, distinct, cfg.max_length)
+    full = flatten(diff)
+    cut = ", ".join(
+        f"{path.split('.')[-2]} {rows:,} of {full[path].shape[0]:,} rows"
+        for path, rows in tables.items()
+    )
+    source = "--distinct-tokens" if distinct_tokens else "the bound rows x max_length + labels"
+    return (
+        f"All-weights eNTK (--all-weights-kernel; --ntk-kernel {cfg.ntk_kernel.value}, Jacobians "
+        f"kept; not part of the run's --ntk), tables compacted for {distinct:,} distinct ids "
+        f"({source}): {cut or 'none'}; runs = executions per kernel:\n\n"
+        + format_plan(target, mesh, progs)
+        + f"\n\nroofline estimate of one kernel per task shape: {total:.1f} s"
+    )
+
+
+def plan(
+    cfg: ExperimentConfig,
+    target_name: str,
+    launch_flags: launch.Launch,
+    *,
+    all_weights_kernel: bool = False,
+    distinct_tokens: int | None = None,
+) -> str:
+    """Compiles every distinct program of ``cfg`` 's run for ``target_name``; the report text.
+    With ``all_weights_kernel`` also the all-weights eNTK of the run's tasks
+    (:func:`plan_kernels`, ``distinct_tokens`` sizing its compacted embedding tables)."""
     target = topologies.target(target_name)
     devices = topologies.devices(target_name)
     mesh = sh.make_mesh(launch_flags.mesh or {"data": len(devices)}, devices=devices)
@@ -515,6 +599,10 @@ def plan(cfg: ExperimentConfig, target_name: str, launch_flags: launch.Launch) -
             )
         if one.ntk:
             text += "\n\n" + _plan_ntk(one, todo, named, encoder, mesh, rules, target)
+        if all_weights_kernel and todo:
+            text += "\n\n" + _plan_all_weights(
+                one, todo, named, encoder, mesh, target, distinct_tokens
+            )
         out.append(
             f"## {one.model} ({encoder[2].value} readout, {one.dtype}, batch {one.batch_size}, "
             f"{one.max_length} tokens)\n\n{text}"
@@ -538,8 +626,26 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="also write each compiled program's optimized HLO text to DIR",
     )
+    parser.add_argument(
+        "--all-weights-kernel",
+        action="store_true",
+        help="also plan the eNTK over every weight of the run's tasks (K([train; test] x "
+        "train), the kernels of --ntk-kernel, embedding tables compacted); on a mesh with an "
+        "fsdp axis the weights split over it",
+    )
+    parser.add_argument(
+        "--distinct-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="distinct token ids in the kernel's rows, which size the compacted word table "
+        "(default: the bound rows x max_length + labels)",
+    )
     args = vars(parser.parse_args(argv))
     topology = args.pop("topology")
+    all_weights, distinct = args.pop("all_weights_kernel"), args.pop("distinct_tokens")
+    if distinct is not None and distinct < 1:
+        parser.error(f"--distinct-tokens must be a positive count of token ids; got {distinct}.")
     _DUMP["dir"] = args.pop("dump_hlo")
     flags = launch.pop_launch(args)
     cfg = config_from_args(parser, args)
@@ -552,7 +658,7 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
     try:
-        print(plan(cfg, topology, flags))
+        print(plan(cfg, topology, flags, all_weights_kernel=all_weights, distinct_tokens=distinct))
     except UserError as err:
         raise SystemExit(f"error: {user_message(err)}") from err
 

@@ -33,7 +33,7 @@ from ntk.models import check_outputs
 
 PyTree = Any
 
-GRAM_CHUNK = 4096  # columns per slice of a Gram product (see _gram)
+GRAM_CHUNK = 4096  # columns per slice of a Gram product on CPU (see _gram)
 
 __all__ = [
     "contraction_fn",
@@ -41,6 +41,7 @@ __all__ = [
     "cross_fn",
     "cross_program",
     "fused_fn",
+    "gram_chunk",
     "fused_program",
     "jacobian_bytes",
     "jacobian_fn",
@@ -82,39 +83,54 @@ def _columns(parts: list, start: Any, width: int) -> jax.Array:
     return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=0)
 
 
-def _gram(pa: list, pb: list) -> jax.Array:
+def gram_chunk(mesh: Any, fsdp_axis: str | None) -> int | None:
+    """Columns per slice of each Gram product for a kernel on ``mesh`` (None: one device):
+    :data:`GRAM_CHUNK` on CPU devices, where slices that stay in cache run faster (see
+    :func:`_gram`); None (one product) on accelerators, whose matrix units take the long
+    contraction whole, and wherever the parameters split over ``fsdp_axis``: a slice of a split
+    column axis gathers the whole matrix at every step, while one product multiplies each
+    device's columns and reduces the ``[b1, b2]`` partial sums across the axis."""
+    devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+    split = mesh is not None and fsdp_axis is not None and int(mesh.shape[fsdp_axis]) > 1
+    return GRAM_CHUNK if devices[0].platform == "cpu" and not split else None
+
+
+def _gram(pa: list, pb: list, chunk: int | None = GRAM_CHUNK) -> jax.Array:
     """``A @ B.T`` of the row-wise joins ``A``, ``B`` of ``pa``, ``pb`` (``[b, P]`` each): a
-    loop over column slices of ``GRAM_CHUNK``. XLA:CPU runs one product with a long contraction
-    and a small output well below its GEMM rate; slices that stay in cache run near it, and
-    joining slices instead of whole matrices copies nothing large (benchmarks/bench_ntk.py)."""
+    loop over column slices of ``chunk`` (None: one product, see :func:`gram_chunk`). XLA:CPU
+    runs one product with a long contraction and a small output well below its GEMM rate;
+    slices that stay in cache run near it, and joining slices instead of whole matrices copies
+    nothing large (benchmarks/bench_ntk.py)."""
     p = pa[0].shape[1]
-    n = p // GRAM_CHUNK
+    n = 0 if chunk is None else p // chunk
     if n < 2:
         return _columns(pa, 0, p) @ _columns(pb, 0, p).T
 
     def body(i, acc):
-        start = i * GRAM_CHUNK
-        return acc + _columns(pa, start, GRAM_CHUNK) @ _columns(pb, start, GRAM_CHUNK).T
+        start = i * chunk
+        return acc + _columns(pa, start, chunk) @ _columns(pb, start, chunk).T
 
     rows_a, rows_b = (sum(m.shape[0] for m in parts) for parts in (pa, pb))
     acc = jax.lax.fori_loop(0, n, body, jnp.zeros((rows_a, rows_b), pa[0].dtype))
-    rest = n * GRAM_CHUNK
+    rest = n * chunk
     return acc if rest == p else acc + _columns(pa, rest, p - rest) @ _columns(pb, rest, p - rest).T
 
 
-def _contract(ja: list, jb: list, trace: tuple, diag: tuple) -> jax.Array:
+def _contract(
+    ja: list, jb: list, trace: tuple, diag: tuple, chunk: int | None = GRAM_CHUNK
+) -> jax.Array:
     """``sum_leaves A @ B.T`` of two blocks' Jacobians (per leaf, K ``[b, P]`` matrices; see
     :func:`_jacobian_rows`), in nt's layout: ``[b1, b2, K, K]``, or ``[b1, b2]`` traced (the
-    mean over k), or ``[b1, b2, K]`` diagonal."""
+    mean over k), or ``[b1, b2, K]`` diagonal. ``chunk``: as :func:`_gram`."""
     b1, b2, num_outputs = ja[0][0].shape[0], jb[0][0].shape[0], len(ja[0])
     if 1 in trace or 1 in diag:  # only the (k, k) blocks
 
         def block_kk(k):  # (b1, b2): output k of x1 with output k of x2
-            return sum(_gram([a[k]], [b[k]]) for a, b in zip(ja, jb, strict=True))
+            return sum(_gram([a[k]], [b[k]], chunk) for a, b in zip(ja, jb, strict=True))
 
         per_k = jnp.stack([block_kk(k) for k in range(num_outputs)], axis=-1)  # (b1, b2, K)
         return per_k.mean(-1) if 1 in trace else per_k
-    gram = sum(_gram(a, b) for a, b in zip(ja, jb, strict=True))  # (K b1, K b2)
+    gram = sum(_gram(a, b, chunk) for a, b in zip(ja, jb, strict=True))  # (K b1, K b2)
     return gram.reshape(num_outputs, b1, num_outputs, b2).transpose(1, 3, 0, 2)
 
 
@@ -141,32 +157,39 @@ def jacobian_program(
     return compiled(f, fn_key, what, lower, (params, x))
 
 
-def contraction_fn(trace: tuple, diag: tuple) -> Callable:
+def contraction_fn(trace: tuple, diag: tuple, chunk: int | None = GRAM_CHUNK) -> Callable:
     """``(ja, jb) -> block`` (see :func:`_contract`)."""
 
     def contract(ja, jb):
-        return _contract(ja, jb, trace, diag)
+        return _contract(ja, jb, trace, diag, chunk)
 
     return contract
 
 
-def contraction_program(trace: tuple, diag: tuple, ja: list, jb: list) -> Any:
+def contraction_program(
+    trace: tuple, diag: tuple, ja: list, jb: list, chunk: int | None = GRAM_CHUNK
+) -> Any:
     """Compiled ``(ja, jb) -> block`` (see :func:`_contract`)."""
 
-    contract = contraction_fn(trace, diag)
-    key = ("content", "contract", trace, diag)  # fixed by these and the shapes
+    contract = contraction_fn(trace, diag, chunk)
+    key = ("content", "contract", trace, diag, *_chunk_key(chunk))  # fixed by these and shapes
     return compiled(contract, key, (), lambda: jax.jit(contract).lower(ja, jb), (ja, jb))
 
 
 def fused_fn(
-    f: Callable, trace: tuple, diag: tuple, signs: tuple[bool, bool] = (False, False)
+    f: Callable,
+    trace: tuple,
+    diag: tuple,
+    signs: tuple[bool, bool] = (False, False),
+    chunk: int | None = GRAM_CHUNK,
 ) -> Callable:
     """``(params, x) -> block``: the kernel of ``x`` with itself in one program (``signs``:
-    whether each side's gradients enter through their sign, ``ntk.Kernel.signs``)."""
+    whether each side's gradients enter through their sign, ``ntk.Kernel.signs``; ``chunk``:
+    as :func:`gram_chunk`)."""
 
     def kernel(p, x):
         j = _jacobian_rows(f, p, x)
-        return _contract(_sign(j, signs[0]), _sign(j, signs[1]), trace, diag)
+        return _contract(_sign(j, signs[0]), _sign(j, signs[1]), trace, diag, chunk)
 
     return kernel
 
@@ -179,13 +202,15 @@ def fused_program(
     x: PyTree,
     params: PyTree,
     signs: tuple[bool, bool] = (False, False),
+    chunk: int | None = GRAM_CHUNK,
 ) -> Any:
     """Compiled :func:`fused_fn`."""
 
     def lower():
-        return jax.jit(fused_fn(f, trace, diag, signs)).lower(params, x)
+        return jax.jit(fused_fn(f, trace, diag, signs, chunk)).lower(params, x)
 
-    return compiled(f, fn_key, ("fused", trace, diag, *_signs_key(signs)), lower, (params, x))
+    what = ("fused", trace, diag, *_signs_key(signs), *_chunk_key(chunk))
+    return compiled(f, fn_key, what, lower, (params, x))
 
 
 def _signs_key(signs: tuple[bool, bool]) -> tuple:
@@ -193,8 +218,18 @@ def _signs_key(signs: tuple[bool, bool]) -> tuple:
     return () if not any(signs) else (("signs", *signs),)
 
 
+def _chunk_key(chunk: int | None) -> tuple:
+    """The program-key part of ``chunk``: empty for :data:`GRAM_CHUNK` (keys as before)."""
+    return () if chunk == GRAM_CHUNK else (("chunk", chunk),)
+
+
 def pair_fn(
-    f: Callable, trace: tuple, diag: tuple, n1: int, signs: tuple[bool, bool] = (False, False)
+    f: Callable,
+    trace: tuple,
+    diag: tuple,
+    n1: int,
+    signs: tuple[bool, bool] = (False, False),
+    chunk: int | None = GRAM_CHUNK,
 ) -> Callable:
     """``(params, x) -> block``: the kernel of rows ``x[:n1]`` with rows ``x[n1:]`` in one
     program (an ``x1`` and an ``x2`` of one block each, joined): one model to compile, not one
@@ -204,7 +239,7 @@ def pair_fn(
         j = _jacobian_rows(f, p, x)
         ja = [[m[:n1] for m in parts] for parts in j]
         jb = [[m[n1:] for m in parts] for parts in j]
-        return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag)
+        return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag, chunk)
 
     return kernel
 
@@ -218,24 +253,27 @@ def pair_program(
     n1: int,
     params: PyTree,
     signs: tuple[bool, bool] = (False, False),
+    chunk: int | None = GRAM_CHUNK,
 ) -> Any:
     """Compiled :func:`pair_fn`."""
 
     def lower():
-        return jax.jit(pair_fn(f, trace, diag, n1, signs)).lower(params, x)
+        return jax.jit(pair_fn(f, trace, diag, n1, signs, chunk)).lower(params, x)
 
-    what = ("pair", trace, diag, n1, *_signs_key(signs))
+    what = ("pair", trace, diag, n1, *_signs_key(signs), *_chunk_key(chunk))
     return compiled(f, fn_key, what, lower, (params, x))
 
 
-def cross_fn(f: Callable, trace: tuple, diag: tuple, sign: bool = False) -> Callable:
+def cross_fn(
+    f: Callable, trace: tuple, diag: tuple, sign: bool = False, chunk: int | None = GRAM_CHUNK
+) -> Callable:
     """``(params, x, kept) -> [block with kept[0], block with kept[1], ...]``: the Jacobians of
     ``x`` (their signs with ``sign``) contracted with every kept block in one program (they
     are never a program output, so XLA frees each leaf's once it is contracted)."""
 
     def kernel(p, x, kept):
         j = _sign(_jacobian_rows(f, p, x), sign)
-        return [_contract(j, jb, trace, diag) for jb in kept]
+        return [_contract(j, jb, trace, diag, chunk) for jb in kept]
 
     return kernel
 
@@ -249,13 +287,15 @@ def cross_program(
     kept: list,
     params: PyTree,
     sign: bool = False,
+    chunk: int | None = GRAM_CHUNK,
 ) -> Any:
     """Compiled :func:`cross_fn`."""
 
     def lower():
-        return jax.jit(cross_fn(f, trace, diag, sign)).lower(params, x, kept)
+        return jax.jit(cross_fn(f, trace, diag, sign, chunk)).lower(params, x, kept)
 
     what = ("cross", trace, diag, "sign") if sign else ("cross", trace, diag)
+    what = (*what, *_chunk_key(chunk))
     return compiled(f, fn_key, what, lower, (params, x, kept))
 
 
@@ -286,6 +326,7 @@ def reused_kernel(
     jobs: Callable[[list], list],
     prepare: Callable[[PyTree], PyTree] = lambda x: x,
     signs: tuple[bool, bool] = (False, False),
+    chunk: int | None = GRAM_CHUNK,
 ) -> None:
     """Computes every block with reused Jacobians; ``place(block, i, j)`` stores each.
 
@@ -293,7 +334,7 @@ def reused_kernel(
     given, the block pairs of the upper triangle of ``x1`` with itself when ``x2=None``.
     ``prepare(block)`` maps each block of rows before it is differentiated (cuts padding).
     ``signs``: whether the gradients of x1 / x2 enter through their sign (``ntk.Kernel``);
-    with ``x2=None`` they must agree (a symmetric kernel).
+    with ``x2=None`` they must agree (a symmetric kernel). ``chunk``: as :func:`gram_chunk`.
     """
     symmetric = x2 is None
     if symmetric and signs[0] != signs[1]:
@@ -310,17 +351,25 @@ def reused_kernel(
         starts = list(kept)
         for i in jobs(list(range(0, n1, b1))):
             xa = prepare(take_rows(x1, i, b1, n1))
-            exe = cross_program(f, fn_key, trace, diag, xa, list(kept.values()), params, signs[0])
+            exe = cross_program(
+                f, fn_key, trace, diag, xa, list(kept.values()), params, signs[0], chunk
+            )
             for j, block in zip(starts, exe(params, xa, list(kept.values())), strict=True):
                 place(block, i, j)
         return
     pairs = [(a, b) for a in range(0, n1, b1) for b in range(a, n2, b2)]
     for i, j in jobs(pairs):
-        contract = contraction_program(trace, diag, kept[i], kept[j])
+        contract = contraction_program(trace, diag, kept[i], kept[j], chunk)
         place(contract(kept[i], kept[j]), i, j)
 
 
-def sign_block_fn(f: Callable, trace: tuple, diag: tuple, signs: tuple[bool, bool]) -> Callable:
+def sign_block_fn(
+    f: Callable,
+    trace: tuple,
+    diag: tuple,
+    signs: tuple[bool, bool],
+    chunk: int | None = GRAM_CHUNK,
+) -> Callable:
     """``(xa, xb, params) -> block`` (``xb`` None: ``xa`` with itself): one block of a kernel
     whose gradients enter through their signs (``ntk.Kernel``), both sides differentiated in the
     program: the per-block path when the kept Jacobians do not fit."""
@@ -328,7 +377,7 @@ def sign_block_fn(f: Callable, trace: tuple, diag: tuple, signs: tuple[bool, boo
     def kernel(a, b, p):
         ja = _jacobian_rows(f, p, a)
         jb = ja if b is None else _jacobian_rows(f, p, b)
-        return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag)
+        return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag, chunk)
 
     return kernel
 
@@ -342,14 +391,15 @@ def sign_block_program(
     xb: PyTree | None,
     params: PyTree,
     signs: tuple[bool, bool],
+    chunk: int | None = GRAM_CHUNK,
 ) -> Any:
     """Compiled :func:`sign_block_fn` (``(xa, params) -> block`` when ``xb`` is None)."""
 
     def lower():
-        kernel = sign_block_fn(f, trace, diag, signs)
+        kernel = sign_block_fn(f, trace, diag, signs, chunk)
         if xb is None:
             return jax.jit(lambda a, p: kernel(a, None, p)).lower(xa, params)
         return jax.jit(kernel).lower(xa, xb, params)
 
-    what = ("block", trace, diag, *_signs_key(signs))
+    what = ("block", trace, diag, *_signs_key(signs), *_chunk_key(chunk))
     return compiled(f, fn_key, what, lower, (xa, xb, params))

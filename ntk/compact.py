@@ -31,7 +31,14 @@ from lora_jax import params as params_lib
 
 PyTree = Any
 
-__all__ = ["ROWS_PREFIX", "ROW_BUCKET", "compact_block", "compact_fn", "compactable_tables"]
+__all__ = [
+    "ROWS_PREFIX",
+    "ROW_BUCKET",
+    "compact_block",
+    "compact_fn",
+    "compactable_tables",
+    "kept_rows",
+]
 
 WORD_TABLE = r"(^|\.)embeddings\.word_embeddings\.embedding$"
 POSITION_TABLE = r"(^|\.)embeddings\.position_embeddings\.embedding$"
@@ -52,14 +59,25 @@ def compactable_tables(embedding_rows: np.ndarray | None, params: PyTree) -> tup
     return tuple(p for p in paths if re.search(WORD_TABLE, p) or re.search(POSITION_TABLE, p))
 
 
+def kept_rows(path: str, table_rows: int, distinct_ids: int, sequence_length: int) -> int:
+    """Rows the compacted table ``path`` keeps (of ``table_rows``) for blocks that read
+    ``distinct_ids`` distinct word ids (the model's extra rows included) in sequences of
+    ``sequence_length`` tokens: what :func:`compact_block` keeps, given counts instead of ids
+    (planning a kernel ahead, :func:`ntk.planning.kernel_programs`)."""
+    if re.search(POSITION_TABLE, path):
+        # BERT reads positions 0..T-1; RoBERTa padding_idx + 1..T, padding_idx = 1.
+        return min(table_rows, sequence_length + 2)
+    size = -(-distinct_ids // ROW_BUCKET) * ROW_BUCKET
+    return min(size, table_rows)  # all rows when nothing is gained
+
+
 def _rows_of(path: str, table_rows: int, blocks: Sequence[PyTree], extra: np.ndarray) -> np.ndarray:
     """Sorted ids of the rows of table ``path`` that ``blocks`` read, padded to a fixed size."""
+    seq = max(np.shape(b["input_ids"])[1] for b in blocks)
     if re.search(POSITION_TABLE, path):
-        seq = max(np.shape(b["input_ids"])[1] for b in blocks)
-        # BERT reads positions 0..T-1; RoBERTa padding_idx + 1..T, padding_idx = 1.
-        return np.arange(min(table_rows, seq + 2), dtype=np.int32)
+        return np.arange(kept_rows(path, table_rows, 0, seq), dtype=np.int32)
     ids = np.unique(np.concatenate([np.ravel(b["input_ids"]) for b in blocks] + [np.ravel(extra)]))
-    size = -(-len(ids) // ROW_BUCKET) * ROW_BUCKET
+    size = kept_rows(path, table_rows, len(ids), seq)
     if size >= table_rows:  # nothing to gain: all rows, in order
         return np.arange(table_rows, dtype=np.int32)
     pad = table_rows + np.arange(size - len(ids))  # sentinels above every id: never read

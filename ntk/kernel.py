@@ -74,8 +74,10 @@ from lora_jax.rows import num_rows, take_rows
 from ntk import _kernel_cache, _mesh, _padding
 from ntk._compat import nt
 from ntk._jacobians import (
+    GRAM_CHUNK,
     cross_program,
     fused_program,
+    gram_chunk,
     jacobian_bytes,
     jacobian_program,
     kept_spec,
@@ -186,6 +188,7 @@ class KernelOptions:
     sizes: tuple[int, int]  # rows of x1, rows of x2 per block
     dtype: Any
     kernel: Kernel = Kernel.SGD
+    gram_chunk: int | None = GRAM_CHUNK  # columns per Gram slice (ntk._jacobians.gram_chunk)
 
     @property
     def batch_diagonal(self) -> bool:
@@ -294,7 +297,9 @@ def block_program(
 
     if opts.kernel != Kernel.SGD:  # per-example gradients and their signs (ntk._jacobians)
         signs = opts.kernel.signs
-        return sign_block_program(f, fn_key, opts.trace, opts.diag, xa, xb, params, signs)
+        return sign_block_program(
+            f, fn_key, opts.trace, opts.diag, xa, xb, params, signs, opts.gram_chunk
+        )
 
     def lower():
         check_outputs(jax.eval_shape(f, params, xa), xa, where="f")
@@ -604,6 +609,7 @@ def empirical_ntk_fn(
     )
     info = model_info or ModelInfo()
     _mesh.check_mesh(mesh, data_axis, fsdp_axis)
+    opts = dataclasses.replace(opts, gram_chunk=gram_chunk(mesh, fsdp_axis))
     on_mesh = (lambda x: x) if mesh is None else (lambda x: _mesh.rows_on_mesh(x, mesh, data_axis))
     chosen: dict[str, NtkImplementation] = {}  # AUTO's choice, made on the first block
     limit_fn = (lambda: memory_limit_bytes) if memory_limit_bytes else available_memory
@@ -700,7 +706,9 @@ def _kept_jacobians_kernel(
     n1 = num_rows(x1)
     if x2 is None and n1 <= sizes[0]:  # one block: Jacobians and their Gram in one program
         xa = prepare(x1)
-        exe = fused_program(f, fn_key, opts.trace, opts.diag, xa, params, opts.kernel.signs)
+        exe = fused_program(
+            f, fn_key, opts.trace, opts.diag, xa, params, opts.kernel.signs, opts.gram_chunk
+        )
         if required_bytes(exe) <= limit:
             place(exe(params, xa), 0, 0)
             return True
@@ -709,7 +717,9 @@ def _kept_jacobians_kernel(
     joined = _joined(x1, x2) if x2 is not None and n1 <= sizes[0] else None
     if joined is not None and num_rows(x2) <= sizes[1]:  # one block each: one program
         x = prepare(joined)
-        exe = pair_program(f, fn_key, opts.trace, opts.diag, x, n1, params, opts.kernel.signs)
+        exe = pair_program(
+            f, fn_key, opts.trace, opts.diag, x, n1, params, opts.kernel.signs, opts.gram_chunk
+        )
         if required_bytes(exe) <= limit:
             place(exe(params, x), 0, 0)
             return True
@@ -728,6 +738,7 @@ def _kept_jacobians_kernel(
         lambda items: _progress(items, progress),
         prepare,
         opts.kernel.signs,
+        opts.gram_chunk,
     )
     return True
 
@@ -769,7 +780,9 @@ def _jacobians_fit(f, fn_key, params, x1, x2, sizes, opts, limit: int, prepare) 
         xa = prepare(take_rows(x1, (n1 - 1) // sizes[0] * sizes[0], sizes[0], n1))
         num_outputs = jax.eval_shape(f, params, xa).shape[1]
         kept = [kept_spec(params, b2, num_outputs)] * blocks2
-        exe = cross_program(f, fn_key, opts.trace, opts.diag, xa, kept, params, signs[0])
+        exe = cross_program(
+            f, fn_key, opts.trace, opts.diag, xa, kept, params, signs[0], opts.gram_chunk
+        )
         need = max(need, required_bytes(exe))
     return need <= limit
 

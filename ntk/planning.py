@@ -21,20 +21,24 @@ Example (a sketch: ``output_fn``, the shapes and ``mesh`` are the caller's):
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
+from lora_jax import params as params_lib
 from lora_jax.errors import ConfigError
 from ntk import _jacobians, _mesh
+from ntk.compact import ROWS_PREFIX, compact_fn, compactable_tables, kept_rows
 from ntk.kernel import Axes, NtkImplementation, _reuse_jacobians, block_fn, kernel_options
 from ntk.optimizer import Kernel
 
 PyTree = Any
 
-__all__ = ["KernelProgram", "kernel_programs"]
+__all__ = ["KernelProgram", "compacted_tables", "kernel_programs"]
 
 
 class KernelProgram(NamedTuple):
@@ -57,6 +61,58 @@ def _block(x: PyTree, rows: int, mesh: Mesh, axis: str) -> PyTree:
         ),
         x,
     )
+
+
+def compacted_tables(
+    params: PyTree, embedding_rows: np.ndarray | None, distinct_ids: int, sequence_length: int
+) -> dict[str, int]:
+    """The embedding tables a kernel compacts (:mod:`ntk.compact`) and the rows each keeps, for
+    :func:`kernel_programs` ``(compacted=...)``.
+
+    Args:
+      params: the differentiated parameters (nested dict; shapes suffice).
+      embedding_rows: ``ModelInfo.embedding_rows`` of the model (None: nothing compacted).
+      distinct_ids: distinct word ids the kernel's rows read, the model's extra rows included
+        (counted from the data, or bounded by ``rows * sequence_length + extra``).
+      sequence_length: tokens per row.
+
+    Returns:
+      ``{dotted path: rows kept}`` (empty when the model names no embedding rows).
+    """
+    flat = params_lib.flatten(params) if isinstance(params, dict) else {}
+    return {
+        path: kept_rows(path, int(flat[path].shape[0]), distinct_ids, sequence_length)
+        for path in compactable_tables(embedding_rows, params)
+    }
+
+
+def _compacted(g: Callable, params: PyTree, x1: PyTree, x2: PyTree | None, tables):
+    """``g``, ``params``, ``x1`` and ``x2`` as the kernel runs them with ``tables``
+    (``{path: rows}``) compacted: each table cut to its rows, each batch carrying the rows'
+    ids (``ntk.compact.compact_block``), ``g`` reading them (``ntk.compact.compact_fn``)."""
+    flat = params_lib.flatten(params) if isinstance(params, dict) else {}
+    unknown = sorted(set(tables) - set(flat))
+    if unknown:
+        raise ConfigError(
+            f"compacted names {unknown}, which are not leaves of params; pass the tables that "
+            "compacted_tables(params, ...) returns."
+        )
+    for path, rows in tables.items():
+        a = flat[path]
+        flat[path] = jax.ShapeDtypeStruct((int(rows), *a.shape[1:]), a.dtype)
+
+    def with_rows(x):
+        n = _rows(x)
+        ids = {
+            ROWS_PREFIX + p: jax.ShapeDtypeStruct((n, int(r)), jnp.int32) for p, r in tables.items()
+        }
+        return {**x, **ids}
+
+    def g_c(base, p, x):
+        return compact_fn(functools.partial(g, base), tuple(tables))(p, x)
+
+    x2 = None if x2 is None else with_rows(x2)
+    return g_c, params_lib.unflatten(flat), with_rows(x1), x2
 
 
 def _placed(tree: PyTree, mesh: Mesh, fsdp_axis: str | None) -> PyTree:
@@ -94,6 +150,7 @@ def kernel_programs(
     kernel: Kernel | str = Kernel.SGD,
     data_axis: str = "data",
     fsdp_axis: str | None = None,
+    compacted: Mapping[str, int] | None = None,
 ) -> list[KernelProgram]:
     """The programs of ``empirical_ntk_fn(f, ..., mesh=mesh)(x1, x2, params)`` with
     ``f(p, x) = g(base, p, x)``, and how often each runs.
@@ -109,6 +166,11 @@ def kernel_programs(
       trace_axes, diagonal_axes, vmap_axes, implementation, batch_size, kernel, data_axis,
         fsdp_axis: as :func:`ntk.empirical_ntk_fn` (``implementation`` not AUTO, which
         chooses by running).
+      compacted: ``{dotted path: rows}`` of the embedding tables in ``params`` that the kernel
+        compacts (:func:`compacted_tables`; a model whose ``ModelInfo`` names
+        ``embedding_rows``, such as ``ntk.kernel_model(output_fn, params, 'all')``): the
+        programs take those tables cut to their rows and the rows' ids in each batch, as the
+        kernel runs them. None: dense tables.
 
     Returns:
       :class:`KernelProgram` s in the order a kernel runs them.
@@ -132,6 +194,9 @@ def kernel_programs(
             f"mesh has axes {mesh.axis_names}: pass data_axis (rows) and fsdp_axis (None, or "
             "another of its axes) among them."
         )
+    if compacted:
+        g, params, x1, x2 = _compacted(g, params, x1, x2, dict(compacted))
+    chunk = _jacobians.gram_chunk(mesh, fsdp_axis)  # as the kernel picks it on this mesh
     n1 = _rows(x1)
     if x2 is None and not opts.kernel.symmetric and n1 > opts.sizes[0]:
         x2 = x1  # as ntk_fn: K(x1, x1) is not symmetric, every block is computed
@@ -150,11 +215,11 @@ def kernel_programs(
 
     if _reuse_jacobians(opts):  # per-example Jacobians kept across blocks (ntk._jacobians)
         if x2 is None and n1 <= b1:
-            body = bound(lambda f: _jacobians.fused_fn(f, trace, diag, signs))
+            body = bound(lambda f: _jacobians.fused_fn(f, trace, diag, signs, chunk))
             return [_program(f"fused ({b1} rows)", 1, body, base, params, block(x1, b1))]
         if x2 is not None and n1 <= b1 and n2 <= b2:  # one block each: their rows joined
             rows = -(-(n1 + n2) // m) * m
-            body = bound(lambda f: _jacobians.pair_fn(f, trace, diag, n1, signs))
+            body = bound(lambda f: _jacobians.pair_fn(f, trace, diag, n1, signs, chunk))
             return [_program(f"pair ({n1} + {n2} rows)", 1, body, base, params, block(x1, rows))]
         side = x1 if x2 is None else x2
         jac = _program(
@@ -171,20 +236,24 @@ def kernel_programs(
             @functools.cache
             def contract():
                 spec = _kept(jac)
-                return jax.jit(_jacobians.contraction_fn(trace, diag)).lower(spec, spec).compile()
+                return (
+                    jax.jit(_jacobians.contraction_fn(trace, diag, chunk))
+                    .lower(spec, spec)
+                    .compile()
+                )
 
             return [jac, KernelProgram(f"contraction ({b1} x {b1} rows)", contract, pairs)]
 
         @functools.cache
         def cross():
             kept = [_kept(jac)] * blocks2
-            body = bound(lambda f: _jacobians.cross_fn(f, trace, diag, signs[0]))
+            body = bound(lambda f: _jacobians.cross_fn(f, trace, diag, signs[0], chunk))
             return jax.jit(body).lower(base, params, block(x1, b1), kept).compile()
 
         name = f"cross x1 ({b1} rows) x {blocks2} kept"
         return [jac, KernelProgram(name, cross, blocks1)]
     if opts.kernel != Kernel.SGD:
-        make = lambda f: _jacobians.sign_block_fn(f, trace, diag, signs)  # noqa: E731
+        make = lambda f: _jacobians.sign_block_fn(f, trace, diag, signs, chunk)  # noqa: E731
     else:
         make = lambda f: block_fn(f, opts.implementation, opts)  # noqa: E731
     what = f"block, {opts.implementation.name}"

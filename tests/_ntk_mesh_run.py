@@ -13,15 +13,22 @@ from jax.sharding import AxisType
 
 import ntk
 from lora_jax import lora, models
+from lora_jax import params as params_lib
 from lora_jax.readout import make_output_fn
 from lora_jax.rows import take_rows
-from ntk import _programs, planning
+from ntk import _jacobians, _programs, planning
+from ntk.compact import compact_block
+
+
+def flat_rows(params, path):
+    """Rows of the table at ``path`` in ``params``."""
+    return params_lib.flatten(params)[path].shape[0]
 
 
 def problem():
     cfg = models.EncoderConfig(
         model_type="roberta",
-        vocab_size=40,
+        vocab_size=1100,  # above ntk.compact.ROW_BUCKET: the word table is compacted
         hidden_size=16,
         num_hidden_layers=1,
         num_attention_heads=2,
@@ -51,27 +58,30 @@ def batch(n, seed, t=12):
     }
 
 
-def planned(mesh, output_fn, params, adapters, lcfg, kernel, x1, x2, size, impl):
-    """The kernel computed by running the programs ``ntk.planning.kernel_programs`` lists (the
-    frozen base an argument), assembled block by block; and their names and runs."""
-
-    def g(base, a, x):
-        return output_fn(lora.apply(base, a, lcfg), x)
-
+def planned(mesh, g, base, params, x1, x2, size, impl, kernel, fsdp_axis=None, compacted=None,
+            embedding_rows=None):  # fmt: skip
+    """The kernel computed by running the programs ``ntk.planning.kernel_programs`` lists for
+    ``f(p, x) = g(base, p, x)`` (``base`` an argument), assembled block by block; and their
+    names and runs. With ``compacted`` the tables are cut as the kernel cuts them for all the
+    rows (``ntk.compact.compact_block``, with the model's ``embedding_rows``), and the
+    programs planned from ``compacted`` (``{path: rows}``)."""
     spec = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)  # noqa: E731
     progs = planning.kernel_programs(
-        g, spec(params), spec(adapters), spec(x1), spec(x2), mesh=mesh, trace_axes=(),
-        vmap_axes=0, implementation=impl, batch_size=size, kernel=kernel,
+        g, spec(base), spec(params), spec(x1), spec(x2), mesh=mesh, trace_axes=(),
+        vmap_axes=0, implementation=impl, batch_size=size, kernel=kernel, fsdp_axis=fsdp_axis,
+        compacted=compacted,
     )  # fmt: skip
+    if compacted:
+        params, (x1, x2) = compact_block(embedding_rows, params, [x1, x2], tuple(compacted))
     n1, n2 = len(x1["input_ids"]), len(x2["input_ids"])
     out = np.zeros((n1, n2, 2, 2))
     if len(progs) == 2:  # kept Jacobians of x2, then each block of x1 against them
         jac, cross = (p.compile() for p in progs)
         b2 = jac.out_info[0][0].shape[0]  # per leaf, K Jacobians [b2, P_leaf]
         b1 = cross.out_info[0].shape[0]  # per kept block, [b1, b2, K, K]
-        kept = [jac(params, adapters, take_rows(x2, j, b2, n2)) for j in range(0, n2, b2)]
+        kept = [jac(base, params, take_rows(x2, j, b2, n2)) for j in range(0, n2, b2)]
         for i in range(0, n1, b1):
-            blocks = cross(params, adapters, take_rows(x1, i, b1, n1), kept)
+            blocks = cross(base, params, take_rows(x1, i, b1, n1), kept)
             for j, block in zip(range(0, n2, b2), blocks, strict=True):
                 r1, r2 = min(b1, n1 - i), min(b2, n2 - j)
                 out[i : i + r1, j : j + r2] = np.asarray(block)[:r1, :r2]
@@ -80,7 +90,7 @@ def planned(mesh, output_fn, params, adapters, lcfg, kernel, x1, x2, size, impl)
         b1, b2 = exe.out_info.shape[:2]
         for i in range(0, n1, b1):
             for j in range(0, n2, b2):
-                block = exe(params, take_rows(x1, i, b1, n1), take_rows(x2, j, b2, n2), adapters)
+                block = exe(base, take_rows(x1, i, b1, n1), take_rows(x2, j, b2, n2), params)
                 r1, r2 = min(b1, n1 - i), min(b2, n2 - j)
                 out[i : i + r1, j : j + r2] = np.asarray(block)[:r1, :r2]
     return out, [(p.name, p.runs) for p in progs]
@@ -142,12 +152,35 @@ def main():
     f, sub, info = lora_model
     kwargs = dict(trace_axes=(), vmap_axes=0, batch_size=(3, 5), model_info=info)
     asigngd = ntk.empirical_ntk_fn(f, kernel="asigngd", implementation=1, **kwargs)(x1, x2, sub)
+
+    def g(base, a, x):
+        return output_fn(lora.apply(base, a, lcfg), x)
+
     for name, kernel, size, impl, one in (
         ("asigngd", "asigngd", (3, 5), 1, asigngd.tolist()),
         ("sgd", "sgd", 8, 3, out["sgd-structured"]["one"]),
     ):
-        k, progs = planned(mesh, output_fn, params, adapters, lcfg, kernel, x1, x2, size, impl)
+        k, progs = planned(mesh, g, params, adapters, x1, x2, size, impl, kernel)
         out[f"planned-{name}"] = {"mesh": k.tolist(), "one": one, "programs": progs}
+    # All weights, tables compacted (planned from counts), parameters over fsdp: the programs
+    # of the asigngd-fsdp-blocks case.
+    f, sub, info = all_model
+    ids = np.concatenate([np.ravel(x["input_ids"]) for x in (x1, x2)] + [info.embedding_rows])
+    tables = planning.compacted_tables(sub, info.embedding_rows, len(np.unique(ids)), 12)
+    k, progs = planned(
+        mesh2, lambda _, p, x: f(p, x), {}, sub, x1, x2, (4, 8), 1, "asigngd", "fsdp", tables,
+        info.embedding_rows,
+    )  # fmt: skip
+    out["planned-all-compacted"] = {
+        "mesh": k.tolist(),
+        "one": out["asigngd-fsdp-blocks"]["one"],
+        "programs": progs,
+        "tables": {p: [r, int(flat_rows(sub, p))] for p, r in tables.items()},
+        "gram_chunk": {
+            "data": _jacobians.gram_chunk(mesh, None),
+            "fsdp": _jacobians.gram_chunk(mesh2, "fsdp"),
+        },
+    }
     print(json.dumps(out))
 
 

@@ -164,6 +164,39 @@ def tiny_linearized(topology: str) -> dict:
     }
 
 
+def tiny_all_weights(topology: str) -> dict:
+    """The all-weights eNTK of the tiny encoder with a 2,048-row word table (``experiments.plan
+    --all-weights-kernel``), on a ``data x fsdp=2`` mesh: the table compacted for 300 distinct
+    ids (512 rows kept) and dense (2,048 distinct ids: all rows); and the Gram slicing the
+    kernel picks for TPU meshes."""
+    from ntk import _jacobians
+
+    directory = tempfile.mkdtemp()
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump({**TINY, "vocab_size": 2048}, f)
+    cfg = get_config(
+        "default", model=directory, tasks=("mr",), methods=("lora",), seeds=(13,), ranks=(8,),
+        max_length=16, test_cap=100, ntk_kernel="sgd",
+    )  # fmt: skip
+    devices = topologies.devices(topology)
+    mesh = sh.make_mesh({"data": len(devices) // 2, "fsdp": 2}, devices=devices)
+    cell, encoder = jobs.Cell("mr", "lora", 8, 13), plan_lib.encoder_shapes(cfg)
+    out = {
+        name: [
+            _program(p)
+            for p in plan_lib.plan_kernels(
+                cfg, cell, encoder, 2, mesh, all_weights=True, distinct_tokens=distinct
+            )
+        ]
+        for name, distinct in (("compacted", 300), ("dense", 2048))
+    }
+    out["gram_chunk"] = {
+        "fsdp": _jacobians.gram_chunk(mesh, "fsdp"),
+        "data": _jacobians.gram_chunk(_data_mesh(topology)[1], None),
+    }
+    return out
+
+
 # A 3-layer, hidden-32 RoBERTa config.json, its first two layers under the layer scan (as a
 # 24-layer encoder's 23: encoder.SCAN_MIN_LAYERS lowered while it compiles), so its backward
 # pass yields the adapters' gradients layer by layer.
@@ -207,6 +240,7 @@ CASES = {
     "tiny_plan": tiny_plan,
     "tiny_job": tiny_job,
     "tiny_ntk": tiny_ntk,
+    "tiny_all_weights": tiny_all_weights,
     "tiny_linearized": tiny_linearized,
     "deep_train": deep_train,
 }

@@ -62,6 +62,11 @@ def test_kernel_on_8_devices_equals_one_device(runs, case):
         # 10 x 12 rows in blocks of (3, 5), rounded up to the 8 devices: 2 blocks a side.
         ("planned-asigngd", [["jacobian x2 (8 rows)", 2], ["cross x1 (8 rows) x 2 kept", 2]]),
         ("planned-sgd", [["block, STRUCTURED_DERIVATIVES (8 x 8 rows)", 4]]),
+        # All weights on the 4 x 2 mesh, tables compacted: blocks of (4, 8) rows.
+        (
+            "planned-all-compacted",
+            [["jacobian x2 (8 rows)", 2], ["cross x1 (4 rows) x 2 kept", 3]],
+        ),
     ],
 )
 def test_planned_programs_compute_the_kernel(runs, case, programs):
@@ -70,6 +75,20 @@ def test_planned_programs_compute_the_kernel(runs, case, programs):
     run = runs[case]
     assert run["programs"] == programs
     np.testing.assert_allclose(run["mesh"], run["one"], rtol=1e-10, atol=1e-10)
+
+
+def test_planned_all_weights_kernel_compacts_the_tables(runs):
+    """The all-weights kernel is planned on tables cut as ntk.compact cuts them (the word
+    table to 512 of its 1,100 rows, the positions to T + 2 = 14 of 24); run on them, the
+    programs give one device's dense-table kernel (the case above). With the weights split
+    over fsdp each Gram product is one matrix product; on CPU devices otherwise, column
+    slices."""
+    assert runs["planned-all-compacted"]["gram_chunk"] == {"data": 4096, "fsdp": None}
+    tables = runs["planned-all-compacted"]["tables"]
+    assert tables == {
+        "roberta.embeddings.word_embeddings.embedding": [512, 1100],
+        "roberta.embeddings.position_embeddings.embedding": [14, 24],
+    }
 
 
 def test_planning_refuses_auto():

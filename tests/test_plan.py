@@ -11,6 +11,8 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from lora_jax import topologies
@@ -35,6 +37,7 @@ TPU_CASES = (
     "tiny_plan:v4-8:float32:eval",
     "tiny_job:v4-16",
     "tiny_ntk:v4-16:asigngd",
+    "tiny_all_weights:v4-16",
     "tiny_linearized:v4-16",
     "deep_train:v4-16:bfloat16",
 )
@@ -226,6 +229,42 @@ def test_ntk_kernels_compile_for_two_hosts(compiled):
         assert 0 < p["argument_bytes"] <= p["peak_bytes"] < topologies.CHIPS["v4"].hbm_bytes
         assert p["flops"] > 0
     assert f"| {both}: cross x1 (128 rows) x 1 kept |" in got["table"]
+
+
+@needs_libtpu
+def test_all_weights_kernel_compiles_compacted_on_fsdp(compiled):
+    """``--all-weights-kernel`` on v4-16 split ``data=4, fsdp=2``: the kernel over every weight
+    of the tiny encoder (word table of 2,048 rows) compiles with the kept train Jacobians and
+    the 132 rows in blocks of 128. Compacted to 512 rows (300 distinct ids), the kept Jacobians
+    and the cross program's arguments and FLOPs are smaller than with the dense table. On TPU
+    meshes, and wherever the weights split over fsdp, each Gram product is one matrix product
+    (no column slices, which gather a split matrix at every slice)."""
+    got = compiled["tiny_all_weights:v4-16"]
+    both = "ntk sgd all weights K([train; test] 132 x train 32)"
+    for planned in (got["compacted"], got["dense"]):
+        assert [(p["name"], p["runs"]) for p in planned] == [
+            (f"{both}: jacobian x2 (32 rows)", 1),
+            (f"{both}: cross x1 (128 rows) x 1 kept", 2),
+        ]
+        for p in planned:
+            assert 0 < p["argument_bytes"] <= p["peak_bytes"] < topologies.CHIPS["v4"].hbm_bytes
+    (jac_c, cross_c), (jac_d, cross_d) = got["compacted"], got["dense"]
+    assert cross_c["argument_bytes"] < cross_d["argument_bytes"]
+    assert cross_c["flops"] < cross_d["flops"] and jac_c["peak_bytes"] < jac_d["peak_bytes"]
+    assert got["gram_chunk"] == {"fsdp": None, "data": None}
+
+
+def test_gram_slices_on_cpu_weights_not_split():
+    """The Gram products run in column slices (fast on XLA:CPU) on CPU devices whose weights
+    are not split over an fsdp axis of more than one device (``tests/test_ntk_mesh.py``: not
+    with fsdp=2; the test above: not on TPU)."""
+    from ntk import _jacobians
+
+    devices = jax.devices()[:1]
+    one = jax.sharding.Mesh(np.array(devices).reshape(1, 1), ("data", "fsdp"))
+    assert _jacobians.gram_chunk(None, None) == _jacobians.GRAM_CHUNK
+    assert _jacobians.gram_chunk(one, None) == _jacobians.GRAM_CHUNK
+    assert _jacobians.gram_chunk(one, "fsdp") == _jacobians.GRAM_CHUNK  # fsdp of 1: not split
 
 
 @needs_libtpu
