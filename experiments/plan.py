@@ -9,7 +9,9 @@ programs the run would execute: each job's training chunk
 (``lora_jax.programs.job_programs``, placed as ``lora_jax.train.fit_job`` places it) and its
 dev and test evaluation, and with ``--ntk`` each LoRA cell's analysis: its linearized model's
 training (:func:`plan_linearized`) and its eNTK programs as ``ntk.empirical_ntk_fn`` would run
-them on the mesh (:func:`plan_kernels`). Shapes only: the encoder's ``config.json`` (shipped
+them on the mesh (:func:`plan_kernels`); with ``--all-weights-kernel`` also the eNTK over every
+weight of the run's tasks, embedding tables compacted (``--distinct-tokens`` sizes the word
+table), its weights split over the mesh's ``fsdp`` axis when it has one. Shapes only: the encoder's ``config.json`` (shipped
 in ``experiments/hub_configs/`` for the paper's hub encoders, so no download and no weights),
 the tasks' class counts, ``k`` and ``max_length`` (every split padded to it: an upper bound of the
 run's own padding). Per device it prints peak memory against the chip's HBM, matmul FLOPs per

@@ -21,11 +21,12 @@ their Gram matrix together), so XLA frees each leaf's Jacobian once it is contra
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lora_jax.rows import num_rows, take_rows
 from ntk._programs import compiled
@@ -40,13 +41,14 @@ __all__ = [
     "contraction_program",
     "cross_fn",
     "cross_program",
+    "Layout",
     "fused_fn",
-    "gram_chunk",
     "fused_program",
     "jacobian_bytes",
     "jacobian_fn",
     "jacobian_program",
     "kept_spec",
+    "layout",
     "pair_fn",
     "pair_program",
     "reused_kernel",
@@ -83,21 +85,51 @@ def _columns(parts: list, start: Any, width: int) -> jax.Array:
     return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=0)
 
 
-def gram_chunk(mesh: Any, fsdp_axis: str | None) -> int | None:
-    """Columns per slice of each Gram product for a kernel on ``mesh`` (None: one device):
-    :data:`GRAM_CHUNK` on CPU devices, where slices that stay in cache run faster (see
-    :func:`_gram`); None (one product) on accelerators, whose matrix units take the long
-    contraction whole, and wherever the parameters split over ``fsdp_axis``: a slice of a split
-    column axis gathers the whole matrix at every step, while one product multiplies each
-    device's columns and reduces the ``[b1, b2]`` partial sums across the axis."""
+class Layout(NamedTuple):
+    """Where a kernel's per-example Jacobians live and how their Gram products run.
+
+    ``chunk``: columns per slice of each Gram product (None: one product; see :func:`_gram`).
+    ``sharding``: the placement of every ``[b, P]`` Jacobian matrix (rows over the mesh's data
+    axis, columns over its fsdp axis), or None (one device: XLA's choice)."""
+
+    chunk: int | None = GRAM_CHUNK
+    sharding: Any = None
+
+
+DEFAULT_LAYOUT = Layout()  # one device's, with the default Gram slices
+
+
+def layout(mesh: Any, data_axis: str = "data", fsdp_axis: str | None = None) -> Layout:
+    """The :class:`Layout` of a kernel on ``mesh`` (None: one device).
+
+    Column slices (:data:`GRAM_CHUNK`) on CPU devices, where slices that stay in cache run
+    faster; one product on accelerators, whose matrix units take the long contraction whole,
+    and wherever the parameters split over ``fsdp_axis``: a slice of a split column axis gathers
+    the whole matrix at every step, while one product multiplies each device's columns and
+    reduces the ``[b1, b2]`` partial sums across the axis. On a mesh each Jacobian matrix keeps
+    its rows over ``data_axis`` and its columns over ``fsdp_axis``, as the parameters it
+    differentiates: left to XLA, the per-example gradients of a split embedding table were
+    gathered whole."""
     devices = jax.devices() if mesh is None else list(mesh.devices.flat)
     split = mesh is not None and fsdp_axis is not None and int(mesh.shape[fsdp_axis]) > 1
-    return GRAM_CHUNK if devices[0].platform == "cpu" and not split else None
+    chunk = GRAM_CHUNK if devices[0].platform == "cpu" and not split else None
+    if mesh is None:
+        return Layout(chunk)
+    return Layout(
+        chunk, NamedSharding(mesh, PartitionSpec(data_axis, fsdp_axis if split else None))
+    )
+
+
+def _placed(j: list, lay: Layout) -> list:
+    """The Jacobian matrices of ``j`` (per leaf, K ``[b, P]``) held where ``lay`` puts them."""
+    if lay.sharding is None:
+        return j
+    return [[jax.lax.with_sharding_constraint(m, lay.sharding) for m in parts] for parts in j]
 
 
 def _gram(pa: list, pb: list, chunk: int | None = GRAM_CHUNK) -> jax.Array:
     """``A @ B.T`` of the row-wise joins ``A``, ``B`` of ``pa``, ``pb`` (``[b, P]`` each): a
-    loop over column slices of ``chunk`` (None: one product, see :func:`gram_chunk`). XLA:CPU
+    loop over column slices of ``chunk`` (None: one product, see :func:`layout`). XLA:CPU
     runs one product with a long contraction and a small output well below its GEMM rate;
     slices that stay in cache run near it, and joining slices instead of whole matrices copies
     nothing large (benchmarks/bench_ntk.py)."""
@@ -117,20 +149,20 @@ def _gram(pa: list, pb: list, chunk: int | None = GRAM_CHUNK) -> jax.Array:
 
 
 def _contract(
-    ja: list, jb: list, trace: tuple, diag: tuple, chunk: int | None = GRAM_CHUNK
+    ja: list, jb: list, trace: tuple, diag: tuple, lay: Layout = DEFAULT_LAYOUT
 ) -> jax.Array:
     """``sum_leaves A @ B.T`` of two blocks' Jacobians (per leaf, K ``[b, P]`` matrices; see
     :func:`_jacobian_rows`), in nt's layout: ``[b1, b2, K, K]``, or ``[b1, b2]`` traced (the
-    mean over k), or ``[b1, b2, K]`` diagonal. ``chunk``: as :func:`_gram`."""
+    mean over k), or ``[b1, b2, K]`` diagonal, as ``lay`` runs it (:func:`layout`)."""
     b1, b2, num_outputs = ja[0][0].shape[0], jb[0][0].shape[0], len(ja[0])
     if 1 in trace or 1 in diag:  # only the (k, k) blocks
 
         def block_kk(k):  # (b1, b2): output k of x1 with output k of x2
-            return sum(_gram([a[k]], [b[k]], chunk) for a, b in zip(ja, jb, strict=True))
+            return sum(_gram([a[k]], [b[k]], lay.chunk) for a, b in zip(ja, jb, strict=True))
 
         per_k = jnp.stack([block_kk(k) for k in range(num_outputs)], axis=-1)  # (b1, b2, K)
         return per_k.mean(-1) if 1 in trace else per_k
-    gram = sum(_gram(a, b, chunk) for a, b in zip(ja, jb, strict=True))  # (K b1, K b2)
+    gram = sum(_gram(a, b, lay.chunk) for a, b in zip(ja, jb, strict=True))  # (K b1, K b2)
     return gram.reshape(num_outputs, b1, num_outputs, b2).transpose(1, 3, 0, 2)
 
 
@@ -139,40 +171,45 @@ def _sign(j: list, on: bool) -> list:
     return [[jnp.sign(m) for m in parts] for parts in j] if on else j
 
 
-def jacobian_fn(f: Callable, sign: bool = False) -> Callable:
+def jacobian_fn(f: Callable, sign: bool = False, lay: Layout = DEFAULT_LAYOUT) -> Callable:
     """``(params, x) -> J``: per leaf, K ``[b, P_leaf]`` per-example Jacobians (their signs
-    with ``sign``)."""
-    return lambda p, x: _sign(_jacobian_rows(f, p, x), sign)
+    with ``sign``), placed as ``lay`` says (:func:`layout`)."""
+    return lambda p, x: _sign(_placed(_jacobian_rows(f, p, x), lay), sign)
 
 
 def jacobian_program(
-    f: Callable, fn_key: tuple, x: PyTree, params: PyTree, sign: bool = False
+    f: Callable,
+    fn_key: tuple,
+    x: PyTree,
+    params: PyTree,
+    sign: bool = False,
+    lay: Layout = DEFAULT_LAYOUT,
 ) -> Any:
     """Compiled :func:`jacobian_fn`."""
 
     def lower():
-        return jax.jit(jacobian_fn(f, sign)).lower(params, x)
+        return jax.jit(jacobian_fn(f, sign, lay)).lower(params, x)
 
     what = ("jacobian", "sign") if sign else ("jacobian",)
-    return compiled(f, fn_key, what, lower, (params, x))
+    return compiled(f, fn_key, (*what, *_layout_key(lay)), lower, (params, x))
 
 
-def contraction_fn(trace: tuple, diag: tuple, chunk: int | None = GRAM_CHUNK) -> Callable:
+def contraction_fn(trace: tuple, diag: tuple, lay: Layout = DEFAULT_LAYOUT) -> Callable:
     """``(ja, jb) -> block`` (see :func:`_contract`)."""
 
     def contract(ja, jb):
-        return _contract(ja, jb, trace, diag, chunk)
+        return _contract(ja, jb, trace, diag, lay)
 
     return contract
 
 
 def contraction_program(
-    trace: tuple, diag: tuple, ja: list, jb: list, chunk: int | None = GRAM_CHUNK
+    trace: tuple, diag: tuple, ja: list, jb: list, lay: Layout = DEFAULT_LAYOUT
 ) -> Any:
     """Compiled ``(ja, jb) -> block`` (see :func:`_contract`)."""
 
-    contract = contraction_fn(trace, diag, chunk)
-    key = ("content", "contract", trace, diag, *_chunk_key(chunk))  # fixed by these and shapes
+    contract = contraction_fn(trace, diag, lay)
+    key = ("content", "contract", trace, diag, *_layout_key(lay))  # fixed by these and shapes
     return compiled(contract, key, (), lambda: jax.jit(contract).lower(ja, jb), (ja, jb))
 
 
@@ -181,15 +218,15 @@ def fused_fn(
     trace: tuple,
     diag: tuple,
     signs: tuple[bool, bool] = (False, False),
-    chunk: int | None = GRAM_CHUNK,
+    lay: Layout = DEFAULT_LAYOUT,
 ) -> Callable:
     """``(params, x) -> block``: the kernel of ``x`` with itself in one program (``signs``:
-    whether each side's gradients enter through their sign, ``ntk.Kernel.signs``; ``chunk``:
-    as :func:`gram_chunk`)."""
+    whether each side's gradients enter through their sign, ``ntk.Kernel.signs``; ``lay``:
+    as :func:`layout`)."""
 
     def kernel(p, x):
-        j = _jacobian_rows(f, p, x)
-        return _contract(_sign(j, signs[0]), _sign(j, signs[1]), trace, diag, chunk)
+        j = _placed(_jacobian_rows(f, p, x), lay)
+        return _contract(_sign(j, signs[0]), _sign(j, signs[1]), trace, diag, lay)
 
     return kernel
 
@@ -202,14 +239,14 @@ def fused_program(
     x: PyTree,
     params: PyTree,
     signs: tuple[bool, bool] = (False, False),
-    chunk: int | None = GRAM_CHUNK,
+    lay: Layout = DEFAULT_LAYOUT,
 ) -> Any:
     """Compiled :func:`fused_fn`."""
 
     def lower():
-        return jax.jit(fused_fn(f, trace, diag, signs, chunk)).lower(params, x)
+        return jax.jit(fused_fn(f, trace, diag, signs, lay)).lower(params, x)
 
-    what = ("fused", trace, diag, *_signs_key(signs), *_chunk_key(chunk))
+    what = ("fused", trace, diag, *_signs_key(signs), *_layout_key(lay))
     return compiled(f, fn_key, what, lower, (params, x))
 
 
@@ -218,9 +255,9 @@ def _signs_key(signs: tuple[bool, bool]) -> tuple:
     return () if not any(signs) else (("signs", *signs),)
 
 
-def _chunk_key(chunk: int | None) -> tuple:
-    """The program-key part of ``chunk``: empty for :data:`GRAM_CHUNK` (keys as before)."""
-    return () if chunk == GRAM_CHUNK else (("chunk", chunk),)
+def _layout_key(lay: Layout) -> tuple:
+    """The program-key part of ``lay``: empty for one device's default (keys as before)."""
+    return () if lay == DEFAULT_LAYOUT else (("layout", lay.chunk, str(lay.sharding)),)
 
 
 def pair_fn(
@@ -229,17 +266,17 @@ def pair_fn(
     diag: tuple,
     n1: int,
     signs: tuple[bool, bool] = (False, False),
-    chunk: int | None = GRAM_CHUNK,
+    lay: Layout = DEFAULT_LAYOUT,
 ) -> Callable:
     """``(params, x) -> block``: the kernel of rows ``x[:n1]`` with rows ``x[n1:]`` in one
     program (an ``x1`` and an ``x2`` of one block each, joined): one model to compile, not one
     for each side."""
 
     def kernel(p, x):
-        j = _jacobian_rows(f, p, x)
+        j = _placed(_jacobian_rows(f, p, x), lay)
         ja = [[m[:n1] for m in parts] for parts in j]
         jb = [[m[n1:] for m in parts] for parts in j]
-        return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag, chunk)
+        return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag, lay)
 
     return kernel
 
@@ -253,27 +290,27 @@ def pair_program(
     n1: int,
     params: PyTree,
     signs: tuple[bool, bool] = (False, False),
-    chunk: int | None = GRAM_CHUNK,
+    lay: Layout = DEFAULT_LAYOUT,
 ) -> Any:
     """Compiled :func:`pair_fn`."""
 
     def lower():
-        return jax.jit(pair_fn(f, trace, diag, n1, signs, chunk)).lower(params, x)
+        return jax.jit(pair_fn(f, trace, diag, n1, signs, lay)).lower(params, x)
 
-    what = ("pair", trace, diag, n1, *_signs_key(signs), *_chunk_key(chunk))
+    what = ("pair", trace, diag, n1, *_signs_key(signs), *_layout_key(lay))
     return compiled(f, fn_key, what, lower, (params, x))
 
 
 def cross_fn(
-    f: Callable, trace: tuple, diag: tuple, sign: bool = False, chunk: int | None = GRAM_CHUNK
+    f: Callable, trace: tuple, diag: tuple, sign: bool = False, lay: Layout = DEFAULT_LAYOUT
 ) -> Callable:
     """``(params, x, kept) -> [block with kept[0], block with kept[1], ...]``: the Jacobians of
     ``x`` (their signs with ``sign``) contracted with every kept block in one program (they
     are never a program output, so XLA frees each leaf's once it is contracted)."""
 
     def kernel(p, x, kept):
-        j = _sign(_jacobian_rows(f, p, x), sign)
-        return [_contract(j, jb, trace, diag, chunk) for jb in kept]
+        j = _sign(_placed(_jacobian_rows(f, p, x), lay), sign)
+        return [_contract(j, jb, trace, diag, lay) for jb in kept]
 
     return kernel
 
@@ -287,15 +324,15 @@ def cross_program(
     kept: list,
     params: PyTree,
     sign: bool = False,
-    chunk: int | None = GRAM_CHUNK,
+    lay: Layout = DEFAULT_LAYOUT,
 ) -> Any:
     """Compiled :func:`cross_fn`."""
 
     def lower():
-        return jax.jit(cross_fn(f, trace, diag, sign, chunk)).lower(params, x, kept)
+        return jax.jit(cross_fn(f, trace, diag, sign, lay)).lower(params, x, kept)
 
     what = ("cross", trace, diag, "sign") if sign else ("cross", trace, diag)
-    what = (*what, *_chunk_key(chunk))
+    what = (*what, *_layout_key(lay))
     return compiled(f, fn_key, what, lower, (params, x, kept))
 
 
@@ -326,7 +363,7 @@ def reused_kernel(
     jobs: Callable[[list], list],
     prepare: Callable[[PyTree], PyTree] = lambda x: x,
     signs: tuple[bool, bool] = (False, False),
-    chunk: int | None = GRAM_CHUNK,
+    lay: Layout = DEFAULT_LAYOUT,
 ) -> None:
     """Computes every block with reused Jacobians; ``place(block, i, j)`` stores each.
 
@@ -334,7 +371,7 @@ def reused_kernel(
     given, the block pairs of the upper triangle of ``x1`` with itself when ``x2=None``.
     ``prepare(block)`` maps each block of rows before it is differentiated (cuts padding).
     ``signs``: whether the gradients of x1 / x2 enter through their sign (``ntk.Kernel``);
-    with ``x2=None`` they must agree (a symmetric kernel). ``chunk``: as :func:`gram_chunk`.
+    with ``x2=None`` they must agree (a symmetric kernel). ``lay``: as :func:`layout`.
     """
     symmetric = x2 is None
     if symmetric and signs[0] != signs[1]:
@@ -346,20 +383,20 @@ def reused_kernel(
     kept = {}
     for j in range(0, n2, b2):
         xb = prepare(take_rows(rows2, j, b2, n2))
-        kept[j] = jacobian_program(f, fn_key, xb, params, signs[1])(params, xb)
+        kept[j] = jacobian_program(f, fn_key, xb, params, signs[1], lay)(params, xb)
     if not symmetric:  # each block of x1: its Jacobians and all its blocks in one program
         starts = list(kept)
         for i in jobs(list(range(0, n1, b1))):
             xa = prepare(take_rows(x1, i, b1, n1))
             exe = cross_program(
-                f, fn_key, trace, diag, xa, list(kept.values()), params, signs[0], chunk
+                f, fn_key, trace, diag, xa, list(kept.values()), params, signs[0], lay
             )
             for j, block in zip(starts, exe(params, xa, list(kept.values())), strict=True):
                 place(block, i, j)
         return
     pairs = [(a, b) for a in range(0, n1, b1) for b in range(a, n2, b2)]
     for i, j in jobs(pairs):
-        contract = contraction_program(trace, diag, kept[i], kept[j], chunk)
+        contract = contraction_program(trace, diag, kept[i], kept[j], lay)
         place(contract(kept[i], kept[j]), i, j)
 
 
@@ -368,16 +405,16 @@ def sign_block_fn(
     trace: tuple,
     diag: tuple,
     signs: tuple[bool, bool],
-    chunk: int | None = GRAM_CHUNK,
+    lay: Layout = DEFAULT_LAYOUT,
 ) -> Callable:
     """``(xa, xb, params) -> block`` (``xb`` None: ``xa`` with itself): one block of a kernel
     whose gradients enter through their signs (``ntk.Kernel``), both sides differentiated in the
     program: the per-block path when the kept Jacobians do not fit."""
 
     def kernel(a, b, p):
-        ja = _jacobian_rows(f, p, a)
-        jb = ja if b is None else _jacobian_rows(f, p, b)
-        return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag, chunk)
+        ja = _placed(_jacobian_rows(f, p, a), lay)
+        jb = ja if b is None else _placed(_jacobian_rows(f, p, b), lay)
+        return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag, lay)
 
     return kernel
 
@@ -391,15 +428,15 @@ def sign_block_program(
     xb: PyTree | None,
     params: PyTree,
     signs: tuple[bool, bool],
-    chunk: int | None = GRAM_CHUNK,
+    lay: Layout = DEFAULT_LAYOUT,
 ) -> Any:
     """Compiled :func:`sign_block_fn` (``(xa, params) -> block`` when ``xb`` is None)."""
 
     def lower():
-        kernel = sign_block_fn(f, trace, diag, signs, chunk)
+        kernel = sign_block_fn(f, trace, diag, signs, lay)
         if xb is None:
             return jax.jit(lambda a, p: kernel(a, None, p)).lower(xa, params)
         return jax.jit(kernel).lower(xa, xb, params)
 
-    what = ("block", trace, diag, *_signs_key(signs), *_chunk_key(chunk))
+    what = ("block", trace, diag, *_signs_key(signs), *_layout_key(lay))
     return compiled(f, fn_key, what, lower, (xa, xb, params))

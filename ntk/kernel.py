@@ -74,13 +74,14 @@ from lora_jax.rows import num_rows, take_rows
 from ntk import _kernel_cache, _mesh, _padding
 from ntk._compat import nt
 from ntk._jacobians import (
-    GRAM_CHUNK,
+    DEFAULT_LAYOUT,
+    Layout,
     cross_program,
     fused_program,
-    gram_chunk,
     jacobian_bytes,
     jacobian_program,
     kept_spec,
+    layout,
     pair_program,
     reused_kernel,
     sign_block_program,
@@ -188,7 +189,7 @@ class KernelOptions:
     sizes: tuple[int, int]  # rows of x1, rows of x2 per block
     dtype: Any
     kernel: Kernel = Kernel.SGD
-    gram_chunk: int | None = GRAM_CHUNK  # columns per Gram slice (ntk._jacobians.gram_chunk)
+    layout: Layout = DEFAULT_LAYOUT  # the Jacobians' placement and Gram slices (_jacobians.layout)
 
     @property
     def batch_diagonal(self) -> bool:
@@ -298,7 +299,7 @@ def block_program(
     if opts.kernel != Kernel.SGD:  # per-example gradients and their signs (ntk._jacobians)
         signs = opts.kernel.signs
         return sign_block_program(
-            f, fn_key, opts.trace, opts.diag, xa, xb, params, signs, opts.gram_chunk
+            f, fn_key, opts.trace, opts.diag, xa, xb, params, signs, opts.layout
         )
 
     def lower():
@@ -609,7 +610,7 @@ def empirical_ntk_fn(
     )
     info = model_info or ModelInfo()
     _mesh.check_mesh(mesh, data_axis, fsdp_axis)
-    opts = dataclasses.replace(opts, gram_chunk=gram_chunk(mesh, fsdp_axis))
+    opts = dataclasses.replace(opts, layout=layout(mesh, data_axis, fsdp_axis))
     on_mesh = (lambda x: x) if mesh is None else (lambda x: _mesh.rows_on_mesh(x, mesh, data_axis))
     chosen: dict[str, NtkImplementation] = {}  # AUTO's choice, made on the first block
     limit_fn = (lambda: memory_limit_bytes) if memory_limit_bytes else available_memory
@@ -707,7 +708,7 @@ def _kept_jacobians_kernel(
     if x2 is None and n1 <= sizes[0]:  # one block: Jacobians and their Gram in one program
         xa = prepare(x1)
         exe = fused_program(
-            f, fn_key, opts.trace, opts.diag, xa, params, opts.kernel.signs, opts.gram_chunk
+            f, fn_key, opts.trace, opts.diag, xa, params, opts.kernel.signs, opts.layout
         )
         if required_bytes(exe) <= limit:
             place(exe(params, xa), 0, 0)
@@ -718,7 +719,7 @@ def _kept_jacobians_kernel(
     if joined is not None and num_rows(x2) <= sizes[1]:  # one block each: one program
         x = prepare(joined)
         exe = pair_program(
-            f, fn_key, opts.trace, opts.diag, x, n1, params, opts.kernel.signs, opts.gram_chunk
+            f, fn_key, opts.trace, opts.diag, x, n1, params, opts.kernel.signs, opts.layout
         )
         if required_bytes(exe) <= limit:
             place(exe(params, x), 0, 0)
@@ -738,7 +739,7 @@ def _kept_jacobians_kernel(
         lambda items: _progress(items, progress),
         prepare,
         opts.kernel.signs,
-        opts.gram_chunk,
+        opts.layout,
     )
     return True
 
@@ -770,7 +771,8 @@ def _jacobians_fit(f, fn_key, params, x1, x2, sizes, opts, limit: int, prepare) 
     b2 = sizes[0] if x2 is None else sizes[1]
     last2 = (n2 - 1) // b2 * b2
     signs = opts.kernel.signs
-    exe2 = jacobian_program(f, fn_key, prepare(take_rows(rows2, last2, b2, n2)), params, signs[1])
+    xb = prepare(take_rows(rows2, last2, b2, n2))
+    exe2 = jacobian_program(f, fn_key, xb, params, signs[1], opts.layout)
     # The kept Jacobians, plus the temporaries of the program making them (its output is one
     # of the kept blocks: counted once).
     blocks2 = -(-n2 // b2)
@@ -781,7 +783,7 @@ def _jacobians_fit(f, fn_key, params, x1, x2, sizes, opts, limit: int, prepare) 
         num_outputs = jax.eval_shape(f, params, xa).shape[1]
         kept = [kept_spec(params, b2, num_outputs)] * blocks2
         exe = cross_program(
-            f, fn_key, opts.trace, opts.diag, xa, kept, params, signs[0], opts.gram_chunk
+            f, fn_key, opts.trace, opts.diag, xa, kept, params, signs[0], opts.layout
         )
         need = max(need, required_bytes(exe))
     return need <= limit

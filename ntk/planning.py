@@ -7,10 +7,11 @@ for a kernel of ``x1`` and ``x2``, with how often each runs, as functions that l
 a TPU slice or GPU node without one. The programs are built from the same kernel bodies
 (:mod:`ntk._jacobians`, :func:`ntk.kernel.block_fn`), blocks and placements
 (:mod:`ntk._mesh`: rows over ``data_axis``, parameters replicated or split over ``fsdp_axis``)
-as the kernel's own. Two differences, both upper bounds or explicit: the rows are taken at
-their full length (a run cuts each block to its longest row), and the weights the model closes
-over are an argument (``base``), placed like the parameters, instead of constants, since on a
-pod they are an array on the mesh.
+as the kernel's own, embedding tables compacted as :mod:`ntk.compact` cuts them when the
+caller says how many rows each keeps (:func:`compacted_tables`). Two differences, both upper
+bounds or explicit: the rows are taken at their full length (a run cuts each block to its
+longest row), and the weights the model closes over are an argument (``base``), placed like
+the parameters, instead of constants, since on a pod they are an array on the mesh.
 
 Example (a sketch: ``output_fn``, the shapes and ``mesh`` are the caller's):
   >>> g = lambda base, adapters, x: output_fn(lora.apply(base, adapters, cfg), x)  # doctest: +SKIP
@@ -196,7 +197,7 @@ def kernel_programs(
         )
     if compacted:
         g, params, x1, x2 = _compacted(g, params, x1, x2, dict(compacted))
-    chunk = _jacobians.gram_chunk(mesh, fsdp_axis)  # as the kernel picks it on this mesh
+    lay = _jacobians.layout(mesh, data_axis, fsdp_axis)  # as the kernel lays out on this mesh
     n1 = _rows(x1)
     if x2 is None and not opts.kernel.symmetric and n1 > opts.sizes[0]:
         x2 = x1  # as ntk_fn: K(x1, x1) is not symmetric, every block is computed
@@ -215,17 +216,17 @@ def kernel_programs(
 
     if _reuse_jacobians(opts):  # per-example Jacobians kept across blocks (ntk._jacobians)
         if x2 is None and n1 <= b1:
-            body = bound(lambda f: _jacobians.fused_fn(f, trace, diag, signs, chunk))
+            body = bound(lambda f: _jacobians.fused_fn(f, trace, diag, signs, lay))
             return [_program(f"fused ({b1} rows)", 1, body, base, params, block(x1, b1))]
         if x2 is not None and n1 <= b1 and n2 <= b2:  # one block each: their rows joined
             rows = -(-(n1 + n2) // m) * m
-            body = bound(lambda f: _jacobians.pair_fn(f, trace, diag, n1, signs, chunk))
+            body = bound(lambda f: _jacobians.pair_fn(f, trace, diag, n1, signs, lay))
             return [_program(f"pair ({n1} + {n2} rows)", 1, body, base, params, block(x1, rows))]
         side = x1 if x2 is None else x2
         jac = _program(
             f"jacobian {'x1' if x2 is None else 'x2'} ({b2} rows)",
             blocks2,
-            bound(lambda f: _jacobians.jacobian_fn(f, signs[1])),
+            bound(lambda f: _jacobians.jacobian_fn(f, signs[1], lay)),
             base,
             params,
             block(side, b2),
@@ -237,9 +238,7 @@ def kernel_programs(
             def contract():
                 spec = _kept(jac)
                 return (
-                    jax.jit(_jacobians.contraction_fn(trace, diag, chunk))
-                    .lower(spec, spec)
-                    .compile()
+                    jax.jit(_jacobians.contraction_fn(trace, diag, lay)).lower(spec, spec).compile()
                 )
 
             return [jac, KernelProgram(f"contraction ({b1} x {b1} rows)", contract, pairs)]
@@ -247,13 +246,13 @@ def kernel_programs(
         @functools.cache
         def cross():
             kept = [_kept(jac)] * blocks2
-            body = bound(lambda f: _jacobians.cross_fn(f, trace, diag, signs[0], chunk))
+            body = bound(lambda f: _jacobians.cross_fn(f, trace, diag, signs[0], lay))
             return jax.jit(body).lower(base, params, block(x1, b1), kept).compile()
 
         name = f"cross x1 ({b1} rows) x {blocks2} kept"
         return [jac, KernelProgram(name, cross, blocks1)]
     if opts.kernel != Kernel.SGD:
-        make = lambda f: _jacobians.sign_block_fn(f, trace, diag, signs, chunk)  # noqa: E731
+        make = lambda f: _jacobians.sign_block_fn(f, trace, diag, signs, lay)  # noqa: E731
     else:
         make = lambda f: block_fn(f, opts.implementation, opts)  # noqa: E731
     what = f"block, {opts.implementation.name}"

@@ -20,6 +20,11 @@ from ntk import _jacobians, _programs, planning
 from ntk.compact import compact_block
 
 
+def _layout(lay):
+    """A :class:`ntk._jacobians.Layout` as JSON: its Gram slices and the Jacobians' spec."""
+    return [lay.chunk, [str(a) for a in lay.sharding.spec]]
+
+
 def flat_rows(params, path):
     """Rows of the table at ``path`` in ``params``."""
     return params_lib.flatten(params)[path].shape[0]
@@ -176,9 +181,9 @@ def main():
         "one": out["asigngd-fsdp-blocks"]["one"],
         "programs": progs,
         "tables": {p: [r, int(flat_rows(sub, p))] for p, r in tables.items()},
-        "gram_chunk": {
-            "data": _jacobians.gram_chunk(mesh, None),
-            "fsdp": _jacobians.gram_chunk(mesh2, "fsdp"),
+        "layout": {
+            "data": _layout(_jacobians.layout(mesh, "data", None)),
+            "fsdp": _layout(_jacobians.layout(mesh2, "data", "fsdp")),
         },
     }
     print(json.dumps(out))

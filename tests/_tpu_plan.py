@@ -191,8 +191,8 @@ def tiny_all_weights(topology: str) -> dict:
         for name, distinct in (("compacted", 300), ("dense", 2048))
     }
     out["gram_chunk"] = {
-        "fsdp": _jacobians.gram_chunk(mesh, "fsdp"),
-        "data": _jacobians.gram_chunk(_data_mesh(topology)[1], None),
+        "fsdp": _jacobians.layout(mesh, "data", "fsdp").chunk,
+        "data": _jacobians.layout(_data_mesh(topology)[1], "data", None).chunk,
     }
     return out
 

@@ -81,9 +81,12 @@ def test_planned_all_weights_kernel_compacts_the_tables(runs):
     """The all-weights kernel is planned on tables cut as ntk.compact cuts them (the word
     table to 512 of its 1,100 rows, the positions to T + 2 = 14 of 24); run on them, the
     programs give one device's dense-table kernel (the case above). With the weights split
-    over fsdp each Gram product is one matrix product; on CPU devices otherwise, column
-    slices."""
-    assert runs["planned-all-compacted"]["gram_chunk"] == {"data": 4096, "fsdp": None}
+    over fsdp each Gram product is one matrix product, and each Jacobian matrix keeps its
+    columns over fsdp (rows over data); on CPU devices otherwise, column slices."""
+    assert runs["planned-all-compacted"]["layout"] == {
+        "data": [4096, ["data", "None"]],
+        "fsdp": [None, ["data", "fsdp"]],
+    }
     tables = runs["planned-all-compacted"]["tables"]
     assert tables == {
         "roberta.embeddings.word_embeddings.embedding": [512, 1100],

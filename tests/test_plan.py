@@ -262,9 +262,9 @@ def test_gram_slices_on_cpu_weights_not_split():
 
     devices = jax.devices()[:1]
     one = jax.sharding.Mesh(np.array(devices).reshape(1, 1), ("data", "fsdp"))
-    assert _jacobians.gram_chunk(None, None) == _jacobians.GRAM_CHUNK
-    assert _jacobians.gram_chunk(one, None) == _jacobians.GRAM_CHUNK
-    assert _jacobians.gram_chunk(one, "fsdp") == _jacobians.GRAM_CHUNK  # fsdp of 1: not split
+    assert _jacobians.layout(None) == (_jacobians.GRAM_CHUNK, None)  # one device: XLA places
+    assert _jacobians.layout(one, "data", None).chunk == _jacobians.GRAM_CHUNK
+    assert _jacobians.layout(one, "data", "fsdp").chunk == _jacobians.GRAM_CHUNK  # fsdp of 1
 
 
 @needs_libtpu
