@@ -238,7 +238,8 @@ def test_all_weights_kernel_compiles_compacted_on_fsdp(compiled):
     the 132 rows in blocks of 128. Compacted to 512 rows (300 distinct ids), the kept Jacobians
     and the cross program's arguments and FLOPs are smaller than with the dense table. On TPU
     meshes, and wherever the weights split over fsdp, each Gram product is one matrix product
-    (no column slices, which gather a split matrix at every slice)."""
+    (no column slices, which gather a split matrix at every slice), and the Jacobians keep
+    their columns split over fsdp."""
     got = compiled["tiny_all_weights:v4-16"]
     both = "ntk sgd all weights K([train; test] 132 x train 32)"
     for planned in (got["compacted"], got["dense"]):
@@ -252,6 +253,10 @@ def test_all_weights_kernel_compiles_compacted_on_fsdp(compiled):
     assert cross_c["argument_bytes"] < cross_d["argument_bytes"]
     assert cross_c["flops"] < cross_d["flops"] and jac_c["peak_bytes"] < jac_d["peak_bytes"]
     assert got["gram_chunk"] == {"fsdp": None, "data": None}
+    # The Jacobians stay split like the weights (ntk._jacobians.Layout): no collective of the
+    # jacobian program moves a device's 8 rows of the word table's per-example gradients
+    # (8 x 512 x 64 f32, 1 MiB; left to XLA, they were all-gathered whole).
+    assert max(c["bytes"] for c in jac_c["collectives"]) < 8 * 512 * 64 * 4
 
 
 def test_gram_slices_on_cpu_weights_not_split():
