@@ -110,6 +110,15 @@ def test_plan_without_the_cuda_plugin_says_how_to_install_it(monkeypatch):
     assert "uv sync --extra cuda-plan" in message
 
 
+def test_plan_refuses_a_count_of_distinct_tokens_below_one(capsys):
+    from experiments import plan
+
+    with pytest.raises(SystemExit):
+        plan.main(["--topology", "v4-16", "--all-weights-kernel", "--distinct-tokens", "0"])
+    err = capsys.readouterr().err
+    assert "--distinct-tokens must be a positive count of token ids; got 0." in err
+
+
 def test_unknown_topology_is_one_line():
     with pytest.raises(topologies.ConfigError, match="Unknown topology 'v9-8'; known: v4-8"):
         topologies.target("v9-8")
