@@ -11,11 +11,12 @@ dev and test evaluation, and with ``--ntk`` each LoRA cell's analysis: its linea
 training (:func:`plan_linearized`) and its eNTK programs as ``ntk.empirical_ntk_fn`` would run
 them on the mesh (:func:`plan_kernels`); with ``--all-weights-kernel`` also the eNTK over every
 weight of the run's tasks, embedding tables compacted (``--distinct-tokens`` sizes the word
-table), its weights split over the mesh's ``fsdp`` axis when it has one. Shapes only: the encoder's ``config.json`` (shipped
-in ``experiments/hub_configs/`` for the paper's hub encoders, so no download and no weights),
-the tasks' class counts, ``k`` and ``max_length`` (every split padded to it: an upper bound of the
-run's own padding). Per device it prints peak memory against the chip's HBM, matmul FLOPs per
-step, the collectives of a step, compile time and a roofline estimate of step and run time.
+table), its weights split over the mesh's ``fsdp`` axis when it has one. Shapes only: the
+encoder's ``config.json`` (shipped in ``experiments/hub_configs/`` for the paper's hub
+encoders, so no download and no weights), the tasks' class counts, ``k`` and ``max_length``
+(every split padded to it: an upper bound of the run's own padding). Per device it prints peak
+memory against the chip's HBM, matmul FLOPs per step, the collectives of a step, compile time
+and a roofline estimate of step and run time.
 
 Example:
   uv sync --extra tpu --extra cuda-plan

@@ -29,6 +29,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lora_jax.rows import num_rows, take_rows
+from ntk import _mesh
 from ntk._programs import compiled
 from ntk.models import check_outputs
 
@@ -57,43 +58,17 @@ __all__ = [
 ]
 
 
-def _jacobian_rows(f: Callable, params: PyTree, x: PyTree) -> list[list]:
-    """Per leaf, K matrices ``[b, P_leaf]``: row ``i`` of matrix ``k`` is the gradient of output
-    ``k`` of example ``i`` (``f(params, x) -> [b, K]``, one example independent of the others).
-
-    One forward pass per example and K backward passes from it (``jax.vjp``), each its own
-    (not vmapped over k: XLA:CPU ran a k-batched backward slower). The K matrices stay apart:
-    joining them would copy every Jacobian once more; :func:`_gram` joins cache-sized slices."""
-
-    def one_row(p, row):  # one example -> its K outputs, checked
-        batch = jax.tree.map(lambda a: a[None], row)
-        return check_outputs(f(p, batch), batch, where="f")[0]
-
-    def per_example(p, row):  # one example (no batch axis) -> K gradients
-        out, vjp = jax.vjp(lambda p: one_row(p, row), p)
-        return [vjp(jnp.zeros_like(out).at[k].set(1))[0] for k in range(out.shape[0])]
-
-    per_k = jax.vmap(per_example, in_axes=(None, 0))(params, x)  # K trees of (b, ...)
-    per_k = [[g.reshape(g.shape[0], -1) for g in jax.tree.leaves(grads)] for grads in per_k]
-    return [list(parts) for parts in zip(*per_k, strict=True)]
-
-
-def _columns(parts: list, start: Any, width: int) -> jax.Array:
-    """Columns ``start:start + width`` of the row-wise join of ``parts`` (``[b, P]`` each):
-    ``[sum b, width]``."""
-    cols = [jax.lax.dynamic_slice_in_dim(m, start, width, 1) for m in parts]
-    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=0)
-
-
 class Layout(NamedTuple):
     """Where a kernel's per-example Jacobians live and how their Gram products run.
 
     ``chunk``: columns per slice of each Gram product (None: one product; see :func:`_gram`).
     ``sharding``: the placement of every ``[b, P]`` Jacobian matrix (rows over the mesh's data
-    axis, columns over its fsdp axis), or None (one device: XLA's choice)."""
+    axis, columns over its fsdp axis), or None (one device: XLA's choice).
+    ``split``: devices along the fsdp axis that splits the parameters (1: not split)."""
 
     chunk: int | None = GRAM_CHUNK
     sharding: Any = None
+    split: int = 1
 
 
 DEFAULT_LAYOUT = Layout()  # one device's, with the default Gram slices
@@ -111,20 +86,56 @@ def layout(mesh: Any, data_axis: str = "data", fsdp_axis: str | None = None) -> 
     differentiates: left to XLA, the per-example gradients of a split embedding table were
     gathered whole."""
     devices = jax.devices() if mesh is None else list(mesh.devices.flat)
-    split = mesh is not None and fsdp_axis is not None and int(mesh.shape[fsdp_axis]) > 1
-    chunk = GRAM_CHUNK if devices[0].platform == "cpu" and not split else None
+    size = 1 if mesh is None or fsdp_axis is None else int(mesh.shape[fsdp_axis])
+    chunk = GRAM_CHUNK if devices[0].platform == "cpu" and size < 2 else None
     if mesh is None:
         return Layout(chunk)
-    return Layout(
-        chunk, NamedSharding(mesh, PartitionSpec(data_axis, fsdp_axis if split else None))
-    )
+    spec = PartitionSpec(data_axis, fsdp_axis if size > 1 else None)
+    return Layout(chunk, NamedSharding(mesh, spec), size)
 
 
-def _placed(j: list, lay: Layout) -> list:
-    """The Jacobian matrices of ``j`` (per leaf, K ``[b, P]``) held where ``lay`` puts them."""
-    if lay.sharding is None:
-        return j
-    return [[jax.lax.with_sharding_constraint(m, lay.sharding) for m in parts] for parts in j]
+def _jacobian_rows(
+    f: Callable, params: PyTree, x: PyTree, lay: Layout = DEFAULT_LAYOUT
+) -> list[list]:
+    """Per leaf, K matrices ``[b, P_leaf]``: row ``i`` of matrix ``k`` is the gradient of output
+    ``k`` of example ``i`` (``f(params, x) -> [b, K]``, one example independent of the others),
+    placed as ``lay`` says (:func:`layout`).
+
+    One forward pass per example and K backward passes from it (``jax.vjp``), each its own
+    (not vmapped over k: XLA:CPU ran a k-batched backward slower). The K matrices stay apart:
+    joining them would copy every Jacobian once more; :func:`_gram` joins cache-sized slices."""
+
+    def one_row(p, row):  # one example -> its K outputs, checked
+        batch = jax.tree.map(lambda a: a[None], row)
+        return check_outputs(f(p, batch), batch, where="f")[0]
+
+    def per_example(p, row):  # one example (no batch axis) -> K gradients
+        out, vjp = jax.vjp(lambda p: one_row(p, row), p)
+        return [vjp(jnp.zeros_like(out).at[k].set(1))[0] for k in range(out.shape[0])]
+
+    per_k = jax.vmap(per_example, in_axes=(None, 0))(params, x)  # K trees of (b, ...)
+    per_k = [[_matrix(g, lay) for g in jax.tree.leaves(grads)] for grads in per_k]
+    return [list(parts) for parts in zip(*per_k, strict=True)]
+
+
+def _matrix(g: jax.Array, lay: Layout) -> jax.Array:
+    """One leaf's per-example gradients ``[b, *shape]`` as a ``[b, P]`` matrix placed as ``lay``
+    says. The dimension the fsdp axis splits (:func:`ntk._mesh.split_dim`) goes first, so that
+    the flat columns split over the axis as the parameter does (flattened in place, a split
+    minor dimension, e.g. the 1,024 of a 50,265 x 1,024 table, was gathered whole). Both sides
+    of a Gram product are flattened alike, so the kernel does not change."""
+    dim = None if lay.split < 2 else _mesh.split_dim(g.shape[1:], lay.split)
+    if dim:
+        g = jnp.moveaxis(g, 1 + dim, 1)
+    g = g.reshape(g.shape[0], -1)
+    return g if lay.sharding is None else jax.lax.with_sharding_constraint(g, lay.sharding)
+
+
+def _columns(parts: list, start: Any, width: int) -> jax.Array:
+    """Columns ``start:start + width`` of the row-wise join of ``parts`` (``[b, P]`` each):
+    ``[sum b, width]``."""
+    cols = [jax.lax.dynamic_slice_in_dim(m, start, width, 1) for m in parts]
+    return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=0)
 
 
 def _gram(pa: list, pb: list, chunk: int | None = GRAM_CHUNK) -> jax.Array:
@@ -174,7 +185,7 @@ def _sign(j: list, on: bool) -> list:
 def jacobian_fn(f: Callable, sign: bool = False, lay: Layout = DEFAULT_LAYOUT) -> Callable:
     """``(params, x) -> J``: per leaf, K ``[b, P_leaf]`` per-example Jacobians (their signs
     with ``sign``), placed as ``lay`` says (:func:`layout`)."""
-    return lambda p, x: _sign(_placed(_jacobian_rows(f, p, x), lay), sign)
+    return lambda p, x: _sign(_jacobian_rows(f, p, x, lay), sign)
 
 
 def jacobian_program(
@@ -225,7 +236,7 @@ def fused_fn(
     as :func:`layout`)."""
 
     def kernel(p, x):
-        j = _placed(_jacobian_rows(f, p, x), lay)
+        j = _jacobian_rows(f, p, x, lay)
         return _contract(_sign(j, signs[0]), _sign(j, signs[1]), trace, diag, lay)
 
     return kernel
@@ -273,7 +284,7 @@ def pair_fn(
     for each side."""
 
     def kernel(p, x):
-        j = _placed(_jacobian_rows(f, p, x), lay)
+        j = _jacobian_rows(f, p, x, lay)
         ja = [[m[:n1] for m in parts] for parts in j]
         jb = [[m[n1:] for m in parts] for parts in j]
         return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag, lay)
@@ -309,7 +320,7 @@ def cross_fn(
     are never a program output, so XLA frees each leaf's once it is contracted)."""
 
     def kernel(p, x, kept):
-        j = _sign(_placed(_jacobian_rows(f, p, x), lay), sign)
+        j = _sign(_jacobian_rows(f, p, x, lay), sign)
         return [_contract(j, jb, trace, diag, lay) for jb in kept]
 
     return kernel
@@ -412,8 +423,8 @@ def sign_block_fn(
     program: the per-block path when the kept Jacobians do not fit."""
 
     def kernel(a, b, p):
-        ja = _placed(_jacobian_rows(f, p, a), lay)
-        jb = ja if b is None else _placed(_jacobian_rows(f, p, b), lay)
+        ja = _jacobian_rows(f, p, a, lay)
+        jb = ja if b is None else _jacobian_rows(f, p, b, lay)
         return _contract(_sign(ja, signs[0]), _sign(jb, signs[1]), trace, diag, lay)
 
     return kernel

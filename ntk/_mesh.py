@@ -41,6 +41,7 @@ __all__ = [
     "params_on_mesh",
     "replicate_on",
     "row_sharding",
+    "split_dim",
     "rows_on_mesh",
 ]
 
@@ -124,8 +125,13 @@ def param_sharding(a: Any, mesh: Mesh, fsdp_axis: str | None) -> NamedSharding:
     its first dimension the axis size divides (whole if none does)."""
     spec = [None] * np.ndim(a)
     if fsdp_axis is not None:
-        size = axis_size(mesh, fsdp_axis)
-        dims = [d for d, n in enumerate(np.shape(a)) if n % size == 0]
-        if dims:
-            spec[dims[0]] = fsdp_axis
+        dim = split_dim(np.shape(a), axis_size(mesh, fsdp_axis))
+        if dim is not None:
+            spec[dim] = fsdp_axis
     return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def split_dim(shape: tuple[int, ...], size: int) -> int | None:
+    """The dimension of a parameter of ``shape`` that an fsdp axis of ``size`` devices splits:
+    the first one ``size`` divides (None if none does)."""
+    return next((d for d, n in enumerate(shape) if n % size == 0), None)

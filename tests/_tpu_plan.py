@@ -165,15 +165,15 @@ def tiny_linearized(topology: str) -> dict:
 
 
 def tiny_all_weights(topology: str) -> dict:
-    """The all-weights eNTK of the tiny encoder with a 2,048-row word table (``experiments.plan
+    """The all-weights eNTK of the tiny encoder with a 2,047-row word table (``experiments.plan
     --all-weights-kernel``), on a ``data x fsdp=2`` mesh: the table compacted for 300 distinct
-    ids (512 rows kept) and dense (2,048 distinct ids: all rows); and the Gram slicing the
-    kernel picks for TPU meshes."""
+    ids (512 rows kept) and dense (2,047 distinct ids: all rows, an odd count, so fsdp splits
+    the table's 64 columns); and the Gram slicing the kernel picks for TPU meshes."""
     from ntk import _jacobians
 
     directory = tempfile.mkdtemp()
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump({**TINY, "vocab_size": 2048}, f)
+        json.dump({**TINY, "vocab_size": 2047}, f)
     cfg = get_config(
         "default", model=directory, tasks=("mr",), methods=("lora",), seeds=(13,), ranks=(8,),
         max_length=16, test_cap=100, ntk_kernel="sgd",
@@ -188,7 +188,7 @@ def tiny_all_weights(topology: str) -> dict:
                 cfg, cell, encoder, 2, mesh, all_weights=True, distinct_tokens=distinct
             )
         ]
-        for name, distinct in (("compacted", 300), ("dense", 2048))
+        for name, distinct in (("compacted", 300), ("dense", 2047))
     }
     out["gram_chunk"] = {
         "fsdp": _jacobians.layout(mesh, "data", "fsdp").chunk,

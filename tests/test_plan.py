@@ -243,7 +243,7 @@ def test_ntk_kernels_compile_for_two_hosts(compiled):
 @needs_libtpu
 def test_all_weights_kernel_compiles_compacted_on_fsdp(compiled):
     """``--all-weights-kernel`` on v4-16 split ``data=4, fsdp=2``: the kernel over every weight
-    of the tiny encoder (word table of 2,048 rows) compiles with the kept train Jacobians and
+    of the tiny encoder (word table of 2,047 rows) compiles with the kept train Jacobians and
     the 132 rows in blocks of 128. Compacted to 512 rows (300 distinct ids), the kept Jacobians
     and the cross program's arguments and FLOPs are smaller than with the dense table. On TPU
     meshes, and wherever the weights split over fsdp, each Gram product is one matrix product
@@ -264,8 +264,10 @@ def test_all_weights_kernel_compiles_compacted_on_fsdp(compiled):
     assert got["gram_chunk"] == {"fsdp": None, "data": None}
     # The Jacobians stay split like the weights (ntk._jacobians.Layout): no collective of the
     # jacobian program moves a device's 8 rows of the word table's per-example gradients
-    # (8 x 512 x 64 f32, 1 MiB; left to XLA, they were all-gathered whole).
+    # (8 x 512 x 64 f32, 1 MiB, compacted; left to XLA, they were all-gathered whole), nor of
+    # the dense table, whose odd row count puts the split on its columns (8 x 2,047 x 64).
     assert max(c["bytes"] for c in jac_c["collectives"]) < 8 * 512 * 64 * 4
+    assert max(c["bytes"] for c in jac_d["collectives"]) < 8 * 2047 * 64 * 4
 
 
 def test_gram_slices_on_cpu_weights_not_split():
@@ -276,7 +278,7 @@ def test_gram_slices_on_cpu_weights_not_split():
 
     devices = jax.devices()[:1]
     one = jax.sharding.Mesh(np.array(devices).reshape(1, 1), ("data", "fsdp"))
-    assert _jacobians.layout(None) == (_jacobians.GRAM_CHUNK, None)  # one device: XLA places
+    assert _jacobians.layout(None) == (_jacobians.GRAM_CHUNK, None, 1)  # one device: XLA places
     assert _jacobians.layout(one, "data", None).chunk == _jacobians.GRAM_CHUNK
     assert _jacobians.layout(one, "data", "fsdp").chunk == _jacobians.GRAM_CHUNK  # fsdp of 1
 
