@@ -340,24 +340,14 @@ def plan_kernels(
     ids need (:func:`ntk.planning.compacted_tables`; None: the bound ``rows x max_length``
     plus the label words, which compacts nothing once it passes the vocabulary).
     """
-    params, output_fn = _model(cfg, encoder, num_labels)
     train_rows, test_rows = cfg.k * num_labels, cfg.test_cap or 1000
     x_train = abstract_data(train_rows, cfg.max_length)
     x_both = abstract_data(train_rows + test_rows, cfg.max_length)
     compacted = None
     if all_weights:
-        f, diff, info = ntk.kernel_model(output_fn, params, "all")
-        base = {}
-
-        def g(_, p, x):
-            return f(p, x)
-
-        if distinct_tokens is None:
-            distinct_tokens = _distinct_bound(cfg, num_labels)
-        compacted = ntk_planning.compacted_tables(
-            diff, info.embedding_rows, distinct_tokens, cfg.max_length
-        )
+        g, base, diff, compacted = _all_weights_model(cfg, encoder, num_labels, distinct_tokens)
     else:
+        params, output_fn = _model(cfg, encoder, num_labels)
         lcfg = jobs.lora_config(cfg, cell.rank, encoder[0].model_type)
         base, diff = params, jax.eval_shape(lambda p: lora.init(jax.random.key(0), p, lcfg), params)
 
@@ -521,9 +511,24 @@ def _distinct_bound(cfg: ExperimentConfig, num_labels: int) -> int:
     return rows * cfg.max_length + num_labels
 
 
-def _plan_all_weights(cfg, cells, named, encoder, mesh, target, distinct_tokens) -> str:
-    """The all-weights eNTK of each task shape (classes, optimizer) of the run's cells, as
-    :func:`plan_kernels` ``(all_weights=True)`` compiles it; its table and roofline estimate."""
+def _all_weights_model(cfg: ExperimentConfig, encoder, num_labels: int, distinct_tokens):
+    """``(g, base, params, compacted)`` of the all-weights kernel, as :func:`plan_kernels`
+    plans it: ``g(base, params, x)`` the prompt model of every weight
+    (``ntk.kernel_model(output_fn, params, 'all')``, ``base`` empty) and its embedding tables
+    compacted for ``distinct_tokens`` ids (None: :func:`_distinct_bound`)."""
+    params, output_fn = _model(cfg, encoder, num_labels)
+    f, diff, info = ntk.kernel_model(output_fn, params, "all")
+    distinct = distinct_tokens or _distinct_bound(cfg, num_labels)
+    tables = ntk_planning.compacted_tables(diff, info.embedding_rows, distinct, cfg.max_length)
+    return (lambda _, p, x: f(p, x)), {}, diff, tables
+
+
+def plan_all_weights(
+    cfg: ExperimentConfig, cells, named, encoder, mesh, target, distinct_tokens: int | None
+) -> tuple[str, list[Program]]:
+    """The all-weights eNTK of each task shape (classes, optimizer) of the run's ``cells``, as
+    :func:`plan_kernels` ``(all_weights=True)`` compiles it: its report (the tables compacted,
+    the programs' table and a roofline estimate) and the programs."""
     groups: dict[tuple, jobs.Cell] = {}
     for cell in cells:
         k = named[cell.task].num_labels
@@ -537,22 +542,21 @@ def _plan_all_weights(cfg, cells, named, encoder, mesh, target, distinct_tokens)
         )
         progs += kernel_progs
         total += job_seconds(kernel_progs, target.chip)
-    params, output_fn = _model(cfg, encoder, k_max)
-    _, diff, info = ntk.kernel_model(output_fn, params, "all")
-    tables = ntk_planning.compacted_tables(diff, info.embedding_rows, distinct, cfg.max_length)
+    _, _, diff, tables = _all_weights_model(cfg, encoder, k_max, distinct)
     full = flatten(diff)
     cut = ", ".join(
         f"{path.split('.')[-2]} {rows:,} of {full[path].shape[0]:,} rows"
         for path, rows in tables.items()
     )
     source = "--distinct-tokens" if distinct_tokens else "the bound rows x max_length + labels"
-    return (
+    text = (
         f"All-weights eNTK (--all-weights-kernel; --ntk-kernel {cfg.ntk_kernel.value}, Jacobians "
         f"kept; not part of the run's --ntk), tables compacted for {distinct:,} distinct ids "
         f"({source}): {cut or 'none'}; runs = executions per kernel:\n\n"
         + format_plan(target, mesh, progs)
         + f"\n\nroofline estimate of one kernel per task shape: {total:.1f} s"
     )
+    return text, progs
 
 
 def plan(
@@ -603,8 +607,9 @@ def plan(
         if one.ntk:
             text += "\n\n" + _plan_ntk(one, todo, named, encoder, mesh, rules, target)
         if all_weights_kernel and todo:
-            text += "\n\n" + _plan_all_weights(
-                one, todo, named, encoder, mesh, target, distinct_tokens
+            text += (
+                "\n\n"
+                + plan_all_weights(one, todo, named, encoder, mesh, target, distinct_tokens)[0]
             )
         out.append(
             f"## {one.model} ({encoder[2].value} readout, {one.dtype}, batch {one.batch_size}, "

@@ -23,7 +23,7 @@ from experiments import jobs  # noqa: E402
 from experiments import plan as plan_lib  # noqa: E402
 from experiments.config import get_config  # noqa: E402
 from lora_jax import sharding as sh  # noqa: E402
-from lora_jax import topologies  # noqa: E402
+from lora_jax import tasks, topologies  # noqa: E402
 
 TINY = {  # a 2-layer, hidden-64 RoBERTa config.json
     "model_type": "roberta",
@@ -181,15 +181,15 @@ def tiny_all_weights(topology: str) -> dict:
     devices = topologies.devices(topology)
     mesh = sh.make_mesh({"data": len(devices) // 2, "fsdp": 2}, devices=devices)
     cell, encoder = jobs.Cell("mr", "lora", 8, 13), plan_lib.encoder_shapes(cfg)
-    out = {
-        name: [
-            _program(p)
-            for p in plan_lib.plan_kernels(
-                cfg, cell, encoder, 2, mesh, all_weights=True, distinct_tokens=distinct
-            )
-        ]
-        for name, distinct in (("compacted", 300), ("dense", 2047))
-    }
+    named = tasks.resolve_tasks(cfg.tasks, cfg.task_files, k=cfg.k)
+    text, compacted = plan_lib.plan_all_weights(
+        cfg, [cell], named, encoder, mesh, topologies.TARGETS[topology], 300
+    )
+    dense = plan_lib.plan_kernels(
+        cfg, cell, encoder, 2, mesh, all_weights=True, distinct_tokens=2047
+    )
+    out = {"compacted": [_program(p) for p in compacted], "dense": [_program(p) for p in dense]}
+    out["text"] = text
     out["gram_chunk"] = {
         "fsdp": _jacobians.layout(mesh, "data", "fsdp").chunk,
         "data": _jacobians.layout(_data_mesh(topology)[1], "data", None).chunk,

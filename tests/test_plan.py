@@ -250,6 +250,8 @@ def test_all_weights_kernel_compiles_compacted_on_fsdp(compiled):
     (no column slices, which gather a split matrix at every slice), and the Jacobians keep
     their columns split over fsdp."""
     got = compiled["tiny_all_weights:v4-16"]
+    assert "tables compacted for 300 distinct ids (--distinct-tokens): word_embeddings 512 of" \
+        " 2,047 rows, position_embeddings 18 of 40 rows" in got["text"]  # fmt: skip
     both = "ntk sgd all weights K([train; test] 132 x train 32)"
     for planned in (got["compacted"], got["dense"]):
         assert [(p["name"], p["runs"]) for p in planned] == [
