@@ -654,6 +654,10 @@ def main(argv: list[str] | None = None) -> None:
     all_weights, distinct = args.pop("all_weights_kernel"), args.pop("distinct_tokens")
     if distinct is not None and distinct < 1:
         parser.error(f"--distinct-tokens must be a positive count of token ids; got {distinct}.")
+    if distinct is not None and not all_weights:
+        parser.error(
+            "--distinct-tokens sizes the all-weights kernel's tables: add --all-weights-kernel."
+        )
     _DUMP["dir"] = args.pop("dump_hlo")
     flags = launch.pop_launch(args)
     cfg = config_from_args(parser, args)

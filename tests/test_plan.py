@@ -117,6 +117,9 @@ def test_plan_refuses_a_count_of_distinct_tokens_below_one(capsys):
         plan.main(["--topology", "v4-16", "--all-weights-kernel", "--distinct-tokens", "0"])
     err = capsys.readouterr().err
     assert "--distinct-tokens must be a positive count of token ids; got 0." in err
+    with pytest.raises(SystemExit):
+        plan.main(["--topology", "v4-16", "--distinct-tokens", "5000"])
+    assert "add --all-weights-kernel." in capsys.readouterr().err
 
 
 def test_unknown_topology_is_one_line():
