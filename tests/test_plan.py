@@ -110,7 +110,7 @@ def test_plan_without_the_cuda_plugin_says_how_to_install_it(monkeypatch):
     assert "uv sync --extra cuda-plan" in message
 
 
-def test_plan_refuses_a_count_of_distinct_tokens_below_one(capsys):
+def test_plan_refuses_distinct_tokens_below_one_or_without_the_kernel(capsys):
     from experiments import plan
 
     with pytest.raises(SystemExit):
