@@ -406,5 +406,6 @@ def test_pl_seed_numbers_after_the_detected_plateau():
     assert out["exponent"] == pytest.approx(1.0, abs=1e-9)
     assert out["c_min"] == pytest.approx(0.8) and out["c_end"] == pytest.approx(0.8)
     assert out["reached"] and not out["stalled"]  # log 2 / 1401 = 4.9e-4
+    assert pl.seed_numbers(loss, grad**2, target=float(loss[-1]))["reached"]  # "at most"
     # Measured from the start instead, the plateau's tiny gradients would give c_min = 0.014.
     assert np.min(grad / loss) == pytest.approx(0.01 / np.log(2))

@@ -131,6 +131,7 @@ def test_stalled_tells_a_stationary_point_from_a_slow_approach():
     assert not v.stalled(slow, 1.0)  # reached
     stuck = np.concatenate([np.linspace(0.7, 0.3, 500), np.full(501, 0.3)])
     assert v.stalled(stuck, 1e-3)
+    assert not v.stalled(stuck, 0.3)  # stopped exactly at the target: reached ("at most")
     # Still on the plateau at the end of the budget (the escape would come at step 250):
     # slow, not stalled.
     on_plateau, _ = _plateau_curve(plateau=250, steps=200)
