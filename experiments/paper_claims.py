@@ -103,8 +103,10 @@ class ClaimsConfig:
         N K^2 x 147k floats per adapted matrix: k = 4 keeps TREC's K = 6 on a CPU).
       bv_draws: Monte-Carlo sign vectors of the Rademacher term.
       bv_like_sweep: the bias / variance curves on the sweep's matrices (every layer), k and
-        first seed, instead of ``bv_k`` and the last layer (the Jacobians then take
-        N K^2 x 147k floats for each of the 12 matrices: about 4 GB for TREC's K = 6).
+        first seed (the default, so that the bound and the sweep judge the same model);
+        ``--no-bv-like-sweep`` takes ``bv_k`` and the last layer instead. Like the sweep, the
+        Jacobians take N K^2 x 147k floats for each of the 12 matrices: about 4 GB for
+        TREC's K = 6, and the run peaks near 13 GB of host memory.
       bv_saturation: the bias counts as saturated at r = 1 when the training loss falls by at
         most this many nats from r = 1 to the largest rank
         (:func:`experiments.verdicts.bias_variance_task`).
@@ -144,7 +146,7 @@ class ClaimsConfig:
     bv_steps: int = 100
     bv_ranks: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
     bv_draws: int = 16
-    bv_like_sweep: bool = False
+    bv_like_sweep: bool = True
     bv_saturation: float = 0.01
     sweep: bool = True
     tasks: tuple[str, ...] = ("mr", "subjrt", "boolq", "trec")
@@ -553,9 +555,9 @@ def _sweep_not_run() -> dict:
 def bias_variance_config(
     cfg: ClaimsConfig, results_path: str | None
 ) -> bias_variance.BiasVarianceConfig:
-    """The bias / variance run of the report: ``bv_k`` examples per class and the last
-    layer by default; with ``bv_like_sweep`` the sweep's k and every layer (the sweep's
-    adapted matrices), at the sweep's first seed."""
+    """The bias / variance run of the report: with ``bv_like_sweep`` (the default) the
+    sweep's k and every layer (the sweep's adapted matrices), at the sweep's first seed;
+    without it ``bv_k`` examples per class and the last layer."""
     like = {"k": ExperimentConfig.k, "layers": (), "seed": cfg.sweep_seeds[0]}
     return bias_variance.BiasVarianceConfig(
         name=f"{cfg.name}/bias_variance",

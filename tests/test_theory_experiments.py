@@ -200,11 +200,14 @@ def test_trec3_is_three_of_trecs_classes_and_its_sweep_verdict_is_multiclass():
 
 
 def test_bias_variance_like_the_sweep_takes_its_layers_k_and_seed():
-    default = paper_claims.bias_variance_config(paper_claims.ClaimsConfig(), None)
-    assert (default.k, default.layers, default.seed) == (4, (5,), 13)
-    cfg = paper_claims.ClaimsConfig(bv_like_sweep=True, sweep_seeds=(21, 42))
-    like = paper_claims.bias_variance_config(cfg, "r.jsonl")
-    assert (like.k, like.layers, like.seed, like.finetune_results) == (16, (), 21, "r.jsonl")
+    default = paper_claims.bias_variance_config(paper_claims.parse_args([]), "r.jsonl")
+    assert (default.k, default.layers, default.seed, default.finetune_results) == (
+        16, (), 13, "r.jsonl"
+    )  # fmt: skip
+    cfg = paper_claims.parse_args(["--sweep-seeds", "21", "42"])
+    assert paper_claims.bias_variance_config(cfg, None).seed == 21
+    small = paper_claims.bias_variance_config(paper_claims.parse_args(["--no-bv-like-sweep"]), None)
+    assert (small.k, small.layers, small.seed) == (4, (5,), 13)
 
 
 def test_claims_config_refuses_sweeps_without_rank_one_or_off_the_bound():
