@@ -56,7 +56,12 @@ def prepare_run_dir(cfg: ExperimentConfig) -> str:
         # A field missing from an older config.json ran with that field's default.
         defaults = ExperimentConfig().to_json()
         saved = {**{k: defaults[k] for k in current if k in defaults}, **saved}
-        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        saved_view, current_view = _by_content(saved), _by_content(current)
+        diff = sorted(
+            k
+            for k in set(saved_view) | set(current_view)
+            if saved_view.get(k) != current_view.get(k)
+        )
         if diff:
             raise ConfigError(
                 f"{run_dir} holds results of a different configuration (fields differ: "
@@ -72,6 +77,17 @@ def prepare_run_dir(cfg: ExperimentConfig) -> str:
             "--out (and --name) in a writable place."
         ) from err
     return run_dir
+
+
+def _by_content(config: dict) -> dict:
+    """``config`` with its task files named by their digests, in order: the same files at
+    another path (a moved checkout, a worktree) are the same run; changed data is not. A
+    config.json without digests keeps its paths."""
+    digests = config.get("task_file_sha256")
+    if not digests or set(digests) != set(config.get("task_files", ())):
+        return config
+    named = [digests[p] for p in config["task_files"]]
+    return {**config, "task_files": named, "task_file_sha256": named}
 
 
 def run_digests(cfg: ExperimentConfig) -> dict:

@@ -9,6 +9,7 @@ TensorBoard's own reader. Each bad task file gives one line naming the file, the
 
 import csv
 import json
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -166,10 +167,17 @@ def test_task_files_run_end_to_end_with_saved_adapters_and_tensorboard(
         (final,) = acc.Scalars("best/test_accuracy")
         assert (final.step, final.value) == (record["best_step"], record["test_accuracy"])
 
-    # The same command resumes with nothing to do; changed data is refused, not mixed in.
+    # The same command resumes with nothing to do, also with the task file and its data
+    # copied to another path (a moved checkout); changed data is refused, not mixed in.
     capsys.readouterr()
     main(_args(tiny, tmp_path, *flags))
     assert "0 to run" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    shutil.copytree(d, moved)
+    main([a.replace(str(d), str(moved)) for a in _args(tiny, tmp_path, *flags)])
+    assert "0 to run" in capsys.readouterr().err
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert all(p.startswith(str(moved)) for p in saved["task_files"])
     with open(d / "reviews_train.csv", "a") as f:
         f.write("99,one more great film,positive\n")
     with pytest.raises(SystemExit, match="different configuration .*task_file_sha256"):
