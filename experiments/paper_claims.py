@@ -658,7 +658,10 @@ def write_report(run_dir: str, sections: list[dict]) -> str:
             parts.append("")
         parts.append(f"**Verdict: {s['verdict']}.**")
         if s.get("wall_seconds") is not None:
-            parts += ["", f"Wall time of this part in this run: {s['wall_seconds']:.0f} s."]
+            # A part that computed for less than half the time its results record reused them.
+            reused = s.get("seconds") and s["wall_seconds"] < 0.5 * s["seconds"]
+            note = " (its saved results were reused)" if reused else ""
+            parts += ["", f"Wall time of this part in this run: {s['wall_seconds']:.0f} s{note}."]
     path = os.path.join(run_dir, "report.md")
     with open(path + ".tmp", "w") as f:
         f.write("\n".join(parts) + "\n")

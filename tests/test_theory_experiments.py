@@ -311,7 +311,8 @@ def test_paper_claims_feeds_the_sweep_to_bias_variance_and_writes_every_section(
     monkeypatch.setattr(paper_claims, "claim_thresholds", thr)
     monkeypatch.setattr(paper_claims, "claim_cstar", cs)
     monkeypatch.setattr(paper_claims, "claim_pl", lambda cfg, cache: section("pl"))
-    monkeypatch.setattr(paper_claims, "claim_landscape", lambda cfg: section("land"))
+    reused = {**section("land"), "seconds": 900.0}  # computed earlier, reused in no time
+    monkeypatch.setattr(paper_claims, "claim_landscape", lambda cfg: reused)
     monkeypatch.setattr(paper_claims, "claim_lazy", lambda cfg: section("lazy"))
     monkeypatch.setattr(paper_claims, "claim_sweep", lambda cfg: (section("sweep"), "r.jsonl"))
     monkeypatch.setattr(paper_claims, "claim_bias_variance", bv)
@@ -322,6 +323,9 @@ def test_paper_claims_feeds_the_sweep_to_bias_variance_and_writes_every_section(
     assert heads == ["## lazy", "## thr", "## cstar", "## land", "## pl", "## bv", "## sweep"]
     assert "- cstar: **not supported**" in text and "**Verdict: inconclusive.**" in text
     assert "![bv](bias_variance/p.png)" in text and "**Command.** `cmd sweep`" in text
+    assert text.count("(its saved results were reused)") == 1  # land only: no record of seconds
+    land = text[text.index("## land") : text.index("## pl")]
+    assert "in this run: 0 s (its saved results were reused)." in land
     timings = json.loads((tmp_path / "claims" / "timings.json").read_text())
     assert set(timings) == {"lazy", "thresholds", "cstar", "landscape", "pl", "rank_sweep",
                             "bias_variance"}  # fmt: skip
